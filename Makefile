@@ -1,0 +1,48 @@
+# modelloop: `make up` runs the main job, `make test` runs the whole suite.
+SHELL := /bin/bash
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+BIN := $(VENV)/bin
+CLIENTS := .venv-clients
+STAMP := $(VENV)/.installed
+CLIENTS_STAMP := $(CLIENTS)/.installed
+PYTEST_ARGS ?=
+
+.PHONY: install up test bench lint format clean
+
+install: $(STAMP) $(CLIENTS_STAMP)
+
+$(STAMP): pyproject.toml requirements.lock
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip==25.3
+	$(BIN)/python -m pip install --quiet -c requirements.lock -e '.[dev,postgres]'
+	touch $@
+
+# tritonclient pins protobuf < 7 while TensorFlow 2.21 needs 7: it gets its own
+# environment, and the tests run it in a subprocess.
+$(CLIENTS_STAMP): requirements-clients.lock
+	test -x $(CLIENTS)/bin/python || $(PYTHON) -m venv $(CLIENTS)
+	$(CLIENTS)/bin/python -m pip install --quiet --upgrade pip==25.3
+	$(CLIENTS)/bin/python -m pip install --quiet -r requirements-clients.lock
+	touch $@
+
+up: install
+	$(BIN)/modelloop up
+
+test: install
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+bench: install
+	$(BIN)/python -m bench
+
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy training export serving monitoring modelloop
+
+format: install
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
+
+clean:
+	rm -rf $(VENV) $(CLIENTS) build *.egg-info .pytest_cache .ruff_cache .mypy_cache

@@ -1,0 +1,161 @@
+"""From a training run directory to a published, parity-checked model version."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from modelloop.errors import ModelloopError
+from modelloop.export.metadata import (
+    BASELINE_FILE,
+    METADATA_FILE,
+    ONNX_FILE,
+    SAVED_MODEL_DIR,
+    build_metadata,
+)
+from modelloop.export.onnx import MIN_OPSET, export_onnx
+from modelloop.export.publish import PublishError, publish_version, staging_dir, validate_model_name
+from modelloop.export.saved_model import export_saved_model
+from modelloop.export.verify import DEFAULT_ATOL, ParityReport, verify_export
+
+REQUIRED_RUN_FILES = ("model.keras", "run.json", "metrics.json", "baseline.json", "split.npz")
+
+
+class ExportError(ModelloopError):
+    """The run cannot be exported, or the export failed its parity check."""
+
+
+@dataclass(frozen=True)
+class ExportResult:
+    """A published version and the parity report it passed."""
+
+    version_dir: Path
+    version: int
+    parity: ParityReport
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise ExportError(f"run file {str(path)!r} is unreadable or corrupt: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ExportError(f"run file {str(path)!r} is not a JSON object")
+    return data
+
+
+def read_run(run_dir: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Checks a run directory and returns its ``run.json`` and ``metrics.json``.
+
+    Raises:
+        ExportError: The directory is missing, incomplete or corrupt.
+    """
+    if not run_dir.is_dir():
+        raise ExportError(f"run directory {str(run_dir)!r} does not exist")
+    missing = [f for f in REQUIRED_RUN_FILES if not (run_dir / f).exists()]
+    if missing:
+        raise ExportError(f"run directory {str(run_dir)!r} is incomplete: missing {', '.join(missing)}")
+    run_info = _read_json(run_dir / "run.json")
+    metrics = _read_json(run_dir / "metrics.json")
+    for key in ("run_id", "spec", "input", "output"):
+        if key not in run_info:
+            raise ExportError(f"run file {str(run_dir / 'run.json')!r} lacks {key!r}")
+    return run_info, metrics
+
+
+def _load_model(run_dir: Path, run_info: dict[str, Any]) -> Any:
+    import keras
+
+    from modelloop.training.spec import SpecError, load_spec
+
+    # Importing the spec registers any custom layers or model classes it defines.
+    with _suppress(SpecError):
+        load_spec(run_info["spec"]["source"])
+    try:
+        return keras.saving.load_model(run_dir / "model.keras", compile=False)
+    except Exception as exc:  # noqa: BLE001 - Keras raises many types for a bad file
+        raise ExportError(
+            f"cannot load {str(run_dir / 'model.keras')!r}: {type(exc).__name__}: {str(exc).splitlines()[0]}"
+        ) from exc
+
+
+class _suppress:
+    def __init__(self, *types: type[BaseException]) -> None:
+        self._types = types
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, exc_type: type[BaseException] | None, *_: object) -> bool:
+        return exc_type is not None and issubclass(exc_type, self._types)
+
+
+def export_run(
+    run_dir: Path,
+    repo: Path,
+    *,
+    name: str | None = None,
+    opset: int = MIN_OPSET,
+    atol: float = DEFAULT_ATOL,
+) -> ExportResult:
+    """Exports a run to SavedModel and ONNX, checks parity, and publishes the next version.
+
+    Args:
+        run_dir: A run directory written by ``modelloop train``.
+        repo: The model repository root; created if missing.
+        name: Model name in the repository. Defaults to the spec's name.
+        opset: ONNX opset. Defaults to 17.
+        atol: Parity tolerance. Defaults to 1e-5.
+
+    Returns:
+        The published version.
+
+    Raises:
+        ExportError: Bad run directory, unloadable model or failed parity check.
+        PublishError: Bad name or unwritable repository.
+    """
+    run_info, metrics = read_run(run_dir)
+    name = validate_model_name(name or run_info["spec"]["name"])
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    model = _load_model(run_dir, run_info)
+    try:
+        split = np.load(run_dir / "split.npz")
+        rows = np.asarray(split["x_test"], dtype=np.float32)
+    except Exception as exc:  # noqa: BLE001 - corrupt npz raises several types
+        raise ExportError(f"run file {str(run_dir / 'split.npz')!r} is unreadable or corrupt: {exc}") from exc
+    try:
+        repo.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise PublishError(f"repository {str(repo)!r} cannot be created: {exc.strerror}") from exc
+
+    input_name = run_info["input"]["name"]
+    output_name = run_info["output"]["name"]
+    with staging_dir(repo) as staged:
+        export_saved_model(
+            model, staged / SAVED_MODEL_DIR, input_name=input_name, output_name=output_name,
+            n_features=int(run_info["input"]["shape"][1]),
+        )
+        export_onnx(staged / SAVED_MODEL_DIR, staged / ONNX_FILE, opset=opset)
+        parity = verify_export(
+            model, staged / SAVED_MODEL_DIR, staged / ONNX_FILE, rows,
+            input_name=input_name, output_name=output_name, atol=atol,
+        )
+        if not parity.passed:
+            raise ExportError(f"parity check failed, nothing published: {parity.summary()}")
+        shutil.copyfile(run_dir / "baseline.json", staged / BASELINE_FILE)
+
+        def finalize(path: Path, version: int) -> None:
+            meta = build_metadata(
+                name=name, version=version, run_info=run_info, metrics=metrics,
+                parity=parity.to_dict(), opset=opset,
+            )
+            (path / METADATA_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+
+        version_dir = publish_version(staged, repo, name, finalize=finalize)
+    return ExportResult(version_dir=version_dir, version=int(version_dir.name), parity=parity)

@@ -1,0 +1,151 @@
+"""The ``modelloop`` command line.
+
+Heavy imports (TensorFlow, Keras, ONNX Runtime) happen inside each command, so
+``modelloop --help`` and argument errors answer at once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from modelloop import __version__
+from modelloop.errors import ModelloopError
+
+
+def _port(value: str) -> int:
+    try:
+        port = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid port {value!r}: not an integer") from None
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"invalid port {port}: must be 0..65535")
+    return port
+
+
+def _positive(value: str) -> int:
+    try:
+        number = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid number {value!r}") from None
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {number}")
+    return number
+
+
+def _folds(value: str) -> int:
+    try:
+        number = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid number {value!r}") from None
+    if number < 2:
+        raise argparse.ArgumentTypeError(f"must be at least 2, got {number}")
+    return number
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of every subcommand."""
+    parser = argparse.ArgumentParser(
+        prog="modelloop",
+        description="Train, export, serve, monitor and retrain Keras models.",
+    )
+    parser.add_argument("--version", action="version", version=f"modelloop {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    train = sub.add_parser("train", help="train a task spec and write a run directory")
+    train.add_argument("spec", metavar="SPEC", help="digits, digits-cnn, breast-cancer, diabetes or a .py file")
+    train.add_argument("--out", required=True, type=Path, metavar="RUN_DIR", help="run directory to create")
+    train.add_argument("--epochs", type=_positive, default=None, help="most epochs (default: the spec's)")
+    train.add_argument("--seed", type=int, default=42, help="seed of split and weights (default: 42)")
+    train.add_argument("--folds", type=_folds, default=0, metavar="K", help="report K-fold cross-validation first")
+
+    export = sub.add_parser("export", help="export a run to the model repository as the next version")
+    export.add_argument("run_dir", metavar="RUN_DIR", type=Path)
+    export.add_argument("--repo", required=True, type=Path, metavar="REPO")
+    export.add_argument("--name", default=None, help="model name (default: the spec's name)")
+
+    up = sub.add_parser("up", help="train and export digits if the repo is empty, then serve it")
+    up.add_argument("--repo", type=Path, default=Path("models"), help="model repository (default: ./models)")
+    up.add_argument("--host", default="127.0.0.1")
+    up.add_argument("--rest-port", type=_port, default=8501)
+    up.add_argument("--grpc-port", type=_port, default=8500)
+    up.add_argument("--epochs", type=_positive, default=None, help=argparse.SUPPRESS)
+    return parser
+
+
+def _quiet_tensorflow() -> None:
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from modelloop.training.spec import load_spec
+
+    spec = load_spec(args.spec)
+    _quiet_tensorflow()
+    from modelloop.training.train import train
+
+    result = train(spec, args.out, epochs=args.epochs, seed=args.seed, folds=args.folds)
+    m = result.metrics
+    metric = m["main_metric"]
+    base = ", ".join(f"{k} {v[metric]:.4f}" for k, v in m["baselines"].items())
+    print(f"trained {spec.name}: test {metric} {m['test'][metric]:.4f} (baselines: {base}); best epoch {m['best_epoch']}")
+    if m["kfold"]:
+        kf = m["kfold"]
+        print(f"{kf['folds']}-fold validation {metric}: {kf['mean']:.4f} +/- {kf['std']:.4f}")
+    print(result.run_dir)
+    return 0
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from modelloop.export.publish import validate_model_name
+
+    if args.name is not None:
+        validate_model_name(args.name)
+    _quiet_tensorflow()
+    from modelloop.export.exporter import export_run
+
+    result = export_run(args.run_dir, args.repo, name=args.name)
+    print(f"parity passed: {result.parity.summary()}", file=sys.stderr)
+    print(result.version_dir)
+    return 0
+
+
+def _cmd_up(args: argparse.Namespace) -> int:
+    from modelloop.up import ensure_default_model
+
+    _quiet_tensorflow()
+    published = ensure_default_model(args.repo, epochs=args.epochs)
+    if published is not None:
+        print(f"published {published}")
+    else:
+        print(f"repository {args.repo} already holds models; nothing trained")
+    return 0
+
+
+COMMANDS = {"train": _cmd_train, "export": _cmd_export, "up": _cmd_up}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Runs the CLI and returns the exit status.
+
+    User errors print ``modelloop: error: <reason>`` on one line and return 1;
+    argument errors return 2, as argparse does.
+    """
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except ModelloopError as exc:
+        print(f"modelloop: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("modelloop: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Serving: REST and gRPC front ends over one data plane."""

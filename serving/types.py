@@ -1,0 +1,124 @@
+"""Transport-neutral request, response and model description types.
+
+Both REST dialects and both gRPC services decode into :class:`InferRequest` and encode
+from :class:`InferResponse`; the data plane and runtimes see nothing else.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any
+
+import numpy as np
+
+
+class Protocol(str, Enum):
+    """Where a request came from; a label value of the request metrics."""
+
+    TFSERVING_REST = "tfserving_rest"
+    TFSERVING_GRPC = "tfserving_grpc"
+    V2_REST = "v2_rest"
+    V2_GRPC = "v2_grpc"
+
+
+class ModelState(str, Enum):
+    """Lifecycle of one model version (TF Serving's states, plus FAILED)."""
+
+    START = "START"
+    LOADING = "LOADING"
+    AVAILABLE = "AVAILABLE"
+    UNLOADING = "UNLOADING"
+    END = "END"
+    FAILED = "FAILED"
+
+
+@dataclass(frozen=True, slots=True)
+class TensorSpec:
+    """Name, NumPy dtype and shape of one model input or output; -1 is a free dim."""
+
+    name: str
+    dtype: np.dtype
+    shape: tuple[int, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class ModelMetadata:
+    """What clients may learn about one loaded model version.
+
+    Attributes:
+        name: Model name.
+        version: Integer version.
+        platform: Runtime platform (``onnxruntime_onnx`` or ``tensorflow_savedmodel``).
+        inputs: Input tensors; the first dimension is the batch.
+        outputs: Output tensors.
+        signature_name: The one signature served (``serving_default``).
+        labels: Class labels in output order; empty for regression.
+        task: ``multiclass``, ``binary`` or ``regression``.
+        extra: The rest of ``model.json``.
+    """
+
+    name: str
+    version: int
+    platform: str
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+    signature_name: str = "serving_default"
+    labels: tuple[str, ...] = ()
+    task: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(slots=True)
+class InferRequest:
+    """One inference call, whatever the protocol.
+
+    Attributes:
+        model: Model name.
+        inputs: Input tensors by name, each with the batch as its first dimension.
+        protocol: The front end that decoded it.
+        version: A pinned version, or None for the label's or the latest.
+        label: A version label (``stable``), or None.
+        outputs: Names of the outputs wanted; None means all.
+        id: The request id (``x-request-id``, OIP ``id``); set by the edge.
+        parameters: OIP request parameters.
+        signature_name: TF Serving signature name; None means ``serving_default``.
+    """
+
+    model: str
+    inputs: dict[str, np.ndarray]
+    protocol: Protocol
+    version: int | None = None
+    label: str | None = None
+    outputs: list[str] | None = None
+    id: str = ""
+    parameters: dict[str, Any] = field(default_factory=dict)
+    signature_name: str | None = None
+
+
+@dataclass(slots=True)
+class InferResponse:
+    """The result of one inference call.
+
+    Attributes:
+        model: Model name.
+        version: The version that answered.
+        outputs: Output tensors by name, in the model's output order.
+        id: The request id.
+        parameters: OIP response parameters.
+    """
+
+    model: str
+    version: int
+    outputs: dict[str, np.ndarray]
+    id: str = ""
+    parameters: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class VersionStatus:
+    """State of one version as GetModelStatus and the status routes report it."""
+
+    version: int
+    state: ModelState
+    error_message: str = ""

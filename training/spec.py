@@ -1,0 +1,224 @@
+"""Task specifications: what to learn, from which data, with which model.
+
+A spec bundles a data loader, the task type, a model builder and the names of the
+served input and output. Built-in specs live in :mod:`modelloop.training.specs`; a
+user's spec is a Python file that defines the same parts at module level.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import re
+import sys
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import ModuleType
+from typing import TYPE_CHECKING, Any, Literal
+
+import numpy as np
+
+from modelloop.errors import ModelloopError
+
+if TYPE_CHECKING:
+    import keras
+
+TaskType = Literal["multiclass", "binary", "regression"]
+TASK_TYPES: tuple[str, ...] = ("multiclass", "binary", "regression")
+_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")
+
+
+class SpecError(ModelloopError):
+    """A spec name or spec file that cannot be used."""
+
+
+@dataclass(frozen=True)
+class Dataset:
+    """Features and targets of a task, before any split.
+
+    Attributes:
+        x: Raw features, float32 of shape ``[n, n_features]``.
+        y: Targets: integer class ids for classification, float32 values for regression.
+        feature_names: One name per feature column.
+        class_labels: Class names in class-id order; empty for regression.
+    """
+
+    x: np.ndarray
+    y: np.ndarray
+    feature_names: list[str]
+    class_labels: list[str] = field(default_factory=list)
+
+
+ModelBuilder = Callable[["keras.layers.Layer", Mapping[str, Any]], "keras.Model"]
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    """Everything a training job needs to know about one task.
+
+    Attributes:
+        name: Spec name, also the default model name in the repository.
+        task: ``"multiclass"``, ``"binary"`` or ``"regression"``.
+        load_data: Returns the whole :class:`Dataset`.
+        build_model: ``build_model(normalizer, hparams)`` returns an uncompiled Keras
+            model whose input is the raw features and whose first step is
+            ``normalizer`` (a ``Normalization`` layer already adapted on the training
+            rows), so that clients send raw values.
+        input_name: Name of the served input tensor. Defaults to ``"features"``.
+        output_name: Name of the served output tensor. Defaults to
+            ``"probabilities"``.
+        hparams: Hyperparameters (``epochs``, ``batch_size``, ``learning_rate``,
+            ``dropout``, ``l2``, ``patience``) merged over :data:`DEFAULT_HPARAMS`.
+        source: Where the spec came from: a built-in name or a file path.
+    """
+
+    name: str
+    task: TaskType
+    load_data: Callable[[], Dataset]
+    build_model: ModelBuilder
+    input_name: str = "features"
+    output_name: str = "probabilities"
+    hparams: Mapping[str, Any] = field(default_factory=dict)
+    source: str = ""
+
+    def hp(self, key: str) -> Any:
+        """Returns one hyperparameter, falling back to :data:`DEFAULT_HPARAMS`."""
+        return {**DEFAULT_HPARAMS, **self.hparams}[key]
+
+
+DEFAULT_HPARAMS: dict[str, Any] = {
+    "epochs": 60,
+    "batch_size": 32,
+    "learning_rate": 1e-3,
+    "dropout": 0.2,
+    "l2": 1e-4,
+    "patience": 8,
+}
+
+BUILTIN_SPECS: dict[str, str] = {
+    "digits": "modelloop.training.specs.digits",
+    "digits-cnn": "modelloop.training.specs.digits_cnn",
+    "breast-cancer": "modelloop.training.specs.breast_cancer",
+    "diabetes": "modelloop.training.specs.diabetes",
+}
+
+_REQUIRED = ("TASK", "load_data", "build_model")
+
+
+def load_spec(ref: str) -> TaskSpec:
+    """Loads a built-in spec by name or a user's spec from a ``.py`` file.
+
+    A spec file defines at module level ``TASK`` (``"multiclass"``, ``"binary"`` or
+    ``"regression"``), ``load_data()`` returning a :class:`Dataset`, and
+    ``build_model(normalizer, hparams)``. It may define ``NAME``, ``INPUT_NAME``,
+    ``OUTPUT_NAME`` and ``HPARAMS``.
+
+    Args:
+        ref: A built-in name (``digits``, ``digits-cnn``, ``breast-cancer``,
+            ``diabetes``) or a path to a Python file.
+
+    Returns:
+        The validated spec.
+
+    Raises:
+        SpecError: The name is unknown, the file is missing, fails to import or lacks
+            a required part.
+
+    Example:
+        >>> load_spec("digits").input_name
+        'pixels'
+    """
+    if ref in BUILTIN_SPECS:
+        module = importlib.import_module(BUILTIN_SPECS[ref])
+        return _from_module(module, default_name=ref, source=ref)
+    path = Path(ref)
+    if path.suffix != ".py":
+        known = ", ".join(sorted(BUILTIN_SPECS))
+        raise SpecError(f"unknown spec {ref!r}: use one of {known} or a path to a .py file")
+    if not path.is_file():
+        raise SpecError(f"spec file {ref!r} does not exist")
+    module = _import_file(path)
+    return _from_module(module, default_name=path.stem.replace("_", "-"), source=str(path.resolve()))
+
+
+def _import_file(path: Path) -> ModuleType:
+    module_name = f"modelloop_user_spec_{abs(hash(str(path.resolve())))}"
+    if module_name in sys.modules:
+        return sys.modules[module_name]
+    spec = importlib.util.spec_from_file_location(module_name, path)
+    if spec is None or spec.loader is None:
+        raise SpecError(f"spec file {str(path)!r} cannot be imported")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[module_name] = module
+    try:
+        spec.loader.exec_module(module)
+    except Exception as exc:  # noqa: BLE001 - any failure in user code is a bad spec
+        del sys.modules[module_name]
+        raise SpecError(f"spec file {str(path)!r} failed to import: {type(exc).__name__}: {exc}") from exc
+    return module
+
+
+def _from_module(module: ModuleType, default_name: str, source: str) -> TaskSpec:
+    missing = [part for part in _REQUIRED if not hasattr(module, part)]
+    if missing:
+        raise SpecError(f"spec {source!r} lacks required part(s): {', '.join(missing)}")
+    task = module.TASK
+    if task not in TASK_TYPES:
+        raise SpecError(f"spec {source!r} has TASK={task!r}; expected one of {', '.join(TASK_TYPES)}")
+    for part in ("load_data", "build_model"):
+        if not callable(getattr(module, part)):
+            raise SpecError(f"spec {source!r}: {part} must be callable")
+    default_output = "prediction" if task == "regression" else "probabilities"
+    input_name = getattr(module, "INPUT_NAME", "features")
+    output_name = getattr(module, "OUTPUT_NAME", default_output)
+    for label, value in (("INPUT_NAME", input_name), ("OUTPUT_NAME", output_name)):
+        if not isinstance(value, str) or not _NAME.match(value):
+            raise SpecError(f"spec {source!r}: {label}={value!r} is not a valid tensor name")
+    hparams = getattr(module, "HPARAMS", {})
+    if not isinstance(hparams, Mapping):
+        raise SpecError(f"spec {source!r}: HPARAMS must be a mapping")
+    unknown = set(hparams) - set(DEFAULT_HPARAMS)
+    if unknown:
+        raise SpecError(f"spec {source!r}: unknown HPARAMS key(s): {', '.join(sorted(unknown))}")
+    return TaskSpec(
+        name=getattr(module, "NAME", default_name),
+        task=task,
+        load_data=module.load_data,
+        build_model=module.build_model,
+        input_name=input_name,
+        output_name=output_name,
+        hparams=dict(hparams),
+        source=source,
+    )
+
+
+def check_dataset(data: Dataset, spec: TaskSpec) -> Dataset:
+    """Validates what a spec's loader returned and normalises dtypes.
+
+    Raises:
+        SpecError: Shapes or types do not fit the task.
+    """
+    if not isinstance(data, Dataset):
+        raise SpecError(f"spec {spec.source!r}: load_data() must return a Dataset, got {type(data).__name__}")
+    x = np.asarray(data.x, dtype=np.float32)
+    y = np.asarray(data.y)
+    if x.ndim != 2 or x.shape[0] < 10:
+        raise SpecError(f"spec {spec.source!r}: features must be a 2-D array with at least 10 rows, got {x.shape}")
+    if y.shape[:1] != x.shape[:1]:
+        raise SpecError(f"spec {spec.source!r}: {x.shape[0]} feature rows but {y.shape[0]} targets")
+    if len(data.feature_names) != x.shape[1]:
+        raise SpecError(f"spec {spec.source!r}: {x.shape[1]} features but {len(data.feature_names)} feature names")
+    if not np.isfinite(x).all():
+        raise SpecError(f"spec {spec.source!r}: features contain NaN or infinite values")
+    if spec.task == "regression":
+        y = y.astype(np.float32)
+    else:
+        y = y.astype(np.int64)
+        n_classes = int(y.max()) + 1
+        if spec.task == "binary" and (set(np.unique(y)) - {0, 1}):
+            raise SpecError(f"spec {spec.source!r}: binary targets must be 0 or 1")
+        labels = list(data.class_labels) or [str(i) for i in range(n_classes)]
+        if len(labels) < n_classes:
+            raise SpecError(f"spec {spec.source!r}: {n_classes} classes but {len(labels)} class labels")
+        return Dataset(x, y, list(data.feature_names), [str(label) for label in labels])
+    return Dataset(x, y, list(data.feature_names), [])

@@ -1,0 +1,1 @@
+"""Built-in task specs. Each module defines ``TASK``, ``load_data`` and ``build_model``."""

@@ -1,0 +1,37 @@
+"""Handwritten digits with a small Conv2D network.
+
+The 64 raw pixels arrive flat, as for ``digits``; the model reshapes them to 8x8x1.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import keras
+
+from modelloop.training.specs.digits import load_data
+
+NAME = "digits-cnn"
+TASK = "multiclass"
+INPUT_NAME = "pixels"
+OUTPUT_NAME = "probabilities"
+HPARAMS = {"epochs": 60, "dropout": 0.25, "l2": 1e-4, "patience": 10, "learning_rate": 2e-3}
+
+__all__ = ["build_model", "load_data"]
+
+
+def build_model(normalizer: keras.layers.Layer, hparams: Mapping[str, Any]) -> keras.Model:
+    """Normalization -> 8x8x1 -> 2 x Conv2D -> pooling -> dense -> softmax."""
+    l2 = keras.regularizers.L2(float(hparams["l2"]))
+    inputs = keras.Input(shape=(64,), name=INPUT_NAME)
+    x = normalizer(inputs)
+    x = keras.layers.Reshape((8, 8, 1))(x)
+    x = keras.layers.Conv2D(32, 3, padding="same", activation="relu", kernel_regularizer=l2)(x)
+    x = keras.layers.Conv2D(64, 3, padding="same", activation="relu", kernel_regularizer=l2)(x)
+    x = keras.layers.MaxPooling2D(2)(x)
+    x = keras.layers.Flatten()(x)
+    x = keras.layers.Dropout(float(hparams["dropout"]))(x)
+    x = keras.layers.Dense(64, activation="relu", kernel_regularizer=l2)(x)
+    outputs = keras.layers.Dense(10, activation="softmax", name=OUTPUT_NAME)(x)
+    return keras.Model(inputs, outputs, name="digits_cnn")
