@@ -1,0 +1,1 @@
+"""modelloop.serving.grpc."""
