@@ -36,7 +36,8 @@ def quantile_edges(values: np.ndarray, bins: int = DEFAULT_BINS) -> np.ndarray:
     Repeated quantiles of discrete features (pixel values, say) collapse, so a feature
     may get fewer bins; a constant feature gets none.
     """
-    qs = np.quantile(values.astype(np.float64), np.linspace(0.0, 1.0, bins + 1)[1:-1])
+    # inverted_cdf keeps edges on observed values, so discrete features bin cleanly.
+    qs = np.quantile(values.astype(np.float64), np.linspace(0.0, 1.0, bins + 1)[1:-1], method="inverted_cdf")
     edges = np.unique(qs)
     # The top edge equal to the maximum would leave the last bin empty by construction.
     return edges[edges < values.max()] if len(values) else edges
