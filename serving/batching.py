@@ -1,0 +1,321 @@
+"""Dynamic batching of one model version's requests.
+
+Concurrent requests are merged along axis 0 into one runtime call of at most
+``max_batch_size`` rows, or whatever has arrived ``batch_timeout_micros`` after the first
+of them, then the outputs are split back in order. The synchronous runtime runs on a
+thread pool of ``num_batch_threads`` threads that the batcher owns, so the event loop
+never blocks on inference.
+
+The queue is bounded in rows: at most ``max_enqueued_batches * max_batch_size`` rows may
+wait. Counting rows rather than requests keeps the bound meaningful whether clients send
+one row or ``max_batch_size`` rows per request. A request that would overflow it gets
+:class:`~modelloop.serving.errors.QueueFull` at once instead of a late timeout.
+
+Example:
+
+```python
+batcher = DynamicBatcher(runtime.predict, BatchingSettings(max_batch_size=8))
+outputs = await batcher.predict({"pixels": np.zeros((2, 64), np.float32)})
+await batcher.close()
+```
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import copy
+import logging
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from modelloop.serving.errors import InferenceFailed, ModelNotReady, QueueFull, ServingError
+from modelloop.serving.metrics import ServingMetrics
+from modelloop.serving.settings import BatchingSettings
+
+logger = logging.getLogger(__name__)
+
+Tensors = dict[str, np.ndarray]
+PredictFn = Callable[[Tensors], Tensors]
+
+
+@dataclass(slots=True)
+class _LoopState:
+    """The asyncio side of a batcher, made on the loop that serves its first request."""
+
+    wakeup: asyncio.Event
+    slots: asyncio.Semaphore
+    collector: asyncio.Task[None] | None = None
+
+
+@dataclass(slots=True, eq=False)
+class _Pending:
+    inputs: Tensors
+    rows: int
+    future: asyncio.Future[Tensors]
+    enqueued: float = field(default_factory=time.monotonic)
+
+
+def _rows(inputs: Tensors) -> int:
+    if not inputs:
+        raise ServingError("a batched request needs at least one input tensor")
+    return int(next(iter(inputs.values())).shape[0])
+
+
+class DynamicBatcher:
+    """Merges concurrent requests of one model version into batched runtime calls.
+
+    Args:
+        predict: The runtime's synchronous ``predict``; called on the batcher's threads.
+        settings: Batching knobs. With ``enabled=False`` every request is its own call,
+            still on the bounded thread pool and still behind the bounded queue.
+        metrics: Where batch sizes and queue times go; None = not recorded.
+        model: Model name, for metrics and messages. Defaults to "".
+        version: Model version, for metrics and messages. Defaults to 0.
+    """
+
+    def __init__(
+        self,
+        predict: PredictFn,
+        settings: BatchingSettings,
+        *,
+        metrics: ServingMetrics | None = None,
+        model: str = "",
+        version: int = 0,
+    ) -> None:
+        self._predict = predict
+        self.settings = settings
+        self._metrics = metrics
+        self.model = model
+        self.version = version
+        self.capacity = settings.max_enqueued_batches * settings.max_batch_size
+        self._executor = ThreadPoolExecutor(
+            max_workers=settings.num_batch_threads, thread_name_prefix=f"batch-{model}-{version}"
+        )
+        self._pending: collections.deque[_Pending] = collections.deque()
+        self._queued_rows = 0
+        self._closed = False
+        # asyncio objects are made on first use, on the loop that serves requests.
+        self._state: _LoopState | None = None
+        self._running: set[asyncio.Task[None]] = set()
+
+    @property
+    def queued_rows(self) -> int:
+        """Rows waiting for a batch (not yet running)."""
+        return self._queued_rows
+
+    async def predict(self, inputs: Tensors) -> Tensors:
+        """Runs ``inputs`` as part of a batch and returns this request's rows of the outputs.
+
+        Args:
+            inputs: Validated tensors that share their first (batch) dimension.
+
+        Returns:
+            The outputs for exactly these rows, in order.
+
+        Raises:
+            QueueFull: The queue cannot take these rows now.
+            ModelNotReady: The batcher is closed (its version is unloading).
+            InferenceFailed: The runtime failed on the batch (every request in it sees this).
+        """
+        if self._closed:
+            raise ModelNotReady(f"model {self.model!r} version {self.version} is unloading")
+        rows = _rows(inputs)
+        if self._queued_rows + rows > self.capacity:
+            raise QueueFull(
+                f"the queue of model {self.model!r} version {self.version} is full "
+                f"({self._queued_rows} of {self.capacity} rows waiting); retry later"
+            )
+        if not self.settings.enabled:
+            return await self._predict_unbatched(inputs, rows)
+        loop = asyncio.get_running_loop()
+        state = self._ensure_collector(loop)
+        item = _Pending(inputs, rows, loop.create_future())
+        self._pending.append(item)
+        self._queued_rows += rows
+        state.wakeup.set()
+        try:
+            return await item.future
+        except asyncio.CancelledError:
+            # Still waiting: take it out so it neither runs nor holds queue space. Already
+            # taken: its batch runs anyway and simply skips this finished future.
+            with contextlib.suppress(ValueError):
+                self._pending.remove(item)
+                self._queued_rows -= item.rows
+            raise
+
+    async def close(self) -> None:
+        """Stops the batcher after the batches already running; new calls get ModelNotReady.
+
+        Requests still waiting in the queue are failed with ModelNotReady; the registry only
+        closes a batcher once its in-flight requests are done, so normally there are none.
+        """
+        self._closed = True
+        if self._state is not None and self._state.collector is not None:
+            self._state.collector.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._state.collector
+            self._state.collector = None
+        while self._pending:
+            item = self._pending.popleft()
+            if not item.future.done():
+                item.future.set_exception(
+                    ModelNotReady(f"model {self.model!r} version {self.version} was unloaded")
+                )
+        self._queued_rows = 0
+        if self._running:
+            await asyncio.gather(*self._running, return_exceptions=True)
+        # Joining the threads can take as long as a last batch; keep it off the loop.
+        await asyncio.to_thread(self._executor.shutdown, wait=True)
+
+    async def _predict_unbatched(self, inputs: Tensors, rows: int) -> Tensors:
+        self._queued_rows += rows
+        enqueued = time.monotonic()
+        started: list[float] = []
+
+        def run() -> Tensors:
+            started.append(time.monotonic())
+            return self._predict(inputs)
+
+        loop = asyncio.get_running_loop()
+        try:
+            future = loop.run_in_executor(self._executor, run)
+        except RuntimeError as exc:  # executor shut down under us
+            self._queued_rows -= rows
+            raise ModelNotReady(f"model {self.model!r} version {self.version} was unloaded") from exc
+        try:
+            outputs = await asyncio.shield(future)
+        except ServingError:
+            raise
+        except Exception as exc:  # any runtime error becomes InferenceFailed
+            raise self._failure(rows, exc) from exc
+        finally:
+            self._queued_rows -= rows
+            if self._metrics is not None:
+                self._metrics.observe_batch(self.model, self.version, rows)
+                if started:
+                    self._metrics.observe_queue(self.model, self.version, started[0] - enqueued)
+        self._check_rows(outputs, rows)
+        return outputs
+
+    def _ensure_collector(self, loop: asyncio.AbstractEventLoop) -> _LoopState:
+        state = self._state
+        if state is not None and state.collector is not None and not state.collector.done():
+            return state
+        state = _LoopState(asyncio.Event(), asyncio.Semaphore(self.settings.num_batch_threads))
+        state.collector = loop.create_task(self._collect(state), name=f"batcher-{self.model}-{self.version}")
+        self._state = state
+        return state
+
+    async def _collect(self, state: _LoopState) -> None:
+        while True:
+            # Take a thread first, then form the batch: while every thread is busy, requests
+            # pile up and the next batch is fuller (TF Serving's behaviour).
+            await state.slots.acquire()
+            try:
+                batch = await self._next_batch(state.wakeup)
+            except BaseException:
+                state.slots.release()
+                raise
+            task = asyncio.get_running_loop().create_task(self._dispatch(batch, state.slots))
+            self._running.add(task)
+            task.add_done_callback(self._running.discard)
+
+    async def _next_batch(self, wakeup: asyncio.Event) -> list[_Pending]:
+        max_rows = self.settings.max_batch_size
+        timeout_s = self.settings.batch_timeout_micros / 1e6
+        while True:
+            while not self._pending:
+                wakeup.clear()
+                await wakeup.wait()
+            deadline = self._pending[0].enqueued + timeout_s
+            while self._pending:
+                rows, count = self._fitting()
+                if rows >= max_rows or count < len(self._pending):
+                    break
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    break
+                wakeup.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(wakeup.wait(), remaining)
+            if not self._pending:
+                continue  # everyone waiting was cancelled
+            _, count = self._fitting()
+            batch = [self._pending.popleft() for _ in range(count)]
+            self._queued_rows -= sum(item.rows for item in batch)
+            return batch
+
+    def _fitting(self) -> tuple[int, int]:
+        # Leading requests that fit in one batch; the first always fits (validation keeps
+        # every request at or under max_batch_size rows).
+        rows = count = 0
+        for item in self._pending:
+            if count and rows + item.rows > self.settings.max_batch_size:
+                break
+            rows += item.rows
+            count += 1
+        return rows, count
+
+    async def _dispatch(self, batch: list[_Pending], slots: asyncio.Semaphore) -> None:
+        try:
+            live = [item for item in batch if not item.future.done()]
+            if not live:
+                return
+            start = time.monotonic()
+            rows = sum(item.rows for item in live)
+            if self._metrics is not None:
+                self._metrics.observe_batch(self.model, self.version, rows)
+                for item in live:
+                    self._metrics.observe_queue(self.model, self.version, start - item.enqueued)
+            merged = (
+                live[0].inputs
+                if len(live) == 1
+                else {name: np.concatenate([item.inputs[name] for item in live]) for name in live[0].inputs}
+            )
+            try:
+                outputs = await asyncio.get_running_loop().run_in_executor(
+                    self._executor, self._predict, merged
+                )
+                self._check_rows(outputs, rows)
+            except Exception as exc:  # noqa: BLE001 - fanned out to every waiter below
+                logger.warning(
+                    "model %s version %s failed on a batch of %d rows: %s",
+                    self.model,
+                    self.version,
+                    rows,
+                    exc,
+                )
+                for item in live:
+                    if not item.future.done():
+                        # One exception object per waiter: raising it appends to its traceback.
+                        err = copy.copy(exc) if isinstance(exc, ServingError) else self._failure(rows, exc)
+                        item.future.set_exception(err)
+                return
+            offset = 0
+            for item in live:
+                end = offset + item.rows
+                if not item.future.done():
+                    item.future.set_result({name: value[offset:end] for name, value in outputs.items()})
+                offset = end
+        finally:
+            slots.release()
+
+    def _check_rows(self, outputs: Tensors, rows: int) -> None:
+        for name, value in outputs.items():
+            if np.ndim(value) == 0 or value.shape[0] != rows:
+                raise InferenceFailed(
+                    f"model {self.model!r} version {self.version} returned output {name!r} with shape "
+                    f"{tuple(np.shape(value))} for a batch of {rows} rows"
+                )
+
+    def _failure(self, rows: int, exc: BaseException) -> InferenceFailed:
+        return InferenceFailed(
+            f"model {self.model!r} version {self.version} failed on a batch of {rows} rows: "
+            f"{type(exc).__name__}: {exc}"
+        )

@@ -1,0 +1,133 @@
+"""Prometheus metrics of the serving core, on an injected registry.
+
+Every metric lives on the ``CollectorRegistry`` passed in, never on the global one, so
+tests and several servers in one process never share counters. Names follow DESIGN.md.
+
+Example:
+
+```python
+registry = CollectorRegistry()
+metrics = ServingMetrics(registry)
+metrics.observe_request("digits", 1, Protocol.V2_REST, "OK", 0.004)
+registry.get_sample_value(
+    "modelloop_requests_total",
+    {"model": "digits", "version": "1", "protocol": "v2_rest", "code": "OK"},
+)  # 1.0
+```
+"""
+
+from __future__ import annotations
+
+from enum import Enum
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+# Seconds. Inference on small models takes well under a millisecond, so start low.
+_LATENCY_BUCKETS = (
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+)  # fmt: skip
+_QUEUE_BUCKETS = (
+    0.00001,
+    0.00005,
+    0.0001,
+    0.00025,
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    1.0,
+)
+_BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+
+
+def _label(value: object) -> str:
+    # Protocol and ErrorCode are enums; their value is the label, not their repr.
+    if isinstance(value, Enum):
+        return str(value.value)
+    return "" if value is None else str(value)
+
+
+class ServingMetrics:
+    """The ``modelloop_*`` serving metrics of DESIGN.md.
+
+    Args:
+        registry: Where the metrics are registered. Use a fresh one per server.
+    """
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.registry = registry
+        self.requests = Counter(
+            "modelloop_requests",
+            "Inference requests by model, version, protocol and outcome code (OK or an error code).",
+            ["model", "version", "protocol", "code"],
+            registry=registry,
+        )
+        self.request_duration = Histogram(
+            "modelloop_request_duration_seconds",
+            "Time from a decoded request to its response, in seconds.",
+            ["model", "version", "protocol"],
+            buckets=_LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.batch_size = Histogram(
+            "modelloop_batch_size",
+            "Rows per runtime call after dynamic batching.",
+            ["model", "version"],
+            buckets=_BATCH_BUCKETS,
+            registry=registry,
+        )
+        self.queue_duration = Histogram(
+            "modelloop_queue_duration_seconds",
+            "Time a request waited in the batch queue before its batch ran, in seconds.",
+            ["model", "version"],
+            buckets=_QUEUE_BUCKETS,
+            registry=registry,
+        )
+        self.versions_loaded = Gauge(
+            "modelloop_model_versions_loaded",
+            "Versions of a model that are AVAILABLE.",
+            ["model"],
+            registry=registry,
+        )
+        self.load_failures = Counter(
+            "modelloop_model_load_failures",
+            "Version loads that failed (the version is marked FAILED).",
+            ["model"],
+            registry=registry,
+        )
+
+    def observe_request(
+        self, model: str, version: int | str | None, protocol: object, code: object, seconds: float
+    ) -> None:
+        """Counts one request and records its duration.
+
+        Args:
+            model: Model name as requested.
+            version: The version that answered; None or "" when none was resolved.
+            protocol: A :class:`~modelloop.serving.types.Protocol` or its value.
+            code: ``"OK"``, an :class:`~modelloop.serving.errors.ErrorCode` or its value.
+            seconds: Duration in seconds.
+        """
+        v, p = _label(version), _label(protocol)
+        self.requests.labels(model, v, p, _label(code)).inc()
+        self.request_duration.labels(model, v, p).observe(seconds)
+
+    def observe_batch(self, model: str, version: int, rows: int) -> None:
+        """Records the row count of one runtime call."""
+        self.batch_size.labels(model, str(version)).observe(rows)
+
+    def observe_queue(self, model: str, version: int, seconds: float) -> None:
+        """Records how long one request waited before its batch ran."""
+        self.queue_duration.labels(model, str(version)).observe(seconds)
+
+    def set_versions_loaded(self, model: str, count: int) -> None:
+        """Sets the number of AVAILABLE versions of ``model``."""
+        self.versions_loaded.labels(model).set(count)
+
+    def count_load_failure(self, model: str) -> None:
+        """Counts one failed version load of ``model``."""
+        self.load_failures.labels(model).inc()

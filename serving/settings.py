@@ -1,0 +1,215 @@
+"""Server-wide and per-model serving settings.
+
+``ServingSettings`` is built once by the CLI or the composition root (from arguments,
+then ``MODELLOOP_*`` environment variables) and passed in; nothing reads the
+environment per request or at import. ``ModelConfig`` is parsed from the optional
+``<repo>/<name>/config.json`` of each model.
+
+Example:
+
+```python
+settings = ServingSettings(repo=Path("models"), rest_port=0)
+config = ModelConfig.model_validate_json('{"version_policy": {"latest": {"num_versions": 2}}}')
+config.version_policy.select([1, 2, 3])  # [2, 3]
+```
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+# TF Serving restricts label names to this alphabet (model_server_config docs).
+_LABEL = re.compile(r"^[A-Za-z0-9_]+$")
+_MIB = 1024 * 1024
+
+
+class BatchingSettings(BaseModel):
+    """Dynamic batching knobs, named after TF Serving's ``BatchingParameters``.
+
+    The queue of one model version holds at most
+    ``max_enqueued_batches * max_batch_size`` rows; a request that would overflow it is
+    rejected with :class:`~modelloop.serving.errors.QueueFull`. ``max_batch_size`` is also
+    the most rows a single request may carry, with batching on or off.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    enabled: bool = True
+    """Merge concurrent requests of one model version into one runtime call."""
+    max_batch_size: int = Field(default=32, ge=1)
+    """The most rows in one merged batch, and in one request."""
+    batch_timeout_micros: int = Field(default=1000, ge=0)
+    """How long the first request of a batch waits for company; 0 = run at once."""
+    max_enqueued_batches: int = Field(default=64, ge=1)
+    """Queue bound, in batches of ``max_batch_size`` rows."""
+    num_batch_threads: int = Field(default=1, ge=1)
+    """Threads that run batches of one model version concurrently."""
+
+
+class LatestPolicy(BaseModel):
+    """Serve the ``num_versions`` highest versions."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    num_versions: int = Field(default=1, ge=1)
+    """How many of the highest versions to serve."""
+
+
+class AllPolicy(BaseModel):
+    """Serve every version on disk."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class SpecificPolicy(BaseModel):
+    """Serve exactly the listed versions (those that exist on disk)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    versions: list[int] = Field(min_length=1)
+    """The versions to serve."""
+
+
+class VersionPolicy(BaseModel):
+    """TF Serving's ``ServableVersionPolicy``: exactly one of ``latest``, ``all``, ``specific``.
+
+    Example:
+
+    ```python
+    VersionPolicy.model_validate({"specific": {"versions": [1, 3]}}).select([1, 2, 3])  # [1, 3]
+    ```
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    latest: LatestPolicy | None = None
+    """Serve the highest N versions (the default, with N = 1)."""
+    all: AllPolicy | None = None
+    """Serve every version."""
+    specific: SpecificPolicy | None = None
+    """Serve the listed versions."""
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> VersionPolicy:
+        chosen = [k for k in ("latest", "all", "specific") if getattr(self, k) is not None]
+        if not chosen:
+            self.latest = LatestPolicy()
+        elif len(chosen) > 1:
+            raise ValueError(f"version_policy takes exactly one of latest, all, specific; got {chosen}")
+        return self
+
+    def select(self, versions: Iterable[int]) -> list[int]:
+        """The versions this policy wants loaded, ascending.
+
+        Args:
+            versions: The versions present on disk.
+
+        Returns:
+            The subset to load; versions the policy names but the disk lacks are left out.
+        """
+        present = sorted(set(versions))
+        if self.all is not None:
+            return present
+        if self.specific is not None:
+            wanted = set(self.specific.versions)
+            return [v for v in present if v in wanted]
+        n = self.latest.num_versions if self.latest is not None else 1
+        return present[-n:]
+
+
+class ModelConfig(BaseModel):
+    """The optional ``<repo>/<name>/config.json`` of one model; every key is optional.
+
+    Unknown keys are an error, so a typo (``version_polcy``) fails loudly instead of
+    silently serving the wrong versions.
+
+    Example:
+
+    ```json
+    {"version_policy": {"latest": {"num_versions": 2}},
+     "version_labels": {"stable": 3, "canary": 4},
+     "batching": {"max_batch_size": 64, "batch_timeout_micros": 2000},
+     "runtime": "onnx", "onnx_providers": ["CPUExecutionProvider"]}
+    ```
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    version_policy: VersionPolicy = Field(default_factory=VersionPolicy)
+    """Which versions to load; defaults to the latest one."""
+    version_labels: dict[str, int] = Field(default_factory=dict)
+    """Label -> version (``{"stable": 3}``); several labels may name one version."""
+    batching: BatchingSettings | None = None
+    """Batching for this model; None = the server's default."""
+    runtime: Literal["onnx", "savedmodel"] | None = None
+    """Runtime; None = ONNX when ``model.onnx`` exists, else SavedModel."""
+    onnx_providers: list[str] | None = None
+    """ONNX Runtime providers in preference order; None = the server's choice."""
+    intra_op_num_threads: int | None = Field(default=None, ge=0)
+    """Threads inside one operator; None = the server's default (0 = runtime default)."""
+    inter_op_num_threads: int | None = Field(default=None, ge=0)
+    """Threads across operators; None = the server's default (0 = runtime default)."""
+    drift: dict[str, Any] = Field(default_factory=dict)
+    """Free-form drift settings, read by monitoring."""
+
+    @field_validator("version_labels")
+    @classmethod
+    def _check_labels(cls, labels: dict[str, int]) -> dict[str, int]:
+        for label, version in labels.items():
+            if not _LABEL.match(label):
+                raise ValueError(f"version label {label!r} must match [A-Za-z0-9_]+")
+            if version < 1:
+                raise ValueError(f"version label {label!r} names version {version}; versions start at 1")
+        return labels
+
+
+class ServingSettings(BaseSettings):
+    """Server-wide settings; environment variables use the prefix ``MODELLOOP_``.
+
+    Nested batching fields read from ``MODELLOOP_BATCHING__MAX_BATCH_SIZE`` and so on.
+
+    Example:
+
+    ```python
+    settings = ServingSettings(repo=Path("models"), grpc_port=0, rest_port=0)
+    ```
+    """
+
+    model_config = SettingsConfigDict(env_prefix="MODELLOOP_", env_nested_delimiter="__", extra="ignore")
+
+    repo: Path
+    """The model repository root."""
+    host: str = "127.0.0.1"
+    """Interface both servers bind."""
+    rest_port: int = Field(default=8501, ge=0, le=65535)
+    """REST port; 0 = pick a free one."""
+    grpc_port: int = Field(default=8500, ge=0, le=65535)
+    """gRPC port; 0 = pick a free one."""
+    poll_interval_s: float = Field(default=1.0, gt=0)
+    """How often the registry compares the repository with what is loaded."""
+    batching: BatchingSettings = Field(default_factory=BatchingSettings)
+    """Batching default for models whose config.json has none."""
+    grpc_max_message_bytes: int = Field(default=64 * _MIB, gt=0)
+    """Largest gRPC message sent or received."""
+    max_body_bytes: int = Field(default=64 * _MIB, gt=0)
+    """Largest REST request body; larger ones get 413."""
+    admin_token: SecretStr | None = None
+    """Bearer token of the admin routes (``MODELLOOP_ADMIN_TOKEN``); None = routes off."""
+    cors_origins: list[str] = Field(default_factory=list)
+    """Origins allowed by CORS; empty = CORS off."""
+    grace_period_s: float = Field(default=20.0, ge=0)
+    """How long a drain waits for in-flight requests."""
+    onnx_providers: list[str] | None = None
+    """ONNX Runtime providers in preference order; None = TensorRT, CUDA, CPU as available."""
+    intra_op_num_threads: int | None = Field(default=None, ge=0)
+    """Default intra-op threads of every runtime; None = runtime default."""
+    inter_op_num_threads: int | None = Field(default=None, ge=0)
+    """Default inter-op threads of every runtime; None = runtime default."""
+    warmup: bool = True
+    """Run one synthetic batch through a new version before it takes traffic."""
