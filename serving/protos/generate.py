@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import re
+import subprocess
 import sys
 from pathlib import Path
 
@@ -43,23 +44,22 @@ def generate(out_dir: Path) -> list[Path]:
     >>> sorted(p.name for p in paths)
     ['grpc_service_pb2.py', 'grpc_service_pb2.pyi', 'grpc_service_pb2_grpc.py']
     """
-    # Imported here, not at module level: grpcio-tools is a dev dependency and the
-    # serving package imports this folder at run time without it.
-    from grpc_tools import protoc
-
     out_dir.mkdir(parents=True, exist_ok=True)
-    include = Path(protoc.__file__).resolve().parent / "_proto"
+    # protoc runs in a child process: grpc_tools links its own copy of protobuf, which
+    # crashes a process that has already loaded TensorFlow's (as the test suite has).
     args = [
+        sys.executable,
+        "-m",
         "grpc_tools.protoc",
         f"-I{PROTO_DIR}",
-        f"-I{include}",
         f"--python_out={out_dir}",
         f"--pyi_out={out_dir}",
         f"--grpc_python_out={out_dir}",
         str(PROTO_DIR / PROTO_NAME),
     ]
-    if protoc.main(args) != 0:
-        raise RuntimeError(f"protoc failed on {PROTO_DIR / PROTO_NAME}")
+    result = subprocess.run(args, capture_output=True, text=True, check=False)
+    if result.returncode != 0:
+        raise RuntimeError(f"protoc failed on {PROTO_DIR / PROTO_NAME}: {result.stderr.strip()}")
     grpc_module = out_dir / "grpc_service_pb2_grpc.py"
     text = grpc_module.read_text()
     text, count = re.subn(
