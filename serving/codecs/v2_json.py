@@ -1,0 +1,373 @@
+"""Open Inference Protocol V2 REST JSON, with Triton's binary tensor data extension.
+
+Follows KServe's ``required_api.md`` / OIP ``inference_rest.md`` for the JSON forms and
+Triton's ``extension_binary_data.md`` for binary tensors: the JSON header is followed in
+the same body by raw little-endian row-major tensors, its length given by the
+``Inference-Header-Content-Length`` header and each tensor's by ``binary_data_size``.
+BYTES elements are a 4-byte little-endian length followed by the bytes.
+
+Example:
+
+>>> call = decode_infer_request(body, model="digits", header_length=None)
+>>> response = await dataplane.infer(call.request)
+>>> payload, json_length = encode_infer_response(response, call)
+"""
+
+from __future__ import annotations
+
+import math
+import struct
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from modelloop.serving.codecs.json_tensor import (
+    array_to_json,
+    describe_value,
+    dumps_json,
+    flatten_nested,
+    leaves_to_array,
+    loads_json,
+)
+from modelloop.serving.datatypes import OIP_TO_NUMPY, to_numpy_dtype, to_oip_datatype
+from modelloop.serving.errors import InvalidInput
+from modelloop.serving.types import (
+    InferRequest,
+    InferResponse,
+    ModelMetadata,
+    Protocol,
+    TensorSpec,
+)
+
+HEADER_LENGTH = "Inference-Header-Content-Length"
+BINARY_CONTENT_TYPE = "application/octet-stream"
+JSON_CONTENT_TYPE = "application/json"
+SERVER_EXTENSIONS = ("binary_tensor_data", "model_repository")
+
+_LENGTH_PREFIX = struct.Struct("<I")
+
+
+@dataclass(frozen=True, slots=True)
+class InferCall:
+    """A decoded ``/infer`` call and how its outputs are to be sent back.
+
+    Attributes:
+        request: The transport-neutral request; its ``id`` is the body's ``id`` or ``""``.
+        body_id: The body's ``id``, echoed in the response as the protocol requires.
+        binary_default: The request-level ``binary_data_output`` parameter.
+        binary_outputs: Per requested output, its ``binary_data`` parameter when given.
+    """
+
+    request: InferRequest
+    body_id: str | None = None
+    binary_default: bool = False
+    binary_outputs: dict[str, bool] = field(default_factory=dict)
+
+    def wants_binary(self, name: str) -> bool:
+        """Whether output ``name`` is sent as binary data."""
+        return self.binary_outputs.get(name, self.binary_default)
+
+
+def decode_infer_request(
+    body: bytes,
+    *,
+    model: str,
+    version: int | None = None,
+    header_length: int | None = None,
+) -> InferCall:
+    """Decodes an OIP infer request, JSON or JSON followed by binary tensors.
+
+    Args:
+        body: The raw request body.
+        model: Model name from the path.
+        version: Version from the path, if any. Defaults to None.
+        header_length: The ``Inference-Header-Content-Length`` header: the length of the
+            JSON part, the rest being binary tensors. None means all JSON. Defaults to None.
+
+    Returns:
+        The decoded call.
+
+    Raises:
+        InvalidInput: The body is malformed; the message names the problem.
+    """
+    if header_length is None:
+        header, binary = body, b""
+    else:
+        if header_length < 0 or header_length > len(body):
+            raise InvalidInput(f"{HEADER_LENGTH} is {header_length} but the body has only {len(body)} bytes")
+        header, binary = body[:header_length], memoryview(body)[header_length:]
+    document = loads_json(header, "inference request header" if header_length is not None else "request body")
+    if not isinstance(document, dict):
+        raise InvalidInput(f"inference request must be a JSON object, got {describe_value(document)}")
+
+    body_id = document.get("id")
+    if body_id is not None and not isinstance(body_id, str):
+        raise InvalidInput(f'"id" must be a string, got {describe_value(body_id)}')
+    parameters = _parameters(document.get("parameters"), "request")
+    binary_default = parameters.get("binary_data_output", False)
+    if not isinstance(binary_default, bool):
+        raise InvalidInput('request parameter "binary_data_output" must be a boolean')
+
+    raw_inputs = document.get("inputs")
+    if not isinstance(raw_inputs, list) or not raw_inputs:
+        raise InvalidInput('inference request must have "inputs": a non-empty list of input tensors')
+    inputs: dict[str, np.ndarray] = {}
+    offset = 0
+    for index, raw in enumerate(raw_inputs):
+        name, array, used = _decode_input(raw, index, binary, offset)
+        if name in inputs:
+            raise InvalidInput(f'input "{name}" appears twice in "inputs"')
+        inputs[name] = array
+        offset += used
+    if offset != len(binary):
+        raise InvalidInput(
+            f"the body has {len(binary)} bytes of binary tensor data but the inputs' binary_data_size "
+            f"add up to {offset}"
+        )
+
+    outputs, binary_outputs = _decode_outputs(document.get("outputs"))
+    request = InferRequest(
+        model=model,
+        inputs=inputs,
+        protocol=Protocol.V2_REST,
+        version=version,
+        outputs=outputs,
+        id=body_id or "",
+        parameters=parameters,
+    )
+    return InferCall(
+        request=request, body_id=body_id, binary_default=binary_default, binary_outputs=binary_outputs
+    )
+
+
+def _parameters(value: Any, where: str) -> dict[str, Any]:
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise InvalidInput(f'{where} "parameters" must be an object, got {describe_value(value)}')
+    return value
+
+
+def _decode_input(raw: Any, index: int, binary: Any, offset: int) -> tuple[str, np.ndarray, int]:
+    if not isinstance(raw, dict):
+        raise InvalidInput(f"inputs[{index}] must be an object, got {describe_value(raw)}")
+    name = raw.get("name")
+    if not isinstance(name, str) or not name:
+        raise InvalidInput(f'inputs[{index}] needs a "name" string')
+    where = f'input "{name}"'
+    datatype = raw.get("datatype")
+    if not isinstance(datatype, str):
+        raise InvalidInput(f'{where} needs a "datatype" string (one of {", ".join(OIP_TO_NUMPY)})')
+    try:
+        dtype = to_numpy_dtype(datatype)
+    except InvalidInput as error:
+        raise InvalidInput(f"{where}: {error}") from None
+    shape = raw.get("shape")
+    if not isinstance(shape, list) or not all(type(d) is int for d in shape) or any(d < 0 for d in shape):
+        raise InvalidInput(f'{where} needs a "shape": a list of non-negative integers, got {shape!r}')
+    count = math.prod(shape)
+    parameters = _parameters(raw.get("parameters"), where)
+    size = parameters.get("binary_data_size")
+    if size is not None:
+        if type(size) is not int or size < 0:
+            raise InvalidInput(f'{where}: "binary_data_size" must be a non-negative integer')
+        if "data" in raw:
+            raise InvalidInput(f'{where} has both "data" and "binary_data_size"; send one')
+        if offset + size > len(binary):
+            raise InvalidInput(
+                f"{where} has binary_data_size {size} but only {len(binary) - offset} bytes of binary "
+                f"data are left (is {HEADER_LENGTH} right?)"
+            )
+        chunk = binary[offset : offset + size]
+        return name, _from_binary(chunk, dtype, datatype, tuple(shape), count, where), size
+    if "data" not in raw:
+        raise InvalidInput(f'{where} has no "data" (and no "binary_data_size" parameter)')
+    data_shape, leaves = flatten_nested(raw["data"], where)
+    if len(leaves) != count:
+        raise InvalidInput(
+            f"{where}: shape {shape} needs {count} elements but data has {len(leaves)}"
+            + (f" (data shape {list(data_shape)})" if len(data_shape) > 1 else "")
+        )
+    return name, leaves_to_array(leaves, tuple(shape), dtype, where), 0
+
+
+def _from_binary(
+    chunk: Any, dtype: np.dtype, datatype: str, shape: tuple[int, ...], count: int, where: str
+) -> np.ndarray:
+    if datatype == "BYTES":
+        elements = _unpack_bytes(bytes(chunk), where)
+        if len(elements) != count:
+            raise InvalidInput(
+                f"{where}: shape {list(shape)} needs {count} elements but binary data holds {len(elements)}"
+            )
+        array = np.empty(count, dtype=object)
+        array[:] = elements
+        return array.reshape(shape)
+    expected = count * dtype.itemsize
+    if len(chunk) != expected:
+        raise InvalidInput(
+            f"{where}: shape {list(shape)} of {datatype} needs {expected} bytes but binary_data_size "
+            f"is {len(chunk)}"
+        )
+    # Zero-copy view of the body; read-only, which is all the runtimes need.
+    return np.frombuffer(chunk, dtype=dtype.newbyteorder("<")).reshape(shape)
+
+
+def _unpack_bytes(buffer: bytes, where: str) -> list[bytes]:
+    elements: list[bytes] = []
+    offset = 0
+    end = len(buffer)
+    while offset < end:
+        if offset + 4 > end:
+            raise InvalidInput(f"{where}: BYTES binary data ends inside a 4-byte length prefix")
+        (length,) = _LENGTH_PREFIX.unpack_from(buffer, offset)
+        offset += 4
+        if offset + length > end:
+            raise InvalidInput(f"{where}: a BYTES element of {length} bytes runs past the binary data")
+        elements.append(buffer[offset : offset + length])
+        offset += length
+    return elements
+
+
+def _pack_bytes(array: np.ndarray) -> bytes:
+    parts: list[bytes] = []
+    for value in array.ravel().tolist():
+        data = value if isinstance(value, bytes) else str(value).encode()
+        parts.append(_LENGTH_PREFIX.pack(len(data)))
+        parts.append(data)
+    return b"".join(parts)
+
+
+def _decode_outputs(raw: Any) -> tuple[list[str] | None, dict[str, bool]]:
+    if raw is None:
+        return None, {}
+    if not isinstance(raw, list):
+        raise InvalidInput(f'"outputs" must be a list of requested outputs, got {describe_value(raw)}')
+    names: list[str] = []
+    binary: dict[str, bool] = {}
+    for index, item in enumerate(raw):
+        if not isinstance(item, dict) or not isinstance(item.get("name"), str):
+            raise InvalidInput(f'outputs[{index}] must be an object with a "name" string')
+        name = item["name"]
+        if name in names:
+            raise InvalidInput(f'output "{name}" is requested twice')
+        names.append(name)
+        parameters = _parameters(item.get("parameters"), f'output "{name}"')
+        if "binary_data" in parameters:
+            if not isinstance(parameters["binary_data"], bool):
+                raise InvalidInput(f'output "{name}": "binary_data" must be a boolean')
+            binary[name] = parameters["binary_data"]
+    return (names or None), binary
+
+
+def encode_infer_response(response: InferResponse, call: InferCall) -> tuple[bytes, int | None]:
+    """Encodes an OIP infer response, with binary outputs where the request asked for them.
+
+    Args:
+        response: The data plane's response.
+        call: The decoded request (its ``id`` and binary output choices).
+
+    Returns:
+        The body and, when binary outputs follow the JSON, the JSON length for the
+        ``Inference-Header-Content-Length`` header (else None).
+    """
+    outputs: list[dict[str, Any]] = []
+    blobs: list[bytes] = []
+    non_finite = False
+    for name, array in response.outputs.items():
+        datatype = to_oip_datatype(array.dtype)
+        entry: dict[str, Any] = {"name": name, "datatype": datatype, "shape": list(array.shape)}
+        if call.wants_binary(name):
+            blob = _pack_bytes(array) if datatype == "BYTES" else _to_little_endian(array).tobytes()
+            entry["parameters"] = {"binary_data_size": len(blob)}
+            blobs.append(blob)
+        else:
+            # The spec allows nested or flat data; Triton and its clients use flat.
+            entry["data"], flag = array_to_json(array.reshape(-1))
+            non_finite = non_finite or flag
+        outputs.append(entry)
+    document: dict[str, Any] = {
+        "model_name": response.model,
+        "model_version": str(response.version),
+        "id": call.body_id if call.body_id is not None else response.id,
+    }
+    if response.parameters:
+        document["parameters"] = response.parameters
+    document["outputs"] = outputs
+    header = dumps_json(document, non_finite=non_finite)
+    if not blobs:
+        return header, None
+    return b"".join([header, *blobs]), len(header)
+
+
+def _to_little_endian(array: np.ndarray) -> np.ndarray:
+    if array.dtype.byteorder == ">":
+        array = array.astype(array.dtype.newbyteorder("<"))
+    return np.ascontiguousarray(array)
+
+
+def encode_error(message: str) -> bytes:
+    """The OIP error body ``{"error": message}``."""
+    return dumps_json({"error": message})
+
+
+def _metadata_tensor(spec: TensorSpec) -> dict[str, Any]:
+    return {"name": spec.name, "datatype": to_oip_datatype(spec.dtype), "shape": list(spec.shape)}
+
+
+def encode_model_metadata(metadata: ModelMetadata, versions: list[int]) -> bytes:
+    """Encodes OIP model metadata.
+
+    Args:
+        metadata: The model version's metadata.
+        versions: The versions of the model that can serve, as the ``versions`` field.
+
+    Returns:
+        UTF-8 JSON ``{"name", "versions", "platform", "inputs", "outputs"}``.
+    """
+    document = {
+        "name": metadata.name,
+        "versions": [str(v) for v in versions],
+        "platform": metadata.platform,
+        "inputs": [_metadata_tensor(spec) for spec in metadata.inputs],
+        "outputs": [_metadata_tensor(spec) for spec in metadata.outputs],
+    }
+    return dumps_json(document)
+
+
+def encode_server_metadata(metadata: dict[str, Any]) -> bytes:
+    """Encodes OIP server metadata (``{"name", "version", "extensions"}``)."""
+    return dumps_json(metadata)
+
+
+def encode_repository_index(entries: list[dict[str, Any]], ready_only: bool = False) -> bytes:
+    """Encodes the repository index, optionally only its ready entries.
+
+    Args:
+        entries: ``[{"name", "version", "state", "reason"}]`` from the data plane.
+        ready_only: Keep only ready versions (the request's ``{"ready": true}``). Defaults to False.
+
+    Returns:
+        UTF-8 JSON list.
+    """
+    if ready_only:
+        entries = [e for e in entries if str(e.get("state", "")).upper() in ("READY", "AVAILABLE")]
+    return dumps_json(entries)
+
+
+def decode_repository_index_request(body: bytes) -> bool:
+    """Reads ``{"ready": bool}`` from a repository index request (empty body: False).
+
+    Raises:
+        InvalidInput: The body is not such an object.
+    """
+    if not body.strip():
+        return False
+    document = loads_json(body)
+    if not isinstance(document, dict):
+        raise InvalidInput(f"repository index request must be a JSON object, got {describe_value(document)}")
+    ready = document.get("ready", False)
+    if not isinstance(ready, bool):
+        raise InvalidInput('"ready" must be a boolean')
+    return ready
