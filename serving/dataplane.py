@@ -1,0 +1,434 @@
+"""The data plane: every request's logic, shared by REST and gRPC in both dialects.
+
+The edges decode a request into :class:`~modelloop.serving.types.InferRequest`, call one
+method here, and encode the result or map the raised
+:class:`~modelloop.serving.errors.ServingError` to a status. Nothing here knows HTTP or gRPC.
+
+``infer`` resolves the model version (pinned, labelled or latest), validates the inputs
+against the metadata (names, dtype with safe casts, rank, fixed dims, batch size), runs
+them through the version's batcher, keeps the requested outputs, records metrics and
+hands the pair to the observer.
+
+Example:
+
+```python
+dataplane = DataPlane(registry, metrics)
+await dataplane.start()
+response = await dataplane.infer(
+    InferRequest(model="digits", inputs={"pixels": rows}, protocol=Protocol.V2_REST)
+)
+await dataplane.drain(grace_s=20)
+await dataplane.stop()
+```
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import time
+import uuid
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from modelloop import __version__
+from modelloop.serving.errors import (
+    InferenceFailed,
+    InvalidInput,
+    ModelNotFound,
+    ModelNotReady,
+    ServingError,
+)
+from modelloop.serving.metrics import ServingMetrics
+from modelloop.serving.observer import InferenceObserver, NullObserver
+from modelloop.serving.registry import ModelRegistry
+from modelloop.serving.types import (
+    InferRequest,
+    InferResponse,
+    ModelMetadata,
+    Protocol,
+    TensorSpec,
+    VersionStatus,
+)
+
+logger = logging.getLogger(__name__)
+
+SERVER_NAME = "modelloop"
+
+
+def _names(items: Sequence[str]) -> str:
+    return ", ".join(repr(i) for i in items)
+
+
+def _describe_shape(shape: Sequence[int]) -> str:
+    return "[" + ", ".join(str(d) for d in shape) + "]"
+
+
+def cast_input(value: np.ndarray, spec: TensorSpec, model: str) -> np.ndarray:
+    """Casts one input to the model's dtype where that loses nothing that matters.
+
+    Ints to floats, float64 to float32 (what JSON numbers decode to) and integers into a
+    narrower integer type whose range holds them are accepted. Strings, objects (nulls),
+    booleans into numbers, floats into integers and signedness changes with out-of-range
+    values are rejected.
+
+    Args:
+        value: The decoded input.
+        spec: The model's input spec.
+        model: Model name, for the message.
+
+    Returns:
+        ``value`` with ``spec.dtype``.
+
+    Raises:
+        InvalidInput: The cast would change the values' meaning.
+    """
+    src, dst = value.dtype, spec.dtype
+    if src == dst:
+        return value
+    problem = f"input {spec.name!r} of model {model!r} has dtype {src.name}; the model expects {dst.name}"
+    if dst.kind == "O" or dst.kind in "SU":
+        if src.kind in "OSU":
+            return value.astype(dst)
+        raise InvalidInput(problem)
+    if src.kind in "OSUV" or (src.kind == "b") != (dst.kind == "b"):
+        raise InvalidInput(problem + " (strings, nulls and booleans are not numbers)")
+    if dst.kind == "f":
+        if src.kind in "iuf":
+            return value.astype(dst)
+        raise InvalidInput(problem)
+    if dst.kind in "iu" and src.kind in "iu":
+        if value.size:
+            info = np.iinfo(dst)
+            low, high = value.min(), value.max()
+            if low < info.min or high > info.max:
+                raise InvalidInput(problem + f" and values {low}..{high} do not fit in {dst.name}")
+        return value.astype(dst)
+    raise InvalidInput(problem + " and the values cannot be cast without loss")
+
+
+def validate_inputs(
+    inputs: dict[str, np.ndarray], metadata: ModelMetadata, max_batch_size: int
+) -> dict[str, np.ndarray]:
+    """Checks a request's inputs against a model's metadata.
+
+    Args:
+        inputs: Decoded tensors by name.
+        metadata: The resolved version's metadata.
+        max_batch_size: The most rows one request may carry.
+
+    Returns:
+        The inputs in the model's input order, cast to its dtypes.
+
+    Raises:
+        InvalidInput: A missing or unknown name, a bad dtype, rank or dim, an empty batch,
+            a batch over ``max_batch_size``, or inputs whose batch sizes differ.
+    """
+    model = metadata.name
+    expected = [spec.name for spec in metadata.inputs]
+    if not inputs:
+        raise InvalidInput(f"the request has no inputs; model {model!r} expects {_names(expected)}")
+    unknown = [name for name in inputs if name not in expected]
+    if unknown:
+        raise InvalidInput(
+            f"unknown input {_names(unknown)} for model {model!r}; its inputs are {_names(expected)}"
+        )
+    missing = [name for name in expected if name not in inputs]
+    if missing:
+        raise InvalidInput(
+            f"missing input {_names(missing)} for model {model!r}; its inputs are {_names(expected)}"
+        )
+    validated: dict[str, np.ndarray] = {}
+    rows: int | None = None
+    for spec in metadata.inputs:
+        value = np.asarray(inputs[spec.name])
+        want = _describe_shape(spec.shape)
+        if value.ndim != len(spec.shape):
+            raise InvalidInput(
+                f"input {spec.name!r} has shape {_describe_shape(value.shape)} (rank {value.ndim}); "
+                f"model {model!r} expects rank {len(spec.shape)}, shape {want}"
+            )
+        for axis, (got, dim) in enumerate(zip(value.shape, spec.shape, strict=True)):
+            if dim != -1 and got != dim:
+                what = (
+                    "features" if axis == len(spec.shape) - 1 and axis > 0 else f"entries in dimension {axis}"
+                )
+                raise InvalidInput(
+                    f"input {spec.name!r} has {got} {what} (shape {_describe_shape(value.shape)}); "
+                    f"model {model!r} expects {dim} (shape {want})"
+                )
+        n = value.shape[0]
+        if n == 0:
+            raise InvalidInput(f"input {spec.name!r} is an empty batch (0 rows); send at least one row")
+        if n > max_batch_size:
+            raise InvalidInput(
+                f"input {spec.name!r} has a batch of {n} rows; model {model!r} takes at most "
+                f"{max_batch_size} rows per request (max_batch_size)"
+            )
+        if rows is not None and n != rows:
+            raise InvalidInput(
+                f"inputs of model {model!r} must share their batch size; got {rows} and {n} rows"
+            )
+        rows = n
+        validated[spec.name] = cast_input(value, spec, model)
+    return validated
+
+
+class DataPlane:
+    """The one place for request logic; the REST and gRPC edges only translate.
+
+    Args:
+        registry: Resolves models and holds their batchers.
+        metrics: Where request counts and durations go.
+        observer: Receives every answered request. Defaults to a no-op.
+        extensions: OIP server extensions to advertise. Defaults to ``binary_tensor_data``,
+            plus ``model_repository`` when an admin token is set.
+    """
+
+    def __init__(
+        self,
+        registry: ModelRegistry,
+        metrics: ServingMetrics,
+        *,
+        observer: InferenceObserver | None = None,
+        extensions: Sequence[str] | None = None,
+    ) -> None:
+        self.registry = registry
+        self.metrics = metrics
+        self.observer: InferenceObserver = observer or NullObserver()
+        if extensions is None:
+            extensions = ["binary_tensor_data"]
+            if registry.settings.admin_token is not None:
+                extensions.append("model_repository")
+        self.extensions = list(extensions)
+        self.draining = False
+        self._started = False
+        self._stopped = False
+        self._inflight = 0
+        self._idle: asyncio.Event | None = None
+
+    # -- inference -------------------------------------------------------------------
+
+    async def infer(self, request: InferRequest) -> InferResponse:
+        """Runs one inference request.
+
+        Args:
+            request: A decoded request.
+
+        Returns:
+            The response, with ``id`` set to the request's or a new one.
+
+        Raises:
+            ModelNotFound: Unknown model, version, label or signature.
+            ModelNotReady: Nothing AVAILABLE to serve it, or the server is draining.
+            InvalidInput: Any problem with the inputs or the requested outputs.
+            QueueFull: The version's batch queue is full.
+            InferenceFailed: The runtime failed.
+        """
+        start = time.perf_counter()
+        version: int | None = None
+        code = "OK"
+        self._enter()
+        try:
+            if self.draining:
+                raise ModelNotReady("the server is shutting down and takes no new requests")
+            servable = self.registry.resolve(request.model, request.version, request.label)
+            version = servable.version
+            metadata = servable.metadata
+            signature = request.signature_name
+            if signature and signature != metadata.signature_name:
+                raise ModelNotFound(
+                    f"model {request.model!r} has no signature {signature!r}; "
+                    f"it serves {metadata.signature_name!r}"
+                )
+            inputs = validate_inputs(request.inputs, metadata, servable.batcher.settings.max_batch_size)
+            wanted = self._wanted_outputs(request, metadata)
+            with servable.use():
+                outputs = await servable.batcher.predict(inputs)
+            response = InferResponse(
+                model=request.model,
+                version=version,
+                outputs={name: outputs[name] for name in wanted},
+                id=request.id or uuid.uuid4().hex,
+            )
+        except ServingError as exc:
+            code = exc.code.value
+            raise
+        except asyncio.CancelledError:
+            code = "CANCELLED"  # the client went away; its rows still ran if the batch had started
+            raise
+        except Exception as exc:
+            code = InferenceFailed.code.value
+            logger.exception("unexpected error serving model %s", request.model)
+            raise InferenceFailed(f"model {request.model!r} failed: {type(exc).__name__}: {exc}") from exc
+        finally:
+            self._leave()
+            self.metrics.observe_request(
+                self._model_label(request.model), version, request.protocol, code, time.perf_counter() - start
+            )
+        try:
+            self.observer.observe(dataclasses.replace(request, inputs=inputs), response)
+        except Exception:  # monitoring must never fail a request that succeeded
+            logger.exception("inference observer failed")
+        return response
+
+    @staticmethod
+    def _wanted_outputs(request: InferRequest, metadata: ModelMetadata) -> list[str]:
+        names = [spec.name for spec in metadata.outputs]
+        if not request.outputs:
+            return names
+        unknown = [name for name in request.outputs if name not in names]
+        if unknown:
+            raise InvalidInput(
+                f"unknown output {_names(unknown)} for model {request.model!r}; "
+                f"its outputs are {_names(names)}"
+            )
+        return list(dict.fromkeys(request.outputs))
+
+    def observe_rejected(self, model: str, protocol: Protocol | str, code: Any, seconds: float) -> None:
+        """Counts a request that failed before :meth:`infer` (it did not decode).
+
+        Args:
+            model: The model named in the path or message.
+            protocol: Where it came from.
+            code: An :class:`~modelloop.serving.errors.ErrorCode` or its value.
+            seconds: Time spent on it.
+        """
+        self.metrics.observe_request(self._model_label(model), None, protocol, code, seconds)
+
+    def _model_label(self, model: str) -> str:
+        # Clients choose model names; only known ones become label values, so a scan of
+        # made-up names cannot blow up the metrics' cardinality.
+        return model if model in self.registry.model_names() else ""
+
+    # -- metadata and status -----------------------------------------------------------
+
+    def metadata(self, name: str, version: int | None = None, label: str | None = None) -> ModelMetadata:
+        """The metadata of the resolved version (pinned, labelled or latest).
+
+        Raises:
+            ModelNotFound: Unknown model, version or label.
+            ModelNotReady: The version is not AVAILABLE.
+        """
+        return self.registry.resolve(name, version, label).metadata
+
+    def model_status(
+        self, name: str, version: int | None = None, label: str | None = None
+    ) -> list[VersionStatus]:
+        """States of one version, or of every known version when neither is given.
+
+        Raises:
+            ModelNotFound: Unknown model, version or label.
+        """
+        if label is not None:
+            labels = self.registry.version_labels(name)
+            if label not in labels:
+                raise ModelNotFound(f"model {name!r} has no version label {label!r}")
+            version = labels[label]
+        if version is not None:
+            return [self.registry.status(name, version)]
+        return self.registry.statuses(name)
+
+    def model_ready(self, name: str, version: int | None = None, label: str | None = None) -> bool:
+        """Whether the model (or that version) can serve now.
+
+        Raises:
+            ModelNotFound: Unknown model, version or label.
+        """
+        try:
+            self.registry.resolve(name, version, label)
+        except ModelNotReady:
+            return False
+        return not self.draining
+
+    def live(self) -> bool:
+        """True while the process serves at all (until :meth:`stop`)."""
+        return not self._stopped
+
+    def ready(self) -> bool:
+        """True when started, not draining, and every enabled model has an AVAILABLE version."""
+        if not self._started or self.draining or self._stopped:
+            return False
+        for name in self.registry.model_names():
+            if not self.registry.is_enabled(name):
+                continue
+            try:
+                self.registry.resolve(name)
+            except ServingError:
+                return False
+        return True
+
+    def server_metadata(self) -> dict[str, Any]:
+        """OIP server metadata: name, version and extensions."""
+        return {"name": SERVER_NAME, "version": __version__, "extensions": list(self.extensions)}
+
+    def repository_index(self) -> list[dict[str, str]]:
+        """The repository extension's index: ``[{"name", "version", "state", "reason"}]``."""
+        return self.registry.index()
+
+    async def load_model(self, name: str) -> None:
+        """Loads a model now (repository extension). See :meth:`ModelRegistry.load_model`."""
+        await self.registry.load_model(name)
+
+    async def unload_model(self, name: str) -> None:
+        """Unloads a model (repository extension). See :meth:`ModelRegistry.unload_model`."""
+        await self.registry.unload_model(name)
+
+    def model_names(self) -> list[str]:
+        """Every model in the repository, sorted."""
+        return self.registry.model_names()
+
+    def version_labels(self, name: str) -> dict[str, int]:
+        """The model's version labels.
+
+        Raises:
+            ModelNotFound: Unknown model.
+        """
+        return self.registry.version_labels(name)
+
+    # -- lifecycle -------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Loads the repository and starts polling it."""
+        await self.registry.start()
+        self._started = True
+
+    async def drain(self, grace_s: float) -> None:
+        """Turns ready off, rejects new requests and waits for those in flight.
+
+        Args:
+            grace_s: The longest wait; requests still running after it are left to the
+                edges' shutdown.
+        """
+        self.draining = True
+        idle = self._get_idle()
+        if self._inflight:
+            try:
+                await asyncio.wait_for(idle.wait(), grace_s)
+            except TimeoutError:
+                logger.warning("drain: %d requests still running after %.1f s", self._inflight, grace_s)
+
+    async def stop(self) -> None:
+        """Stops polling and unloads every model."""
+        self.draining = True
+        self._stopped = True
+        await self.registry.stop()
+
+    def _get_idle(self) -> asyncio.Event:
+        if self._idle is None:
+            self._idle = asyncio.Event()
+            if self._inflight == 0:
+                self._idle.set()
+        return self._idle
+
+    def _enter(self) -> None:
+        self._inflight += 1
+        self._get_idle().clear()
+
+    def _leave(self) -> None:
+        self._inflight -= 1
+        if self._inflight == 0:
+            self._get_idle().set()

@@ -1,0 +1,539 @@
+"""The model registry: TF Serving's "Manager" of loaded versions.
+
+It reconciles what the repository says should be loaded with what is in memory, on a
+poll loop (default every second) and on the repository extension's load/unload calls:
+
+- A new version is loaded and warmed up (one synthetic batch) on a worker thread, so the
+  event loop keeps serving; it takes traffic only once AVAILABLE.
+- An old version is unloaded only after the versions meant to replace it are AVAILABLE,
+  and only after its in-flight requests have finished (a reference count per version).
+- A version that fails to load is FAILED (with the error, logged and counted); whatever
+  served before keeps serving. It is retried only when its directory changes.
+- A version whose directory disappears is unloaded (again after its in-flight requests).
+
+States follow TF Serving: START -> LOADING -> AVAILABLE -> UNLOADING -> END, or FAILED.
+
+Example:
+
+```python
+metrics = ServingMetrics(CollectorRegistry())
+registry = ModelRegistry(ModelRepository(settings.repo), settings, metrics=metrics)
+await registry.start()
+servable = registry.resolve("digits", version=None, label=None)
+with servable.use():
+    outputs = await servable.batcher.predict(inputs)
+await registry.stop()
+```
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from modelloop.serving.batching import DynamicBatcher
+from modelloop.serving.errors import ModelNotFound, ModelNotReady, ServingError
+from modelloop.serving.metrics import ServingMetrics
+from modelloop.serving.repository import (
+    ONNX_FILE,
+    PLATFORMS,
+    SAVED_MODEL_DIR,
+    ModelRepository,
+    RepositoryError,
+    RuntimeKind,
+)
+from modelloop.serving.runtime import Runtime
+from modelloop.serving.settings import ModelConfig, ServingSettings
+from modelloop.serving.types import ModelMetadata, ModelState, VersionStatus
+
+logger = logging.getLogger(__name__)
+
+RuntimeFactory = Callable[[RuntimeKind, Path, ModelMetadata, ModelConfig], Runtime]
+"""Builds an unloaded runtime: ``(kind, version_dir, metadata, config) -> Runtime``."""
+
+
+def create_runtime(
+    kind: RuntimeKind,
+    version_dir: Path,
+    metadata: ModelMetadata,
+    config: ModelConfig,
+    settings: ServingSettings,
+) -> Runtime:
+    """The default runtime factory: ONNX Runtime or TensorFlow SavedModel.
+
+    Per-model config overrides the server's providers and thread counts.
+
+    Args:
+        kind: ``onnx`` or ``savedmodel``.
+        version_dir: ``<repo>/<name>/<version>``.
+        metadata: The version's metadata.
+        config: The model's config.
+        settings: Server-wide defaults.
+
+    Returns:
+        A runtime whose ``load`` has not run yet.
+    """
+    if kind == "onnx":
+        from modelloop.serving.runtimes.onnx import OnnxRuntime
+
+        return OnnxRuntime(
+            version_dir / ONNX_FILE,
+            metadata,
+            providers=config.onnx_providers if config.onnx_providers is not None else settings.onnx_providers,
+            intra_op_num_threads=(
+                config.intra_op_num_threads
+                if config.intra_op_num_threads is not None
+                else settings.intra_op_num_threads
+            ),
+            inter_op_num_threads=(
+                config.inter_op_num_threads
+                if config.inter_op_num_threads is not None
+                else settings.inter_op_num_threads
+            ),
+        )
+    from modelloop.serving.runtimes.savedmodel import SavedModelRuntime
+
+    return SavedModelRuntime(version_dir / SAVED_MODEL_DIR, metadata)
+
+
+def warmup_inputs(metadata: ModelMetadata, rows: int = 1) -> dict[str, np.ndarray]:
+    """A synthetic batch for ``metadata``: zeros, free dims set to 1, batch dim to ``rows``."""
+    batch: dict[str, np.ndarray] = {}
+    for spec in metadata.inputs:
+        shape = (rows, *(1 if d < 0 else d for d in spec.shape[1:]))
+        batch[spec.name] = np.zeros(shape, dtype=spec.dtype) if spec.dtype != object else np.full(shape, b"")
+    return batch
+
+
+class Servable:
+    """One AVAILABLE model version: its runtime, its batcher and its in-flight count.
+
+    Attributes:
+        name: Model name.
+        version: Version number.
+        runtime: The loaded runtime.
+        batcher: The version's batcher; call its ``predict`` inside :meth:`use`.
+        metadata: The runtime's metadata.
+    """
+
+    def __init__(self, runtime: Runtime, batcher: DynamicBatcher) -> None:
+        self.runtime = runtime
+        self.batcher = batcher
+        self.metadata = runtime.metadata
+        self.name = runtime.metadata.name
+        self.version = runtime.metadata.version
+        self._inflight = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    @property
+    def inflight(self) -> int:
+        """Requests using this version right now."""
+        return self._inflight
+
+    @contextlib.contextmanager
+    def use(self) -> Iterator[Servable]:
+        """Holds the version for one request, so an unload waits until the request is done."""
+        self._inflight += 1
+        self._idle.clear()
+        try:
+            yield self
+        finally:
+            self._inflight -= 1
+            if self._inflight == 0:
+                self._idle.set()
+
+    async def wait_idle(self) -> None:
+        """Returns once no request holds the version."""
+        await self._idle.wait()
+
+
+@dataclass(slots=True)
+class _Version:
+    version: int
+    state: ModelState = ModelState.START
+    error: str = ""
+    servable: Servable | None = None
+    fingerprint: tuple[float, ...] = ()
+
+
+@dataclass(slots=True)
+class _Model:
+    name: str
+    config: ModelConfig | None = None
+    config_error: str = ""
+    enabled: bool = True
+    versions: dict[int, _Version] = field(default_factory=dict)
+
+    def available(self) -> list[int]:
+        return sorted(v for v, e in self.versions.items() if e.state is ModelState.AVAILABLE)
+
+
+class ModelRegistry:
+    """Loads, serves and unloads the versions of every model in a repository.
+
+    Args:
+        repository: Where versions come from.
+        settings: Server settings (poll interval, batching defaults, warmup, runtimes).
+        metrics: Where versions-loaded and load failures go (and the batchers' metrics).
+        runtime_factory: Builds runtimes; defaults to :func:`create_runtime`. Tests pass fakes.
+    """
+
+    def __init__(
+        self,
+        repository: ModelRepository,
+        settings: ServingSettings,
+        *,
+        metrics: ServingMetrics,
+        runtime_factory: RuntimeFactory | None = None,
+    ) -> None:
+        self.repository = repository
+        self.settings = settings
+        self.metrics = metrics
+        self._factory: RuntimeFactory = runtime_factory or (
+            lambda kind, path, meta, config: create_runtime(kind, path, meta, config, settings)
+        )
+        self._models: dict[str, _Model] = {}
+        self._lock: asyncio.Lock | None = None
+        self._poller: asyncio.Task[None] | None = None
+        self._unloads: set[asyncio.Task[None]] = set()
+
+    # -- lifecycle -------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Loads what the repository wants now, then polls every ``poll_interval_s``."""
+        await self.poll()
+        if self._poller is None:
+            self._poller = asyncio.get_running_loop().create_task(self._poll_forever(), name="registry-poll")
+
+    async def stop(self) -> None:
+        """Stops polling and unloads every version (after its in-flight requests)."""
+        if self._poller is not None:
+            self._poller.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._poller
+            self._poller = None
+        async with self._get_lock():
+            for model in self._models.values():
+                for entry in list(model.versions.values()):
+                    if entry.state is ModelState.AVAILABLE:
+                        self._schedule_unload(model, entry)
+        await self.settle()
+
+    async def settle(self) -> None:
+        """Waits until every unload in progress has finished."""
+        while self._unloads:
+            await asyncio.gather(*list(self._unloads), return_exceptions=True)
+
+    async def _poll_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.poll_interval_s)
+            try:
+                await self.poll()
+            except Exception:  # keep polling whatever one pass hit
+                logger.exception("repository poll failed")
+
+    def _get_lock(self) -> asyncio.Lock:
+        # Made on first use, on the running loop.
+        if self._lock is None:
+            self._lock = asyncio.Lock()
+        return self._lock
+
+    # -- reconciliation ----------------------------------------------------------------
+
+    async def poll(self) -> None:
+        """One reconciliation pass: load what should be loaded, then unload what should not."""
+        async with self._get_lock():
+            names = self.repository.model_names()
+            for name in [n for n in self._models if n not in names]:
+                model = self._models.pop(name)
+                logger.info("model %s left the repository; unloading it", name)
+                for entry in model.versions.values():
+                    if entry.state is ModelState.AVAILABLE:
+                        self._schedule_unload(model, entry)
+                self.metrics.set_versions_loaded(name, 0)
+            await asyncio.gather(*(self._reconcile(self._models.setdefault(n, _Model(n))) for n in names))
+
+    async def _reconcile(self, model: _Model) -> None:
+        if not model.enabled:
+            return
+        try:
+            config = self.repository.read_config(model.name)
+        except RepositoryError as exc:
+            if exc.message != model.config_error:
+                # Keep the last good config and whatever it loaded; report once per change.
+                logger.error("model %s: %s; keeping its current versions", model.name, exc.message)
+                model.config_error = exc.message
+            return
+        model.config, model.config_error = config, ""
+        on_disk = self.repository.versions(model.name)
+        wanted = config.version_policy.select(on_disk)
+        to_load = []
+        for v in wanted:
+            entry = model.versions.get(v)
+            if entry is None or entry.state is ModelState.END:
+                to_load.append(v)
+            elif (
+                entry.state is ModelState.FAILED
+                and self.repository.fingerprint(on_disk[v]) != entry.fingerprint
+            ):
+                logger.info("model %s version %s changed on disk; retrying its load", model.name, v)
+                to_load.append(v)
+        await asyncio.gather(*(self._load(model, config, v, on_disk[v]) for v in to_load))
+
+        # Availability first: versions that are not wanted stay until every wanted version
+        # is AVAILABLE, so a failed new version leaves the old one serving.
+        replaced = all(model.versions[v].state is ModelState.AVAILABLE for v in wanted if v in model.versions)
+        for v, entry in list(model.versions.items()):
+            gone = v not in on_disk
+            if v in wanted and not gone:
+                continue
+            if entry.state is ModelState.AVAILABLE and (gone or replaced):
+                logger.info(
+                    "model %s version %s: unloading (%s)",
+                    model.name,
+                    v,
+                    "directory removed" if gone else "policy",
+                )
+                self._schedule_unload(model, entry)
+            elif entry.state in (ModelState.FAILED, ModelState.START) or (
+                entry.state is ModelState.END and gone
+            ):
+                del model.versions[v]
+        for label, v in config.version_labels.items():
+            if v not in wanted:
+                logger.warning(
+                    "model %s: label %r names version %s, which the version policy does not load",
+                    model.name,
+                    label,
+                    v,
+                )
+        self.metrics.set_versions_loaded(model.name, len(model.available()))
+
+    async def _load(self, model: _Model, config: ModelConfig, version: int, path: Path) -> None:
+        entry = model.versions.setdefault(version, _Version(version))
+        entry.state, entry.error = ModelState.LOADING, ""
+        entry.fingerprint = self.repository.fingerprint(path)
+        logger.info("model %s version %s: loading from %s", model.name, version, path)
+        try:
+            # Reading, loading and warming up can take seconds: keep them off the event loop.
+            runtime = await asyncio.to_thread(self._build, model.name, version, path, config)
+        except Exception as exc:  # noqa: BLE001 - every load failure is reported, not raised
+            entry.state = ModelState.FAILED
+            entry.error = str(exc) if isinstance(exc, ServingError) else f"{type(exc).__name__}: {exc}"
+            logger.error("model %s version %s failed to load: %s", model.name, version, entry.error)
+            self.metrics.count_load_failure(model.name)
+            return
+        batcher = DynamicBatcher(
+            runtime.predict,
+            config.batching or self.settings.batching,
+            metrics=self.metrics,
+            model=model.name,
+            version=version,
+        )
+        entry.servable = Servable(runtime, batcher)
+        entry.state = ModelState.AVAILABLE
+        logger.info("model %s version %s is AVAILABLE", model.name, version)
+
+    def _build(self, name: str, version: int, path: Path, config: ModelConfig) -> Runtime:
+        kind = self.repository.runtime_kind(path, config)
+        metadata = self.repository.read_metadata(path, name, version, PLATFORMS[kind])
+        runtime = self._factory(kind, path, metadata, config)
+        runtime.load()
+        if self.settings.warmup:
+            try:
+                self._warmup(runtime)
+            except BaseException:
+                runtime.unload()
+                raise
+        return runtime
+
+    @staticmethod
+    def _warmup(runtime: Runtime) -> None:
+        outputs = runtime.predict(warmup_inputs(runtime.metadata))
+        for spec in runtime.metadata.outputs:
+            if spec.name not in outputs:
+                raise ValueError(f"warmup: the model returned {sorted(outputs)}, not output {spec.name!r}")
+            if np.shape(outputs[spec.name])[:1] != (1,):
+                raise ValueError(
+                    f"warmup: output {spec.name!r} has shape {np.shape(outputs[spec.name])} for a batch of 1"
+                )
+
+    def _schedule_unload(self, model: _Model, entry: _Version) -> None:
+        servable = entry.servable
+        entry.state = ModelState.UNLOADING
+        if servable is None:
+            entry.state = ModelState.END
+            return
+
+        async def unload() -> None:
+            # In-flight requests finish on this version before it goes away.
+            await servable.wait_idle()
+            await servable.batcher.close()
+            try:
+                await asyncio.to_thread(servable.runtime.unload)
+            except Exception:  # the version is gone from serving either way
+                logger.exception("model %s version %s: unload raised", model.name, entry.version)
+            if entry.state is ModelState.UNLOADING:
+                entry.state = ModelState.END
+                entry.servable = None
+            logger.info("model %s version %s unloaded", model.name, entry.version)
+
+        task = asyncio.get_running_loop().create_task(unload(), name=f"unload-{model.name}-{entry.version}")
+        self._unloads.add(task)
+        task.add_done_callback(self._unloads.discard)
+
+    # -- repository extension ----------------------------------------------------------
+
+    async def load_model(self, name: str) -> None:
+        """Loads (or re-enables) a model now, as the repository extension's ``load``.
+
+        Raises:
+            ModelNotFound: The repository has no such model.
+            ModelNotReady: No version of it could be loaded; the message says why.
+        """
+        if name not in self.repository.model_names():
+            raise ModelNotFound(f"model {name!r} is not in the repository")
+        async with self._get_lock():
+            model = self._models.setdefault(name, _Model(name))
+            model.enabled = True
+            await self._reconcile(model)
+        if not model.available():
+            raise ModelNotReady(f"model {name!r} has no version that loaded: {self._why_unavailable(model)}")
+
+    async def unload_model(self, name: str) -> None:
+        """Unloads every version of a model and stops the poll loop from reloading it.
+
+        The model comes back with :meth:`load_model` or a server restart.
+
+        Raises:
+            ModelNotFound: The model is not known.
+        """
+        async with self._get_lock():
+            model = self._models.get(name)
+            if model is None:
+                raise ModelNotFound(f"model {name!r} is not in the repository")
+            model.enabled = False
+            unloading = [e for e in model.versions.values() if e.state is ModelState.AVAILABLE]
+            for entry in unloading:
+                self._schedule_unload(model, entry)
+            self.metrics.set_versions_loaded(name, 0)
+        await self.settle()
+
+    # -- lookups ---------------------------------------------------------------------
+
+    def resolve(self, name: str, version: int | None = None, label: str | None = None) -> Servable:
+        """The AVAILABLE servable for a request: pinned version, label, or latest.
+
+        Raises:
+            ModelNotFound: Unknown model, version or label.
+            ModelNotReady: The model or version exists but cannot serve now.
+        """
+        model = self._model(name)
+        if not model.enabled:
+            raise ModelNotReady(f"model {name!r} was unloaded through the repository API")
+        if label is not None:
+            labels = self.version_labels(name)
+            if label not in labels:
+                known = ", ".join(sorted(labels)) or "none"
+                raise ModelNotFound(f"model {name!r} has no version label {label!r} (labels: {known})")
+            version = labels[label]
+        if version is not None:
+            entry = model.versions.get(version)
+            if entry is None:
+                known = ", ".join(str(v) for v in model.available()) or "none"
+                raise ModelNotFound(f"model {name!r} has no loaded version {version} (available: {known})")
+            if entry.state is not ModelState.AVAILABLE or entry.servable is None:
+                reason = f": {entry.error}" if entry.error else ""
+                raise ModelNotReady(f"model {name!r} version {version} is {entry.state.value}{reason}")
+            return entry.servable
+        available = model.available()
+        if not available:
+            raise ModelNotReady(f"model {name!r} has no available version: {self._why_unavailable(model)}")
+        servable = model.versions[available[-1]].servable
+        if servable is None:  # AVAILABLE always has a servable; this keeps the type checker honest
+            raise ModelNotReady(f"model {name!r} has no available version")
+        return servable
+
+    def model_names(self) -> list[str]:
+        """Every model the registry knows (those in the repository at the last poll)."""
+        return sorted(self._models)
+
+    def is_enabled(self, name: str) -> bool:
+        """False after :meth:`unload_model`, until :meth:`load_model`."""
+        return self._model(name).enabled
+
+    def version_labels(self, name: str) -> dict[str, int]:
+        """The model's version labels from its config (empty when none)."""
+        model = self._model(name)
+        return dict(model.config.version_labels) if model.config is not None else {}
+
+    def model_config(self, name: str) -> ModelConfig:
+        """The model's config as last read (defaults before the first good read)."""
+        return self._model(name).config or ModelConfig()
+
+    def statuses(self, name: str) -> list[VersionStatus]:
+        """Every known version of the model with its state, ascending."""
+        model = self._model(name)
+        return [
+            VersionStatus(version=v, state=e.state, error_message=e.error)
+            for v, e in sorted(model.versions.items())
+        ]
+
+    def status(self, name: str, version: int) -> VersionStatus:
+        """The state of one version.
+
+        Raises:
+            ModelNotFound: The model or version is unknown.
+        """
+        entry = self._model(name).versions.get(version)
+        if entry is None:
+            raise ModelNotFound(f"model {name!r} has no version {version}")
+        return VersionStatus(version=version, state=entry.state, error_message=entry.error)
+
+    def index(self) -> list[dict[str, str]]:
+        """The repository extension's index: one row per version, or per model without versions."""
+        rows: list[dict[str, str]] = []
+        for name in sorted(self._models):
+            model = self._models[name]
+            if model.config_error:
+                rows.append(
+                    {
+                        "name": name,
+                        "version": "",
+                        "state": ModelState.FAILED.value,
+                        "reason": model.config_error,
+                    }
+                )
+            for v, entry in sorted(model.versions.items()):
+                rows.append(
+                    {"name": name, "version": str(v), "state": entry.state.value, "reason": entry.error}
+                )
+            if not model.versions and not model.config_error:
+                reason = "unloaded" if not model.enabled else "no version directories"
+                rows.append({"name": name, "version": "", "state": ModelState.END.value, "reason": reason})
+        return rows
+
+    def _model(self, name: str) -> _Model:
+        model = self._models.get(name)
+        if model is None:
+            known = ", ".join(sorted(self._models)) or "none"
+            raise ModelNotFound(f"model {name!r} not found (models: {known})")
+        return model
+
+    @staticmethod
+    def _why_unavailable(model: _Model) -> str:
+        if model.config_error:
+            return model.config_error
+        failed = [f"version {v} FAILED: {e.error}" for v, e in sorted(model.versions.items()) if e.error]
+        if failed:
+            return "; ".join(failed)
+        if not model.versions:
+            return "no version directories"
+        return ", ".join(f"version {v} is {e.state.value}" for v, e in sorted(model.versions.items()))

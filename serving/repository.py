@@ -1,0 +1,196 @@
+"""The model repository on disk: TF Serving's "Source" of servable versions.
+
+Layout: ``<repo>/<name>/<int version>/`` with an optional ``<repo>/<name>/config.json``.
+Names starting with ``.`` (``.staging``, ``.publish.lock``) are ignored, and so are
+version directories that are not plain decimal integers or that have leading zeros
+(Triton ignores those too), so ``01`` and ``1`` never both claim version 1.
+
+The repository only reads: it says what exists, what each model's config wants loaded,
+and what a version's ``model.json`` describes. The registry decides when to load.
+
+Example:
+
+```python
+repository = ModelRepository(Path("models"))
+for name in repository.model_names():
+    config = repository.read_config(name)
+    print(name, config.version_policy.select(repository.versions(name)))
+```
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+from pydantic import ValidationError
+
+from modelloop.serving.errors import ServingError
+from modelloop.serving.runtimes.onnx import PLATFORM as ONNX_PLATFORM
+from modelloop.serving.runtimes.savedmodel import PLATFORM as SAVEDMODEL_PLATFORM
+from modelloop.serving.settings import ModelConfig
+from modelloop.serving.types import ModelMetadata, TensorSpec
+
+CONFIG_FILE = "config.json"
+METADATA_FILE = "model.json"
+ONNX_FILE = "model.onnx"
+SAVED_MODEL_DIR = "saved_model"
+
+RuntimeKind = Literal["onnx", "savedmodel"]
+PLATFORMS: dict[str, str] = {"onnx": ONNX_PLATFORM, "savedmodel": SAVEDMODEL_PLATFORM}
+
+# Keys of model.json that ModelMetadata holds in its own fields; the rest go to ``extra``.
+_METADATA_FIELDS = ("name", "version", "inputs", "outputs", "signature_name", "labels", "task")
+
+
+class RepositoryError(ServingError):
+    """A file in the repository is missing or malformed; the message names the file."""
+
+
+def _is_version_dir(name: str) -> bool:
+    # "0" itself is not a version either: TF Serving versions start at 1.
+    return name.isascii() and name.isdigit() and not name.startswith("0")
+
+
+def _tensor_specs(raw: Any, path: Path, key: str) -> tuple[TensorSpec, ...]:
+    if not isinstance(raw, list) or not raw:
+        raise RepositoryError(f"{path}: {key!r} must be a non-empty list of tensors")
+    specs = []
+    for i, item in enumerate(raw):
+        try:
+            name = item["name"]
+            dtype = np.dtype(item["dtype"])
+            shape = tuple(int(d) for d in item["shape"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise RepositoryError(
+                f"{path}: {key}[{i}] needs 'name', a NumPy 'dtype' and an integer 'shape' ({exc})"
+            ) from exc
+        if not isinstance(name, str) or not name:
+            raise RepositoryError(f"{path}: {key}[{i}] has no name")
+        if not shape or any(d < -1 or d == 0 for d in shape):
+            raise RepositoryError(
+                f"{path}: {key}[{i}] {name!r} has shape {list(shape)}; use -1 for free dims"
+            )
+        specs.append(TensorSpec(name=name, dtype=dtype, shape=shape))
+    return tuple(specs)
+
+
+class ModelRepository:
+    """Reads a TF Serving style model repository.
+
+    Args:
+        root: The repository directory. It may not exist yet (it then holds no models).
+    """
+
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root)
+
+    def model_names(self) -> list[str]:
+        """Model directories, sorted; hidden names are skipped."""
+        try:
+            entries = list(os.scandir(self.root))
+        except FileNotFoundError:
+            return []
+        return sorted(e.name for e in entries if not e.name.startswith(".") and e.is_dir())
+
+    def versions(self, name: str) -> dict[int, Path]:
+        """Version directories of ``name`` by version, ascending; empty if the model is gone."""
+        try:
+            entries = list(os.scandir(self.root / name))
+        except (FileNotFoundError, NotADirectoryError):
+            return {}
+        found = {int(e.name): Path(e.path) for e in entries if _is_version_dir(e.name) and e.is_dir()}
+        return dict(sorted(found.items()))
+
+    def read_config(self, name: str) -> ModelConfig:
+        """The model's ``config.json``, or the defaults when there is none.
+
+        Raises:
+            RepositoryError: The file is unreadable, not JSON, or has bad or unknown keys.
+        """
+        path = self.root / name / CONFIG_FILE
+        try:
+            text = path.read_text()
+        except FileNotFoundError:
+            return ModelConfig()
+        except OSError as exc:
+            raise RepositoryError(f"{path}: cannot read: {exc.strerror}") from exc
+        try:
+            return ModelConfig.model_validate_json(text)
+        except ValidationError as exc:
+            problems = "; ".join(
+                f"{'.'.join(str(p) for p in err['loc']) or '(file)'}: {err['msg']}" for err in exc.errors()
+            )
+            raise RepositoryError(f"{path}: invalid model config: {problems}") from exc
+
+    def wanted_versions(self, name: str, config: ModelConfig) -> list[int]:
+        """The versions on disk that ``config``'s version policy wants loaded, ascending."""
+        return config.version_policy.select(self.versions(name))
+
+    @staticmethod
+    def runtime_kind(version_dir: Path, config: ModelConfig) -> RuntimeKind:
+        """The runtime a version uses: the config's choice, else ONNX when ``model.onnx`` exists."""
+        if config.runtime is not None:
+            return config.runtime
+        return "onnx" if (version_dir / ONNX_FILE).is_file() else "savedmodel"
+
+    @staticmethod
+    def read_metadata(version_dir: Path, name: str, version: int, platform: str) -> ModelMetadata:
+        """Reads ``model.json`` of one version.
+
+        The directory, not the file, decides the name and version, so a copied version
+        directory serves under its new number.
+
+        Args:
+            version_dir: ``<repo>/<name>/<version>``.
+            name: The model name.
+            version: The version number.
+            platform: The runtime platform to report.
+
+        Raises:
+            RepositoryError: The file is missing, not JSON, or lacks valid inputs/outputs.
+        """
+        path = version_dir / METADATA_FILE
+        try:
+            raw = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise RepositoryError(f"{path} is missing") from None
+        except (OSError, ValueError) as exc:
+            raise RepositoryError(f"{path} is unreadable or not JSON: {exc}") from exc
+        if not isinstance(raw, dict):
+            raise RepositoryError(f"{path} must hold a JSON object")
+        labels = raw.get("labels") or []
+        return ModelMetadata(
+            name=name,
+            version=version,
+            platform=platform,
+            inputs=_tensor_specs(raw.get("inputs"), path, "inputs"),
+            outputs=_tensor_specs(raw.get("outputs"), path, "outputs"),
+            signature_name=str(raw.get("signature_name") or "serving_default"),
+            labels=tuple(str(label) for label in labels),
+            task=str(raw.get("task") or ""),
+            extra={k: v for k, v in raw.items() if k not in _METADATA_FIELDS},
+        )
+
+    @staticmethod
+    def fingerprint(version_dir: Path) -> tuple[float, ...]:
+        """Modification times of a version directory and its entries, two levels deep.
+
+        A FAILED version is retried only when this changes, so a broken model is not
+        reloaded on every poll, but fixing a file in place is noticed.
+        """
+        stamps: list[float] = []
+        try:
+            stamps.append(version_dir.stat().st_mtime)
+            for entry in sorted(os.scandir(version_dir), key=lambda e: e.name):
+                stamps.append(entry.stat().st_mtime)
+                if entry.is_dir():
+                    stamps.extend(
+                        sub.stat().st_mtime for sub in sorted(os.scandir(entry.path), key=lambda e: e.name)
+                    )
+        except OSError:
+            pass
+        return tuple(stamps)
