@@ -79,7 +79,7 @@ def _load_model(run_dir: Path, run_info: dict[str, Any]) -> Any:
         load_spec(run_info["spec"]["source"])
     try:
         return keras.saving.load_model(run_dir / "model.keras", compile=False)
-    except Exception as exc:  # noqa: BLE001 - Keras raises many types for a bad file
+    except Exception as exc:
         raise ExportError(
             f"cannot load {str(run_dir / 'model.keras')!r}: {type(exc).__name__}: {str(exc).splitlines()[0]}"
         ) from exc
@@ -121,30 +121,38 @@ def export_run(
         PublishError: Bad name or unwritable repository.
     """
     run_info, metrics = read_run(run_dir)
-    name = validate_model_name(name or run_info["spec"]["name"])
+    name = validate_model_name(run_info["spec"]["name"] if name is None else name)
+    try:
+        repo.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise PublishError(f"repository {str(repo)!r} cannot be created: {exc.strerror}") from exc
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     model = _load_model(run_dir, run_info)
     try:
         split = np.load(run_dir / "split.npz")
         rows = np.asarray(split["x_test"], dtype=np.float32)
-    except Exception as exc:  # noqa: BLE001 - corrupt npz raises several types
+    except Exception as exc:
         raise ExportError(f"run file {str(run_dir / 'split.npz')!r} is unreadable or corrupt: {exc}") from exc
-    try:
-        repo.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise PublishError(f"repository {str(repo)!r} cannot be created: {exc.strerror}") from exc
 
     input_name = run_info["input"]["name"]
     output_name = run_info["output"]["name"]
     with staging_dir(repo) as staged:
         export_saved_model(
-            model, staged / SAVED_MODEL_DIR, input_name=input_name, output_name=output_name,
+            model,
+            staged / SAVED_MODEL_DIR,
+            input_name=input_name,
+            output_name=output_name,
             n_features=int(run_info["input"]["shape"][1]),
         )
         export_onnx(staged / SAVED_MODEL_DIR, staged / ONNX_FILE, opset=opset)
         parity = verify_export(
-            model, staged / SAVED_MODEL_DIR, staged / ONNX_FILE, rows,
-            input_name=input_name, output_name=output_name, atol=atol,
+            model,
+            staged / SAVED_MODEL_DIR,
+            staged / ONNX_FILE,
+            rows,
+            input_name=input_name,
+            output_name=output_name,
+            atol=atol,
         )
         if not parity.passed:
             raise ExportError(f"parity check failed, nothing published: {parity.summary()}")
@@ -152,8 +160,12 @@ def export_run(
 
         def finalize(path: Path, version: int) -> None:
             meta = build_metadata(
-                name=name, version=version, run_info=run_info, metrics=metrics,
-                parity=parity.to_dict(), opset=opset,
+                name=name,
+                version=version,
+                run_info=run_info,
+                metrics=metrics,
+                parity=parity.to_dict(),
+                opset=opset,
             )
             (path / METADATA_FILE).write_text(json.dumps(meta, indent=2) + "\n")
 

@@ -40,8 +40,13 @@ def export_onnx(saved_model_dir: Path, path: Path, *, opset: int = MIN_OPSET) ->
     logging.getLogger("tf2onnx").setLevel(logging.WARNING)
     with contextlib.redirect_stdout(io.StringIO()):
         graph_def, inputs, outputs, _tables, renames = tf_loader.from_saved_model(
-            str(saved_model_dir), None, None, tag="serve", signatures=[SIGNATURE_NAME],
-            return_initialized_tables=True, return_tensors_to_rename=True,
+            str(saved_model_dir),
+            None,
+            None,
+            tag="serve",
+            signatures=[SIGNATURE_NAME],
+            return_initialized_tables=True,
+            return_tensors_to_rename=True,
         )
         model_proto, _ = tf2onnx.convert.from_graph_def(
             graph_def, input_names=inputs, output_names=outputs, opset=opset, tensors_to_rename=renames

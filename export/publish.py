@@ -48,7 +48,9 @@ def list_versions(model_dir: Path) -> list[int]:
     if not model_dir.is_dir():
         return []
     return sorted(
-        int(p.name) for p in model_dir.iterdir() if p.is_dir() and p.name.isdigit() and not p.name.startswith("0")
+        int(p.name)
+        for p in model_dir.iterdir()
+        if p.is_dir() and p.name.isdigit() and not p.name.startswith("0")
     )
 
 

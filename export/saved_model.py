@@ -8,9 +8,7 @@ from typing import Any
 SIGNATURE_NAME = "serving_default"
 
 
-def export_saved_model(
-    model: Any, path: Path, *, input_name: str, output_name: str, n_features: int
-) -> None:
+def export_saved_model(model: Any, path: Path, *, input_name: str, output_name: str, n_features: int) -> None:
     """Writes ``model`` as a SavedModel with one ``serving_default`` signature.
 
     The signature takes ``input_name`` (float32 ``[None, n_features]``) and returns a
@@ -47,5 +45,5 @@ def load_signature(path: Path) -> Any:
     loaded = tf.saved_model.load(str(path))
     # Keep the loaded object alive with the function: signatures reference its variables.
     fn = loaded.signatures[SIGNATURE_NAME]
-    fn._modelloop_owner = loaded  # noqa: SLF001
+    fn._modelloop_owner = loaded
     return fn

@@ -56,11 +56,15 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     train = sub.add_parser("train", help="train a task spec and write a run directory")
-    train.add_argument("spec", metavar="SPEC", help="digits, digits-cnn, breast-cancer, diabetes or a .py file")
+    train.add_argument(
+        "spec", metavar="SPEC", help="digits, digits-cnn, breast-cancer, diabetes or a .py file"
+    )
     train.add_argument("--out", required=True, type=Path, metavar="RUN_DIR", help="run directory to create")
     train.add_argument("--epochs", type=_positive, default=None, help="most epochs (default: the spec's)")
     train.add_argument("--seed", type=int, default=42, help="seed of split and weights (default: 42)")
-    train.add_argument("--folds", type=_folds, default=0, metavar="K", help="report K-fold cross-validation first")
+    train.add_argument(
+        "--folds", type=_folds, default=0, metavar="K", help="report K-fold cross-validation first"
+    )
 
     export = sub.add_parser("export", help="export a run to the model repository as the next version")
     export.add_argument("run_dir", metavar="RUN_DIR", type=Path)
@@ -92,7 +96,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
     m = result.metrics
     metric = m["main_metric"]
     base = ", ".join(f"{k} {v[metric]:.4f}" for k, v in m["baselines"].items())
-    print(f"trained {spec.name}: test {metric} {m['test'][metric]:.4f} (baselines: {base}); best epoch {m['best_epoch']}")
+    test = m["test"][metric]
+    print(f"trained {spec.name}: test {metric} {test:.4f} (baselines: {base}); best epoch {m['best_epoch']}")
     if m["kfold"]:
         kf = m["kfold"]
         print(f"{kf['folds']}-fold validation {metric}: {kf['mean']:.4f} +/- {kf['std']:.4f}")

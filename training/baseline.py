@@ -124,9 +124,7 @@ def build_baseline(
         "input": input_name,
         "rows": len(x_train),
         "bins": bins,
-        "features": [
-            feature_reference(name, i, x_train[:, i], bins) for i, name in enumerate(feature_names)
-        ],
+        "features": [feature_reference(name, i, x_train[:, i], bins) for i, name in enumerate(feature_names)],
         "reference_sample": x_train[np.sort(take)].round(6).tolist(),
         "predictions": prediction_reference(task, val_outputs, class_labels),
     }

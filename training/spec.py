@@ -152,7 +152,7 @@ def _import_file(path: Path) -> ModuleType:
     sys.modules[module_name] = module
     try:
         spec.loader.exec_module(module)
-    except Exception as exc:  # noqa: BLE001 - any failure in user code is a bad spec
+    except Exception as exc:
         del sys.modules[module_name]
         raise SpecError(f"spec file {str(path)!r} failed to import: {type(exc).__name__}: {exc}") from exc
     return module
@@ -203,11 +203,15 @@ def check_dataset(data: Dataset, spec: TaskSpec) -> Dataset:
     x = np.asarray(data.x, dtype=np.float32)
     y = np.asarray(data.y)
     if x.ndim != 2 or x.shape[0] < 10:
-        raise SpecError(f"spec {spec.source!r}: features must be a 2-D array with at least 10 rows, got {x.shape}")
+        raise SpecError(
+            f"spec {spec.source!r}: features must be a 2-D array with at least 10 rows, got {x.shape}"
+        )
     if y.shape[:1] != x.shape[:1]:
         raise SpecError(f"spec {spec.source!r}: {x.shape[0]} feature rows but {y.shape[0]} targets")
     if len(data.feature_names) != x.shape[1]:
-        raise SpecError(f"spec {spec.source!r}: {x.shape[1]} features but {len(data.feature_names)} feature names")
+        raise SpecError(
+            f"spec {spec.source!r}: {x.shape[1]} features but {len(data.feature_names)} feature names"
+        )
     if not np.isfinite(x).all():
         raise SpecError(f"spec {spec.source!r}: features contain NaN or infinite values")
     if spec.task == "regression":

@@ -80,10 +80,12 @@ def build_compiled_model(spec: TaskSpec, x_train: np.ndarray, y_train: np.ndarra
         hparams["target_std"] = float(np.std(y_train)) or 1.0
     try:
         model = spec.build_model(normalizer, hparams)
-    except Exception as exc:  # noqa: BLE001 - user code
+    except Exception as exc:
         raise SpecError(f"spec {spec.source!r}: build_model failed: {type(exc).__name__}: {exc}") from exc
     if not isinstance(model, keras.Model):
-        raise SpecError(f"spec {spec.source!r}: build_model must return a keras.Model, got {type(model).__name__}")
+        raise SpecError(
+            f"spec {spec.source!r}: build_model must return a keras.Model, got {type(model).__name__}"
+        )
     _compile(model, spec)
     return model
 
@@ -101,15 +103,22 @@ def _cross_validate(
 
     metric = main_metric(spec.task)
     scores: list[float] = []
-    for k, (tr, va) in enumerate(kfold_indices(y, folds=folds, classification=spec.task != "regression", seed=seed)):
+    for k, (tr, va) in enumerate(
+        kfold_indices(y, folds=folds, classification=spec.task != "regression", seed=seed)
+    ):
         keras.utils.set_random_seed(seed + k)
         model = build_compiled_model(spec, x[tr], y[tr])
         stop = keras.callbacks.EarlyStopping(
             monitor="val_loss", patience=int(spec.hp("patience")), restore_best_weights=True
         )
         model.fit(
-            x[tr], y[tr], validation_data=(x[va], y[va]), epochs=epochs,
-            batch_size=int(spec.hp("batch_size")), callbacks=[stop], verbose=0,
+            x[tr],
+            y[tr],
+            validation_data=(x[va], y[va]),
+            epochs=epochs,
+            batch_size=int(spec.hp("batch_size")),
+            callbacks=[stop],
+            verbose=0,
         )
         fold_score = score(spec.task, y[va], model.predict(x[va], verbose=0))[metric]
         scores.append(fold_score)
@@ -195,7 +204,7 @@ def train(
         data = check_dataset(spec.load_data(), spec)
     except SpecError:
         raise
-    except Exception as exc:  # noqa: BLE001 - user code
+    except Exception as exc:
         raise SpecError(f"spec {spec.source!r}: load_data failed: {type(exc).__name__}: {exc}") from exc
     _prepare_out(out)
 
@@ -234,8 +243,12 @@ def train(
         epochs=epochs,
         batch_size=int(spec.hp("batch_size")),
         callbacks=standard_callbacks(
-            out, monitor="val_loss", mode="min", patience=int(spec.hp("patience")),
-            epochs=epochs, interactive=interactive,
+            out,
+            monitor="val_loss",
+            mode="min",
+            patience=int(spec.hp("patience")),
+            epochs=epochs,
+            interactive=interactive,
         ),
         verbose=verbose,
     )
@@ -279,8 +292,13 @@ def train(
         "versions": {"keras": keras.__version__, "tensorflow": _tf_version()},
     }
     baseline = build_baseline(
-        x_train=x_train, feature_names=data.feature_names, input_name=spec.input_name,
-        task=spec.task, val_outputs=val_outputs, class_labels=data.class_labels, seed=seed,
+        x_train=x_train,
+        feature_names=data.feature_names,
+        input_name=spec.input_name,
+        task=spec.task,
+        val_outputs=val_outputs,
+        class_labels=data.class_labels,
+        seed=seed,
     )
     _write_json(out / "metrics.json", metrics)
     _write_json(out / "run.json", run_info)

@@ -57,8 +57,14 @@ def test_prediction_reference_for_each_task():
 def test_baseline_sample_is_bounded_and_seeded():
     x = np.random.default_rng(0).normal(size=(3000, 3)).astype(np.float32)
     kwargs = dict(
-        x_train=x, feature_names=["a", "b", "c"], input_name="features", task="regression",
-        val_outputs=np.ones((10, 1)), class_labels=[], seed=5, sample_rows=200,
+        x_train=x,
+        feature_names=["a", "b", "c"],
+        input_name="features",
+        task="regression",
+        val_outputs=np.ones((10, 1)),
+        class_labels=[],
+        seed=5,
+        sample_rows=200,
     )
     a = build_baseline(**kwargs)
     b = build_baseline(**kwargs)

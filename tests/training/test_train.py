@@ -38,8 +38,16 @@ def test_regressor_beats_the_mean_predictor(train_run):
 
 
 def test_run_directory_holds_every_artefact(digits_run):
-    for name in ("model.keras", "metrics.json", "history.csv", "history.png", "baseline.json", "run.json",
-                 "split.npz", "checkpoint.keras"):
+    for name in (
+        "model.keras",
+        "metrics.json",
+        "history.csv",
+        "history.png",
+        "baseline.json",
+        "run.json",
+        "split.npz",
+        "checkpoint.keras",
+    ):
         assert (digits_run / name).is_file(), name
     assert any((digits_run / "tensorboard").rglob("events.out.tfevents.*"))
     assert (digits_run / "history.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -47,4 +47,3 @@ def build_model(normalizer: keras.layers.Layer, hparams: Mapping[str, Any]) -> k
         ],
         name="breast_cancer_mlp",
     )
-
