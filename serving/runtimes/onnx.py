@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import logging
 from collections.abc import Sequence
 from pathlib import Path
@@ -24,7 +25,22 @@ DEFAULT_PROVIDER_ORDER: tuple[str, ...] = (
 _GPU_PROVIDERS = frozenset({"TensorrtExecutionProvider", "CUDAExecutionProvider"})
 
 
-def choose_providers(available: Sequence[str], requested: Sequence[str] | None = None) -> list[str]:
+def has_nvidia_driver() -> bool:
+    """Whether the NVIDIA driver library loads, i.e. whether a GPU provider could work.
+
+    ``onnxruntime-gpu`` lists CUDA and TensorRT as available even on machines without a
+    GPU, then prints errors while falling back; asking first keeps CPU hosts quiet.
+    """
+    try:
+        ctypes.CDLL("libcuda.so.1")
+    except OSError:
+        return False
+    return True
+
+
+def choose_providers(
+    available: Sequence[str], requested: Sequence[str] | None = None, *, gpu: bool = True
+) -> list[str]:
     """The execution providers to ask ONNX Runtime for, in preference order.
 
     A pure function, so it is tested with made-up provider lists.
@@ -33,6 +49,9 @@ def choose_providers(available: Sequence[str], requested: Sequence[str] | None =
         available: What ``onnxruntime.get_available_providers()`` reports.
         requested: Providers from config, in preference order. Defaults to TensorRT,
             CUDA, CPU.
+        gpu: Whether a GPU driver is present. Without one, the GPU providers are left out
+            of the default order (an explicit ``requested`` list is kept as it is).
+            Defaults to True.
 
     Returns:
         The requested providers that are available, in the requested order.
@@ -45,7 +64,10 @@ def choose_providers(available: Sequence[str], requested: Sequence[str] | None =
     >>> choose_providers(["CUDAExecutionProvider", "CPUExecutionProvider"])
     ['CUDAExecutionProvider', 'CPUExecutionProvider']
     """
-    wanted = list(DEFAULT_PROVIDER_ORDER if requested is None else requested)
+    if requested is None:
+        wanted = [p for p in DEFAULT_PROVIDER_ORDER if gpu or p not in _GPU_PROVIDERS]
+    else:
+        wanted = list(requested)
     present = set(available)
     chosen = [p for p in dict.fromkeys(wanted) if p in present]
     if not chosen:
@@ -105,7 +127,11 @@ class OnnxRuntime(Runtime):
 
         if not self.path.is_file():
             raise FileNotFoundError(f"{self.path} does not exist")
-        providers = choose_providers(ort.get_available_providers(), self.requested_providers)
+        providers = choose_providers(
+            ort.get_available_providers(),
+            self.requested_providers,
+            gpu=self.requested_providers is not None or has_nvidia_driver(),
+        )
         options = ort.SessionOptions()
         # Provider fallbacks are reported below, once, in our own words.
         options.log_severity_level = 3
