@@ -11,6 +11,7 @@ import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from modelloop import __version__
 from modelloop.errors import ModelloopError
@@ -71,13 +72,28 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--repo", required=True, type=Path, metavar="REPO")
     export.add_argument("--name", default=None, help="model name (default: the spec's name)")
 
+    serve = sub.add_parser("serve", help="serve every model in a repository over REST and gRPC")
+    serve.add_argument("--repo", required=True, type=Path, metavar="REPO")
+    _add_server_arguments(serve)
+
     up = sub.add_parser("up", help="train and export digits if the repo is empty, then serve it")
     up.add_argument("--repo", type=Path, default=Path("models"), help="model repository (default: ./models)")
-    up.add_argument("--host", default="127.0.0.1")
-    up.add_argument("--rest-port", type=_port, default=8501)
-    up.add_argument("--grpc-port", type=_port, default=8500)
+    _add_server_arguments(up)
     up.add_argument("--epochs", type=_positive, default=None, help=argparse.SUPPRESS)
     return parser
+
+
+def _add_server_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1)")
+    parser.add_argument(
+        "--rest-port", type=_port, default=8501, help="REST port; 0 picks one"
+    )
+    parser.add_argument(
+        "--grpc-port", type=_port, default=8500, help="gRPC port; 0 picks one"
+    )
+    parser.add_argument("--poll-interval", type=float, default=None, help="seconds between repository polls")
+    parser.add_argument("--grace-period", type=float, default=None, help="seconds to drain on SIGTERM")
+    parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
 
 
 def _quiet_tensorflow() -> None:
@@ -119,19 +135,61 @@ def _cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_up(args: argparse.Namespace) -> int:
-    from modelloop.up import ensure_default_model
+def _serving_settings(args: argparse.Namespace) -> Any:
+    from pydantic import ValidationError
 
+    from modelloop.serving.settings import ServingSettings
+
+    overrides: dict[str, Any] = {
+        "repo": args.repo,
+        "host": args.host,
+        "rest_port": args.rest_port,
+        "grpc_port": args.grpc_port,
+    }
+    if args.poll_interval is not None:
+        overrides["poll_interval_s"] = args.poll_interval
+    if args.grace_period is not None:
+        overrides["grace_period_s"] = args.grace_period
+    try:
+        return ServingSettings(**overrides)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"])
+        raise ModelloopError(f"invalid setting {where}: {first['msg']}") from None
+
+
+def _setup_logging(level: str) -> None:
+    import logging
+
+    logging.basicConfig(
+        level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
+    )
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
     _quiet_tensorflow()
+    _setup_logging(args.log_level)
+    settings = _serving_settings(args)
+    from modelloop.serving.server import serve
+
+    return serve(settings)
+
+
+def _cmd_up(args: argparse.Namespace) -> int:
+    _quiet_tensorflow()
+    _setup_logging(args.log_level)
+    from modelloop.up import ensure_default_model, print_welcome
+
     published = ensure_default_model(args.repo, epochs=args.epochs)
     if published is not None:
-        print(f"published {published}")
-    else:
-        print(f"repository {args.repo} already holds models; nothing trained")
-    return 0
+        print(f"modelloop: published {published}", flush=True)
+    settings = _serving_settings(args)
+    from modelloop.serving.server import serve
+
+    return serve(settings, on_ready=print_welcome)
 
 
-COMMANDS = {"train": _cmd_train, "export": _cmd_export, "up": _cmd_up}
+COMMANDS = {"train": _cmd_train, "export": _cmd_export, "serve": _cmd_serve, "up": _cmd_up}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -2,12 +2,22 @@
 
 from __future__ import annotations
 
+import json
 import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from modelloop.serving.server import BoundAddresses
 
 from modelloop.export.publish import list_versions
 
 DEFAULT_SPEC = "digits"
+# The first image of scikit-learn's digits, a zero: what the printed curl line sends.
+SAMPLE_DIGIT = [
+    0, 0, 5, 13, 9, 1, 0, 0, 0, 0, 13, 15, 10, 15, 5, 0, 0, 3, 15, 2, 0, 11, 8, 0, 0, 4, 12, 0, 0, 8, 8, 0,
+    0, 5, 8, 0, 0, 9, 8, 0, 0, 4, 11, 0, 1, 12, 7, 0, 0, 2, 14, 5, 10, 12, 0, 0, 0, 0, 6, 13, 10, 0, 0, 0,
+]  # fmt: skip
 
 
 def repo_has_models(repo: Path) -> bool:
@@ -37,3 +47,27 @@ def ensure_default_model(repo: Path, *, epochs: int | None = None, seed: int = 4
         metric = run.metrics["main_metric"]
         print(f"trained {spec.name}: test {metric} {run.metrics['test'][metric]:.4f}")
         return export_run(run.run_dir, repo).version_dir
+
+
+def print_welcome(addresses: BoundAddresses) -> None:
+    """Prints the URLs of a running ``up`` and a ``curl`` line to paste."""
+    from modelloop.serving.server import print_addresses
+
+    print_addresses(addresses)
+    row = json.dumps({"instances": [SAMPLE_DIGIT]}, separators=(",", ":"))
+    base = addresses.rest_url
+    print(
+        f"""
+  TF Serving REST  {base}/v1/models/{DEFAULT_SPEC}
+  OIP V2 REST      {base}/v2/models/{DEFAULT_SPEC}
+  gRPC             {addresses.grpc_target}  (TF Serving PredictionService and OIP inference)
+  API docs         {base}/docs
+  metrics          {base}/metrics
+  status page      {base}/
+
+  curl -s -X POST {base}/v1/models/{DEFAULT_SPEC}:predict -H 'content-type: application/json' \\
+       -d '{row}'
+
+Ctrl-C drains and stops.""",
+        flush=True,
+    )

@@ -1,0 +1,207 @@
+"""The composition root: repository -> registry -> data plane -> REST and gRPC, one event loop.
+
+Everything is built here and passed in; nothing in the package builds its own
+dependencies or reads the environment per request. On SIGTERM or SIGINT the server turns
+readiness off, stops taking connections, lets the requests in flight finish within the
+grace period, unloads the models and returns 0.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import socket
+import sys
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import TextIO
+
+import uvicorn
+from prometheus_client import CollectorRegistry
+
+from modelloop.errors import ModelloopError
+from modelloop.serving.dataplane import DataPlane
+from modelloop.serving.grpc.server import bind_grpc_server, create_grpc_server
+from modelloop.serving.metrics import ServingMetrics
+from modelloop.serving.observer import InferenceObserver
+from modelloop.serving.registry import ModelRegistry
+from modelloop.serving.repository import ModelRepository
+from modelloop.serving.rest.app import create_app
+from modelloop.serving.settings import ServingSettings
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class BoundAddresses:
+    """Where the server listens, after port 0 has been resolved."""
+
+    host: str
+    rest_port: int
+    grpc_port: int
+
+    @property
+    def rest_url(self) -> str:
+        """Base URL of the REST port."""
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"http://{host}:{self.rest_port}"
+
+    @property
+    def grpc_target(self) -> str:
+        """``host:port`` of the gRPC port."""
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{host}:{self.grpc_port}"
+
+
+class _UvicornServer(uvicorn.Server):
+    """uvicorn without its own signal handling: the composition root owns SIGTERM/SIGINT.
+
+    uvicorn's handlers would re-raise the signal after shutdown and kill the process
+    before the gRPC server and the models are drained.
+    """
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+
+class ServerError(ModelloopError):
+    """The server cannot start: bad repository, address in use, bad settings."""
+
+
+def _bind_rest_socket(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        raise ServerError(f"cannot bind REST port {host}:{port}: {exc.strerror}") from exc
+    sock.listen(2048)
+    sock.setblocking(False)
+    return sock
+
+
+class ModelServer:
+    """One server process: REST and gRPC front ends over one data plane.
+
+    Args:
+        settings: Server settings.
+        observer: Receives every answered request (monitoring). Defaults to a no-op.
+        registry: Prometheus registry for ``/metrics``. Defaults to a fresh one.
+
+    Example:
+        >>> server = ModelServer(ServingSettings(repo=Path("models"), rest_port=0, grpc_port=0))
+        >>> asyncio.run(server.run())  # until SIGTERM
+    """
+
+    def __init__(
+        self,
+        settings: ServingSettings,
+        *,
+        observer: InferenceObserver | None = None,
+        registry: CollectorRegistry | None = None,
+    ) -> None:
+        if not settings.repo.is_dir():
+            raise ServerError(f"model repository {str(settings.repo)!r} does not exist or is not a directory")
+        self.settings = settings
+        self.prometheus = registry if registry is not None else CollectorRegistry()
+        self.metrics = ServingMetrics(self.prometheus)
+        self.models = ModelRegistry(ModelRepository(settings.repo), settings, metrics=self.metrics)
+        self.dataplane = DataPlane(self.models, self.metrics, observer=observer)
+        self.app = create_app(self.dataplane, settings, self.prometheus)
+        self._stop = asyncio.Event()
+        self.addresses: BoundAddresses | None = None
+
+    def request_stop(self) -> None:
+        """Asks the running server to drain and stop (what SIGTERM does)."""
+        self._stop.set()
+
+    async def run(self, on_ready: Callable[[BoundAddresses], None] | None = None) -> int:
+        """Starts everything, waits for a stop signal, drains, and returns the exit status.
+
+        Args:
+            on_ready: Called once both ports listen and the models are loaded.
+
+        Returns:
+            0 after a clean drain.
+
+        Raises:
+            ServerError: A port cannot be bound.
+        """
+        settings = self.settings
+        rest_sock = _bind_rest_socket(settings.host, settings.rest_port)
+        grpc_server = create_grpc_server(self.dataplane, settings)
+        try:
+            grpc_port = bind_grpc_server(grpc_server, settings.host, settings.grpc_port)
+        except OSError as exc:
+            rest_sock.close()
+            raise ServerError(str(exc)) from exc
+
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self.request_stop)
+
+        await self.dataplane.start()
+        await grpc_server.start()
+        config = uvicorn.Config(
+            self.app,
+            lifespan="off",
+            access_log=False,
+            log_level="warning",
+            timeout_graceful_shutdown=max(int(settings.grace_period_s), 1),
+            # The data plane bounds the work; this only caps sockets per process.
+            limit_concurrency=None,
+            h11_max_incomplete_event_size=64 * 1024,
+        )
+        rest = _UvicornServer(config)
+        rest_task = asyncio.create_task(rest.serve(sockets=[rest_sock]), name="rest")
+        while not rest.started and not rest_task.done():
+            await asyncio.sleep(0.01)
+        self.addresses = BoundAddresses(settings.host, rest_sock.getsockname()[1], grpc_port)
+        if on_ready is not None:
+            on_ready(self.addresses)
+
+        stop_task = asyncio.create_task(self._stop.wait())
+        await asyncio.wait({stop_task, rest_task}, return_when=asyncio.FIRST_COMPLETED)
+        logger.info("stopping: draining requests in flight (grace %.1f s)", settings.grace_period_s)
+        self.dataplane.draining = True
+        rest.should_exit = True
+        await asyncio.gather(
+            grpc_server.stop(settings.grace_period_s),
+            self.dataplane.drain(settings.grace_period_s),
+            rest_task,
+            return_exceptions=True,
+        )
+        stop_task.cancel()
+        await self.dataplane.stop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)
+        rest_sock.close()
+        logger.info("stopped")
+        return 0
+
+
+def print_addresses(addresses: BoundAddresses, stream: TextIO | None = None) -> None:
+    """Prints the bound ports in the lines tests and users read."""
+    out = stream if stream is not None else sys.stdout
+    print(f"modelloop: REST listening on {addresses.rest_url}", file=out)
+    print(f"modelloop: gRPC listening on {addresses.grpc_target}", file=out)
+    out.flush()
+
+
+def serve(settings: ServingSettings, on_ready: Callable[[BoundAddresses], None] | None = None) -> int:
+    """Builds a :class:`ModelServer` and runs it until SIGTERM or SIGINT.
+
+    Returns:
+        The process exit status.
+    """
+
+    async def main() -> int:
+        server = ModelServer(settings)
+        return await server.run(on_ready or print_addresses)
+
+    return asyncio.run(main())
