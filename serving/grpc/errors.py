@@ -1,0 +1,71 @@
+"""Maps the core's neutral error codes to gRPC status codes.
+
+The only place in the gRPC edge that knows both vocabularies. ``ErrorCode`` is named
+after the canonical gRPC codes, so most map one to one; the two HTTP-flavoured codes
+map to their gRPC meaning: a body over the size limit is RESOURCE_EXHAUSTED (what gRPC
+itself answers for an oversized message), a wrong content type is INVALID_ARGUMENT.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from types import MappingProxyType
+from typing import NoReturn
+
+import grpc
+
+from modelloop.serving.errors import ErrorCode, ServingError
+
+STATUS_CODES: MappingProxyType[ErrorCode, grpc.StatusCode] = MappingProxyType(
+    {
+        ErrorCode.INVALID_ARGUMENT: grpc.StatusCode.INVALID_ARGUMENT,
+        ErrorCode.NOT_FOUND: grpc.StatusCode.NOT_FOUND,
+        ErrorCode.FAILED_PRECONDITION: grpc.StatusCode.FAILED_PRECONDITION,
+        ErrorCode.RESOURCE_EXHAUSTED: grpc.StatusCode.RESOURCE_EXHAUSTED,
+        ErrorCode.UNIMPLEMENTED: grpc.StatusCode.UNIMPLEMENTED,
+        ErrorCode.UNAVAILABLE: grpc.StatusCode.UNAVAILABLE,
+        ErrorCode.UNAUTHENTICATED: grpc.StatusCode.UNAUTHENTICATED,
+        ErrorCode.PERMISSION_DENIED: grpc.StatusCode.PERMISSION_DENIED,
+        ErrorCode.DEADLINE_EXCEEDED: grpc.StatusCode.DEADLINE_EXCEEDED,
+        ErrorCode.CANCELLED: grpc.StatusCode.CANCELLED,
+        ErrorCode.PAYLOAD_TOO_LARGE: grpc.StatusCode.RESOURCE_EXHAUSTED,
+        ErrorCode.UNSUPPORTED_MEDIA_TYPE: grpc.StatusCode.INVALID_ARGUMENT,
+        ErrorCode.INTERNAL: grpc.StatusCode.INTERNAL,
+    }
+)
+
+
+def status_code(code: ErrorCode) -> grpc.StatusCode:
+    """The gRPC status code of a neutral error code.
+
+    Args:
+        code: The core's error code.
+
+    Returns:
+        The status code; INTERNAL for a code with no mapping.
+
+    Example:
+
+    >>> status_code(ErrorCode.PAYLOAD_TOO_LARGE)
+    <StatusCode.RESOURCE_EXHAUSTED: (8, 'resource exhausted')>
+    """
+    return STATUS_CODES.get(code, grpc.StatusCode.INTERNAL)
+
+
+async def abort(
+    context: grpc.aio.ServicerContext,
+    error: ServingError,
+    trailing_metadata: Sequence[tuple[str, str]] = (),
+) -> NoReturn:
+    """Ends the call with the status of ``error`` and its message.
+
+    Args:
+        context: The call's context.
+        error: The core's error; its message names the problem and goes to the client.
+        trailing_metadata: Extra trailing metadata, e.g. the request id. Defaults to ``()``.
+
+    Raises:
+        grpc.aio.AbortError: Always; grpc turns it into the status the client sees.
+    """
+    await context.abort(status_code(error.code), error.message, trailing_metadata=tuple(trailing_metadata))
+    raise AssertionError("context.abort returned")  # pragma: no cover - abort always raises

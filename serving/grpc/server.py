@@ -1,0 +1,108 @@
+"""Builds the gRPC server: both TF Serving services, the OIP service, health and reflection.
+
+The composition root calls :func:`create_grpc_server`, then :func:`bind_grpc_server`,
+then ``await server.start()``; stopping and draining are its business too.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from tensorflow_serving.apis import (
+    model_service_pb2,
+    model_service_pb2_grpc,
+    prediction_service_pb2,
+    prediction_service_pb2_grpc,
+)
+
+from modelloop.serving.grpc.servicers import (
+    DataPlaneAPI,
+    GRPCInferenceServiceServicer,
+    HealthServicer,
+    ModelServiceServicer,
+    PredictionServiceServicer,
+)
+from modelloop.serving.protos import grpc_service_pb2, grpc_service_pb2_grpc
+
+if TYPE_CHECKING:
+    from modelloop.serving.settings import ServingSettings
+
+PREDICTION_SERVICE = prediction_service_pb2.DESCRIPTOR.services_by_name["PredictionService"].full_name
+MODEL_SERVICE = model_service_pb2.DESCRIPTOR.services_by_name["ModelService"].full_name
+INFERENCE_SERVICE = grpc_service_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
+HEALTH_SERVICE = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
+
+
+def create_grpc_server(dataplane: DataPlaneAPI, settings: ServingSettings) -> grpc.aio.Server:
+    """Creates the gRPC server, unstarted and unbound.
+
+    It serves ``tensorflow.serving.PredictionService``, ``tensorflow.serving.ModelService``,
+    ``inference.GRPCInferenceService``, ``grpc.health.v1.Health`` and server reflection
+    for all of them. Call it from inside the running event loop (grpc.aio binds the
+    server to the current loop).
+
+    Args:
+        dataplane: The data plane every handler calls.
+        settings: Server settings; reads ``grpc_max_message_bytes`` (both directions)
+            and ``admin_token`` (for the OIP repository load/unload RPCs).
+
+    Returns:
+        The server; bind it with :func:`bind_grpc_server`, then ``await server.start()``.
+
+    Example:
+
+    ```python
+    server = create_grpc_server(dataplane, settings)
+    port = bind_grpc_server(server, settings.host, settings.grpc_port)
+    await server.start()
+    ```
+    """
+    limit = int(settings.grpc_max_message_bytes)
+    server = grpc.aio.server(
+        options=[
+            ("grpc.max_receive_message_length", limit),
+            ("grpc.max_send_message_length", limit),
+            # grpc sets SO_REUSEPORT by default, which lets a second server silently share
+            # a fixed port with the first; we want "address in use" instead.
+            ("grpc.so_reuseport", 0),
+        ]
+    )
+    admin_token = settings.admin_token.get_secret_value() if settings.admin_token is not None else None
+    prediction_service_pb2_grpc.add_PredictionServiceServicer_to_server(
+        PredictionServiceServicer(dataplane), server
+    )
+    model_service_pb2_grpc.add_ModelServiceServicer_to_server(ModelServiceServicer(dataplane), server)
+    grpc_service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(
+        GRPCInferenceServiceServicer(dataplane, admin_token), server
+    )
+    services = (PREDICTION_SERVICE, MODEL_SERVICE, INFERENCE_SERVICE)
+    health_pb2_grpc.add_HealthServicer_to_server(HealthServicer(dataplane, services), server)
+    reflection.enable_server_reflection((*services, HEALTH_SERVICE, reflection.SERVICE_NAME), server)
+    return server
+
+
+def bind_grpc_server(server: grpc.aio.Server, host: str, port: int) -> int:
+    """Binds an insecure listening port and returns the port actually bound.
+
+    Args:
+        server: A server from :func:`create_grpc_server`, not yet started.
+        host: Interface to listen on (``127.0.0.1``, ``0.0.0.0``, ``::1``).
+        port: Port number; 0 picks a free one.
+
+    Returns:
+        The bound port (the picked one when ``port`` is 0).
+
+    Raises:
+        OSError: The address cannot be bound (in use, bad host).
+    """
+    address = f"[{host}]:{port}" if ":" in host and not host.startswith("[") else f"{host}:{port}"
+    try:
+        bound = server.add_insecure_port(address)
+    except RuntimeError as error:
+        raise OSError(f"cannot bind gRPC server to {address}: {error}") from error
+    if bound == 0:
+        raise OSError(f"cannot bind gRPC server to {address}")
+    return bound
