@@ -117,7 +117,7 @@ async def test_labels_resolve_to_their_version(tmp_path: Path) -> None:
     assert await run(registry, label="stable") == 100.0
     assert await run(registry, label="canary") == 200.0
     assert registry.version_labels("m") == {"stable": 1, "canary": 2}
-    with pytest.raises(ModelNotFound, match="no version label 'beta'.*canary, stable"):
+    with pytest.raises(ModelNotFound, match=r"no version label 'beta'.*canary, stable"):
         registry.resolve("m", label="beta")
     await registry.stop()
 
@@ -126,7 +126,7 @@ async def test_unknown_model_and_version(tmp_path: Path) -> None:
     write_fake_version(tmp_path, "m", 1)
     registry, _ = make_registry(tmp_path)
     await registry.poll()
-    with pytest.raises(ModelNotFound, match="model 'nope' not found.*models: m"):
+    with pytest.raises(ModelNotFound, match=r"model 'nope' not found.*models: m"):
         registry.resolve("nope")
     with pytest.raises(ModelNotFound, match="no loaded version 5"):
         registry.resolve("m", version=5)

@@ -39,7 +39,9 @@ def test_reads_metadata(tmp_path: Path) -> None:
     path = write_fake_version(tmp_path, "m", 3, features=4)
     meta = ModelRepository.read_metadata(path, "m", 3, "onnxruntime_onnx")
     assert meta.name == "m" and meta.version == 3 and meta.platform == "onnxruntime_onnx"
-    assert meta.inputs[0].name == "x" and meta.inputs[0].dtype == np.float32 and meta.inputs[0].shape == (-1, 4)
+    assert (
+        meta.inputs[0].name == "x" and meta.inputs[0].dtype == np.float32 and meta.inputs[0].shape == (-1, 4)
+    )
     assert [o.name for o in meta.outputs] == ["sum", "echo"]
     assert meta.task == "regression" and meta.extra == {}
 

@@ -1,0 +1,341 @@
+"""DataPlane: resolution, validation errors, outputs, metrics, observer and lifecycle."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+from prometheus_client import CollectorRegistry
+from pydantic import SecretStr
+
+from modelloop.serving.dataplane import DataPlane, cast_input
+from modelloop.serving.errors import InferenceFailed, InvalidInput, ModelNotFound, ModelNotReady, QueueFull
+from modelloop.serving.metrics import ServingMetrics
+from modelloop.serving.registry import ModelRegistry
+from modelloop.serving.repository import ModelRepository
+from modelloop.serving.settings import ServingSettings
+from modelloop.serving.types import InferRequest, InferResponse, ModelState, Protocol, TensorSpec
+
+from .fakes import ErrorRuntime, FakeRuntime, SlowRuntime, write_fake_version
+from .test_registry import Factory, write_config
+
+
+class RecordingObserver:
+    def __init__(self) -> None:
+        self.seen: list[tuple[InferRequest, InferResponse]] = []
+
+    def observe(self, request: InferRequest, response: InferResponse) -> None:
+        self.seen.append((request, response))
+
+
+def request(x: object, **kwargs: object) -> InferRequest:
+    fields: dict[str, object] = {"model": "m", "inputs": {"x": np.asarray(x)}, "protocol": Protocol.V2_REST}
+    fields.update(kwargs)
+    return InferRequest(**fields)  # type: ignore[arg-type]
+
+
+async def make_plane(
+    repo: Path, factory: Factory | None = None, **settings: object
+) -> tuple[DataPlane, CollectorRegistry, RecordingObserver]:
+    prom = CollectorRegistry()
+    metrics = ServingMetrics(prom)
+    registry = ModelRegistry(
+        ModelRepository(repo),
+        ServingSettings(repo=repo, poll_interval_s=3600, **settings),
+        metrics=metrics,
+        runtime_factory=factory or Factory(),
+    )
+    observer = RecordingObserver()
+    plane = DataPlane(registry, metrics, observer=observer)
+    await plane.start()
+    return plane, prom, observer
+
+
+@pytest.fixture
+async def plane(tmp_path: Path) -> AsyncIterator[tuple[DataPlane, CollectorRegistry, RecordingObserver]]:
+    write_fake_version(tmp_path, "m", 1)
+    write_fake_version(tmp_path, "m", 2)
+    write_config(tmp_path, "m", {"version_policy": {"all": {}}, "version_labels": {"stable": 1}})
+    made = await make_plane(tmp_path, batching={"max_batch_size": 4, "batch_timeout_micros": 0})
+    yield made
+    await made[0].stop()
+
+
+async def test_infer_latest_version_and_label(
+    plane: tuple[DataPlane, CollectorRegistry, RecordingObserver],
+) -> None:
+    dp, prom, observer = plane
+    response = await dp.infer(request([[1, 2, 3], [4, 5, 6]]))
+    assert response.model == "m" and response.version == 2
+    np.testing.assert_allclose(response.outputs["sum"], [[206.0], [215.0]])
+    assert list(response.outputs) == ["sum", "echo"]
+    assert len(response.id) == 32
+    pinned = await dp.infer(request([[1, 1, 1]], version=1, id="abc"))
+    assert pinned.version == 1 and pinned.id == "abc"
+    labelled = await dp.infer(request([[1, 1, 1]], label="stable"))
+    assert labelled.version == 1
+    ok = {"model": "m", "version": "2", "protocol": "v2_rest", "code": "OK"}
+    assert prom.get_sample_value("modelloop_requests_total", ok) == 1
+    assert (
+        prom.get_sample_value(
+            "modelloop_request_duration_seconds_count", {"model": "m", "version": "1", "protocol": "v2_rest"}
+        )
+        == 2
+    )
+    # The observer sees the cast inputs (ints became float32) and the response.
+    seen_request, seen_response = observer.seen[0]
+    assert seen_request.inputs["x"].dtype == np.float32 and seen_response is response
+
+
+async def test_requested_outputs(plane: tuple[DataPlane, CollectorRegistry, RecordingObserver]) -> None:
+    dp, _, _ = plane
+    response = await dp.infer(request([[1.0, 2.0, 3.0]], outputs=["echo"]))
+    assert list(response.outputs) == ["echo"]
+    with pytest.raises(
+        InvalidInput, match="unknown output 'nope' for model 'm'; its outputs are 'sum', 'echo'"
+    ):
+        await dp.infer(request([[1.0, 2.0, 3.0]], outputs=["nope"]))
+
+
+@pytest.mark.parametrize(
+    ("req", "error", "message"),
+    [
+        (request([[1, 2, 3]], model="zzz"), ModelNotFound, "model 'zzz' not found"),
+        (request([[1, 2, 3]], version=9), ModelNotFound, "model 'm' has no loaded version 9"),
+        (request([[1, 2, 3]], label="beta"), ModelNotFound, "no version label 'beta'"),
+        (request([[1, 2, 3]], signature_name="other"), ModelNotFound, "no signature 'other'"),
+        (InferRequest("m", {"y": np.ones((1, 3))}, Protocol.V2_REST), InvalidInput, "unknown input 'y'.*'x'"),
+        (InferRequest("m", {}, Protocol.V2_REST), InvalidInput, "has no inputs; model 'm' expects 'x'"),
+        (
+            InferRequest("m", {"x": np.ones((1, 3)), "y": np.ones((1, 3))}, Protocol.V2_REST),
+            InvalidInput,
+            "unknown input 'y'",
+        ),
+        (request([["a", "b", "c"]]), InvalidInput, "dtype <U1|dtype str"),
+        (request([[True, False, True]]), InvalidInput, "booleans are not numbers"),
+        (request(np.array([[None, 1, 2]], dtype=object)), InvalidInput, "dtype object"),
+        (
+            request([1.0, 2.0, 3.0]),
+            InvalidInput,
+            r"shape \[3\] \(rank 1\); model 'm' expects rank 2, shape \[-1, 3\]",
+        ),
+        (request([[1.0, 2.0]]), InvalidInput, r"has 2 features \(shape \[1, 2\]\); model 'm' expects 3"),
+        (request(np.zeros((0, 3))), InvalidInput, "empty batch"),
+        (request(np.zeros((5, 3))), InvalidInput, "batch of 5 rows; model 'm' takes at most 4"),
+    ],
+    ids=lambda v: v if isinstance(v, str) else None,
+)
+async def test_bad_requests_raise_the_right_error(
+    plane: tuple[DataPlane, CollectorRegistry, RecordingObserver],
+    req: InferRequest,
+    error: type,
+    message: str,
+) -> None:
+    dp, prom, observer = plane
+    with pytest.raises(error, match=message):
+        await dp.infer(req)
+    assert observer.seen == []
+    code = error.code.value
+    model = "m" if req.model == "m" else ""  # unknown names never become label values
+    total = sum(
+        prom.get_sample_value(
+            "modelloop_requests_total", {"model": model, "version": v, "protocol": "v2_rest", "code": code}
+        )
+        or 0
+        for v in ("", "1", "2")
+    )
+    assert total == 1
+
+
+def test_cast_input_rules() -> None:
+    f32 = TensorSpec("x", np.dtype("float32"), (-1, 2))
+    i8 = TensorSpec("x", np.dtype("int8"), (-1, 2))
+    assert cast_input(np.array([[1, 2]], np.int64), f32, "m").dtype == np.float32
+    assert cast_input(np.array([[1.5, 2]], np.float64), f32, "m").dtype == np.float32
+    assert cast_input(np.array([[1, 2]], np.int64), i8, "m").dtype == np.int8
+    with pytest.raises(InvalidInput, match="do not fit in int8"):
+        cast_input(np.array([[1, 300]], np.int64), i8, "m")
+    with pytest.raises(InvalidInput, match="cannot be cast without loss"):
+        cast_input(np.array([[1.5, 2]]), i8, "m")
+
+
+async def test_inputs_with_different_batch_sizes(tmp_path: Path) -> None:
+    import json
+
+    path = write_fake_version(tmp_path, "two", 1)
+    meta = json.loads((path / "model.json").read_text())
+    meta["inputs"].append({"name": "z", "dtype": "float32", "shape": [-1, 1]})
+    (path / "model.json").write_text(json.dumps(meta))
+    dp, _, _ = await make_plane(tmp_path)
+    with pytest.raises(InvalidInput, match="must share their batch size; got 2 and 1 rows"):
+        await dp.infer(InferRequest("two", {"x": np.ones((2, 3)), "z": np.ones((1, 1))}, Protocol.V2_GRPC))
+    with pytest.raises(InvalidInput, match="missing input 'z'"):
+        await dp.infer(InferRequest("two", {"x": np.ones((2, 3))}, Protocol.V2_GRPC))
+    await dp.stop()
+
+
+async def test_runtime_error_is_inference_failed(tmp_path: Path) -> None:
+    write_fake_version(tmp_path, "m", 1)
+
+    class FailsAfterWarmup(ErrorRuntime):
+        def load(self) -> None:
+            self.warm = True
+
+        def predict(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+            if self.warm:
+                self.warm = False
+                return FakeRuntime.predict(self, inputs)
+            return super().predict(inputs)
+
+    dp, prom, _ = await make_plane(tmp_path, Factory({1: FailsAfterWarmup}))
+    with pytest.raises(InferenceFailed, match="boom"):
+        await dp.infer(request([[1, 2, 3]]))
+    labels = {"model": "m", "version": "1", "protocol": "v2_rest", "code": "INTERNAL"}
+    assert prom.get_sample_value("modelloop_requests_total", labels) == 1
+    await dp.stop()
+
+
+async def test_queue_full_is_reported(tmp_path: Path) -> None:
+    write_fake_version(tmp_path, "m", 1)
+    slow = SlowRuntime()
+    slow.release.set()
+    dp, _, _ = await make_plane(
+        tmp_path,
+        Factory({1: lambda m: slow}),
+        batching={"max_batch_size": 1, "max_enqueued_batches": 1, "batch_timeout_micros": 0},
+    )
+    slow.release.clear()
+    slow.started.clear()
+    first = asyncio.ensure_future(dp.infer(request([[1, 2, 3]])))
+    await asyncio.to_thread(slow.started.wait, 5)
+    second = asyncio.ensure_future(dp.infer(request([[1, 2, 3]])))
+    await asyncio.sleep(0.01)
+    with pytest.raises(QueueFull):
+        await dp.infer(request([[1, 2, 3]]))
+    slow.release.set()
+    await asyncio.gather(first, second)
+    await dp.stop()
+
+
+async def test_status_ready_and_index(plane: tuple[DataPlane, CollectorRegistry, RecordingObserver]) -> None:
+    dp, _, _ = plane
+    assert dp.live() and dp.ready()
+    assert [(s.version, s.state) for s in dp.model_status("m")] == [
+        (1, ModelState.AVAILABLE),
+        (2, ModelState.AVAILABLE),
+    ]
+    assert [s.version for s in dp.model_status("m", label="stable")] == [1]
+    assert [s.version for s in dp.model_status("m", version=2)] == [2]
+    with pytest.raises(ModelNotFound):
+        dp.model_status("m", version=7)
+    with pytest.raises(ModelNotFound):
+        dp.model_status("m", label="nope")
+    with pytest.raises(ModelNotFound):
+        dp.model_status("zzz")
+    assert dp.model_ready("m") and dp.model_ready("m", version=1) and dp.model_ready("m", label="stable")
+    assert dp.metadata("m").version == 2 and dp.metadata("m", label="stable").version == 1
+    assert dp.model_names() == ["m"]
+    assert dp.version_labels("m") == {"stable": 1}
+    assert [r["version"] for r in dp.repository_index()] == ["1", "2"]
+    meta = dp.server_metadata()
+    assert meta["name"] == "modelloop" and meta["extensions"] == ["binary_tensor_data"]
+    await dp.unload_model("m")
+    assert dp.ready()  # unloaded models do not count against readiness
+    assert not dp.model_ready("m")
+    await dp.load_model("m")
+    assert dp.model_ready("m")
+
+
+async def test_not_ready_while_a_model_has_no_available_version(tmp_path: Path) -> None:
+    (tmp_path / "m" / "1").mkdir(parents=True)  # no model.json: FAILED
+    dp, _, _ = await make_plane(tmp_path, admin_token=SecretStr("t"))
+    assert not dp.ready()
+    assert not dp.model_ready("m")
+    with pytest.raises(ModelNotReady, match=r"model.json is missing"):
+        await dp.infer(request([[1, 2, 3]]))
+    assert "model_repository" in dp.server_metadata()["extensions"]
+    await dp.stop()
+
+
+async def test_drain_waits_for_in_flight_then_rejects(tmp_path: Path) -> None:
+    write_fake_version(tmp_path, "m", 1)
+    slow = SlowRuntime()
+    slow.release.set()
+    dp, _, _ = await make_plane(tmp_path, Factory({1: lambda m: slow}))
+    slow.release.clear()
+    slow.started.clear()
+    in_flight = asyncio.ensure_future(dp.infer(request([[1, 2, 3]])))
+    await asyncio.to_thread(slow.started.wait, 5)
+    drain = asyncio.ensure_future(dp.drain(grace_s=5))
+    await asyncio.sleep(0.02)
+    assert dp.draining and not dp.ready() and not drain.done()
+    with pytest.raises(ModelNotReady, match="shutting down"):
+        await dp.infer(request([[1, 2, 3]]))
+    slow.release.set()
+    await drain
+    assert (await in_flight).version == 1
+    await dp.stop()
+    assert not dp.live()
+
+
+async def test_drain_gives_up_after_the_grace_period(tmp_path: Path) -> None:
+    write_fake_version(tmp_path, "m", 1)
+    slow = SlowRuntime()
+    slow.release.set()
+    dp, _, _ = await make_plane(tmp_path, Factory({1: lambda m: slow}))
+    slow.release.clear()
+    in_flight = asyncio.ensure_future(dp.infer(request([[1, 2, 3]])))
+    await asyncio.sleep(0.02)
+    await dp.drain(grace_s=0.05)
+    slow.release.set()
+    await in_flight
+    await dp.stop()
+
+
+async def test_observer_errors_never_fail_a_request(tmp_path: Path) -> None:
+    write_fake_version(tmp_path, "m", 1)
+    dp, _, _ = await make_plane(tmp_path)
+
+    class Broken:
+        def observe(self, request: InferRequest, response: InferResponse) -> None:
+            raise RuntimeError("store down")
+
+    dp.observer = Broken()
+    assert (await dp.infer(request([[1, 2, 3]]))).version == 1
+    await dp.stop()
+
+
+async def test_rejected_requests_are_counted(
+    plane: tuple[DataPlane, CollectorRegistry, RecordingObserver],
+) -> None:
+    dp, prom, _ = plane
+    dp.observe_rejected("m", Protocol.TFSERVING_REST, "INVALID_ARGUMENT", 0.001)
+    dp.observe_rejected("made-up", Protocol.TFSERVING_REST, "INVALID_ARGUMENT", 0.001)
+    for model in ("m", ""):
+        labels = {"model": model, "version": "", "protocol": "tfserving_rest", "code": "INVALID_ARGUMENT"}
+        assert prom.get_sample_value("modelloop_requests_total", labels) == 1
+
+
+async def test_digits_end_to_end(digits_repo: Path) -> None:
+    dp, _, _ = await _digits_plane(digits_repo)
+    rows = np.tile(np.arange(64, dtype=np.float64) % 17, (3, 1))  # JSON numbers decode to float64
+    response = await dp.infer(InferRequest("digits", {"pixels": rows}, Protocol.TFSERVING_GRPC))
+    probabilities = response.outputs["probabilities"]
+    assert probabilities.shape == (3, 10) and probabilities.dtype == np.float32
+    np.testing.assert_allclose(probabilities.sum(axis=1), 1.0, atol=1e-5)
+    with pytest.raises(InvalidInput, match="has 63 features"):
+        await dp.infer(InferRequest("digits", {"pixels": rows[:, :63]}, Protocol.TFSERVING_GRPC))
+    await dp.stop()
+
+
+async def _digits_plane(repo: Path) -> tuple[DataPlane, CollectorRegistry, RecordingObserver]:
+    prom = CollectorRegistry()
+    metrics = ServingMetrics(prom)
+    settings = ServingSettings(repo=repo, poll_interval_s=3600, onnx_providers=["CPUExecutionProvider"])
+    registry = ModelRegistry(ModelRepository(repo), settings, metrics=metrics)
+    plane = DataPlane(registry, metrics)
+    await plane.start()
+    return plane, prom, RecordingObserver()
