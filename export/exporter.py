@@ -22,7 +22,7 @@ from modelloop.export.metadata import (
 from modelloop.export.onnx import MIN_OPSET, export_onnx
 from modelloop.export.publish import PublishError, publish_version, staging_dir, validate_model_name
 from modelloop.export.saved_model import export_saved_model
-from modelloop.export.verify import DEFAULT_ATOL, ParityReport, verify_export
+from modelloop.export.verify import DEFAULT_ATOL, DEFAULT_RTOL, ParityReport, verify_export
 
 REQUIRED_RUN_FILES = ("model.keras", "run.json", "metrics.json", "baseline.json", "split.npz")
 
@@ -103,6 +103,7 @@ def export_run(
     name: str | None = None,
     opset: int = MIN_OPSET,
     atol: float = DEFAULT_ATOL,
+    rtol: float = DEFAULT_RTOL,
 ) -> ExportResult:
     """Exports a run to SavedModel and ONNX, checks parity, and publishes the next version.
 
@@ -111,7 +112,8 @@ def export_run(
         repo: The model repository root; created if missing.
         name: Model name in the repository. Defaults to the spec's name.
         opset: ONNX opset. Defaults to 17.
-        atol: Parity tolerance. Defaults to 1e-5.
+        atol: Absolute parity tolerance. Defaults to 1e-5.
+        rtol: Relative parity tolerance. Defaults to 1e-6.
 
     Returns:
         The published version.
@@ -153,6 +155,7 @@ def export_run(
             input_name=input_name,
             output_name=output_name,
             atol=atol,
+            rtol=rtol,
         )
         if not parity.passed:
             raise ExportError(f"parity check failed, nothing published: {parity.summary()}")

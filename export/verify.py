@@ -9,6 +9,11 @@ from typing import Any
 import numpy as np
 
 DEFAULT_ATOL = 1e-5
+# float32 carries about 7 significant digits: a regressor's output of 250 cannot be
+# compared to 1e-5 absolutely (its spacing there is 1.5e-5). The bound is
+# |a - b| <= atol + rtol * |b|, so outputs in [0, 1] (probabilities) keep an effective
+# absolute bound of 1.1e-5 and large outputs get a few float32 ulps.
+DEFAULT_RTOL = 1e-6
 DEFAULT_BATCH_SIZES = (1, 64)
 
 
@@ -17,8 +22,9 @@ class ParityReport:
     """Largest absolute differences between the three forms of one model.
 
     Attributes:
-        passed: Every difference is within ``atol``.
-        atol: The tolerance.
+        passed: Every difference is within ``atol + rtol * |reference|``.
+        atol: The absolute tolerance.
+        rtol: The relative tolerance.
         batch_sizes: Batch sizes the rows were sent in.
         rows: Rows compared at each batch size.
         max_abs_diff: Per pair (``keras_vs_saved_model``, ``keras_vs_onnx``,
@@ -28,6 +34,7 @@ class ParityReport:
 
     passed: bool
     atol: float
+    rtol: float
     batch_sizes: list[int]
     rows: dict[str, int]
     max_abs_diff: dict[str, float]
@@ -40,7 +47,7 @@ class ParityReport:
     def summary(self) -> str:
         """One line with the worst difference of each pair."""
         diffs = ", ".join(f"{k}={v:.3g}" for k, v in self.max_abs_diff.items())
-        return f"max abs diff {diffs} (atol {self.atol:g})"
+        return f"max abs diff {diffs} (atol {self.atol:g}, rtol {self.rtol:g})"
 
 
 def _batches(x: np.ndarray, size: int) -> list[np.ndarray]:
@@ -56,6 +63,7 @@ def verify_export(
     input_name: str,
     output_name: str,
     atol: float = DEFAULT_ATOL,
+    rtol: float = DEFAULT_RTOL,
     batch_sizes: tuple[int, ...] = DEFAULT_BATCH_SIZES,
     single_rows: int = 16,
 ) -> ParityReport:
@@ -68,12 +76,14 @@ def verify_export(
         rows: Real input rows (test split), float32 ``[n, n_features]``.
         input_name: Served input name.
         output_name: Served output name.
-        atol: Largest absolute difference allowed. Defaults to 1e-5.
+        atol: Absolute part of the allowed difference. Defaults to 1e-5.
+        rtol: Relative part of the allowed difference. Defaults to 1e-6.
         batch_sizes: Batch sizes to compare at. Defaults to (1, 64).
         single_rows: Rows sent one at a time for batch size 1. Defaults to 16.
 
     Returns:
-        The report; ``passed`` is False if any difference exceeds ``atol``.
+        The report; ``passed`` is False if any difference exceeds
+        ``atol + rtol * |reference|``, the reference being the first of each pair.
     """
     import onnxruntime as ort
     import tensorflow as tf
@@ -84,6 +94,7 @@ def verify_export(
     session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
     pairs = ("keras_vs_saved_model", "keras_vs_onnx", "saved_model_vs_onnx")
     worst = dict.fromkeys(pairs, 0.0)
+    passed = True
     per_size: dict[str, dict[str, float]] = {}
     counted: dict[str, int] = {}
     x = np.asarray(rows, dtype=np.float32)
@@ -96,13 +107,15 @@ def verify_export(
             o = session.run([output_name], {input_name: batch})[0]
             for pair, (a, b) in zip(pairs, ((k, s), (k, o), (s, o)), strict=True):
                 diffs[pair] = max(diffs[pair], float(np.max(np.abs(a - b))))
+                passed = passed and bool(np.all(np.abs(a - b) <= atol + rtol * np.abs(a)))
         per_size[str(size)] = diffs
         counted[str(size)] = len(sample)
         for pair in pairs:
             worst[pair] = max(worst[pair], diffs[pair])
     return ParityReport(
-        passed=all(v <= atol for v in worst.values()),
+        passed=passed,
         atol=atol,
+        rtol=rtol,
         batch_sizes=list(batch_sizes),
         rows=counted,
         max_abs_diff=worst,

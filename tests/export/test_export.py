@@ -106,6 +106,15 @@ def test_each_keras_api_exports_with_parity(train_run, tmp_path, api):
     assert len(meta["outputs"][0]["shape"]) == 2
 
 
+@pytest.mark.slow
+def test_regressor_in_score_units_passes_parity(train_run, tmp_path):
+    result = export_run(train_run("diabetes"), tmp_path / "repo")
+    meta = json.loads((result.version_dir / "model.json").read_text())
+    assert meta["parity"]["passed"] is True
+    assert meta["parity"]["rtol"] == 1e-6
+    assert meta["outputs"] == [{"name": "prediction", "dtype": "float32", "shape": [-1, 1]}]
+
+
 def test_next_export_gets_the_next_version(digits_repo, digits_run, tmp_path):
     repo = tmp_path / "repo"
     shutil.copytree(digits_repo, repo)
@@ -120,7 +129,7 @@ def test_next_export_gets_the_next_version(digits_repo, digits_run, tmp_path):
 def test_failed_parity_publishes_nothing(digits_run, tmp_path):
     repo = tmp_path / "repo"
     with pytest.raises(ExportError, match=r"parity check failed, nothing published: max abs diff keras_vs_"):
-        export_run(digits_run, repo, atol=1e-12)
+        export_run(digits_run, repo, atol=1e-12, rtol=0.0)
     assert _version_dirs(repo) == []
     assert not any((repo / ".staging").iterdir())
 

@@ -15,7 +15,7 @@ NAME = "diabetes"
 TASK = "regression"
 INPUT_NAME = "features"
 OUTPUT_NAME = "prediction"
-HPARAMS = {"epochs": 200, "dropout": 0.1, "l2": 1e-3, "patience": 20, "learning_rate": 3e-3}
+HPARAMS = {"epochs": 300, "dropout": 0.1, "l2": 1e-3, "patience": 20, "learning_rate": 3e-4}
 
 
 def load_data() -> Dataset:
