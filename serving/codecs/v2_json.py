@@ -91,9 +91,10 @@ def decode_infer_request(
     Raises:
         InvalidInput: The body is malformed; the message names the problem.
     """
-    if header_length is None:
-        header, binary = body, b""
-    else:
+    # A memoryview slices the binary part without copying it.
+    binary = memoryview(b"")
+    header = body
+    if header_length is not None:
         if header_length < 0 or header_length > len(body):
             raise InvalidInput(f"{HEADER_LENGTH} is {header_length} but the body has only {len(body)} bytes")
         header, binary = body[:header_length], memoryview(body)[header_length:]
@@ -149,7 +150,7 @@ def _parameters(value: Any, where: str) -> dict[str, Any]:
     return value
 
 
-def _decode_input(raw: Any, index: int, binary: Any, offset: int) -> tuple[str, np.ndarray, int]:
+def _decode_input(raw: Any, index: int, binary: memoryview, offset: int) -> tuple[str, np.ndarray, int]:
     if not isinstance(raw, dict):
         raise InvalidInput(f"inputs[{index}] must be an object, got {describe_value(raw)}")
     name = raw.get("name")
@@ -193,7 +194,7 @@ def _decode_input(raw: Any, index: int, binary: Any, offset: int) -> tuple[str, 
 
 
 def _from_binary(
-    chunk: Any, dtype: np.dtype, datatype: str, shape: tuple[int, ...], count: int, where: str
+    chunk: memoryview, dtype: np.dtype, datatype: str, shape: tuple[int, ...], count: int, where: str
 ) -> np.ndarray:
     if datatype == "BYTES":
         elements = _unpack_bytes(bytes(chunk), where)
