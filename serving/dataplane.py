@@ -302,7 +302,7 @@ class DataPlane:
     def _model_label(self, model: str) -> str:
         # Clients choose model names; only known ones become label values, so a scan of
         # made-up names cannot blow up the metrics' cardinality.
-        return model if model in self.registry.model_names() else ""
+        return model if self.registry.has_model(model) else ""
 
     # -- metadata and status -----------------------------------------------------------
 

@@ -267,11 +267,19 @@ class ModelRegistry:
             config = self.repository.read_config(model.name)
         except RepositoryError as exc:
             if exc.message != model.config_error:
-                # Keep the last good config and whatever it loaded; report once per change.
-                logger.error("model %s: %s; keeping its current versions", model.name, exc.message)
+                logger.error("model %s: %s; keeping its last good config", model.name, exc.message)
                 model.config_error = exc.message
-            return
-        model.config, model.config_error = config, ""
+            if model.config is None:
+                return  # no good config yet: load nothing rather than guess
+            # Carry on with the last good config, so removed versions still unload.
+            config = model.config
+        else:
+            if model.config_error:
+                logger.info("model %s: config.json is valid again", model.name)
+            config_changed = config != model.config
+            model.config, model.config_error = config, ""
+            if config_changed:
+                self._check_labels(model.name, config)
         on_disk = self.repository.versions(model.name)
         wanted = config.version_policy.select(on_disk)
         to_load = []
@@ -306,15 +314,19 @@ class ModelRegistry:
                 entry.state is ModelState.END and gone
             ):
                 del model.versions[v]
+        self.metrics.set_versions_loaded(model.name, len(model.available()))
+
+    def _check_labels(self, name: str, config: ModelConfig) -> None:
+        # Once per config change, not once per poll.
+        wanted = config.version_policy.select(self.repository.versions(name))
         for label, v in config.version_labels.items():
             if v not in wanted:
                 logger.warning(
                     "model %s: label %r names version %s, which the version policy does not load",
-                    model.name,
+                    name,
                     label,
                     v,
                 )
-        self.metrics.set_versions_loaded(model.name, len(model.available()))
 
     async def _load(self, model: _Model, config: ModelConfig, version: int, path: Path) -> None:
         entry = model.versions.setdefault(version, _Version(version))
@@ -464,6 +476,10 @@ class ModelRegistry:
     def model_names(self) -> list[str]:
         """Every model the registry knows (those in the repository at the last poll)."""
         return sorted(self._models)
+
+    def has_model(self, name: str) -> bool:
+        """Whether ``name`` was in the repository at the last poll."""
+        return name in self._models
 
     def is_enabled(self, name: str) -> bool:
         """False after :meth:`unload_model`, until :meth:`load_model`."""

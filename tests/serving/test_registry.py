@@ -280,17 +280,39 @@ async def test_in_flight_requests_finish_before_unload(tmp_path: Path) -> None:
     await registry.stop()
 
 
-async def test_bad_config_keeps_current_versions(tmp_path: Path) -> None:
+async def test_bad_config_keeps_the_last_good_config(tmp_path: Path) -> None:
     write_fake_version(tmp_path, "m", 1)
     registry, _ = make_registry(tmp_path)
     await registry.poll()
     write_config(tmp_path, "m", {"version_polcy": {"all": {}}})
     write_fake_version(tmp_path, "m", 2)
     await registry.poll()
-    assert registry.resolve("m").version == 1
+    assert registry.resolve("m").version == 2
     rows = registry.index()
     assert rows[0]["state"] == "FAILED"
     assert "version_polcy" in rows[0]["reason"] and "config.json" in rows[0]["reason"]
+    # The last good config (latest 1) still applies, so v2 replaced v1 ...
+    await registry.settle()
+    assert registry.resolve("m").version == 2
+    # ... and a fixed config takes over on the next poll.
+    write_config(tmp_path, "m", {"version_policy": {"all": {}}})
+    await registry.poll()
+    assert [r["state"] for r in registry.index()] == ["AVAILABLE", "AVAILABLE"]
+    await registry.stop()
+
+
+async def test_label_on_an_unloaded_version_is_logged_once(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    write_fake_version(tmp_path, "m", 1)
+    write_fake_version(tmp_path, "m", 2)
+    write_config(tmp_path, "m", {"version_labels": {"stable": 1}})
+    registry, _ = make_registry(tmp_path)
+    for _ in range(3):
+        await registry.poll()
+    assert caplog.text.count("label 'stable' names version 1") == 1
+    with pytest.raises(ModelNotFound, match="no loaded version 1"):
+        registry.resolve("m", label="stable")
     await registry.stop()
 
 
