@@ -1,0 +1,120 @@
+"""Start and stop a real ``modelloop serve`` process for end-to-end tests."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+
+_REST = re.compile(r"REST listening on (http://\S+)")
+_GRPC = re.compile(r"gRPC listening on (\S+)")
+
+
+@dataclass
+class ServerProcess:
+    """A running server, its addresses, and everything it printed so far."""
+
+    proc: subprocess.Popen[str]
+    rest_url: str = ""
+    grpc_target: str = ""
+    lines: list[str] = field(default_factory=list)
+    _pump: threading.Thread = field(default_factory=lambda: threading.Thread())
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def output(self) -> str:
+        return "\n".join(self.lines)
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30) -> int:
+        """Signals the process by its PID and waits; kills it if it does not exit."""
+        if self.proc.poll() is None:
+            os.kill(self.proc.pid, sig)
+            try:
+                self.proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                os.kill(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(timeout=10)
+        if self.proc.stdout is not None:
+            self._pump.join(timeout=5)
+            self.proc.stdout.close()
+        return self.proc.returncode
+
+
+def start_server(
+    repo: Path, *extra: str, env: dict[str, str] | None = None, timeout: float = 90
+) -> ServerProcess:
+    """Runs ``python -m modelloop serve --repo REPO`` on port 0 and waits until it is ready.
+
+    Raises:
+        RuntimeError: The process exited or did not become ready in time (it is stopped).
+    """
+    cmd = [
+        sys.executable,
+        "-m",
+        "modelloop",
+        "serve",
+        "--repo",
+        str(repo),
+        "--rest-port",
+        "0",
+        "--grpc-port",
+        "0",
+        "--poll-interval",
+        "0.2",
+        *extra,
+    ]
+    proc = subprocess.Popen(
+        cmd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", **(env or {})},
+    )
+    server = ServerProcess(proc)
+
+    def pump() -> None:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            server.lines.append(line.rstrip("\n"))
+
+    server._pump = threading.Thread(target=pump, daemon=True)
+    server._pump.start()
+    deadline = time.monotonic() + timeout
+    try:
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                raise RuntimeError(f"server exited with {proc.returncode}:\n{server.output()}")
+            text = server.output()
+            rest, grpc_ = _REST.search(text), _GRPC.search(text)
+            if rest and grpc_:
+                server.rest_url, server.grpc_target = rest.group(1), grpc_.group(1)
+                try:
+                    if httpx.get(f"{server.rest_url}/v2/health/ready", timeout=2).status_code == 200:
+                        return server
+                except httpx.HTTPError:
+                    pass
+            time.sleep(0.1)
+        raise RuntimeError(f"server not ready after {timeout} s:\n{server.output()}")
+    except BaseException:
+        server.stop(signal.SIGKILL)
+        raise
+
+
+def wait_for(predicate, timeout: float = 30, interval: float = 0.1) -> bool:
+    """Polls ``predicate`` until it is true or ``timeout`` passes; returns the last result."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(interval)
+    return bool(predicate())

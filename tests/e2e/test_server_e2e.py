@@ -1,0 +1,277 @@
+"""A real ``modelloop serve`` on port 0, driven by the clients users already have.
+
+The same golden rows go through TF Serving REST (row and columnar), TF Serving gRPC
+(tensor_content and float_val), OIP REST, OIP gRPC (typed and raw contents), tritonclient
+http and grpc, and curl. Every answer must equal ONNX Runtime's on the published file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import grpc
+import httpx
+import numpy as np
+import pytest
+
+from modelloop.serving.protos import grpc_service_pb2 as oip
+from modelloop.serving.protos import grpc_service_pb2_grpc as oip_grpc
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+CLIENTS_PYTHON = REPO_ROOT / ".venv-clients" / "bin" / "python"
+ATOL = 1e-5
+
+
+@pytest.fixture(scope="module")
+def rows(digits_run: Path) -> np.ndarray:
+    return np.load(digits_run / "split.npz")["x_test"][:8].astype(np.float32)
+
+
+@pytest.fixture(scope="module")
+def expected(served_repo: Path, rows: np.ndarray) -> np.ndarray:
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(
+        str(served_repo / "digits" / "1" / "model.onnx"), providers=["CPUExecutionProvider"]
+    )
+    return session.run(["probabilities"], {"pixels": rows})[0]
+
+
+@pytest.fixture(scope="module")
+def channel(server):
+    with grpc.insecure_channel(server.grpc_target) as ch:
+        yield ch
+
+
+def _tensor_proto(rows: np.ndarray, typed: bool):
+    from tensorflow.core.framework import tensor_pb2, tensor_shape_pb2, types_pb2
+
+    shape = tensor_shape_pb2.TensorShapeProto(
+        dim=[tensor_shape_pb2.TensorShapeProto.Dim(size=s) for s in rows.shape]
+    )
+    if typed:
+        return tensor_pb2.TensorProto(
+            dtype=types_pb2.DT_FLOAT, tensor_shape=shape, float_val=rows.ravel().tolist()
+        )
+    return tensor_pb2.TensorProto(dtype=types_pb2.DT_FLOAT, tensor_shape=shape, tensor_content=rows.tobytes())
+
+
+def test_tfserving_rest_row_format(server, rows, expected):
+    r = httpx.post(
+        f"{server.rest_url}/v1/models/digits:predict", json={"instances": rows.tolist()}, timeout=10
+    )
+    assert r.status_code == 200, r.text
+    np.testing.assert_allclose(np.array(r.json()["predictions"]), expected, atol=ATOL)
+    assert len(r.headers["x-request-id"]) >= 16
+
+
+def test_tfserving_rest_columnar_format_with_version_and_client_request_id(server, rows, expected):
+    r = httpx.post(
+        f"{server.rest_url}/v1/models/digits/versions/1:predict",
+        json={"inputs": {"pixels": rows.tolist()}, "signature_name": "serving_default"},
+        headers={"x-request-id": "client-chosen-id-42"},
+        timeout=10,
+    )
+    assert r.status_code == 200, r.text
+    np.testing.assert_allclose(np.array(r.json()["outputs"]), expected, atol=ATOL)
+    assert r.headers["x-request-id"] == "client-chosen-id-42"
+
+
+@pytest.mark.parametrize("typed", [False, True], ids=["tensor_content", "float_val"])
+def test_tfserving_grpc_predict(channel, rows, expected, typed):
+    from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc
+
+    stub = prediction_service_pb2_grpc.PredictionServiceStub(channel)
+    request = predict_pb2.PredictRequest()
+    request.model_spec.name = "digits"
+    request.model_spec.signature_name = "serving_default"
+    request.inputs["pixels"].CopyFrom(_tensor_proto(rows, typed))
+    response, call = stub.Predict.with_call(request, timeout=10, metadata=[("x-request-id", "grpc-id-7")])
+    out = response.outputs["probabilities"]
+    got = (
+        np.frombuffer(out.tensor_content, dtype=np.float32) if out.tensor_content else np.array(out.float_val)
+    )
+    np.testing.assert_allclose(got.reshape(expected.shape), expected, atol=ATOL)
+    assert response.model_spec.version.value == 1
+    metadata = dict(call.initial_metadata()) | dict(call.trailing_metadata())
+    assert metadata["x-request-id"] == "grpc-id-7"
+
+
+def test_tfserving_grpc_metadata_and_status(channel):
+    from tensorflow_serving.apis import (
+        get_model_metadata_pb2,
+        get_model_status_pb2,
+        model_service_pb2_grpc,
+        prediction_service_pb2_grpc,
+    )
+
+    stub = prediction_service_pb2_grpc.PredictionServiceStub(channel)
+    request = get_model_metadata_pb2.GetModelMetadataRequest(metadata_field=["signature_def"])
+    request.model_spec.name = "digits"
+    response = stub.GetModelMetadata(request, timeout=10)
+    sigmap = get_model_metadata_pb2.SignatureDefMap()
+    response.metadata["signature_def"].Unpack(sigmap)
+    signature = sigmap.signature_def["serving_default"]
+    assert list(signature.inputs) == ["pixels"]
+    assert [d.size for d in signature.inputs["pixels"].tensor_shape.dim] == [-1, 64]
+    assert list(signature.outputs) == ["probabilities"]
+
+    status = model_service_pb2_grpc.ModelServiceStub(channel).GetModelStatus(
+        get_model_status_pb2.GetModelStatusRequest(model_spec={"name": "digits"}), timeout=10
+    )
+    assert [(s.version, s.state) for s in status.model_version_status] == [
+        (1, get_model_status_pb2.ModelVersionStatus.AVAILABLE)
+    ]
+
+
+def test_tfserving_grpc_unknown_model_is_not_found(channel, rows):
+    from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc
+
+    request = predict_pb2.PredictRequest()
+    request.model_spec.name = "nope"
+    request.inputs["pixels"].CopyFrom(_tensor_proto(rows, False))
+    with pytest.raises(grpc.RpcError) as info:
+        prediction_service_pb2_grpc.PredictionServiceStub(channel).Predict(request, timeout=10)
+    assert info.value.code() == grpc.StatusCode.NOT_FOUND
+    assert "nope" in info.value.details()
+
+
+def test_oip_rest_infer(server, rows, expected):
+    body = {
+        "id": "oip-1",
+        "inputs": [
+            {"name": "pixels", "shape": list(rows.shape), "datatype": "FP32", "data": rows.ravel().tolist()}
+        ],
+    }
+    r = httpx.post(f"{server.rest_url}/v2/models/digits/infer", json=body, timeout=10)
+    assert r.status_code == 200, r.text
+    payload = r.json()
+    assert payload["id"] == "oip-1" and payload["model_name"] == "digits"
+    (out,) = payload["outputs"]
+    assert out["name"] == "probabilities" and out["shape"] == [8, 10] and out["datatype"] == "FP32"
+    np.testing.assert_allclose(np.array(out["data"]).reshape(8, 10), expected, atol=ATOL)
+
+
+@pytest.mark.parametrize("raw", [False, True], ids=["typed-contents", "raw-contents"])
+def test_oip_grpc_infer(channel, rows, expected, raw):
+    stub = oip_grpc.GRPCInferenceServiceStub(channel)
+    request = oip.ModelInferRequest(model_name="digits", id="oip-grpc")
+    tensor = request.inputs.add(name="pixels", datatype="FP32", shape=list(rows.shape))
+    if raw:
+        request.raw_input_contents.append(rows.tobytes())
+    else:
+        tensor.contents.fp32_contents.extend(rows.ravel().tolist())
+    response = stub.ModelInfer(request, timeout=10)
+    assert response.id == "oip-grpc" and response.model_version == "1"
+    got = np.frombuffer(response.raw_output_contents[0], dtype=np.float32).reshape(8, 10)
+    np.testing.assert_allclose(got, expected, atol=ATOL)
+
+
+def test_health_readiness_and_metadata_over_rest(server):
+    assert httpx.get(f"{server.rest_url}/v2/health/live", timeout=5).status_code == 200
+    assert httpx.get(f"{server.rest_url}/v2/health/ready", timeout=5).status_code == 200
+    assert httpx.get(f"{server.rest_url}/v2/models/digits/ready", timeout=5).status_code == 200
+    meta = httpx.get(f"{server.rest_url}/v2/models/digits", timeout=5).json()
+    assert meta["inputs"] == [{"name": "pixels", "datatype": "FP32", "shape": [-1, 64]}]
+    status = httpx.get(f"{server.rest_url}/v1/models/digits", timeout=5).json()
+    assert status["model_version_status"][0]["state"] == "AVAILABLE"
+
+
+@pytest.mark.skipif(shutil.which("curl") is None, reason="curl is not installed")
+def test_readme_curl_examples(server, rows, expected):
+    body = json.dumps({"instances": rows[:1].tolist()})
+    out = subprocess.run(
+        [
+            "curl",
+            "-s",
+            "-X",
+            "POST",
+            f"{server.rest_url}/v1/models/digits:predict",
+            "-H",
+            "content-type: application/json",
+            "-d",
+            body,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=True,
+    ).stdout
+    np.testing.assert_allclose(np.array(json.loads(out)["predictions"]), expected[:1], atol=ATOL)
+    out = subprocess.run(
+        ["curl", "-s", f"{server.rest_url}/v1/models/digits/metadata"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=True,
+    ).stdout
+    assert "serving_default" in json.loads(out)["metadata"]["signature_def"]["signature_def"]
+    code = subprocess.run(
+        [
+            "curl",
+            "-s",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+            "-X",
+            "POST",
+            f"{server.rest_url}/v1/models/digits:predict",
+            "-H",
+            "content-type: application/json",
+            "-d",
+            "{bad",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=True,
+    ).stdout
+    assert code == "400"
+
+
+def test_tritonclient_http_and_grpc_unchanged(server, rows, expected, tmp_path):
+    if not CLIENTS_PYTHON.exists():
+        if os.environ.get("CI"):
+            pytest.fail(f"{CLIENTS_PYTHON} is missing: `make install` creates it")
+        pytest.skip("tritonclient environment missing; run `make install`")
+    rows_path = tmp_path / "rows.json"
+    rows_path.write_text(json.dumps(rows.tolist()))
+    http_target = server.rest_url.removeprefix("http://")
+    proc = subprocess.run(
+        [
+            str(CLIENTS_PYTHON),
+            str(Path(__file__).parent / "tritonclient_e2e.py"),
+            http_target,
+            server.grpc_target,
+            str(rows_path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    for key in ("http_live", "http_ready", "http_model_ready", "grpc_live", "grpc_ready", "grpc_model_ready"):
+        assert result[key] is True, key
+    for key in ("http_binary", "http_json", "grpc"):
+        np.testing.assert_allclose(np.array(result[key]), expected, atol=ATOL, err_msg=key)
+    assert result["http_binary_id"] == "triton-http-1"
+    assert result["grpc_id"] == "triton-grpc-1"
+    assert result["http_metadata"]["inputs"][0]["name"] == "pixels"
+    assert result["grpc_metadata"]["outputs"][0]["name"] == "probabilities"
+    assert "no-such-model" in result["http_unknown_model_error"]
+    assert "64" in result["grpc_bad_shape_error"]
+
+
+def test_metrics_count_every_protocol(server):
+    text = httpx.get(f"{server.rest_url}/metrics", timeout=5).text
+    for protocol in ("tfserving_rest", "tfserving_grpc", "v2_rest", "v2_grpc"):
+        assert f'protocol="{protocol}"' in text, protocol
+    assert "modelloop_request_duration_seconds_bucket" in text
+    assert 'modelloop_model_versions_loaded{model="digits"} 1.0' in text
