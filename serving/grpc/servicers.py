@@ -446,16 +446,24 @@ class HealthServicer(health_pb2_grpc.HealthServicer):
     async def Watch(
         self, request: health_pb2.HealthCheckRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[health_pb2.HealthCheckResponse]:
-        """Streams the status now and whenever it changes, until the client leaves."""
+        """Streams the status now and whenever it changes.
+
+        The stream ends once the server is draining and NOT_SERVING has been sent, so
+        an open Watch never holds a graceful shutdown for its whole grace period; the
+        health-checking spec tells clients to reconnect with backoff after it ends.
+        """
         if request.service not in self._services:
             # The spec: an unknown service gets SERVICE_UNKNOWN and the call stays open.
             yield health_pb2.HealthCheckResponse(status=health_pb2.HealthCheckResponse.SERVICE_UNKNOWN)
-            while True:
-                await asyncio.sleep(3600)
+            while not self._dataplane.draining:
+                await asyncio.sleep(self._watch_interval_s)
+            return
         last: int | None = None
         while True:
             status = self._status()
             if status != last:
                 last = status
                 yield health_pb2.HealthCheckResponse(status=status)
+            if self._dataplane.draining:
+                return
             await asyncio.sleep(self._watch_interval_s)

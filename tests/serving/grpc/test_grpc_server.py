@@ -538,15 +538,19 @@ async def test_health_follows_readiness_and_draining(
 async def test_health_watch_streams_changes(channel: grpc.aio.Channel, dataplane: FakeDataPlane) -> None:
     health = health_pb2_grpc.HealthStub(channel)
     stream = health.Watch(health_pb2.HealthCheckRequest())
-    first = await stream.read()
-    assert first.status == health_pb2.HealthCheckResponse.SERVING
-    dataplane.draining = True
-    second = await stream.read()
-    assert second.status == health_pb2.HealthCheckResponse.NOT_SERVING
-    stream.cancel()
+    assert (await stream.read()).status == health_pb2.HealthCheckResponse.SERVING
     unknown = health.Watch(health_pb2.HealthCheckRequest(service="nope"))
     assert (await unknown.read()).status == health_pb2.HealthCheckResponse.SERVICE_UNKNOWN
-    unknown.cancel()
+    dataplane.is_ready = False
+    assert (await stream.read()).status == health_pb2.HealthCheckResponse.NOT_SERVING
+    dataplane.is_ready = True
+    assert (await stream.read()).status == health_pb2.HealthCheckResponse.SERVING
+    # Draining: NOT_SERVING, then both streams end so they cannot hold up a graceful stop.
+    dataplane.draining = True
+    assert (await stream.read()).status == health_pb2.HealthCheckResponse.NOT_SERVING
+    assert await stream.read() is grpc.aio.EOF
+    assert await unknown.read() is grpc.aio.EOF
+    assert await stream.code() == grpc.StatusCode.OK
 
 
 async def test_reflection_lists_every_service(channel: grpc.aio.Channel) -> None:
