@@ -233,7 +233,10 @@ class DataPlane:
         code = "OK"
         self._enter()
         try:
-            if self.draining:
+            # Draining only turns readiness off: requests the transports still accept
+            # during the grace period are served, so no client sees a 503 for a
+            # shutdown it could not know about. After stop() nothing is served.
+            if self._stopped:
                 raise ModelNotReady("the server is shutting down and takes no new requests")
             servable = self.registry.resolve(request.model, request.version, request.label)
             version = servable.version
@@ -397,7 +400,10 @@ class DataPlane:
         self._started = True
 
     async def drain(self, grace_s: float) -> None:
-        """Turns ready off, rejects new requests and waits for those in flight.
+        """Turns ready off and waits for the requests in flight.
+
+        Requests that still arrive while draining are served; the edges stop taking
+        connections at the same time, and :meth:`stop` ends serving.
 
         Args:
             grace_s: The longest wait; requests still running after it are left to the

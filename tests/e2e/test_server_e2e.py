@@ -275,3 +275,39 @@ def test_metrics_count_every_protocol(server):
         assert f'protocol="{protocol}"' in text, protocol
     assert "modelloop_request_duration_seconds_bucket" in text
     assert 'modelloop_model_versions_loaded{model="digits"} 1.0' in text
+
+
+def _raw_http(server, payload: bytes) -> bytes:
+    import socket
+
+    host, port = server.rest_url.removeprefix("http://").rsplit(":", 1)
+    with socket.create_connection((host, int(port)), timeout=10) as sock:
+        sock.sendall(payload)
+        sock.shutdown(socket.SHUT_WR)  # the client is done; a short body stays short
+        chunks = []
+        while True:
+            try:
+                chunk = sock.recv(65536)
+            except TimeoutError:
+                break
+            if not chunk:
+                break
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+
+def test_broken_request_line_gets_400_and_the_server_keeps_serving(server, rows, expected):
+    reply = _raw_http(server, b"THIS IS NOT HTTP\r\n\r\n")
+    assert reply.startswith(b"HTTP/1.1 400"), reply[:100]
+    test_tfserving_rest_row_format(server, rows, expected)
+
+
+def test_body_shorter_than_its_content_length_is_not_a_server_error(server, rows, expected):
+    reply = _raw_http(
+        server,
+        b"POST /v1/models/digits:predict HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        b'Content-Length: 100\r\nConnection: close\r\n\r\n{"instances": [[1',
+    )
+    # The server waits for the rest of the body and gives up; it never answers 5xx.
+    assert not reply.startswith(b"HTTP/1.1 5"), reply[:100]
+    test_tfserving_rest_row_format(server, rows, expected)

@@ -260,7 +260,7 @@ async def test_not_ready_while_a_model_has_no_available_version(tmp_path: Path) 
     await dp.stop()
 
 
-async def test_drain_waits_for_in_flight_then_rejects(tmp_path: Path) -> None:
+async def test_drain_waits_for_in_flight_serves_late_arrivals_and_stop_rejects(tmp_path: Path) -> None:
     write_fake_version(tmp_path, "m", 1)
     slow = SlowRuntime()
     slow.release.set()
@@ -272,13 +272,15 @@ async def test_drain_waits_for_in_flight_then_rejects(tmp_path: Path) -> None:
     drain = asyncio.ensure_future(dp.drain(grace_s=5))
     await asyncio.sleep(0.02)
     assert dp.draining and not dp.ready() and not drain.done()
-    with pytest.raises(ModelNotReady, match="shutting down"):
-        await dp.infer(request([[1, 2, 3]]))
     slow.release.set()
+    late = await dp.infer(request([[1, 2, 3]]))  # arrived after SIGTERM: still served
+    assert late.version == 1
     await drain
     assert (await in_flight).version == 1
     await dp.stop()
     assert not dp.live()
+    with pytest.raises(ModelNotReady, match="shutting down"):
+        await dp.infer(request([[1, 2, 3]]))
 
 
 async def test_drain_gives_up_after_the_grace_period(tmp_path: Path) -> None:

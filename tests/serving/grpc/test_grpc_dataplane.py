@@ -229,6 +229,7 @@ async def test_metadata_status_health_and_reflection(served) -> None:
         await s.health.Check(health_pb2.HealthCheckRequest())
     ).status == health_pb2.HealthCheckResponse.NOT_SERVING
     assert not (await s.oip.ServerReady(pb.ServerReadyRequest())).ready
+    await dataplane.stop()
     error = await _error(s.tfs.Predict(_predict(ROWS)))
     assert error.code() == grpc.StatusCode.UNAVAILABLE and "shutting down" in error.details()
 
