@@ -464,6 +464,8 @@ class HealthServicer(health_pb2_grpc.HealthServicer):
             if status != last:
                 last = status
                 yield health_pb2.HealthCheckResponse(status=status)
-            if self._dataplane.draining:
+            # Re-check after the yield: draining may have begun while SERVING was in flight,
+            # and the client must still see NOT_SERVING before the stream ends.
+            if self._dataplane.draining and last == health_pb2.HealthCheckResponse.NOT_SERVING:
                 return
             await asyncio.sleep(self._watch_interval_s)
