@@ -96,6 +96,129 @@ class _suppress:
         return exc_type is not None and issubclass(exc_type, self._types)
 
 
+@dataclass(frozen=True)
+class StagedExport:
+    """A complete, parity-checked version directory under ``<repo>/.staging/``, not yet published.
+
+    Attributes:
+        path: The staged directory (``saved_model/``, ``model.onnx``, ``baseline.json``).
+        name: The model name it will be published under.
+        run_info: The run's ``run.json``.
+        metrics: The run's ``metrics.json``.
+        parity: The parity report it passed.
+        opset: The ONNX opset it was exported with.
+    """
+
+    path: Path
+    name: str
+    run_info: dict[str, Any]
+    metrics: dict[str, Any]
+    parity: ParityReport
+    opset: int
+
+    @property
+    def onnx_path(self) -> Path:
+        """The staged ``model.onnx``, for evaluating the candidate before it is published."""
+        return self.path / ONNX_FILE
+
+
+def stage_export(
+    run_dir: Path,
+    staged: Path,
+    *,
+    name: str,
+    opset: int = MIN_OPSET,
+    atol: float = DEFAULT_ATOL,
+    rtol: float = DEFAULT_RTOL,
+) -> StagedExport:
+    """Exports a run to SavedModel and ONNX into ``staged`` and checks parity; publishes nothing.
+
+    Args:
+        run_dir: A run directory written by ``modelloop train``.
+        staged: An empty directory from :func:`modelloop.export.publish.staging_dir`.
+        name: Model name in the repository (validated).
+        opset: ONNX opset. Defaults to 17.
+        atol: Absolute parity tolerance. Defaults to 1e-5.
+        rtol: Relative parity tolerance. Defaults to 1e-6.
+
+    Returns:
+        The staged export, ready for :func:`publish_staged`.
+
+    Raises:
+        ExportError: Bad run directory, unloadable model or failed parity check.
+    """
+    run_info, metrics = read_run(run_dir)
+    name = validate_model_name(name)
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    model = _load_model(run_dir, run_info)
+    try:
+        split = np.load(run_dir / "split.npz")
+        rows = np.asarray(split["x_test"], dtype=np.float32)
+    except Exception as exc:
+        raise ExportError(f"run file {str(run_dir / 'split.npz')!r} is unreadable or corrupt: {exc}") from exc
+
+    input_name = run_info["input"]["name"]
+    output_name = run_info["output"]["name"]
+    export_saved_model(
+        model,
+        staged / SAVED_MODEL_DIR,
+        input_name=input_name,
+        output_name=output_name,
+        n_features=int(run_info["input"]["shape"][1]),
+    )
+    export_onnx(staged / SAVED_MODEL_DIR, staged / ONNX_FILE, opset=opset)
+    parity = verify_export(
+        model,
+        staged / SAVED_MODEL_DIR,
+        staged / ONNX_FILE,
+        rows,
+        input_name=input_name,
+        output_name=output_name,
+        atol=atol,
+        rtol=rtol,
+    )
+    if not parity.passed:
+        raise ExportError(f"parity check failed, nothing published: {parity.summary()}")
+    shutil.copyfile(run_dir / "baseline.json", staged / BASELINE_FILE)
+    return StagedExport(
+        path=staged, name=name, run_info=run_info, metrics=metrics, parity=parity, opset=opset
+    )
+
+
+def publish_staged(
+    staged: StagedExport, repo: Path, *, extra_metadata: dict[str, Any] | None = None
+) -> ExportResult:
+    """Publishes a staged export as the next version, writing its ``model.json`` under the lock.
+
+    Args:
+        staged: What :func:`stage_export` returned; its directory must be under ``<repo>/.staging/``.
+        repo: The model repository root.
+        extra_metadata: Keys merged into ``model.json`` (a retrain's gate result, say).
+            Defaults to None.
+
+    Returns:
+        The published version.
+
+    Raises:
+        PublishError: Unwritable repository or the rename failed.
+    """
+
+    def finalize(path: Path, version: int) -> None:
+        meta = build_metadata(
+            name=staged.name,
+            version=version,
+            run_info=staged.run_info,
+            metrics=staged.metrics,
+            parity=staged.parity.to_dict(),
+            opset=staged.opset,
+        )
+        meta.update(extra_metadata or {})
+        (path / METADATA_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+
+    version_dir = publish_version(staged.path, repo, staged.name, finalize=finalize)
+    return ExportResult(version_dir=version_dir, version=int(version_dir.name), parity=staged.parity)
+
+
 def export_run(
     run_dir: Path,
     repo: Path,
@@ -122,55 +245,12 @@ def export_run(
         ExportError: Bad run directory, unloadable model or failed parity check.
         PublishError: Bad name or unwritable repository.
     """
-    run_info, metrics = read_run(run_dir)
+    run_info, _ = read_run(run_dir)
     name = validate_model_name(run_info["spec"]["name"] if name is None else name)
     try:
         repo.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise PublishError(f"repository {str(repo)!r} cannot be created: {exc.strerror}") from exc
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    model = _load_model(run_dir, run_info)
-    try:
-        split = np.load(run_dir / "split.npz")
-        rows = np.asarray(split["x_test"], dtype=np.float32)
-    except Exception as exc:
-        raise ExportError(f"run file {str(run_dir / 'split.npz')!r} is unreadable or corrupt: {exc}") from exc
-
-    input_name = run_info["input"]["name"]
-    output_name = run_info["output"]["name"]
     with staging_dir(repo) as staged:
-        export_saved_model(
-            model,
-            staged / SAVED_MODEL_DIR,
-            input_name=input_name,
-            output_name=output_name,
-            n_features=int(run_info["input"]["shape"][1]),
-        )
-        export_onnx(staged / SAVED_MODEL_DIR, staged / ONNX_FILE, opset=opset)
-        parity = verify_export(
-            model,
-            staged / SAVED_MODEL_DIR,
-            staged / ONNX_FILE,
-            rows,
-            input_name=input_name,
-            output_name=output_name,
-            atol=atol,
-            rtol=rtol,
-        )
-        if not parity.passed:
-            raise ExportError(f"parity check failed, nothing published: {parity.summary()}")
-        shutil.copyfile(run_dir / "baseline.json", staged / BASELINE_FILE)
-
-        def finalize(path: Path, version: int) -> None:
-            meta = build_metadata(
-                name=name,
-                version=version,
-                run_info=run_info,
-                metrics=metrics,
-                parity=parity.to_dict(),
-                opset=opset,
-            )
-            (path / METADATA_FILE).write_text(json.dumps(meta, indent=2) + "\n")
-
-        version_dir = publish_version(staged, repo, name, finalize=finalize)
-    return ExportResult(version_dir=version_dir, version=int(version_dir.name), parity=parity)
+        export = stage_export(run_dir, staged, name=name, opset=opset, atol=atol, rtol=rtol)
+        return publish_staged(export, repo)

@@ -157,6 +157,8 @@ class ModelConfig(BaseModel):
     """Threads across operators; None = the server's default (0 = runtime default)."""
     drift: dict[str, Any] = Field(default_factory=dict)
     """Free-form drift settings, read by monitoring."""
+    retrain: dict[str, Any] = Field(default_factory=dict)
+    """Free-form retrain gate settings (``epochs``, ``accuracy_floor``, ...), read by the retrain pipeline."""
 
     @field_validator("version_labels")
     @classmethod
