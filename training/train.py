@@ -236,22 +236,30 @@ def train(
     keras.utils.set_random_seed(seed)
     model = build_compiled_model(spec, x_train, y_train)
     metric = main_metric(spec.task)
-    history = model.fit(
-        x_train,
-        y_train,
-        validation_data=(x_val, y_val),
+    callbacks = standard_callbacks(
+        out,
+        monitor="val_loss",
+        mode="min",
+        patience=int(spec.hp("patience")),
         epochs=epochs,
-        batch_size=int(spec.hp("batch_size")),
-        callbacks=standard_callbacks(
-            out,
-            monitor="val_loss",
-            mode="min",
-            patience=int(spec.hp("patience")),
-            epochs=epochs,
-            interactive=interactive,
-        ),
-        verbose=verbose,
+        interactive=interactive,
     )
+    try:
+        history = model.fit(
+            x_train,
+            y_train,
+            validation_data=(x_val, y_val),
+            epochs=epochs,
+            batch_size=int(spec.hp("batch_size")),
+            callbacks=callbacks,
+            verbose=verbose,
+        )
+    except BaseException:
+        # Keras skips on_train_end when fit raises, so CSVLogger would leak its open file.
+        for callback in callbacks:
+            if isinstance(callback, keras.callbacks.CSVLogger) and callback.csv_file is not None:
+                callback.csv_file.close()
+        raise
     val_loss = history.history["val_loss"]
     best_epoch = int(np.argmin(val_loss)) + 1
 

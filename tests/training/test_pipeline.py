@@ -1,0 +1,192 @@
+"""Retraining: feedback-augmented training, the blessing gate, publication and counting."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+from prometheus_client import CollectorRegistry, Counter
+
+from modelloop.export.publish import list_versions
+from modelloop.training.pipeline import RetrainError, RetrainSettings, bless, retrain
+
+TESTDATA = Path(__file__).resolve().parents[1] / "testdata"
+SPEC = TESTDATA / "specs" / "functional_spec.py"
+CRASH_SPEC = TESTDATA / "specs" / "crash_in_fit_spec.py"
+NAME = "blobs"
+
+
+class FakeFeedback:
+    """A prediction store that holds labelled rows in memory, oldest first."""
+
+    def __init__(self, x: np.ndarray, y: np.ndarray) -> None:
+        self.x, self.y = x, y
+        self.calls: list[str] = []
+
+    def feedback_dataset(self, model: str) -> tuple[np.ndarray, np.ndarray]:
+        self.calls.append(model)
+        return self.x, self.y
+
+
+@pytest.fixture(scope="module")
+def blobs_repo(tmp_path_factory: pytest.TempPathFactory, train_run: Callable[..., Path]) -> Path:
+    from modelloop.export.exporter import export_run
+
+    repo = tmp_path_factory.mktemp("blobs-repo")
+    export_run(train_run(str(SPEC)), repo, name=NAME)
+    return repo
+
+
+@pytest.fixture
+def repo(tmp_path: Path, blobs_repo: Path) -> Path:
+    copy = tmp_path / "repo"
+    shutil.copytree(blobs_repo, copy)
+    return copy
+
+
+@pytest.fixture
+def runs_total() -> Counter:
+    return Counter(
+        "modelloop_retrain_runs", "Retrain runs", ["model", "outcome"], registry=CollectorRegistry()
+    )
+
+
+def _count(counter: Counter, outcome: str) -> float:
+    return counter.labels(model=NAME, outcome=outcome)._value.get()
+
+
+def _blob_rows(n: int, seed: int = 1) -> tuple[np.ndarray, np.ndarray]:
+    sys_path = str(TESTDATA / "specs")
+    import sys
+
+    if sys_path not in sys.path:
+        sys.path.insert(0, sys_path)
+    from _blobs import blobs
+
+    data = blobs()
+    idx = np.random.default_rng(seed).integers(0, len(data.y), n)
+    return data.x[idx], data.y[idx].astype(np.float64)
+
+
+def test_blessed_candidate_is_published_as_next_version(repo: Path, tmp_path: Path, runs_total: Counter):
+    x, y = _blob_rows(40)
+    # Rows the gate cannot use: a label outside the classes, a NaN label, a NaN feature.
+    x = np.concatenate([x, x[:3]])
+    y = np.concatenate([y, [7.0, np.nan, 1.0]])
+    x[-1, 0] = np.nan
+    store = FakeFeedback(x, y)
+    result = retrain(repo, NAME, store, state_dir=tmp_path / "state", runs_total=runs_total)
+
+    assert result.outcome == "blessed", result.reason
+    assert result.version == 2 and list_versions(repo / NAME) == [1, 2]
+    assert store.calls == [NAME]
+    assert result.feedback_rows == {"train": 28, "holdout": 12}
+    for who in ("serving", "candidate"):
+        assert set(result.metrics[who]) == {"eval", "test_split", "feedback_holdout"}
+        assert result.metrics[who]["eval"]["rows"] == 60 + 12
+    meta = json.loads((repo / NAME / "2" / "model.json").read_text())
+    assert meta["version"] == 2 and meta["training_run"]["feedback_rows"] == 28
+    assert meta["blessing"]["blessed"] is True and meta["blessing"]["serving_version"] == 1
+    record = json.loads(result.record.read_text())
+    assert record["outcome"] == "blessed" and record["version"] == 2
+    assert result.record.parent == tmp_path / "state" / "retrain" / NAME
+    assert _count(runs_total, "blessed") == 1 and _count(runs_total, "failed") == 0
+    assert not any((repo / ".staging").iterdir())
+
+
+def test_rejected_below_the_floor_publishes_nothing(repo: Path, tmp_path: Path, runs_total: Counter):
+    x, y = _blob_rows(40)
+    y = (y + 1) % 3  # wrong labels: nothing reaches a perfect score on them
+    result = retrain(
+        repo,
+        NAME,
+        FakeFeedback(x, y),
+        state_dir=tmp_path / "state",
+        settings=RetrainSettings(accuracy_floor=1.0),
+        runs_total=runs_total,
+    )
+    assert result.outcome == "rejected"
+    assert "below the floor 1.0000" in result.reason
+    assert result.version is None and list_versions(repo / NAME) == [1]
+    assert json.loads(result.record.read_text())["outcome"] == "rejected"
+    assert _count(runs_total, "rejected") == 1
+
+
+def test_rejected_when_worse_than_the_serving_version(repo: Path, tmp_path: Path, runs_total: Counter):
+    # Mostly mislabelled feedback teaches the candidate the wrong classes; the eval set is
+    # (almost) the original test split, on which the serving version is right.
+    x, y = _blob_rows(600)
+    result = retrain(
+        repo,
+        NAME,
+        FakeFeedback(x, (y + 1) % 3),
+        state_dir=tmp_path / "state",
+        settings=RetrainSettings(accuracy_floor=0.0, holdout_fraction=0.01),
+        runs_total=runs_total,
+    )
+    assert result.outcome == "rejected", result.reason
+    assert "worse than serving" in result.reason
+    cand, serv = result.metrics["candidate"]["eval"], result.metrics["serving"]["eval"]
+    assert cand["accuracy"] < serv["accuracy"] - 0.01
+    assert list_versions(repo / NAME) == [1]
+
+
+def test_training_crash_is_failed_counted_and_publishes_nothing(
+    repo: Path, tmp_path: Path, runs_total: Counter
+):
+    meta_path = repo / NAME / "1" / "model.json"
+    meta = json.loads(meta_path.read_text())
+    meta["training_run"]["spec"]["source"] = str(CRASH_SPEC)
+    meta_path.write_text(json.dumps(meta))
+    result = retrain(repo, NAME, None, state_dir=tmp_path / "state", runs_total=runs_total)
+
+    assert result.outcome == "failed"
+    assert "training crashed on purpose" in result.reason
+    assert result.version is None and list_versions(repo / NAME) == [1]
+    assert not (repo / ".staging").exists() or not any((repo / ".staging").iterdir())
+    assert json.loads(result.record.read_text())["outcome"] == "failed"
+    assert _count(runs_total, "failed") == 1 and _count(runs_total, "blessed") == 0
+
+
+def test_unknown_model_or_version_cannot_start(tmp_path: Path, repo: Path):
+    with pytest.raises(RetrainError, match="has no version"):
+        retrain(repo, "nope", state_dir=tmp_path)
+    with pytest.raises(RetrainError, match="invalid model name"):
+        retrain(repo, "../etc", state_dir=tmp_path)
+    (repo / NAME / "1" / "model.json").write_text("{}")
+    with pytest.raises(RetrainError, match="does not say which spec"):
+        retrain(repo, NAME, state_dir=tmp_path)
+
+
+def test_settings_come_from_config_json(tmp_path: Path):
+    (tmp_path / "config.json").write_text(json.dumps({"retrain": {"epochs": 5, "tolerance": 0.02}}))
+    settings = RetrainSettings.for_model(tmp_path, tolerance=0.05)
+    assert settings.epochs == 5 and settings.tolerance == 0.05
+    (tmp_path / "config.json").write_text(json.dumps({"retrain": {"epochz": 5}}))
+    with pytest.raises(RetrainError, match="invalid retrain setting epochz"):
+        RetrainSettings.for_model(tmp_path)
+    (tmp_path / "config.json").write_text("{")
+    with pytest.raises(RetrainError, match="unreadable"):
+        RetrainSettings.for_model(tmp_path)
+
+
+@pytest.mark.parametrize(
+    ("task", "candidate", "serving", "threshold", "blessed", "reason"),
+    [
+        ("multiclass", 0.95, 0.96, 0.8, True, "blessed"),
+        ("multiclass", 0.94, 0.96, 0.8, False, "worse than serving"),
+        ("multiclass", 0.79, 0.70, 0.8, False, "below the floor"),
+        ("multiclass", float("nan"), 0.9, 0.8, False, "NaN"),
+        ("regression", 41.0, 40.995, 50.0, True, "blessed"),
+        ("regression", 41.0, 40.0, 50.0, False, "worse than serving"),
+        ("regression", 51.0, 60.0, 50.0, False, "above the ceiling"),
+    ],
+)
+def test_bless(task, candidate, serving, threshold, blessed, reason):
+    verdict = bless(task, candidate, serving, threshold=threshold, tolerance=0.01)
+    assert verdict.blessed is blessed
+    assert reason in verdict.reason
