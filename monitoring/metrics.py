@@ -1,0 +1,130 @@
+"""Prometheus metrics of monitoring and retraining, on an injected registry.
+
+The composition root passes the server's own ``CollectorRegistry``, so ``/metrics`` shows
+these beside the serving metrics. Names follow DESIGN.md; no label holds a request id,
+and ``feature`` takes only the baseline's fixed feature names.
+
+Example:
+
+```python
+registry = CollectorRegistry()
+metrics = MonitoringMetrics(registry)
+metrics.drift_detected.labels(model="digits", version="1").set(1)
+registry.get_sample_value("modelloop_drift_detected", {"model": "digits", "version": "1"})  # 1.0
+```
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+from prometheus_client import CollectorRegistry, Counter, Gauge
+
+
+class MonitoringMetrics:
+    """The ``modelloop_*`` monitoring metrics.
+
+    Attributes:
+        feature_drift: ``{model,version,feature,method}``: PSI (``method="psi"``) or KS
+            distance (``method="ks"``) of each feature.
+        drift_detected: ``{model,version}``: 1 when the share of drifted features reaches
+            ``drift_share``.
+        drift_share: ``{model,version}``: share of drifted features (0..1).
+        prediction_drift: ``{model,version}``: PSI of the prediction distribution.
+        accuracy: ``{model,version}``: accuracy of classifiers over the last labelled rows,
+            set once ``min_labels`` rows exist.
+        mean_absolute_error: ``{model,version}``: the same for regressors.
+        feedback: ``{model,version}``: labelled rows accepted by this process.
+        retrain_runs: ``{model,outcome}``: retrains by outcome (blessed, rejected, failed).
+        dropped: ``{model}``: answered requests not logged (queue full or store down).
+        window_rows: ``{model,version}``: rows in the drift window.
+
+    Args:
+        registry: Where the metrics are registered.
+    """
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.feature_drift = Gauge(
+            "modelloop_feature_drift",
+            "Drift of one input feature against the baseline: PSI or KS distance.",
+            ["model", "version", "feature", "method"],
+            registry=registry,
+        )
+        self.drift_detected = Gauge(
+            "modelloop_drift_detected",
+            "1 when the share of drifted features reaches drift_share, else 0.",
+            ["model", "version"],
+            registry=registry,
+        )
+        self.drift_share = Gauge(
+            "modelloop_drift_share",
+            "Share of input features that drifted (0..1).",
+            ["model", "version"],
+            registry=registry,
+        )
+        self.prediction_drift = Gauge(
+            "modelloop_prediction_drift",
+            "PSI of the prediction distribution against the baseline.",
+            ["model", "version"],
+            registry=registry,
+        )
+        self.accuracy = Gauge(
+            "modelloop_accuracy",
+            "Accuracy over the most recent labelled predictions (classifiers).",
+            ["model", "version"],
+            registry=registry,
+        )
+        self.mean_absolute_error = Gauge(
+            "modelloop_mean_absolute_error",
+            "Mean absolute error over the most recent labelled predictions (regressors).",
+            ["model", "version"],
+            registry=registry,
+        )
+        self.feedback = Counter(
+            "modelloop_feedback",
+            "Labelled rows accepted through the feedback route.",
+            ["model", "version"],
+            registry=registry,
+        )
+        self.retrain_runs = Counter(
+            "modelloop_retrain_runs",
+            "Retraining runs by outcome: blessed, rejected or failed.",
+            ["model", "outcome"],
+            registry=registry,
+        )
+        self.dropped = Counter(
+            "modelloop_monitoring_dropped",
+            "Answered requests that were not logged: queue full or store unavailable.",
+            ["model"],
+            registry=registry,
+        )
+        self.window_rows = Gauge(
+            "modelloop_monitoring_window_rows",
+            "Rows in the drift window of a model version.",
+            ["model", "version"],
+            registry=registry,
+        )
+
+    def forget_version(self, model: str, version: int, features: list[str]) -> None:
+        """Removes the gauges of a version that is no longer loaded.
+
+        Args:
+            model: Model name.
+            version: The unloaded version.
+            features: Its feature names.
+        """
+        v = str(version)
+        for gauge in (
+            self.drift_detected,
+            self.drift_share,
+            self.prediction_drift,
+            self.accuracy,
+            self.mean_absolute_error,
+            self.window_rows,
+        ):
+            with contextlib.suppress(KeyError):
+                gauge.remove(model, v)
+        for feature in features:
+            for method in ("psi", "ks"):
+                with contextlib.suppress(KeyError):
+                    self.feature_drift.remove(model, v, feature, method)

@@ -1,0 +1,469 @@
+"""The monitoring service: the prediction log, feedback, and the evaluation loop.
+
+Built by the composition root with the server's ``CollectorRegistry``. Its
+:attr:`MonitoringService.observer` goes to the data plane; the REST edge calls
+:meth:`MonitoringService.submit_feedback` and :meth:`MonitoringService.status`.
+
+Every ``eval_interval_s`` the service evaluates each AVAILABLE ``(model, version)``:
+
+- drift of the version's input window against ``<repo>/<model>/<version>/baseline.json``
+  (once the window holds ``min_rows`` rows), exported as ``modelloop_feature_drift``,
+  ``modelloop_drift_detected``, ``modelloop_drift_share`` and ``modelloop_prediction_drift``;
+- accuracy (classifiers) or MAE (regressors) over the last ``accuracy_window`` labelled
+  rows, exported once ``min_labels`` rows exist.
+
+Then it hands an :class:`EvaluationReport` per version to every listener. Listeners are
+the hook for in-process alert rules (the retraining half registers one):
+
+```python
+def on_evaluation(model: str, version: int, report: EvaluationReport) -> None:
+    if report.drift is not None and report.drift.drifted:
+        policy_and_trigger(model, reason="drift")
+
+service.add_listener(on_evaluation)
+```
+
+Listeners run on the event loop when the service runs (``start``), or in the caller's
+thread for a direct :meth:`MonitoringService.evaluate_once`. They must return quickly
+(start work with ``asyncio.create_task`` or a thread); an exception in one is logged and
+does not stop the others.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+from prometheus_client import CollectorRegistry
+
+from modelloop.monitoring.accuracy import AccuracyReport, score_labelled
+from modelloop.monitoring.drift import DriftDetector, DriftReport
+from modelloop.monitoring.metrics import MonitoringMetrics
+from modelloop.monitoring.observer import MonitoringObserver, VersionInfo
+from modelloop.monitoring.settings import MonitoringSettings, resolve_model_settings
+from modelloop.monitoring.store import (
+    CLASSIFIER_TASKS,
+    FeedbackItem,
+    FeedbackResult,
+    PredictionStore,
+    StoreUnavailable,
+    open_store,
+)
+from modelloop.monitoring.window import WindowSet
+from modelloop.serving.errors import ServingError
+from modelloop.serving.settings import ModelConfig
+from modelloop.serving.types import ModelState, VersionStatus
+
+logger = logging.getLogger(__name__)
+
+BASELINE_FILE = "baseline.json"
+METADATA_FILE = "model.json"
+
+
+class ModelCatalog(Protocol):
+    """What the service needs to know about served models (``ModelRegistry`` fits)."""
+
+    def model_names(self) -> list[str]:
+        """Every model in the repository."""
+
+    def has_model(self, name: str) -> bool:
+        """Whether the model exists."""
+
+    def statuses(self, name: str) -> list[VersionStatus]:
+        """Every known version of a model with its state."""
+
+    def model_config(self, name: str) -> ModelConfig:
+        """The model's ``config.json``."""
+
+
+@dataclass(frozen=True, slots=True)
+class EvaluationReport:
+    """One evaluation of one model version.
+
+    Attributes:
+        model: Model name.
+        version: Version.
+        task: ``multiclass``, ``binary`` or ``regression``.
+        evaluated_at: Unix time.
+        window_rows: Rows in the drift window.
+        min_rows: Rows needed before a drift verdict.
+        drift: The drift report, or None before ``min_rows`` or without a baseline.
+        drift_error: Why there is no drift report when there should be one (no
+            baseline, wrong width), else "".
+        accuracy: Accuracy or MAE over recent labels, or None when the store failed.
+        labels: Labelled rows of this version in the store, or None when it failed.
+        store_error: The store's error, else "".
+        settings: The model's resolved settings (thresholds, ``accuracy_floor``, cooldown).
+    """
+
+    model: str
+    version: int
+    task: str
+    evaluated_at: float
+    window_rows: int
+    min_rows: int
+    drift: DriftReport | None
+    drift_error: str
+    accuracy: AccuracyReport | None
+    labels: int | None
+    store_error: str
+    settings: MonitoringSettings = field(repr=False)
+
+
+Listener = Callable[[str, int, EvaluationReport], None]
+"""``listener(model, version, report)``: called after every evaluation of a version."""
+
+
+@dataclass
+class _VersionState:
+    info: VersionInfo
+    baseline: dict[str, Any] | None
+    error: str = ""
+    detectors: dict[tuple[float, float, float], DriftDetector] = field(default_factory=dict)
+
+    def detector(self, settings: MonitoringSettings) -> DriftDetector:
+        key = (settings.psi_threshold, settings.ks_pvalue, settings.drift_share)
+        detector = self.detectors.get(key)
+        if detector is None:
+            if self.baseline is None:
+                raise ValueError("no baseline")
+            detector = self.detectors[key] = DriftDetector(
+                self.baseline,
+                psi_threshold=settings.psi_threshold,
+                ks_pvalue=settings.ks_pvalue,
+                drift_share=settings.drift_share,
+            )
+        return detector
+
+    def feature_names(self) -> list[str]:
+        if self.baseline is None:
+            return []
+        return [str(f.get("name", "")) for f in self.baseline.get("features", [])]
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    data = json.loads(path.read_text(encoding="utf-8"))
+    if not isinstance(data, dict):
+        raise ValueError(f"{path.name} is not a JSON object")
+    return data
+
+
+class MonitoringService:
+    """Prediction log, feedback, drift and accuracy for every served model.
+
+    Args:
+        settings: Server-wide monitoring settings.
+        repo: The model repository root (baselines are read from version directories).
+        catalog: Which models and versions are loaded (the serving ``ModelRegistry``).
+        registry: The server's Prometheus registry.
+        store: The prediction store. Defaults to ``open_store(settings.resolved_store_url())``.
+
+    Raises:
+        StoreUnavailable: The default SQLite store cannot be opened.
+
+    Example:
+        >>> service = MonitoringService(MonitoringSettings(), repo=repo, catalog=models, registry=registry)
+        >>> await service.start()
+        >>> service.status("digits")  # {1: EvaluationReport(...)}
+        >>> await service.stop()
+    """
+
+    def __init__(
+        self,
+        settings: MonitoringSettings,
+        *,
+        repo: Path,
+        catalog: ModelCatalog,
+        registry: CollectorRegistry,
+        store: PredictionStore | None = None,
+    ) -> None:
+        self.settings = settings
+        self.repo = Path(repo)
+        self.catalog = catalog
+        self.metrics = MonitoringMetrics(registry)
+        self.store: PredictionStore = (
+            store
+            if store is not None
+            else open_store(
+                settings.resolved_store_url(),
+                retention_rows=settings.retention_rows,
+                retention_days=settings.retention_days,
+            )
+        )
+        self.windows = WindowSet(settings.window_size)
+        self.observer = MonitoringObserver(
+            self.store,
+            self.windows,
+            self.metrics,
+            self.version_info,
+            queue_size=settings.queue_size,
+            sample_features=settings.sample_features,
+        )
+        self._versions: dict[tuple[str, int], _VersionState] = {}
+        self._reports: dict[tuple[str, int], EvaluationReport] = {}
+        self._listeners: list[Listener] = []
+        self._bad_overrides: dict[str, str] = {}
+        self._task: asyncio.Task[None] | None = None
+        self._last_prune = 0.0
+
+    # -- listeners -------------------------------------------------------------------
+
+    def add_listener(self, listener: Listener) -> None:
+        """Registers ``listener(model, version, report)``, called after each evaluation.
+
+        Args:
+            listener: A quick, non-blocking callable (see the module docstring).
+        """
+        self._listeners.append(listener)
+
+    def remove_listener(self, listener: Listener) -> None:
+        """Unregisters a listener (no error if it was not registered)."""
+        with contextlib.suppress(ValueError):
+            self._listeners.remove(listener)
+
+    def _notify(self, reports: Sequence[EvaluationReport]) -> None:
+        for report in reports:
+            for listener in list(self._listeners):
+                try:
+                    listener(report.model, report.version, report)
+                except Exception:  # one broken rule must not silence the others
+                    logger.exception("monitoring listener %r failed", listener)
+
+    # -- versions --------------------------------------------------------------------
+
+    def _state(self, model: str, version: int) -> _VersionState:
+        key = (model, version)
+        state = self._versions.get(key)
+        if state is not None:
+            return state
+        version_dir = self.repo / model / str(version)
+        info = VersionInfo()
+        try:
+            meta = _read_json(version_dir / METADATA_FILE)
+            outputs = meta.get("outputs") or []
+            labels = meta.get("labels") or []
+            task = str(meta.get("task") or "multiclass")
+            info = VersionInfo(
+                task=task,
+                classes=len(labels) if task in CLASSIFIER_TASKS else 0,
+                output_name=outputs[0]["name"] if outputs else None,
+            )
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            logger.warning("model %s version %d: cannot read %s: %s", model, version, METADATA_FILE, exc)
+        baseline: dict[str, Any] | None = None
+        error = ""
+        try:
+            baseline = _read_json(version_dir / BASELINE_FILE)
+            DriftDetector(baseline)  # fail now, once, on a malformed baseline
+            classes = info.classes or (2 if info.task == "binary" else 0)
+            info = VersionInfo(info.task, classes, baseline.get("input"), info.output_name)
+        except FileNotFoundError:
+            error = f"no {BASELINE_FILE} in {model}/{version}: drift is not computed"
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            baseline, error = None, f"bad {BASELINE_FILE} in {model}/{version}: {exc}"
+        if error:
+            logger.warning("model %s version %d: %s", model, version, error)
+        state = self._versions[key] = _VersionState(info, baseline, error)
+        return state
+
+    def version_info(self, model: str, version: int) -> VersionInfo:
+        """How to read one version's requests (task, classes, input and output names)."""
+        return self._state(model, version).info
+
+    def _settings_for(self, model: str) -> MonitoringSettings:
+        try:
+            overrides = self.catalog.model_config(model).drift
+            resolved = resolve_model_settings(self.settings, overrides)
+        except ValueError as exc:
+            if self._bad_overrides.get(model) != str(exc):
+                logger.error("model %s: config.json %s; using the server's thresholds", model, exc)
+                self._bad_overrides[model] = str(exc)
+            return self.settings
+        except ServingError:  # an unknown model: the server's thresholds apply
+            return self.settings
+        self._bad_overrides.pop(model, None)
+        return resolved
+
+    def _loaded(self) -> list[tuple[str, int]]:
+        loaded: list[tuple[str, int]] = []
+        for name in self.catalog.model_names():
+            try:
+                statuses = self.catalog.statuses(name)
+            except ServingError:  # the model vanished between the two calls
+                continue
+            loaded.extend((name, s.version) for s in statuses if s.state is ModelState.AVAILABLE)
+        return loaded
+
+    # -- evaluation ------------------------------------------------------------------
+
+    def evaluate_version(self, model: str, version: int) -> EvaluationReport:
+        """Evaluates one version now and updates its gauges (no listeners called).
+
+        Args:
+            model: Model name.
+            version: Version.
+
+        Returns:
+            The report.
+        """
+        settings = self._settings_for(model)
+        state = self._state(model, version)
+        rows, predicted = self.windows.get(model, version).snapshot()
+        v = str(version)
+        self.metrics.window_rows.labels(model, v).set(len(rows))
+        drift: DriftReport | None = None
+        drift_error = state.error
+        if state.baseline is not None and len(rows) >= settings.min_rows:
+            try:
+                detector = state.detector(settings)
+                drift = detector.evaluate(rows, predicted[np.isfinite(predicted)])
+            except ValueError as exc:
+                drift_error = str(exc)
+        if drift is not None:
+            for f in drift.features:
+                self.metrics.feature_drift.labels(model, v, f.name, "psi").set(f.psi)
+                if f.ks is not None:
+                    self.metrics.feature_drift.labels(model, v, f.name, "ks").set(f.ks)
+            self.metrics.drift_detected.labels(model, v).set(1 if drift.drifted else 0)
+            self.metrics.drift_share.labels(model, v).set(drift.share)
+            if drift.prediction_psi is not None:
+                self.metrics.prediction_drift.labels(model, v).set(drift.prediction_psi)
+        accuracy: AccuracyReport | None = None
+        labels: int | None = None
+        store_error = ""
+        try:
+            recent = self.store.recent_labelled(model, version, settings.accuracy_window)
+            labels = self.store.count_labels(model, version)
+            accuracy = score_labelled(recent, task=state.info.task, min_labels=settings.min_labels)
+        except StoreUnavailable as exc:
+            store_error = exc.message
+        if accuracy is not None and accuracy.ready and accuracy.value is not None:
+            gauge = (
+                self.metrics.accuracy if accuracy.metric == "accuracy" else self.metrics.mean_absolute_error
+            )
+            gauge.labels(model, v).set(accuracy.value)
+        report = EvaluationReport(
+            model=model,
+            version=version,
+            task=state.info.task,
+            evaluated_at=time.time(),
+            window_rows=len(rows),
+            min_rows=settings.min_rows,
+            drift=drift,
+            drift_error=drift_error,
+            accuracy=accuracy,
+            labels=labels,
+            store_error=store_error,
+            settings=settings,
+        )
+        self._reports[(model, version)] = report
+        return report
+
+    def _evaluate_all(self) -> list[EvaluationReport]:
+        loaded = self._loaded()
+        reports = []
+        for model, version in loaded:
+            try:
+                reports.append(self.evaluate_version(model, version))
+            except Exception:  # one broken version must not stop the others
+                logger.exception("evaluating model %s version %d failed", model, version)
+        current = set(loaded)
+        gone = {k for k in (*self._reports, *self.windows.keys()) if k not in current}
+        for key in sorted(gone):
+            state = self._versions.pop(key, None)
+            self._reports.pop(key, None)
+            self.windows.discard(*key)
+            self.metrics.forget_version(key[0], key[1], state.feature_names() if state else [])
+        now = time.monotonic()
+        if now - self._last_prune >= self.settings.prune_interval_s:
+            self._last_prune = now
+            try:
+                pruned = self.store.prune()
+                if pruned:
+                    logger.info("pruned %d logged predictions beyond retention", pruned)
+            except StoreUnavailable as exc:
+                logger.warning("retention pass failed: %s", exc)
+        return reports
+
+    def evaluate_once(self) -> list[EvaluationReport]:
+        """Evaluates every AVAILABLE version, updates the gauges and calls the listeners.
+
+        Returns:
+            One report per evaluated version.
+        """
+        reports = self._evaluate_all()
+        self._notify(reports)
+        return reports
+
+    def status(self, model: str) -> dict[int, EvaluationReport]:
+        """The latest report of each evaluated version of a model (for the status page)."""
+        return {v: r for (m, v), r in sorted(self._reports.items()) if m == model}
+
+    # -- feedback --------------------------------------------------------------------
+
+    def has_model(self, model: str) -> bool:
+        """Whether the model is in the repository."""
+        return self.catalog.has_model(model)
+
+    def add_feedback(self, model: str, items: Sequence[FeedbackItem]) -> FeedbackResult:
+        """Joins labels to logged predictions and stores them durably (blocking).
+
+        Predictions still in the observer's queue are written first, so a label posted
+        right after its prediction is found.
+
+        Args:
+            model: The model named in the route.
+            items: Labels by request id.
+
+        Returns:
+            What was accepted, unknown, duplicate or invalid.
+
+        Raises:
+            StoreUnavailable: The store cannot be reached; nothing was stored.
+        """
+        if not self.observer.flush(timeout=5.0):
+            logger.warning("feedback for %s: the prediction log is behind; recent ids may be unknown", model)
+        result = self.store.add_feedback(model, items)
+        for version, count in result.labels.items():
+            self.metrics.feedback.labels(model, str(version)).inc(count)
+        return result
+
+    async def submit_feedback(self, model: str, items: Sequence[FeedbackItem]) -> FeedbackResult:
+        """:meth:`add_feedback` in a worker thread, for the event loop."""
+        return await asyncio.to_thread(self.add_feedback, model, items)
+
+    # -- lifecycle -------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Starts the observer's worker thread and the evaluation loop."""
+        self.observer.start()
+        if self._task is None:
+            self._task = asyncio.create_task(self._loop(), name="monitoring-evaluator")
+
+    async def _loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.eval_interval_s)
+            try:
+                reports = await asyncio.to_thread(self._evaluate_all)
+            except Exception:
+                logger.exception("monitoring evaluation failed")
+                continue
+            self._notify(reports)
+
+    async def stop(self) -> None:
+        """Stops the loop, writes what the observer still holds, and closes the store."""
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+        await asyncio.to_thread(self.observer.stop)
+        self.store.close()
