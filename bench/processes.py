@@ -1,0 +1,123 @@
+"""Servers under test, each a subprocess pinned to the server CPU and stopped by its PID."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+SERVER_CPU = 0
+ROOT = Path(__file__).resolve().parent.parent
+_REST = re.compile(r"REST listening on (http://\S+)")
+_GRPC = re.compile(r"gRPC listening on (\S+)")
+
+
+@dataclass
+class Proc:
+    """A started server: its process, its URLs and what it printed."""
+
+    name: str
+    popen: subprocess.Popen[str]
+    rest_url: str = ""
+    grpc_url: str = ""
+    lines: list[str] = field(default_factory=list)
+
+    @property
+    def pid(self) -> int:
+        """The server's PID (taskset execs into it)."""
+        return self.popen.pid
+
+    def output(self) -> str:
+        """Everything the process printed so far."""
+        return "\n".join(self.lines)
+
+    def rss_bytes(self) -> int:
+        """Resident set size from ``/proc/<pid>/status``."""
+        for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+        return 0
+
+    def stop(self, timeout: float = 30) -> None:
+        """SIGTERM by PID, then SIGKILL if it does not exit in ``timeout`` seconds."""
+        if self.popen.poll() is None:
+            os.kill(self.pid, signal.SIGTERM)
+            try:
+                self.popen.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                os.kill(self.pid, signal.SIGKILL)
+                self.popen.wait(timeout=10)
+
+
+def start(
+    name: str,
+    args: list[str],
+    *,
+    ready_path: str | None = "/v2/health/ready",
+    needs: tuple[str, ...] = ("rest", "grpc"),
+    timeout: float = 120,
+    env: dict[str, str] | None = None,
+    cpu: int = SERVER_CPU,
+) -> Proc:
+    """Starts ``python ARGS`` pinned to ``cpu`` and waits until it prints its addresses.
+
+    The process must print ``REST listening on http://...`` and/or ``gRPC listening on
+    host:port`` (as ``modelloop serve`` does). With ``ready_path``, the REST URL must also
+    answer 200 there.
+
+    Raises:
+        RuntimeError: The process exited or was not ready in time (it is killed).
+    """
+    cmd = ["taskset", "-c", str(cpu), sys.executable, *args]
+    popen = subprocess.Popen(
+        cmd,
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "PYTHONUNBUFFERED": "1", **(env or {})},
+    )
+    proc = Proc(name, popen)
+
+    def pump() -> None:
+        assert popen.stdout is not None
+        for line in popen.stdout:
+            proc.lines.append(line.rstrip("\n"))
+
+    threading.Thread(target=pump, daemon=True).start()
+    deadline = time.monotonic() + timeout
+    try:
+        while time.monotonic() < deadline:
+            if popen.poll() is not None:
+                raise RuntimeError(f"{name} exited with {popen.returncode}:\n{proc.output()[-4000:]}")
+            text = proc.output()
+            rest, grpc = _REST.search(text), _GRPC.search(text)
+            if rest:
+                proc.rest_url = rest.group(1)
+            if grpc:
+                proc.grpc_url = "http://" + grpc.group(1)
+            found = {"rest": rest is not None, "grpc": grpc is not None}
+            if all(found[n] for n in needs) and (ready_path is None or _ok(proc.rest_url + ready_path)):
+                return proc
+            time.sleep(0.1)
+        raise RuntimeError(f"{name} not ready after {timeout} s:\n{proc.output()[-4000:]}")
+    except BaseException:
+        if popen.poll() is None:
+            os.kill(popen.pid, signal.SIGKILL)
+            popen.wait(timeout=10)
+        raise
+
+
+def _ok(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=2) as response:
+            return response.status == 200
+    except OSError:
+        return False

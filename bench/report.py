@@ -1,0 +1,260 @@
+"""Results: the JSON document, the Markdown table, the target ratios and the chart.
+
+Every ratio compares rows of one run: numbers from different runs (or machines) are
+never mixed.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+SCHEMA = "modelloop-bench/1"
+
+
+@dataclass
+class Row:
+    """One measured point.
+
+    ``throughput`` is requests/s for servers and rows/s for in-process runs (``unit``).
+    """
+
+    key: str
+    label: str
+    group: str
+    connections: int | None
+    throughput: float
+    unit: str = "req/s"
+    p50_ms: float | None = None
+    p99_ms: float | None = None
+    errors: int = 0
+    requests: int = 0
+    duration_s: float = 0.0
+    rows_per_request: int = 1
+    note: str = ""
+
+    @property
+    def rows_per_s(self) -> float:
+        """Rows per second (requests/s x rows per request for servers)."""
+        return self.throughput if self.unit == "rows/s" else self.throughput * self.rows_per_request
+
+
+@dataclass(frozen=True)
+class Target:
+    """A ratio between two rows of one run, with the bound the issue sets."""
+
+    name: str
+    numerator: str
+    denominator: str
+    minimum: float | None = None
+    maximum: float | None = None
+    metric: str = "rows_per_s"  # or "p99_ms"
+
+
+_REST32, _CEIL32 = "ours.tfserving_rest.c32", "ceiling.tfserving_rest.c32"
+TARGETS: tuple[Target, ...] = (
+    Target("TF Serving REST :predict / REST ceiling (32 conn)", _REST32, _CEIL32, 0.65),
+    Target(
+        "TF Serving REST p99 / REST ceiling p99 (32 conn)", _REST32, _CEIL32, maximum=2.0, metric="p99_ms"
+    ),
+    Target("OIP V2 REST infer / REST ceiling (32 conn)", "ours.v2_rest.c32", "ceiling.v2_rest.c32", 0.6),
+    Target(
+        "TF Serving gRPC Predict / gRPC ceiling (32 conn)",
+        "ours.tfserving_grpc.c32",
+        "ceiling.tfserving_grpc.c32",
+        0.65,
+    ),
+    Target("OIP gRPC ModelInfer / gRPC ceiling (32 conn)", "ours.v2_grpc.c32", "ceiling.v2_grpc.c32", 0.65),
+    Target("heavy, batching / in-process ORT batch 32 (rows/s)", "heavy.batched.c64", "ort.heavy.b32", 0.5),
+    Target("heavy, batching / batching off (64 conn)", "heavy.batched.c64", "heavy.unbatched.c64", 3.0),
+)
+
+# Informative ratios printed beside the targets (no bound).
+COMPARISONS: tuple[Target, ...] = (
+    Target("ours TF Serving REST / tutorial baseline (32 conn)", "ours.tfserving_rest.c32", "tutorial.c32"),
+    Target("ours TF Serving REST / in-process ORT batch 1", "ours.tfserving_rest.c32", "ort.digits.b1"),
+)
+
+
+@dataclass
+class Ratio:
+    """A computed ratio and whether it meets its bound (None when it has none or a row is missing)."""
+
+    name: str
+    value: float | None
+    minimum: float | None
+    maximum: float | None
+    met: bool | None
+
+
+@dataclass
+class Report:
+    """One run of the suite."""
+
+    timestamp: str
+    command: str
+    machine: dict[str, Any]
+    settings: dict[str, Any]
+    rows: list[Row] = field(default_factory=list)
+    rss: dict[str, Any] | None = None
+    profile_notes: list[str] = field(default_factory=list)
+
+    def row(self, key: str) -> Row | None:
+        """The row with ``key``, if measured."""
+        return next((r for r in self.rows if r.key == key), None)
+
+    def ratios(self, targets: tuple[Target, ...] = TARGETS) -> list[Ratio]:
+        """Every target ratio of this run."""
+        out = []
+        for t in targets:
+            num, den = self.row(t.numerator), self.row(t.denominator)
+            value: float | None = None
+            if num is not None and den is not None:
+                a, b = (num.p99_ms, den.p99_ms) if t.metric == "p99_ms" else (num.rows_per_s, den.rows_per_s)
+                if a is not None and b:
+                    value = a / b
+            met: bool | None = None
+            if value is not None and (t.minimum is not None or t.maximum is not None):
+                met = (t.minimum is None or value >= t.minimum) and (t.maximum is None or value <= t.maximum)
+            out.append(Ratio(t.name, value, t.minimum, t.maximum, met))
+        return out
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON document (see ``tests/bench`` for its schema)."""
+        return {
+            "schema": SCHEMA,
+            "timestamp": self.timestamp,
+            "command": self.command,
+            "machine": self.machine,
+            "settings": self.settings,
+            "rows": [asdict(r) | {"rows_per_s": r.rows_per_s} for r in self.rows],
+            "targets": [asdict(r) for r in self.ratios()],
+            "comparisons": [asdict(r) for r in self.ratios(COMPARISONS)],
+            "rss": self.rss,
+            "profile_notes": self.profile_notes,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Report:
+        """Reads a document written by :meth:`to_dict`."""
+        if data.get("schema") != SCHEMA:
+            raise ValueError(f"not a {SCHEMA} document: schema {data.get('schema')!r}")
+        rows = []
+        for item in data["rows"]:
+            item = dict(item)
+            item.pop("rows_per_s", None)
+            rows.append(Row(**item))
+        return cls(
+            timestamp=data["timestamp"],
+            command=data["command"],
+            machine=data["machine"],
+            settings=data["settings"],
+            rows=rows,
+            rss=data.get("rss"),
+            profile_notes=list(data.get("profile_notes", [])),
+        )
+
+
+def _num(value: float | None, digits: int = 0) -> str:
+    if value is None:
+        return "-"
+    return f"{value:,.{digits}f}"
+
+
+def _bound(r: Ratio) -> str:
+    if r.minimum is not None:
+        return f"≥ {r.minimum:g}"
+    if r.maximum is not None:
+        return f"≤ {r.maximum:g}"
+    return ""
+
+
+def _verdict(r: Ratio) -> str:
+    return {True: "met", False: "**not met**", None: "-"}[r.met]
+
+
+def render_markdown(report: Report) -> str:
+    """The results table, the target ratios and the RSS line, as Markdown."""
+    m = report.machine
+    lines = [
+        f"Run {report.timestamp} on {m.get('cpu', '?')} ({m.get('cores', '?')} cores; server on CPU "
+        f"{m.get('server_cpu', 0)}, load generator on CPU {m.get('load_cpu', 1)}), "
+        f"{report.settings.get('duration_s')} s per point after {report.settings.get('warmup_s')} s warm-up. "
+        f"Command: `{report.command}`.",
+        "",
+        "| point | group | conns | throughput | p50 ms | p99 ms | errors | vs ref |",
+        "|---|---|--:|--:|--:|--:|--:|---|",
+    ]
+    refs = _reference_for(report)
+    for r in report.rows:
+        ref_key = refs.get(r.key)
+        ref = report.row(ref_key) if ref_key else None
+        vs = (
+            f"{r.rows_per_s / ref.rows_per_s:.2f} × {ref.label}" if ref is not None and ref.rows_per_s else ""
+        )
+        conns = "" if r.connections is None else str(r.connections)
+        lines.append(
+            f"| {r.label} | {r.group} | {conns} | {_num(r.throughput)} {r.unit} | {_num(r.p50_ms, 2)} | "
+            f"{_num(r.p99_ms, 2)} | {r.errors} | {vs} |"
+        )
+    lines += ["", "| target (ratio within this run) | value | bound | verdict |", "|---|--:|--:|---|"]
+    for ratio in report.ratios():
+        lines.append(f"| {ratio.name} | {_num(ratio.value, 2)} | {_bound(ratio)} | {_verdict(ratio)} |")
+    for ratio in report.ratios(COMPARISONS):
+        lines.append(f"| {ratio.name} | {_num(ratio.value, 1)} | | |")
+    if report.rss:
+        rss = report.rss
+        lines += [
+            "",
+            f"RSS over a {rss['duration_s']:.0f} s run at {rss['connections']} connections "
+            f"({rss['endpoint']}): {rss['start_bytes'] / 2**20:.1f} MiB after warm-up → "
+            f"{rss['end_bytes'] / 2**20:.1f} MiB at the end, growth {rss['growth'] * 100:+.1f} % "
+            f"(bound ≤ 10 %: {'met' if rss['growth'] <= 0.10 else '**not met**'}); "
+            f"{rss['launch_bytes'] / 2**20:.1f} MiB at launch.",
+        ]
+    return "\n".join(lines) + "\n"
+
+
+def _reference_for(report: Report) -> dict[str, str]:
+    # Each row is compared with the reference of its own kind in the same run.
+    refs: dict[str, str] = {}
+    for r in report.rows:
+        if r.key.startswith("ours."):
+            _, protocol, conns = r.key.split(".")
+            refs[r.key] = f"ceiling.{protocol}.{conns}"
+        elif r.key.startswith("heavy."):
+            refs[r.key] = "ort.heavy.b32"
+        elif r.key.startswith("tutorial."):
+            refs[r.key] = "ceiling.tfserving_rest." + r.key.split(".")[1]
+    return refs
+
+
+def write_chart(report: Report, path: Path) -> None:
+    """A horizontal bar chart of rows/s per point (log scale), grouped by colour."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = report.rows
+    colours = {"ours": "#1f77b4", "reference": "#7f7f7f", "baseline": "#d62728", "heavy": "#2ca02c"}
+    fig, ax = plt.subplots(figsize=(10, 0.38 * len(rows) + 1.5))
+    labels = [f"{r.label}" + (f" ×{r.connections}" if r.connections else "") for r in rows]
+    values = [max(r.rows_per_s, 1e-3) for r in rows]
+    ax.barh(labels, values, color=[colours.get(r.group, "#9467bd") for r in rows])
+    for y, r in enumerate(rows):
+        ax.text(values[y], y, f" {r.rows_per_s:,.0f}", va="center", fontsize=8)
+    ax.set_xscale("log")
+    ax.invert_yaxis()
+    ax.set_xlabel("rows/s (log scale; one row per request for servers)")
+    ax.set_title(f"modelloop bench {report.timestamp} — {report.machine.get('cpu', '')}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_json(report: Report, path: Path) -> None:
+    """Writes the JSON document."""
+    path.write_text(json.dumps(report.to_dict(), indent=2) + "\n")

@@ -1,0 +1,457 @@
+"""The suite: generate the models, start every server, measure every point, report.
+
+Usage::
+
+    python -m bench                 # every point, 10 s each after a 2 s warm-up (~6 minutes)
+    python -m bench --quick         # 3 s per point (~2 minutes)
+    python -m bench --soak          # also the 60 s RSS run at 32 connections
+    python -m bench --only ours,ceiling --protocols tfserving_rest
+    python -m bench --compare-tree /tmp/before   # also serve an older checkout, side by side
+
+The server under test and every reference server run pinned to CPU 0; ``wrk`` and
+``h2load`` run pinned to CPU 1. Compare only numbers from one run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime as dt
+import json
+import os
+import platform
+import shlex
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+from bench import loadgen, payloads, processes
+from bench.loadgen import GRPC_PATHS, LoadResult
+from bench.models import HEAVY_BATCHING, Assets, ensure_assets
+from bench.processes import Proc
+from bench.report import Report, Row, render_markdown, write_chart, write_json
+
+RESULTS = Path(__file__).resolve().parent / "results"
+PROTOCOLS = ("tfserving_rest", "v2_rest", "tfserving_grpc", "v2_grpc")
+PROTOCOL_LABELS = {
+    "tfserving_rest": "TF Serving REST :predict",
+    "v2_rest": "OIP V2 REST infer",
+    "tfserving_grpc": "TF Serving gRPC Predict",
+    "v2_grpc": "OIP gRPC ModelInfer",
+}
+GROUPS = ("ort", "ours", "ceiling", "tutorial", "heavy")
+HEAVY_CONNECTIONS = 64
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    """The suite's command line."""
+    parser = argparse.ArgumentParser(prog="python -m bench", description="modelloop benchmark suite")
+    parser.add_argument("--duration", type=float, default=None, help="seconds per measurement (default 10)")
+    parser.add_argument("--warmup", type=float, default=None, help="seconds of warm-up per point (default 2)")
+    parser.add_argument("--quick", action="store_true", help="3 s per point, 1 s warm-up: about 2 minutes")
+    parser.add_argument(
+        "--soak", action="store_true", help="also measure RSS over a 60 s run at 32 connections"
+    )
+    parser.add_argument("--soak-duration", type=float, default=60.0, help=argparse.SUPPRESS)
+    parser.add_argument("--connections", default="1,32", help="connection counts of the digits points")
+    parser.add_argument("--only", default=",".join(GROUPS), help=f"groups to run, of {','.join(GROUPS)}")
+    parser.add_argument("--protocols", default=",".join(PROTOCOLS), help="digits protocols to run")
+    parser.add_argument(
+        "--compare-tree",
+        type=Path,
+        default=None,
+        help="also serve this checkout (e.g. a git worktree) as 'before'",
+    )
+    parser.add_argument("--tutorial-connections", type=int, default=32)
+    parser.add_argument("--tutorial-duration", type=float, default=5.0, help="its points are slow: cap them")
+    parser.add_argument("--out", type=Path, default=RESULTS, help="where the JSON and PNG go")
+    parser.add_argument("--cache", type=Path, default=None, help="model cache (default bench/.cache)")
+    args = parser.parse_args(argv)
+    # --quick sets the defaults; an explicit --duration or --warmup still wins.
+    quick = args.quick
+    args.duration = args.duration if args.duration is not None else (3.0 if quick else 10.0)
+    args.warmup = args.warmup if args.warmup is not None else (1.0 if quick else 2.0)
+    args.only = {g.strip() for g in args.only.split(",") if g.strip()}
+    args.protocols = [p.strip() for p in args.protocols.split(",") if p.strip()]
+    args.connections = [int(c) for c in args.connections.split(",")]
+    unknown = (args.only - set(GROUPS)) | (set(args.protocols) - set(PROTOCOLS))
+    if unknown:
+        parser.error(f"unknown group or protocol: {', '.join(sorted(unknown))}")
+    return args
+
+
+def machine_info() -> dict[str, object]:
+    """CPU model, core count, kernel, Python and the load tools' versions."""
+    cpu = platform.processor() or "?"
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+
+    def version(cmd: list[str]) -> str:
+        try:
+            out = subprocess.run(cmd, capture_output=True, text=True, timeout=10)
+        except OSError:
+            return "missing"
+        return (out.stdout + out.stderr).strip().splitlines()[0] if (out.stdout + out.stderr).strip() else "?"
+
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "server_cpu": processes.SERVER_CPU,
+        "load_cpu": loadgen.LOAD_CPU,
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+        "wrk": version(["wrk", "-v"]),
+        "h2load": version(["h2load", "--version"]),
+    }
+
+
+def serve_args(repo: Path) -> list[str]:
+    """``modelloop serve`` on port 0 with its defaults (what a user runs)."""
+    return ["-m", "modelloop", "serve", "--repo", str(repo), "--rest-port", "0", "--grpc-port", "0"]
+
+
+def start_tree_server(tree: Path, repo: Path, site: Path) -> Proc:
+    """Serves ``repo`` with the code of another checkout, by shadowing the editable install.
+
+    ``site/modelloop`` mirrors the checkout's package layout (``modelloop/`` plus the
+    top-level folders mapped into it), and ``PYTHONPATH`` puts it before the editable finder.
+    """
+    pkg = site / "modelloop"
+    if pkg.exists():
+        shutil.rmtree(pkg)
+    shutil.copytree(tree / "modelloop", pkg)
+    for sub in ("serving", "training", "export", "monitoring"):
+        if (tree / sub).is_dir():
+            (pkg / sub).symlink_to(tree / sub)
+    return processes.start("before", serve_args(repo), env={"PYTHONPATH": str(site)})
+
+
+def preflight(proc: Proc, protocol: str, body: Path, model: str) -> None:
+    """One real request through each endpoint before it is measured, so a bad body fails loudly.
+
+    Raises:
+        RuntimeError: The endpoint did not answer a valid response.
+    """
+    data = body.read_bytes()
+    if protocol.endswith("_rest"):
+        path = rest_path(protocol, model)
+        request = urllib.request.Request(
+            proc.rest_url + path, data=data, headers={"Content-Type": "application/json"}, method="POST"
+        )
+        try:
+            with urllib.request.urlopen(request, timeout=30) as response:
+                answer = json.loads(response.read())
+        except OSError as exc:
+            raise RuntimeError(f"{proc.name}: {protocol} preflight failed: {exc}") from exc
+        if "predictions" not in answer and "outputs" not in answer:
+            raise RuntimeError(f"{proc.name}: {protocol} preflight got {answer}")
+        return
+    import grpc
+
+    target = proc.grpc_url.removeprefix("http://")
+    with grpc.insecure_channel(target) as channel:
+        call = channel.unary_unary(GRPC_PATHS[protocol])
+        try:
+            reply = call(data[5:], timeout=30)
+        except grpc.RpcError as exc:
+            raise RuntimeError(f"{proc.name}: {protocol} preflight failed: {exc}") from exc
+    if not reply:
+        raise RuntimeError(f"{proc.name}: {protocol} preflight got an empty reply")
+
+
+def rest_path(protocol: str, model: str) -> str:
+    """The URL path of a REST protocol's inference route."""
+    return f"/v1/models/{model}:predict" if protocol == "tfserving_rest" else f"/v2/models/{model}/infer"
+
+
+def server_errors(proc: Proc) -> int:
+    """Requests ``/metrics`` counts with a code other than OK (0 for servers without metrics).
+
+    h2load only sees HTTP status, and gRPC failures travel in trailers with HTTP 200, so
+    the server's own counter is the error count that matters for gRPC points.
+    """
+    from prometheus_client.parser import text_string_to_metric_families
+
+    try:
+        with urllib.request.urlopen(proc.rest_url + "/metrics", timeout=10) as response:
+            text = response.read().decode()
+    except OSError:
+        return 0
+    total = 0
+    for family in text_string_to_metric_families(text):
+        if family.name == "modelloop_requests":
+            for sample in family.samples:
+                # CANCELLED: the load generator hung up on calls in flight when its time ran out.
+                if sample.name.endswith("_total") and sample.labels.get("code") not in ("OK", "CANCELLED"):
+                    total += int(sample.value)
+    return total
+
+
+def measure(
+    proc: Proc, protocol: str, body: Path, model: str, connections: int, duration_s: float, warmup_s: float
+) -> LoadResult:
+    """Warm-up, then one bounded measurement of one endpoint."""
+
+    def run(seconds: float) -> LoadResult:
+        if protocol.endswith("_rest"):
+            return loadgen.run_wrk(
+                proc.rest_url, rest_path(protocol, model), body, connections=connections, duration_s=seconds
+            )
+        return loadgen.run_h2load(
+            proc.grpc_url, GRPC_PATHS[protocol], body, connections=connections, duration_s=seconds
+        )
+
+    if warmup_s > 0:
+        run(warmup_s)
+    before = server_errors(proc) if proc.name in ("ours", "before", "heavy") else 0
+    result = run(duration_s)
+    if proc.name in ("ours", "before", "heavy"):
+        result.errors = max(result.errors, server_errors(proc) - before)
+    return result
+
+
+def row_from(key: str, label: str, group: str, connections: int, result: LoadResult, note: str = "") -> Row:
+    """A table row from a load result."""
+    return Row(
+        key=key,
+        label=label,
+        group=group,
+        connections=connections,
+        throughput=result.requests_per_s,
+        p50_ms=result.p50_ms,
+        p99_ms=result.p99_ms,
+        errors=result.errors,
+        requests=result.requests,
+        duration_s=result.duration_s,
+        note=note,
+    )
+
+
+def ort_row(key: str, label: str, batch: int, r: dict[str, float]) -> Row:
+    """A table row from an in-process measurement (rows/s; latency of one ``session.run``)."""
+    return Row(
+        key=key,
+        label=label,
+        group="reference",
+        connections=None,
+        throughput=r["rows_per_s"],
+        unit="rows/s",
+        p50_ms=r["p50_ms"],
+        p99_ms=r["p99_ms"],
+        requests=int(r["calls"]),
+        duration_s=r["duration_s"],
+        rows_per_request=batch,
+        note="p50/p99: one session.run call",
+    )
+
+
+def inprocess(model: Path, batch: int, duration_s: float, warmup_s: float) -> dict[str, float]:
+    """In-process ONNX Runtime, pinned to the server CPU."""
+    cmd = [
+        "taskset", "-c", str(processes.SERVER_CPU), sys.executable, "-m", "bench.inprocess", str(model),
+        "--batch", str(batch), "--duration", str(duration_s), "--warmup", str(warmup_s),
+    ]  # fmt: skip
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True, cwd=processes.ROOT, timeout=300)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+@contextlib.contextmanager
+def running(start: Callable[[], Proc]) -> Iterator[Proc]:
+    """Starts a server and stops it by PID on the way out."""
+    proc = start()
+    try:
+        yield proc
+    finally:
+        proc.stop()
+
+
+def log(message: str) -> None:
+    """Progress on stderr, so stdout keeps just the table."""
+    print(f"[bench {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+def run_suite(args: argparse.Namespace, assets: Assets, bodies_dir: Path, report: Report) -> None:
+    """Measures every selected point into ``report.rows``."""
+    d, w = args.duration, args.warmup
+    row = payloads.sample_row(payloads.DIGITS_FEATURES)
+    bodies = payloads.write_bodies(bodies_dir, "digits", "pixels", row)
+    heavy_rows = payloads.sample_row(payloads.HEAVY_FEATURES)
+    heavy_bodies = payloads.write_bodies(bodies_dir, "heavy", "pixels", heavy_rows)
+    unbatched_bodies = payloads.write_bodies(bodies_dir, "heavy_unbatched", "pixels", heavy_rows)
+
+    if "ort" in args.only:
+        for batch in (1, 32):
+            log(f"in-process ONNX Runtime, digits, batch {batch}")
+            r = inprocess(assets.digits_onnx, batch, d, w)
+            report.rows.append(
+                ort_row(f"ort.digits.b{batch}", f"in-process ORT digits, batch {batch}", batch, r)
+            )
+
+    if args.only & {"ours", "ceiling"}:
+        with contextlib.ExitStack() as stack:
+            servers: dict[str, Proc] = {}
+            if "ours" in args.only:
+                log("starting modelloop serve (digits)")
+                servers["ours"] = stack.enter_context(
+                    running(lambda: processes.start("ours", serve_args(assets.digits_repo)))
+                )
+                report.rss = {"launch_bytes": servers["ours"].rss_bytes()}
+                if args.compare_tree is not None:
+                    site = Path(stack.enter_context(tempfile.TemporaryDirectory()))
+                    servers["before"] = stack.enter_context(
+                        running(lambda: start_tree_server(args.compare_tree, assets.digits_repo, site))
+                    )
+            if "ceiling" in args.only:
+                log("starting the reference servers")
+                servers["ceiling_rest"] = stack.enter_context(
+                    running(
+                        lambda: processes.start(
+                            "ceiling_rest", ["-m", "bench.reference_rest"], needs=("rest",)
+                        )
+                    )
+                )
+                servers["ceiling_grpc"] = stack.enter_context(
+                    running(
+                        lambda: processes.start(
+                            "ceiling_grpc", ["-m", "bench.reference_grpc"], needs=("grpc",), ready_path=None
+                        )
+                    )
+                )
+            for protocol in args.protocols:
+                ceiling = "ceiling_rest" if protocol.endswith("_rest") else "ceiling_grpc"
+                order = [
+                    (ceiling, "ceiling", "reference"),
+                    ("ours", "ours", "ours"),
+                    ("before", "before", "ours"),
+                ]
+                for name, _, _ in order:
+                    if name in servers:
+                        preflight(servers[name], protocol, bodies[protocol], "digits")
+                for conns in args.connections:
+                    # Side by side: each reference right next to the point it is compared with.
+                    for name, prefix, group in order:
+                        if name not in servers:
+                            continue
+                        log(f"{name}: {protocol} at {conns} connections")
+                        result = measure(servers[name], protocol, bodies[protocol], "digits", conns, d, w)
+                        label = ("REST ceiling " if name == "ceiling_rest" else "gRPC ceiling " if
+                                 name == "ceiling_grpc" else "before: " if name == "before" else "") + (
+                                     PROTOCOL_LABELS[protocol])  # fmt: skip
+                        report.rows.append(
+                            row_from(f"{prefix}.{protocol}.c{conns}", label, group, conns, result)
+                        )
+            if args.soak and "ours" in servers:
+                soak(servers["ours"], bodies["tfserving_rest"], args, report)
+
+    if "tutorial" in args.only:
+        log("starting the tutorial baseline (FastAPI + keras model.predict)")
+        with running(
+            lambda: processes.start("tutorial", ["-m", "bench.tutorial_server", str(assets.digits_keras)],
+                                    needs=("rest",))
+        ) as tutorial:  # fmt: skip
+            preflight(tutorial, "tfserving_rest", bodies["tfserving_rest"], "digits")
+            conns = args.tutorial_connections
+            td = min(d, args.tutorial_duration)
+            log(f"tutorial: TF Serving REST body at {conns} connections for {td:g} s")
+            result = measure(
+                tutorial, "tfserving_rest", bodies["tfserving_rest"], "digits", conns, td, min(w, 2)
+            )
+            report.rows.append(
+                row_from(f"tutorial.c{conns}", "tutorial: FastAPI + keras predict", "baseline", conns, result)
+            )
+
+    if "heavy" in args.only:
+        log("in-process ONNX Runtime, heavy model, batch 32")
+        r = inprocess(assets.heavy_onnx, 32, d, w)
+        report.rows.append(ort_row("ort.heavy.b32", "in-process ORT heavy, batch 32", 32, r))
+        log("starting modelloop serve (heavy, heavy_unbatched)")
+        with running(lambda: processes.start("heavy", serve_args(assets.heavy_repo))) as heavy:
+            for model, key, label, bodies_ in (
+                ("heavy", "heavy.batched", "heavy, dynamic batching (gRPC Predict)", heavy_bodies),
+                (
+                    "heavy_unbatched",
+                    "heavy.unbatched",
+                    "heavy, batching off (gRPC Predict)",
+                    unbatched_bodies,
+                ),
+            ):
+                preflight(heavy, "tfserving_grpc", bodies_["tfserving_grpc"], model)
+                log(f"heavy: {model} at {HEAVY_CONNECTIONS} connections")
+                result = measure(
+                    heavy, "tfserving_grpc", bodies_["tfserving_grpc"], model, HEAVY_CONNECTIONS, d, w
+                )
+                report.rows.append(
+                    row_from(f"{key}.c{HEAVY_CONNECTIONS}", label, "heavy", HEAVY_CONNECTIONS, result)
+                )
+
+
+def soak(proc: Proc, body: Path, args: argparse.Namespace, report: Report) -> None:
+    """RSS after warm-up and after ``--soak-duration`` seconds at 32 connections."""
+    log(f"soak: TF Serving REST at 32 connections for {args.soak_duration:g} s (RSS)")
+    loadgen.run_wrk(proc.rest_url, rest_path("tfserving_rest", "digits"), body, connections=32, duration_s=5)
+    start = proc.rss_bytes()
+    result = loadgen.run_wrk(
+        proc.rest_url,
+        rest_path("tfserving_rest", "digits"),
+        body,
+        connections=32,
+        duration_s=args.soak_duration,
+    )
+    end = proc.rss_bytes()
+    report.rss = {
+        **(report.rss or {}),
+        "endpoint": "TF Serving REST :predict",
+        "connections": 32,
+        "duration_s": result.duration_s,
+        "requests": result.requests,
+        "start_bytes": start,
+        "end_bytes": end,
+        "growth": (end - start) / start if start else 0.0,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Runs the suite; prints the Markdown table and writes the JSON and PNG."""
+    args = parse_args(argv)
+    try:
+        loadgen.check_tools()
+    except loadgen.LoadToolMissing as exc:
+        print(f"bench: {exc}", file=sys.stderr)
+        return 2
+    started = time.monotonic()
+    log("preparing models (cached in bench/.cache after the first run)")
+    assets = ensure_assets(args.cache) if args.cache else ensure_assets()
+    stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%SZ")
+    report = Report(
+        timestamp=stamp,
+        command="python -m bench " + shlex.join(argv if argv is not None else sys.argv[1:]),
+        machine=machine_info(),
+        settings={
+            "duration_s": args.duration,
+            "warmup_s": args.warmup,
+            "connections": args.connections,
+            "heavy_connections": HEAVY_CONNECTIONS,
+            "heavy_batching": HEAVY_BATCHING,
+            "tutorial_connections": args.tutorial_connections,
+            "rows_per_request": 1,
+        },
+    )
+    with tempfile.TemporaryDirectory(prefix="modelloop-bench-") as tmp:
+        run_suite(args, assets, Path(tmp), report)
+    if report.rss is not None and "end_bytes" not in report.rss:
+        report.rss = None
+    args.out.mkdir(parents=True, exist_ok=True)
+    json_path, png_path = args.out / f"{stamp}.json", args.out / f"{stamp}.png"
+    write_json(report, json_path)
+    write_chart(report, png_path)
+    print(render_markdown(report))
+    log(f"wrote {json_path} and {png_path} in {time.monotonic() - started:.0f} s")
+    return 0
