@@ -85,15 +85,23 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _add_server_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1)")
-    parser.add_argument(
-        "--rest-port", type=_port, default=8501, help="REST port; 0 picks one"
-    )
-    parser.add_argument(
-        "--grpc-port", type=_port, default=8500, help="gRPC port; 0 picks one"
-    )
+    parser.add_argument("--rest-port", type=_port, default=8501, help="REST port; 0 picks one")
+    parser.add_argument("--grpc-port", type=_port, default=8500, help="gRPC port; 0 picks one")
     parser.add_argument("--poll-interval", type=float, default=None, help="seconds between repository polls")
     parser.add_argument("--grace-period", type=float, default=None, help="seconds to drain on SIGTERM")
     parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    parser.add_argument(
+        "--store",
+        default=None,
+        metavar="URL",
+        help="prediction and feedback store: sqlite:///PATH or postgresql://... (default: SQLite)",
+    )
+    parser.add_argument(
+        "--state-dir", type=Path, default=None, metavar="DIR", help="monitoring state (default: ./.modelloop)"
+    )
+    parser.add_argument(
+        "--no-monitoring", action="store_true", help="no prediction log, feedback, drift or accuracy"
+    )
 
 
 def _quiet_tensorflow() -> None:
@@ -135,9 +143,11 @@ def _cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
-def _serving_settings(args: argparse.Namespace) -> Any:
+def _serving_settings(args: argparse.Namespace) -> tuple[Any, Any]:
+    """The serving and the monitoring settings of ``serve`` and ``up``."""
     from pydantic import ValidationError
 
+    from modelloop.monitoring.settings import MonitoringSettings
     from modelloop.serving.settings import ServingSettings
 
     overrides: dict[str, Any] = {
@@ -150,8 +160,15 @@ def _serving_settings(args: argparse.Namespace) -> Any:
         overrides["poll_interval_s"] = args.poll_interval
     if args.grace_period is not None:
         overrides["grace_period_s"] = args.grace_period
+    monitoring: dict[str, Any] = {}
+    if args.no_monitoring:
+        monitoring["enabled"] = False
+    if args.store is not None:
+        monitoring["store_url"] = args.store
+    if args.state_dir is not None:
+        monitoring["state_dir"] = args.state_dir
     try:
-        return ServingSettings(**overrides)
+        return ServingSettings(**overrides), MonitoringSettings(**monitoring)
     except ValidationError as exc:
         first = exc.errors()[0]
         where = ".".join(str(p) for p in first["loc"])
@@ -169,10 +186,10 @@ def _setup_logging(level: str) -> None:
 def _cmd_serve(args: argparse.Namespace) -> int:
     _quiet_tensorflow()
     _setup_logging(args.log_level)
-    settings = _serving_settings(args)
+    settings, monitoring = _serving_settings(args)
     from modelloop.serving.server import serve
 
-    return serve(settings)
+    return serve(settings, monitoring=monitoring)
 
 
 def _cmd_up(args: argparse.Namespace) -> int:
@@ -183,10 +200,10 @@ def _cmd_up(args: argparse.Namespace) -> int:
     published = ensure_default_model(args.repo, epochs=args.epochs)
     if published is not None:
         print(f"modelloop: published {published}", flush=True)
-    settings = _serving_settings(args)
+    settings, monitoring = _serving_settings(args)
     from modelloop.serving.server import serve
 
-    return serve(settings, on_ready=print_welcome)
+    return serve(settings, on_ready=print_welcome, monitoring=monitoring)
 
 
 COMMANDS = {"train": _cmd_train, "export": _cmd_export, "serve": _cmd_serve, "up": _cmd_up}

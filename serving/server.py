@@ -22,6 +22,9 @@ import uvicorn
 from prometheus_client import CollectorRegistry
 
 from modelloop.errors import ModelloopError
+from modelloop.monitoring.service import MonitoringService
+from modelloop.monitoring.settings import MonitoringSettings
+from modelloop.monitoring.store import StoreUnavailable
 from modelloop.serving.dataplane import DataPlane
 from modelloop.serving.grpc.server import bind_grpc_server, create_grpc_server
 from modelloop.serving.metrics import ServingMetrics
@@ -93,6 +96,10 @@ class ModelServer:
         observer: Receives every answered request (monitoring). Defaults to a no-op.
         registry: Prometheus registry for ``/metrics``. Defaults to a fresh one.
 
+        monitoring: Monitoring settings; when given and enabled, a
+            :class:`~modelloop.monitoring.service.MonitoringService` logs predictions,
+            takes feedback and exports drift and accuracy on the same registry.
+            Defaults to None (no monitoring).
     Example:
         >>> server = ModelServer(ServingSettings(repo=Path("models"), rest_port=0, grpc_port=0))
         >>> asyncio.run(server.run())  # until SIGTERM
@@ -105,6 +112,7 @@ class ModelServer:
         observer: InferenceObserver | None = None,
         registry: CollectorRegistry | None = None,
     ) -> None:
+        monitoring: MonitoringSettings | None = None,
         if not settings.repo.is_dir():
             raise ServerError(f"model repository {str(settings.repo)!r} does not exist or is not a directory")
         self.settings = settings
@@ -112,7 +120,16 @@ class ModelServer:
         self.metrics = ServingMetrics(self.prometheus)
         self.models = ModelRegistry(ModelRepository(settings.repo), settings, metrics=self.metrics)
         self.dataplane = DataPlane(self.models, self.metrics, observer=observer)
-        self.app = create_app(self.dataplane, settings, self.prometheus)
+        self.monitoring: MonitoringService | None = None
+        if monitoring is not None and monitoring.enabled:
+            try:
+                self.monitoring = MonitoringService(
+                    monitoring, repo=settings.repo, catalog=self.models, registry=self.prometheus
+                )
+            except StoreUnavailable as exc:
+                raise ServerError(f"cannot open the monitoring store: {exc.message}") from exc
+            observer = observer if observer is not None else self.monitoring.observer
+        self.app = create_app(self.dataplane, settings, self.prometheus, monitoring=self.monitoring)
         self._stop = asyncio.Event()
         self.addresses: BoundAddresses | None = None
 
@@ -146,6 +163,8 @@ class ModelServer:
             loop.add_signal_handler(sig, self.request_stop)
 
         await self.dataplane.start()
+        if self.monitoring is not None:
+            await self.monitoring.start()
         await grpc_server.start()
         config = uvicorn.Config(
             self.app,
@@ -179,6 +198,9 @@ class ModelServer:
         stop_task.cancel()
         await self.dataplane.stop()
         for sig in (signal.SIGTERM, signal.SIGINT):
+        if self.monitoring is not None:
+            # After the drain: every answered request is logged before the store closes.
+            await self.monitoring.stop()
             loop.remove_signal_handler(sig)
         rest_sock.close()
         logger.info("stopped")
@@ -193,15 +215,24 @@ def print_addresses(addresses: BoundAddresses, stream: TextIO | None = None) -> 
     out.flush()
 
 
-def serve(settings: ServingSettings, on_ready: Callable[[BoundAddresses], None] | None = None) -> int:
+def serve(
+    settings: ServingSettings,
+    on_ready: Callable[[BoundAddresses], None] | None = None,
+    monitoring: MonitoringSettings | None = None,
+) -> int:
     """Builds a :class:`ModelServer` and runs it until SIGTERM or SIGINT.
+
+    Args:
+        settings: Server settings.
+        on_ready: Called with the bound addresses. Defaults to printing them.
+        monitoring: Monitoring settings. Defaults to None (no monitoring).
 
     Returns:
         The process exit status.
     """
 
     async def main() -> int:
-        server = ModelServer(settings)
+        server = ModelServer(settings, monitoring=monitoring)
         return await server.run(on_ready or print_addresses)
 
     return asyncio.run(main())
