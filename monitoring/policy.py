@@ -1,0 +1,125 @@
+"""When an alert may start a retrain: de-duplication, cooldown per model, resolved alerts.
+
+Alertmanager re-sends a firing group every ``repeat_interval`` with the same group key
+and start time, and several replicas or rules may call for the same model at once. The
+policy turns that stream into at most one retrain per model per cooldown.
+
+Example:
+
+```python
+policy = RetrainPolicy(cooldown_s=900)
+policy.should_retrain("digits", "ModelDriftDetected", ("{}:{alertname=...}", "2024-01-01T00:00:00Z"))
+```
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Hashable
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class PolicyDecision:
+    """Whether to start a retrain, and why (for the webhook's answer and the log).
+
+    Attributes:
+        start: Start a retrain now.
+        why: ``"started"``, ``"duplicate"``, ``"resolved"`` or ``"cooldown (N s left)"``.
+    """
+
+    start: bool
+    why: str
+
+    def __bool__(self) -> bool:
+        return self.start
+
+
+class RetrainPolicy:
+    """Decides whether an alert (or an in-process rule) starts a retrain.
+
+    Thread-safe: the webhook and the in-process rules may consult one policy from
+    different threads.
+
+    Args:
+        cooldown_s: Least seconds between two retrains of one model.
+        cooldown_for: Per-model cooldown (from ``config.json``); returns None to use
+            ``cooldown_s``. Defaults to None.
+        clock: Monotonic clock in seconds. Defaults to ``time.monotonic``.
+        max_keys: De-duplication keys remembered; the oldest are forgotten first.
+            Defaults to 10000.
+    """
+
+    def __init__(
+        self,
+        cooldown_s: float,
+        *,
+        cooldown_for: Callable[[str], float | None] | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        max_keys: int = 10_000,
+    ) -> None:
+        if cooldown_s < 0:
+            raise ValueError(f"cooldown_s must be >= 0, got {cooldown_s}")
+        self._cooldown_s = cooldown_s
+        self._cooldown_for = cooldown_for
+        self._clock = clock
+        self._max_keys = max_keys
+        self._seen: OrderedDict[Hashable, None] = OrderedDict()
+        self._last_start: dict[str, float] = {}
+        self._lock = threading.Lock()
+
+    def cooldown(self, model: str) -> float:
+        """The cooldown of one model in seconds."""
+        if self._cooldown_for is not None:
+            value = self._cooldown_for(model)
+            if value is not None:
+                return value
+        return self._cooldown_s
+
+    def should_retrain(
+        self, model: str, reason: str, key: Hashable | None = None, *, resolved: bool = False
+    ) -> PolicyDecision:
+        """Decides, and on "start" records the start so the next call sees the cooldown.
+
+        Args:
+            model: The model to retrain.
+            reason: Why (alert name or in-process rule); kept for symmetry with the log.
+            key: De-duplication key: ``(groupKey, startsAt)`` for Alertmanager alerts.
+                A key already seen is a duplicate, even after its cooldown. None = no
+                de-duplication (in-process rules rely on the cooldown alone).
+            resolved: The alert is resolved; resolved alerts never start a retrain.
+
+        Returns:
+            The decision.
+        """
+        del reason  # Same decision whatever the reason; callers log it.
+        if resolved:
+            return PolicyDecision(False, "resolved")
+        with self._lock:
+            if key is not None and key in self._seen:
+                return PolicyDecision(False, "duplicate")
+            now = self._clock()
+            last = self._last_start.get(model)
+            cooldown = self.cooldown(model)
+            if last is not None and now - last < cooldown:
+                # The key is remembered, so the same alert re-sent after the cooldown does
+                # not start a second run either.
+                self._remember(key)
+                return PolicyDecision(False, f"cooldown ({cooldown - (now - last):.0f} s left)")
+            self._remember(key)
+            self._last_start[model] = now
+            return PolicyDecision(True, "started")
+
+    def forget(self, model: str) -> None:
+        """Lifts the cooldown of one model (its retrain could not even start)."""
+        with self._lock:
+            self._last_start.pop(model, None)
+
+    def _remember(self, key: Hashable | None) -> None:
+        if key is None:
+            return
+        self._seen[key] = None
+        while len(self._seen) > self._max_keys:
+            self._seen.popitem(last=False)
