@@ -6,7 +6,6 @@ The repository routes (index, load, unload) change what the server serves, so th
 
 from __future__ import annotations
 
-import hmac
 import logging
 import time
 from typing import TYPE_CHECKING
@@ -16,11 +15,10 @@ from fastapi import APIRouter, Request, Response
 
 from modelloop.serving.codecs import v2_json
 from modelloop.serving.errors import (
-    ErrorCode,
     InvalidInput,
     ServingError,
-    Unauthenticated,
 )
+from modelloop.serving.rest.auth import require_admin as check_admin
 from modelloop.serving.rest.errors import error_response, serving_error_response
 from modelloop.serving.rest.routes_tfserving import parse_version
 from modelloop.serving.rest.transport import REQUEST_ID_HEADER, check_content_type, read_body, request_id
@@ -62,15 +60,7 @@ def create_v2_router(dataplane: DataPlane, settings: ServingSettings) -> APIRout
     protocol = Protocol.V2_REST
 
     def require_admin(request: Request) -> None:
-        token = settings.admin_token.get_secret_value() if settings.admin_token is not None else ""
-        if not token:
-            raise ServingError(
-                "admin routes are disabled: set MODELLOOP_ADMIN_TOKEN", ErrorCode.PERMISSION_DENIED
-            )
-        scheme, _, given = request.headers.get("authorization", "").partition(" ")
-        # compare_digest takes as long for a near miss as for a wild guess: no timing oracle.
-        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), token.encode()):
-            raise Unauthenticated("missing or wrong bearer token (Authorization: Bearer <admin token>)")
+        check_admin(request, settings)
 
     @router.get("/v2", summary="Server metadata")
     async def server_metadata() -> Response:
