@@ -32,6 +32,7 @@ from modelloop.serving.observer import InferenceObserver
 from modelloop.serving.registry import ModelRegistry
 from modelloop.serving.repository import ModelRepository
 from modelloop.serving.rest.app import create_app
+from modelloop.serving.rest.protocol import guarded_protocol
 from modelloop.serving.settings import ServingSettings
 
 logger = logging.getLogger(__name__)
@@ -95,11 +96,11 @@ class ModelServer:
         settings: Server settings.
         observer: Receives every answered request (monitoring). Defaults to a no-op.
         registry: Prometheus registry for ``/metrics``. Defaults to a fresh one.
-
         monitoring: Monitoring settings; when given and enabled, a
             :class:`~modelloop.monitoring.service.MonitoringService` logs predictions,
             takes feedback and exports drift and accuracy on the same registry.
             Defaults to None (no monitoring).
+
     Example:
         >>> server = ModelServer(ServingSettings(repo=Path("models"), rest_port=0, grpc_port=0))
         >>> asyncio.run(server.run())  # until SIGTERM
@@ -111,15 +112,14 @@ class ModelServer:
         *,
         observer: InferenceObserver | None = None,
         registry: CollectorRegistry | None = None,
-    ) -> None:
         monitoring: MonitoringSettings | None = None,
+    ) -> None:
         if not settings.repo.is_dir():
             raise ServerError(f"model repository {str(settings.repo)!r} does not exist or is not a directory")
         self.settings = settings
         self.prometheus = registry if registry is not None else CollectorRegistry()
         self.metrics = ServingMetrics(self.prometheus)
         self.models = ModelRegistry(ModelRepository(settings.repo), settings, metrics=self.metrics)
-        self.dataplane = DataPlane(self.models, self.metrics, observer=observer)
         self.monitoring: MonitoringService | None = None
         if monitoring is not None and monitoring.enabled:
             try:
@@ -129,6 +129,7 @@ class ModelServer:
             except StoreUnavailable as exc:
                 raise ServerError(f"cannot open the monitoring store: {exc.message}") from exc
             observer = observer if observer is not None else self.monitoring.observer
+        self.dataplane = DataPlane(self.models, self.metrics, observer=observer)
         self.app = create_app(self.dataplane, settings, self.prometheus, monitoring=self.monitoring)
         self._stop = asyncio.Event()
         self.addresses: BoundAddresses | None = None
@@ -174,7 +175,8 @@ class ModelServer:
             timeout_graceful_shutdown=max(int(settings.grace_period_s), 1),
             # The data plane bounds the work; this only caps sockets per process.
             limit_concurrency=None,
-            h11_max_incomplete_event_size=64 * 1024,
+            # httptools with bounded head size and time (uvicorn has neither limit).
+            http=guarded_protocol(settings.max_header_bytes, settings.header_timeout_s),
         )
         rest = _UvicornServer(config)
         rest_task = asyncio.create_task(rest.serve(sockets=[rest_sock]), name="rest")
@@ -197,10 +199,10 @@ class ModelServer:
         )
         stop_task.cancel()
         await self.dataplane.stop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
         if self.monitoring is not None:
             # After the drain: every answered request is logged before the store closes.
             await self.monitoring.stop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(sig)
         rest_sock.close()
         logger.info("stopped")

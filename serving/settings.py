@@ -215,3 +215,7 @@ class ServingSettings(BaseSettings):
     """Default inter-op threads of every runtime; None = runtime default."""
     warmup: bool = True
     """Run one synthetic batch through a new version before it takes traffic."""
+    max_header_bytes: int = Field(default=64 * 1024, gt=0)
+    """Largest HTTP request head (request line and headers); beyond it the answer is 431."""
+    header_timeout_s: float = Field(default=10.0, gt=0)
+    """Seconds a client may take to send a request head; beyond it the answer is 408."""
