@@ -23,6 +23,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 from modelloop.serving.codecs.v2_json import HEADER_LENGTH
 from modelloop.serving.errors import ServingError
 from modelloop.serving.rest.errors import install_error_handlers
+from modelloop.serving.rest.routes_alerts import create_alerts_router
 from modelloop.serving.rest.routes_monitoring import create_monitoring_router
 from modelloop.serving.rest.routes_tfserving import create_tfserving_router
 from modelloop.serving.rest.routes_v2 import create_v2_router
@@ -30,6 +31,7 @@ from modelloop.serving.rest.transport import REQUEST_ID_HEADER
 
 if TYPE_CHECKING:
     from modelloop.monitoring.service import EvaluationReport, MonitoringService
+    from modelloop.monitoring.webhook import AlertHandler
     from modelloop.serving.dataplane import DataPlane
     from modelloop.serving.settings import ServingSettings
 
@@ -41,6 +43,7 @@ def create_app(
     settings: ServingSettings,
     registry: CollectorRegistry,
     monitoring: MonitoringService | None = None,
+    alerts: AlertHandler | None = None,
 ) -> FastAPI:
     """Builds the REST application.
 
@@ -50,6 +53,8 @@ def create_app(
         registry: The Prometheus registry ``/metrics`` exposes.
         monitoring: Takes feedback and describes drift and accuracy on the status page.
             Defaults to None (the feedback route then answers 501).
+        alerts: Handles ``POST /monitoring/alerts`` (Alertmanager's webhook) by starting
+            gated retrains. Defaults to None (the route then answers 503).
 
     Returns:
         The FastAPI app, with ``/v1``, ``/v2``, ``/metrics``, ``/docs`` and ``/``.
@@ -72,6 +77,7 @@ def create_app(
     app.include_router(create_tfserving_router(dataplane, settings))
     app.include_router(create_v2_router(dataplane, settings))
     app.include_router(create_monitoring_router(monitoring, settings))
+    app.include_router(create_alerts_router(settings, alerts))
 
     @app.get("/metrics", tags=["monitoring"], summary="Prometheus metrics")
     async def metrics() -> Response:
