@@ -12,9 +12,12 @@ Per feature:
 - **KS**: the two-sample Kolmogorov–Smirnov test (``scipy.stats.ks_2samp``) of the
   window against the baseline's ``reference_sample`` column.
 - A feature drifts when ``psi >= psi_threshold`` or ``p < ks_pvalue``.
-- **Constant-in-baseline** features have no bins and no spread to test; they drift when
-  any current value differs from the constant. Their PSI is reported over the two bins
-  "equal to the constant" / "different", so the gauge still shows how much.
+- **Constant-in-baseline** features have no bins and no spread to test (KS is skipped).
+  They are scored as a two-bin feature, "equal to the constant" / "different", with the
+  baseline at ``[1, 0]``: the PSI then grows with the share of differing values, and the
+  feature drifts when it reaches ``psi_threshold`` (about 3.5 % of values differing at
+  0.2). "Any value differs" would be too brittle: a pixel that is non-zero in 1 of 1797
+  digits is constant in a training split, and one such held-out row would flag it.
 
 The dataset drifts when the share of drifted features is ``>= drift_share`` (Evidently's
 rule). Prediction drift is the PSI of the predicted-class distribution (classifiers) or of
@@ -200,7 +203,9 @@ class DriftDetector:
                 else 0.0
             )
             score = psi([1.0, 0.0], [1.0 - differs, differs], self.eps)
-            return FeatureDrift(self.names[i], i, score, None, None, differs > 0.0, constant=True)
+            return FeatureDrift(
+                self.names[i], i, score, None, None, score >= self.psi_threshold, constant=True
+            )
         score = psi(self.proportions[i], proportions(values, self.edges[i]), self.eps)
         ks = p_value = None
         if self.reference is not None and len(values):

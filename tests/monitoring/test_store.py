@@ -1,0 +1,272 @@
+"""The prediction and feedback store, on SQLite and on a real PostgreSQL server."""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from modelloop.monitoring.store import (
+    FeedbackItem,
+    PredictionRecord,
+    PredictionStore,
+    SQLitePredictionStore,
+    StoreUnavailable,
+    check_targets,
+    open_store,
+)
+
+
+def rec(rid: str, rows: int = 1, version: int = 1, task: str = "multiclass", created: float | None = None):
+    predicted: list[int | float] = (
+        [float(i) + 0.5 for i in range(rows)] if task == "regression" else [i % 10 for i in range(rows)]
+    )
+    return PredictionRecord(
+        request_id=rid,
+        model="digits",
+        version=version,
+        created=time.time() if created is None else created,
+        inputs=[[float(i), float(i + 1)] for i in range(rows)],
+        outputs=[[0.1] * 10 for _ in range(rows)],
+        predicted=predicted,
+        task=task,
+        classes=10 if task == "multiclass" else (2 if task == "binary" else 0),
+    )
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'state' / 'modelloop.db'}"
+    return request.getfixturevalue("postgres_url")
+
+
+@pytest.fixture
+def store(store_url: str) -> Iterator[PredictionStore]:
+    s = open_store(store_url)
+    try:
+        yield s
+    finally:
+        s.close()
+
+
+def test_feedback_joins_by_request_id(store: PredictionStore):
+    store.record([rec("a", rows=3), rec("b"), rec("c", rows=2, version=2)])
+    result = store.add_feedback(
+        "digits",
+        [
+            FeedbackItem("a", [0, 1, 5]),
+            FeedbackItem("b", [0]),
+            FeedbackItem("c", [1, 1]),
+            FeedbackItem("x", [1]),
+        ],
+    )
+    assert result.accepted == ["a", "b", "c"]
+    assert result.unknown == ["x"] and result.duplicate == [] and result.invalid == {}
+    assert result.labels == {1: 4, 2: 2}
+    assert store.count_labels("digits", 1) == 4 and store.count_labels("digits", 2) == 2
+    rows = store.recent_labelled("digits", 1, 10)
+    assert sorted((r.predicted, r.target) for r in rows) == [(0, 0), (0, 0), (1, 1), (2, 5)]
+    assert len(store.recent_labelled("digits", 1, 2)) == 2
+    # Feedback for another model never sees these predictions.
+    assert store.add_feedback("other", [FeedbackItem("a", [0, 1, 5])]).unknown == ["a"]
+
+
+def test_a_duplicate_label_never_overwrites_the_first(store: PredictionStore):
+    store.record([rec("a")])
+    assert store.add_feedback("digits", [FeedbackItem("a", [3])]).accepted == ["a"]
+    again = store.add_feedback("digits", [FeedbackItem("a", [7]), FeedbackItem("a", [8])])
+    assert again.accepted == [] and again.duplicate == ["a", "a"]
+    assert [r.target for r in store.recent_labelled("digits", 1, 5)] == [3]
+    # Within one batch the first is accepted, the second is a duplicate.
+    store.record([rec("b")])
+    batch = store.add_feedback("digits", [FeedbackItem("b", [1]), FeedbackItem("b", [2])])
+    assert batch.accepted == ["b"] and batch.duplicate == ["b"]
+    assert store.count_labels("digits", 1) == 2
+
+
+@pytest.mark.parametrize(
+    ("targets", "problem"),
+    [
+        ([1], "expected 3 targets"),
+        ([1, 2, 3, 4], "expected 3 targets"),
+        ([1, "2", 3], "target 1 is str, not a number"),
+        ([1, None, 3], "target 1 is NoneType"),
+        ([True, 1, 2], "target 0 is bool"),
+        ([1, 2, 10], "outside the class ids 0..9"),
+        ([1, -1, 2], "outside the class ids"),
+        ([1, 2.5, 3], "not a class id"),
+        ([1, [2], 3], "target 1 is list"),
+    ],
+)
+def test_invalid_targets_are_refused_and_change_nothing(store: PredictionStore, targets, problem):
+    store.record([rec("a", rows=3), rec("ok")])
+    result = store.add_feedback("digits", [FeedbackItem("a", targets), FeedbackItem("ok", [4])])
+    assert result.accepted == ["ok"]
+    assert problem in result.invalid["a"]
+    assert store.count_labels("digits", 1) == 1
+    # The id can still be labelled correctly afterwards.
+    assert store.add_feedback("digits", [FeedbackItem("a", [1, 2, 3.0])]).accepted == ["a"]
+
+
+def test_check_targets_per_task():
+    assert check_targets([0.5, 2], 2, "regression", 0) == ([0.5, 2.0], "")
+    assert check_targets([float("nan")], 1, "regression", 0)[1] == "target 0 is not a finite number"
+    assert check_targets([1, 0], 2, "binary", 2) == ([1, 0], "")
+    assert "outside" in check_targets([2], 1, "binary", 2)[1]
+    assert check_targets(3, 1, "multiclass", 10)[1].startswith("targets must be a list")
+    assert check_targets([3.0], 1, "multiclass", 10) == ([3], "")
+
+
+def test_regression_labels_and_dataset(store: PredictionStore):
+    store.record([rec("r1", rows=2, task="regression"), rec("r2", task="regression")])
+    assert store.add_feedback(
+        "digits", [FeedbackItem("r1", [1.0, 2.5]), FeedbackItem("r2", [-3])]
+    ).accepted == [
+        "r1",
+        "r2",
+    ]
+    x, y = store.feedback_dataset("digits")
+    assert x.shape == (3, 2) and x.dtype == np.float32
+    assert y.dtype == np.float32 and sorted(y.tolist()) == [-3.0, 1.0, 2.5]
+
+
+def test_feedback_dataset_for_retraining(store: PredictionStore):
+    x, y = store.feedback_dataset("digits")
+    assert x.shape == (0, 0) and y.shape == (0,)
+    store.record([rec("a", rows=2), rec("b"), rec("unlabelled")])
+    store.add_feedback("digits", [FeedbackItem("a", [4, 5])])
+    store.add_feedback("digits", [FeedbackItem("b", [6])])
+    x, y = store.feedback_dataset("digits")
+    assert x.tolist() == [[0.0, 1.0], [1.0, 2.0], [0.0, 1.0]]
+    assert y.tolist() == [4, 5, 6] and y.dtype == np.int64
+
+
+def test_a_repeated_request_id_keeps_the_first_prediction(store: PredictionStore):
+    first = rec("a", rows=1)
+    second = PredictionRecord("a", "digits", 2, time.time(), [[9.0, 9.0]], [[0.0] * 10], [9, 9], classes=10)
+    store.record([first])
+    store.record([second])
+    result = store.add_feedback("digits", [FeedbackItem("a", [0])])
+    assert result.accepted == ["a"] and result.labels == {1: 1}
+
+
+def test_retention_by_age_and_rows(store_url: str):
+    store = open_store(store_url, retention_rows=3, retention_days=1)
+    try:
+        now = time.time()
+        store.record(
+            [rec("old", created=now - 2 * 86400)] + [rec(f"r{i}", created=now - 100 + i) for i in range(5)]
+        )
+        store.add_feedback(
+            "digits", [FeedbackItem("old", [0]), FeedbackItem("r0", [0]), FeedbackItem("r4", [0])]
+        )
+        assert store.prune(now) == 3  # "old" by age, r0 and r1 by rows
+        assert store.count_labels("digits", 1) == 1  # the labels of pruned predictions go too
+        assert store.add_feedback("digits", [FeedbackItem("r1", [0])]).unknown == ["r1"]
+        assert store.add_feedback("digits", [FeedbackItem("r2", [0])]).accepted == ["r2"]
+        assert store.prune(now) == 0
+    finally:
+        store.close()
+
+
+def test_closed_store_is_unavailable(store: PredictionStore):
+    store.close()
+    with pytest.raises(StoreUnavailable, match="closed"):
+        store.add_feedback("digits", [FeedbackItem("a", [1])])
+    with pytest.raises(StoreUnavailable):
+        store.record([rec("a")])
+
+
+def test_sqlite_is_wal_with_full_sync(tmp_path: Path):
+    store = SQLitePredictionStore(tmp_path / "m.db")
+    try:
+        store.record([rec("a")])
+        conn = store._conn
+        assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+        assert conn.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
+    finally:
+        store.close()
+    # A second process (connection) sees the committed rows.
+    with sqlite3.connect(tmp_path / "m.db") as other:
+        assert other.execute("SELECT COUNT(*) FROM predictions").fetchone()[0] == 1
+
+
+def test_sqlite_unwritable_location_is_unavailable(tmp_path: Path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    with pytest.raises(StoreUnavailable, match="sqlite"):
+        open_store(f"sqlite:///{blocker / 'sub' / 'm.db'}")
+
+
+def test_unknown_scheme_is_refused():
+    with pytest.raises(StoreUnavailable, match="unknown store URL"):
+        open_store("mysql://localhost/x")
+
+
+def test_unreachable_postgres_is_unavailable_and_hides_the_password():
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    store = open_store(f"postgresql://u:secret@127.0.0.1:{port}/db")
+    with pytest.raises(StoreUnavailable) as info:
+        store.add_feedback("digits", [FeedbackItem("a", [1])])
+    assert "secret" not in info.value.message and f"127.0.0.1:{port}" in info.value.message
+    store.close()
+
+
+def test_postgres_replicas_share_labels_and_race_safely(postgres_url: str):
+    a, b = open_store(postgres_url), open_store(postgres_url)
+    try:
+        a.record([rec(f"r{i}") for i in range(20)])
+        results = []
+
+        def label(store: PredictionStore) -> None:
+            results.append(store.add_feedback("digits", [FeedbackItem(f"r{i}", [1]) for i in range(20)]))
+
+        threads = [threading.Thread(target=label, args=(s,)) for s in (a, b)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        accepted = results[0].accepted + results[1].accepted
+        duplicate = results[0].duplicate + results[1].duplicate
+        assert sorted(accepted) == sorted(f"r{i}" for i in range(20))
+        assert sorted(duplicate) == sorted(accepted)
+        assert b.count_labels("digits", 1) == 20
+    finally:
+        a.close()
+        b.close()
+
+
+def test_postgres_lost_connection_reconnects(postgres_url: str):
+    import psycopg
+
+    store = open_store(postgres_url)
+    try:
+        store.record([rec("a"), rec("b")])
+        store.add_feedback("digits", [FeedbackItem("a", [1])])
+        # The server ends the session (a restart or failover looks the same to the client).
+        dbname = postgres_url.rsplit("/", 1)[1]
+        with psycopg.connect(postgres_url, autocommit=True) as admin:
+            admin.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                "WHERE datname = %s AND pid <> pg_backend_pid()",
+                (dbname,),
+            )
+        # At most one call fails, with StoreUnavailable; the next one reconnects.
+        try:
+            result = store.add_feedback("digits", [FeedbackItem("b", [2])])
+        except StoreUnavailable:
+            result = store.add_feedback("digits", [FeedbackItem("b", [2])])
+        assert result.accepted == ["b"]
+        assert store.count_labels("digits", 1) == 2
+    finally:
+        store.close()
