@@ -66,6 +66,16 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument(
         "--folds", type=_folds, default=0, metavar="K", help="report K-fold cross-validation first"
     )
+    train.add_argument(
+        "--distributed",
+        action="store_true",
+        help="train with MultiWorkerMirroredStrategy across the workers in TF_CONFIG",
+    )
+    train.add_argument(
+        "--tf-config-from-index",
+        action="store_true",
+        help="derive TF_CONFIG from JOB_COMPLETION_INDEX and MODELLOOP_WORKER_HOSTS (implies --distributed)",
+    )
 
     export = sub.add_parser("export", help="export a run to the model repository as the next version")
     export.add_argument("run_dir", metavar="RUN_DIR", type=Path)
@@ -80,7 +90,37 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--repo", type=Path, default=Path("models"), help="model repository (default: ./models)")
     _add_server_arguments(up)
     up.add_argument("--epochs", type=_positive, default=None, help=argparse.SUPPRESS)
+    _add_retrain_parser(sub)
+    _add_simulate_parser(sub)
     return parser
+
+
+def _add_retrain_parser(sub: Any) -> None:
+    retrain = sub.add_parser(
+        "retrain", help="retrain a model on its spec's data plus feedback; publish v+1 only if blessed"
+    )
+    retrain.add_argument("--repo", required=True, type=Path, metavar="REPO")
+    retrain.add_argument("--name", required=True, help="the model to retrain")
+    retrain.add_argument(
+        "--store", default=None, metavar="URL", help="feedback store (default: the monitoring store)"
+    )
+    retrain.add_argument(
+        "--state-dir", type=Path, default=None, metavar="DIR", help="run records (default: ./.modelloop)"
+    )
+    retrain.add_argument("--epochs", type=_positive, default=None, help="most epochs (default: config.json)")
+    retrain.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+
+
+def _add_simulate_parser(sub: Any) -> None:
+    simulate = sub.add_parser("simulate", help="send labelled digits traffic (and --drift) to a server")
+    simulate.add_argument("--url", required=True, help="REST base URL, e.g. http://127.0.0.1:8501")
+    simulate.add_argument("--drift", action="store_true", help="then send inverted, noisy digits")
+    simulate.add_argument("--drift-only", action="store_true", help="skip the normal phase")
+    simulate.add_argument("--requests", type=_positive, default=200, help="requests per phase (default: 200)")
+    simulate.add_argument("--batch", type=_positive, default=1, help="rows per request (default: 1)")
+    simulate.add_argument("--rate", type=float, default=0.0, help="requests per second (default: no limit)")
+    simulate.add_argument("--model", default="digits", help="the served digits model (default: digits)")
+    simulate.add_argument("--seed", type=int, default=0, help="seed of rows and noise (default: 0)")
 
 
 def _add_server_arguments(parser: argparse.ArgumentParser) -> None:
@@ -110,6 +150,18 @@ def _quiet_tensorflow() -> None:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
+    if args.distributed or args.tf_config_from_index:
+        _quiet_tensorflow()
+        from modelloop.training.distributed import train_distributed
+
+        return train_distributed(
+            args.spec,
+            args.out,
+            epochs=args.epochs,
+            seed=args.seed,
+            folds=args.folds,
+            from_index=args.tf_config_from_index,
+        )
     from modelloop.training.spec import load_spec
 
     spec = load_spec(args.spec)
@@ -206,7 +258,67 @@ def _cmd_up(args: argparse.Namespace) -> int:
     return serve(settings, on_ready=print_welcome, monitoring=monitoring)
 
 
-COMMANDS = {"train": _cmd_train, "export": _cmd_export, "serve": _cmd_serve, "up": _cmd_up}
+def _cmd_retrain(args: argparse.Namespace) -> int:
+    """Exit status 0 blessed, 3 rejected, 1 failed; the last stdout line is the JSON result."""
+    import json
+
+    from pydantic import ValidationError
+
+    from modelloop.monitoring.settings import MonitoringSettings
+    from modelloop.monitoring.store import StoreUnavailable, open_store
+    from modelloop.monitoring.trigger import EXIT_BLESSED, EXIT_FAILED, EXIT_REJECTED
+    from modelloop.training.pipeline import RetrainSettings, retrain
+
+    _quiet_tensorflow()
+    _setup_logging(args.log_level)
+    overrides = {k: v for k, v in (("store_url", args.store), ("state_dir", args.state_dir)) if v is not None}
+    try:
+        monitoring = MonitoringSettings(**overrides)
+    except ValidationError as exc:
+        raise ModelloopError(f"invalid setting: {exc.errors()[0]['msg']}") from None
+    settings = RetrainSettings.for_model(args.repo / args.name, epochs=args.epochs)
+    try:
+        store = open_store(monitoring.resolved_store_url())
+    except StoreUnavailable as exc:
+        raise ModelloopError(f"cannot open the feedback store: {exc.message}") from None
+    try:
+        result = retrain(args.repo, args.name, store, state_dir=monitoring.state_dir, settings=settings)
+    finally:
+        store.close()
+    published = f"published {args.name} v{result.version}" if result.version else "nothing published"
+    print(f"retrain {args.name}: {result.outcome}: {result.reason}; {published}", file=sys.stderr)
+    print(json.dumps(result.to_dict()), flush=True)
+    return {"blessed": EXIT_BLESSED, "rejected": EXIT_REJECTED}.get(result.outcome, EXIT_FAILED)
+
+
+def _cmd_simulate(args: argparse.Namespace) -> int:
+    from modelloop.monitoring.simulate import simulate
+
+    if args.rate < 0:
+        raise ModelloopError(f"--rate must be >= 0, got {args.rate}")
+    if args.drift_only and not args.drift:
+        raise ModelloopError("--drift-only needs --drift")
+    simulate(
+        args.url,
+        drift=args.drift,
+        normal=not args.drift_only,
+        requests=args.requests,
+        batch=args.batch,
+        rate=args.rate,
+        model=args.model,
+        seed=args.seed,
+    )
+    return 0
+
+
+COMMANDS = {
+    "train": _cmd_train,
+    "export": _cmd_export,
+    "serve": _cmd_serve,
+    "up": _cmd_up,
+    "retrain": _cmd_retrain,
+    "simulate": _cmd_simulate,
+}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
