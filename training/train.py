@@ -7,6 +7,7 @@ needs to know) and ``split.npz`` (the held-out rows, for the export parity check
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
@@ -175,6 +176,7 @@ def train(
     folds: int = 0,
     extra: Dataset | None = None,
     interactive: bool | None = None,
+    strategy: Any | None = None,
 ) -> RunResult:
     """Runs a training job and writes its run directory.
 
@@ -189,6 +191,9 @@ def train(
         extra: Additional labelled rows (feedback) appended to the training part.
         interactive: Keras progress bar (True) or one line per epoch (False).
             Defaults to whether standard output is a terminal.
+        strategy: A ``tf.distribute`` strategy (``MultiWorkerMirroredStrategy`` for
+            ``--distributed``, see :mod:`modelloop.training.distributed`) whose scope
+            owns the model's variables. Defaults to None (one device).
 
     Returns:
         The run directory and the metrics written to ``metrics.json``.
@@ -234,33 +239,61 @@ def train(
         )
 
     keras.utils.set_random_seed(seed)
-    model = build_compiled_model(spec, x_train, y_train)
+    # Variables created inside a strategy's scope are mirrored and all-reduced.
+    with strategy.scope() if strategy is not None else contextlib.nullcontext():
+        model = build_compiled_model(spec, x_train, y_train)
     metric = main_metric(spec.task)
-    callbacks = standard_callbacks(
-        out,
-        monitor="val_loss",
-        mode="min",
-        patience=int(spec.hp("patience")),
-        epochs=epochs,
-        interactive=interactive,
-    )
-    try:
-        history = model.fit(
+    if strategy is not None:
+        from modelloop.training.distributed import fit_distributed
+
+        history = fit_distributed(
+            model,
+            strategy,
             x_train,
             y_train,
-            validation_data=(x_val, y_val),
+            x_val,
+            y_val,
             epochs=epochs,
             batch_size=int(spec.hp("batch_size")),
-            callbacks=callbacks,
-            verbose=verbose,
+            seed=seed,
+            on_epoch_end=lambda e, logs: print(
+                f"epoch {e + 1}/{epochs} loss={logs['loss']:.4f} val_loss={logs['val_loss']:.4f}", flush=True
+            ),
         )
-    except BaseException:
-        # Keras skips on_train_end when fit raises, so CSVLogger would leak its open file.
-        for callback in callbacks:
-            if isinstance(callback, keras.callbacks.CSVLogger) and callback.csv_file is not None:
-                callback.csv_file.close()
-        raise
-    val_loss = history.history["val_loss"]
+        # Predict, save and export on an undistributed copy of the trained weights.
+        trained, model = model, build_compiled_model(spec, x_train, y_train)
+        model.set_weights(trained.get_weights())
+        # The optimizer state too, so model.keras loads without a "skipping variables" warning.
+        model.optimizer.build(model.trainable_variables)
+        for target, source in zip(model.optimizer.variables, trained.optimizer.variables, strict=True):
+            target.assign(source.numpy())
+    else:
+        callbacks = standard_callbacks(
+            out,
+            monitor="val_loss",
+            mode="min",
+            patience=int(spec.hp("patience")),
+            epochs=epochs,
+            interactive=interactive,
+        )
+        try:
+            fit = model.fit(
+                x_train,
+                y_train,
+                validation_data=(x_val, y_val),
+                epochs=epochs,
+                batch_size=int(spec.hp("batch_size")),
+                callbacks=callbacks,
+                verbose=verbose,
+            )
+        except BaseException:
+            # Keras skips on_train_end when fit raises, so CSVLogger would leak its open file.
+            for callback in callbacks:
+                if isinstance(callback, keras.callbacks.CSVLogger) and callback.csv_file is not None:
+                    callback.csv_file.close()
+            raise
+        history = fit.history
+    val_loss = history["val_loss"]
     best_epoch = int(np.argmin(val_loss)) + 1
 
     test_outputs = model.predict(x_test, verbose=0)
@@ -312,7 +345,7 @@ def train(
     _write_json(out / "run.json", run_info)
     _write_json(out / "baseline.json", baseline)
     np.savez_compressed(out / "split.npz", x_test=x_test, y_test=y_test, x_val=x_val, y_val=y_val)
-    _plot_history(history.history, metric, out / "history.png")
+    _plot_history(history, metric, out / "history.png")
     return RunResult(run_dir=out, metrics=metrics)
 
 
