@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import yaml
+from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from modelloop.errors import ModelloopError
 
@@ -227,6 +228,31 @@ def job_name(model: str, key: str = "", *, now: float | None = None) -> str:
     cause = key or f"{time.time() if now is None else now:.6f}"
     digest = hashlib.sha256(f"{model}\0{cause}".encode()).hexdigest()[:10]
     return f"retrain-{slug}-{digest}"
+
+
+_SERVICE_ACCOUNT_NAMESPACE = Path("/var/run/secrets/kubernetes.io/serviceaccount/namespace")
+
+
+class KubernetesJobSettings(BaseSettings):
+    """Where the Kubernetes trigger finds its template; env prefix ``MODELLOOP_RETRAIN_JOB_``."""
+
+    model_config = SettingsConfigDict(env_prefix="MODELLOOP_RETRAIN_JOB_", extra="ignore")
+
+    template: Path = Path("/etc/modelloop/retrain-job-template.yaml")
+    """The Job template (``k8s/base/retrain-job-template.yaml``, mounted from a ConfigMap)."""
+    namespace: str | None = None
+    """Namespace of the Jobs; None = the server pod's own."""
+    image: str = "modelloop:latest"
+    """Image that runs ``modelloop retrain``; use the server's own."""
+
+    def resolved_namespace(self) -> str:
+        """The namespace, defaulting to the pod's service-account namespace, else ``default``."""
+        if self.namespace:
+            return self.namespace
+        try:
+            return _SERVICE_ACCOUNT_NAMESPACE.read_text().strip() or "default"
+        except OSError:
+            return "default"
 
 
 class KubernetesJobTrigger:

@@ -22,6 +22,7 @@ import uvicorn
 from prometheus_client import CollectorRegistry
 
 from modelloop.errors import ModelloopError
+from modelloop.monitoring.retraining import Retraining, build_retraining
 from modelloop.monitoring.service import MonitoringService
 from modelloop.monitoring.settings import MonitoringSettings
 from modelloop.monitoring.store import StoreUnavailable
@@ -130,7 +131,18 @@ class ModelServer:
                 raise ServerError(f"cannot open the monitoring store: {exc.message}") from exc
             observer = observer if observer is not None else self.monitoring.observer
         self.dataplane = DataPlane(self.models, self.metrics, observer=observer)
-        self.app = create_app(self.dataplane, settings, self.prometheus, monitoring=self.monitoring)
+        # The retraining half: the alert webhook's handler and, without Alertmanager, the
+        # in-process rules; it counts the runs it launches on the monitoring metrics.
+        self.retraining: Retraining | None = None
+        if self.monitoring is not None and monitoring is not None:
+            self.retraining = build_retraining(monitoring, settings.repo, self.monitoring)
+        self.app = create_app(
+            self.dataplane,
+            settings,
+            self.prometheus,
+            monitoring=self.monitoring,
+            alerts=self.retraining.alerts if self.retraining is not None else None,
+        )
         self._stop = asyncio.Event()
         self.addresses: BoundAddresses | None = None
 
@@ -199,6 +211,8 @@ class ModelServer:
         )
         stop_task.cancel()
         await self.dataplane.stop()
+        if self.retraining is not None:
+            await self.retraining.close()
         if self.monitoring is not None:
             # After the drain: every answered request is logged before the store closes.
             await self.monitoring.stop()
