@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 CLIENTS_STAMP := $(CLIENTS)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: install up test bench lint format clean
+.PHONY: install up test bench lint audit format clean
 
 install: $(STAMP) $(CLIENTS_STAMP)
 
@@ -39,6 +39,11 @@ lint: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy training export serving monitoring modelloop
+	$(MAKE) audit
+
+# Known vulnerabilities of the locked dependencies (PyPI's advisory data; needs network).
+audit: install
+	$(BIN)/pip-audit -r requirements.lock --no-deps --disable-pip --progress-spinner off
 
 format: install
 	$(BIN)/ruff format .
