@@ -7,13 +7,13 @@ from :class:`InferResponse`; the data plane and runtimes see nothing else.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from enum import Enum
+from enum import StrEnum
 from typing import Any
 
 import numpy as np
 
 
-class Protocol(str, Enum):
+class Protocol(StrEnum):
     """Where a request came from; a label value of the request metrics."""
 
     TFSERVING_REST = "tfserving_rest"
@@ -22,7 +22,7 @@ class Protocol(str, Enum):
     V2_GRPC = "v2_grpc"
 
 
-class ModelState(str, Enum):
+class ModelState(StrEnum):
     """Lifecycle of one model version (TF Serving's states, plus FAILED)."""
 
     START = "START"

@@ -6,7 +6,7 @@ from pathlib import Path
 import keras
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _blobs import blobs  # noqa: E402
+from _blobs import blobs
 
 TASK = "multiclass"
 INPUT_NAME = "measurements"
