@@ -1,0 +1,255 @@
+"""The whole loop with the real parts: serve -> Prometheus -> Alertmanager -> webhook -> retrain -> v2.
+
+A real ``modelloop serve`` (admin token, 1 s monitoring evaluations), Debian's Prometheus
+(1 s scrape and rule evaluation, the project's rule file) and Alertmanager (``group_wait``
+1 s, webhook with the bearer token) run on loopback. Normal labelled traffic fires no
+alert; inverted, noisy digits with labels fire ``ModelDriftDetected`` (``for: 1m``),
+Alertmanager calls ``POST /monitoring/alerts``, the server launches ``modelloop retrain``
+and the blessed candidate is served as version 2. The timeline and the accuracy before
+and after are printed (``pytest -s`` shows them).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+from serverproc import ServerProcess, start_server, wait_for
+
+from modelloop.monitoring.simulate import simulate
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+RULES = REPO_ROOT / "monitoring" / "rules" / "modelloop.rules.yml"
+PROMETHEUS = shutil.which("prometheus") or "/usr/bin/prometheus"
+ALERTMANAGER = shutil.which("prometheus-alertmanager") or shutil.which("alertmanager") or ""
+TOKEN = "e2e-admin-token"
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(
+        not (os.access(PROMETHEUS, os.X_OK) and ALERTMANAGER), reason="prometheus/alertmanager not installed"
+    ),
+]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class Daemon:
+    """A background binary whose output goes to a log file; stopped by PID."""
+
+    def __init__(self, cmd: list[str], log: Path) -> None:
+        self.log = log
+        self._out = log.open("wb")
+        self.proc = subprocess.Popen(cmd, stdout=self._out, stderr=subprocess.STDOUT)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            os.kill(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                os.kill(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(timeout=10)
+        self._out.close()
+
+    def tail(self) -> str:
+        return self.log.read_text(errors="replace")[-3000:]
+
+
+def prometheus_config(path: Path, rest: str, am_port: int) -> None:
+    path.write_text(
+        json.dumps(  # JSON is YAML: no templating of YAML text needed
+            {
+                "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
+                "rule_files": [str(RULES)],
+                "alerting": {"alertmanagers": [{"static_configs": [{"targets": [f"127.0.0.1:{am_port}"]}]}]},
+                "scrape_configs": [
+                    {"job_name": "modelloop", "static_configs": [{"targets": [rest.removeprefix("http://")]}]}
+                ],
+            }
+        )
+    )
+
+
+def alertmanager_config(path: Path, rest: str) -> None:
+    path.write_text(
+        json.dumps(
+            {
+                "route": {
+                    "receiver": "default",
+                    "group_by": ["alertname", "model"],
+                    "group_wait": "1s",
+                    "group_interval": "1s",
+                    "repeat_interval": "1h",
+                    "routes": [{"receiver": "retrain", "matchers": ['action="retrain"']}],
+                },
+                "receivers": [
+                    {"name": "default"},
+                    {
+                        "name": "retrain",
+                        "webhook_configs": [
+                            {
+                                "url": f"{rest}/monitoring/alerts",
+                                "send_resolved": False,
+                                "http_config": {"authorization": {"type": "Bearer", "credentials": TOKEN}},
+                            }
+                        ],
+                    },
+                ],
+            }
+        )
+    )
+
+
+def prom_alerts(prom: str) -> list[dict[str, Any]]:
+    try:
+        return httpx.get(f"{prom}/api/v1/alerts", timeout=5).json()["data"]["alerts"]
+    except (httpx.HTTPError, ValueError, KeyError):
+        return []
+
+
+def prom_value(prom: str, query: str) -> float | None:
+    try:
+        result = httpx.get(f"{prom}/api/v1/query", params={"query": query}, timeout=5).json()["data"][
+            "result"
+        ]
+    except (httpx.HTTPError, ValueError, KeyError):
+        return None
+    return float(result[0]["value"][1]) if result else None
+
+
+def version_states(rest: str) -> dict[str, str]:
+    try:
+        body = httpx.get(f"{rest}/v1/models/digits", timeout=5).json()
+    except (httpx.HTTPError, ValueError):
+        return {}
+    return {s["version"]: s["state"] for s in body.get("model_version_status", [])}
+
+
+def metric_value(rest: str, line_prefix: str) -> float:
+    for line in httpx.get(f"{rest}/metrics", timeout=5).text.splitlines():
+        if line.startswith(line_prefix):
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
+def test_drift_alert_retrains_and_serves_v2(tmp_path: Path, digits_repo: Path):
+    repo = tmp_path / "repo"
+    shutil.copytree(digits_repo, repo, ignore=shutil.ignore_patterns(".staging", ".publish.lock"))
+    (repo / "digits" / "config.json").write_text(json.dumps({"retrain": {"epochs": 5}}))
+    am_port, prom_port = free_port(), free_port()
+    env = {
+        "MODELLOOP_ADMIN_TOKEN": TOKEN,
+        "MODELLOOP_MONITORING_STATE_DIR": str(tmp_path / "state"),
+        "MODELLOOP_MONITORING_EVAL_INTERVAL_S": "1",
+        "MODELLOOP_MONITORING_MIN_ROWS": "100",
+        "MODELLOOP_MONITORING_WINDOW_SIZE": "300",
+        # Alertmanager is in charge: the in-process rules stay off.
+        "MODELLOOP_MONITORING_ALERTMANAGER_URL": f"http://127.0.0.1:{am_port}",
+    }
+    daemons: list[Daemon] = []
+    server: ServerProcess | None = None
+    try:
+        server = start_server(repo, env=env)
+        rest = server.rest_url
+        prom = f"http://127.0.0.1:{prom_port}"
+        prometheus_config(tmp_path / "prometheus.yml", rest, am_port)
+        alertmanager_config(tmp_path / "alertmanager.yml", rest)
+        daemons.append(
+            Daemon(
+                [
+                    ALERTMANAGER,
+                    f"--config.file={tmp_path / 'alertmanager.yml'}",
+                    f"--storage.path={tmp_path / 'am-data'}",
+                    f"--web.listen-address=127.0.0.1:{am_port}",
+                    "--cluster.listen-address=",
+                ],
+                tmp_path / "alertmanager.log",
+            )
+        )
+        daemons.append(
+            Daemon(
+                [
+                    PROMETHEUS,
+                    f"--config.file={tmp_path / 'prometheus.yml'}",
+                    f"--storage.tsdb.path={tmp_path / 'prom-data'}",
+                    f"--web.listen-address=127.0.0.1:{prom_port}",
+                ],
+                tmp_path / "prometheus.log",
+            )
+        )
+        assert wait_for(lambda: prom_value(prom, 'up{job="modelloop"}') == 1.0, timeout=30), daemons[1].tail()
+
+        # Normal labelled traffic: drift evaluated, nothing fires.
+        normal = simulate(rest, requests=100, batch=4, seed=1)["phases"]["normal"]
+        assert wait_for(lambda: prom_value(prom, 'modelloop_drift_detected{model="digits"}') is not None, 20)
+        time.sleep(4)
+        normal_share = prom_value(prom, 'modelloop_drift_share{model="digits"}')
+        assert prom_value(prom, 'modelloop_drift_detected{model="digits"}') == 0.0
+        assert prom_alerts(prom) == [], prom_alerts(prom)
+
+        # Drifted labelled traffic: the alert goes pending, then fires after `for: 1m`.
+        t0 = time.monotonic()
+        drifted = simulate(rest, drift=True, normal=False, requests=150, batch=4, seed=2)["phases"]["drifted"]
+        assert wait_for(lambda: prom_value(prom, 'modelloop_drift_detected{model="digits"}') == 1.0, 20)
+        drifted_share = prom_value(prom, 'modelloop_drift_share{model="digits"}')
+        assert wait_for(
+            lambda: any(
+                a["labels"]["alertname"] == "ModelDriftDetected" and a["state"] == "firing"
+                for a in prom_alerts(prom)
+            ),
+            timeout=120,
+            interval=0.5,
+        ), prom_alerts(prom)
+        t_firing = time.monotonic()
+        assert wait_for(lambda: "started a retrain of digits" in server.output(), 30), daemons[0].tail()
+        t_webhook = time.monotonic()
+        assert wait_for(lambda: version_states(rest).get("2") == "AVAILABLE", 120, interval=0.2), (
+            server.output()[-5000:]
+        )
+        t_v2 = time.monotonic()
+        blessed = 'modelloop_retrain_runs_total{model="digits",outcome="blessed"}'
+        assert wait_for(lambda: metric_value(rest, blessed) == 1.0, 30), server.output()[-3000:]
+
+        records = sorted((tmp_path / "state" / "retrain" / "digits").glob("*.json"))
+        record = json.loads(records[-1].read_text())
+        assert record["outcome"] == "blessed" and record["version"] == 2
+        after = simulate(rest, drift=True, normal=False, requests=25, batch=4, seed=3)["phases"]["drifted"]
+        m = record["metrics"]
+        print(
+            "\n=== modelloop loop, end to end ===\n"
+            f"drift share: normal traffic {normal_share}, drifted traffic {drifted_share}\n"
+            f"served accuracy: normal {normal['accuracy']:.3f}, drifted on v1 {drifted['accuracy']:.3f}, "
+            f"drifted on v2 {after['accuracy']:.3f}\n"
+            f"gate (fixed eval set, {m['serving']['eval']['rows']} rows): serving v1 "
+            f"{m['serving']['eval']['accuracy']:.3f} -> candidate {m['candidate']['eval']['accuracy']:.3f}; "
+            f"test split {m['serving']['test_split']['accuracy']:.3f} -> "
+            f"{m['candidate']['test_split']['accuracy']:.3f}; "
+            f"held-out drifted feedback {m['serving']['feedback_holdout']['accuracy']:.3f} -> "
+            f"{m['candidate']['feedback_holdout']['accuracy']:.3f}\n"
+            f"timeline from the first drifted request: alert firing +{t_firing - t0:.1f} s, "
+            f"webhook +{t_webhook - t0:.1f} s, v2 AVAILABLE +{t_v2 - t0:.1f} s "
+            f"(retrain {record['seconds']:.1f} s, feedback rows {record['feedback_rows']})\n"
+        )
+        assert after["accuracy"] > drifted["accuracy"] + 0.2
+    finally:
+        for daemon in reversed(daemons):
+            daemon.stop()
+        if server is not None:
+            server.stop()
