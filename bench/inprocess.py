@@ -14,16 +14,21 @@ import time
 import numpy as np
 
 
-def measure(model: str, batch: int, duration_s: float, warmup_s: float) -> dict[str, float]:
+def measure(
+    model: str, batch: int, duration_s: float, warmup_s: float, providers: list[str] | None = None
+) -> dict[str, float | str]:
     """Calls ``session.run`` on one fixed batch for ``duration_s`` and returns rows/s and latencies.
 
-    The session is built as the server builds it (default options, CPU provider).
+    The session is built as the server builds it (default options); ``providers``
+    defaults to the CPU provider. The result names the provider really used.
     """
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.log_severity_level = 3
-    session = ort.InferenceSession(model, sess_options=options, providers=["CPUExecutionProvider"])
+    session = ort.InferenceSession(
+        model, sess_options=options, providers=providers or ["CPUExecutionProvider"]
+    )
     inp = session.get_inputs()[0]
     features = int(inp.shape[1])
     rng = np.random.default_rng(0)
@@ -44,6 +49,7 @@ def measure(model: str, batch: int, duration_s: float, warmup_s: float) -> dict[
     elapsed = now - start
     latencies.sort()
     return {
+        "provider": session.get_providers()[0],
         "calls": len(latencies),
         "duration_s": elapsed,
         "rows_per_s": len(latencies) * batch / elapsed,
@@ -60,8 +66,12 @@ def main() -> int:
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--duration", type=float, default=10.0)
     parser.add_argument("--warmup", type=float, default=1.0)
+    parser.add_argument("--providers", default="CPUExecutionProvider", help="comma-separated, in order")
     args = parser.parse_args()
-    print(json.dumps(measure(args.model, args.batch, args.duration, args.warmup)), flush=True)
+    print(
+        json.dumps(measure(args.model, args.batch, args.duration, args.warmup, args.providers.split(","))),
+        flush=True,
+    )
     return 0
 
 

@@ -65,6 +65,7 @@ def start(
     timeout: float = 120,
     env: dict[str, str] | None = None,
     cpu: int = SERVER_CPU,
+    cwd: Path = ROOT,
 ) -> Proc:
     """Starts ``python ARGS`` pinned to ``cpu`` and waits until it prints its addresses.
 
@@ -78,7 +79,7 @@ def start(
     cmd = ["taskset", "-c", str(cpu), sys.executable, *args]
     popen = subprocess.Popen(
         cmd,
-        cwd=ROOT,
+        cwd=cwd,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,

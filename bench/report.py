@@ -221,7 +221,7 @@ def _reference_for(report: Report) -> dict[str, str]:
     # Each row is compared with the reference of its own kind in the same run.
     refs: dict[str, str] = {}
     for r in report.rows:
-        if r.key.startswith("ours."):
+        if r.group in ("ours", "compare"):
             _, protocol, conns = r.key.split(".")
             refs[r.key] = f"ceiling.{protocol}.{conns}"
         elif r.key.startswith("heavy."):
@@ -239,7 +239,13 @@ def write_chart(report: Report, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     rows = report.rows
-    colours = {"ours": "#1f77b4", "reference": "#7f7f7f", "baseline": "#d62728", "heavy": "#2ca02c"}
+    colours = {
+        "ours": "#1f77b4",
+        "compare": "#aec7e8",
+        "reference": "#7f7f7f",
+        "baseline": "#d62728",
+        "heavy": "#2ca02c",
+    }
     fig, ax = plt.subplots(figsize=(10, 0.38 * len(rows) + 1.5))
     labels = [f"{r.label}" + (f" ×{r.connections}" if r.connections else "") for r in rows]
     values = [max(r.rows_per_s, 1e-3) for r in rows]

@@ -6,7 +6,7 @@ Usage::
     python -m bench --quick         # 3 s per point (~2 minutes)
     python -m bench --soak          # also the 60 s RSS run at 32 connections
     python -m bench --only ours,ceiling --protocols tfserving_rest
-    python -m bench --compare-tree /tmp/before   # also serve an older checkout, side by side
+    python -m bench --compare-tree before=/tmp/before   # also serve an older checkout, side by side
 
 The server under test and every reference server run pinned to CPU 0; ``wrk`` and
 ``h2load`` run pinned to CPU 1. Compare only numbers from one run.
@@ -29,6 +29,7 @@ import time
 import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 from bench import loadgen, payloads, processes
 from bench.loadgen import GRPC_PATHS, LoadResult
@@ -46,6 +47,18 @@ PROTOCOL_LABELS = {
 }
 GROUPS = ("ort", "ours", "ceiling", "tutorial", "heavy")
 HEAVY_CONNECTIONS = 64
+CPU_PROVIDERS = ["CPUExecutionProvider"]
+GPU_PROVIDERS = ["CUDAExecutionProvider", "CPUExecutionProvider"]
+
+
+def gpu_repo(repo: Path, target: Path) -> Path:
+    """A copy of the heavy repository whose models ask for CUDA first (``--gpu``)."""
+    shutil.copytree(repo, target)
+    for config in target.glob("*/config.json"):
+        data = json.loads(config.read_text())
+        data["onnx_providers"] = GPU_PROVIDERS
+        config.write_text(json.dumps(data, indent=2) + "\n")
+    return target
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -63,12 +76,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--protocols", default=",".join(PROTOCOLS), help="digits protocols to run")
     parser.add_argument(
         "--compare-tree",
-        type=Path,
-        default=None,
-        help="also serve this checkout (e.g. a git worktree) as 'before'",
+        action="append",
+        default=[],
+        metavar="NAME=DIR",
+        help="also serve another checkout's code (e.g. a git worktree) as NAME, side by side; repeatable",
     )
     parser.add_argument("--tutorial-connections", type=int, default=32)
     parser.add_argument("--tutorial-duration", type=float, default=5.0, help="its points are slow: cap them")
+    parser.add_argument(
+        "--gpu",
+        action="store_true",
+        help="heavy model on CUDA (server and in-process); see bench/gpu_check.sh",
+    )
     parser.add_argument("--out", type=Path, default=RESULTS, help="where the JSON and PNG go")
     parser.add_argument("--cache", type=Path, default=None, help="model cache (default bench/.cache)")
     args = parser.parse_args(argv)
@@ -79,6 +98,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args.only = {g.strip() for g in args.only.split(",") if g.strip()}
     args.protocols = [p.strip() for p in args.protocols.split(",") if p.strip()]
     args.connections = [int(c) for c in args.connections.split(",")]
+    trees = []
+    for item in args.compare_tree:
+        name, eq, path = item.partition("=")
+        if not eq or not name.isidentifier() or name in ("ours", "ceiling_rest", "ceiling_grpc"):
+            parser.error(f"--compare-tree takes NAME=DIR with a new identifier NAME, got {item!r}")
+        trees.append((name, Path(path).resolve()))
+    args.compare_tree = trees
     unknown = (args.only - set(GROUPS)) | (set(args.protocols) - set(PROTOCOLS))
     if unknown:
         parser.error(f"unknown group or protocol: {', '.join(sorted(unknown))}")
@@ -118,6 +144,13 @@ def serve_args(repo: Path) -> list[str]:
     return ["-m", "modelloop", "serve", "--repo", str(repo), "--rest-port", "0", "--grpc-port", "0"]
 
 
+def state_env(name: str) -> dict[str, str]:
+    """A private monitoring state directory per server, so no two share one SQLite file."""
+    path = Path(tempfile.gettempdir()) / f"modelloop-bench-state-{os.getpid()}" / name
+    shutil.rmtree(path, ignore_errors=True)
+    return {"MODELLOOP_MONITORING_STATE_DIR": str(path)}
+
+
 def start_tree_server(tree: Path, repo: Path, site: Path) -> Proc:
     """Serves ``repo`` with the code of another checkout, by shadowing the editable install.
 
@@ -131,7 +164,9 @@ def start_tree_server(tree: Path, repo: Path, site: Path) -> Proc:
     for sub in ("serving", "training", "export", "monitoring"):
         if (tree / sub).is_dir():
             (pkg / sub).symlink_to(tree / sub)
-    return processes.start("before", serve_args(repo), env={"PYTHONPATH": str(site)})
+    # cwd=site: with the repository as cwd, sys.path[0] would find its own modelloop first.
+    env = {"PYTHONPATH": str(site), **state_env(site.name)}
+    return processes.start(site.name, serve_args(repo), env=env, cwd=site)
 
 
 def preflight(proc: Proc, protocol: str, body: Path, model: str) -> None:
@@ -211,9 +246,10 @@ def measure(
 
     if warmup_s > 0:
         run(warmup_s)
-    before = server_errors(proc) if proc.name in ("ours", "before", "heavy") else 0
+    has_metrics = not proc.name.startswith(("ceiling", "tutorial"))
+    before = server_errors(proc) if has_metrics else 0
     result = run(duration_s)
-    if proc.name in ("ours", "before", "heavy"):
+    if has_metrics:
         result.errors = max(result.errors, server_errors(proc) - before)
     return result
 
@@ -235,7 +271,7 @@ def row_from(key: str, label: str, group: str, connections: int, result: LoadRes
     )
 
 
-def ort_row(key: str, label: str, batch: int, r: dict[str, float]) -> Row:
+def ort_row(key: str, label: str, batch: int, r: dict[str, Any]) -> Row:
     """A table row from an in-process measurement (rows/s; latency of one ``session.run``)."""
     return Row(
         key=key,
@@ -249,15 +285,18 @@ def ort_row(key: str, label: str, batch: int, r: dict[str, float]) -> Row:
         requests=int(r["calls"]),
         duration_s=r["duration_s"],
         rows_per_request=batch,
-        note="p50/p99: one session.run call",
+        note=f"p50/p99: one session.run call; {r.get('provider', '')}",
     )
 
 
-def inprocess(model: Path, batch: int, duration_s: float, warmup_s: float) -> dict[str, float]:
+def inprocess(
+    model: Path, batch: int, duration_s: float, warmup_s: float, providers: list[str] | None = None
+) -> dict[str, Any]:
     """In-process ONNX Runtime, pinned to the server CPU."""
     cmd = [
         "taskset", "-c", str(processes.SERVER_CPU), sys.executable, "-m", "bench.inprocess", str(model),
         "--batch", str(batch), "--duration", str(duration_s), "--warmup", str(warmup_s),
+        "--providers", ",".join(providers or CPU_PROVIDERS),
     ]  # fmt: skip
     out = subprocess.run(cmd, capture_output=True, text=True, check=True, cwd=processes.ROOT, timeout=300)
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -301,13 +340,18 @@ def run_suite(args: argparse.Namespace, assets: Assets, bodies_dir: Path, report
             if "ours" in args.only:
                 log("starting modelloop serve (digits)")
                 servers["ours"] = stack.enter_context(
-                    running(lambda: processes.start("ours", serve_args(assets.digits_repo)))
+                    running(
+                        lambda: processes.start("ours", serve_args(assets.digits_repo), env=state_env("ours"))
+                    )
                 )
                 report.rss = {"launch_bytes": servers["ours"].rss_bytes()}
-                if args.compare_tree is not None:
-                    site = Path(stack.enter_context(tempfile.TemporaryDirectory()))
-                    servers["before"] = stack.enter_context(
-                        running(lambda: start_tree_server(args.compare_tree, assets.digits_repo, site))
+                for tree_name, tree in args.compare_tree:
+                    site = Path(stack.enter_context(tempfile.TemporaryDirectory())) / tree_name
+                    site.mkdir()
+                    servers[tree_name] = stack.enter_context(
+                        running(
+                            lambda tree=tree, site=site: start_tree_server(tree, assets.digits_repo, site)
+                        )
                     )
             if "ceiling" in args.only:
                 log("starting the reference servers")
@@ -327,11 +371,8 @@ def run_suite(args: argparse.Namespace, assets: Assets, bodies_dir: Path, report
                 )
             for protocol in args.protocols:
                 ceiling = "ceiling_rest" if protocol.endswith("_rest") else "ceiling_grpc"
-                order = [
-                    (ceiling, "ceiling", "reference"),
-                    ("ours", "ours", "ours"),
-                    ("before", "before", "ours"),
-                ]
+                order = [(ceiling, "ceiling", "reference"), ("ours", "ours", "ours")]
+                order += [(tree_name, tree_name, "compare") for tree_name, _ in args.compare_tree]
                 for name, _, _ in order:
                     if name in servers:
                         preflight(servers[name], protocol, bodies[protocol], "digits")
@@ -342,9 +383,12 @@ def run_suite(args: argparse.Namespace, assets: Assets, bodies_dir: Path, report
                             continue
                         log(f"{name}: {protocol} at {conns} connections")
                         result = measure(servers[name], protocol, bodies[protocol], "digits", conns, d, w)
-                        label = ("REST ceiling " if name == "ceiling_rest" else "gRPC ceiling " if
-                                 name == "ceiling_grpc" else "before: " if name == "before" else "") + (
-                                     PROTOCOL_LABELS[protocol])  # fmt: skip
+                        prefixes = {
+                            "ceiling_rest": "REST ceiling ",
+                            "ceiling_grpc": "gRPC ceiling ",
+                            "ours": "",
+                        }
+                        label = prefixes.get(name, f"{name}: ") + PROTOCOL_LABELS[protocol]
                         report.rows.append(
                             row_from(f"{prefix}.{protocol}.c{conns}", label, group, conns, result)
                         )
@@ -369,11 +413,15 @@ def run_suite(args: argparse.Namespace, assets: Assets, bodies_dir: Path, report
             )
 
     if "heavy" in args.only:
-        log("in-process ONNX Runtime, heavy model, batch 32")
-        r = inprocess(assets.heavy_onnx, 32, d, w)
+        providers = GPU_PROVIDERS if args.gpu else CPU_PROVIDERS
+        heavy_repo = gpu_repo(assets.heavy_repo, bodies_dir / "heavy-gpu") if args.gpu else assets.heavy_repo
+        log(f"in-process ONNX Runtime, heavy model, batch 32, {providers[0]}")
+        r = inprocess(assets.heavy_onnx, 32, d, w, providers)
         report.rows.append(ort_row("ort.heavy.b32", "in-process ORT heavy, batch 32", 32, r))
         log("starting modelloop serve (heavy, heavy_unbatched)")
-        with running(lambda: processes.start("heavy", serve_args(assets.heavy_repo))) as heavy:
+        with running(
+            lambda: processes.start("heavy", serve_args(heavy_repo), env=state_env("heavy"))
+        ) as heavy:
             for model, key, label, bodies_ in (
                 ("heavy", "heavy.batched", "heavy, dynamic batching (gRPC Predict)", heavy_bodies),
                 (
@@ -442,6 +490,7 @@ def main(argv: list[str] | None = None) -> int:
             "heavy_batching": HEAVY_BATCHING,
             "tutorial_connections": args.tutorial_connections,
             "rows_per_request": 1,
+            "heavy_providers": GPU_PROVIDERS if args.gpu else CPU_PROVIDERS,
         },
     )
     with tempfile.TemporaryDirectory(prefix="modelloop-bench-") as tmp:
