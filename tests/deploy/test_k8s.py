@@ -219,7 +219,7 @@ def test_server_deployment(overlay: str) -> None:
     token = next(e for e in server["env"] if e["name"] == "MODELLOOP_ADMIN_TOKEN")
     assert token["valueFrom"]["secretKeyRef"] == {"name": "modelloop-admin", "key": "token"}
     # Retraining Jobs run the server's own image.
-    assert settings["MODELLOOP_MONITORING_JOB_IMAGE"] == server["image"]
+    assert settings["MODELLOOP_RETRAIN_JOB_IMAGE"] == server["image"]
     assert pod["serviceAccountName"] == "modelloop"
 
 
@@ -277,7 +277,7 @@ def test_retrain_job_template_is_mounted_and_renders_to_a_valid_job(tmp_path: Pa
     assert volumes["retrain-job-template"]["configMap"]["name"] == template_map["metadata"]["name"]
     settings = _one(docs, "ConfigMap", _settings_name(docs))["data"]
     mount = next(m for m in _server(docs)["volumeMounts"] if m["name"] == "retrain-job-template")
-    assert settings["MODELLOOP_MONITORING_JOB_TEMPLATE"] == f"{mount['mountPath']}/retrain-job-template.yaml"
+    assert settings["MODELLOOP_RETRAIN_JOB_TEMPLATE"] == f"{mount['mountPath']}/retrain-job-template.yaml"
     # Filled in as the trigger does, it is a Job the API server would accept.
     job = yaml.safe_load(
         re.sub(
