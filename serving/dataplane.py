@@ -28,7 +28,6 @@ import asyncio
 import dataclasses
 import logging
 import time
-import uuid
 from collections.abc import Sequence
 from typing import Any
 
@@ -42,6 +41,7 @@ from modelloop.serving.errors import (
     ModelNotReady,
     ServingError,
 )
+from modelloop.serving.ids import new_request_id
 from modelloop.serving.metrics import ServingMetrics
 from modelloop.serving.observer import InferenceObserver, NullObserver
 from modelloop.serving.registry import ModelRegistry
@@ -255,7 +255,7 @@ class DataPlane:
                 model=request.model,
                 version=version,
                 outputs={name: outputs[name] for name in wanted},
-                id=request.id or uuid.uuid4().hex,
+                id=request.id or new_request_id(),
             )
         except ServingError as exc:
             code = exc.code.value

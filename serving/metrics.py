@@ -19,6 +19,7 @@ registry.get_sample_value(
 from __future__ import annotations
 
 from enum import Enum
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
@@ -93,6 +94,12 @@ class ServingMetrics:
             ["model"],
             registry=registry,
         )
+        # Children by label values: ``.labels()`` validates and joins its labels under a lock
+        # on every call; a dict hit per request is a fraction of that. Label sets are bounded
+        # (known models only), so the caches are too.
+        self._request_children: dict[tuple[str, str, str, str], tuple[Any, Any]] = {}
+        self._batch_children: dict[tuple[str, int], Any] = {}
+        self._queue_children: dict[tuple[str, int], Any] = {}
         self.load_failures = Counter(
             "modelloop_model_load_failures",
             "Version loads that failed (the version is marked FAILED).",
@@ -112,17 +119,28 @@ class ServingMetrics:
             code: ``"OK"``, an :class:`~modelloop.serving.errors.ErrorCode` or its value.
             seconds: Duration in seconds.
         """
-        v, p = _label(version), _label(protocol)
-        self.requests.labels(model, v, p, _label(code)).inc()
-        self.request_duration.labels(model, v, p).observe(seconds)
+        key = (model, _label(version), _label(protocol), _label(code))
+        children = self._request_children.get(key)
+        if children is None:
+            m, v, p, c = key
+            children = (self.requests.labels(m, v, p, c), self.request_duration.labels(m, v, p))
+            self._request_children[key] = children
+        children[0].inc()
+        children[1].observe(seconds)
 
     def observe_batch(self, model: str, version: int, rows: int) -> None:
         """Records the row count of one runtime call."""
-        self.batch_size.labels(model, str(version)).observe(rows)
+        child = self._batch_children.get((model, version))
+        if child is None:
+            child = self._batch_children[(model, version)] = self.batch_size.labels(model, str(version))
+        child.observe(rows)
 
     def observe_queue(self, model: str, version: int, seconds: float) -> None:
         """Records how long one request waited before its batch ran."""
-        self.queue_duration.labels(model, str(version)).observe(seconds)
+        child = self._queue_children.get((model, version))
+        if child is None:
+            child = self._queue_children[(model, version)] = self.queue_duration.labels(model, str(version))
+        child.observe(seconds)
 
     def set_versions_loaded(self, model: str, count: int) -> None:
         """Sets the number of AVAILABLE versions of ``model``."""

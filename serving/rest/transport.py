@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import uuid
 import zlib
 
 from fastapi import Request
 
 from modelloop.serving.errors import ErrorCode, ServingError
+from modelloop.serving.ids import new_request_id
 
 REQUEST_ID_HEADER = "x-request-id"
 MAX_REQUEST_ID_LENGTH = 128
@@ -27,7 +27,7 @@ def valid_request_id(value: str) -> bool:
 
 def request_id(request: Request, fallback: str | None = None) -> str:
     """The request's id: the client's ``x-request-id`` if valid, else ``fallback`` if valid,
-    else a fresh uuid4 hex.
+    else a fresh random 32-hex id.
 
     Args:
         request: The HTTP request.
@@ -39,7 +39,7 @@ def request_id(request: Request, fallback: str | None = None) -> str:
     for candidate in (request.headers.get(REQUEST_ID_HEADER), fallback):
         if candidate is not None and valid_request_id(candidate):
             return candidate
-    return uuid.uuid4().hex
+    return new_request_id()  # uuid4().hex costs a syscall and an object per request
 
 
 def check_content_type(request: Request, *, binary: bool = False) -> bool:
