@@ -130,6 +130,8 @@ def _add_server_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--poll-interval", type=float, default=None, help="seconds between repository polls")
     parser.add_argument("--grace-period", type=float, default=None, help="seconds to drain on SIGTERM")
     parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    parser.add_argument("--tls-cert", type=Path, default=None, help="PEM certificate: TLS on both ports")
+    parser.add_argument("--tls-key", type=Path, default=None, help="PEM private key of --tls-cert")
     parser.add_argument(
         "--store",
         default=None,
@@ -212,6 +214,10 @@ def _serving_settings(args: argparse.Namespace) -> tuple[Any, Any]:
         overrides["poll_interval_s"] = args.poll_interval
     if args.grace_period is not None:
         overrides["grace_period_s"] = args.grace_period
+    if args.tls_cert is not None:
+        overrides["tls_cert_file"] = args.tls_cert
+    if args.tls_key is not None:
+        overrides["tls_key_file"] = args.tls_key
     monitoring: dict[str, Any] = {}
     if args.no_monitoring:
         monitoring["enabled"] = False
@@ -224,7 +230,10 @@ def _serving_settings(args: argparse.Namespace) -> tuple[Any, Any]:
     except ValidationError as exc:
         first = exc.errors()[0]
         where = ".".join(str(p) for p in first["loc"])
-        raise ModelloopError(f"invalid setting {where}: {first['msg']}") from None
+        message = str(first["msg"]).removeprefix("Value error, ")
+        raise ModelloopError(
+            f"invalid setting {where}: {message}" if where else f"invalid settings: {message}"
+        ) from None
 
 
 def _setup_logging(level: str) -> None:

@@ -18,6 +18,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import TextIO
 
+import grpc
 import uvicorn
 import uvloop
 from prometheus_client import CollectorRegistry
@@ -47,12 +48,13 @@ class BoundAddresses:
     host: str
     rest_port: int
     grpc_port: int
+    tls: bool = False
 
     @property
     def rest_url(self) -> str:
         """Base URL of the REST port."""
         host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"http://{host}:{self.rest_port}"
+        return f"{'https' if self.tls else 'http'}://{host}:{self.rest_port}"
 
     @property
     def grpc_target(self) -> str:
@@ -75,6 +77,16 @@ class _UvicornServer(uvicorn.Server):
 
 class ServerError(ModelloopError):
     """The server cannot start: bad repository, address in use, bad settings."""
+
+
+def _grpc_credentials(settings: ServingSettings) -> grpc.ServerCredentials | None:
+    if settings.tls_cert_file is None or settings.tls_key_file is None:
+        return None
+    try:
+        key, cert = settings.tls_key_file.read_bytes(), settings.tls_cert_file.read_bytes()
+    except OSError as exc:
+        raise ServerError(f"cannot read the TLS files: {exc.strerror}") from exc
+    return grpc.ssl_server_credentials([(key, cert)])
 
 
 def _bind_rest_socket(host: str, port: int) -> socket.socket:
@@ -169,7 +181,9 @@ class ModelServer:
         rest_sock = _bind_rest_socket(settings.host, settings.rest_port)
         grpc_server = create_grpc_server(self.dataplane, settings)
         try:
-            grpc_port = bind_grpc_server(grpc_server, settings.host, settings.grpc_port)
+            grpc_port = bind_grpc_server(
+                grpc_server, settings.host, settings.grpc_port, _grpc_credentials(settings)
+            )
         except OSError as exc:
             rest_sock.close()
             raise ServerError(str(exc)) from exc
@@ -192,12 +206,16 @@ class ModelServer:
             limit_concurrency=None,
             # httptools with bounded head size and time (uvicorn has neither limit).
             http=guarded_protocol(settings.max_header_bytes, settings.header_timeout_s),
+            ssl_certfile=str(settings.tls_cert_file) if settings.tls_cert_file else None,
+            ssl_keyfile=str(settings.tls_key_file) if settings.tls_key_file else None,
         )
         rest = _UvicornServer(config)
         rest_task = asyncio.create_task(rest.serve(sockets=[rest_sock]), name="rest")
         while not rest.started and not rest_task.done():
             await asyncio.sleep(0.01)
-        self.addresses = BoundAddresses(settings.host, rest_sock.getsockname()[1], grpc_port)
+        self.addresses = BoundAddresses(
+            settings.host, rest_sock.getsockname()[1], grpc_port, tls=settings.tls
+        )
         if on_ready is not None:
             on_ready(self.addresses)
 

@@ -219,3 +219,21 @@ class ServingSettings(BaseSettings):
     """Largest HTTP request head (request line and headers); beyond it the answer is 431."""
     header_timeout_s: float = Field(default=10.0, gt=0)
     """Seconds a client may take to send a request head; beyond it the answer is 408."""
+    tls_cert_file: Path | None = None
+    """PEM certificate (chain) for TLS on both ports; None serves plaintext."""
+    tls_key_file: Path | None = None
+    """PEM private key of ``tls_cert_file``."""
+
+    @model_validator(mode="after")
+    def _check_tls(self) -> ServingSettings:
+        if (self.tls_cert_file is None) != (self.tls_key_file is None):
+            raise ValueError("tls_cert_file and tls_key_file must be set together")
+        for path in (self.tls_cert_file, self.tls_key_file):
+            if path is not None and not path.is_file():
+                raise ValueError(f"TLS file {str(path)!r} does not exist")
+        return self
+
+    @property
+    def tls(self) -> bool:
+        """Whether both ports serve TLS."""
+        return self.tls_cert_file is not None

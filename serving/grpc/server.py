@@ -84,13 +84,17 @@ def create_grpc_server(dataplane: DataPlaneAPI, settings: ServingSettings) -> gr
     return server
 
 
-def bind_grpc_server(server: grpc.aio.Server, host: str, port: int) -> int:
-    """Binds an insecure listening port and returns the port actually bound.
+def bind_grpc_server(
+    server: grpc.aio.Server, host: str, port: int, credentials: grpc.ServerCredentials | None = None
+) -> int:
+    """Binds a listening port and returns the port actually bound.
 
     Args:
         server: A server from :func:`create_grpc_server`, not yet started.
         host: Interface to listen on (``127.0.0.1``, ``0.0.0.0``, ``::1``).
         port: Port number; 0 picks a free one.
+        credentials: TLS credentials (``grpc.ssl_server_credentials``); None binds
+            plaintext. Defaults to None.
 
     Returns:
         The bound port (the picked one when ``port`` is 0).
@@ -100,7 +104,10 @@ def bind_grpc_server(server: grpc.aio.Server, host: str, port: int) -> int:
     """
     address = f"[{host}]:{port}" if ":" in host and not host.startswith("[") else f"{host}:{port}"
     try:
-        bound = server.add_insecure_port(address)
+        if credentials is None:
+            bound = server.add_insecure_port(address)
+        else:
+            bound = server.add_secure_port(address, credentials)
     except RuntimeError as error:
         raise OSError(f"cannot bind gRPC server to {address}: {error}") from error
     if bound == 0:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import re
 import signal
+import ssl
 import subprocess
 import sys
 import threading
@@ -14,7 +15,7 @@ from pathlib import Path
 
 import httpx
 
-_REST = re.compile(r"REST listening on (http://\S+)")
+_REST = re.compile(r"REST listening on (https?://\S+)")
 _GRPC = re.compile(r"gRPC listening on (\S+)")
 
 
@@ -51,7 +52,11 @@ class ServerProcess:
 
 
 def start_server(
-    repo: Path, *extra: str, env: dict[str, str] | None = None, timeout: float = 90
+    repo: Path,
+    *extra: str,
+    env: dict[str, str] | None = None,
+    timeout: float = 90,
+    verify: ssl.SSLContext | bool = True,
 ) -> ServerProcess:
     """Runs ``python -m modelloop serve --repo REPO`` on port 0 and waits until it is ready.
 
@@ -99,7 +104,8 @@ def start_server(
             if rest and grpc_:
                 server.rest_url, server.grpc_target = rest.group(1), grpc_.group(1)
                 try:
-                    if httpx.get(f"{server.rest_url}/v2/health/ready", timeout=2).status_code == 200:
+                    ready = httpx.get(f"{server.rest_url}/v2/health/ready", timeout=2, verify=verify)
+                    if ready.status_code == 200:
                         return server
                 except httpx.HTTPError:
                     pass
