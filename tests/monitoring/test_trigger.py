@@ -149,7 +149,9 @@ def test_rendered_job_is_a_valid_batch_v1_job():
     }
     (container,) = body["spec"]["template"]["spec"]["containers"]
     assert container["image"] == "registry.example/modelloop:1.2"
-    assert container["args"][:5] == ["retrain", "--repo", "/models", "--name", "digits"]
+    # command, not args: args would be appended to the image's `modelloop serve` entrypoint.
+    assert "args" not in container
+    assert container["command"][:6] == ["modelloop", "retrain", "--repo", "/models", "--name", "digits"]
     assert body["spec"]["backoffLimit"] == 0
 
 
