@@ -81,6 +81,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         metavar="NAME=DIR",
         help="also serve another checkout's code (e.g. a git worktree) as NAME, side by side; repeatable",
     )
+    parser.add_argument(
+        "--variant",
+        action="append",
+        default=[],
+        metavar="NAME=ARGS",
+        help="also serve this code with extra `modelloop serve` args as NAME, e.g. nomon=--no-monitoring",
+    )
     parser.add_argument("--tutorial-connections", type=int, default=32)
     parser.add_argument("--tutorial-duration", type=float, default=5.0, help="its points are slow: cap them")
     parser.add_argument(
@@ -105,6 +112,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
             parser.error(f"--compare-tree takes NAME=DIR with a new identifier NAME, got {item!r}")
         trees.append((name, Path(path).resolve()))
     args.compare_tree = trees
+    variants = []
+    for item in args.variant:
+        name, eq, extra = item.partition("=")
+        if not eq or not name.isidentifier() or name in ("ours", "ceiling_rest", "ceiling_grpc"):
+            parser.error(f"--variant takes NAME=ARGS with a new identifier NAME, got {item!r}")
+        variants.append((name, shlex.split(extra)))
+    args.variant = variants
     unknown = (args.only - set(GROUPS)) | (set(args.protocols) - set(PROTOCOLS))
     if unknown:
         parser.error(f"unknown group or protocol: {', '.join(sorted(unknown))}")
@@ -353,6 +367,14 @@ def run_suite(args: argparse.Namespace, assets: Assets, bodies_dir: Path, report
                             lambda tree=tree, site=site: start_tree_server(tree, assets.digits_repo, site)
                         )
                     )
+                for variant, extra in args.variant:
+                    servers[variant] = stack.enter_context(
+                        running(
+                            lambda variant=variant, extra=extra: processes.start(
+                                variant, [*serve_args(assets.digits_repo), *extra], env=state_env(variant)
+                            )
+                        )
+                    )
             if "ceiling" in args.only:
                 log("starting the reference servers")
                 servers["ceiling_rest"] = stack.enter_context(
@@ -373,6 +395,7 @@ def run_suite(args: argparse.Namespace, assets: Assets, bodies_dir: Path, report
                 ceiling = "ceiling_rest" if protocol.endswith("_rest") else "ceiling_grpc"
                 order = [(ceiling, "ceiling", "reference"), ("ours", "ours", "ours")]
                 order += [(tree_name, tree_name, "compare") for tree_name, _ in args.compare_tree]
+                order += [(variant, variant, "compare") for variant, _ in args.variant]
                 for name, _, _ in order:
                     if name in servers:
                         preflight(servers[name], protocol, bodies[protocol], "digits")

@@ -148,10 +148,7 @@ def test_result_json_schema_round_trips(tmp_path):
 def test_markdown_table_shows_rows_ratios_and_rss(tmp_path):
     text = render_markdown(_report())
     assert "| point | group | conns | throughput | p50 ms | p99 ms | errors | vs ref |" in text
-    assert (
-        "| TF REST :predict | ours | 32 | 7,000 req/s | 4.00 | 9.00 | 0 | 0.70 × REST ceiling |"
-        in text
-    )
+    assert "| TF REST :predict | ours | 32 | 7,000 req/s | 4.00 | 9.00 | 0 | 0.70 × REST ceiling |" in text
     assert "| heavy, batching / in-process ORT batch 32 (rows/s) | 0.54 | ≥ 0.5 | met |" in text
     assert "| OIP V2 REST infer / REST ceiling (32 conn) | - | ≥ 0.6 | - |" in text
     assert "growth +2.4 %" in text
