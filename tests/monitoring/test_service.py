@@ -56,7 +56,7 @@ def test_a_full_queue_drops_and_counts_without_blocking():
     store = BlockingStore()
     windows = WindowSet(1000)
     observer = MonitoringObserver(
-        store, windows, MonitoringMetrics(registry), lambda m, v: VersionInfo(), queue_size=5
+        store, windows, MonitoringMetrics(registry), lambda m, v: VersionInfo(), queue_size=5, linger_s=0.0
     )
     observer.start()
     try:
