@@ -32,9 +32,7 @@ OIP_TO_NUMPY: dict[str, str] = {o: n for n, o, _, _ in _TABLE}
 NUMPY_TO_TF: dict[str, int] = {n: v for n, _, _, v in _TABLE}
 TF_TO_NUMPY: dict[int, str] = {v: n for n, _, _, v in _TABLE}
 TF_ENUM_NAME: dict[int, str] = {v: t for _, _, t, v in _TABLE}
-OIP_ITEM_SIZE: dict[str, int] = {
-    o: np.dtype(n).itemsize for n, o, _, _ in _TABLE if o != "BYTES"
-}
+OIP_ITEM_SIZE: dict[str, int] = {o: np.dtype(n).itemsize for n, o, _, _ in _TABLE if o != "BYTES"}
 
 
 def to_numpy_dtype(oip_datatype: str) -> np.dtype:
