@@ -2,9 +2,10 @@
 
 Core kinds go through ``kubernetes-validate --strict`` (unknown fields are errors), the
 prometheus-operator kinds through ``check-jsonschema`` with the schemas in
-``k8s/schemas`` (a vendored copy of the shared prometheus-operator schemas), and the PrometheusRule's groups through
-``promtool check rules``. What these cannot check (admission, scheduling, CRDs being
-installed, a real rollout) needs a cluster; docs/deploy.md lists it.
+``k8s/schemas`` (a vendored copy of the shared prometheus-operator schemas), and the
+PrometheusRule's groups through ``promtool check rules``. What these cannot check
+(admission, scheduling, CRDs being installed, a real rollout) needs a cluster;
+docs/deploy.md lists it.
 """
 
 from __future__ import annotations
