@@ -13,7 +13,6 @@ import os
 import pwd
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -26,7 +25,7 @@ import numpy as np
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
-from monhelpers import DigitsData
+from monhelpers import DigitsData, free_port
 
 
 @dataclass
@@ -66,12 +65,6 @@ class PostgresCluster:
         return f"postgresql://postgres@127.0.0.1:{self.port}/{name}"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="session")
 def postgres_cluster() -> Iterator[PostgresCluster]:
     """A PostgreSQL server for the session; skipped when Debian's PostgreSQL is missing."""
@@ -90,7 +83,7 @@ def postgres_cluster() -> Iterator[PostgresCluster]:
         entry = pwd.getpwnam(user)
         for path in (root, sock):
             os.chown(path, entry.pw_uid, entry.pw_gid)
-    port = _free_port()
+    port = free_port()
     cluster = PostgresCluster(bindir, data, port, user, pid=0)
     try:
         subprocess.run(

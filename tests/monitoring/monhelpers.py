@@ -1,14 +1,20 @@
-"""Helpers of the monitoring tests: digits drift, fake version directories, a fake catalog."""
+"""Helpers of the monitoring tests: digits drift, fake version directories, a fake catalog,
+and the plumbing for tests that run Debian's Prometheus tools."""
 
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import socket
+import subprocess
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from modelloop.serving.errors import ModelNotFound
 from modelloop.serving.settings import ModelConfig
@@ -87,3 +93,30 @@ def wait_until(predicate: Callable[[], bool], timeout: float = 10.0, interval: f
             return True
         time.sleep(interval)
     return bool(predicate())
+
+
+def require_tool(name: str, package: str) -> str:
+    """The path of a Debian-packaged tool; fails under CI (which installs it), else skips."""
+    path = shutil.which(name)
+    if path is None:
+        if os.environ.get("CI", "").lower() in {"1", "true", "yes"}:
+            pytest.fail(f"{name} is not installed (Debian package {package})")
+        pytest.skip(f"{name} is not installed (Debian package {package})")
+    return path
+
+
+def free_port() -> int:
+    """A TCP port on loopback that was free a moment ago."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def stop_process(proc: subprocess.Popen[bytes]) -> None:
+    """Terminates a child by its PID, and kills it if it does not exit within 10 s."""
+    proc.terminate()
+    try:
+        proc.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()

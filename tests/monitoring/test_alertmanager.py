@@ -4,10 +4,7 @@ retrain alerts to the server's webhook, with the bearer token from the credentia
 from __future__ import annotations
 
 import json
-import os
 import queue
-import shutil
-import socket
 import subprocess
 import threading
 import time
@@ -21,31 +18,19 @@ from typing import Any
 
 import pytest
 import yaml
+from monhelpers import free_port, require_tool, stop_process
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 CONFIG = REPO_ROOT / "monitoring" / "alertmanager" / "alertmanager.yml"
 TOKEN = "test-admin-token"
 
 
-def _tool(name: str) -> str:
-    path = shutil.which(name)
-    if path is None:
-        # CI installs Debian's prometheus-alertmanager, so a missing binary there is a failure.
-        if os.environ.get("CI", "").lower() in {"1", "true", "yes"}:
-            pytest.fail(f"{name} is not installed (Debian package prometheus-alertmanager)")
-        pytest.skip(f"{name} is not installed (Debian package prometheus-alertmanager)")
-    return path
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def test_amtool_check_config() -> None:
     result = subprocess.run(
-        [_tool("amtool"), "check-config", str(CONFIG)], capture_output=True, text=True, timeout=60
+        [require_tool("amtool", "prometheus-alertmanager"), "check-config", str(CONFIG)],
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert result.returncode == 0, result.stdout + result.stderr
     assert "SUCCESS" in result.stdout
@@ -100,7 +85,7 @@ def _post_alerts(url: str, alerts: list[dict[str, Any]]) -> None:
 def test_only_retrain_alerts_reach_the_webhook_with_the_bearer_token(
     tmp_path: Path, webhook: tuple[str, queue.Queue[tuple[dict[str, str], dict[str, Any]]]]
 ) -> None:
-    binary = _tool("prometheus-alertmanager")
+    binary = require_tool("prometheus-alertmanager", "prometheus-alertmanager")
     url, calls = webhook
     token_file = tmp_path / "token"
     token_file.write_text(TOKEN + "\n")  # a trailing newline, as `echo` writes it
@@ -112,7 +97,7 @@ def test_only_retrain_alerts_reach_the_webhook_with_the_bearer_token(
     receiver["webhook_configs"][0]["http_config"]["authorization"]["credentials_file"] = str(token_file)
     (tmp_path / "alertmanager.yml").write_text(yaml.safe_dump(config))
 
-    port = _free_port()
+    port = free_port()
     log = (tmp_path / "alertmanager.log").open("w")
     proc = subprocess.Popen(
         [
@@ -166,12 +151,7 @@ def test_only_retrain_alerts_reach_the_webhook_with_the_bearer_token(
         time.sleep(1.0)
         assert calls.empty()
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_process(proc)
         log.close()
 
 

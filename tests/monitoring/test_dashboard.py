@@ -11,10 +11,7 @@ the expression's labels or aggregation do not fit what the server exports.
 from __future__ import annotations
 
 import json
-import os
 import re
-import shutil
-import socket
 import subprocess
 import threading
 import time
@@ -28,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from monhelpers import free_port, require_tool, stop_process
 from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
 
 from modelloop.serving.metrics import ServingMetrics
@@ -109,22 +107,6 @@ def _substitute(expr: str) -> str:
     return expr
 
 
-def _tool(name: str) -> str:
-    path = shutil.which(name)
-    if path is None:
-        # CI installs Debian's prometheus package, so a missing binary there is a failure.
-        if os.environ.get("CI", "").lower() in {"1", "true", "yes"}:
-            pytest.fail(f"{name} is not installed (Debian package prometheus)")
-        pytest.skip(f"{name} is not installed (Debian package prometheus)")
-    return path
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 class _Exposition:
     """A registry shaped like a running server's, moving on at every scrape.
 
@@ -168,7 +150,7 @@ class _Exposition:
 @pytest.fixture(scope="module")
 def prometheus_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """A real Prometheus on loopback that has scraped the exposition a few times."""
-    binary = _tool("prometheus")
+    binary = require_tool("prometheus", "prometheus")
     exposition = _Exposition()
 
     class Handler(BaseHTTPRequestHandler):
@@ -193,7 +175,7 @@ def prometheus_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         "  - job_name: modelloop\n"
         f"    static_configs: [{{targets: ['127.0.0.1:{exporter.server_address[1]}']}}]\n"
     )
-    port = _free_port()
+    port = free_port()
     log = (tmp / "prometheus.log").open("w")
     proc = subprocess.Popen(
         [
@@ -210,12 +192,7 @@ def prometheus_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         _wait_for_scrapes(url, proc, tmp / "prometheus.log")
         yield url
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_process(proc)
         log.close()
         exporter.shutdown()
         exporter.server_close()

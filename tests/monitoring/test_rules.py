@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import os
-import shutil
 import subprocess
 from pathlib import Path
 from typing import Any
 
-import pytest
 import yaml
+from monhelpers import require_tool
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 RULES = REPO_ROOT / "monitoring" / "rules" / "modelloop.rules.yml"
@@ -27,16 +25,6 @@ ALERTS = {
 RETRAIN_ALERTS = {"ModelDriftDetected", "ModelAccuracyBelowFloor"}
 
 
-def _promtool() -> str:
-    path = shutil.which("promtool")
-    if path is None:
-        # CI installs Debian's prometheus package, so a missing promtool there is a failure.
-        if os.environ.get("CI", "").lower() in {"1", "true", "yes"}:
-            pytest.fail("promtool is not installed (Debian package prometheus)")
-        pytest.skip("promtool is not installed (Debian package prometheus)")
-    return path
-
-
 def _alerts() -> list[dict[str, Any]]:
     doc = yaml.safe_load(RULES.read_text())
     return [rule for group in doc["groups"] for rule in group["rules"] if "alert" in rule]
@@ -44,7 +32,7 @@ def _alerts() -> list[dict[str, Any]]:
 
 def test_promtool_check_rules() -> None:
     result = subprocess.run(
-        [_promtool(), "check", "rules", "--lint=all", "--lint-fatal", str(RULES)],
+        [require_tool("promtool", "prometheus"), "check", "rules", "--lint=all", "--lint-fatal", str(RULES)],
         capture_output=True,
         text=True,
         timeout=60,
@@ -56,7 +44,7 @@ def test_promtool_check_rules() -> None:
 def test_promtool_test_rules() -> None:
     assert RULE_TESTS, "no promtool unit tests in monitoring/rules/tests/"
     result = subprocess.run(
-        [_promtool(), "test", "rules", *map(str, RULE_TESTS)],
+        [require_tool("promtool", "prometheus"), "test", "rules", *map(str, RULE_TESTS)],
         capture_output=True,
         text=True,
         timeout=120,
