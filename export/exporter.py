@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -75,7 +76,7 @@ def _load_model(run_dir: Path, run_info: dict[str, Any]) -> Any:
     from modelloop.training.spec import SpecError, load_spec
 
     # Importing the spec registers any custom layers or model classes it defines.
-    with _suppress(SpecError):
+    with contextlib.suppress(SpecError):
         load_spec(run_info["spec"]["source"])
     try:
         return keras.saving.load_model(run_dir / "model.keras", compile=False)
@@ -83,17 +84,6 @@ def _load_model(run_dir: Path, run_info: dict[str, Any]) -> Any:
         raise ExportError(
             f"cannot load {str(run_dir / 'model.keras')!r}: {type(exc).__name__}: {str(exc).splitlines()[0]}"
         ) from exc
-
-
-class _suppress:
-    def __init__(self, *types: type[BaseException]) -> None:
-        self._types = types
-
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, exc_type: type[BaseException] | None, *_: object) -> bool:
-        return exc_type is not None and issubclass(exc_type, self._types)
 
 
 @dataclass(frozen=True)

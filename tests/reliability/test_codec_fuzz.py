@@ -93,45 +93,43 @@ def test_v2_json_decoder(document, raw, header):
     _client_error_only(lambda: v2_json.decode_infer_request(body, model="digits", header_length=header))
 
 
+def _parsed(message, data: bytes):
+    """``message`` filled from ``data``, or None: grpc rejects unparsable bytes before our code runs."""
+    from google.protobuf.message import DecodeError
+
+    try:
+        message.ParseFromString(data)
+    except DecodeError:
+        return None
+    return message
+
+
 @FUZZ
 @given(data=st.binary(max_size=400))
 def test_tensor_proto_decoder_on_arbitrary_bytes(data):
-    from google.protobuf.message import DecodeError
     from tensorflow.core.framework import tensor_pb2
 
-    proto = tensor_pb2.TensorProto()
-    try:
-        proto.ParseFromString(data)
-    except DecodeError:
-        return  # grpc rejects such bytes before our code runs
-    _client_error_only(lambda: tensor_proto.to_numpy(proto, "pixels"))
+    proto = _parsed(tensor_pb2.TensorProto(), data)
+    if proto is not None:
+        _client_error_only(lambda: tensor_proto.to_numpy(proto, "pixels"))
 
 
 @FUZZ
 @given(data=st.binary(max_size=400))
 def test_predict_request_decoder_on_arbitrary_bytes(data):
-    from google.protobuf.message import DecodeError
     from tensorflow_serving.apis import predict_pb2
 
-    request = predict_pb2.PredictRequest()
-    try:
-        request.ParseFromString(data)
-    except DecodeError:
-        return
-    _client_error_only(lambda: tensor_proto.decode_predict_request(request))
+    request = _parsed(predict_pb2.PredictRequest(), data)
+    if request is not None:
+        _client_error_only(lambda: tensor_proto.decode_predict_request(request))
 
 
 @FUZZ
 @given(data=st.binary(max_size=400))
 def test_model_infer_request_decoder_on_arbitrary_bytes(data):
-    from google.protobuf.message import DecodeError
-
-    request = oip.ModelInferRequest()
-    try:
-        request.ParseFromString(data)
-    except DecodeError:
-        return
-    _client_error_only(lambda: v2_grpc.decode_infer_request(request))
+    request = _parsed(oip.ModelInferRequest(), data)
+    if request is not None:
+        _client_error_only(lambda: v2_grpc.decode_infer_request(request))
 
 
 @FUZZ
