@@ -1,6 +1,15 @@
-"""The error every user-facing failure of the offline tools raises."""
+"""Errors every package shares: the one-line user error and the neutral error codes.
+
+``ModelloopError`` is what the offline tools (train, export, retrain) raise for a user's
+mistake. ``ServiceError`` is what the services (serving, monitoring) raise on purpose: it
+carries a neutral :class:`ErrorCode`, and only the edges map that code to a status, one
+table each (``serving/rest/errors.py`` to HTTP, ``serving/grpc/errors.py`` to gRPC). This
+module imports nothing of the project, so every package may import it.
+"""
 
 from __future__ import annotations
+
+from enum import Enum
 
 
 class ModelloopError(Exception):
@@ -8,3 +17,44 @@ class ModelloopError(Exception):
 
     The CLI catches it, prints ``modelloop: error: <message>`` and exits non-zero.
     """
+
+
+class ErrorCode(Enum):
+    """Neutral error codes, named after the canonical gRPC/absl status codes."""
+
+    INVALID_ARGUMENT = "INVALID_ARGUMENT"
+    NOT_FOUND = "NOT_FOUND"
+    FAILED_PRECONDITION = "FAILED_PRECONDITION"
+    RESOURCE_EXHAUSTED = "RESOURCE_EXHAUSTED"
+    UNIMPLEMENTED = "UNIMPLEMENTED"
+    UNAVAILABLE = "UNAVAILABLE"
+    UNAUTHENTICATED = "UNAUTHENTICATED"
+    PERMISSION_DENIED = "PERMISSION_DENIED"
+    DEADLINE_EXCEEDED = "DEADLINE_EXCEEDED"
+    CANCELLED = "CANCELLED"
+    PAYLOAD_TOO_LARGE = "PAYLOAD_TOO_LARGE"
+    UNSUPPORTED_MEDIA_TYPE = "UNSUPPORTED_MEDIA_TYPE"
+    INTERNAL = "INTERNAL"
+
+
+class ServiceError(Exception):
+    """Base of every error a service raises on purpose; the edges map its code.
+
+    Attributes:
+        code: The neutral code the edges map to a status.
+        message: A message that names the problem, safe to show to clients.
+        request_id: The id of the request that failed, when the data plane knew it, so
+            that the edge can send it back with the error. Defaults to "".
+    """
+
+    code: ErrorCode = ErrorCode.INTERNAL
+    request_id: str = ""
+
+    def __init__(self, message: str, code: ErrorCode | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        if code is not None:
+            self.code = code
+
+    def __str__(self) -> str:
+        return self.message

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from modelloop.errors import ServiceError
 from modelloop.monitoring.inprocess import InProcessRules
 from modelloop.monitoring.policy import RetrainPolicy
 from modelloop.monitoring.settings import MonitoringSettings, resolve_model_settings
@@ -35,7 +36,6 @@ from modelloop.monitoring.trigger import (
     SubprocessTrigger,
 )
 from modelloop.monitoring.webhook import AlertHandler
-from modelloop.serving.errors import ServingError
 
 if TYPE_CHECKING:
     from modelloop.monitoring.service import MonitoringService
@@ -107,7 +107,7 @@ def build_retraining(settings: MonitoringSettings, repo: Path, service: Monitori
         try:
             overrides = service.catalog.model_config(model).drift
             return resolve_model_settings(settings, overrides).retrain_cooldown_s
-        except (ValueError, ServingError):  # a broken config.json or a vanished model
+        except (ValueError, ServiceError):  # a broken config.json or a vanished model
             return None
 
     policy = RetrainPolicy(settings.retrain_cooldown_s, cooldown_for=cooldown_for)

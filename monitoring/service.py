@@ -44,6 +44,7 @@ from typing import Any, Protocol
 import numpy as np
 from prometheus_client import CollectorRegistry
 
+from modelloop.errors import ServiceError
 from modelloop.monitoring.accuracy import AccuracyReport, score_labelled
 from modelloop.monitoring.drift import DriftDetector, DriftReport
 from modelloop.monitoring.metrics import MonitoringMetrics
@@ -58,7 +59,6 @@ from modelloop.monitoring.store import (
     open_store,
 )
 from modelloop.monitoring.window import WindowSet
-from modelloop.serving.errors import ServingError
 from modelloop.serving.settings import ModelConfig
 from modelloop.serving.types import ModelState, VersionStatus
 
@@ -287,7 +287,7 @@ class MonitoringService:
                 logger.error("model %s: config.json %s; using the server's thresholds", model, exc)
                 self._bad_overrides[model] = str(exc)
             return self.settings
-        except ServingError:  # an unknown model: the server's thresholds apply
+        except ServiceError:  # an unknown model: the server's thresholds apply
             return self.settings
         self._bad_overrides.pop(model, None)
         return resolved
@@ -297,7 +297,7 @@ class MonitoringService:
         for name in self.catalog.model_names():
             try:
                 statuses = self.catalog.statuses(name)
-            except ServingError:  # the model vanished between the two calls
+            except ServiceError:  # the model vanished between the two calls
                 continue
             loaded.extend((name, s.version) for s in statuses if s.state is ModelState.AVAILABLE)
         return loaded

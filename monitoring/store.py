@@ -38,7 +38,7 @@ from typing import Any, Protocol, TypeVar
 import numpy as np
 import orjson
 
-from modelloop.serving.errors import ErrorCode, ServingError
+from modelloop.errors import ErrorCode, ServiceError
 
 logger = logging.getLogger(__name__)
 
@@ -76,7 +76,7 @@ _SCHEMA = (
 )
 
 
-class StoreUnavailable(ServingError):
+class StoreUnavailable(ServiceError):
     """The store cannot be reached or written; the REST edge answers 503."""
 
     code = ErrorCode.UNAVAILABLE

@@ -14,7 +14,7 @@ from typing import NoReturn
 
 import grpc
 
-from modelloop.serving.errors import ErrorCode, ServingError
+from modelloop.errors import ErrorCode, ServiceError
 
 STATUS_CODES: MappingProxyType[ErrorCode, grpc.StatusCode] = MappingProxyType(
     {
@@ -54,7 +54,7 @@ def status_code(code: ErrorCode) -> grpc.StatusCode:
 
 async def abort(
     context: grpc.aio.ServicerContext,
-    error: ServingError,
+    error: ServiceError,
     trailing_metadata: Sequence[tuple[str, str]] = (),
 ) -> NoReturn:
     """Ends the call with the status of ``error`` and its message.

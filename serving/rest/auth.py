@@ -7,7 +7,8 @@ from typing import TYPE_CHECKING
 
 from fastapi import Request
 
-from modelloop.serving.errors import ErrorCode, ServingError, Unauthenticated
+from modelloop.errors import ErrorCode
+from modelloop.serving.errors import ServingError, Unauthenticated
 
 if TYPE_CHECKING:
     from modelloop.serving.settings import ServingSettings

@@ -14,7 +14,7 @@ from fastapi import FastAPI, Request, Response
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from modelloop.serving.errors import ErrorCode, ServingError
+from modelloop.errors import ErrorCode, ServiceError
 
 logger = logging.getLogger(__name__)
 
@@ -56,8 +56,8 @@ def error_response(message: str, status: int, headers: dict[str, str] | None = N
     )
 
 
-def serving_error_response(error: ServingError, headers: dict[str, str] | None = None) -> Response:
-    """The response for a :class:`ServingError`: its mapped status and its message."""
+def serving_error_response(error: ServiceError, headers: dict[str, str] | None = None) -> Response:
+    """The response for a :class:`ServiceError`: its mapped status and its message."""
     if error.code is ErrorCode.UNAUTHENTICATED:
         headers = {**(headers or {}), "WWW-Authenticate": "Bearer"}
     return error_response(error.message, http_status(error.code), headers)
@@ -71,7 +71,7 @@ def install_error_handlers(app: FastAPI) -> None:
     """
 
     async def on_serving_error(request: Request, error: Exception) -> Response:
-        return serving_error_response(cast(ServingError, error))
+        return serving_error_response(cast(ServiceError, error))
 
     async def on_http_error(request: Request, error: Exception) -> Response:
         error = cast(StarletteHTTPException, error)
@@ -95,7 +95,7 @@ def install_error_handlers(app: FastAPI) -> None:
         logger.error("unhandled error on %s %s", request.method, request.url.path, exc_info=error)
         return error_response("internal server error", 500)
 
-    app.add_exception_handler(ServingError, on_serving_error)
+    app.add_exception_handler(ServiceError, on_serving_error)
     app.add_exception_handler(StarletteHTTPException, on_http_error)
     app.add_exception_handler(RequestValidationError, on_validation_error)
     app.add_exception_handler(Exception, on_unexpected)

@@ -18,8 +18,9 @@ from typing import TYPE_CHECKING
 import orjson
 from fastapi import APIRouter, Request, Response
 
+from modelloop.errors import ErrorCode
 from modelloop.monitoring.webhook import WebhookError, parse_alertmanager
-from modelloop.serving.errors import ErrorCode, InvalidInput, ServingError
+from modelloop.serving.errors import InvalidInput, ServingError
 from modelloop.serving.rest.auth import require_admin
 from modelloop.serving.rest.transport import check_content_type, read_body
 

@@ -30,8 +30,9 @@ from typing import TYPE_CHECKING, Any
 import orjson
 from fastapi import APIRouter, Request, Response
 
+from modelloop.errors import ErrorCode
 from modelloop.monitoring.store import FeedbackItem, FeedbackResult, StoreUnavailable
-from modelloop.serving.errors import ErrorCode, InvalidInput, ModelNotFound, ServingError
+from modelloop.serving.errors import InvalidInput, ModelNotFound, ServingError
 from modelloop.serving.rest.errors import error_response, serving_error_response
 from modelloop.serving.rest.transport import check_content_type, read_body, valid_request_id
 

@@ -14,8 +14,9 @@ from typing import TYPE_CHECKING
 
 from fastapi import APIRouter, Request, Response
 
+from modelloop.errors import ErrorCode
 from modelloop.serving.codecs import tfserving_json
-from modelloop.serving.errors import ErrorCode, InvalidInput, ServingError, Unimplemented
+from modelloop.serving.errors import InvalidInput, ServingError, Unimplemented
 from modelloop.serving.rest.errors import error_response, serving_error_response
 from modelloop.serving.rest.transport import REQUEST_ID_HEADER, check_content_type, read_body, request_id
 from modelloop.serving.types import Protocol

@@ -6,7 +6,8 @@ import zlib
 
 from fastapi import Request
 
-from modelloop.serving.errors import ErrorCode, ServingError
+from modelloop.errors import ErrorCode
+from modelloop.serving.errors import ServingError
 from modelloop.serving.ids import new_request_id
 
 REQUEST_ID_HEADER = "x-request-id"

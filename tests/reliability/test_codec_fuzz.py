@@ -9,8 +9,9 @@ import numpy as np
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from modelloop.errors import ErrorCode
 from modelloop.serving.codecs import tensor_proto, tfserving_json, v2_grpc, v2_json
-from modelloop.serving.errors import ErrorCode, ServingError
+from modelloop.serving.errors import ServingError
 from modelloop.serving.protos import grpc_service_pb2 as oip
 from modelloop.serving.types import ModelMetadata, TensorSpec
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, generate_latest
 
-from modelloop.serving.errors import ErrorCode
+from modelloop.errors import ErrorCode
 from modelloop.serving.metrics import ServingMetrics
 from modelloop.serving.types import Protocol
 

@@ -10,8 +10,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from modelloop.errors import ErrorCode
 from modelloop.serving.codecs import tfserving_json
-from modelloop.serving.errors import ErrorCode, InvalidInput, ModelNotFound
+from modelloop.serving.errors import InvalidInput, ModelNotFound
 from modelloop.serving.types import (
     InferResponse,
     ModelMetadata,
