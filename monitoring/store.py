@@ -7,9 +7,23 @@ SQLite, fsynced: WAL with ``synchronous=FULL``) before :meth:`PredictionStore.ad
 returns, so a label acknowledged to a client survives ``kill -9``. The first label of a
 prediction is final: a duplicate never overwrites it.
 
-Both backends run the same SQL (``INSERT ... ON CONFLICT DO NOTHING`` is valid in SQLite
-3.24+ and PostgreSQL 9.5+); only the driver, the placeholders and the transaction calls
-differ. Every driver error becomes :class:`StoreUnavailable`.
+Both backends run the same SQL through SQLAlchemy Core (no ORM): every statement is a
+``sqlalchemy.text()`` with named bind parameters (``:model``), and the ``IN (...)`` lists
+are expanding bind parameters, so SQLAlchemy renders each driver's placeholders.
+``INSERT ... ON CONFLICT DO NOTHING`` is valid in SQLite 3.24+ and PostgreSQL 9.5+. Each
+store owns one :class:`sqlalchemy.engine.Engine` and its connection pool:
+
+* SQLite: a pool of connections to one file, each set to WAL, ``synchronous=FULL`` and a
+  busy timeout when it is opened. Transactions are explicit: a write begins with
+  ``BEGIN IMMEDIATE``, a read with a plain (deferred) ``BEGIN``, so readers run beside the
+  one writer.
+* PostgreSQL: a bounded ``QueuePool`` of psycopg 3 connections, opened lazily and checked
+  with a ping before use, so a server starts while the database is down and recovers by
+  itself when it returns.
+
+Every driver or pool error becomes :class:`StoreUnavailable`, with a one-line message that
+never contains the password. Stores are thread-safe: each call checks out its own pooled
+connection for one transaction.
 
 Example:
 
@@ -37,6 +51,10 @@ from typing import Any, Protocol, TypeVar
 
 import numpy as np
 import orjson
+import sqlalchemy as sa
+from sqlalchemy import event
+from sqlalchemy.engine import Connection, Engine, make_url
+from sqlalchemy.exc import ArgumentError, DBAPIError, SQLAlchemyError
 
 from modelloop.errors import ErrorCode, ServiceError
 
@@ -45,11 +63,26 @@ logger = logging.getLogger(__name__)
 T = TypeVar("T")
 
 CLASSIFIER_TASKS = frozenset({"multiclass", "binary"})
-# SQLite's default limit on host parameters is 32766; PostgreSQL's is 65535.
+# SQLite's default limit on host parameters is 32766; PostgreSQL's is 65535. An expanding
+# bind parameter still sends one parameter per id, so long id lists go in chunks.
 _IN_CHUNK = 500
+# Connections per store: enough for the observer, the evaluator and a few concurrent
+# feedback calls; bounded so that N replicas cannot exhaust PostgreSQL's max_connections.
+_POOL_SIZE = 5
+_MAX_OVERFLOW = 5
+# Seconds a SQLite writer waits for another process's write lock before failing.
+_SQLITE_BUSY_TIMEOUT_S = 10.0
+# Seconds close() waits for calls in flight before it closes the pool anyway.
+_CLOSE_WAIT_S = 10.0
+# Execution option that tells the SQLite "begin" hook which BEGIN to emit.
+_WRITE_OPTION = "modelloop_write"
+# Key of the advisory lock that serialises schema creation across PostgreSQL replicas.
+_SCHEMA_LOCK_KEY = 7283740001
 
-_SCHEMA = (
-    """CREATE TABLE IF NOT EXISTS predictions (
+_SCHEMA = tuple(
+    sa.text(statement)
+    for statement in (
+        """CREATE TABLE IF NOT EXISTS predictions (
         model TEXT NOT NULL,
         request_id TEXT NOT NULL,
         version INTEGER NOT NULL,
@@ -62,8 +95,8 @@ _SCHEMA = (
         predicted TEXT NOT NULL,
         PRIMARY KEY (model, request_id)
     )""",
-    "CREATE INDEX IF NOT EXISTS predictions_created ON predictions (created)",
-    """CREATE TABLE IF NOT EXISTS feedback (
+        "CREATE INDEX IF NOT EXISTS predictions_created ON predictions (created)",
+        """CREATE TABLE IF NOT EXISTS feedback (
         model TEXT NOT NULL,
         request_id TEXT NOT NULL,
         version INTEGER NOT NULL,
@@ -72,8 +105,51 @@ _SCHEMA = (
         targets TEXT NOT NULL,
         PRIMARY KEY (model, request_id)
     )""",
-    "CREATE INDEX IF NOT EXISTS feedback_version ON feedback (model, version, created)",
+        "CREATE INDEX IF NOT EXISTS feedback_version ON feedback (model, version, created)",
+    )
 )
+
+# The statements are built once: a TextClause is immutable and safe to share between
+# threads, and the engine caches its compiled form per dialect.
+_INSERT_PREDICTION = sa.text(
+    "INSERT INTO predictions (model, request_id, version, created, task, classes, n_rows, "
+    "inputs, outputs, predicted) VALUES (:model, :request_id, :version, :created, :task, "
+    ":classes, :n_rows, :inputs, :outputs, :predicted) "
+    "ON CONFLICT (model, request_id) DO NOTHING"
+)
+_SELECT_PREDICTED = sa.text(
+    "SELECT request_id, version, task, classes, n_rows FROM predictions "
+    "WHERE model = :model AND request_id IN :ids"
+).bindparams(sa.bindparam("ids", expanding=True))
+_SELECT_LABELLED = sa.text(
+    "SELECT request_id FROM feedback WHERE model = :model AND request_id IN :ids"
+).bindparams(sa.bindparam("ids", expanding=True))
+_INSERT_FEEDBACK = sa.text(
+    "INSERT INTO feedback (model, request_id, version, created, n_labels, targets) "
+    "VALUES (:model, :request_id, :version, :created, :n_labels, :targets) "
+    "ON CONFLICT (model, request_id) DO NOTHING"
+)
+_SELECT_RECENT = sa.text(
+    "SELECT p.predicted, f.targets, f.created FROM feedback f JOIN predictions p "
+    "ON p.model = f.model AND p.request_id = f.request_id "
+    "WHERE f.model = :model AND f.version = :version ORDER BY f.created DESC LIMIT :limit"
+)
+_COUNT_LABELS = sa.text(
+    "SELECT COALESCE(SUM(n_labels), 0) FROM feedback WHERE model = :model AND version = :version"
+)
+_SELECT_DATASET = sa.text(
+    "SELECT p.inputs, f.targets, p.task FROM feedback f JOIN predictions p "
+    "ON p.model = f.model AND p.request_id = f.request_id "
+    "WHERE f.model = :model ORDER BY f.created, f.request_id"
+)
+_DELETE_OLDER = sa.text("DELETE FROM predictions WHERE created < :cutoff")
+_NTH_NEWEST = sa.text("SELECT created FROM predictions ORDER BY created DESC LIMIT 1 OFFSET :offset")
+_DELETE_UP_TO = sa.text("DELETE FROM predictions WHERE created <= :created")
+_DELETE_ORPHAN_FEEDBACK = sa.text(
+    "DELETE FROM feedback WHERE NOT EXISTS (SELECT 1 FROM predictions p "
+    "WHERE p.model = feedback.model AND p.request_id = feedback.request_id)"
+)
+_SCHEMA_LOCK = sa.text("SELECT pg_advisory_xact_lock(:key)")
 
 
 class StoreUnavailable(ServiceError):
@@ -177,7 +253,7 @@ class PredictionStore(Protocol):
         """Applies retention; returns the predictions deleted."""
 
     def close(self) -> None:
-        """Releases the connection."""
+        """Releases the connections; later calls raise :class:`StoreUnavailable`."""
 
 
 def check_targets(targets: Any, rows: int, task: str, classes: int) -> tuple[list[int | float], str]:
@@ -227,73 +303,118 @@ def _chunks(items: Sequence[T], size: int = _IN_CHUNK) -> Iterator[Sequence[T]]:
         yield items[start : start + size]
 
 
+def _first_line(exc: BaseException) -> str:
+    """The first line of what went wrong, without SQLAlchemy's SQL echo and help link."""
+    if isinstance(exc, DBAPIError) and exc.orig is not None:
+        # The driver's own message; str(exc) would add the statement and a URL.
+        text = str(exc.orig)
+    elif isinstance(exc, SQLAlchemyError):
+        text = str(exc.args[0]) if exc.args else ""
+    else:
+        text = str(exc)
+    for line in text.splitlines():
+        if line.strip():
+            return line.strip()
+    return type(exc).__name__
+
+
 class SqlPredictionStore:
-    """The shared SQL of both backends; subclasses connect and map driver errors.
+    """The shared SQL of both backends, run through one SQLAlchemy engine per store.
+
+    Subclasses build the engine (``self._engine``) and may override the hooks below; this
+    class runs every call as one transaction on a connection checked out of the engine's
+    pool, so calls from several threads run side by side, and turns every driver or pool
+    error into :class:`StoreUnavailable`. The schema is created on the first call that
+    reaches the database, so a store can be opened while its database is down.
 
     Args:
         retention_rows: Most predictions kept. Defaults to 1,000,000.
         retention_days: Predictions older than this are deleted. Defaults to 30.
     """
 
-    placeholder = "?"
     backend = "sql"
+    _engine: Engine
 
     def __init__(self, *, retention_rows: int = 1_000_000, retention_days: float = 30.0) -> None:
         self.retention_rows = retention_rows
         self.retention_days = retention_days
-        # One connection, one writer at a time: the observer thread, feedback calls and
-        # the evaluator share it. SQLite serialises writers anyway.
-        self._lock = threading.Lock()
-        self._conn: Any = None
+        # The gate guards `_closed` and counts the calls in flight, so that close() can
+        # wait for them before it closes the pool under their feet.
+        self._gate = threading.Condition()
+        self._active = 0
         self._closed = False
+        self._schema_lock = threading.Lock()
+        self._schema_ready = False
 
     # -- backend hooks ---------------------------------------------------------------
 
-    def _connect(self) -> Any:
-        raise NotImplementedError
-
-    def _driver_errors(self) -> tuple[type[BaseException], ...]:
-        raise NotImplementedError
-
-    @contextlib.contextmanager
-    def _transaction(self, conn: Any) -> Iterator[Any]:
-        raise NotImplementedError
-        yield  # pragma: no cover
-
     def _describe(self) -> str:
+        """Names the database in messages; never includes a password."""
         return self.backend
+
+    def _redact(self, message: str) -> str:
+        """Removes secrets from a driver message; the base class has none to remove."""
+        return message
+
+    def _writer(self, write: bool) -> contextlib.AbstractContextManager[Any]:
+        """What a transaction holds besides its connection; nothing by default."""
+        return contextlib.nullcontext()
+
+    def _lock_schema(self, conn: Connection) -> None:
+        """Serialises schema creation with other processes; SQLite's write lock does."""
 
     # -- plumbing --------------------------------------------------------------------
 
-    def _sql(self, text: str) -> str:
-        return text if self.placeholder == "?" else text.replace("?", self.placeholder)
+    @contextlib.contextmanager
+    def _unavailable_on_error(self) -> Iterator[None]:
+        """Turns driver and pool errors into StoreUnavailable with a one-line message."""
+        try:
+            yield
+        except (SQLAlchemyError, sqlite3.Error) as exc:
+            # sqlite3.Error: raised by the "connect" hook, outside SQLAlchemy's wrapping.
+            message = self._redact(_first_line(exc))
+            raise StoreUnavailable(f"{self._describe()}: {message}") from exc
 
-    def _run(self, work: Callable[[Any], T]) -> T:
-        """Runs ``work(cursor)`` in one transaction; driver errors become StoreUnavailable."""
-        with self._lock:
+    def _ensure_schema(self) -> None:
+        """Creates the tables once per store; retried on the next call if it fails."""
+        if self._schema_ready:
+            return
+        with self._schema_lock:
+            if self._schema_ready:
+                return
+            with self._unavailable_on_error(), self._writer(True), self._engine.begin() as conn:
+                self._lock_schema(conn)
+                for statement in _SCHEMA:
+                    conn.execute(statement)
+            self._schema_ready = True
+
+    def _run(self, work: Callable[[Connection], T], *, write: bool) -> T:
+        """Runs ``work(connection)`` in one transaction, committed before it returns.
+
+        Args:
+            work: The statements; it must not commit or roll back itself.
+            write: Whether ``work`` writes; SQLite then takes its write lock up front.
+
+        Raises:
+            StoreUnavailable: The store is closed, or the database failed; the
+                transaction was rolled back.
+        """
+        with self._gate:
             if self._closed:
                 raise StoreUnavailable(f"the {self._describe()} store is closed")
-            try:
-                if self._conn is None:
-                    self._conn = self._connect()
-                with self._transaction(self._conn) as cursor:
-                    return work(cursor)
-            except self._driver_errors() as exc:
-                # Drop the connection: the next call reconnects (PostgreSQL restarts,
-                # network blips) instead of reusing a broken session.
-                self._discard()
-                message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-                raise StoreUnavailable(f"{self._describe()}: {message}") from exc
-
-    def _discard(self) -> None:
-        conn, self._conn = self._conn, None
-        if conn is not None:
-            with contextlib.suppress(Exception):
-                conn.close()
-
-    def _create_schema(self, cursor: Any) -> None:
-        for statement in _SCHEMA:
-            cursor.execute(statement)
+            self._active += 1
+        try:
+            self._ensure_schema()
+            with self._unavailable_on_error(), self._writer(write), self._engine.connect() as conn:
+                # Read by the SQLite "begin" hook; PostgreSQL ignores it.
+                conn.execution_options(**{_WRITE_OPTION: write})
+                with conn.begin():
+                    return work(conn)
+        finally:
+            with self._gate:
+                self._active -= 1
+                if self._active == 0:
+                    self._gate.notify_all()
 
     # -- the store -------------------------------------------------------------------
 
@@ -308,27 +429,25 @@ class SqlPredictionStore:
         """
         if not records:
             return
-        sql = self._sql(
-            "INSERT INTO predictions (model, request_id, version, created, task, classes, n_rows, "
-            "inputs, outputs, predicted) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
-            "ON CONFLICT (model, request_id) DO NOTHING"
-        )
+        # Sorted by key: concurrent writers then lock the rows in one order (no deadlock).
+        ordered = sorted(records, key=lambda r: (r.model, r.request_id))
         rows = [
-            (
-                r.model,
-                r.request_id,
-                r.version,
-                r.created,
-                r.task,
-                r.classes,
-                len(r.predicted),
-                _dumps(r.inputs),
-                _dumps(r.outputs),
-                _dumps(r.predicted),
-            )
-            for r in records
+            {
+                "model": r.model,
+                "request_id": r.request_id,
+                "version": r.version,
+                "created": r.created,
+                "task": r.task,
+                "classes": r.classes,
+                "n_rows": len(r.predicted),
+                "inputs": _dumps(r.inputs),
+                "outputs": _dumps(r.outputs),
+                "predicted": _dumps(r.predicted),
+            }
+            for r in ordered
         ]
-        self._run(lambda cur: cur.executemany(sql, rows))
+        # A list of parameter sets: SQLAlchemy runs it as one executemany.
+        self._run(lambda conn: conn.execute(_INSERT_PREDICTION, rows), write=True)
 
     def add_feedback(self, model: str, items: Sequence[FeedbackItem]) -> FeedbackResult:
         """Joins labels to logged predictions and stores the valid ones, durably.
@@ -346,36 +465,23 @@ class SqlPredictionStore:
         """
         ids = list(dict.fromkeys(item.request_id for item in items))
 
-        def work(cur: Any) -> FeedbackResult:
+        def work(conn: Connection) -> FeedbackResult:
             known: dict[str, tuple[int, str, int, int]] = {}
             labelled: set[str] = set()
             for chunk in _chunks(ids):
-                marks = ", ".join("?" * len(chunk))
-                cur.execute(
-                    self._sql(
-                        "SELECT request_id, version, task, classes, n_rows FROM predictions "
-                        f"WHERE model = ? AND request_id IN ({marks})"
-                    ),
-                    (model, *chunk),
-                )
-                for rid, version, task, classes, n_rows in cur.fetchall():
+                params = {"model": model, "ids": list(chunk)}
+                for rid, version, task, classes, n_rows in conn.execute(_SELECT_PREDICTED, params):
                     known[rid] = (int(version), str(task), int(classes), int(n_rows))
-                cur.execute(
-                    self._sql(f"SELECT request_id FROM feedback WHERE model = ? AND request_id IN ({marks})"),
-                    (model, *chunk),
-                )
-                labelled.update(row[0] for row in cur.fetchall())
+                labelled.update(row[0] for row in conn.execute(_SELECT_LABELLED, params))
             result = FeedbackResult()
-            labels: dict[int, int] = defaultdict(int)
-            insert = self._sql(
-                "INSERT INTO feedback (model, request_id, version, created, n_labels, targets) "
-                "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (model, request_id) DO NOTHING"
-            )
-            now = time.time()
+            # The ids to insert, with their version and targets, and the fate of each
+            # item in order: "duplicate" now, or "pending" until its INSERT tells.
+            pending: dict[str, tuple[int, list[int | float]]] = {}
+            fates: list[tuple[str, str]] = []
             for item in items:
                 rid = item.request_id
-                if rid in labelled:
-                    result.duplicate.append(rid)
+                if rid in labelled or rid in pending:
+                    fates.append(("duplicate", rid))
                     continue
                 if rid not in known:
                     if rid not in result.unknown:
@@ -386,17 +492,42 @@ class SqlPredictionStore:
                 if problem:
                     result.invalid[rid] = problem
                     continue
-                cur.execute(insert, (model, rid, version, now, len(values), _dumps(values)))
-                if cur.rowcount == 0:  # another replica labelled it since the SELECT
-                    result.duplicate.append(rid)
-                else:
+                pending[rid] = (version, values)
+                fates.append(("pending", rid))
+            # Inserted in request-id order: concurrent calls (pooled connections, other
+            # replicas) then take the unique-index locks in one order and cannot deadlock.
+            now = time.time()
+            won: set[str] = set()
+            for rid in sorted(pending):
+                version, values = pending[rid]
+                inserted = conn.execute(
+                    _INSERT_FEEDBACK,
+                    {
+                        "model": model,
+                        "request_id": rid,
+                        "version": version,
+                        "created": now,
+                        "n_labels": len(values),
+                        "targets": _dumps(values),
+                    },
+                )
+                # rowcount 0: another call or replica labelled it since the SELECT.
+                if inserted.rowcount != 0:
+                    won.add(rid)
+            labels: dict[int, int] = defaultdict(int)
+            for fate, rid in fates:
+                if fate == "pending" and rid in won:
                     result.accepted.append(rid)
+                    version, values = pending[rid]
                     labels[version] += len(values)
-                labelled.add(rid)
+                else:
+                    result.duplicate.append(rid)
             result.labels = dict(labels)
             return result
 
-        return self._run(work)
+        # The commit at the end of _run is the durability point: only then does the
+        # caller learn what was accepted.
+        return self._run(work, write=True)
 
     def recent_labelled(self, model: str, version: int, limit: int) -> list[LabelledRow]:
         """The newest ``limit`` labelled rows of one version, newest first.
@@ -404,19 +535,14 @@ class SqlPredictionStore:
         Raises:
             StoreUnavailable: The database cannot be reached.
         """
-        sql = self._sql(
-            "SELECT p.predicted, f.targets, f.created FROM feedback f JOIN predictions p "
-            "ON p.model = f.model AND p.request_id = f.request_id "
-            "WHERE f.model = ? AND f.version = ? ORDER BY f.created DESC LIMIT ?"
-        )
 
-        def work(cur: Any) -> list[Any]:
+        def work(conn: Connection) -> list[Any]:
             # Each request has at least one row, so `limit` requests cover `limit` rows.
-            cur.execute(sql, (model, version, limit))
-            return list(cur.fetchall())
+            params = {"model": model, "version": version, "limit": limit}
+            return list(conn.execute(_SELECT_RECENT, params).all())
 
         rows: list[LabelledRow] = []
-        for predicted, targets, created in self._run(work):
+        for predicted, targets, created in self._run(work, write=False):
             for p, t in zip(orjson.loads(predicted), orjson.loads(targets), strict=False):
                 rows.append(LabelledRow(p, t, float(created)))
                 if len(rows) >= limit:
@@ -429,13 +555,11 @@ class SqlPredictionStore:
         Raises:
             StoreUnavailable: The database cannot be reached.
         """
-        sql = self._sql("SELECT COALESCE(SUM(n_labels), 0) FROM feedback WHERE model = ? AND version = ?")
 
-        def work(cur: Any) -> int:
-            cur.execute(sql, (model, version))
-            return int(cur.fetchone()[0])
+        def work(conn: Connection) -> int:
+            return int(conn.execute(_COUNT_LABELS, {"model": model, "version": version}).scalar_one())
 
-        return self._run(work)
+        return self._run(work, write=False)
 
     def feedback_dataset(self, model: str) -> tuple[np.ndarray, np.ndarray]:
         """Inputs and targets of every labelled row of a model, oldest first, for retraining.
@@ -450,17 +574,11 @@ class SqlPredictionStore:
         Raises:
             StoreUnavailable: The database cannot be reached.
         """
-        sql = self._sql(
-            "SELECT p.inputs, f.targets, p.task FROM feedback f JOIN predictions p "
-            "ON p.model = f.model AND p.request_id = f.request_id "
-            "WHERE f.model = ? ORDER BY f.created, f.request_id"
-        )
 
-        def work(cur: Any) -> list[Any]:
-            cur.execute(sql, (model,))
-            return list(cur.fetchall())
+        def work(conn: Connection) -> list[Any]:
+            return list(conn.execute(_SELECT_DATASET, {"model": model}).all())
 
-        fetched = self._run(work)
+        fetched = self._run(work, write=False)
         xs: list[list[float]] = []
         ys: list[int | float] = []
         classifier = True
@@ -493,32 +611,30 @@ class SqlPredictionStore:
         """
         cutoff = (time.time() if now is None else now) - self.retention_days * 86400.0
 
-        def work(cur: Any) -> int:
-            cur.execute(self._sql("DELETE FROM predictions WHERE created < ?"), (cutoff,))
-            deleted = max(cur.rowcount, 0)
-            cur.execute(
-                self._sql("SELECT created FROM predictions ORDER BY created DESC LIMIT 1 OFFSET ?"),
-                (self.retention_rows,),
-            )
-            row = cur.fetchone()
+        def work(conn: Connection) -> int:
+            deleted = max(conn.execute(_DELETE_OLDER, {"cutoff": cutoff}).rowcount, 0)
+            row = conn.execute(_NTH_NEWEST, {"offset": self.retention_rows}).first()
             if row is not None:
                 # `<=`: the row at the offset is the first one beyond the bound.
-                cur.execute(self._sql("DELETE FROM predictions WHERE created <= ?"), (row[0],))
-                deleted += max(cur.rowcount, 0)
+                deleted += max(conn.execute(_DELETE_UP_TO, {"created": row[0]}).rowcount, 0)
             if deleted:
-                cur.execute(
-                    "DELETE FROM feedback WHERE NOT EXISTS (SELECT 1 FROM predictions p "
-                    "WHERE p.model = feedback.model AND p.request_id = feedback.request_id)"
-                )
+                conn.execute(_DELETE_ORPHAN_FEEDBACK)
             return deleted
 
-        return self._run(work)
+        return self._run(work, write=True)
 
     def close(self) -> None:
-        """Closes the connection; later calls raise :class:`StoreUnavailable`."""
-        with self._lock:
+        """Closes the pool's connections; later calls raise :class:`StoreUnavailable`.
+
+        Calls in flight may finish first: close() waits up to 10 seconds for them.
+        """
+        with self._gate:
+            if self._closed:
+                return
             self._closed = True
-            self._discard()
+            self._gate.wait_for(lambda: self._active == 0, timeout=_CLOSE_WAIT_S)
+        with contextlib.suppress(Exception):
+            self._engine.dispose()
 
 
 class SQLitePredictionStore(SqlPredictionStore):
@@ -526,6 +642,13 @@ class SQLitePredictionStore(SqlPredictionStore):
 
     WAL lets the evaluator read while the observer writes; ``synchronous=FULL`` fsyncs
     the WAL at every commit, which is what makes an acknowledged label survive a crash.
+    Each pooled connection gets both settings, and a busy timeout, when it is opened (the
+    engine's "connect" hook). Transactions follow SQLAlchemy's pysqlite recipe: the
+    driver's own implicit BEGIN is off (``isolation_level=None``) and the engine's "begin"
+    hook emits ``BEGIN IMMEDIATE`` for writes, which takes the write lock up front so two
+    processes never deadlock on an upgrade from a read to a write lock, and a deferred
+    ``BEGIN`` for reads, which see one snapshot without blocking the writer. Writers of
+    this process queue on a lock rather than in SQLite's busy handler, which polls.
 
     Args:
         path: The database file; its directory is created.
@@ -541,57 +664,77 @@ class SQLitePredictionStore(SqlPredictionStore):
     def __init__(self, path: Path, *, retention_rows: int = 1_000_000, retention_days: float = 30.0) -> None:
         super().__init__(retention_rows=retention_rows, retention_days=retention_days)
         self.path = Path(path)
+        self._write_lock = threading.Lock()
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise StoreUnavailable(f"sqlite: cannot create {self.path.parent}: {exc.strerror}") from exc
-        self._run(self._create_schema)
+        self._engine = sa.create_engine(
+            sa.URL.create("sqlite", database=str(self.path)),
+            connect_args={"timeout": _SQLITE_BUSY_TIMEOUT_S},
+            pool_size=_POOL_SIZE,
+            max_overflow=_MAX_OVERFLOW,
+            pool_timeout=_SQLITE_BUSY_TIMEOUT_S,
+            hide_parameters=True,
+        )
+        event.listen(self._engine, "connect", _sqlite_on_connect)
+        event.listen(self._engine, "begin", _sqlite_on_begin)
+        # Unlike PostgreSQL, a file that cannot be opened is a configuration error: fail
+        # at startup, not at the first request.
+        try:
+            self._ensure_schema()
+        except StoreUnavailable:
+            self._engine.dispose()
+            raise
 
     def _describe(self) -> str:
         return f"sqlite {self.path}"
 
-    def _connect(self) -> sqlite3.Connection:
-        # isolation_level=None: transactions are explicit (BEGIN IMMEDIATE below).
-        conn = sqlite3.connect(self.path, timeout=10.0, isolation_level=None, check_same_thread=False)
-        conn.execute("PRAGMA journal_mode=WAL")
-        conn.execute("PRAGMA synchronous=FULL")
-        conn.execute("PRAGMA busy_timeout=10000")
-        return conn
+    def _writer(self, write: bool) -> contextlib.AbstractContextManager[Any]:
+        return self._write_lock if write else contextlib.nullcontext()
 
-    def _driver_errors(self) -> tuple[type[BaseException], ...]:
-        return (sqlite3.Error,)
 
-    @contextlib.contextmanager
-    def _transaction(self, conn: Any) -> Iterator[Any]:
-        cursor = conn.cursor()
-        # IMMEDIATE takes the write lock up front, so two processes never deadlock on
-        # an upgrade from a read to a write lock.
-        cursor.execute("BEGIN IMMEDIATE")
-        try:
-            yield cursor
-        except BaseException:
-            with contextlib.suppress(sqlite3.Error):
-                cursor.execute("ROLLBACK")
-            raise
-        cursor.execute("COMMIT")
+def _sqlite_on_connect(dbapi_connection: sqlite3.Connection, _record: Any) -> None:
+    """Sets up each new SQLite connection of the pool (the "connect" pool event)."""
+    # isolation_level=None: the driver emits no BEGIN of its own; _sqlite_on_begin does.
+    dbapi_connection.isolation_level = None
+    cursor = dbapi_connection.cursor()
+    try:
+        cursor.execute("PRAGMA journal_mode=WAL")
+        cursor.execute("PRAGMA synchronous=FULL")
+        cursor.execute(f"PRAGMA busy_timeout={int(_SQLITE_BUSY_TIMEOUT_S * 1000)}")
+    finally:
+        cursor.close()
+
+
+def _sqlite_on_begin(conn: Connection) -> None:
+    """Emits the BEGIN of each transaction (the "begin" connection event)."""
+    write = conn.get_execution_options().get(_WRITE_OPTION, True)
+    conn.exec_driver_sql("BEGIN IMMEDIATE" if write else "BEGIN")
 
 
 class PostgresPredictionStore(SqlPredictionStore):
-    """The shared store for several replicas, through psycopg 3.
+    """The shared store for several replicas, through psycopg 3 and a connection pool.
 
-    It connects lazily and reconnects after a failure, so a server starts while the
-    database is down and recovers when it returns; meanwhile calls raise
-    :class:`StoreUnavailable`. Commits are durable with PostgreSQL's default
-    ``synchronous_commit=on``.
+    The engine's ``QueuePool`` opens connections lazily (at most 5 kept, 5 more under
+    load) and pings each one before use (``pool_pre_ping``), replacing it and the rest of
+    the pool after a server restart. So a server starts while the database is down and
+    recovers by itself when it returns; meanwhile calls raise :class:`StoreUnavailable`.
+    Replicas that start together create the schema one at a time, under an advisory lock.
+    Commits are durable with PostgreSQL's default ``synchronous_commit=on``.
 
     Args:
-        url: A libpq URL, ``postgresql://user:pass@host:port/db``.
+        url: A libpq URL, ``postgresql://user:pass@host:port/db`` (``postgres://`` too);
+            it is opened with SQLAlchemy's ``postgresql+psycopg`` dialect.
         retention_rows: Most predictions kept. Defaults to 1,000,000.
         retention_days: Age bound in days. Defaults to 30.
-        connect_timeout_s: Seconds to wait for a connection. Defaults to 5.
+        connect_timeout_s: Seconds to wait for a new connection, and for a free one when
+            the pool is exhausted. Defaults to 5.
+
+    Raises:
+        StoreUnavailable: The URL cannot be parsed, or psycopg is not installed.
     """
 
-    placeholder = "%s"
     backend = "postgresql"
 
     def __init__(
@@ -603,43 +746,49 @@ class PostgresPredictionStore(SqlPredictionStore):
         connect_timeout_s: float = 5.0,
     ) -> None:
         super().__init__(retention_rows=retention_rows, retention_days=retention_days)
+        self.url = url
+        self.connect_timeout_s = connect_timeout_s
         try:
-            import psycopg
+            parsed = make_url(url)
+        except (ArgumentError, ValueError) as exc:
+            # Not the URL itself in the message: it may hold a password.
+            raise StoreUnavailable("postgresql: the store URL cannot be parsed") from exc
+        if parsed.get_backend_name() not in ("postgresql", "postgres"):
+            raise StoreUnavailable(f"postgresql: not a PostgreSQL URL ({parsed.drivername}://...)")
+        self._url = parsed.set(drivername="postgresql+psycopg")
+        self._password = self._url.password or ""
+        try:
+            self._engine = sa.create_engine(
+                self._url,
+                # libpq takes whole seconds.
+                connect_args={"connect_timeout": max(1, int(connect_timeout_s))},
+                pool_size=_POOL_SIZE,
+                max_overflow=_MAX_OVERFLOW,
+                pool_timeout=connect_timeout_s,
+                pool_pre_ping=True,
+                hide_parameters=True,
+            )
         except ImportError as exc:  # the [postgres] extra is not installed
             raise StoreUnavailable(
                 "postgresql store needs psycopg: pip install 'modelloop[postgres]'"
             ) from exc
-        self._psycopg = psycopg
-        self.url = url
-        self.connect_timeout_s = connect_timeout_s
-        self._schema_ready = False
 
     def _describe(self) -> str:
-        # Never echo the password in errors.
-        info = self._psycopg.conninfo.conninfo_to_dict(self.url)
-        return f"postgresql {info.get('host', 'localhost')}:{info.get('port', 5432)}/{info.get('dbname', '')}"
+        # Host, port and database only: never echo the password. A socket directory may
+        # come as ?host=... instead of in the authority.
+        host = self._url.host or self._url.query.get("host") or "localhost"
+        if not isinstance(host, str):  # ?host=a&host=b: libpq's multi-host form
+            host = ",".join(host)
+        return f"postgresql {host}:{self._url.port or 5432}/{self._url.database or ''}"
 
-    def _connect(self) -> Any:
-        # autocommit: every transaction() block is a real BEGIN ... COMMIT, not a savepoint.
-        conn = self._psycopg.connect(
-            self.url, connect_timeout=max(1, int(self.connect_timeout_s)), autocommit=True
-        )
-        if not self._schema_ready:
-            with conn.transaction(), conn.cursor() as cur:
-                # Replicas may start together; the advisory lock serialises CREATE IF NOT EXISTS,
-                # which is not race-free on PostgreSQL's catalogs.
-                cur.execute("SELECT pg_advisory_xact_lock(7283740001)")
-                self._create_schema(cur)
-            self._schema_ready = True
-        return conn
+    def _redact(self, message: str) -> str:
+        # libpq does not echo passwords; this is a second line of defence.
+        return message.replace(self._password, "***") if self._password else message
 
-    def _driver_errors(self) -> tuple[type[BaseException], ...]:
-        return (self._psycopg.Error,)
-
-    @contextlib.contextmanager
-    def _transaction(self, conn: Any) -> Iterator[Any]:
-        with conn.transaction(), conn.cursor() as cursor:
-            yield cursor
+    def _lock_schema(self, conn: Connection) -> None:
+        # Replicas may start together; the advisory lock serialises CREATE IF NOT EXISTS,
+        # which is not race-free on PostgreSQL's catalogs. It is released at commit.
+        conn.execute(_SCHEMA_LOCK, {"key": _SCHEMA_LOCK_KEY})
 
 
 def open_store(url: str, *, retention_rows: int = 1_000_000, retention_days: float = 30.0) -> PredictionStore:
@@ -663,4 +812,6 @@ def open_store(url: str, *, retention_rows: int = 1_000_000, retention_days: flo
         )
     if url.startswith(("postgresql://", "postgres://")):
         return PostgresPredictionStore(url, retention_rows=retention_rows, retention_days=retention_days)
-    raise StoreUnavailable(f"unknown store URL {url!r}: use sqlite:///path or postgresql://...")
+    # The scheme only: the rest of a URL may hold a password.
+    scheme = url.split("://", 1)[0] if "://" in url else url[:20]
+    raise StoreUnavailable(f"unknown store URL scheme {scheme!r}: use sqlite:///path or postgresql://...")

@@ -2,17 +2,23 @@
 
 from __future__ import annotations
 
+import contextlib
+import socket
 import sqlite3
 import threading
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 import pytest
+from monhelpers import free_port
 
 from modelloop.monitoring.store import (
     FeedbackItem,
+    FeedbackResult,
+    PostgresPredictionStore,
     PredictionRecord,
     PredictionStore,
     SQLitePredictionStore,
@@ -187,9 +193,10 @@ def test_sqlite_is_wal_with_full_sync(tmp_path: Path):
     store = SQLitePredictionStore(tmp_path / "m.db")
     try:
         store.record([rec("a")])
-        conn = store._conn
-        assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
-        assert conn.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
+        # Any connection of the store's pool: each one is set up when it is opened.
+        with store._engine.connect() as conn:
+            assert conn.exec_driver_sql("PRAGMA journal_mode").fetchone()[0] == "wal"
+            assert conn.exec_driver_sql("PRAGMA synchronous").fetchone()[0] == 2  # FULL
     finally:
         store.close()
     # A second process (connection) sees the committed rows.
@@ -270,3 +277,219 @@ def test_postgres_lost_connection_reconnects(postgres_url: str):
         assert store.count_labels("digits", 1) == 2
     finally:
         store.close()
+
+
+def test_concurrent_calls_from_several_threads(store: PredictionStore):
+    """The observer, feedback calls and the evaluator share one store, all at once; on
+    PostgreSQL the calls run on several pooled connections and race for the same ids."""
+    writers, per_writer = 6, 15
+    done = threading.Event()
+
+    def observe_and_label(w: int) -> FeedbackResult:
+        ids = [f"w{w}-{i}" for i in range(per_writer)]
+        for rid in ids:
+            store.record([rec(rid)])
+        # Every writer labels its own ids and races the next writer for its ids.
+        mine = [FeedbackItem(rid, [1]) for rid in ids]
+        theirs = [FeedbackItem(f"w{(w + 1) % writers}-{i}", [2]) for i in range(per_writer)]
+        return store.add_feedback("digits", mine + theirs)
+
+    def evaluate() -> int:
+        rounds = 0
+        while not done.is_set():
+            store.count_labels("digits", 1)
+            store.recent_labelled("digits", 1, 50)
+            store.feedback_dataset("digits")
+            rounds += 1
+        return rounds
+
+    with ThreadPoolExecutor(max_workers=writers + 1) as pool:
+        evaluator = pool.submit(evaluate)
+        try:
+            # .result() re-raises what a thread raised (StoreUnavailable on a deadlock).
+            results = [
+                f.result(timeout=120) for f in [pool.submit(observe_and_label, w) for w in range(writers)]
+            ]
+        finally:
+            done.set()
+        assert evaluator.result(timeout=60) >= 1
+    total = writers * per_writer
+    accepted = [rid for r in results for rid in r.accepted]
+    unknown = [rid for r in results for rid in r.unknown]
+    duplicate = [rid for r in results for rid in r.duplicate]
+    # Each id is labelled exactly once; the other attempt is a duplicate, or unknown when
+    # it ran before the owner had logged the prediction.
+    assert sorted(accepted) == sorted(set(accepted)) and len(accepted) == total
+    assert len(accepted) + len(unknown) + len(duplicate) == 2 * total
+    assert store.count_labels("digits", 1) == total
+    assert len(store.feedback_dataset("digits")[1]) == total
+
+
+def test_feedback_for_more_ids_than_one_in_list(store: PredictionStore):
+    """The IN lists are expanding bind parameters, sent in chunks of 500 ids."""
+    ids = [f"r{i}" for i in range(1203)]
+    store.record([rec(rid) for rid in ids[:1100]])
+    result = store.add_feedback("digits", [FeedbackItem(rid, [0]) for rid in ids])
+    assert result.accepted == ids[:1100] and result.unknown == ids[1100:]
+    again = store.add_feedback("digits", [FeedbackItem(rid, [1]) for rid in ids[::100]])
+    assert again.duplicate == ids[:1100:100] and again.unknown == ids[1100::100]
+    assert store.count_labels("digits", 1) == 1100
+
+
+def test_sqlite_reads_run_beside_a_writer_and_writes_wait_for_its_lock(tmp_path: Path):
+    store = SQLitePredictionStore(tmp_path / "m.db")
+    other = sqlite3.connect(tmp_path / "m.db", isolation_level=None)
+    try:
+        store.record([rec("a")])
+        store.add_feedback("digits", [FeedbackItem("a", [1])])
+        # Another process holds the write lock: reads (deferred BEGIN, WAL snapshot) go on.
+        other.execute("BEGIN IMMEDIATE")
+        started = time.monotonic()
+        assert store.count_labels("digits", 1) == 1
+        assert time.monotonic() - started < 2
+        # A write (BEGIN IMMEDIATE) waits in the busy timeout until the lock is released.
+        written = threading.Event()
+
+        def write() -> None:
+            store.record([rec("b")])
+            written.set()
+
+        writer = threading.Thread(target=write)
+        writer.start()
+        assert not written.wait(0.5)
+        other.execute("ROLLBACK")
+        assert written.wait(10)
+        writer.join()
+        assert store.add_feedback("digits", [FeedbackItem("b", [2])]).accepted == ["b"]
+    finally:
+        other.close()
+        store.close()
+
+
+def test_postgres_store_uses_a_bounded_pool_through_psycopg(postgres_url: str):
+    from sqlalchemy.pool import QueuePool
+
+    store = open_store(postgres_url.replace("postgresql://", "postgres://", 1))
+    try:
+        assert isinstance(store, PostgresPredictionStore)
+        engine = store._engine
+        assert engine.dialect.name == "postgresql" and engine.dialect.driver == "psycopg"
+        assert isinstance(engine.pool, QueuePool) and engine.pool._pre_ping
+        assert engine.pool.size() == 5 and engine.pool._max_overflow == 5
+        store.record([rec(f"r{i}") for i in range(10)])
+        threads = [
+            threading.Thread(target=store.add_feedback, args=("digits", [FeedbackItem(f"r{i}", [0])]))
+            for i in range(10)
+        ]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert store.count_labels("digits", 1) == 10
+        assert engine.pool.checkedin() <= 10
+    finally:
+        store.close()
+
+
+def test_postgres_bad_url_is_unavailable_and_hides_the_password():
+    with pytest.raises(StoreUnavailable) as info:
+        open_store("postgresql://u:secret@127.0.0.1:notaport/db")
+    assert "secret" not in info.value.message
+    with pytest.raises(StoreUnavailable) as info:
+        open_store("mysql://u:secret@127.0.0.1/db")
+    assert "secret" not in info.value.message
+
+
+class _TcpProxy:
+    """Forwards a loopback port to the test cluster; stopping it is the database going away."""
+
+    def __init__(self, port: int, target: int) -> None:
+        self.port, self.target = port, target
+        self._stop = threading.Event()
+        self._sockets: list[socket.socket] = []
+        self._threads: list[threading.Thread] = []
+        self._listener: socket.socket | None = None
+
+    def start(self) -> _TcpProxy:
+        self._stop.clear()
+        self._listener = socket.create_server(("127.0.0.1", self.port))
+        self._listener.settimeout(0.05)
+        self._spawn(self._accept)
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        for thread in self._threads:
+            if thread is not threading.current_thread():
+                thread.join(timeout=5)
+        for sock in self._sockets:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+            sock.close()
+        if self._listener is not None:
+            self._listener.close()
+        self._sockets, self._threads = [], []
+
+    def _spawn(self, target, *args) -> None:
+        thread = threading.Thread(target=target, args=args, daemon=True)
+        self._threads.append(thread)
+        thread.start()
+
+    def _accept(self) -> None:
+        assert self._listener is not None
+        while not self._stop.is_set():
+            try:
+                client, _ = self._listener.accept()
+            except TimeoutError:
+                continue
+            server = socket.create_connection(("127.0.0.1", self.target))
+            for sock in (client, server):
+                sock.settimeout(0.05)
+                self._sockets.append(sock)
+            self._spawn(self._pump, client, server)
+            self._spawn(self._pump, server, client)
+
+    def _pump(self, src: socket.socket, dst: socket.socket) -> None:
+        while not self._stop.is_set():
+            try:
+                data = src.recv(65536)
+            except TimeoutError:
+                continue
+            except OSError:
+                break
+            if not data:
+                break
+            with contextlib.suppress(OSError):
+                dst.sendall(data)
+        with contextlib.suppress(OSError):
+            dst.shutdown(socket.SHUT_WR)
+
+
+def test_postgres_store_starts_while_the_database_is_down_and_recovers(postgres_cluster, postgres_url):
+    port = free_port()
+    name = postgres_url.rsplit("/", 1)[1]
+    # Nothing listens on `port` yet: opening the store must not connect.
+    store = open_store(f"postgresql://postgres:secret@127.0.0.1:{port}/{name}")
+    proxy = _TcpProxy(port, postgres_cluster.port)
+    try:
+        with pytest.raises(StoreUnavailable) as info:
+            store.count_labels("digits", 1)
+        assert "\n" not in info.value.message and "secret" not in info.value.message
+        assert f"127.0.0.1:{port}/{name}" in info.value.message
+
+        proxy.start()  # the database comes up: the schema is created on the first call
+        store.record([rec("a"), rec("b"), rec("c")])
+        assert store.add_feedback("digits", [FeedbackItem("a", [1])]).accepted == ["a"]
+
+        proxy.stop()  # it goes away, pooled connections and all
+        with pytest.raises(StoreUnavailable) as info:
+            store.add_feedback("digits", [FeedbackItem("b", [2])])
+        assert "\n" not in info.value.message and "secret" not in info.value.message
+
+        proxy.start()  # and comes back: the pool pings, drops the dead connections, reconnects
+        assert store.add_feedback("digits", [FeedbackItem("b", [2])]).accepted == ["b"]
+        assert store.add_feedback("digits", [FeedbackItem("a", [3])]).duplicate == ["a"]
+        assert store.count_labels("digits", 1) == 2
+    finally:
+        store.close()
+        proxy.stop()
