@@ -13,19 +13,22 @@ from typing import Any
 import numpy as np
 
 from modelloop.errors import ModelloopError
-from modelloop.export.metadata import (
-    BASELINE_FILE,
-    METADATA_FILE,
-    ONNX_FILE,
-    SAVED_MODEL_DIR,
-    build_metadata,
-)
+from modelloop.export.metadata import build_metadata
 from modelloop.export.onnx import MIN_OPSET, export_onnx
 from modelloop.export.publish import PublishError, publish_version, staging_dir, validate_model_name
 from modelloop.export.saved_model import export_saved_model
 from modelloop.export.verify import DEFAULT_ATOL, DEFAULT_RTOL, ParityReport, verify_export
-
-REQUIRED_RUN_FILES = ("model.keras", "run.json", "metrics.json", "baseline.json", "split.npz")
+from modelloop.layout import (
+    BASELINE_FILE,
+    ONNX_FILE,
+    RUN_FILES,
+    RUN_INFO_FILE,
+    RUN_METRICS_FILE,
+    RUN_MODEL_FILE,
+    RUN_SPLIT_FILE,
+    SAVED_MODEL_DIR,
+    write_model_card,
+)
 
 
 class ExportError(ModelloopError):
@@ -59,14 +62,14 @@ def read_run(run_dir: Path) -> tuple[dict[str, Any], dict[str, Any]]:
     """
     if not run_dir.is_dir():
         raise ExportError(f"run directory {str(run_dir)!r} does not exist")
-    missing = [f for f in REQUIRED_RUN_FILES if not (run_dir / f).exists()]
+    missing = [f for f in RUN_FILES if not (run_dir / f).exists()]
     if missing:
         raise ExportError(f"run directory {str(run_dir)!r} is incomplete: missing {', '.join(missing)}")
-    run_info = _read_json(run_dir / "run.json")
-    metrics = _read_json(run_dir / "metrics.json")
+    run_info = _read_json(run_dir / RUN_INFO_FILE)
+    metrics = _read_json(run_dir / RUN_METRICS_FILE)
     for key in ("run_id", "spec", "input", "output"):
         if key not in run_info:
-            raise ExportError(f"run file {str(run_dir / 'run.json')!r} lacks {key!r}")
+            raise ExportError(f"run file {str(run_dir / RUN_INFO_FILE)!r} lacks {key!r}")
     return run_info, metrics
 
 
@@ -79,10 +82,10 @@ def _load_model(run_dir: Path, run_info: dict[str, Any]) -> Any:
     with contextlib.suppress(SpecError):
         load_spec(run_info["spec"]["source"])
     try:
-        return keras.saving.load_model(run_dir / "model.keras", compile=False)
+        return keras.saving.load_model(run_dir / RUN_MODEL_FILE, compile=False)
     except Exception as exc:
         raise ExportError(
-            f"cannot load {str(run_dir / 'model.keras')!r}: {type(exc).__name__}: {str(exc).splitlines()[0]}"
+            f"cannot load {str(run_dir / RUN_MODEL_FILE)!r}: {type(exc).__name__}: {str(exc).splitlines()[0]}"
         ) from exc
 
 
@@ -142,10 +145,12 @@ def stage_export(
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     model = _load_model(run_dir, run_info)
     try:
-        split = np.load(run_dir / "split.npz")
+        split = np.load(run_dir / RUN_SPLIT_FILE)
         rows = np.asarray(split["x_test"], dtype=np.float32)
     except Exception as exc:
-        raise ExportError(f"run file {str(run_dir / 'split.npz')!r} is unreadable or corrupt: {exc}") from exc
+        raise ExportError(
+            f"run file {str(run_dir / RUN_SPLIT_FILE)!r} is unreadable or corrupt: {exc}"
+        ) from exc
 
     input_name = run_info["input"]["name"]
     output_name = run_info["output"]["name"]
@@ -169,7 +174,7 @@ def stage_export(
     )
     if not parity.passed:
         raise ExportError(f"parity check failed, nothing published: {parity.summary()}")
-    shutil.copyfile(run_dir / "baseline.json", staged / BASELINE_FILE)
+    shutil.copyfile(run_dir / BASELINE_FILE, staged / BASELINE_FILE)
     return StagedExport(
         path=staged, name=name, run_info=run_info, metrics=metrics, parity=parity, opset=opset
     )
@@ -203,7 +208,7 @@ def publish_staged(
             opset=staged.opset,
         )
         meta.update(extra_metadata or {})
-        (path / METADATA_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+        write_model_card(path, meta)
 
     version_dir = publish_version(staged.path, repo, staged.name, finalize=finalize)
     return ExportResult(version_dir=version_dir, version=int(version_dir.name), parity=staged.parity)

@@ -5,10 +5,7 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any
 
-METADATA_FILE = "model.json"
-BASELINE_FILE = "baseline.json"
-ONNX_FILE = "model.onnx"
-SAVED_MODEL_DIR = "saved_model"
+from modelloop.layout import VERSION_FILES
 
 
 def build_metadata(
@@ -50,7 +47,7 @@ def build_metadata(
             "versions": run_info.get("versions", {}),
             "feedback_rows": metrics.get("feedback_rows", 0),
         },
-        "files": {"onnx": ONNX_FILE, "saved_model": SAVED_MODEL_DIR, "baseline": BASELINE_FILE},
+        "files": dict(VERSION_FILES),
         "onnx_opset": opset,
         "parity": parity,
         "created": datetime.now(UTC).isoformat(timespec="seconds"),

@@ -20,8 +20,9 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from modelloop.errors import ModelloopError
+from modelloop.layout import PUBLISH_LOCK_FILE, STAGING_DIR
+from modelloop.layout import list_versions as version_dirs
 
-STAGING_DIR = ".staging"
 _MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 
 
@@ -45,13 +46,7 @@ def validate_model_name(name: str) -> str:
 
 def list_versions(model_dir: Path) -> list[int]:
     """Integer version directories of one model, ascending. Other entries are ignored."""
-    if not model_dir.is_dir():
-        return []
-    return sorted(
-        int(p.name)
-        for p in model_dir.iterdir()
-        if p.is_dir() and p.name.isdigit() and not p.name.startswith("0")
-    )
+    return list(version_dirs(model_dir))
 
 
 @contextlib.contextmanager
@@ -74,7 +69,7 @@ def staging_dir(repo: Path) -> Iterator[Path]:
 
 @contextlib.contextmanager
 def _model_lock(model_dir: Path) -> Iterator[None]:
-    lock_path = model_dir / ".publish.lock"
+    lock_path = model_dir / PUBLISH_LOCK_FILE
     with open(lock_path, "a+b") as handle:
         fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
         try:

@@ -248,7 +248,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     _quiet_tensorflow()
     _setup_logging(args.log_level)
     settings, monitoring = _serving_settings(args)
-    from modelloop.serving.server import serve
+    from modelloop.server import serve
 
     return serve(settings, monitoring=monitoring)
 
@@ -262,7 +262,7 @@ def _cmd_up(args: argparse.Namespace) -> int:
     if published is not None:
         print(f"modelloop: published {published}", flush=True)
     settings, monitoring = _serving_settings(args)
-    from modelloop.serving.server import serve
+    from modelloop.server import serve
 
     return serve(settings, on_ready=print_welcome, monitoring=monitoring)
 
@@ -276,7 +276,7 @@ def _cmd_retrain(args: argparse.Namespace) -> int:
     from modelloop.monitoring.settings import MonitoringSettings
     from modelloop.monitoring.store import StoreUnavailable, open_store
     from modelloop.monitoring.trigger import EXIT_BLESSED, EXIT_FAILED, EXIT_REJECTED
-    from modelloop.training.pipeline import RetrainSettings, retrain
+    from modelloop.retrain import RetrainSettings, retrain
 
     _quiet_tensorflow()
     _setup_logging(args.log_level)

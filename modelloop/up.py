@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from modelloop.serving.server import BoundAddresses
+    from modelloop.server import BoundAddresses
 
 from modelloop.export.publish import list_versions
 
@@ -51,7 +51,7 @@ def ensure_default_model(repo: Path, *, epochs: int | None = None, seed: int = 4
 
 def print_welcome(addresses: BoundAddresses) -> None:
     """Prints the URLs of a running ``up`` and a ``curl`` line to paste."""
-    from modelloop.serving.server import print_addresses
+    from modelloop.server import print_addresses
 
     print_addresses(addresses)
     row = json.dumps({"instances": [SAMPLE_DIGIT]}, separators=(",", ":"))

@@ -105,7 +105,7 @@ def build_retraining(settings: MonitoringSettings, repo: Path, service: Monitori
 
     def cooldown_for(model: str) -> float | None:
         try:
-            overrides = service.catalog.model_config(model).drift
+            overrides = service.catalog.model_options(model, "drift")
             return resolve_model_settings(settings, overrides).retrain_cooldown_s
         except (ValueError, ServiceError):  # a broken config.json or a vanished model
             return None

@@ -39,11 +39,12 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 from prometheus_client import CollectorRegistry
 
+from modelloop import layout
 from modelloop.errors import ServiceError
 from modelloop.monitoring.accuracy import AccuracyReport, score_labelled
 from modelloop.monitoring.drift import DriftDetector, DriftReport
@@ -59,29 +60,9 @@ from modelloop.monitoring.store import (
     open_store,
 )
 from modelloop.monitoring.window import WindowSet
-from modelloop.serving.settings import ModelConfig
-from modelloop.serving.types import ModelState, VersionStatus
+from modelloop.serving.types import ModelCatalog, ModelState
 
 logger = logging.getLogger(__name__)
-
-BASELINE_FILE = "baseline.json"
-METADATA_FILE = "model.json"
-
-
-class ModelCatalog(Protocol):
-    """What the service needs to know about served models (``ModelRegistry`` fits)."""
-
-    def model_names(self) -> list[str]:
-        """Every model in the repository."""
-
-    def has_model(self, name: str) -> bool:
-        """Whether the model exists."""
-
-    def statuses(self, name: str) -> list[VersionStatus]:
-        """Every known version of a model with its state."""
-
-    def model_config(self, name: str) -> ModelConfig:
-        """The model's ``config.json``."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -162,7 +143,8 @@ class MonitoringService:
     Args:
         settings: Server-wide monitoring settings.
         repo: The model repository root (baselines are read from version directories).
-        catalog: Which models and versions are loaded (the serving ``ModelRegistry``).
+        catalog: Which models and versions are loaded (the serving ``ModelRegistry``, seen
+            through :class:`~modelloop.serving.types.ModelCatalog`).
         registry: The server's Prometheus registry.
         store: The prediction store. Defaults to ``open_store(settings.resolved_store_url())``.
 
@@ -224,11 +206,6 @@ class MonitoringService:
         """
         self._listeners.append(listener)
 
-    def remove_listener(self, listener: Listener) -> None:
-        """Unregisters a listener (no error if it was not registered)."""
-        with contextlib.suppress(ValueError):
-            self._listeners.remove(listener)
-
     def _notify(self, reports: Sequence[EvaluationReport]) -> None:
         for report in reports:
             for listener in list(self._listeners):
@@ -247,28 +224,26 @@ class MonitoringService:
         version_dir = self.repo / model / str(version)
         info = VersionInfo()
         try:
-            meta = _read_json(version_dir / METADATA_FILE)
-            outputs = meta.get("outputs") or []
-            labels = meta.get("labels") or []
-            task = str(meta.get("task") or "multiclass")
+            card = layout.read_model_card(version_dir)
+            task = card.task or "multiclass"
             info = VersionInfo(
                 task=task,
-                classes=len(labels) if task in CLASSIFIER_TASKS else 0,
-                output_name=outputs[0]["name"] if outputs else None,
+                classes=len(card.labels) if task in CLASSIFIER_TASKS else 0,
+                output_name=card.outputs[0].name,
             )
-        except (OSError, ValueError, KeyError, TypeError) as exc:
-            logger.warning("model %s version %d: cannot read %s: %s", model, version, METADATA_FILE, exc)
+        except layout.LayoutError as exc:
+            logger.warning("model %s version %d: %s", model, version, exc)
         baseline: dict[str, Any] | None = None
         error = ""
         try:
-            baseline = _read_json(version_dir / BASELINE_FILE)
+            baseline = _read_json(version_dir / layout.BASELINE_FILE)
             DriftDetector(baseline)  # fail now, once, on a malformed baseline
             classes = info.classes or (2 if info.task == "binary" else 0)
             info = VersionInfo(info.task, classes, baseline.get("input"), info.output_name)
         except FileNotFoundError:
-            error = f"no {BASELINE_FILE} in {model}/{version}: drift is not computed"
+            error = f"no {layout.BASELINE_FILE} in {model}/{version}: drift is not computed"
         except (OSError, ValueError, KeyError, TypeError) as exc:
-            baseline, error = None, f"bad {BASELINE_FILE} in {model}/{version}: {exc}"
+            baseline, error = None, f"bad {layout.BASELINE_FILE} in {model}/{version}: {exc}"
         if error:
             logger.warning("model %s version %d: %s", model, version, error)
         state = self._versions[key] = _VersionState(info, baseline, error)
@@ -280,7 +255,7 @@ class MonitoringService:
 
     def _settings_for(self, model: str) -> MonitoringSettings:
         try:
-            overrides = self.catalog.model_config(model).drift
+            overrides = self.catalog.model_options(model, "drift")
             resolved = resolve_model_settings(self.settings, overrides)
         except ValueError as exc:
             if self._bad_overrides.get(model) != str(exc):

@@ -1,13 +1,16 @@
 """The data plane: every request's logic, shared by REST and gRPC in both dialects.
 
-The edges decode a request into :class:`~modelloop.serving.types.InferRequest`, call one
-method here, and encode the result or map the raised
-:class:`~modelloop.serving.errors.ServingError` to a status. Nothing here knows HTTP or gRPC.
+Each edge wraps its wire request in a :class:`RequestDecoder` and calls
+:meth:`DataPlane.handle`, the one inference path, then encodes the response or maps the
+raised :class:`~modelloop.errors.ServiceError` to a status through its one table.
+Nothing here knows HTTP or gRPC.
 
-``infer`` resolves the model version (pinned, labelled or latest), validates the inputs
-against the metadata (names, dtype with safe casts, rank, fixed dims, batch size), runs
-them through the version's batcher, keeps the requested outputs, records metrics and
-hands the pair to the observer.
+``handle`` resolves the model version once (pinned, labelled or latest), lets the
+decoder read the inputs against that version, chooses the request id, validates the
+inputs against the metadata (names, dtype with safe casts, rank, fixed dims, batch
+size), runs them through the version's batcher, keeps the requested outputs, records
+metrics for every call (refused ones included) and hands the answered pair to the
+observer.
 
 Example:
 
@@ -30,16 +33,17 @@ import logging
 import time
 from collections.abc import Sequence
 from typing import Any
+from typing import Protocol as TypingProtocol
 
 import numpy as np
 
 from modelloop import __version__
+from modelloop.errors import ServiceError
 from modelloop.serving.errors import (
     InferenceFailed,
     InvalidInput,
     ModelNotFound,
     ModelNotReady,
-    ServingError,
 )
 from modelloop.serving.ids import new_request_id
 from modelloop.serving.metrics import ServingMetrics
@@ -52,6 +56,8 @@ from modelloop.serving.types import (
     Protocol,
     TensorSpec,
     VersionStatus,
+    parse_version,
+    valid_request_id,
 )
 
 logger = logging.getLogger(__name__)
@@ -177,6 +183,78 @@ def validate_inputs(
     return validated
 
 
+def choose_request_id(client_id: str | None, request_id: str | None) -> str:
+    """The id of a request: the transport's header, else the request's own, else a new one.
+
+    A candidate is kept only when :func:`~modelloop.serving.types.valid_request_id`
+    accepts it, on every transport alike; a new id is 32 random hex characters.
+
+    Args:
+        client_id: ``x-request-id`` as the transport received it, or None.
+        request_id: The id inside the request (the OIP ``id``), or None or ``""``.
+
+    Returns:
+        The id to log, answer with and join feedback on.
+    """
+    for candidate in (client_id, request_id):
+        if candidate and valid_request_id(candidate):
+            return candidate
+    return new_request_id()
+
+
+class RequestDecoder(TypingProtocol):
+    """An edge's call before decoding: what :meth:`DataPlane.handle` needs from a transport.
+
+    Decoding comes in two steps so that the version resolves once, between them: the
+    TF Serving JSON row format needs the resolved version's input names and dtypes.
+
+    Attributes:
+        protocol: The front end, a label of the request metrics.
+    """
+
+    protocol: Protocol
+
+    def target(self) -> tuple[str, str | None, str | None]:
+        """The model name, the version as the client wrote it (or None) and the label (or None).
+
+        Raises:
+            ServiceError: The call names no model, or a method this server lacks.
+        """
+        ...
+
+    async def decode(self, metadata: ModelMetadata) -> InferRequest:
+        """Reads the inputs, wanted outputs, parameters and in-request id.
+
+        Args:
+            metadata: The resolved version's metadata.
+
+        Raises:
+            ServiceError: The body or message is malformed, too large or of the wrong type.
+        """
+        ...
+
+
+class DecodedRequest:
+    """A :class:`RequestDecoder` for a request that is already decoded (in-process callers).
+
+    Args:
+        request: The request.
+    """
+
+    def __init__(self, request: InferRequest) -> None:
+        self.request = request
+        self.protocol = request.protocol
+
+    def target(self) -> tuple[str, str | None, str | None]:
+        """The request's model, version and label."""
+        version = self.request.version
+        return self.request.model, None if version is None else str(version), self.request.label
+
+    async def decode(self, metadata: ModelMetadata) -> InferRequest:
+        """The request itself, as a copy, so that the caller's object is not changed."""
+        return dataclasses.replace(self.request)
+
+
 class DataPlane:
     """The one place for request logic; the REST and gRPC edges only translate.
 
@@ -212,24 +290,35 @@ class DataPlane:
 
     # -- inference -------------------------------------------------------------------
 
-    async def infer(self, request: InferRequest) -> InferResponse:
-        """Runs one inference request.
+    async def handle(self, decoder: RequestDecoder, *, client_id: str | None = None) -> InferResponse:
+        """The one inference path: every transport's predict and infer calls come here.
+
+        In order: the decoder names the model, version and label; the version resolves
+        once; the decoder reads the inputs against that version's metadata; the request
+        id is chosen (``client_id``, else the id in the request, else a new one, each kept
+        only if :func:`~modelloop.serving.types.valid_request_id`); the inputs are
+        validated, batched and run; the requested outputs are kept. Every call, answered
+        or refused at any step, is timed and counted once in the request metrics, and
+        every answered call goes to the observer.
 
         Args:
-            request: A decoded request.
+            decoder: The edge's undecoded call.
+            client_id: The transport's request id header or metadata, as sent. Defaults
+                to None.
 
         Returns:
-            The response, with ``id`` set to the request's or a new one.
+            The response; its ``id`` is the chosen request id.
 
         Raises:
-            ModelNotFound: Unknown model, version, label or signature.
-            ModelNotReady: Nothing AVAILABLE to serve it, or the server is draining.
-            InvalidInput: Any problem with the inputs or the requested outputs.
-            QueueFull: The version's batch queue is full.
-            InferenceFailed: The runtime failed.
+            ServiceError: Whatever failed, with ``request_id`` set to the chosen id (or,
+                before the request decoded, the client's valid id or a new one), so that
+                the edge can send it back. ModelNotFound, ModelNotReady, InvalidInput,
+                QueueFull and InferenceFailed are the usual ones.
         """
         start = time.perf_counter()
+        model = ""
         version: int | None = None
+        request: InferRequest | None = None
         code = "OK"
         self._enter()
         try:
@@ -238,45 +327,65 @@ class DataPlane:
             # shutdown it could not know about. After stop() nothing is served.
             if self._stopped:
                 raise ModelNotReady("the server is shutting down and takes no new requests")
-            servable = self.registry.resolve(request.model, request.version, request.label)
+            model, version_text, label = decoder.target()
+            pinned = parse_version(version_text)
+            servable = self.registry.resolve(model, pinned, label)
             version = servable.version
             metadata = servable.metadata
+            request = await decoder.decode(metadata)
+            # The target is authoritative: the decoder need not repeat the path's fields.
+            request.model, request.version, request.label = model, pinned, label
+            request.id = choose_request_id(client_id, request.id)
             signature = request.signature_name
             if signature and signature != metadata.signature_name:
                 raise ModelNotFound(
-                    f"model {request.model!r} has no signature {signature!r}; "
-                    f"it serves {metadata.signature_name!r}"
+                    f"model {model!r} has no signature {signature!r}; it serves {metadata.signature_name!r}"
                 )
-            inputs = validate_inputs(request.inputs, metadata, servable.batcher.settings.max_batch_size)
+            limit = servable.batcher.settings.max_batch_size
+            request.inputs = validate_inputs(request.inputs, metadata, limit)
             wanted = self._wanted_outputs(request, metadata)
             with servable.use():
-                outputs = await servable.batcher.predict(inputs)
+                outputs = await servable.batcher.predict(request.inputs)
             response = InferResponse(
-                model=request.model,
+                model=model,
                 version=version,
                 outputs={name: outputs[name] for name in wanted},
-                id=request.id or new_request_id(),
+                id=request.id,
             )
-        except ServingError as exc:
+        except ServiceError as exc:
             code = exc.code.value
+            exc.request_id = request.id if request is not None else choose_request_id(client_id, None)
             raise
         except asyncio.CancelledError:
             code = "CANCELLED"  # the client went away; its rows still ran if the batch had started
             raise
         except Exception as exc:
             code = InferenceFailed.code.value
-            logger.exception("unexpected error serving model %s", request.model)
-            raise InferenceFailed(f"model {request.model!r} failed: {type(exc).__name__}: {exc}") from exc
+            logger.exception("unexpected error serving model %s", model)
+            error = InferenceFailed(f"model {model!r} failed: {type(exc).__name__}: {exc}")
+            error.request_id = request.id if request is not None else choose_request_id(client_id, None)
+            raise error from exc
         finally:
             self._leave()
             self.metrics.observe_request(
-                self._model_label(request.model), version, request.protocol, code, time.perf_counter() - start
+                self._model_label(model), version, decoder.protocol, code, time.perf_counter() - start
             )
         try:
-            self.observer.observe(dataclasses.replace(request, inputs=inputs), response)
+            self.observer.observe(request, response)
         except Exception:  # monitoring must never fail a request that succeeded
             logger.exception("inference observer failed")
         return response
+
+    async def infer(self, request: InferRequest) -> InferResponse:
+        """Runs a request that is already decoded (in-process callers); see :meth:`handle`.
+
+        Args:
+            request: The request; its ``model``, ``version`` and ``label`` pick the version.
+
+        Returns:
+            The response.
+        """
+        return await self.handle(DecodedRequest(request))
 
     @staticmethod
     def _wanted_outputs(request: InferRequest, metadata: ModelMetadata) -> list[str]:
@@ -290,17 +399,6 @@ class DataPlane:
                 f"its outputs are {_names(names)}"
             )
         return list(dict.fromkeys(request.outputs))
-
-    def observe_rejected(self, model: str, protocol: Protocol | str, code: Any, seconds: float) -> None:
-        """Counts a request that failed before :meth:`infer` (it did not decode).
-
-        Args:
-            model: The model named in the path or message.
-            protocol: Where it came from.
-            code: An :class:`~modelloop.serving.errors.ErrorCode` or its value.
-            seconds: Time spent on it.
-        """
-        self.metrics.observe_request(self._model_label(model), None, protocol, code, seconds)
 
     def _model_label(self, model: str) -> str:
         # Clients choose model names; only known ones become label values, so a scan of
@@ -360,7 +458,7 @@ class DataPlane:
                 continue
             try:
                 self.registry.resolve(name)
-            except ServingError:
+            except ServiceError:
                 return False
         return True
 
@@ -383,14 +481,6 @@ class DataPlane:
     def model_names(self) -> list[str]:
         """Every model in the repository, sorted."""
         return self.registry.model_names()
-
-    def version_labels(self, name: str) -> dict[str, int]:
-        """The model's version labels.
-
-        Raises:
-            ModelNotFound: Unknown model.
-        """
-        return self.registry.version_labels(name)
 
     # -- lifecycle -------------------------------------------------------------------
 

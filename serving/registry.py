@@ -34,22 +34,22 @@ import logging
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
+from modelloop.layout import ONNX_FILE, SAVED_MODEL_DIR
 from modelloop.serving.batching import DynamicBatcher
 from modelloop.serving.errors import ModelNotFound, ModelNotReady, ServingError
 from modelloop.serving.metrics import ServingMetrics
 from modelloop.serving.repository import (
-    ONNX_FILE,
     PLATFORMS,
-    SAVED_MODEL_DIR,
     ModelRepository,
     RepositoryError,
     RuntimeKind,
 )
 from modelloop.serving.runtime import Runtime
-from modelloop.serving.settings import ModelConfig, ServingSettings
+from modelloop.serving.settings import FREE_FORM_SECTIONS, ModelConfig, ServingSettings
 from modelloop.serving.types import ModelMetadata, ModelState, VersionStatus
 
 logger = logging.getLogger(__name__)
@@ -131,11 +131,6 @@ class Servable:
         self._inflight = 0
         self._idle = asyncio.Event()
         self._idle.set()
-
-    @property
-    def inflight(self) -> int:
-        """Requests using this version right now."""
-        return self._inflight
 
     @contextlib.contextmanager
     def use(self) -> Iterator[Servable]:
@@ -493,6 +488,18 @@ class ModelRegistry:
     def model_config(self, name: str) -> ModelConfig:
         """The model's config as last read (defaults before the first good read)."""
         return self._model(name).config or ModelConfig()
+
+    def model_options(self, name: str, key: str) -> dict[str, Any]:
+        """A free-form section of the model's config (``"drift"``, ``"retrain"``), or ``{}``.
+
+        Raises:
+            ModelNotFound: Unknown model.
+            KeyError: ``key`` is not a free-form section of ``config.json``.
+        """
+        config = self.model_config(name)
+        if key not in FREE_FORM_SECTIONS:
+            raise KeyError(f"{key!r} is not a free-form section of config.json")
+        return dict(getattr(config, key))
 
     def statuses(self, name: str) -> list[VersionStatus]:
         """Every known version of the model with its state, ascending."""

@@ -20,62 +20,30 @@ for name in repository.model_names():
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 import numpy as np
 from pydantic import ValidationError
 
+from modelloop import layout
 from modelloop.serving.errors import ServingError
 from modelloop.serving.runtimes.onnx import PLATFORM as ONNX_PLATFORM
 from modelloop.serving.runtimes.savedmodel import PLATFORM as SAVEDMODEL_PLATFORM
 from modelloop.serving.settings import ModelConfig
 from modelloop.serving.types import ModelMetadata, TensorSpec
 
-CONFIG_FILE = "config.json"
-METADATA_FILE = "model.json"
-ONNX_FILE = "model.onnx"
-SAVED_MODEL_DIR = "saved_model"
-
 RuntimeKind = Literal["onnx", "savedmodel"]
 PLATFORMS: dict[str, str] = {"onnx": ONNX_PLATFORM, "savedmodel": SAVEDMODEL_PLATFORM}
-
-# Keys of model.json that ModelMetadata holds in its own fields; the rest go to ``extra``.
-_METADATA_FIELDS = ("name", "version", "inputs", "outputs", "signature_name", "labels", "task")
 
 
 class RepositoryError(ServingError):
     """A file in the repository is missing or malformed; the message names the file."""
 
 
-def _is_version_dir(name: str) -> bool:
-    # "0" itself is not a version either: TF Serving versions start at 1.
-    return name.isascii() and name.isdigit() and not name.startswith("0")
-
-
-def _tensor_specs(raw: Any, path: Path, key: str) -> tuple[TensorSpec, ...]:
-    if not isinstance(raw, list) or not raw:
-        raise RepositoryError(f"{path}: {key!r} must be a non-empty list of tensors")
-    specs = []
-    for i, item in enumerate(raw):
-        try:
-            name = item["name"]
-            dtype = np.dtype(item["dtype"])
-            shape = tuple(int(d) for d in item["shape"])
-        except (KeyError, TypeError, ValueError) as exc:
-            raise RepositoryError(
-                f"{path}: {key}[{i}] needs 'name', a NumPy 'dtype' and an integer 'shape' ({exc})"
-            ) from exc
-        if not isinstance(name, str) or not name:
-            raise RepositoryError(f"{path}: {key}[{i}] has no name")
-        if not shape or any(d < -1 or d == 0 for d in shape):
-            raise RepositoryError(
-                f"{path}: {key}[{i}] {name!r} has shape {list(shape)}; use -1 for free dims"
-            )
-        specs.append(TensorSpec(name=name, dtype=dtype, shape=shape))
-    return tuple(specs)
+def _tensor_specs(entries: tuple[layout.TensorEntry, ...]) -> tuple[TensorSpec, ...]:
+    return tuple(TensorSpec(name=e.name, dtype=np.dtype(e.dtype), shape=e.shape) for e in entries)
 
 
 class ModelRepository:
@@ -90,20 +58,11 @@ class ModelRepository:
 
     def model_names(self) -> list[str]:
         """Model directories, sorted; hidden names are skipped."""
-        try:
-            entries = list(os.scandir(self.root))
-        except FileNotFoundError:
-            return []
-        return sorted(e.name for e in entries if not e.name.startswith(".") and e.is_dir())
+        return layout.model_names(self.root)
 
     def versions(self, name: str) -> dict[int, Path]:
         """Version directories of ``name`` by version, ascending; empty if the model is gone."""
-        try:
-            entries = list(os.scandir(self.root / name))
-        except (FileNotFoundError, NotADirectoryError):
-            return {}
-        found = {int(e.name): Path(e.path) for e in entries if _is_version_dir(e.name) and e.is_dir()}
-        return dict(sorted(found.items()))
+        return layout.list_versions(self.root / name)
 
     def read_config(self, name: str) -> ModelConfig:
         """The model's ``config.json``, or the defaults when there is none.
@@ -111,7 +70,7 @@ class ModelRepository:
         Raises:
             RepositoryError: The file is unreadable, not JSON, or has bad or unknown keys.
         """
-        path = self.root / name / CONFIG_FILE
+        path = self.root / name / layout.CONFIG_FILE
         try:
             text = path.read_text()
         except FileNotFoundError:
@@ -135,7 +94,7 @@ class ModelRepository:
         """The runtime a version uses: the config's choice, else ONNX when ``model.onnx`` exists."""
         if config.runtime is not None:
             return config.runtime
-        return "onnx" if (version_dir / ONNX_FILE).is_file() else "savedmodel"
+        return "onnx" if (version_dir / layout.ONNX_FILE).is_file() else "savedmodel"
 
     @staticmethod
     def read_metadata(version_dir: Path, name: str, version: int, platform: str) -> ModelMetadata:
@@ -153,26 +112,20 @@ class ModelRepository:
         Raises:
             RepositoryError: The file is missing, not JSON, or lacks valid inputs/outputs.
         """
-        path = version_dir / METADATA_FILE
         try:
-            raw = json.loads(path.read_text())
-        except FileNotFoundError:
-            raise RepositoryError(f"{path} is missing") from None
-        except (OSError, ValueError) as exc:
-            raise RepositoryError(f"{path} is unreadable or not JSON: {exc}") from exc
-        if not isinstance(raw, dict):
-            raise RepositoryError(f"{path} must hold a JSON object")
-        labels = raw.get("labels") or []
+            card = layout.read_model_card(version_dir)
+        except layout.LayoutError as exc:
+            raise RepositoryError(str(exc)) from exc
         return ModelMetadata(
             name=name,
             version=version,
             platform=platform,
-            inputs=_tensor_specs(raw.get("inputs"), path, "inputs"),
-            outputs=_tensor_specs(raw.get("outputs"), path, "outputs"),
-            signature_name=str(raw.get("signature_name") or "serving_default"),
-            labels=tuple(str(label) for label in labels),
-            task=str(raw.get("task") or ""),
-            extra={k: v for k, v in raw.items() if k not in _METADATA_FIELDS},
+            inputs=_tensor_specs(card.inputs),
+            outputs=_tensor_specs(card.outputs),
+            signature_name=card.signature_name,
+            labels=card.labels,
+            task=card.task,
+            extra=card.extra,
         )
 
     @staticmethod

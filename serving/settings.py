@@ -123,6 +123,10 @@ class VersionPolicy(BaseModel):
         return present[-n:]
 
 
+FREE_FORM_SECTIONS = ("drift", "retrain")
+"""The keys of ``config.json`` that serving does not read; other packages read them."""
+
+
 class ModelConfig(BaseModel):
     """The optional ``<repo>/<name>/config.json`` of one model; every key is optional.
 

@@ -1,7 +1,11 @@
 """Transport-neutral request, response and model description types.
 
 Both REST dialects and both gRPC services decode into :class:`InferRequest` and encode
-from :class:`InferResponse`; the data plane and runtimes see nothing else.
+from :class:`InferResponse`; the data plane and runtimes see nothing else. The rules every
+transport shares for what a client sends outside the tensors live here too: what a
+request id may be (:func:`valid_request_id`) and what a version is (:func:`parse_version`).
+:class:`ModelCatalog` is what a package outside serving (monitoring) may know of the
+served models.
 """
 
 from __future__ import annotations
@@ -9,8 +13,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
+from typing import Protocol as TypingProtocol
 
 import numpy as np
+
+from modelloop.serving.errors import InvalidInput
+
+MAX_REQUEST_ID_LENGTH = 128
 
 
 class Protocol(StrEnum):
@@ -122,3 +131,67 @@ class VersionStatus:
     version: int
     state: ModelState
     error_message: str = ""
+
+
+def valid_request_id(value: str) -> bool:
+    """Whether a client's request id may be kept: 1..128 printable ASCII characters.
+
+    The same rule holds on every transport, and for the feedback that later names the id.
+
+    Example:
+
+    >>> valid_request_id("order-17"), valid_request_id(""), valid_request_id("tab\\t")
+    (True, False, False)
+    """
+    return 0 < len(value) <= MAX_REQUEST_ID_LENGTH and value.isascii() and value.isprintable()
+
+
+def parse_version(text: str | None) -> int | None:
+    """Parses a model version as a client wrote it: a path segment, a field or a label-free spec.
+
+    TF Serving and Triton accept only ASCII digits (``\\d+``). ``"²"`` passes
+    ``str.isdigit`` but is no version, so ASCII is checked first.
+
+    Args:
+        text: The version as sent; None or ``""`` means "not pinned".
+
+    Returns:
+        The version, or None when none was given.
+
+    Raises:
+        InvalidInput: ``text`` is not a non-negative decimal integer.
+
+    Example:
+
+    >>> parse_version("3"), parse_version(""), parse_version(None)
+    (3, None, None)
+    """
+    if not text:
+        return None
+    if not (text.isascii() and text.isdigit()):
+        raise InvalidInput(f'model version must be a non-negative integer, got "{text}"')
+    return int(text)
+
+
+class ModelCatalog(TypingProtocol):
+    """What code outside serving may ask about the served models (the registry implements it).
+
+    Every method raises a :class:`~modelloop.errors.ServiceError` with code NOT_FOUND for
+    a model the repository does not hold.
+    """
+
+    def model_names(self) -> list[str]:
+        """Every model in the repository, sorted."""
+        ...
+
+    def has_model(self, name: str) -> bool:
+        """Whether the repository holds the model."""
+        ...
+
+    def statuses(self, name: str) -> list[VersionStatus]:
+        """Every known version of a model with its state."""
+        ...
+
+    def model_options(self, name: str, key: str) -> dict[str, Any]:
+        """One free-form section of the model's ``config.json`` (``"drift"``), or ``{}``."""
+        ...

@@ -9,6 +9,8 @@ from typing import Any
 
 import keras
 
+from modelloop.layout import RUN_HISTORY_CSV, RUN_TENSORBOARD_DIR
+
 
 class EpochLine(keras.callbacks.Callback):
     """Prints one compact line per epoch, for logs that are not a terminal.
@@ -53,8 +55,8 @@ def standard_callbacks(
         keras.callbacks.ModelCheckpoint(
             str(run_dir / "checkpoint.keras"), monitor=monitor, mode=mode, save_best_only=True
         ),
-        keras.callbacks.TensorBoard(log_dir=str(run_dir / "tensorboard"), write_graph=False),
-        keras.callbacks.CSVLogger(str(run_dir / "history.csv")),
+        keras.callbacks.TensorBoard(log_dir=str(run_dir / RUN_TENSORBOARD_DIR), write_graph=False),
+        keras.callbacks.CSVLogger(str(run_dir / RUN_HISTORY_CSV)),
     ]
     if not interactive:
         callbacks.append(EpochLine(epochs))

@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from modelloop.errors import ModelloopError
+from modelloop.layout import RUN_MODEL_FILE
 
 WORKER_HOSTS_ENV = "MODELLOOP_WORKER_HOSTS"
 INDEX_ENV = "JOB_COMPLETION_INDEX"
@@ -259,7 +260,7 @@ def train_distributed(
         result = train(spec, run_dir, epochs=epochs, seed=seed, interactive=False, strategy=strategy)
         import keras
 
-        digest = weights_digest(keras.saving.load_model(result.run_dir / "model.keras"))
+        digest = weights_digest(keras.saving.load_model(result.run_dir / RUN_MODEL_FILE))
     finally:
         if scratch is not None:
             shutil.rmtree(scratch, ignore_errors=True)

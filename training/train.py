@@ -22,12 +22,18 @@ from typing import Any
 import numpy as np
 
 from modelloop.errors import ModelloopError
+from modelloop.layout import (
+    BASELINE_FILE,
+    RUN_HISTORY_PLOT,
+    RUN_INFO_FILE,
+    RUN_METRICS_FILE,
+    RUN_MODEL_FILE,
+    RUN_SPLIT_FILE,
+)
 from modelloop.training.baseline import build_baseline
 from modelloop.training.data import kfold_indices, split_dataset
 from modelloop.training.evaluation import baselines, higher_is_better, main_metric, score
 from modelloop.training.spec import Dataset, SpecError, TaskSpec, check_dataset
-
-RUN_FILES = ("model.keras", "run.json", "metrics.json", "baseline.json", "split.npz")
 
 
 @dataclass(frozen=True)
@@ -300,7 +306,7 @@ def train(
     val_outputs = model.predict(x_val, verbose=0)
     test_metrics = score(spec.task, y_test, test_outputs)
     base = baselines(spec.task, x_train, y_train, x_test, y_test, seed)
-    model.save(out / "model.keras")
+    model.save(out / RUN_MODEL_FILE)
 
     run_id = f"{datetime.now(UTC).strftime('%Y%m%dT%H%M%SZ')}-{uuid.uuid4().hex[:8]}"
     metrics: dict[str, Any] = {
@@ -341,11 +347,11 @@ def train(
         class_labels=data.class_labels,
         seed=seed,
     )
-    _write_json(out / "metrics.json", metrics)
-    _write_json(out / "run.json", run_info)
-    _write_json(out / "baseline.json", baseline)
-    np.savez_compressed(out / "split.npz", x_test=x_test, y_test=y_test, x_val=x_val, y_val=y_val)
-    _plot_history(history, metric, out / "history.png")
+    _write_json(out / RUN_METRICS_FILE, metrics)
+    _write_json(out / RUN_INFO_FILE, run_info)
+    _write_json(out / BASELINE_FILE, baseline)
+    np.savez_compressed(out / RUN_SPLIT_FILE, x_test=x_test, y_test=y_test, x_val=x_val, y_val=y_val)
+    _plot_history(history, metric, out / RUN_HISTORY_PLOT)
     return RunResult(run_dir=out, metrics=metrics)
 
 

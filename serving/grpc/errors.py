@@ -1,6 +1,7 @@
-"""Maps the core's neutral error codes to gRPC status codes.
+"""Maps the core's neutral error codes to gRPC status codes, for every handler at once.
 
-The only place in the gRPC edge that knows both vocabularies. ``ErrorCode`` is named
+The only place in the gRPC edge that knows both vocabularies: :data:`STATUS_CODES` is
+the table, and :func:`translate_errors` the one decorator every servicer method wears. ``ErrorCode`` is named
 after the canonical gRPC codes, so most map one to one; the two HTTP-flavoured codes
 map to their gRPC meaning: a body over the size limit is RESOURCE_EXHAUSTED (what gRPC
 itself answers for an oversized message), a wrong content type is INVALID_ARGUMENT.
@@ -8,13 +9,24 @@ itself answers for an oversized message), a wrong content type is INVALID_ARGUME
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import functools
+import logging
+from collections.abc import Awaitable, Callable, Sequence
 from types import MappingProxyType
-from typing import NoReturn
+from typing import NoReturn, TypeVar
 
 import grpc
 
 from modelloop.errors import ErrorCode, ServiceError
+
+logger = logging.getLogger(__name__)
+
+REQUEST_ID_KEY = "x-request-id"
+
+_Servicer = TypeVar("_Servicer")
+_Request = TypeVar("_Request")
+_Response = TypeVar("_Response")
+Handler = Callable[[_Servicer, _Request, grpc.aio.ServicerContext], Awaitable[_Response]]
 
 STATUS_CODES: MappingProxyType[ErrorCode, grpc.StatusCode] = MappingProxyType(
     {
@@ -69,3 +81,40 @@ async def abort(
     """
     await context.abort(status_code(error.code), error.message, trailing_metadata=tuple(trailing_metadata))
     raise AssertionError("context.abort returned")  # pragma: no cover - abort always raises
+
+
+def translate_errors(
+    method: Handler[_Servicer, _Request, _Response],
+) -> Handler[_Servicer, _Request, _Response]:
+    """Turns what a servicer method raises into a gRPC status.
+
+    A :class:`ServiceError` becomes its mapped status with its message, and its request
+    id, when the data plane set one, goes back as ``x-request-id`` trailing metadata.
+    Anything else is a bug: it is logged with its traceback and the client gets INTERNAL
+    without the details, so a bad request can never take the server down or leak
+    internals.
+
+    Example:
+
+    ```python
+    class Servicer(pb_grpc.GRPCInferenceServiceServicer):
+        @translate_errors
+        async def ModelReady(self, request, context): ...
+    ```
+    """
+    name = method.__name__
+
+    @functools.wraps(method)
+    async def handler(self: _Servicer, request: _Request, context: grpc.aio.ServicerContext) -> _Response:
+        try:
+            return await method(self, request, context)
+        except grpc.aio.AbortError:
+            raise
+        except ServiceError as error:
+            trailing = ((REQUEST_ID_KEY, error.request_id),) if error.request_id else ()
+            await abort(context, error, trailing)
+        except Exception:
+            logger.exception("unexpected error in gRPC %s", name)
+            await abort(context, ServiceError(f"internal error in {name}; see the server log"))
+
+    return handler

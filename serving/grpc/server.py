@@ -19,7 +19,6 @@ from tensorflow_serving.apis import (
 )
 
 from modelloop.serving.grpc.servicers import (
-    DataPlaneAPI,
     GRPCInferenceServiceServicer,
     HealthServicer,
     ModelServiceServicer,
@@ -28,6 +27,7 @@ from modelloop.serving.grpc.servicers import (
 from modelloop.serving.protos import grpc_service_pb2, grpc_service_pb2_grpc
 
 if TYPE_CHECKING:
+    from modelloop.serving.dataplane import DataPlane
     from modelloop.serving.settings import ServingSettings
 
 PREDICTION_SERVICE = prediction_service_pb2.DESCRIPTOR.services_by_name["PredictionService"].full_name
@@ -36,7 +36,7 @@ INFERENCE_SERVICE = grpc_service_pb2.DESCRIPTOR.services_by_name["GRPCInferenceS
 HEALTH_SERVICE = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
 
 
-def create_grpc_server(dataplane: DataPlaneAPI, settings: ServingSettings) -> grpc.aio.Server:
+def create_grpc_server(dataplane: DataPlane, settings: ServingSettings) -> grpc.aio.Server:
     """Creates the gRPC server, unstarted and unbound.
 
     It serves ``tensorflow.serving.PredictionService``, ``tensorflow.serving.ModelService``,
@@ -113,3 +113,15 @@ def bind_grpc_server(
     if bound == 0:
         raise OSError(f"cannot bind gRPC server to {address}")
     return bound
+
+
+def server_credentials(settings: ServingSettings) -> grpc.ServerCredentials | None:
+    """TLS credentials from ``tls_cert_file`` and ``tls_key_file``, or None for plaintext.
+
+    Raises:
+        OSError: A file cannot be read.
+    """
+    if settings.tls_cert_file is None or settings.tls_key_file is None:
+        return None
+    key, cert = settings.tls_key_file.read_bytes(), settings.tls_cert_file.read_bytes()
+    return grpc.ssl_server_credentials([(key, cert)])

@@ -1,49 +1,63 @@
 """The REST application: TF Serving ``/v1`` and OIP ``/v2`` over one data plane.
 
-Built by the composition root; nothing here runs at import.
+Built by the composition root; nothing here runs at import. Other packages extend the
+app without serving importing them: ``routers`` are mounted beside the protocol routes
+(monitoring's feedback route and alert webhook), and ``status_columns`` adds columns to
+the status page at ``/``.
 
 Example:
 
 ```python
-app = create_app(dataplane, settings, registry)
-uvicorn.run(app, host=settings.host, port=settings.rest_port)
+app = create_app(dataplane, settings, registry, routers=[feedback_router], status_columns=columns)
 ```
 """
 
 from __future__ import annotations
 
 import html
-from typing import TYPE_CHECKING
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Protocol
 
-from fastapi import FastAPI, Response
+from fastapi import APIRouter, FastAPI, Response
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import HTMLResponse
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
+from modelloop.errors import ServiceError
 from modelloop.serving.codecs.v2_json import HEADER_LENGTH
-from modelloop.serving.errors import ServingError
 from modelloop.serving.rest.errors import install_error_handlers
-from modelloop.serving.rest.routes_alerts import create_alerts_router
-from modelloop.serving.rest.routes_monitoring import create_monitoring_router
 from modelloop.serving.rest.routes_tfserving import create_tfserving_router
 from modelloop.serving.rest.routes_v2 import create_v2_router
-from modelloop.serving.rest.transport import REQUEST_ID_HEADER
+from modelloop.web import REQUEST_ID_HEADER
 
 if TYPE_CHECKING:
-    from modelloop.monitoring.service import EvaluationReport, MonitoringService
-    from modelloop.monitoring.webhook import AlertHandler
     from modelloop.serving.dataplane import DataPlane
     from modelloop.serving.settings import ServingSettings
 
 TITLE = "modelloop"
 
 
+class StatusColumns(Protocol):
+    """Extra columns of the status page, one row per model version (monitoring's drift and accuracy).
+
+    Attributes:
+        headers: The column titles, plain text.
+    """
+
+    headers: Sequence[str]
+
+    def cells(self, model: str, version: int) -> list[str]:
+        """One HTML cell per header for a version; the implementer escapes what it shows."""
+        ...
+
+
 def create_app(
     dataplane: DataPlane,
     settings: ServingSettings,
     registry: CollectorRegistry,
-    monitoring: MonitoringService | None = None,
-    alerts: AlertHandler | None = None,
+    *,
+    routers: Sequence[APIRouter] = (),
+    status_columns: StatusColumns | None = None,
 ) -> FastAPI:
     """Builds the REST application.
 
@@ -51,13 +65,11 @@ def create_app(
         dataplane: The data plane every route calls.
         settings: Server settings: ``max_body_bytes``, ``admin_token``, ``cors_origins``.
         registry: The Prometheus registry ``/metrics`` exposes.
-        monitoring: Takes feedback and describes drift and accuracy on the status page.
-            Defaults to None (the feedback route then answers 501).
-        alerts: Handles ``POST /monitoring/alerts`` (Alertmanager's webhook) by starting
-            gated retrains. Defaults to None (the route then answers 503).
+        routers: More routes to mount (the extension point). Defaults to none.
+        status_columns: More columns for the status page. Defaults to None.
 
     Returns:
-        The FastAPI app, with ``/v1``, ``/v2``, ``/metrics``, ``/docs`` and ``/``.
+        The FastAPI app, with ``/v1``, ``/v2``, ``/metrics``, ``/docs``, ``/`` and ``routers``.
     """
     app = FastAPI(
         title=TITLE,
@@ -76,8 +88,8 @@ def create_app(
         )
     app.include_router(create_tfserving_router(dataplane, settings))
     app.include_router(create_v2_router(dataplane, settings))
-    app.include_router(create_monitoring_router(monitoring, settings))
-    app.include_router(create_alerts_router(settings, alerts))
+    for router in routers:
+        app.include_router(router)
 
     @app.get("/metrics", tags=["monitoring"], summary="Prometheus metrics")
     async def metrics() -> Response:
@@ -85,88 +97,56 @@ def create_app(
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     async def status_page() -> HTMLResponse:
-        return HTMLResponse(render_status_page(dataplane, monitoring))
+        return HTMLResponse(render_status_page(dataplane, status_columns))
 
     return app
 
 
-def _fmt(value: float | None, digits: int = 3) -> str:
-    return "–" if value is None else f"{value:.{digits}f}"
-
-
-def _monitoring_cells(report: EvaluationReport | None) -> list[str]:
-    """Window, drift, share, top features, prediction drift and accuracy cells of one version."""
-    if report is None:
-        return ["–"] * 6
-    window = f"{report.window_rows} rows"
-    drift = report.drift
-    if drift is None:
-        reason = report.drift_error or f"collecting ({report.window_rows}/{report.min_rows} rows)"
-        cells = [window, html.escape(reason), "–", "–", "–"]
-    else:
-        top = [f for f in drift.top(3) if f.drifted]
-        features = ", ".join(f"{html.escape(f.name)} ({f.psi:.2f})" for f in top) or "none"
-        verdict = "<strong>DRIFT</strong>" if drift.drifted else "no"
-        share = f"{drift.share:.0%} ({drift.n_drifted}/{len(drift.features)})"
-        cells = [window, verdict, share, features, _fmt(drift.prediction_psi)]
-    acc = report.accuracy
-    labels = "?" if report.labels is None else str(report.labels)
-    if report.store_error:
-        cells.append(f"store unavailable: {html.escape(report.store_error)}")
-    elif acc is None or acc.value is None:
-        cells.append(f"no labels ({labels})")
-    else:
-        shown = f"{acc.metric} {acc.value:.3f}" + ("" if acc.ready else " (too few labels)")
-        cells.append(f"{shown}, {acc.rows} in window, {labels} labels")
-    return cells
-
-
-def render_status_page(dataplane: DataPlane, monitoring: MonitoringService | None = None) -> str:
-    """A plain HTML page: readiness, then every model version's state, drift and accuracy.
+def render_status_page(dataplane: DataPlane, columns: StatusColumns | None = None) -> str:
+    """A plain HTML page: readiness, then every model version's state and the extra columns.
 
     Args:
         dataplane: The data plane to describe.
-        monitoring: Where drift and accuracy come from. Defaults to None (columns say
-            "off").
+        columns: Extra columns (monitoring's). Defaults to None.
 
     Returns:
         The HTML document; every value from a model or a client is escaped.
     """
-    columns = 9
+    extra_headers = list(columns.headers) if columns is not None else []
+    width = 3 + len(extra_headers)
     rows: list[str] = []
     for name in dataplane.model_names():
-        reports = monitoring.status(name) if monitoring is not None else {}
         try:
             statuses = dataplane.model_status(name)
-        except ServingError as error:
+        except ServiceError as error:
             rows.append(
                 f"<tr><td>{html.escape(name)}</td><td></td>"
-                f'<td colspan="{columns - 2}">{html.escape(error.message)}</td></tr>'
+                f'<td colspan="{width - 2}">{html.escape(error.message)}</td></tr>'
             )
             continue
         if not statuses:
             rows.append(
-                f'<tr><td>{html.escape(name)}</td><td></td><td colspan="{columns - 2}">no versions</td></tr>'
+                f'<tr><td>{html.escape(name)}</td><td></td><td colspan="{width - 2}">no versions</td></tr>'
             )
         for status in statuses:
             state = status.state.value + (f": {status.error_message}" if status.error_message else "")
             link = f"/v1/models/{html.escape(name)}/versions/{status.version}"
-            extra = ["off"] * 6 if monitoring is None else _monitoring_cells(reports.get(status.version))
+            extra = columns.cells(name, status.version) if columns is not None else []
             cells = "".join(f"<td>{cell}</td>" for cell in extra)
             rows.append(
                 f'<tr><td>{html.escape(name)}</td><td><a href="{link}">{status.version}</a></td>'
                 f"<td>{html.escape(state)}</td>{cells}</tr>"
             )
     ready = "ready" if dataplane.ready() else "not ready"
-    table = "\n".join(rows) or f'<tr><td colspan="{columns}">no models</td></tr>'
+    table = "\n".join(rows) or f'<tr><td colspan="{width}">no models</td></tr>'
+    header = "".join(f"<th>{html.escape(h)}</th>" for h in ("model", "version", "state", *extra_headers))
     return f"""<!doctype html>
 <html><head><meta charset="utf-8"><title>{TITLE}</title></head>
 <body>
 <h1>{TITLE}</h1>
 <p>Server: <strong>{ready}</strong> · <a href="/docs">API docs</a> · <a href="/metrics">metrics</a></p>
 <table border="1" cellpadding="4">
-<tr><th>model</th><th>version</th><th>state</th><th>window</th><th>drift detected</th><th>share drifted</th>
-<th>top drifted features (PSI)</th><th>prediction drift (PSI)</th><th>accuracy</th></tr>
+<tr>{header}</tr>
 {table}
 </table>
 </body></html>

@@ -56,7 +56,7 @@ def error_response(message: str, status: int, headers: dict[str, str] | None = N
     )
 
 
-def serving_error_response(error: ServiceError, headers: dict[str, str] | None = None) -> Response:
+def service_error_response(error: ServiceError, headers: dict[str, str] | None = None) -> Response:
     """The response for a :class:`ServiceError`: its mapped status and its message."""
     if error.code is ErrorCode.UNAUTHENTICATED:
         headers = {**(headers or {}), "WWW-Authenticate": "Bearer"}
@@ -71,7 +71,7 @@ def install_error_handlers(app: FastAPI) -> None:
     """
 
     async def on_serving_error(request: Request, error: Exception) -> Response:
-        return serving_error_response(cast(ServiceError, error))
+        return service_error_response(cast(ServiceError, error))
 
     async def on_http_error(request: Request, error: Exception) -> Response:
         error = cast(StarletteHTTPException, error)

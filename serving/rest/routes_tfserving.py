@@ -8,56 +8,95 @@ and split here on its last colon, mirroring TF Serving's own regex
 
 from __future__ import annotations
 
-import logging
-import time
 from typing import TYPE_CHECKING
 
 from fastapi import APIRouter, Request, Response
 
-from modelloop.errors import ErrorCode
+from modelloop.errors import ErrorCode, ServiceError
 from modelloop.serving.codecs import tfserving_json
-from modelloop.serving.errors import InvalidInput, ServingError, Unimplemented
-from modelloop.serving.rest.errors import error_response, serving_error_response
-from modelloop.serving.rest.transport import REQUEST_ID_HEADER, check_content_type, read_body, request_id
-from modelloop.serving.types import Protocol
+from modelloop.serving.errors import InvalidInput, Unimplemented
+from modelloop.serving.rest.errors import service_error_response
+from modelloop.serving.types import InferRequest, InferResponse, ModelMetadata, Protocol, parse_version
+from modelloop.web import REQUEST_ID_HEADER, check_content_type, read_body
 
 if TYPE_CHECKING:
     from modelloop.serving.dataplane import DataPlane
     from modelloop.serving.settings import ServingSettings
 
-logger = logging.getLogger(__name__)
-
 JSON = "application/json"
 _METHODS = ("predict", "classify", "regress")
-
-
-def parse_version(text: str) -> int:
-    """Parses a version path segment; TF Serving accepts only digits (``\\d+``).
-
-    Raises:
-        InvalidInput: The segment is not a non-negative integer.
-    """
-    if not (text.isascii() and text.isdigit()):
-        raise InvalidInput(f'model version must be a non-negative integer, got "{text}"')
-    return int(text)
 
 
 def split_method(segment: str, method: str, path: str) -> tuple[str, str]:
     """Splits ``name:predict`` into the name and the lower-cased method.
 
     Raises:
-        ServingError: NOT_FOUND when the segment has no known ``:method`` (TF Serving
+        ServiceError: NOT_FOUND when the segment has no known ``:method`` (TF Serving
             answers such paths "Malformed request" with 404).
     """
     target, colon, verb = segment.rpartition(":")
     verb = verb.lower()
     if not colon or not target or verb not in _METHODS:
-        raise ServingError(
+        raise ServiceError(
             f"Malformed request: {method} {path}; expected .../models/<name>[/versions/<v>|/labels/<l>]"
             ":predict (or :classify, :regress)",
             ErrorCode.NOT_FOUND,
         )
     return target, verb
+
+
+class PredictDecoder:
+    """A ``POST ...:predict`` call, decoded in the data plane's two steps.
+
+    The path gives the target; the body is read only once the version has resolved,
+    because the row format needs the version's input names and dtypes.
+
+    Args:
+        request: The HTTP request.
+        segment: The last path segment, ``<name|version|label>:<method>``.
+        model: The model from the path, or None when ``segment`` holds it.
+        pinned: ``"version"`` or ``"label"`` when ``segment`` holds one, else None.
+        max_body_bytes: The body limit.
+    """
+
+    protocol = Protocol.TFSERVING_REST
+    __slots__ = ("_max_body_bytes", "_model", "_pinned", "_request", "_segment", "row_format")
+
+    def __init__(
+        self, request: Request, segment: str, model: str | None, pinned: str | None, max_body_bytes: int
+    ) -> None:
+        self._request = request
+        self._segment = segment
+        self._model = model
+        self._pinned = pinned
+        self._max_body_bytes = max_body_bytes
+        self.row_format = True
+
+    def target(self) -> tuple[str, str | None, str | None]:
+        """The model, version and label of the path; only ``:predict`` is served."""
+        name, verb = split_method(self._segment, "POST", self._request.url.path)
+        if verb != "predict":
+            raise Unimplemented(
+                f":{verb} is not implemented by this server (tf.Example inputs); use :predict, which "
+                "takes the same model's inputs as tensors"
+            )
+        if self._model is None:
+            return name, None, None
+        if self._pinned == "version":
+            return self._model, name, None
+        return self._model, None, name
+
+    async def decode(self, metadata: ModelMetadata) -> InferRequest:
+        """Reads the body (row or columnar format) against the version's inputs."""
+        check_content_type(self._request)
+        body = await read_body(self._request, self._max_body_bytes)
+        call = tfserving_json.decode_predict_request(body, metadata, model=metadata.name)
+        self.row_format = call.row_format
+        return call.request
+
+    def encode(self, response: InferResponse) -> bytes:
+        """The response body, in the format the request used."""
+        return tfserving_json.encode_predict_response(response, self.row_format)
 
 
 def create_tfserving_router(dataplane: DataPlane, settings: ServingSettings) -> APIRouter:
@@ -71,70 +110,34 @@ def create_tfserving_router(dataplane: DataPlane, settings: ServingSettings) -> 
         A router to include in the app.
     """
     router = APIRouter(tags=["TF Serving REST API"])
-    protocol = Protocol.TFSERVING_REST
 
-    async def infer(
-        request: Request, model: str, version: int | None, label: str | None, verb: str, started: float
-    ) -> Response:
-        rid = request_id(request)
-        headers = {REQUEST_ID_HEADER: rid}
+    async def predict(request: Request, decoder: PredictDecoder) -> Response:
         try:
-            if verb != "predict":
-                raise Unimplemented(
-                    f":{verb} is not implemented by this server (tf.Example inputs); use :predict, which "
-                    "takes the same model's inputs as tensors"
-                )
-            check_content_type(request)
-            body = await read_body(request, settings.max_body_bytes)
-            metadata = dataplane.metadata(model, version, label)
-            call = tfserving_json.decode_predict_request(
-                body, metadata, model=model, version=version, label=label, request_id=rid
-            )
-        except ServingError as error:
-            dataplane.observe_rejected(model, protocol, error.code, time.perf_counter() - started)
-            return serving_error_response(error, headers)
+            response = await dataplane.handle(decoder, client_id=request.headers.get(REQUEST_ID_HEADER))
+        except ServiceError as error:
+            return service_error_response(error, {REQUEST_ID_HEADER: error.request_id})
+        headers = {REQUEST_ID_HEADER: response.id}
         try:
-            response = await dataplane.infer(call.request)
-            payload = tfserving_json.encode_predict_response(response, call.row_format)
-        except ServingError as error:
-            return serving_error_response(error, headers)
-        except Exception:
-            # Still answer with the request id and the {"error"} body, so the client can report it.
-            logger.exception("predict failed for model %s (request %s)", model, rid)
-            return error_response("internal server error", 500, headers)
+            payload = decoder.encode(response)
+        except ServiceError as error:
+            return service_error_response(error, headers)
         return Response(payload, media_type=JSON, headers=headers)
-
-    async def path_error(request: Request, error: ServingError, model: str, started: float) -> Response:
-        dataplane.observe_rejected(model, protocol, error.code, time.perf_counter() - started)
-        return serving_error_response(error, {REQUEST_ID_HEADER: request_id(request)})
 
     @router.post("/v1/models/{model_method}", summary="Predict (or classify/regress) with the latest version")
     async def predict_latest(request: Request, model_method: str) -> Response:
-        started = time.perf_counter()
-        try:
-            model, verb = split_method(model_method, "POST", request.url.path)
-        except ServingError as error:
-            return await path_error(request, error, model_method, started)
-        return await infer(request, model, None, None, verb, started)
+        return await predict(
+            request, PredictDecoder(request, model_method, None, None, settings.max_body_bytes)
+        )
 
     @router.post("/v1/models/{model}/versions/{version_method}", summary="Predict with a pinned version")
     async def predict_version(request: Request, model: str, version_method: str) -> Response:
-        started = time.perf_counter()
-        try:
-            text, verb = split_method(version_method, "POST", request.url.path)
-            version = parse_version(text)
-        except ServingError as error:
-            return await path_error(request, error, model, started)
-        return await infer(request, model, version, None, verb, started)
+        decoder = PredictDecoder(request, version_method, model, "version", settings.max_body_bytes)
+        return await predict(request, decoder)
 
     @router.post("/v1/models/{model}/labels/{label_method}", summary="Predict with a labelled version")
     async def predict_label(request: Request, model: str, label_method: str) -> Response:
-        started = time.perf_counter()
-        try:
-            label, verb = split_method(label_method, "POST", request.url.path)
-        except ServingError as error:
-            return await path_error(request, error, model, started)
-        return await infer(request, model, None, label, verb, started)
+        decoder = PredictDecoder(request, label_method, model, "label", settings.max_body_bytes)
+        return await predict(request, decoder)
 
     def status(model: str, version: int | None, label: str | None) -> Response:
         statuses = dataplane.model_status(model, version, label)

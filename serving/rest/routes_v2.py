@@ -6,29 +6,27 @@ The repository routes (index, load, unload) change what the server serves, so th
 
 from __future__ import annotations
 
-import logging
-import time
 from typing import TYPE_CHECKING
 
 import orjson
 from fastapi import APIRouter, Request, Response
 
+from modelloop.errors import ServiceError
 from modelloop.serving.codecs import v2_json
-from modelloop.serving.errors import (
-    InvalidInput,
-    ServingError,
+from modelloop.serving.errors import InvalidInput
+from modelloop.serving.rest.errors import error_response, service_error_response
+from modelloop.serving.types import (
+    InferRequest,
+    InferResponse,
+    ModelMetadata,
+    ModelState,
+    parse_version,
 )
-from modelloop.serving.rest.auth import require_admin as check_admin
-from modelloop.serving.rest.errors import error_response, serving_error_response
-from modelloop.serving.rest.routes_tfserving import parse_version
-from modelloop.serving.rest.transport import REQUEST_ID_HEADER, check_content_type, read_body, request_id
-from modelloop.serving.types import ModelState, Protocol
+from modelloop.web import REQUEST_ID_HEADER, check_content_type, read_body, require_admin
 
 if TYPE_CHECKING:
     from modelloop.serving.dataplane import DataPlane
     from modelloop.serving.settings import ServingSettings
-
-logger = logging.getLogger(__name__)
 
 JSON = "application/json"
 
@@ -40,6 +38,48 @@ def _header_length(request: Request) -> int | None:
     if not (raw.isascii() and raw.strip().isdigit()):
         raise InvalidInput(f"{v2_json.HEADER_LENGTH} must be a non-negative integer, got {raw!r}")
     return int(raw)
+
+
+class InferDecoder:
+    """A ``POST /v2/models/<name>[/versions/<v>]/infer`` call, for :meth:`DataPlane.handle`.
+
+    Args:
+        request: The HTTP request.
+        model: The model from the path.
+        version: The version from the path, as written, or None.
+        max_body_bytes: The body limit.
+    """
+
+    __slots__ = ("_max_body_bytes", "_model", "_request", "_version", "call")
+
+    def __init__(self, request: Request, model: str, version: str | None, max_body_bytes: int) -> None:
+        self._request = request
+        self._model = model
+        self._version = version
+        self._max_body_bytes = max_body_bytes
+        self.call: v2_json.InferCall | None = None
+
+    def target(self) -> tuple[str, str | None, str | None]:
+        """The model and version of the path (the OIP has no labels)."""
+        return self._model, self._version, None
+
+    async def decode(self, metadata: ModelMetadata) -> InferRequest:
+        """Reads the JSON body, or the JSON header followed by binary tensors."""
+        check_content_type(self._request, binary=True)
+        header_length = _header_length(self._request)
+        body = await read_body(self._request, self._max_body_bytes)
+        self.call = v2_json.decode_infer_request(body, model=self._model, header_length=header_length)
+        return self.call.request
+
+    def encode(self, response: InferResponse) -> tuple[bytes, int | None]:
+        """The response body, and the JSON header's length when binary outputs follow it.
+
+        Raises:
+            InvalidInput: Called before :meth:`decode`.
+        """
+        if self.call is None:
+            raise InvalidInput("the response of an undecoded request cannot be encoded")
+        return v2_json.encode_infer_response(response, self.call)
 
 
 def _json(payload: bytes, status: int = 200) -> Response:
@@ -57,10 +97,8 @@ def create_v2_router(dataplane: DataPlane, settings: ServingSettings) -> APIRout
         A router to include in the app.
     """
     router = APIRouter(tags=["Open Inference Protocol V2"])
-    protocol = Protocol.V2_REST
 
-    def require_admin(request: Request) -> None:
-        check_admin(request, settings)
+    admin_token = settings.admin_token.get_secret_value() if settings.admin_token is not None else None
 
     @router.get("/v2", summary="Server metadata")
     async def server_metadata() -> Response:
@@ -108,31 +146,16 @@ def create_v2_router(dataplane: DataPlane, settings: ServingSettings) -> APIRout
     async def ready_version(model: str, version: str) -> Response:
         return model_ready(model, parse_version(version))
 
-    async def infer(request: Request, model: str, version_text: str | None, started: float) -> Response:
-        headers = {REQUEST_ID_HEADER: request_id(request)}
+    async def infer(request: Request, decoder: InferDecoder) -> Response:
         try:
-            version = parse_version(version_text) if version_text is not None else None
-            check_content_type(request, binary=True)
-            header_length = _header_length(request)
-            body = await read_body(request, settings.max_body_bytes)
-            call = v2_json.decode_infer_request(
-                body, model=model, version=version, header_length=header_length
-            )
-        except ServingError as error:
-            dataplane.observe_rejected(model, protocol, error.code, time.perf_counter() - started)
-            return serving_error_response(error, headers)
-        # One id for logs, metrics and feedback: the header's, else the body's, else a new one.
-        rid = request_id(request, call.body_id)
-        headers[REQUEST_ID_HEADER] = rid
-        call.request.id = rid
+            response = await dataplane.handle(decoder, client_id=request.headers.get(REQUEST_ID_HEADER))
+        except ServiceError as error:
+            return service_error_response(error, {REQUEST_ID_HEADER: error.request_id})
+        headers = {REQUEST_ID_HEADER: response.id}
         try:
-            response = await dataplane.infer(call.request)
-            payload, json_length = v2_json.encode_infer_response(response, call)
-        except ServingError as error:
-            return serving_error_response(error, headers)
-        except Exception:
-            logger.exception("infer failed for model %s (request %s)", model, rid)
-            return error_response("internal server error", 500, headers)
+            payload, json_length = decoder.encode(response)
+        except ServiceError as error:
+            return service_error_response(error, headers)
         if json_length is None:
             return Response(payload, media_type=JSON, headers=headers)
         headers[v2_json.HEADER_LENGTH] = str(json_length)
@@ -140,15 +163,15 @@ def create_v2_router(dataplane: DataPlane, settings: ServingSettings) -> APIRout
 
     @router.post("/v2/models/{model}/infer", summary="Inference (latest version)")
     async def infer_latest(request: Request, model: str) -> Response:
-        return await infer(request, model, None, time.perf_counter())
+        return await infer(request, InferDecoder(request, model, None, settings.max_body_bytes))
 
     @router.post("/v2/models/{model}/versions/{version}/infer", summary="Inference (one version)")
     async def infer_version(request: Request, model: str, version: str) -> Response:
-        return await infer(request, model, version, time.perf_counter())
+        return await infer(request, InferDecoder(request, model, version, settings.max_body_bytes))
 
     @router.post("/v2/repository/index", summary="Repository index (admin)")
     async def repository_index(request: Request) -> Response:
-        require_admin(request)
+        require_admin(request, admin_token)
         ready_only = v2_json.decode_repository_index_request(
             await read_body(request, settings.max_body_bytes)
         )
@@ -156,13 +179,13 @@ def create_v2_router(dataplane: DataPlane, settings: ServingSettings) -> APIRout
 
     @router.post("/v2/repository/models/{model}/load", summary="Load a model (admin)")
     async def load(request: Request, model: str) -> Response:
-        require_admin(request)
+        require_admin(request, admin_token)
         await dataplane.load_model(model)
         return Response(status_code=200)
 
     @router.post("/v2/repository/models/{model}/unload", summary="Unload a model (admin)")
     async def unload(request: Request, model: str) -> Response:
-        require_admin(request)
+        require_admin(request, admin_token)
         await dataplane.unload_model(model)
         return Response(status_code=200)
 

@@ -64,7 +64,7 @@ def write_version(
 
 @dataclass
 class FakeCatalog:
-    """The part of ModelRegistry that monitoring uses: models, states, configs."""
+    """A ModelCatalog (serving/types.py) over fixed states and configs, as ModelRegistry answers."""
 
     versions: dict[str, dict[int, ModelState]] = field(default_factory=dict)
     configs: dict[str, ModelConfig] = field(default_factory=dict)
@@ -80,10 +80,10 @@ class FakeCatalog:
             raise ModelNotFound(f"no model {name!r}")
         return [VersionStatus(v, s) for v, s in sorted(self.versions[name].items())]
 
-    def model_config(self, name: str) -> ModelConfig:
+    def model_options(self, name: str, key: str) -> dict:
         if name not in self.versions:
             raise ModelNotFound(f"no model {name!r}")
-        return self.configs.get(name, ModelConfig())
+        return dict(getattr(self.configs.get(name, ModelConfig()), key))
 
 
 def wait_until(predicate: Callable[[], bool], timeout: float = 10.0, interval: float = 0.02) -> bool:

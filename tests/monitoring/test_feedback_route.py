@@ -12,6 +12,7 @@ import pytest
 from monhelpers import DigitsData, FakeCatalog, write_version
 from prometheus_client import CollectorRegistry
 
+from modelloop.monitoring.http import MonitoringColumns, create_feedback_router
 from modelloop.monitoring.service import MonitoringService
 from modelloop.monitoring.settings import MonitoringSettings
 from modelloop.monitoring.store import FeedbackItem, FeedbackResult, StoreUnavailable
@@ -23,7 +24,7 @@ URL = "/v1/models/digits/feedback"
 
 
 class StubDataPlane:
-    """Just what create_app and the status page call."""
+    """Just what create_app and the status page call (no inference: the feedback route needs none)."""
 
     def __init__(self, catalog: FakeCatalog) -> None:
         self.catalog = catalog
@@ -71,7 +72,13 @@ def service(tmp_path: Path, digits_data: DigitsData) -> Iterator[MonitoringServi
 @pytest.fixture
 async def client(service: MonitoringService, tmp_path: Path) -> AsyncIterator[httpx.AsyncClient]:
     settings = ServingSettings(repo=tmp_path / "repo", max_body_bytes=4096)
-    app = create_app(StubDataPlane(service.catalog), settings, CollectorRegistry(), monitoring=service)
+    app = create_app(
+        StubDataPlane(service.catalog),  # type: ignore[arg-type]
+        settings,
+        CollectorRegistry(),
+        routers=[create_feedback_router(service, settings.max_body_bytes)],
+        status_columns=MonitoringColumns(service),
+    )
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as c:
         yield c
 
@@ -183,7 +190,13 @@ async def test_store_down_is_503_and_nothing_is_acknowledged(
 
 
 async def test_monitoring_off_is_501(tmp_path: Path, service: MonitoringService):
-    app = create_app(StubDataPlane(service.catalog), ServingSettings(repo=tmp_path), CollectorRegistry())
+    settings = ServingSettings(repo=tmp_path)
+    app = create_app(
+        StubDataPlane(service.catalog),  # type: ignore[arg-type]
+        settings,
+        CollectorRegistry(),
+        routers=[create_feedback_router(None, settings.max_body_bytes)],
+    )
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as c:
         r = await c.post(URL, json={"feedback": [{"request_id": "one", "target": 1}]})
     assert r.status_code == 501 and "monitoring is disabled" in r.json()["error"]
@@ -200,5 +213,5 @@ async def test_status_page_shows_drift_and_accuracy(
     page = (await client.get("/")).text
     assert "accuracy 0.667" in page and "3 labels" in page
     assert "collecting (7/10 rows)" in page
-    html_without = render_status_page(StubDataPlane(service.catalog))
+    html_without = render_status_page(StubDataPlane(service.catalog), MonitoringColumns(None))  # type: ignore[arg-type]
     assert "off" in html_without

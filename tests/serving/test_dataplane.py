@@ -11,13 +11,20 @@ import pytest
 from prometheus_client import CollectorRegistry
 from pydantic import SecretStr
 
-from modelloop.serving.dataplane import DataPlane, cast_input
+from modelloop.serving.dataplane import DataPlane, DecodedRequest, cast_input
 from modelloop.serving.errors import InferenceFailed, InvalidInput, ModelNotFound, ModelNotReady, QueueFull
 from modelloop.serving.metrics import ServingMetrics
 from modelloop.serving.registry import ModelRegistry
 from modelloop.serving.repository import ModelRepository
 from modelloop.serving.settings import ServingSettings
-from modelloop.serving.types import InferRequest, InferResponse, ModelState, Protocol, TensorSpec
+from modelloop.serving.types import (
+    InferRequest,
+    InferResponse,
+    ModelMetadata,
+    ModelState,
+    Protocol,
+    TensorSpec,
+)
 
 from .fakes import ErrorRuntime, FakeRuntime, SlowRuntime, write_fake_version
 from .test_registry import Factory, write_config
@@ -238,7 +245,6 @@ async def test_status_ready_and_index(plane: tuple[DataPlane, CollectorRegistry,
     assert dp.model_ready("m") and dp.model_ready("m", version=1) and dp.model_ready("m", label="stable")
     assert dp.metadata("m").version == 2 and dp.metadata("m", label="stable").version == 1
     assert dp.model_names() == ["m"]
-    assert dp.version_labels("m") == {"stable": 1}
     assert [r["version"] for r in dp.repository_index()] == ["1", "2"]
     meta = dp.server_metadata()
     assert meta["name"] == "modelloop" and meta["extensions"] == ["binary_tensor_data"]
@@ -310,15 +316,89 @@ async def test_observer_errors_never_fail_a_request(tmp_path: Path) -> None:
     await dp.stop()
 
 
+class BrokenBody:
+    """A decoder whose target is fine but whose body does not decode."""
+
+    protocol = Protocol.TFSERVING_REST
+
+    def __init__(self, model: str, version: str | None = None, client_id: str = "") -> None:
+        self.model, self.version = model, version
+        self.decoded = False
+
+    def target(self) -> tuple[str, str | None, str | None]:
+        return self.model, self.version, None
+
+    async def decode(self, metadata: ModelMetadata) -> InferRequest:
+        self.decoded = True
+        raise InvalidInput(f"malformed body for {metadata.name}")
+
+
 async def test_rejected_requests_are_counted(
     plane: tuple[DataPlane, CollectorRegistry, RecordingObserver],
 ) -> None:
+    dp, prom, observer = plane
+    with pytest.raises(InvalidInput, match="malformed body for m"):
+        await dp.handle(BrokenBody("m"))
+    with pytest.raises(ModelNotFound):
+        await dp.handle(BrokenBody("made-up"))
+    # A decode failure counts under the resolved version; an unknown model under "" (no
+    # made-up name becomes a label value).
+    decoded = {"model": "m", "version": "2", "protocol": "tfserving_rest", "code": "INVALID_ARGUMENT"}
+    unknown = {"model": "", "version": "", "protocol": "tfserving_rest", "code": "NOT_FOUND"}
+    assert prom.get_sample_value("modelloop_requests_total", decoded) == 1
+    assert prom.get_sample_value("modelloop_requests_total", unknown) == 1
+    assert observer.seen == []
+
+
+@pytest.mark.parametrize("version", ["²", "-1", "1e3", " 1", "٣"])
+async def test_a_version_that_is_not_ascii_digits_is_invalid_before_anything_else(
+    plane: tuple[DataPlane, CollectorRegistry, RecordingObserver], version: str
+) -> None:
     dp, prom, _ = plane
-    dp.observe_rejected("m", Protocol.TFSERVING_REST, "INVALID_ARGUMENT", 0.001)
-    dp.observe_rejected("made-up", Protocol.TFSERVING_REST, "INVALID_ARGUMENT", 0.001)
-    for model in ("m", ""):
-        labels = {"model": model, "version": "", "protocol": "tfserving_rest", "code": "INVALID_ARGUMENT"}
-        assert prom.get_sample_value("modelloop_requests_total", labels) == 1
+    decoder = BrokenBody("m", version)
+    with pytest.raises(InvalidInput, match="non-negative integer") as caught:
+        await dp.handle(decoder)
+    assert not decoder.decoded and len(caught.value.request_id) == 32
+    labels = {"model": "m", "version": "", "protocol": "tfserving_rest", "code": "INVALID_ARGUMENT"}
+    assert prom.get_sample_value("modelloop_requests_total", labels) == 1
+
+
+@pytest.mark.parametrize(
+    ("header", "body", "chosen"),
+    [
+        ("from-header", "from-body", "from-header"),
+        (None, "from-body", "from-body"),
+        ("x" * 129, "from-body", "from-body"),
+        ("tab\there", None, None),
+        ("", "", None),
+        ("é", "ok-1", "ok-1"),
+    ],
+)
+async def test_the_request_id_is_the_first_valid_candidate_else_a_new_one(
+    plane: tuple[DataPlane, CollectorRegistry, RecordingObserver],
+    header: str | None,
+    body: str | None,
+    chosen: str | None,
+) -> None:
+    dp, _, observer = plane
+    response = await dp.handle(DecodedRequest(request([[1, 2, 3]], id=body or "")), client_id=header)
+    if chosen is None:
+        assert len(response.id) == 32 and int(response.id, 16) >= 0
+    else:
+        assert response.id == chosen
+    assert observer.seen[-1][0].id == response.id
+
+
+async def test_a_failed_request_carries_its_id(
+    plane: tuple[DataPlane, CollectorRegistry, RecordingObserver],
+) -> None:
+    dp, _, _ = plane
+    with pytest.raises(InvalidInput) as caught:
+        await dp.handle(DecodedRequest(request([[1, 2]], id="body-id")), client_id="header-id")
+    assert caught.value.request_id == "header-id"
+    with pytest.raises(ModelNotFound) as unknown:
+        await dp.handle(DecodedRequest(request([[1, 2, 3]], model="nope")), client_id="header-id")
+    assert unknown.value.request_id == "header-id"
 
 
 async def test_digits_end_to_end(digits_repo: Path) -> None:

@@ -1,4 +1,4 @@
-"""Request ids (``serving/ids.py``) and the REST socket's TCP_NODELAY (``server._bind_rest_socket``)."""
+"""Request ids (``serving/ids.py``) and the REST socket's TCP_NODELAY (``rest.server.bind_rest_socket``)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import threading
 import pytest
 
 from modelloop.serving.ids import RequestIdSource, new_request_id
-from modelloop.serving.server import _bind_rest_socket
+from modelloop.serving.rest.server import bind_rest_socket
 
 
 def test_ids_are_32_hex_characters_and_unique_across_blocks() -> None:
@@ -43,7 +43,7 @@ def test_block_size_must_hold_whole_ids() -> None:
 
 async def test_rest_connections_get_tcp_nodelay() -> None:
     # Without it, Nagle and delayed ACKs add ~40 ms to every keep-alive response.
-    sock = _bind_rest_socket("127.0.0.1", 0)
+    sock = bind_rest_socket("127.0.0.1", 0)
     accepted: asyncio.Future[int] = asyncio.get_running_loop().create_future()
 
     def on_connect(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:

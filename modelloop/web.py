@@ -1,17 +1,21 @@
-"""HTTP plumbing both REST dialects share: request ids, content types and the body limit."""
+"""HTTP plumbing every REST surface shares: content types, the body limit and the admin token.
+
+Serving's routes and monitoring's routes (feedback, the alert webhook) both read bodies
+the same way, so the helpers live here, in a leaf module that imports nothing of the
+project but :mod:`modelloop.errors`. Every failure is a
+:class:`~modelloop.errors.ServiceError`; the REST app maps it to a status.
+"""
 
 from __future__ import annotations
 
+import hmac
 import zlib
 
 from fastapi import Request
 
-from modelloop.errors import ErrorCode
-from modelloop.serving.errors import ServingError
-from modelloop.serving.ids import new_request_id
+from modelloop.errors import ErrorCode, ServiceError
 
 REQUEST_ID_HEADER = "x-request-id"
-MAX_REQUEST_ID_LENGTH = 128
 
 # `curl -d` sends application/x-www-form-urlencoded, and TF Serving's own REST examples use
 # `curl -d '{"instances": ...}'`; TF Serving ignores the content type, so these must work.
@@ -19,28 +23,6 @@ _JSON_MEDIA_TYPES = frozenset({"application/json", "application/x-www-form-urlen
 BINARY_MEDIA_TYPE = "application/octet-stream"
 # zlib wbits: gzip wrapper and zlib wrapper (HTTP "deflate" is zlib-wrapped, RFC 9110 8.4.1.2).
 _DECODERS = {"gzip": 16 + zlib.MAX_WBITS, "x-gzip": 16 + zlib.MAX_WBITS, "deflate": zlib.MAX_WBITS}
-
-
-def valid_request_id(value: str) -> bool:
-    """Whether a client's request id may be kept: 1..128 printable ASCII characters."""
-    return 0 < len(value) <= MAX_REQUEST_ID_LENGTH and value.isascii() and value.isprintable()
-
-
-def request_id(request: Request, fallback: str | None = None) -> str:
-    """The request's id: the client's ``x-request-id`` if valid, else ``fallback`` if valid,
-    else a fresh random 32-hex id.
-
-    Args:
-        request: The HTTP request.
-        fallback: A second candidate (the OIP body ``id``). Defaults to None.
-
-    Returns:
-        The id to log, pass on and echo in ``x-request-id``.
-    """
-    for candidate in (request.headers.get(REQUEST_ID_HEADER), fallback):
-        if candidate is not None and valid_request_id(candidate):
-            return candidate
-    return new_request_id()  # uuid4().hex costs a syscall and an object per request
 
 
 def check_content_type(request: Request, *, binary: bool = False) -> bool:
@@ -56,7 +38,7 @@ def check_content_type(request: Request, *, binary: bool = False) -> bool:
         Whether the body was declared binary.
 
     Raises:
-        ServingError: UNSUPPORTED_MEDIA_TYPE for any other content type.
+        ServiceError: UNSUPPORTED_MEDIA_TYPE for any other content type.
     """
     raw = request.headers.get("content-type")
     if raw is None:
@@ -67,13 +49,13 @@ def check_content_type(request: Request, *, binary: bool = False) -> bool:
     if binary and media == BINARY_MEDIA_TYPE:
         return True
     accepted = "application/json" + (f" or {BINARY_MEDIA_TYPE}" if binary else "")
-    raise ServingError(
+    raise ServiceError(
         f"unsupported content type {media!r}; send {accepted}", ErrorCode.UNSUPPORTED_MEDIA_TYPE
     )
 
 
-def _too_large(limit: int, what: str = "request body") -> ServingError:
-    return ServingError(
+def _too_large(limit: int, what: str = "request body") -> ServiceError:
+    return ServiceError(
         f"{what} is larger than the limit of {limit} bytes (max_body_bytes)", ErrorCode.PAYLOAD_TOO_LARGE
     )
 
@@ -94,19 +76,19 @@ async def read_body(request: Request, limit: int) -> bytes:
         The body, decompressed.
 
     Raises:
-        ServingError: PAYLOAD_TOO_LARGE beyond the limit, INVALID_ARGUMENT for a bad
+        ServiceError: PAYLOAD_TOO_LARGE beyond the limit, INVALID_ARGUMENT for a bad
             Content-Length or a corrupt compressed body, UNSUPPORTED_MEDIA_TYPE for an
             unknown Content-Encoding.
     """
     declared = request.headers.get("content-length")
     if declared is not None:
         if not declared.isdigit():
-            raise ServingError(f"invalid Content-Length {declared!r}", ErrorCode.INVALID_ARGUMENT)
+            raise ServiceError(f"invalid Content-Length {declared!r}", ErrorCode.INVALID_ARGUMENT)
         if int(declared) > limit:
             raise _too_large(limit)
     encoding = request.headers.get("content-encoding", "identity").strip().lower()
     if encoding not in ("identity", "") and encoding not in _DECODERS:
-        raise ServingError(
+        raise ServiceError(
             f"unsupported Content-Encoding {encoding!r}; use gzip, deflate or none",
             ErrorCode.UNSUPPORTED_MEDIA_TYPE,
         )
@@ -132,7 +114,30 @@ def _decompress(body: bytes, wbits: int, limit: int) -> bytes:
             raise _too_large(limit, "decompressed request body")
         out += decoder.flush()
     except zlib.error as error:
-        raise ServingError(f"corrupt compressed request body: {error}", ErrorCode.INVALID_ARGUMENT) from None
+        raise ServiceError(f"corrupt compressed request body: {error}", ErrorCode.INVALID_ARGUMENT) from None
     if len(out) > limit:
         raise _too_large(limit, "decompressed request body")
     return out
+
+
+def require_admin(request: Request, token: str | None) -> None:
+    """Lets the request through only with ``Authorization: Bearer <admin token>``.
+
+    Args:
+        request: The HTTP request.
+        token: The admin token; None or empty turns admin routes off.
+
+    Raises:
+        ServiceError: PERMISSION_DENIED (403) when no admin token is configured,
+            UNAUTHENTICATED (401) when the header is missing or the token is wrong.
+    """
+    if not token:
+        raise ServiceError(
+            "admin routes are disabled: set MODELLOOP_ADMIN_TOKEN", ErrorCode.PERMISSION_DENIED
+        )
+    scheme, _, given = request.headers.get("authorization", "").partition(" ")
+    # compare_digest takes as long for a near miss as for a wild guess: no timing oracle.
+    if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), token.encode()):
+        raise ServiceError(
+            "missing or wrong bearer token (Authorization: Bearer <admin token>)", ErrorCode.UNAUTHENTICATED
+        )

@@ -45,6 +45,7 @@ from typing import TYPE_CHECKING, Any, Literal, Protocol
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from modelloop import layout
 from modelloop.errors import ModelloopError
 from modelloop.training.evaluation import higher_is_better, main_metric, score
 from modelloop.training.spec import Dataset, TaskSpec, TaskType
@@ -104,7 +105,7 @@ class RetrainSettings(BaseModel):
             RetrainError: ``config.json`` is unreadable or its ``"retrain"`` block is invalid.
         """
         values: dict[str, Any] = {}
-        config = model_dir / "config.json"
+        config = model_dir / layout.CONFIG_FILE
         if config.exists():
             try:
                 raw = json.loads(config.read_text())
@@ -225,7 +226,6 @@ class RetrainResult:
 class _Serving:
     version: int
     path: Path
-    meta: dict[str, Any]
     spec_source: str
     seed: int
 
@@ -242,12 +242,13 @@ def _serving_version(repo: Path, name: str) -> _Serving:
         raise RetrainError(f"model {name!r} has no version in {str(repo)!r}: nothing to retrain")
     path = repo / name / str(versions[-1])
     try:
-        meta = json.loads((path / "model.json").read_text())
-        run = meta["training_run"]
+        card = layout.read_model_card(path)
+        run = card.extra["training_run"]
         source, seed = str(run["spec"]["source"]), int(run.get("seed") or 42)
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise RetrainError(f"{str(path / 'model.json')!r} does not say which spec trained it: {exc}") from exc
-    return _Serving(versions[-1], path, meta, source, seed)
+    except (layout.LayoutError, KeyError, TypeError, ValueError) as exc:
+        where = str(path / layout.MODEL_CARD_FILE)
+        raise RetrainError(f"{where!r} does not say which spec trained it: {exc}") from exc
+    return _Serving(versions[-1], path, source, seed)
 
 
 def _feedback(
@@ -444,7 +445,7 @@ def _run(
         "test_split": (x_test, y_test),
         "feedback_holdout": (fb_hold.x, fb_hold.y),
     }
-    serving_onnx = serving.path / "model.onnx"
+    serving_onnx = serving.path / layout.ONNX_FILE
     if not serving_onnx.is_file():
         raise RetrainError(f"serving version {serving.version} has no model.onnx to compare with")
     metric = main_metric(spec.task)

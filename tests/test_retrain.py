@@ -12,9 +12,9 @@ import pytest
 from prometheus_client import CollectorRegistry, Counter
 
 from modelloop.export.publish import list_versions
-from modelloop.training.pipeline import RetrainError, RetrainSettings, bless, retrain
+from modelloop.retrain import RetrainError, RetrainSettings, bless, retrain
 
-TESTDATA = Path(__file__).resolve().parents[1] / "testdata"
+TESTDATA = Path(__file__).resolve().parent / "testdata"
 SPEC = TESTDATA / "specs" / "functional_spec.py"
 CRASH_SPEC = TESTDATA / "specs" / "crash_in_fit_spec.py"
 NAME = "blobs"

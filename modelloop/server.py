@@ -1,42 +1,43 @@
-"""The composition root: repository -> registry -> data plane -> REST and gRPC, one event loop.
+"""The composition root: the only module that wires serving, monitoring and retraining.
 
-Everything is built here and passed in; nothing in the package builds its own
-dependencies or reads the environment per request. On SIGTERM or SIGINT the server turns
-readiness off, stops taking connections, lets the requests in flight finish within the
-grace period, unloads the models and returns 0.
+It builds repository -> registry -> data plane -> REST app and gRPC servicers, and, when
+monitoring is on, the monitoring service (the data plane's observer, reading the
+registry as its catalog), its HTTP routes and status-page columns (mounted through the
+REST app's extension point) and the retraining half. Everything is passed in; nothing
+builds its own dependencies or reads the environment per request. On SIGTERM or SIGINT
+the server turns readiness off, stops taking connections, lets the requests in flight
+finish within the grace period, unloads the models and returns 0.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import gc
 import logging
 import signal
-import socket
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TextIO
 
-import grpc
-import uvicorn
 import uvloop
+from fastapi import APIRouter
 from prometheus_client import CollectorRegistry
 
 from modelloop.errors import ModelloopError
+from modelloop.monitoring.http import MonitoringColumns, create_alerts_router, create_feedback_router
 from modelloop.monitoring.retraining import Retraining, build_retraining
 from modelloop.monitoring.service import MonitoringService
 from modelloop.monitoring.settings import MonitoringSettings
 from modelloop.monitoring.store import StoreUnavailable
 from modelloop.serving.dataplane import DataPlane
-from modelloop.serving.grpc.server import bind_grpc_server, create_grpc_server
+from modelloop.serving.grpc.server import bind_grpc_server, create_grpc_server, server_credentials
 from modelloop.serving.metrics import ServingMetrics
 from modelloop.serving.observer import InferenceObserver
 from modelloop.serving.registry import ModelRegistry
 from modelloop.serving.repository import ModelRepository
-from modelloop.serving.rest.app import create_app
-from modelloop.serving.rest.protocol import guarded_protocol
+from modelloop.serving.rest.app import StatusColumns, create_app
+from modelloop.serving.rest.server import bind_rest_socket, create_rest_server
 from modelloop.serving.settings import ServingSettings
 
 logger = logging.getLogger(__name__)
@@ -64,46 +65,8 @@ class BoundAddresses:
         return f"{host}:{self.grpc_port}"
 
 
-class _UvicornServer(uvicorn.Server):
-    """uvicorn without its own signal handling: the composition root owns SIGTERM/SIGINT.
-
-    uvicorn's handlers would re-raise the signal after shutdown and kill the process
-    before the gRPC server and the models are drained.
-    """
-
-    @contextlib.contextmanager
-    def capture_signals(self) -> Iterator[None]:
-        yield
-
-
 class ServerError(ModelloopError):
     """The server cannot start: bad repository, address in use, bad settings."""
-
-
-def _grpc_credentials(settings: ServingSettings) -> grpc.ServerCredentials | None:
-    if settings.tls_cert_file is None or settings.tls_key_file is None:
-        return None
-    try:
-        key, cert = settings.tls_key_file.read_bytes(), settings.tls_cert_file.read_bytes()
-    except OSError as exc:
-        raise ServerError(f"cannot read the TLS files: {exc.strerror}") from exc
-    return grpc.ssl_server_credentials([(key, cert)])
-
-
-def _bind_rest_socket(host: str, port: int) -> socket.socket:
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    # proto=IPPROTO_TCP: asyncio sets TCP_NODELAY only on sockets whose proto says TCP; with
-    # proto 0 Nagle holds each response's body behind its headers for a delayed ACK (~40 ms).
-    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    try:
-        sock.bind((host, port))
-    except OSError as exc:
-        sock.close()
-        raise ServerError(f"cannot bind REST port {host}:{port}: {exc.strerror}") from exc
-    sock.listen(2048)
-    sock.setblocking(False)
-    return sock
 
 
 class ModelServer:
@@ -152,12 +115,20 @@ class ModelServer:
         self.retraining: Retraining | None = None
         if self.monitoring is not None and monitoring is not None:
             self.retraining = build_retraining(monitoring, settings.repo, self.monitoring)
+        # Monitoring's HTTP surface, mounted through the REST app's extension point: the
+        # feedback route (501 without monitoring) and the alert webhook (503 without it).
+        admin_token = settings.admin_token.get_secret_value() if settings.admin_token is not None else None
+        routers: list[APIRouter] = [
+            create_feedback_router(self.monitoring, settings.max_body_bytes),
+            create_alerts_router(
+                self.retraining.alerts if self.retraining is not None else None,
+                admin_token,
+                settings.max_body_bytes,
+            ),
+        ]
+        columns: StatusColumns = MonitoringColumns(self.monitoring)
         self.app = create_app(
-            self.dataplane,
-            settings,
-            self.prometheus,
-            monitoring=self.monitoring,
-            alerts=self.retraining.alerts if self.retraining is not None else None,
+            self.dataplane, settings, self.prometheus, routers=routers, status_columns=columns
         )
         self._stop = asyncio.Event()
         self.addresses: BoundAddresses | None = None
@@ -179,12 +150,18 @@ class ModelServer:
             ServerError: A port cannot be bound.
         """
         settings = self.settings
-        rest_sock = _bind_rest_socket(settings.host, settings.rest_port)
+        try:
+            rest_sock = bind_rest_socket(settings.host, settings.rest_port)
+        except OSError as exc:
+            raise ServerError(str(exc)) from exc
         grpc_server = create_grpc_server(self.dataplane, settings)
         try:
-            grpc_port = bind_grpc_server(
-                grpc_server, settings.host, settings.grpc_port, _grpc_credentials(settings)
-            )
+            credentials = server_credentials(settings)
+        except OSError as exc:
+            rest_sock.close()
+            raise ServerError(f"cannot read the TLS files: {exc.strerror}") from exc
+        try:
+            grpc_port = bind_grpc_server(grpc_server, settings.host, settings.grpc_port, credentials)
         except OSError as exc:
             rest_sock.close()
             raise ServerError(str(exc)) from exc
@@ -202,20 +179,7 @@ class ModelServer:
         gc.collect()
         gc.freeze()
         await grpc_server.start()
-        config = uvicorn.Config(
-            self.app,
-            lifespan="off",
-            access_log=False,
-            log_level="warning",
-            timeout_graceful_shutdown=max(int(settings.grace_period_s), 1),
-            # The data plane bounds the work; this only caps sockets per process.
-            limit_concurrency=None,
-            # httptools with bounded head size and time (uvicorn has neither limit).
-            http=guarded_protocol(settings.max_header_bytes, settings.header_timeout_s),
-            ssl_certfile=str(settings.tls_cert_file) if settings.tls_cert_file else None,
-            ssl_keyfile=str(settings.tls_key_file) if settings.tls_key_file else None,
-        )
-        rest = _UvicornServer(config)
+        rest = create_rest_server(self.app, settings)
         rest_task = asyncio.create_task(rest.serve(sockets=[rest_sock]), name="rest")
         while not rest.started and not rest_task.done():
             await asyncio.sleep(0.01)

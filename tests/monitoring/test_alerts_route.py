@@ -12,15 +12,18 @@ import pytest
 from prometheus_client import CollectorRegistry
 from pydantic import SecretStr
 
+from modelloop.monitoring.http import create_alerts_router
 from modelloop.monitoring.policy import RetrainPolicy
 from modelloop.monitoring.trigger import DryRunTrigger
 from modelloop.monitoring.webhook import AlertHandler
+from modelloop.serving.dataplane import DataPlane
+from modelloop.serving.metrics import ServingMetrics
+from modelloop.serving.registry import ModelRegistry
+from modelloop.serving.repository import ModelRepository
 from modelloop.serving.rest.app import create_app
 from modelloop.serving.settings import ServingSettings
 
-from .fakes_rest import FakeDataPlane
-
-TESTDATA = Path(__file__).resolve().parents[2] / "testdata"
+TESTDATA = Path(__file__).resolve().parents[1] / "testdata"
 TOKEN = "s3cret-token"
 AUTH = {"authorization": f"Bearer {TOKEN}"}
 
@@ -41,7 +44,11 @@ async def make_client(
     handler = None
     if trigger is not None:
         handler = AlertHandler(RetrainPolicy(900), trigger, model_exists=lambda m: m == "digits")
-    app = create_app(FakeDataPlane(), settings, CollectorRegistry(), alerts=handler)  # type: ignore[arg-type]
+    # The route needs no model: the data plane is a real one over an empty repository.
+    metrics = ServingMetrics(CollectorRegistry())
+    dataplane = DataPlane(ModelRegistry(ModelRepository(tmp_path), settings, metrics=metrics), metrics)
+    router = create_alerts_router(handler, token, settings.max_body_bytes)
+    app = create_app(dataplane, settings, CollectorRegistry(), routers=[router])
     return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test")
 
 

@@ -1,0 +1,250 @@
+"""The package boundaries of ARCHITECTURE.md, checked on every import (lazy and TYPE_CHECKING too).
+
+Each rule is a test of its own, so a failure names the rule and every import that breaks it.
+The checks parse the source with ``ast``; nothing is imported.
+"""
+
+from __future__ import annotations
+
+import ast
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGES = ("training", "export", "serving", "monitoring")
+LEAVES = ("modelloop.errors", "modelloop.layout", "modelloop.web")
+FRAMEWORKS = ("fastapi", "starlette", "grpc", "grpc_health", "grpc_reflection", "uvicorn", "httptools", "h11")
+LAYOUT_NAMES = {
+    "config.json",
+    "model.json",
+    "baseline.json",
+    "model.onnx",
+    "saved_model",
+    ".staging",
+    ".publish.lock",
+    "model.keras",
+    "run.json",
+    "metrics.json",
+    "split.npz",
+}
+
+
+@dataclass(frozen=True)
+class Import:
+    """One imported module name, where it is imported."""
+
+    source: str  # the importing file, relative to the root
+    package: str  # the importing package: a folder of PACKAGES, or the module name under modelloop/
+    target: str  # the imported module, absolute (``modelloop.serving.types``)
+    line: int
+
+
+def _package_of(rel: Path) -> str:
+    if rel.parts[0] == "modelloop":
+        return "modelloop." + rel.stem
+    return rel.parts[0]
+
+
+def _module_of(rel: Path) -> str:
+    parts = list(rel.with_suffix("").parts)
+    if parts[-1] == "__init__":
+        parts.pop()
+    return ".".join(["modelloop", *parts]) if parts[0] != "modelloop" else ".".join(parts)
+
+
+def _generated(rel: Path) -> bool:
+    return rel.name.endswith(("_pb2.py", "_pb2_grpc.py"))
+
+
+def sources() -> Iterator[tuple[Path, ast.Module]]:
+    """Every project module with its syntax tree (generated protobuf code excluded)."""
+    for folder in ("modelloop", *PACKAGES):
+        for path in sorted((ROOT / folder).rglob("*.py")):
+            rel = path.relative_to(ROOT)
+            if not _generated(rel):
+                yield rel, ast.parse(path.read_text(), str(rel))
+
+
+def imports() -> list[Import]:
+    """Every import of every project module, relative ones resolved."""
+    found = []
+    for rel, tree in sources():
+        module = _module_of(rel).split(".")
+        package = module if rel.name == "__init__.py" else module[:-1]
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:
+                    base = ".".join(package[: len(package) - node.level + 1] + ([base] if base else []))
+                # `from modelloop import layout` imports modelloop.layout.
+                names = [base, *(f"{base}.{alias.name}" for alias in node.names)]
+            else:
+                continue
+            for name in names:
+                found.append(Import(str(rel), _package_of(rel), name, node.lineno))
+    return found
+
+
+def ours(target: str, prefix: str) -> bool:
+    """Whether ``target`` is ``prefix`` or inside it."""
+    return target == prefix or target.startswith(prefix + ".")
+
+
+def violations(rule: str, bad: list[Import]) -> str:
+    return f"{rule}:\n" + "\n".join(f"  {i.source}:{i.line} imports {i.target}" for i in bad)
+
+
+ALL = imports()
+
+
+def test_the_checks_see_lazy_and_type_checking_imports() -> None:
+    # modelloop/cli.py imports the server inside a function; serving/rest/app.py imports the
+    # data plane under TYPE_CHECKING. If these go missing, the parser lost them.
+    targets = {(i.source, i.target) for i in ALL}
+    assert ("modelloop/cli.py", "modelloop.server") in targets
+    assert ("serving/rest/app.py", "modelloop.serving.dataplane") in targets
+
+
+def test_serving_never_imports_monitoring_training_or_export() -> None:
+    bad = [
+        i
+        for i in ALL
+        if i.package == "serving"
+        and any(ours(i.target, f"modelloop.{p}") for p in ("monitoring", "training", "export"))
+    ]
+    assert not bad, violations("serving/ imports monitoring/, training/ or export/", bad)
+
+
+def test_monitoring_reaches_serving_only_through_types_and_the_observer() -> None:
+    allowed = ("modelloop.serving.types", "modelloop.serving.observer")
+    bad = [
+        i
+        for i in ALL
+        if i.package == "monitoring"
+        and ours(i.target, "modelloop.serving")
+        and i.target != "modelloop.serving"
+        and not any(ours(i.target, a) for a in allowed)
+    ]
+    bad += [i for i in ALL if i.package == "monitoring" and i.target == "modelloop.serving"]
+    assert not bad, violations("monitoring/ imports serving/ beyond types and observer", bad)
+
+
+def test_training_imports_none_of_the_other_packages() -> None:
+    bad = [
+        i
+        for i in ALL
+        if i.package == "training"
+        and any(ours(i.target, f"modelloop.{p}") for p in ("export", "serving", "monitoring"))
+    ]
+    bad += [i for i in ALL if i.package == "training" and ours(i.target, "modelloop.server")]
+    assert not bad, violations("training/ imports export/, serving/ or monitoring/", bad)
+
+
+def test_export_imports_only_training_and_the_leaves() -> None:
+    bad = [
+        i
+        for i in ALL
+        if i.package == "export" and any(ours(i.target, f"modelloop.{p}") for p in ("serving", "monitoring"))
+    ]
+    assert not bad, violations("export/ imports serving/ or monitoring/", bad)
+
+
+def test_the_leaves_import_nothing_of_ours_but_each_other() -> None:
+    bad = [
+        i
+        for i in ALL
+        if i.package in LEAVES
+        and ours(i.target, "modelloop")
+        and i.target != "modelloop"
+        and not any(ours(i.target, leaf) for leaf in LEAVES)
+    ]
+    assert not bad, violations("a shared leaf imports a package", bad)
+
+
+def test_only_the_root_wires_serving_with_monitoring() -> None:
+    wiring = {
+        i.package
+        for i in ALL
+        if i.package.startswith("modelloop.")
+        and ours(i.target, "modelloop.monitoring")
+        and i.package not in ("modelloop.cli",)
+    }
+    assert wiring <= {"modelloop.server"}, f"modules other than the root import monitoring: {wiring}"
+    retrain_serving = [
+        i for i in ALL if i.package == "modelloop.retrain" and ours(i.target, "modelloop.serving")
+    ]
+    assert not retrain_serving, violations("the retrain pipeline imports serving", retrain_serving)
+
+
+def test_the_serving_core_imports_no_web_or_rpc_framework() -> None:
+    def core(source: str) -> bool:
+        parts = Path(source).parts
+        return parts[0] == "serving" and (len(parts) == 2 or parts[1] in ("runtimes", "codecs"))
+
+    bad = [i for i in ALL if core(i.source) and i.target.split(".")[0] in FRAMEWORKS]
+    assert not bad, violations("the serving core imports a web or RPC framework", bad)
+
+
+def test_no_import_cycle_between_packages() -> None:
+    edges: dict[str, set[str]] = {}
+    for i in ALL:
+        if i.package not in PACKAGES:
+            continue
+        for target in PACKAGES:
+            if target != i.package and ours(i.target, f"modelloop.{target}"):
+                edges.setdefault(i.package, set()).add(target)
+
+    def reaches(start: str, goal: str, seen: frozenset[str] = frozenset()) -> bool:
+        return any(
+            n == goal or (n not in seen and reaches(n, goal, seen | {n})) for n in edges.get(start, ())
+        )
+
+    cycles = [p for p in PACKAGES if reaches(p, p)]
+    assert not cycles, f"packages on an import cycle: {cycles}; edges: {edges}"
+
+
+def test_repository_and_run_file_names_are_spelled_in_the_layout_module_only() -> None:
+    homes: dict[str, set[str]] = {}
+    for rel, tree in sources():
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Constant) and node.value in LAYOUT_NAMES:
+                homes.setdefault(str(rel), set()).add(str(node.value))
+    assert set(homes) == {"modelloop/layout.py"}, f"file names spelled outside modelloop/layout.py: {homes}"
+
+
+@pytest.mark.parametrize(
+    ("source", "line", "rule"),
+    [
+        ("serving/dataplane.py", "import modelloop.monitoring", "serving_never_imports"),
+        ("monitoring/drift.py", "from modelloop.serving.registry import ModelRegistry", "monitoring_reaches"),
+        ("training/train.py", "from modelloop.export import publish", "training_imports_none"),
+        ("serving/batching.py", "import fastapi", "serving_core"),
+    ],
+)
+def test_each_rule_catches_a_planted_import(
+    monkeypatch: pytest.MonkeyPatch, source: str, line: str, rule: str
+) -> None:
+    """The rules are not vacuous: an import planted in the source breaks the right one."""
+    original = ast.parse
+
+    def planted(text: str, filename: str = "<unknown>", *args: object, **kwargs: object) -> ast.Module:
+        if filename == source:
+            text = f"{text}\n{line}\n"
+        return original(text, filename, *args, **kwargs)  # type: ignore[call-overload, no-any-return]
+
+    monkeypatch.setattr(ast, "parse", planted)
+    found = imports()
+    checks = {
+        "serving_never_imports": test_serving_never_imports_monitoring_training_or_export,
+        "monitoring_reaches": test_monitoring_reaches_serving_only_through_types_and_the_observer,
+        "training_imports_none": test_training_imports_none_of_the_other_packages,
+        "serving_core": test_the_serving_core_imports_no_web_or_rpc_framework,
+    }
+    monkeypatch.setattr(f"{__name__}.ALL", found)
+    with pytest.raises(AssertionError, match=source.replace(".", r"\.")):
+        checks[rule]()
