@@ -32,6 +32,28 @@ def _read_all(sock: socket.socket) -> bytes:
     return b"".join(chunks)
 
 
+def _read_responses(sock: socket.socket, count: int) -> list[tuple[int, bytes]]:
+    """Reads ``count`` responses (each framed by content-length) off one connection, in order."""
+    buf = b""
+    responses: list[tuple[int, bytes]] = []
+    while len(responses) < count:
+        end = buf.find(b"\r\n\r\n")
+        if end >= 0:
+            head = buf[:end].decode("latin-1").split("\r\n")
+            length = next(
+                int(line.split(":", 1)[1]) for line in head[1:] if line.lower().startswith("content-length:")
+            )
+            if len(buf) >= end + 4 + length:
+                responses.append((int(head[0].split()[1]), buf[end + 4 : end + 4 + length]))
+                buf = buf[end + 4 + length :]
+                continue
+        chunk = sock.recv(65536)
+        if not chunk:
+            break
+        buf += chunk
+    return responses
+
+
 def _predict_ok(server) -> None:
     r = httpx.post(f"{server.rest_url}/v1/models/digits:predict", json={"instances": [ROW]}, timeout=10)
     assert r.status_code == 200, r.text
@@ -148,3 +170,75 @@ def test_body_longer_than_content_length_is_cut_at_the_declared_length(limited_s
         reply = _read_all(sock)
     assert reply.startswith(b"HTTP/1.1 400"), reply[:200]  # the truncated JSON is malformed
     _predict_ok(limited_server)
+
+
+LIVE = b"GET /v2/health/live HTTP/1.1\r\nHost: x\r\n\r\n"
+
+
+def test_keep_alive_requests_share_one_connection(limited_server):
+    with _connect(limited_server) as sock:
+        for _ in range(5):
+            sock.sendall(LIVE)
+            [(status, _body)] = _read_responses(sock, 1)
+            assert status == 200
+            time.sleep(0.05)  # each head arrives on an idle keep-alive connection
+
+
+def test_pipelined_requests_are_answered_in_order(limited_server):
+    predict = json.dumps({"instances": [ROW]}).encode()
+    post = (
+        b"POST /v1/models/digits:predict HTTP/1.1\r\nHost: x\r\ncontent-type: application/json\r\n"
+        b"content-length: " + str(len(predict)).encode() + b"\r\n\r\n" + predict
+    )
+    with _connect(limited_server) as sock:
+        sock.sendall(LIVE + post + LIVE + post)
+        replies = _read_responses(sock, 4)
+    assert [status for status, _ in replies] == [200, 200, 200, 200]
+    assert b"predictions" in replies[1][1] and b"predictions" in replies[3][1]
+
+
+def test_pipelined_heads_just_under_the_limit_are_served(limited_server):
+    # Many heads near the limit in one stream: the byte count restarts with each head.
+    head = b"GET /v2/health/live HTTP/1.1\r\nHost: x\r\nX-Pad: " + b"p" * 15_000 + b"\r\n\r\n"
+    with _connect(limited_server) as sock:
+        sock.sendall(head * 6)
+        replies = _read_responses(sock, 6)
+    assert [status for status, _ in replies] == [200] * 6
+
+
+def test_a_head_sent_in_small_pieces_under_the_limit_is_served(limited_server):
+    head = b"GET /v2/health/live HTTP/1.1\r\nHost: x\r\n" + b"X-Pad: " + b"p" * 12_000 + b"\r\n\r\n"
+    with _connect(limited_server) as sock:
+        for start in range(0, len(head), 1000):
+            sock.sendall(head[start : start + 1000])
+            time.sleep(0.005)
+        [(status, _body)] = _read_responses(sock, 1)
+    assert status == 200
+
+
+def test_an_oversized_pipelined_head_is_refused_after_the_earlier_response(limited_server):
+    # The 431 answers the second request, so it must come after the first one's 200,
+    # never ahead of it on the wire.
+    big = b"GET /v2/health/live HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 40_000 + b"\r\n\r\n"
+    with _connect(limited_server) as sock:
+        try:
+            sock.sendall(LIVE + big)
+        except (BrokenPipeError, ConnectionResetError):
+            pass
+        replies = _read_responses(sock, 2)
+        rest = _read_all(sock)
+    assert [status for status, _ in replies] == [200, 431], replies
+    assert replies[1][1] == b'{"error":"request headers exceed 16384 bytes"}'
+    assert rest == b""  # and the connection is closed
+    _predict_ok(limited_server)
+
+
+def test_a_slow_pipelined_head_gets_408_after_the_earlier_response(limited_server):
+    with _connect(limited_server) as sock:
+        sock.sendall(LIVE + b"GET /v2/health/live HTTP/1.1\r\nHo")
+        started = time.monotonic()
+        replies = _read_responses(sock, 2)
+        rest = _read_all(sock)
+    assert [status for status, _ in replies] == [200, 408], replies
+    assert 1.0 < time.monotonic() - started < 5
+    assert rest == b""
