@@ -8,9 +8,8 @@ Input tensors arrive in one of two forms, never mixed in one request:
 * typed ``contents``, one repeated field per datatype (``fp32_contents`` for FP32,
   ``int_contents`` for INT8/16/32, ``uint_contents`` for UINT8/16/32, ...); FP16 has no
   typed field and must be sent raw;
-* ``raw_input_contents``, one ``bytes`` per input in ``inputs`` order: flattened,
-  row-major, little-endian; BYTES elements are each a 4-byte little-endian length
-  followed by the bytes.
+* ``raw_input_contents``, one ``bytes`` per input in ``inputs`` order, in Triton's
+  binary tensor format (:mod:`.binary_tensor`, shared with the REST binary extension).
 
 Responses use ``raw_output_contents``, which ``tritonclient.grpc`` reads by default and
 which costs one memcpy per output instead of a repeated field per element.
@@ -19,13 +18,13 @@ which costs one memcpy per output instead of a repeated field per element.
 from __future__ import annotations
 
 import math
-import struct
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
-from modelloop.serving.datatypes import OIP_ITEM_SIZE, to_numpy_dtype, to_oip_datatype
+from modelloop.serving.codecs.binary_tensor import decode_binary_tensor, encode_binary_tensor
+from modelloop.serving.datatypes import to_numpy_dtype, to_oip_datatype
 from modelloop.serving.errors import InvalidInput
 from modelloop.serving.protos import grpc_service_pb2 as pb
 from modelloop.serving.types import InferRequest, InferResponse, ModelMetadata, Protocol, TensorSpec
@@ -48,7 +47,6 @@ _CONTENTS_FIELD: dict[str, str] = {
 _ALL_CONTENTS_FIELDS: tuple[str, ...] = tuple(sorted(set(_CONTENTS_FIELD.values())))
 # int_contents / uint_contents are 32-bit fields; these datatypes must be range-checked.
 _NARROW: frozenset[str] = frozenset({"INT8", "INT16", "UINT8", "UINT16"})
-_LENGTH_PREFIX = struct.Struct("<I")
 
 # Triton's model_config.proto DataType enum, by OIP datatype.
 _TRITON_TYPE: dict[str, int] = {
@@ -123,60 +121,6 @@ def _check_range(values: np.ndarray, dtype: np.dtype, name: str, field: str) -> 
         raise InvalidInput(
             f"input {name!r}: {field} holds {bad}, out of range for {dtype.name} [{info.min}, {info.max}]"
         )
-
-
-def _split_bytes(raw: bytes, count: int, name: str) -> np.ndarray:
-    """Splits BYTES raw content (4-byte little-endian length, then the bytes) into elements."""
-    out = np.empty(count, dtype=object)
-    offset = 0
-    for index in range(count):
-        if offset + 4 > len(raw):
-            raise InvalidInput(f"input {name!r}: raw BYTES content ends after {index} of {count} elements")
-        (length,) = _LENGTH_PREFIX.unpack_from(raw, offset)
-        offset += 4
-        if offset + length > len(raw):
-            raise InvalidInput(
-                f"input {name!r}: raw BYTES element {index} claims {length} bytes, "
-                f"but only {len(raw) - offset} remain"
-            )
-        out[index] = raw[offset : offset + length]
-        offset += length
-    if offset != len(raw):
-        raise InvalidInput(
-            f"input {name!r}: raw BYTES content has {len(raw) - offset} bytes left over "
-            f"after {count} elements of shape"
-        )
-    return out
-
-
-def decode_raw_tensor(raw: bytes, datatype: str, shape: Sequence[int], name: str) -> np.ndarray:
-    """Decodes one raw tensor (``raw_input_contents`` entry or Triton binary data).
-
-    Args:
-        raw: Flattened, row-major, little-endian bytes; BYTES elements length-prefixed.
-        datatype: The OIP datatype (``FP32``).
-        shape: The tensor shape.
-        name: The input's name, for error messages.
-
-    Returns:
-        A writable array of that shape; BYTES gives an ``object`` array of ``bytes``.
-
-    Raises:
-        InvalidInput: Unknown datatype, negative dims, or a byte count that does not
-            match shape × element size.
-    """
-    dtype = _dtype_of(datatype, name)
-    dims = _check_shape(shape, name)
-    count = math.prod(dims)
-    if datatype == "BYTES":
-        return _split_bytes(raw, count, name).reshape(dims)
-    expected = count * OIP_ITEM_SIZE[datatype]
-    if len(raw) != expected:
-        raise InvalidInput(
-            f"input {name!r}: raw content has {len(raw)} bytes, but shape {list(dims)} of {datatype} "
-            f"needs {expected} ({count} x {OIP_ITEM_SIZE[datatype]})"
-        )
-    return np.frombuffer(raw, dtype=dtype.newbyteorder("<")).astype(dtype).reshape(dims)
 
 
 def _dtype_of(datatype: str, name: str) -> np.dtype:
@@ -261,7 +205,7 @@ def decode_infer_request(request: pb.ModelInferRequest, request_id: str = "") ->
         if tensor.name in inputs:
             raise InvalidInput(f"input {tensor.name!r} appears more than once")
         if raw:
-            inputs[tensor.name] = decode_raw_tensor(raw[index], tensor.datatype, tensor.shape, tensor.name)
+            inputs[tensor.name] = decode_binary_tensor(raw[index], tensor.datatype, tensor.shape, tensor.name)
         else:
             inputs[tensor.name] = _decode_contents(tensor)
     return InferRequest(
@@ -273,26 +217,6 @@ def decode_infer_request(request: pb.ModelInferRequest, request_id: str = "") ->
         id=request_id or request.id,
         parameters=decode_parameters(request.parameters),
     )
-
-
-def encode_raw_tensor(array: np.ndarray) -> bytes:
-    """Encodes one tensor as OIP raw bytes.
-
-    Args:
-        array: The tensor; ``object``/string arrays are encoded as BYTES.
-
-    Returns:
-        Little-endian row-major bytes; BYTES elements each get a 4-byte length prefix
-        (``str`` is encoded as UTF-8).
-    """
-    if array.dtype.kind in "OSU":
-        parts: list[bytes] = []
-        for value in array.reshape(-1).tolist():
-            data = value.encode("utf-8") if isinstance(value, str) else bytes(value)
-            parts.append(_LENGTH_PREFIX.pack(len(data)))
-            parts.append(data)
-        return b"".join(parts)
-    return np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("<")).tobytes()
 
 
 def encode_infer_response(response: InferResponse, request_id: str | None = None) -> pb.ModelInferResponse:
@@ -315,8 +239,9 @@ def encode_infer_response(response: InferResponse, request_id: str | None = None
         out.parameters[key].CopyFrom(encode_parameter(value))
     for key, array in response.outputs.items():
         array = np.asarray(array)
-        out.outputs.add(name=key, datatype=to_oip_datatype(array.dtype), shape=array.shape)
-        out.raw_output_contents.append(encode_raw_tensor(array))
+        datatype = to_oip_datatype(array.dtype)
+        out.outputs.add(name=key, datatype=datatype, shape=array.shape)
+        out.raw_output_contents.append(encode_binary_tensor(array, datatype))
     return out
 
 

@@ -4,7 +4,8 @@ Follows KServe's ``required_api.md`` / OIP ``inference_rest.md`` for the JSON fo
 Triton's ``extension_binary_data.md`` for binary tensors: the JSON header is followed in
 the same body by raw little-endian row-major tensors, its length given by the
 ``Inference-Header-Content-Length`` header and each tensor's by ``binary_data_size``.
-BYTES elements are a 4-byte little-endian length followed by the bytes.
+The tensors themselves are decoded and encoded by :mod:`.binary_tensor`, the same code
+as gRPC's ``raw_input_contents``/``raw_output_contents``.
 
 Example:
 
@@ -16,12 +17,12 @@ Example:
 from __future__ import annotations
 
 import math
-import struct
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
+from modelloop.serving.codecs.binary_tensor import decode_binary_tensor, encode_binary_tensor
 from modelloop.serving.codecs.json_tensor import (
     array_to_json,
     describe_value,
@@ -44,8 +45,6 @@ HEADER_LENGTH = "Inference-Header-Content-Length"
 BINARY_CONTENT_TYPE = "application/octet-stream"
 JSON_CONTENT_TYPE = "application/json"
 SERVER_EXTENSIONS = ("binary_tensor_data", "model_repository")
-
-_LENGTH_PREFIX = struct.Struct("<I")
 
 
 @dataclass(frozen=True, slots=True)
@@ -180,8 +179,8 @@ def _decode_input(raw: Any, index: int, binary: memoryview, offset: int) -> tupl
                 f"{where} has binary_data_size {size} but only {len(binary) - offset} bytes of binary "
                 f"data are left (is {HEADER_LENGTH} right?)"
             )
-        chunk = binary[offset : offset + size]
-        return name, _from_binary(chunk, dtype, datatype, tuple(shape), count, where), size
+        # A view of the body: numeric tensors stay zero-copy all the way to the runtime.
+        return name, decode_binary_tensor(binary[offset : offset + size], datatype, shape, name), size
     if "data" not in raw:
         raise InvalidInput(f'{where} has no "data" (and no "binary_data_size" parameter)')
     data_shape, leaves = flatten_nested(raw["data"], where)
@@ -191,53 +190,6 @@ def _decode_input(raw: Any, index: int, binary: memoryview, offset: int) -> tupl
             + (f" (data shape {list(data_shape)})" if len(data_shape) > 1 else "")
         )
     return name, leaves_to_array(leaves, tuple(shape), dtype, where), 0
-
-
-def _from_binary(
-    chunk: memoryview, dtype: np.dtype, datatype: str, shape: tuple[int, ...], count: int, where: str
-) -> np.ndarray:
-    if datatype == "BYTES":
-        elements = _unpack_bytes(bytes(chunk), where)
-        if len(elements) != count:
-            raise InvalidInput(
-                f"{where}: shape {list(shape)} needs {count} elements but binary data holds {len(elements)}"
-            )
-        array = np.empty(count, dtype=object)
-        array[:] = elements
-        return array.reshape(shape)
-    expected = count * dtype.itemsize
-    if len(chunk) != expected:
-        raise InvalidInput(
-            f"{where}: shape {list(shape)} of {datatype} needs {expected} bytes but binary_data_size "
-            f"is {len(chunk)}"
-        )
-    # Zero-copy view of the body; read-only, which is all the runtimes need.
-    return np.frombuffer(chunk, dtype=dtype.newbyteorder("<")).reshape(shape)
-
-
-def _unpack_bytes(buffer: bytes, where: str) -> list[bytes]:
-    elements: list[bytes] = []
-    offset = 0
-    end = len(buffer)
-    while offset < end:
-        if offset + 4 > end:
-            raise InvalidInput(f"{where}: BYTES binary data ends inside a 4-byte length prefix")
-        (length,) = _LENGTH_PREFIX.unpack_from(buffer, offset)
-        offset += 4
-        if offset + length > end:
-            raise InvalidInput(f"{where}: a BYTES element of {length} bytes runs past the binary data")
-        elements.append(buffer[offset : offset + length])
-        offset += length
-    return elements
-
-
-def _pack_bytes(array: np.ndarray) -> bytes:
-    parts: list[bytes] = []
-    for value in array.ravel().tolist():
-        data = value if isinstance(value, bytes) else str(value).encode()
-        parts.append(_LENGTH_PREFIX.pack(len(data)))
-        parts.append(data)
-    return b"".join(parts)
 
 
 def _decode_outputs(raw: Any) -> tuple[list[str] | None, dict[str, bool]]:
@@ -280,7 +232,7 @@ def encode_infer_response(response: InferResponse, call: InferCall) -> tuple[byt
         datatype = to_oip_datatype(array.dtype)
         entry: dict[str, Any] = {"name": name, "datatype": datatype, "shape": list(array.shape)}
         if call.wants_binary(name):
-            blob = _pack_bytes(array) if datatype == "BYTES" else _to_little_endian(array).tobytes()
+            blob = encode_binary_tensor(array, datatype)
             entry["parameters"] = {"binary_data_size": len(blob)}
             blobs.append(blob)
         else:
@@ -300,17 +252,6 @@ def encode_infer_response(response: InferResponse, call: InferCall) -> tuple[byt
     if not blobs:
         return header, None
     return b"".join([header, *blobs]), len(header)
-
-
-def _to_little_endian(array: np.ndarray) -> np.ndarray:
-    if array.dtype.byteorder == ">":
-        array = array.astype(array.dtype.newbyteorder("<"))
-    return np.ascontiguousarray(array)
-
-
-def encode_error(message: str) -> bytes:
-    """The OIP error body ``{"error": message}``."""
-    return dumps_json({"error": message})
 
 
 def _metadata_tensor(spec: TensorSpec) -> dict[str, Any]:

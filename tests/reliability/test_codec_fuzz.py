@@ -10,7 +10,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from modelloop.errors import ErrorCode
-from modelloop.serving.codecs import tensor_proto, tfserving_json, v2_grpc, v2_json
+from modelloop.serving.codecs import binary_tensor, tensor_proto, tfserving_json, v2_grpc, v2_json
 from modelloop.serving.errors import ServingError
 from modelloop.serving.protos import grpc_service_pb2 as oip
 from modelloop.serving.types import ModelMetadata, TensorSpec
@@ -140,6 +140,9 @@ def test_model_infer_request_decoder_on_arbitrary_bytes(data):
         ["FP32", "FP16", "FP64", "INT8", "INT64", "UINT32", "BOOL", "BYTES", "BF16", "X"]
     ),
     shape=st.lists(st.integers(-3, 70), max_size=3),
+    as_view=st.booleans(),
 )
-def test_raw_tensor_decoder(raw, datatype, shape):
-    _client_error_only(lambda: v2_grpc.decode_raw_tensor(raw, datatype, shape, "pixels"))
+def test_raw_tensor_decoder(raw, datatype, shape, as_view):
+    # REST hands the codec a memoryview of the body, gRPC a bytes object.
+    given_raw = memoryview(raw) if as_view else raw
+    _client_error_only(lambda: binary_tensor.decode_binary_tensor(given_raw, datatype, shape, "pixels"))

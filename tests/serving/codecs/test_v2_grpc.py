@@ -7,7 +7,7 @@ import struct
 import numpy as np
 import pytest
 
-from modelloop.serving.codecs import v2_grpc
+from modelloop.serving.codecs import binary_tensor, v2_grpc
 from modelloop.serving.errors import InvalidInput
 from modelloop.serving.protos import grpc_service_pb2 as pb
 from modelloop.serving.types import InferResponse, ModelMetadata, Protocol, TensorSpec
@@ -79,8 +79,10 @@ def test_decodes_raw_contents(datatype: str, field: str, values: list[object]) -
     array = v2_grpc.decode_infer_request(_wire(request)).inputs["x"]
     assert array.dtype == np.dtype(NUMPY[datatype]) and array.shape == (2, 2)
     assert array.reshape(-1).tolist() == list(values)
-    if datatype != "BYTES":
-        array[0, 0] = array[1, 1]  # writable
+    # Read-only on both transports (REST's binary data always was): a view of the request.
+    assert not array.flags.writeable
+    with pytest.raises(ValueError, match="read-only"):
+        array[0, 0] = array[1, 1]
 
 
 def test_decodes_fp16_raw_and_several_inputs_in_order() -> None:
@@ -162,7 +164,7 @@ def test_rejects_raw_content_of_the_wrong_length() -> None:
     request = _request()
     request.inputs.add(name="pixels", datatype="FP32", shape=[1, 64])
     request.raw_input_contents.append(b"\x00" * 255)
-    _raises(request, "'pixels'", "raw content has 255 bytes", "needs 256")
+    _raises(request, "'pixels'", "raw content has 255 bytes", "needs 256 bytes (64 x 4)")
 
 
 def test_rejects_mixed_raw_and_typed_contents() -> None:
@@ -224,10 +226,10 @@ def test_rejects_narrow_ints_out_of_range(datatype: str, field: str, value: int)
 @pytest.mark.parametrize(
     ("raw", "fragment"),
     [
-        (_bytes_raw([b"ab"]), "ends after 1 of 2 elements"),
+        (_bytes_raw([b"ab"]), "needs 2 BYTES elements, but the raw content (6 bytes) ends after 1"),
         (_bytes_raw([b"ab"]) + struct.pack("<I", 9) + b"xy", "claims 9 bytes, but only 2 remain"),
-        (_bytes_raw([b"a", b"b"]) + b"\x00", "1 bytes left over"),
-        (b"\x01\x00", "ends after 0 of 2 elements"),
+        (_bytes_raw([b"a", b"b"]) + b"\x00", "1 byte left over after the 2 BYTES elements"),
+        (b"\x01\x00", "ends inside the 4-byte length prefix of BYTES element 0 of 2"),
     ],
 )
 def test_rejects_malformed_raw_bytes(raw: bytes, fragment: str) -> None:
@@ -261,7 +263,7 @@ def test_encodes_raw_outputs_that_decode_back() -> None:
     ]
     assert not any(o.HasField("contents") for o in wire.outputs)
     decoded = [
-        v2_grpc.decode_raw_tensor(raw, o.datatype, o.shape, o.name)
+        binary_tensor.decode_binary_tensor(raw, o.datatype, o.shape, o.name)
         for o, raw in zip(wire.outputs, wire.raw_output_contents, strict=True)
     ]
     np.testing.assert_array_equal(decoded[0], outputs["probabilities"])

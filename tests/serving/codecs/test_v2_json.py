@@ -146,6 +146,7 @@ def test_binary_inputs_every_kind() -> None:
     np.testing.assert_array_equal(x["f"], floats)
     np.testing.assert_array_equal(x["b"], bools)
     assert x["s"].tolist() == strings and x["j"].tolist() == [9]
+    assert not x["f"].flags.writeable and not x["b"].flags.writeable and not x["s"].flags.writeable
     assert call.binary_default and call.wants_binary("anything")
 
 
@@ -267,12 +268,18 @@ def binary_input(datatype: str, shape: list[int], size: object) -> dict[str, obj
     ("document", "blob", "match"),
     [
         ({"inputs": [binary_input("FP32", [2], 8)]}, b"\0" * 4, "only 4 bytes"),
-        ({"inputs": [binary_input("FP32", [2], 4)]}, b"\0" * 4, "needs 8 bytes"),
+        (
+            {"inputs": [binary_input("FP32", [2], 4)]},
+            b"\0" * 4,
+            "raw content has 4 bytes, but .* needs 8 bytes",
+        ),
         ({"inputs": [binary_input("FP32", [1], 4)]}, b"\0" * 6, "add up to 4"),
         ({"inputs": [binary_input("FP32", [1], -4)]}, b"\0" * 4, "non-negative integer"),
-        ({"inputs": [binary_input("BYTES", [2], 9)]}, pack_bytes([b"abcde"]), "needs 2 elements"),
-        ({"inputs": [binary_input("BYTES", [1], 3)]}, b"\1\0\0", "inside a 4-byte length prefix"),
-        ({"inputs": [binary_input("BYTES", [1], 5)]}, b"\x09\0\0\0a", "runs past"),
+        ({"inputs": [binary_input("BYTES", [2], 9)]}, pack_bytes([b"abcde"]), "needs 2 BYTES elements"),
+        ({"inputs": [binary_input("BYTES", [1], 3)]}, b"\1\0\0", "inside the 4-byte length prefix"),
+        ({"inputs": [binary_input("BYTES", [1], 5)]}, b"\x09\0\0\0a", "claims 9 bytes, but only 1 remain"),
+        ({"inputs": [binary_input("BYTES", [1], 6)]}, pack_bytes([b"a"]) + b"z", "1 byte left over"),
+        ({"inputs": [binary_input("BOOL", [2], 2)]}, b"\1\2", "BOOL element 1 is the byte 2"),
         ({"inputs": [tensor("x", "FP32", [1], [1])]}, b"\0" * 4, "add up to 0"),
     ],
 )
@@ -306,7 +313,6 @@ def test_repository_index_and_request() -> None:
         v2_json.decode_repository_index_request(b"[]")
 
 
-def test_server_metadata_and_error() -> None:
+def test_server_metadata() -> None:
     meta = {"name": "modelloop", "version": "0.1.0", "extensions": list(v2_json.SERVER_EXTENSIONS)}
     assert json.loads(v2_json.encode_server_metadata(meta)) == meta
-    assert json.loads(v2_json.encode_error('no "x"')) == {"error": 'no "x"'}
