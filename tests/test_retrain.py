@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import shutil
 from collections.abc import Callable
@@ -60,14 +61,12 @@ def _count(counter: Counter, outcome: str) -> float:
 
 
 def _blob_rows(n: int, seed: int = 1) -> tuple[np.ndarray, np.ndarray]:
-    sys_path = str(TESTDATA / "specs")
-    import sys
-
-    if sys_path not in sys.path:
-        sys.path.insert(0, sys_path)
-    from _blobs import blobs
-
-    data = blobs()
+    # The specs' shared data module, loaded from its file as the specs' own folder holds it.
+    spec = importlib.util.spec_from_file_location("_blobs", TESTDATA / "specs" / "_blobs.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    data = module.blobs()
     idx = np.random.default_rng(seed).integers(0, len(data.y), n)
     return data.x[idx], data.y[idx].astype(np.float64)
 

@@ -20,6 +20,7 @@ from modelloop.serving.types import (
     InferResponse,
     ModelMetadata,
     ModelState,
+    Protocol,
     parse_version,
 )
 from modelloop.web import REQUEST_ID_HEADER, check_content_type, read_body, require_admin
@@ -50,6 +51,7 @@ class InferDecoder:
         max_body_bytes: The body limit.
     """
 
+    protocol = Protocol.V2_REST
     __slots__ = ("_max_body_bytes", "_model", "_request", "_version", "call")
 
     def __init__(self, request: Request, model: str, version: str | None, max_body_bytes: int) -> None:

@@ -4,13 +4,10 @@ from __future__ import annotations
 
 import json
 import struct
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from bench import loadgen, payloads
 from bench.report import SCHEMA, TARGETS, Report, Row, render_markdown, write_chart, write_json

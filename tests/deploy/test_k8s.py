@@ -10,6 +10,7 @@ docs/deploy.md lists it.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import re
@@ -39,8 +40,11 @@ CUSTOM_KINDS = {
     "PrometheusRule": "prometheusrule.json",
     "AlertmanagerConfig": "alertmanagerconfig.json",
 }
-sys.path.insert(0, str(K8S))
-import generate  # noqa: E402  (k8s/generate.py, the renderer of the generated manifests)
+# k8s/generate.py, the renderer of the generated manifests, is a script, not a package module.
+_spec = importlib.util.spec_from_file_location("k8s_generate", K8S / "generate.py")
+assert _spec is not None and _spec.loader is not None
+generate = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(generate)
 
 
 class _Loader(yaml.SafeLoader):

@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import shutil
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).parent))
-from serverproc import ServerProcess, start_server
+from tests.e2e.serverproc import ServerProcess, start_server
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,8 @@ from pathlib import Path
 
 import httpx
 import pytest
-from serverproc import ServerProcess, start_server, wait_for
+
+from tests.e2e.serverproc import ServerProcess, start_server, wait_for
 
 ROW = [[0.0, 0.0, 5.0, 13.0, 9.0, 1.0, 0.0, 0.0] + [0.0] * 56]
 

@@ -17,7 +17,6 @@ import shutil
 import signal
 import socket
 import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -25,10 +24,8 @@ from typing import Any
 import httpx
 import pytest
 
-sys.path.insert(0, str(Path(__file__).parent))
-from serverproc import ServerProcess, start_server, wait_for
-
 from modelloop.monitoring.simulate import simulate
+from tests.e2e.serverproc import ServerProcess, start_server, wait_for
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 RULES = REPO_ROOT / "monitoring" / "rules" / "modelloop.rules.yml"

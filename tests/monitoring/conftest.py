@@ -14,7 +14,6 @@ import pwd
 import shutil
 import signal
 import subprocess
-import sys
 import tempfile
 import uuid
 from collections.abc import Iterator
@@ -24,8 +23,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-sys.path.insert(0, str(Path(__file__).parent))
-from monhelpers import DigitsData, free_port
+from tests.monitoring.monhelpers import DigitsData, free_port
 
 
 @dataclass

@@ -18,7 +18,8 @@ from typing import Any
 
 import pytest
 import yaml
-from monhelpers import free_port, require_tool, stop_process
+
+from tests.monitoring.monhelpers import free_port, require_tool, stop_process
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 CONFIG = REPO_ROOT / "monitoring" / "alertmanager" / "alertmanager.yml"

@@ -25,10 +25,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from monhelpers import free_port, require_tool, stop_process
 from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
 
 from modelloop.serving.metrics import ServingMetrics
+from tests.monitoring.monhelpers import free_port, require_tool, stop_process
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DASHBOARD = REPO_ROOT / "monitoring" / "dashboards" / "modelloop.json"

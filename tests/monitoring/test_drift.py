@@ -6,10 +6,10 @@ import copy
 
 import numpy as np
 import pytest
-from monhelpers import DigitsData, drifted_digits
 
 from modelloop.monitoring.drift import DriftDetector, ks_statistic, ks_test, psi
 from modelloop.training.baseline import bin_index
+from tests.monitoring.monhelpers import DigitsData, drifted_digits
 
 
 def test_psi_reference_vector():

@@ -9,7 +9,6 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
-from monhelpers import DigitsData, FakeCatalog, write_version
 from prometheus_client import CollectorRegistry
 
 from modelloop.monitoring.http import MonitoringColumns, create_feedback_router
@@ -19,6 +18,7 @@ from modelloop.monitoring.store import FeedbackItem, FeedbackResult, StoreUnavai
 from modelloop.serving.rest.app import create_app, render_status_page
 from modelloop.serving.settings import ServingSettings
 from modelloop.serving.types import InferRequest, InferResponse, ModelState, Protocol, VersionStatus
+from tests.monitoring.monhelpers import DigitsData, FakeCatalog, write_version
 
 URL = "/v1/models/digits/feedback"
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 import shutil
 import signal
 import subprocess
-import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -14,13 +13,11 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
-from monhelpers import drifted_digits
 from prometheus_client.parser import text_string_to_metric_families
 
 from modelloop.monitoring.store import open_store
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "e2e"))
-from serverproc import ServerProcess, start_server, wait_for
+from tests.e2e.serverproc import ServerProcess, start_server, wait_for
+from tests.monitoring.monhelpers import drifted_digits
 
 CHROMIUM = "/usr/bin/chromium"
 FAST_EVAL = {

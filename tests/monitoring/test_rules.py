@@ -7,7 +7,8 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from monhelpers import require_tool
+
+from tests.monitoring.monhelpers import require_tool
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 RULES = REPO_ROOT / "monitoring" / "rules" / "modelloop.rules.yml"

@@ -10,7 +10,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from monhelpers import DigitsData, FakeCatalog, drifted_digits, wait_until, write_version
 from prometheus_client import CollectorRegistry
 
 from modelloop.monitoring.metrics import MonitoringMetrics
@@ -21,6 +20,7 @@ from modelloop.monitoring.store import FeedbackItem, PredictionRecord, StoreUnav
 from modelloop.monitoring.window import WindowSet
 from modelloop.serving.settings import ModelConfig
 from modelloop.serving.types import InferRequest, InferResponse, ModelState, Protocol
+from tests.monitoring.monhelpers import DigitsData, FakeCatalog, drifted_digits, wait_until, write_version
 
 
 def pair(

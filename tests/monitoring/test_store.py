@@ -13,7 +13,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from monhelpers import free_port
 
 from modelloop.monitoring.store import (
     FeedbackItem,
@@ -26,6 +25,7 @@ from modelloop.monitoring.store import (
     check_targets,
     open_store,
 )
+from tests.monitoring.monhelpers import free_port
 
 
 def rec(rid: str, rows: int = 1, version: int = 1, task: str = "multiclass", created: float | None = None):

@@ -5,15 +5,12 @@ silent), and once the database is back, feedback works again with nothing accept
 from __future__ import annotations
 
 import shutil
-import sys
 import time
 import uuid
-from pathlib import Path
 
 import httpx
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "e2e"))
-from serverproc import start_server, wait_for
+from tests.e2e.serverproc import start_server, wait_for
 
 ROW = [[0.0, 0.0, 5.0, 13.0, 9.0, 1.0, 0.0, 0.0] + [0.0] * 56]
 

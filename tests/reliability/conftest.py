@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import shutil
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "e2e"))
-from serverproc import ServerProcess, start_server
+from tests.e2e.serverproc import ServerProcess, start_server
 
 ADMIN_TOKEN = "reliability-token-0123456789"
 

@@ -9,7 +9,8 @@ import time
 
 import httpx
 import pytest
-from serverproc import start_server
+
+from tests.e2e.serverproc import start_server
 
 ROW = [0.0] * 64
 

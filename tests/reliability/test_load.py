@@ -20,7 +20,8 @@ import grpc
 import httpx
 import numpy as np
 import pytest
-from serverproc import start_server
+
+from tests.e2e.serverproc import start_server
 
 SOAK_SECONDS = float(os.environ.get("MODELLOOP_SOAK_SECONDS", "60"))
 ROW = np.zeros((1, 64), dtype=np.float32)

@@ -10,10 +10,10 @@ from urllib.parse import quote
 import grpc
 import httpx
 import pytest
-from reliability_support import ADMIN_TOKEN
 
 from modelloop.serving.protos import grpc_service_pb2 as oip
 from modelloop.serving.protos import grpc_service_pb2_grpc as oip_grpc
+from tests.reliability.reliability_support import ADMIN_TOKEN
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 SOURCE_DIRS = ["training", "export", "serving", "monitoring", "modelloop"]
@@ -57,7 +57,7 @@ def test_admin_route_accepts_the_token(server):
 
 
 def test_admin_routes_are_off_without_a_configured_token(digits_repo):
-    from serverproc import start_server
+    from tests.e2e.serverproc import start_server
 
     server = start_server(digits_repo)
     try:

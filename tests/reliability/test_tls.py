@@ -11,10 +11,10 @@ from pathlib import Path
 import grpc
 import httpx
 import pytest
-from serverproc import start_server
 
 from modelloop.serving.protos import grpc_service_pb2 as oip
 from modelloop.serving.protos import grpc_service_pb2_grpc as oip_grpc
+from tests.e2e.serverproc import start_server
 
 
 @pytest.fixture(scope="module")
