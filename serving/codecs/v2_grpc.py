@@ -27,7 +27,14 @@ from modelloop.serving.codecs.binary_tensor import decode_binary_tensor, encode_
 from modelloop.serving.datatypes import to_numpy_dtype, to_oip_datatype
 from modelloop.serving.errors import InvalidInput
 from modelloop.serving.protos import grpc_service_pb2 as pb
-from modelloop.serving.types import InferRequest, InferResponse, ModelMetadata, Protocol, TensorSpec
+from modelloop.serving.types import (
+    InferRequest,
+    InferResponse,
+    ModelMetadata,
+    Protocol,
+    TensorSpec,
+    parse_version,
+)
 
 # The typed field of InferTensorContents that carries each OIP datatype.
 _CONTENTS_FIELD: dict[str, str] = {
@@ -178,11 +185,7 @@ def decode_infer_request(request: pb.ModelInferRequest, request_id: str = "") ->
     """
     if not request.model_name:
         raise InvalidInput("model_name is required")
-    version: int | None = None
-    if request.model_version:
-        if not request.model_version.isdigit():
-            raise InvalidInput(f"model_version {request.model_version!r} is not an integer version")
-        version = int(request.model_version)
+    version = parse_version(request.model_version)
     if not request.inputs:
         raise InvalidInput("ModelInferRequest has no inputs")
     raw = request.raw_input_contents

@@ -143,7 +143,7 @@ def test_rejects_a_request_without_model_or_inputs() -> None:
 def test_rejects_a_non_integer_version() -> None:
     request = _request(model_version="latest")
     request.inputs.add(name="x", datatype="FP32", shape=[1]).contents.fp32_contents.append(1.0)
-    _raises(request, "model_version 'latest' is not an integer")
+    _raises(request, 'model version must be a non-negative integer, got "latest"')
 
 
 def test_rejects_typed_contents_that_disagree_with_the_shape() -> None:
