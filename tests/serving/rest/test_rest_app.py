@@ -1,7 +1,14 @@
-"""The REST app over a FakeDataPlane: routing, translation, headers and every error branch."""
+"""The REST app over the real DataPlane with fake runtimes: routing, translation, headers, errors.
+
+The stack is the production one (repository, registry, data plane; see
+``tests/serving/edge_support.py``); only the runtimes are fakes, so what a test sees is
+what a client of the real server sees, and what a request did is read back from the
+fake runtimes' records and the Prometheus registry.
+"""
 
 from __future__ import annotations
 
+import asyncio
 import gzip
 import json
 import re
@@ -12,54 +19,58 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
-from prometheus_client import CollectorRegistry, Counter
+from prometheus_client import Counter
 from pydantic import SecretStr
 
-from modelloop.serving.errors import (
-    ErrorCode,
-    InferenceFailed,
-    ModelNotReady,
-    QueueFull,
-)
 from modelloop.serving.rest.app import create_app
-from modelloop.serving.settings import ServingSettings
-from modelloop.serving.types import Protocol
 
-from .fakes_rest import FakeDataPlane
+from ..edge_support import (
+    EdgeStack,
+    GatedRuntime,
+    RuntimeFactory,
+    UnencodableRuntime,
+    failing,
+    serve,
+    write_digits,
+    write_multi,
+)
+from ..fakes import FailingLoadRuntime
 
 TESTDATA = Path(__file__).resolve().parents[2] / "testdata"
 TOKEN = "s3cret-token"
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
 ROW = [float(i % 17) for i in range(64)]
-
-
-def make_settings(tmp_path: Path, **overrides: object) -> ServingSettings:
-    return ServingSettings(repo=tmp_path, **overrides)
-
-
-@pytest.fixture
-def dataplane() -> FakeDataPlane:
-    return FakeDataPlane()
+V2_ROW = {"inputs": [{"name": "pixels", "shape": [1, 64], "datatype": "FP32", "data": ROW}]}
+FRESH_ID = re.compile(r"[0-9a-f]{32}")
 
 
 @pytest.fixture
-def registry() -> CollectorRegistry:
-    registry = CollectorRegistry()
-    Counter("modelloop_probe", "A metric to find in /metrics.", registry=registry).inc()
-    return registry
+def repo(tmp_path: Path) -> Path:
+    """``digits`` versions 1 and 2 (label ``stable`` -> 1) and ``multi`` version 1."""
+    repo = tmp_path / "models"
+    write_digits(repo, (1, 2))
+    write_multi(repo)
+    return repo
 
 
-async def client_for(
-    dataplane: FakeDataPlane, settings: ServingSettings, registry: CollectorRegistry | None = None
+@pytest.fixture
+async def stack(repo: Path) -> AsyncIterator[EdgeStack]:
+    async with serve(repo, admin_token=TOKEN) as stack:
+        yield stack
+
+
+def client_for(
+    stack: EdgeStack, *, raise_app_exceptions: bool = True, **settings: object
 ) -> httpx.AsyncClient:
-    app = create_app(dataplane, settings, registry or CollectorRegistry())  # type: ignore[arg-type]
-    return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test")
+    """A client of the app over ``stack``; ``settings`` change the app's settings only."""
+    app = create_app(stack.dataplane, stack.settings.model_copy(update=settings), stack.prometheus)
+    transport = httpx.ASGITransport(app=app, raise_app_exceptions=raise_app_exceptions)
+    return httpx.AsyncClient(transport=transport, base_url="http://test")
 
 
 @pytest.fixture
-async def client(
-    dataplane: FakeDataPlane, tmp_path: Path, registry: CollectorRegistry
-) -> AsyncIterator[httpx.AsyncClient]:
-    async with await client_for(dataplane, make_settings(tmp_path, admin_token=TOKEN), registry) as c:
+async def client(stack: EdgeStack) -> AsyncIterator[httpx.AsyncClient]:
+    async with client_for(stack) as c:
         yield c
 
 
@@ -72,20 +83,30 @@ def assert_error(response: httpx.Response, status: int, match: str) -> str:
     return body["error"]
 
 
+def calls(stack: EdgeStack, model: str, version: int) -> list[dict[str, np.ndarray]]:
+    """The inputs every predict of that version's fake runtime received."""
+    return stack.factory.runtime(model, version).calls
+
+
+def no_inference(stack: EdgeStack) -> bool:
+    return all(not getattr(runtime, "calls", []) for runtime in stack.factory.built)
+
+
 # -- TF Serving /v1 ---------------------------------------------------------------------
 
 
-async def test_predict_golden_row_format(client: httpx.AsyncClient, dataplane: FakeDataPlane) -> None:
+async def test_predict_golden_row_format(client: httpx.AsyncClient, stack: EdgeStack) -> None:
     body = (TESTDATA / "tfserving-predict-request.json").read_bytes()
     response = await client.post("/v1/models/digits:predict", content=body)
     assert response.status_code == 200, response.text
-    rid = response.headers["x-request-id"]
-    assert re.fullmatch(r"[0-9a-f]{32}", rid)
+    assert FRESH_ID.fullmatch(response.headers["x-request-id"])
     rows = json.loads(body)["instances"]
     assert response.json() == {"predictions": [row[:10] for row in rows]}
-    request = dataplane.requests[-1]
-    assert (request.model, request.version, request.label, request.id) == ("digits", None, None, rid)
-    assert request.protocol is Protocol.TFSERVING_REST
+    # No version in the path: the latest (2) answered, with the rows as sent.
+    assert calls(stack, "digits", 1) == []
+    (sent,) = calls(stack, "digits", 2)
+    np.testing.assert_array_equal(sent["pixels"], np.array(rows, np.float32))
+    assert stack.requests() == {("digits", "2", "tfserving_rest", "OK"): 1}
 
 
 async def test_predict_columnar_format(client: httpx.AsyncClient) -> None:
@@ -96,66 +117,85 @@ async def test_predict_columnar_format(client: httpx.AsyncClient) -> None:
     assert response.json() == {"outputs": [row[:10] for row in rows]}
 
 
-async def test_predict_multi_output_rows_and_b64(client: httpx.AsyncClient) -> None:
+async def test_predict_multi_output_rows_and_b64(client: httpx.AsyncClient, stack: EdgeStack) -> None:
     body = {"instances": [{"a": [1, 2], "s": {"b64": "aGk="}}, {"a": [3, 4], "s": "yo"}]}
     response = await client.post("/v1/models/multi:predict", json=body)
     assert response.json() == {"predictions": [{"y": 3.0, "echo": "hi"}, {"y": 7.0, "echo": "yo"}]}
+    (sent,) = calls(stack, "multi", 1)
+    assert sent["a"].dtype == np.float32 and sent["s"].tolist()[0] == b"hi"
 
 
-async def test_predict_version_and_label_paths(client: httpx.AsyncClient, dataplane: FakeDataPlane) -> None:
+async def test_predict_version_and_label_paths(client: httpx.AsyncClient, stack: EdgeStack) -> None:
     ok = await client.post("/v1/models/digits/versions/2:predict", json={"instances": [ROW]})
-    assert ok.status_code == 200 and dataplane.requests[-1].version == 2
+    assert ok.status_code == 200 and (len(calls(stack, "digits", 1)), len(calls(stack, "digits", 2))) == (
+        0,
+        1,
+    )
     ok = await client.post("/v1/models/digits/labels/stable:predict", json={"instances": [ROW]})
-    assert ok.status_code == 200 and dataplane.requests[-1].label == "stable"
+    assert ok.status_code == 200 and (len(calls(stack, "digits", 1)), len(calls(stack, "digits", 2))) == (
+        1,
+        1,
+    )
+    ok = await client.post("/v1/models/digits/versions/1:predict", json={"instances": [ROW]})
+    assert ok.status_code == 200 and len(calls(stack, "digits", 1)) == 2
     # TF Serving matches paths case-insensitively; the method at least.
     ok = await client.post("/v1/models/digits:PREDICT", json={"instances": [ROW]})
-    assert ok.status_code == 200
+    assert ok.status_code == 200 and len(calls(stack, "digits", 2)) == 2
+    assert stack.count("digits", "1", "tfserving_rest", "OK") == 2
+    assert stack.count("digits", "2", "tfserving_rest", "OK") == 2
 
 
-async def test_request_id_kept_or_replaced(client: httpx.AsyncClient, dataplane: FakeDataPlane) -> None:
+async def test_request_id_kept_or_replaced(client: httpx.AsyncClient) -> None:
     kept = await client.post(
         "/v1/models/digits:predict", json={"instances": [ROW]}, headers={"x-request-id": "client-42"}
     )
-    assert kept.headers["x-request-id"] == "client-42" and dataplane.requests[-1].id == "client-42"
-    for bad in ["x" * 129, "tab\there"]:
+    assert kept.status_code == 200 and kept.headers["x-request-id"] == "client-42"
+    for bad in ["x" * 129, "x" * 200, "tab\there"]:
         replaced = await client.post(
             "/v1/models/digits:predict", json={"instances": [ROW]}, headers={"x-request-id": bad}
         )
-        assert re.fullmatch(r"[0-9a-f]{32}", replaced.headers["x-request-id"])
+        assert replaced.status_code == 200 and FRESH_ID.fullmatch(replaced.headers["x-request-id"])
+    assert (
+        await client.post(
+            "/v1/models/digits:predict", json={"instances": [ROW]}, headers={"x-request-id": "x" * 128}
+        )
+    ).headers["x-request-id"] == "x" * 128
     error = await client.post("/v1/models/digits:predict", content=b"{", headers={"x-request-id": "e-1"})
     assert error.status_code == 400 and error.headers["x-request-id"] == "e-1"
 
 
 @pytest.mark.parametrize("method", ["classify", "regress"])
-async def test_classify_and_regress_are_501(
-    client: httpx.AsyncClient, dataplane: FakeDataPlane, method: str
-) -> None:
+async def test_classify_and_regress_are_501(client: httpx.AsyncClient, stack: EdgeStack, method: str) -> None:
     response = await client.post(f"/v1/models/digits:{method}", json={"examples": [{"x": 1}]})
     assert_error(response, 501, f":{method} is not implemented")
-    assert "x-request-id" in response.headers
-    assert dataplane.rejected[-1] == ("digits", Protocol.TFSERVING_REST, ErrorCode.UNIMPLEMENTED)
+    assert FRESH_ID.fullmatch(response.headers["x-request-id"])
+    # Refused before the version resolved: counted once, with no model or version label.
+    assert stack.requests() == {("", "", "tfserving_rest", "UNIMPLEMENTED"): 1}
 
 
 @pytest.mark.parametrize(
-    ("path", "status", "match"),
+    ("path", "status", "match", "model"),
     [
-        ("/v1/models/digits:explain", 404, "Malformed request"),
-        ("/v1/models/digits", 404, "Malformed request"),
-        ("/v1/models/:predict", 404, "Malformed request"),
-        ("/v1/models/digits/versions/abc:predict", 400, 'non-negative integer, got "abc"'),
-        ("/v1/models/digits/versions/-1:predict", 400, "non-negative integer"),
-        ("/v1/models/digits/versions/9:predict", 404, "no version 9"),
-        ("/v1/models/digits/labels/canary:predict", 404, "no version label 'canary'"),
-        ("/v1/models/nope:predict", 404, "model 'nope' not found"),
+        ("/v1/models/digits:explain", 404, "Malformed request", ""),
+        ("/v1/models/digits", 404, "Malformed request", ""),
+        ("/v1/models/:predict", 404, "Malformed request", ""),
+        ("/v1/models/digits/versions/abc:predict", 400, 'non-negative integer, got "abc"', "digits"),
+        ("/v1/models/digits/versions/-1:predict", 400, "non-negative integer", "digits"),
+        ("/v1/models/digits/versions/9:predict", 404, "no loaded version 9", "digits"),
+        ("/v1/models/digits/labels/canary:predict", 404, "no version label 'canary'", "digits"),
+        ("/v1/models/nope:predict", 404, "model 'nope' not found", ""),
     ],
 )
 async def test_bad_predict_paths(
-    client: httpx.AsyncClient, dataplane: FakeDataPlane, path: str, status: int, match: str
+    client: httpx.AsyncClient, stack: EdgeStack, path: str, status: int, match: str, model: str
 ) -> None:
     response = await client.post(path, json={"instances": [ROW]})
-    assert_error(response, status, match)
-    assert "x-request-id" in response.headers
-    assert dataplane.rejected and dataplane.requests == []
+    message = assert_error(response, status, match)
+    assert FRESH_ID.fullmatch(response.headers["x-request-id"])
+    code = {400: "INVALID_ARGUMENT", 404: "NOT_FOUND"}[status]
+    # Unknown names never become label values; no version resolved, so none is recorded.
+    assert stack.requests() == {(model, "", "tfserving_rest", code): 1}, message
+    assert no_inference(stack)
 
 
 @pytest.mark.parametrize(
@@ -174,44 +214,102 @@ async def test_bad_predict_paths(
     ],
 )
 async def test_bad_predict_bodies(
-    client: httpx.AsyncClient, dataplane: FakeDataPlane, body: bytes, status: int, match: str
+    client: httpx.AsyncClient, stack: EdgeStack, body: bytes, status: int, match: str
 ) -> None:
     response = await client.post("/v1/models/digits:predict", content=body)
     assert_error(response, status, match)
-    assert dataplane.requests == []
-    assert dataplane.rejected[-1][:2] == ("digits", Protocol.TFSERVING_REST)
+    assert no_inference(stack)
+    # The version resolved before the body failed to decode: counted once, with it.
+    code = {400: "INVALID_ARGUMENT", 404: "NOT_FOUND"}[status]
+    assert stack.requests() == {("digits", "2", "tfserving_rest", code): 1}
 
 
-async def test_wrong_feature_count_reaches_the_data_plane(client: httpx.AsyncClient) -> None:
+async def test_wrong_feature_count_is_refused_by_the_data_plane(
+    client: httpx.AsyncClient, stack: EdgeStack
+) -> None:
     response = await client.post("/v1/models/digits:predict", json={"instances": [ROW[:3]]})
-    assert_error(response, 400, r"pixels must be \[-1, 64\]")
+    assert_error(
+        response, 400, r"input 'pixels' has 3 features \(shape \[1, 3\]\); model 'digits' expects 64"
+    )
+    assert no_inference(stack)
+
+
+async def test_a_full_queue_is_429(repo: Path) -> None:
+    factory = RuntimeFactory({("digits", 2): GatedRuntime})
+    batching = {"max_batch_size": 1, "max_enqueued_batches": 1, "batch_timeout_micros": 0}
+    async with serve(repo, factory, batching=batching) as stack, client_for(stack) as client:
+        gate = stack.factory.runtime("digits", 2)
+        batcher = stack.dataplane.registry.resolve("digits").batcher
+        running = asyncio.create_task(client.post("/v1/models/digits:predict", json={"instances": [ROW]}))
+        try:
+            await asyncio.to_thread(gate.started.wait, 10)
+            waiting = asyncio.create_task(client.post("/v2/models/digits/infer", json=V2_ROW))
+            async with asyncio.timeout(10):
+                while batcher.queued_rows < 1:
+                    await asyncio.sleep(0)
+            for path, body in [
+                ("/v1/models/digits:predict", {"instances": [ROW]}),
+                ("/v2/models/digits/infer", V2_ROW),
+            ]:
+                response = await client.post(path, json=body, headers={"x-request-id": "r-9"})
+                assert_error(response, 429, "queue of model 'digits' version 2 is full")
+                assert response.headers["x-request-id"] == "r-9"
+        finally:
+            gate.release.set()
+        assert (await running).status_code == 200 and (await waiting).status_code == 200
+        assert stack.count("digits", "2", "tfserving_rest", "RESOURCE_EXHAUSTED") == 1
+        assert stack.count("digits", "2", "v2_rest", "RESOURCE_EXHAUSTED") == 1
 
 
 @pytest.mark.parametrize(
-    ("error", "status"),
+    ("overrides", "status", "match"),
     [
-        (QueueFull("queue of digits v1 is full"), 429),
-        (ModelNotReady("draining"), 503),
-        (InferenceFailed("runtime blew up"), 500),
-        (RuntimeError("a bug"), 500),
+        ({("digits", 2): FailingLoadRuntime}, 503, "version 2 is FAILED: ValueError: corrupt model file"),
+        (
+            {("digits", 2): failing(RuntimeError("boom: the model exploded"))},
+            500,
+            "failed on a batch of 1 rows",
+        ),
     ],
+    ids=["not ready", "inference failed"],
 )
 async def test_data_plane_errors_map_to_statuses(
-    client: httpx.AsyncClient, dataplane: FakeDataPlane, error: Exception, status: int
+    repo: Path, overrides: dict, status: int, match: str
 ) -> None:
-    dataplane.fail_with = error
+    async with serve(repo, RuntimeFactory(overrides)) as stack, client_for(stack) as client:
+        for path, body in [
+            ("/v1/models/digits/versions/2:predict", {"instances": [ROW]}),
+            ("/v2/models/digits/versions/2/infer", V2_ROW),
+        ]:
+            response = await client.post(path, json=body, headers={"x-request-id": "r-9"})
+            assert_error(response, status, match)
+            assert response.headers["x-request-id"] == "r-9"
+
+
+async def test_a_stopped_data_plane_is_503(stack: EdgeStack, client: httpx.AsyncClient) -> None:
+    await stack.dataplane.stop()
     for path, body in [
         ("/v1/models/digits:predict", {"instances": [ROW]}),
-        (
-            "/v2/models/digits/infer",
-            {"inputs": [{"name": "pixels", "shape": [1, 64], "datatype": "FP32", "data": ROW}]},
-        ),
+        ("/v2/models/digits/infer", V2_ROW),
     ]:
-        response = await client.post(path, json=body, headers={"x-request-id": "r-9"})
-        message = assert_error(response, status, ".")
-        assert response.headers["x-request-id"] == "r-9"
-        if isinstance(error, RuntimeError):
-            assert message == "internal server error"  # no internals leak to the client
+        response = await client.post(path, json=body, headers={"x-request-id": "late-1"})
+        assert_error(response, 503, "shutting down")
+        assert response.headers["x-request-id"] == "late-1"
+    assert stack.requests() == {
+        ("", "", "tfserving_rest", "UNAVAILABLE"): 1,
+        ("", "", "v2_rest", "UNAVAILABLE"): 1,
+    }
+
+
+async def test_a_bug_past_the_data_plane_is_500_without_internals(repo: Path) -> None:
+    factory = RuntimeFactory({("multi", 1): UnencodableRuntime})
+    async with serve(repo, factory) as stack, client_for(stack, raise_app_exceptions=False) as client:
+        body = {"instances": [{"a": [1, 2], "s": "x"}]}
+        response = await client.post("/v1/models/multi:predict", json=body)
+        message = assert_error(response, 500, ".")
+        assert message == "internal server error"  # no internals leak to the client
+        # The server keeps serving.
+        assert (await client.post("/v1/models/digits:predict", json={"instances": [ROW]})).status_code == 200
 
 
 async def test_content_types(client: httpx.AsyncClient) -> None:
@@ -227,12 +325,12 @@ async def test_content_types(client: httpx.AsyncClient) -> None:
         assert_error(response, 415, "unsupported content type")
 
 
-async def test_body_limit(tmp_path: Path, dataplane: FakeDataPlane) -> None:
-    async with await client_for(dataplane, make_settings(tmp_path, max_body_bytes=1000)) as small:
+async def test_body_limit(stack: EdgeStack) -> None:
+    async with client_for(stack, max_body_bytes=1000) as small:
         big = json.dumps({"instances": [ROW] * 10}).encode()
         response = await small.post("/v1/models/digits:predict", content=big)
         assert_error(response, 413, "larger than the limit of 1000 bytes")
-        assert dataplane.rejected[-1][2] is ErrorCode.PAYLOAD_TOO_LARGE
+        assert stack.requests() == {("digits", "2", "tfserving_rest", "PAYLOAD_TOO_LARGE"): 1}
 
         async def chunked() -> AsyncIterator[bytes]:
             for _ in range(10):
@@ -248,6 +346,9 @@ async def test_body_limit(tmp_path: Path, dataplane: FakeDataPlane) -> None:
             "/v1/models/digits:predict", content=bomb, headers={"content-encoding": "gzip"}
         )
         assert_error(response, 413, "decompressed request body is larger")
+        assert stack.count("digits", "2", "tfserving_rest", "PAYLOAD_TOO_LARGE") == 3
+        assert stack.count("digits", "2", "v2_rest", "PAYLOAD_TOO_LARGE") == 1
+        assert no_inference(stack)
 
 
 async def test_compressed_bodies(client: httpx.AsyncClient) -> None:
@@ -255,7 +356,7 @@ async def test_compressed_bodies(client: httpx.AsyncClient) -> None:
     response = await client.post(
         "/v1/models/digits:predict", content=body, headers={"content-encoding": "gzip"}
     )
-    assert response.status_code == 200
+    assert response.status_code == 200 and response.json() == {"predictions": [ROW[:10]]}
     response = await client.post(
         "/v1/models/digits:predict", content=b"xx", headers={"content-encoding": "gzip"}
     )
@@ -271,7 +372,7 @@ async def test_status_routes(client: httpx.AsyncClient) -> None:
     assert response.json() == {
         "model_version_status": [
             {"version": v, "state": "AVAILABLE", "status": {"error_code": "OK", "error_message": ""}}
-            for v in ("2", "1")
+            for v in ("1", "2")
         ]
     }
     assert [
@@ -284,8 +385,22 @@ async def test_status_routes(client: httpx.AsyncClient) -> None:
     ] == ["1"]
     assert_error(await client.get("/v1/models/nope"), 404, "not found")
     assert_error(await client.get("/v1/models/digits/versions/x"), 400, "non-negative integer")
+    assert_error(await client.get("/v1/models/digits/versions/7"), 404, "no version 7")
     assert_error(await client.get("/v1/models/digits/labels/nope"), 404, "no version label")
     assert_error(await client.get("/v1/models"), 400, "Missing model name")
+
+
+async def test_status_of_a_version_that_failed_to_load(repo: Path) -> None:
+    async with (
+        serve(repo, RuntimeFactory({("digits", 2): FailingLoadRuntime})) as stack,
+        client_for(stack) as c,
+    ):
+        statuses = (await c.get("/v1/models/digits")).json()["model_version_status"]
+        assert statuses[1] == {
+            "version": "2",
+            "state": "END",
+            "status": {"error_code": "UNKNOWN", "error_message": "ValueError: corrupt model file"},
+        }
 
 
 async def test_metadata_routes(client: httpx.AsyncClient) -> None:
@@ -300,33 +415,53 @@ async def test_metadata_routes(client: httpx.AsyncClient) -> None:
 # -- OIP /v2 ----------------------------------------------------------------------------
 
 
-async def test_v2_server_routes(client: httpx.AsyncClient, dataplane: FakeDataPlane) -> None:
+async def test_v2_server_routes(client: httpx.AsyncClient, stack: EdgeStack) -> None:
     meta = (await client.get("/v2")).json()
-    assert meta["name"] == "modelloop" and "binary_tensor_data" in meta["extensions"]
-    assert (await client.get("/v2/health/live")).status_code == 200
+    assert meta["name"] == "modelloop" and meta["extensions"] == ["binary_tensor_data", "model_repository"]
+    assert (await client.get("/v2/health/live")).json() == {"live": True}
     assert (await client.get("/v2/health/ready")).json() == {"ready": True}
-    dataplane.is_ready = False
-    dataplane.is_live = False
+    await stack.dataplane.drain(grace_s=1)
     assert_error(await client.get("/v2/health/ready"), 503, "not ready")
+    assert (await client.get("/v2/health/live")).status_code == 200  # draining is still live
+    await stack.dataplane.stop()
     assert_error(await client.get("/v2/health/live"), 503, "not live")
 
 
-async def test_v2_model_routes(client: httpx.AsyncClient, dataplane: FakeDataPlane) -> None:
+async def test_v2_not_ready_before_start(repo: Path) -> None:
+    async with serve(repo, start=False) as stack, client_for(stack) as client:
+        assert_error(await client.get("/v2/health/ready"), 503, "not ready")
+        assert (await client.get("/v2/health/live")).status_code == 200
+        await stack.dataplane.start()
+        assert (await client.get("/v2/health/ready")).json() == {"ready": True}
+
+
+async def test_v2_model_routes(client: httpx.AsyncClient) -> None:
     golden = json.loads((TESTDATA / "v2-model-metadata-response.json").read_text())
     meta = (await client.get("/v2/models/digits/versions/1")).json()
     assert meta == {**golden, "versions": ["1", "2"]}
     assert (await client.get("/v2/models/digits")).status_code == 200
     assert (await client.get("/v2/models/digits/ready")).json() == {"name": "digits", "ready": True}
     assert (await client.get("/v2/models/digits/versions/2/ready")).status_code == 200
-    dataplane.unavailable.add(("digits", 2))
-    assert_error(await client.get("/v2/models/digits/versions/2/ready"), 503, "version 2 is not ready")
-    assert (await client.get("/v2/models/digits")).json()["versions"] == ["1"]
     assert_error(await client.get("/v2/models/nope/ready"), 404, "not found")
     assert_error(await client.get("/v2/models/nope"), 404, "not found")
     assert_error(await client.get("/v2/models/digits/versions/x"), 400, "non-negative integer")
+    assert_error(await client.get("/v2/models/digits/versions/7/ready"), 404, "no loaded version 7")
 
 
-async def test_v2_infer_golden(client: httpx.AsyncClient, dataplane: FakeDataPlane) -> None:
+async def test_v2_model_routes_with_a_version_that_failed_to_load(repo: Path) -> None:
+    async with (
+        serve(repo, RuntimeFactory({("digits", 2): FailingLoadRuntime})) as stack,
+        client_for(stack) as c,
+    ):
+        assert_error(
+            await c.get("/v2/models/digits/versions/2/ready"), 503, 'model "digits" version 2 is not ready'
+        )
+        assert (await c.get("/v2/models/digits/ready")).status_code == 200  # version 1 serves
+        assert (await c.get("/v2/models/digits")).json()["versions"] == ["1"]
+        assert_error(await c.get("/v2/models/digits/versions/2"), 503, "version 2 is FAILED")
+
+
+async def test_v2_infer_golden(client: httpx.AsyncClient, stack: EdgeStack) -> None:
     body = (TESTDATA / "v2-infer-request.json").read_bytes()
     response = await client.post("/v2/models/digits/versions/1/infer", content=body)
     assert response.status_code == 200, response.text
@@ -336,10 +471,30 @@ async def test_v2_infer_golden(client: httpx.AsyncClient, dataplane: FakeDataPla
     assert result["outputs"][0]["shape"] == [2, 10]
     np.testing.assert_array_equal(np.array(result["outputs"][0]["data"]).reshape(2, 10), pixels[:, :10])
     # With no x-request-id, the body's id is the request id everywhere.
-    assert response.headers["x-request-id"] == "golden-1" and dataplane.requests[-1].id == "golden-1"
+    assert response.headers["x-request-id"] == "golden-1"
+    np.testing.assert_array_equal(calls(stack, "digits", 1)[0]["pixels"], pixels)
     response = await client.post("/v2/models/digits/infer", content=body, headers={"x-request-id": "hdr"})
     assert response.headers["x-request-id"] == "hdr" and response.json()["id"] == "golden-1"
-    assert dataplane.requests[-1].protocol is Protocol.V2_REST
+    assert response.json()["model_version"] == "2"
+    assert stack.requests() == {("digits", "1", "v2_rest", "OK"): 1, ("digits", "2", "v2_rest", "OK"): 1}
+
+
+async def test_v2_request_ids(client: httpx.AsyncClient) -> None:
+    for bad in ["x" * 200, "tab\there"]:
+        response = await client.post("/v2/models/digits/infer", json=V2_ROW, headers={"x-request-id": bad})
+        assert response.status_code == 200 and FRESH_ID.fullmatch(response.headers["x-request-id"])
+        assert FRESH_ID.fullmatch(response.json()["id"])
+        # An invalid id in the body is no better than one in the header.
+        response = await client.post("/v2/models/digits/infer", json={**V2_ROW, "id": bad})
+        assert response.status_code == 200 and FRESH_ID.fullmatch(response.headers["x-request-id"])
+    response = await client.post(
+        "/v2/models/digits/infer", json={**V2_ROW, "id": "body-1"}, headers={"x-request-id": "x" * 200}
+    )
+    assert response.headers["x-request-id"] == "body-1"
+    error = await client.post("/v2/models/digits/infer", content=b"{", headers={"x-request-id": "e-2"})
+    assert error.status_code == 400 and error.headers["x-request-id"] == "e-2"
+    error = await client.post("/v2/models/digits/infer", content=b"{", headers={"x-request-id": "tab\tx"})
+    assert error.status_code == 400 and FRESH_ID.fullmatch(error.headers["x-request-id"])
 
 
 async def test_v2_infer_binary_extension(client: httpx.AsyncClient) -> None:
@@ -442,7 +597,13 @@ async def test_v2_infer_binary_extension(client: httpx.AsyncClient) -> None:
             {"inputs": [{"name": "nope", "shape": [1], "datatype": "FP32", "data": [1]}]},
             {},
             400,
-            "do not match",
+            "unknown input 'nope' for model 'digits'; its inputs are 'pixels'",
+        ),
+        (
+            {"inputs": [{"name": "pixels", "shape": [1, 8], "datatype": "FP32", "data": ROW[:8]}]},
+            {},
+            400,
+            r"has 8 features .*expects 64",
         ),
         (
             {
@@ -456,26 +617,82 @@ async def test_v2_infer_binary_extension(client: httpx.AsyncClient) -> None:
     ],
 )
 async def test_v2_bad_infer(
-    client: httpx.AsyncClient, document: object, headers: dict[str, str], status: int, match: str
+    client: httpx.AsyncClient,
+    stack: EdgeStack,
+    document: object,
+    headers: dict[str, str],
+    status: int,
+    match: str,
 ) -> None:
     body = document if isinstance(document, bytes) else json.dumps(document).encode()
     response = await client.post("/v2/models/digits/infer", content=body, headers=headers)
     assert_error(response, status, match)
-    assert "x-request-id" in response.headers
+    assert FRESH_ID.fullmatch(response.headers["x-request-id"])
+    code = {400: "INVALID_ARGUMENT", 415: "UNSUPPORTED_MEDIA_TYPE"}[status]
+    assert stack.requests() == {("digits", "2", "v2_rest", code): 1}
+    assert no_inference(stack)
 
 
-async def test_v2_infer_unknown_model_and_version(client: httpx.AsyncClient) -> None:
-    body = {"inputs": [{"name": "pixels", "shape": [1, 64], "datatype": "FP32", "data": ROW}]}
-    assert_error(await client.post("/v2/models/nope/infer", json=body), 404, "not found")
-    assert_error(await client.post("/v2/models/digits/versions/7/infer", json=body), 404, "no version 7")
-    assert_error(await client.post("/v2/models/digits/versions/v1/infer", json=body), 400, "integer")
+async def test_v2_infer_unknown_model_and_version(client: httpx.AsyncClient, stack: EdgeStack) -> None:
+    assert_error(await client.post("/v2/models/nope/infer", json=V2_ROW), 404, "model 'nope' not found")
+    assert_error(
+        await client.post("/v2/models/digits/versions/7/infer", json=V2_ROW), 404, "no loaded version 7"
+    )
+    assert_error(await client.post("/v2/models/digits/versions/v1/infer", json=V2_ROW), 400, "integer")
+    assert stack.requests() == {
+        ("", "", "v2_rest", "NOT_FOUND"): 1,
+        ("digits", "", "v2_rest", "NOT_FOUND"): 1,
+        ("digits", "", "v2_rest", "INVALID_ARGUMENT"): 1,
+    }
+
+
+# -- what every REST route shares --------------------------------------------------------
+
+
+@pytest.mark.parametrize("version", ["²", "-1", "1e3", "+1", " 1"])
+async def test_a_version_that_is_not_ascii_digits_is_400_everywhere(
+    client: httpx.AsyncClient, stack: EdgeStack, version: str
+) -> None:
+    message = f'model version must be a non-negative integer, got "{version}"'
+    for method, path, body in [
+        ("POST", f"/v1/models/digits/versions/{version}:predict", {"instances": [ROW]}),
+        ("POST", f"/v2/models/digits/versions/{version}/infer", V2_ROW),
+        ("GET", f"/v1/models/digits/versions/{version}", None),
+        ("GET", f"/v1/models/digits/versions/{version}/metadata", None),
+        ("GET", f"/v2/models/digits/versions/{version}", None),
+        ("GET", f"/v2/models/digits/versions/{version}/ready", None),
+    ]:
+        response = await client.request(method, path, json=body)
+        assert assert_error(response, 400, ".") == message, path
+    assert stack.requests() == {
+        ("digits", "", "tfserving_rest", "INVALID_ARGUMENT"): 1,
+        ("digits", "", "v2_rest", "INVALID_ARGUMENT"): 1,
+    }
+    assert no_inference(stack)
+
+
+async def test_a_client_id_comes_back_on_every_error(client: httpx.AsyncClient) -> None:
+    for path, body in [
+        ("/v1/models/nope:predict", {"instances": [ROW]}),
+        ("/v1/models/digits/versions/²:predict", {"instances": [ROW]}),
+        ("/v1/models/digits:classify", {"instances": [ROW]}),
+        ("/v1/models/digits:predict", {"instances": [ROW[:3]]}),
+        ("/v2/models/nope/infer", V2_ROW),
+        ("/v2/models/digits/versions/²/infer", V2_ROW),
+        ("/v2/models/digits/infer", {"inputs": []}),
+        (
+            "/v2/models/digits/infer",
+            {"inputs": [{"name": "pixels", "shape": [1, 3], "datatype": "FP32", "data": [1, 2, 3]}]},
+        ),
+    ]:
+        response = await client.post(path, json=body, headers={"x-request-id": "mine-7"})
+        assert response.status_code >= 400 and response.headers["x-request-id"] == "mine-7", path
 
 
 # -- repository extension -----------------------------------------------------------------
 
 
-async def test_repository_routes_need_a_token(client: httpx.AsyncClient, dataplane: FakeDataPlane) -> None:
-    auth = {"Authorization": f"Bearer {TOKEN}"}
+async def test_repository_routes_need_a_token(client: httpx.AsyncClient, stack: EdgeStack) -> None:
     for path in [
         "/v2/repository/index",
         "/v2/repository/models/digits/load",
@@ -488,25 +705,49 @@ async def test_repository_routes_need_a_token(client: httpx.AsyncClient, datapla
         assert_error(
             await client.post(path, headers={"Authorization": f"Basic {TOKEN}"}), 401, "bearer token"
         )
-    index = await client.post("/v2/repository/index", headers=auth)
+    assert (await client.get("/v2/models/digits/ready")).status_code == 200  # nothing was unloaded
+    index = await client.post("/v2/repository/index", headers=AUTH)
     assert index.status_code == 200 and {e["name"] for e in index.json()} == {"digits", "multi"}
-    ready = await client.post("/v2/repository/index", headers=auth, json={"ready": True})
-    assert len(ready.json()) == 3
-    assert_error(await client.post("/v2/repository/index", headers=auth, json={"ready": 1}), 400, "boolean")
-    assert (await client.post("/v2/repository/models/digits/load", headers=auth)).status_code == 200
-    assert (await client.post("/v2/repository/models/digits/unload", headers=auth)).status_code == 200
-    assert dataplane.loaded == ["digits"] and dataplane.unloaded == ["digits"]
+    ready = await client.post("/v2/repository/index", headers=AUTH, json={"ready": True})
+    assert [(e["name"], e["version"]) for e in ready.json()] == [
+        ("digits", "1"),
+        ("digits", "2"),
+        ("multi", "1"),
+    ]
+    assert_error(await client.post("/v2/repository/index", headers=AUTH, json={"ready": 1}), 400, "boolean")
+
+    first = stack.factory.runtime("digits", 2)
+    assert (await client.post("/v2/repository/models/digits/unload", headers=AUTH)).status_code == 200
+    assert first.unloaded
+    assert_error(await client.get("/v2/models/digits/ready"), 503, "not ready")
     assert_error(
-        await client.post("/v2/repository/models/nope/load", headers=auth), 404, "not in the repository"
+        await client.post("/v2/models/digits/infer", json=V2_ROW), 503, "unloaded through the repository"
+    )
+    assert (await client.get("/v2/health/ready")).status_code == 200  # unloaded models do not count
+    assert (await client.post("/v2/repository/models/digits/load", headers=AUTH)).status_code == 200
+    assert stack.factory.runtime("digits", 2) is not first
+    assert (await client.get("/v2/models/digits/ready")).status_code == 200
+    assert (await client.post("/v2/models/digits/infer", json=V2_ROW)).status_code == 200
+    assert_error(
+        await client.post("/v2/repository/models/nope/load", headers=AUTH), 404, "not in the repository"
     )
 
 
-async def test_repository_routes_off_without_token(tmp_path: Path, dataplane: FakeDataPlane) -> None:
-    async with await client_for(dataplane, make_settings(tmp_path)) as c:
+async def test_repository_load_of_a_model_that_cannot_load_is_503(repo: Path) -> None:
+    factory = RuntimeFactory({("digits", 1): FailingLoadRuntime, ("digits", 2): FailingLoadRuntime})
+    async with serve(repo, factory, admin_token=TOKEN) as stack, client_for(stack) as client:
+        response = await client.post("/v2/repository/models/digits/load", headers=AUTH)
+        assert_error(
+            response, 503, "has no version that loaded: version 1 FAILED: ValueError: corrupt model file"
+        )
+
+
+async def test_repository_routes_off_without_token(stack: EdgeStack) -> None:
+    async with client_for(stack, admin_token=None) as c:
         for path in ["/v2/repository/index", "/v2/repository/models/digits/load"]:
             response = await c.post(path, headers={"Authorization": "Bearer anything"})
             assert_error(response, 403, "admin routes are disabled: set MODELLOOP_ADMIN_TOKEN")
-    async with await client_for(dataplane, make_settings(tmp_path, admin_token=SecretStr(""))) as c:
+    async with client_for(stack, admin_token=SecretStr("")) as c:
         assert_error(
             await c.post("/v2/repository/index", headers={"Authorization": "Bearer "}), 403, "disabled"
         )
@@ -515,18 +756,24 @@ async def test_repository_routes_off_without_token(tmp_path: Path, dataplane: Fa
 # -- the rest ----------------------------------------------------------------------------
 
 
-async def test_metrics_docs_and_status_page(client: httpx.AsyncClient) -> None:
+async def test_metrics_docs_and_status_page(client: httpx.AsyncClient, stack: EdgeStack) -> None:
+    Counter("modelloop_probe", "A metric to find in /metrics.", registry=stack.prometheus).inc()
+    assert (await client.post("/v1/models/digits:predict", json={"instances": [ROW]})).status_code == 200
     metrics = await client.get("/metrics")
     assert metrics.status_code == 200
     assert metrics.headers["content-type"].startswith("text/plain; version=")
     assert "modelloop_probe_total 1.0" in metrics.text
+    assert (
+        'modelloop_requests_total{code="OK",model="digits",protocol="tfserving_rest",version="2"} 1.0'
+        in metrics.text
+    )
     docs = await client.get("/docs")
     assert docs.status_code == 200 and "swagger" in docs.text.lower()
     paths = (await client.get("/openapi.json")).json()["paths"]
     assert "/v2/models/{model}/infer" in paths and "/v1/models/{model_method}" in paths
     page = await client.get("/")
     assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
-    for text in ["digits", "multi", "AVAILABLE", 'href="/docs"', 'href="/metrics"', "ready"]:
+    for text in ["digits", "multi", "AVAILABLE", 'href="/docs"', 'href="/metrics"', "<strong>ready</strong>"]:
         assert text in page.text
 
 
@@ -537,9 +784,8 @@ async def test_framework_errors_use_the_error_body(client: httpx.AsyncClient) ->
     assert_error(await client.delete("/v1/models/digits"), 405, "not allowed")
 
 
-async def test_cors(tmp_path: Path, dataplane: FakeDataPlane) -> None:
-    settings = make_settings(tmp_path, cors_origins=["https://app.example"])
-    async with await client_for(dataplane, settings) as c:
+async def test_cors(stack: EdgeStack) -> None:
+    async with client_for(stack, cors_origins=["https://app.example"]) as c:
         preflight = await c.options(
             "/v1/models/digits:predict",
             headers={"Origin": "https://app.example", "Access-Control-Request-Method": "POST"},
@@ -550,6 +796,6 @@ async def test_cors(tmp_path: Path, dataplane: FakeDataPlane) -> None:
             "/v1/models/digits:predict", json={"instances": [ROW]}, headers={"Origin": "https://app.example"}
         )
         assert "x-request-id" in response.headers["access-control-expose-headers"]
-    async with await client_for(dataplane, make_settings(tmp_path)) as c:
+    async with client_for(stack) as c:
         response = await c.get("/v2", headers={"Origin": "https://app.example"})
         assert "access-control-allow-origin" not in response.headers

@@ -1,4 +1,8 @@
-"""The REST app over the real DataPlane and the published ``digits`` model (ONNX Runtime)."""
+"""The REST app over the real DataPlane and the published ``digits`` model (ONNX Runtime).
+
+The edge tests with fake runtimes are in ``test_rest_app.py``; these keep one real model
+on the wire, so that what ONNX Runtime answers is what a client reads.
+"""
 
 from __future__ import annotations
 
@@ -14,12 +18,9 @@ import numpy as np
 import pytest
 from prometheus_client import CollectorRegistry
 
-from modelloop.serving.dataplane import DataPlane
-from modelloop.serving.metrics import ServingMetrics
-from modelloop.serving.registry import ModelRegistry
-from modelloop.serving.repository import ModelRepository
 from modelloop.serving.rest.app import create_app
-from modelloop.serving.settings import ServingSettings
+
+from ..edge_support import serve
 
 TESTDATA = Path(__file__).resolve().parents[2] / "testdata"
 ROWS = json.loads((TESTDATA / "tfserving-predict-request.json").read_text())["instances"]
@@ -34,18 +35,10 @@ def v2_body(
 
 @pytest.fixture
 async def served(digits_repo: Path) -> AsyncIterator[tuple[httpx.AsyncClient, CollectorRegistry]]:
-    settings = ServingSettings(repo=digits_repo, poll_interval_s=3600, max_body_bytes=256 * 1024)
-    prometheus = CollectorRegistry()
-    metrics = ServingMetrics(prometheus)
-    registry = ModelRegistry(ModelRepository(digits_repo), settings, metrics=metrics)
-    dataplane = DataPlane(registry, metrics)
-    await dataplane.start()
-    app = create_app(dataplane, settings, prometheus)
-    try:
+    async with serve(digits_repo, real_runtimes=True, max_body_bytes=256 * 1024) as stack:
+        app = create_app(stack.dataplane, stack.settings, stack.prometheus)
         async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as client:
-            yield client, prometheus
-    finally:
-        await dataplane.stop()
+            yield client, stack.prometheus
 
 
 @pytest.fixture
@@ -118,7 +111,8 @@ async def test_request_ids_and_metrics(served: tuple[httpx.AsyncClient, Collecto
     assert bad.headers["x-request-id"] == "bad-1"
     labels = {"model": "digits", "version": "1", "protocol": "tfserving_rest", "code": "OK"}
     assert prometheus.get_sample_value("modelloop_requests_total", labels) == 1.0
-    rejected = {"model": "digits", "version": "", "protocol": "tfserving_rest", "code": "INVALID_ARGUMENT"}
+    # The body failed to decode after the version resolved: counted once, with that version.
+    rejected = {"model": "digits", "version": "1", "protocol": "tfserving_rest", "code": "INVALID_ARGUMENT"}
     assert prometheus.get_sample_value("modelloop_requests_total", rejected) == 1.0
     assert "modelloop_requests_total" in (await client.get("/metrics")).text
 

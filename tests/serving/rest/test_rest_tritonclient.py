@@ -1,25 +1,22 @@
 """tritonclient 2.73 (http) against the REST app: JSON and binary tensors, errors, repository.
 
-tritonclient needs protobuf < 7 and so lives in its own environment (``.venv-clients``,
-made by ``make install``); it runs in a subprocess against a real uvicorn server.
+The app serves the real DataPlane with fake runtimes (``tests/serving/edge_support.py``)
+on uvicorn, in this test's event loop. tritonclient needs protobuf < 7 and so lives in
+its own environment (``.venv-clients``, made by ``make install``); it runs in a subprocess.
 """
 
 from __future__ import annotations
 
-import subprocess
-import threading
-import time
-from collections.abc import Iterator
+import asyncio
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
-import uvicorn
-from prometheus_client import CollectorRegistry
 
 from modelloop.serving.rest.app import create_app
-from modelloop.serving.settings import ServingSettings
+from modelloop.serving.rest.server import bind_rest_socket, create_rest_server
 
-from .fakes_rest import FakeDataPlane
+from ..edge_support import EdgeStack, serve, write_digits, write_multi
 
 ROOT = Path(__file__).resolve().parents[3]
 CLIENT_PYTHON = ROOT / ".venv-clients" / "bin" / "python"
@@ -27,31 +24,43 @@ SCRIPT = Path(__file__).with_name("tritonclient_check.py")
 
 
 @pytest.fixture
-def server_port(tmp_path: Path) -> Iterator[int]:
-    settings = ServingSettings(repo=tmp_path, admin_token="tok")
-    app = create_app(FakeDataPlane(), settings, CollectorRegistry())  # type: ignore[arg-type]
-    server = uvicorn.Server(
-        uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", lifespan="off")
-    )
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 10
-    while not server.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
-        time.sleep(0.02)
-    yield server.servers[0].sockets[0].getsockname()[1]
-    server.should_exit = True
-    thread.join(timeout=10)
+async def served(tmp_path: Path) -> AsyncIterator[tuple[int, EdgeStack]]:
+    repo = tmp_path / "models"
+    write_digits(repo, (1, 2))
+    write_multi(repo)
+    async with serve(repo, admin_token="tok") as stack:
+        sock = bind_rest_socket("127.0.0.1", 0)
+        rest = create_rest_server(
+            create_app(stack.dataplane, stack.settings, stack.prometheus), stack.settings
+        )
+        task = asyncio.create_task(rest.serve(sockets=[sock]))
+        try:
+            async with asyncio.timeout(10):
+                while not rest.started:
+                    assert not task.done(), "uvicorn did not start"
+                    await asyncio.sleep(0.01)
+            yield sock.getsockname()[1], stack
+        finally:
+            rest.should_exit = True
+            await task
+            sock.close()
 
 
 @pytest.mark.skipif(not CLIENT_PYTHON.exists(), reason="needs .venv-clients (make install)")
-def test_tritonclient_http(server_port: int) -> None:
-    done = subprocess.run(
-        [str(CLIENT_PYTHON), str(SCRIPT), str(server_port)],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
+async def test_tritonclient_http(served: tuple[int, EdgeStack]) -> None:
+    port, stack = served
+    process = await asyncio.create_subprocess_exec(
+        str(CLIENT_PYTHON),
+        str(SCRIPT),
+        str(port),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
     )
-    assert done.returncode == 0, done.stdout + done.stderr
-    assert "ALL OK" in done.stdout, done.stdout
+    output, _ = await asyncio.wait_for(process.communicate(), timeout=120)
+    text = output.decode(errors="replace")
+    assert process.returncode == 0, text
+    assert "ALL OK" in text, text
+    # What the client sent reached the real data plane: both versions answered over v2_rest.
+    assert stack.count("digits", "1", "v2_rest", "OK") == 2
+    assert stack.count("digits", "2", "v2_rest", "OK") >= 4
+    assert stack.count("", "", "v2_rest", "NOT_FOUND") == 1
