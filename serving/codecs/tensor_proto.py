@@ -49,6 +49,7 @@ from modelloop.serving.types import (
     Protocol,
     TensorSpec,
     VersionStatus,
+    parse_version,
 )
 
 # Which typed field of TensorProto carries each NumPy dtype (tensorflow/core/framework/tensor.proto).
@@ -261,6 +262,25 @@ def from_numpy(array: np.ndarray) -> tensor_pb2.TensorProto:
     return proto
 
 
+def model_spec_target(spec: model_pb2.ModelSpec) -> tuple[str, str | None, str | None]:
+    """The model name, the version as text and the label a ``ModelSpec`` names.
+
+    The version stays text so that the data plane's one parser judges it (a negative
+    ``Int64Value`` is no version), after the model name is known for the metrics.
+
+    Raises:
+        InvalidInput: The name is empty.
+    """
+    if not spec.name:
+        raise InvalidInput("model_spec.name is required")
+    choice = spec.WhichOneof("version_choice")
+    if choice == "version":
+        return spec.name, str(spec.version.value), None
+    if choice == "version_label":
+        return spec.name, None, spec.version_label or None
+    return spec.name, None, None
+
+
 def decode_model_spec(spec: model_pb2.ModelSpec) -> tuple[str, int | None, str | None, str | None]:
     """Splits a ``ModelSpec`` into name, version, label and signature name.
 
@@ -271,18 +291,10 @@ def decode_model_spec(spec: model_pb2.ModelSpec) -> tuple[str, int | None, str |
         ``(name, version, label, signature_name)``; unset parts are None.
 
     Raises:
-        InvalidInput: The name is empty.
+        InvalidInput: The name is empty, or the version is negative.
     """
-    if not spec.name:
-        raise InvalidInput("model_spec.name is required")
-    version: int | None = None
-    label: str | None = None
-    choice = spec.WhichOneof("version_choice")
-    if choice == "version":
-        version = int(spec.version.value)
-    elif choice == "version_label":
-        label = spec.version_label or None
-    return spec.name, version, label, spec.signature_name or None
+    name, version, label = model_spec_target(spec)
+    return name, parse_version(version), label, spec.signature_name or None
 
 
 def decode_predict_request(request: predict_pb2.PredictRequest, request_id: str = "") -> InferRequest:

@@ -68,8 +68,7 @@ class PredictDecoder:
 
     def target(self) -> tuple[str, str | None, str | None]:
         """The model spec's name, version and label."""
-        name, version, label, _ = tensor_proto.decode_model_spec(self.message.model_spec)
-        return name, None if version is None else str(version), label
+        return tensor_proto.model_spec_target(self.message.model_spec)
 
     async def decode(self, metadata: ModelMetadata) -> InferRequest:
         """The inputs (``TensorProto``), ``output_filter`` and signature name."""

@@ -9,7 +9,7 @@ import pytest
 from google.protobuf import text_format
 from tensorflow.core.framework import tensor_pb2, types_pb2
 from tensorflow.python.framework import tensor_util
-from tensorflow_serving.apis import get_model_metadata_pb2, get_model_status_pb2, predict_pb2
+from tensorflow_serving.apis import get_model_metadata_pb2, get_model_status_pb2, model_pb2, predict_pb2
 
 from modelloop.serving.codecs import tensor_proto
 from modelloop.serving.errors import InvalidInput
@@ -343,3 +343,25 @@ def test_encodes_model_status() -> None:
     ]
     assert entries[0].status.error_code == 0 and entries[0].status.error_message == ""
     assert entries[1].status.error_code == 2 and entries[1].status.error_message == "corrupt model.onnx"
+
+
+@pytest.mark.parametrize(("field", "value"), [("version", 3), ("version_label", "stable"), (None, None)])
+def test_decode_model_spec_splits_name_version_label_and_signature(field: str | None, value: object) -> None:
+    spec = model_pb2.ModelSpec(name="digits", signature_name="serving_default")
+    if field == "version":
+        spec.version.value = value  # type: ignore[assignment]
+    elif field == "version_label":
+        spec.version_label = value  # type: ignore[assignment]
+    name, version, label, signature = tensor_proto.decode_model_spec(spec)
+    assert (name, signature) == ("digits", "serving_default")
+    assert version == (value if field == "version" else None)
+    assert label == (value if field == "version_label" else None)
+
+
+def test_a_negative_version_is_invalid_like_on_every_transport() -> None:
+    spec = model_pb2.ModelSpec(name="digits")
+    spec.version.value = -1
+    with pytest.raises(InvalidInput, match='non-negative integer, got "-1"'):
+        tensor_proto.decode_model_spec(spec)
+    with pytest.raises(InvalidInput, match=r"model_spec\.name is required"):
+        tensor_proto.decode_model_spec(model_pb2.ModelSpec())
