@@ -14,10 +14,12 @@ import sys
 
 import grpc
 import numpy as np
-from tensorflow.core.framework import tensor_pb2, tensor_shape_pb2, types_pb2
-from tensorflow_serving.apis import predict_pb2
 
 from modelloop.serving.protos import grpc_service_pb2 as pb
+from modelloop.serving.protos.tfserving import tensorflow_core_framework_tensor_pb2 as tensor_pb2
+from modelloop.serving.protos.tfserving import tensorflow_core_framework_tensor_shape_pb2 as tensor_shape_pb2
+from modelloop.serving.protos.tfserving import tensorflow_core_framework_types_pb2 as types_pb2
+from modelloop.serving.protos.tfserving import tensorflow_serving_apis_predict_pb2 as predict_pb2
 
 _OUTPUT = np.full((1, 10), 0.1, dtype="<f4")
 

@@ -190,6 +190,25 @@ def test_the_serving_core_imports_no_web_or_rpc_framework() -> None:
     assert not bad, violations("the serving core imports a web or RPC framework", bad)
 
 
+def test_only_the_savedmodel_runtime_imports_tensorflow_in_serving() -> None:
+    # A server of ONNX models never loads TensorFlow: the TF Serving protocol comes from
+    # serving/protos/tfserving, and TensorFlow loads only with a SavedModel runtime.
+    heavy = ("tensorflow", "tensorflow_serving", "keras", "tf2onnx")
+    bad = [
+        i
+        for i in ALL
+        if i.package == "serving"
+        and i.target.split(".")[0] in heavy
+        and i.source != "serving/runtimes/savedmodel.py"
+    ]
+    bad += [
+        i
+        for i in ALL
+        if i.package in ("modelloop.server", "monitoring") and i.target.split(".")[0] in heavy
+    ]
+    assert not bad, violations("serving imports TensorFlow outside the SavedModel runtime", bad)
+
+
 def test_no_import_cycle_between_packages() -> None:
     edges: dict[str, set[str]] = {}
     for i in ALL:
@@ -224,6 +243,7 @@ def test_repository_and_run_file_names_are_spelled_in_the_layout_module_only() -
         ("monitoring/drift.py", "from modelloop.serving.registry import ModelRegistry", "monitoring_reaches"),
         ("training/train.py", "from modelloop.export import publish", "training_imports_none"),
         ("serving/batching.py", "import fastapi", "serving_core"),
+        ("serving/grpc/servicers.py", "from tensorflow_serving.apis import predict_pb2", "tensorflow"),
     ],
 )
 def test_each_rule_catches_a_planted_import(
@@ -244,6 +264,7 @@ def test_each_rule_catches_a_planted_import(
         "monitoring_reaches": test_monitoring_reaches_serving_only_through_types_and_the_observer,
         "training_imports_none": test_training_imports_none_of_the_other_packages,
         "serving_core": test_the_serving_core_imports_no_web_or_rpc_framework,
+        "tensorflow": test_only_the_savedmodel_runtime_imports_tensorflow_in_serving,
     }
     monkeypatch.setattr(f"{__name__}.ALL", found)
     with pytest.raises(AssertionError, match=source.replace(".", r"\.")):

@@ -30,17 +30,21 @@ import math
 from collections.abc import Iterable, Sequence
 
 import numpy as np
-from tensorflow.core.framework import tensor_pb2, tensor_shape_pb2, types_pb2
-from tensorflow.core.protobuf import meta_graph_pb2
-from tensorflow_serving.apis import (
-    get_model_metadata_pb2,
-    get_model_status_pb2,
-    model_pb2,
-    predict_pb2,
-)
 
 from modelloop.serving.datatypes import TF_ENUM_NAME, from_tf_dtype, to_tf_dtype
 from modelloop.serving.errors import InvalidInput
+from modelloop.serving.protos.tfserving import tensorflow_core_framework_tensor_pb2 as tensor_pb2
+from modelloop.serving.protos.tfserving import tensorflow_core_framework_tensor_shape_pb2 as tensor_shape_pb2
+from modelloop.serving.protos.tfserving import tensorflow_core_framework_types_pb2 as types_pb2
+from modelloop.serving.protos.tfserving import tensorflow_core_protobuf_meta_graph_pb2 as meta_graph_pb2
+from modelloop.serving.protos.tfserving import (
+    tensorflow_serving_apis_get_model_metadata_pb2 as get_model_metadata_pb2,
+)
+from modelloop.serving.protos.tfserving import (
+    tensorflow_serving_apis_get_model_status_pb2 as get_model_status_pb2,
+)
+from modelloop.serving.protos.tfserving import tensorflow_serving_apis_model_pb2 as model_pb2
+from modelloop.serving.protos.tfserving import tensorflow_serving_apis_predict_pb2 as predict_pb2
 from modelloop.serving.types import (
     InferRequest,
     InferResponse,

@@ -11,12 +11,6 @@ from typing import TYPE_CHECKING
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
-from tensorflow_serving.apis import (
-    model_service_pb2,
-    model_service_pb2_grpc,
-    prediction_service_pb2,
-    prediction_service_pb2_grpc,
-)
 
 from modelloop.serving.grpc.servicers import (
     GRPCInferenceServiceServicer,
@@ -25,6 +19,16 @@ from modelloop.serving.grpc.servicers import (
     PredictionServiceServicer,
 )
 from modelloop.serving.protos import grpc_service_pb2, grpc_service_pb2_grpc
+from modelloop.serving.protos.tfserving import tensorflow_serving_apis_model_service_pb2 as model_service_pb2
+from modelloop.serving.protos.tfserving import (
+    tensorflow_serving_apis_model_service_pb2_grpc as model_service_pb2_grpc,
+)
+from modelloop.serving.protos.tfserving import (
+    tensorflow_serving_apis_prediction_service_pb2 as prediction_service_pb2,
+)
+from modelloop.serving.protos.tfserving import (
+    tensorflow_serving_apis_prediction_service_pb2_grpc as prediction_service_pb2_grpc,
+)
 
 if TYPE_CHECKING:
     from modelloop.serving.dataplane import DataPlane

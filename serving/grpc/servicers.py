@@ -22,23 +22,33 @@ from typing import TYPE_CHECKING
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from tensorflow_serving.apis import (
-    classification_pb2,
-    get_model_metadata_pb2,
-    get_model_status_pb2,
-    inference_pb2,
-    model_management_pb2,
-    model_service_pb2_grpc,
-    predict_pb2,
-    prediction_service_pb2_grpc,
-    regression_pb2,
-)
 
 from modelloop.serving.codecs import tensor_proto, v2_grpc
 from modelloop.serving.errors import InvalidInput, Unauthenticated, Unimplemented
 from modelloop.serving.grpc.errors import REQUEST_ID_KEY, translate_errors
 from modelloop.serving.protos import grpc_service_pb2 as pb
 from modelloop.serving.protos import grpc_service_pb2_grpc as pb_grpc
+from modelloop.serving.protos.tfserving import (
+    tensorflow_serving_apis_classification_pb2 as classification_pb2,
+)
+from modelloop.serving.protos.tfserving import (
+    tensorflow_serving_apis_get_model_metadata_pb2 as get_model_metadata_pb2,
+)
+from modelloop.serving.protos.tfserving import (
+    tensorflow_serving_apis_get_model_status_pb2 as get_model_status_pb2,
+)
+from modelloop.serving.protos.tfserving import tensorflow_serving_apis_inference_pb2 as inference_pb2
+from modelloop.serving.protos.tfserving import (
+    tensorflow_serving_apis_model_management_pb2 as model_management_pb2,
+)
+from modelloop.serving.protos.tfserving import (
+    tensorflow_serving_apis_model_service_pb2_grpc as model_service_pb2_grpc,
+)
+from modelloop.serving.protos.tfserving import tensorflow_serving_apis_predict_pb2 as predict_pb2
+from modelloop.serving.protos.tfserving import (
+    tensorflow_serving_apis_prediction_service_pb2_grpc as prediction_service_pb2_grpc,
+)
+from modelloop.serving.protos.tfserving import tensorflow_serving_apis_regression_pb2 as regression_pb2
 from modelloop.serving.types import InferRequest, ModelMetadata, ModelState, Protocol, parse_version
 
 if TYPE_CHECKING:

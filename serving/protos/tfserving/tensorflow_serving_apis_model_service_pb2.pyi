@@ -1,0 +1,6 @@
+from modelloop.serving.protos.tfserving import tensorflow_serving_apis_get_model_status_pb2 as _get_model_status_pb2
+from modelloop.serving.protos.tfserving import tensorflow_serving_apis_model_management_pb2 as _model_management_pb2
+from google.protobuf import descriptor as _descriptor
+from typing import ClassVar as _ClassVar
+
+DESCRIPTOR: _descriptor.FileDescriptor

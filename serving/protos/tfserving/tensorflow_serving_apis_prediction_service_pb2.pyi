@@ -1,0 +1,9 @@
+from modelloop.serving.protos.tfserving import tensorflow_serving_apis_classification_pb2 as _classification_pb2
+from modelloop.serving.protos.tfserving import tensorflow_serving_apis_get_model_metadata_pb2 as _get_model_metadata_pb2
+from modelloop.serving.protos.tfserving import tensorflow_serving_apis_inference_pb2 as _inference_pb2
+from modelloop.serving.protos.tfserving import tensorflow_serving_apis_predict_pb2 as _predict_pb2
+from modelloop.serving.protos.tfserving import tensorflow_serving_apis_regression_pb2 as _regression_pb2
+from google.protobuf import descriptor as _descriptor
+from typing import ClassVar as _ClassVar
+
+DESCRIPTOR: _descriptor.FileDescriptor
