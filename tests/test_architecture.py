@@ -202,9 +202,7 @@ def test_only_the_savedmodel_runtime_imports_tensorflow_in_serving() -> None:
         and i.source != "serving/runtimes/savedmodel.py"
     ]
     bad += [
-        i
-        for i in ALL
-        if i.package in ("modelloop.server", "monitoring") and i.target.split(".")[0] in heavy
+        i for i in ALL if i.package in ("modelloop.server", "monitoring") and i.target.split(".")[0] in heavy
     ]
     assert not bad, violations("serving imports TensorFlow outside the SavedModel runtime", bad)
 
