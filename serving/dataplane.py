@@ -55,6 +55,7 @@ from modelloop.serving.types import (
     ModelMetadata,
     Protocol,
     TensorSpec,
+    VersionConfig,
     VersionStatus,
     parse_version,
     valid_request_id,
@@ -415,6 +416,21 @@ class DataPlane:
             ModelNotReady: The version is not AVAILABLE.
         """
         return self.registry.resolve(name, version, label).metadata
+
+    def model_config(self, name: str, version: int | None = None) -> VersionConfig:
+        """How the resolved version is served: runtime set-up and batching, beside its metadata.
+
+        Raises:
+            ModelNotFound: Unknown model or version.
+            ModelNotReady: The version is not AVAILABLE.
+        """
+        servable = self.registry.resolve(name, version, None)
+        batching = servable.batcher.settings
+        parameters = dict(servable.runtime.parameters)
+        parameters["dynamic_batching"] = "true" if batching.enabled else "false"
+        for key in ("max_batch_size", "batch_timeout_micros", "max_enqueued_batches", "num_batch_threads"):
+            parameters[key] = str(getattr(batching, key))
+        return VersionConfig(servable.metadata, parameters)
 
     def model_status(
         self, name: str, version: int | None = None, label: str | None = None

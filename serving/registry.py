@@ -40,6 +40,7 @@ import numpy as np
 
 from modelloop.layout import ONNX_FILE, SAVED_MODEL_DIR
 from modelloop.serving.batching import DynamicBatcher
+from modelloop.serving.cpus import cpu_budget
 from modelloop.serving.errors import ModelNotFound, ModelNotReady, ServingError
 from modelloop.serving.metrics import ServingMetrics
 from modelloop.serving.repository import (
@@ -67,7 +68,9 @@ def create_runtime(
 ) -> Runtime:
     """The default runtime factory: ONNX Runtime or TensorFlow SavedModel.
 
-    Per-model config overrides the server's providers and thread counts.
+    Per-model config overrides the server's providers, thread counts and spinning. With
+    neither setting a thread count, ONNX Runtime gets one intra-op thread per CPU this
+    process may use (:func:`~modelloop.serving.cpus.cpu_budget`), divided by the workers.
 
     Args:
         kind: ``onnx`` or ``savedmodel``.
@@ -82,20 +85,33 @@ def create_runtime(
     if kind == "onnx":
         from modelloop.serving.runtimes.onnx import OnnxRuntime
 
+        intra = (
+            config.intra_op_num_threads
+            if config.intra_op_num_threads is not None
+            else settings.intra_op_num_threads
+        )
+        sizing = "set in config"
+        if intra is None:
+            # Sized to the CPUs this process may use, shared over the workers: a pool sized
+            # to the host only adds switching, and in a pod with a CPU limit, throttling.
+            budget = cpu_budget()
+            intra = max(1, budget.count // settings.workers)
+            workers = f" / {settings.workers} workers" if settings.workers > 1 else ""
+            sizing = f"{budget.describe()}{workers}"
         return OnnxRuntime(
             version_dir / ONNX_FILE,
             metadata,
             providers=config.onnx_providers if config.onnx_providers is not None else settings.onnx_providers,
-            intra_op_num_threads=(
-                config.intra_op_num_threads
-                if config.intra_op_num_threads is not None
-                else settings.intra_op_num_threads
-            ),
+            intra_op_num_threads=intra,
             inter_op_num_threads=(
                 config.inter_op_num_threads
                 if config.inter_op_num_threads is not None
                 else settings.inter_op_num_threads
             ),
+            allow_spinning=(
+                config.allow_spinning if config.allow_spinning is not None else settings.allow_spinning
+            ),
+            sizing=sizing,
         )
     from modelloop.serving.runtimes.savedmodel import SavedModelRuntime
 

@@ -24,14 +24,18 @@ class Runtime(ABC):
     Attributes:
         metadata: Name, version, platform and tensor specs of the model version.
         providers: The execution providers in use (ONNX Runtime); empty otherwise.
+        parameters: How the loaded runtime is set up (providers, thread pools), as text;
+            exposed in the model's config (Triton's ``parameters``). Empty until loaded.
     """
 
     metadata: ModelMetadata
     providers: list[str]
+    parameters: dict[str, str]
 
     def __init__(self, metadata: ModelMetadata) -> None:
         self.metadata = metadata
         self.providers = []
+        self.parameters = {}
 
     @abstractmethod
     def load(self) -> None:

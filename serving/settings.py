@@ -159,6 +159,8 @@ class ModelConfig(BaseModel):
     """Threads inside one operator; None = the server's default (0 = runtime default)."""
     inter_op_num_threads: int | None = Field(default=None, ge=0)
     """Threads across operators; None = the server's default (0 = runtime default)."""
+    allow_spinning: bool | None = None
+    """Let ONNX Runtime's idle threads spin; None = the server's default (off)."""
     drift: dict[str, Any] = Field(default_factory=dict)
     """Free-form drift settings, read by monitoring."""
     retrain: dict[str, Any] = Field(default_factory=dict)
@@ -214,9 +216,16 @@ class ServingSettings(BaseSettings):
     onnx_providers: list[str] | None = None
     """ONNX Runtime providers in preference order; None = TensorRT, CUDA, CPU as available."""
     intra_op_num_threads: int | None = Field(default=None, ge=0)
-    """Default intra-op threads of every runtime; None = runtime default."""
+    """Default intra-op threads of every runtime; None = the process's CPUs (affinity and
+    cgroup quota) shared out over the workers; 0 = ONNX Runtime's own default (host-sized)."""
     inter_op_num_threads: int | None = Field(default=None, ge=0)
     """Default inter-op threads of every runtime; None = runtime default."""
+    allow_spinning: bool = False
+    """Let ONNX Runtime's idle threads spin (lower latency on dedicated cores, burned CPU
+    and throttled quota on shared ones)."""
+    workers: int = Field(default=1, ge=1)
+    """Server processes sharing this host's CPUs (``--workers``); runtimes size their
+    thread pools to their share."""
     warmup: bool = True
     """Run one synthetic batch through a new version before it takes traffic."""
     max_header_bytes: int = Field(default=64 * 1024, gt=0)

@@ -133,6 +133,23 @@ class VersionStatus:
     error_message: str = ""
 
 
+@dataclass(frozen=True, slots=True)
+class VersionConfig:
+    """How one loaded version is served: its metadata and the choices the server made.
+
+    What Triton's model configuration reports (``GET /v2/models/<m>/config`` and the
+    ``ModelConfig`` RPC).
+
+    Attributes:
+        metadata: The version's metadata.
+        parameters: The runtime's set-up (providers, thread pools, spinning) and the
+            batching knobs, as text.
+    """
+
+    metadata: ModelMetadata
+    parameters: dict[str, str] = field(default_factory=dict)
+
+
 def valid_request_id(value: str) -> bool:
     """Whether a client's request id may be kept: 1..128 printable ASCII characters.
 

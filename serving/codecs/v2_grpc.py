@@ -33,6 +33,7 @@ from modelloop.serving.types import (
     ModelMetadata,
     Protocol,
     TensorSpec,
+    VersionConfig,
     parse_version,
 )
 
@@ -275,18 +276,20 @@ def encode_model_metadata(metadata: ModelMetadata, versions: Iterable[int] = ())
     )
 
 
-def encode_model_config(metadata: ModelMetadata) -> pb.ModelConfigResponse:
+def encode_model_config(served: VersionConfig) -> pb.ModelConfigResponse:
     """Describes a model as Triton's ``ModelConfig`` (the fields we can fill).
 
     ``max_batch_size`` is 0 and ``dims`` keep the batch dimension (-1), which is how
-    Triton describes a model whose shapes already include the batch.
+    Triton describes a model whose shapes already include the batch. ``parameters``
+    holds the runtime's set-up and the batching knobs.
 
     Args:
-        metadata: The resolved version's metadata.
+        served: The resolved version's configuration.
 
     Returns:
         The response.
     """
+    metadata = served.metadata
     backend = "onnxruntime" if metadata.platform.startswith("onnx") else "tensorflow"
     config = pb.ModelConfig(name=metadata.name, platform=metadata.platform, backend=backend, max_batch_size=0)
     for spec in metadata.inputs:
@@ -295,6 +298,8 @@ def encode_model_config(metadata: ModelMetadata) -> pb.ModelConfigResponse:
         config.output.add(
             name=spec.name, data_type=_TRITON_TYPE[to_oip_datatype(spec.dtype)], dims=spec.shape
         )
+    for key, value in served.parameters.items():
+        config.parameters[key].string_value = value
     return pb.ModelConfigResponse(config=config)
 
 

@@ -39,6 +39,7 @@ from modelloop.serving.types import (
     ModelMetadata,
     Protocol,
     TensorSpec,
+    VersionConfig,
 )
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
@@ -274,6 +275,41 @@ def encode_model_metadata(metadata: ModelMetadata, versions: list[int]) -> bytes
         "platform": metadata.platform,
         "inputs": [_metadata_tensor(spec) for spec in metadata.inputs],
         "outputs": [_metadata_tensor(spec) for spec in metadata.outputs],
+    }
+    return dumps_json(document)
+
+
+def _config_tensor(spec: TensorSpec) -> dict[str, Any]:
+    datatype = to_oip_datatype(spec.dtype)
+    return {
+        "name": spec.name,
+        "data_type": "TYPE_STRING" if datatype == "BYTES" else f"TYPE_{datatype}",
+        "dims": list(spec.shape),
+    }
+
+
+def encode_model_config(served: VersionConfig) -> bytes:
+    """Encodes a version's configuration as Triton's ``GET /v2/models/<m>/config`` JSON.
+
+    ``max_batch_size`` is 0 and ``dims`` keep the batch dimension, as in the gRPC
+    ``ModelConfig``; ``parameters`` holds the runtime's set-up and the batching knobs.
+
+    Args:
+        served: The resolved version's configuration.
+
+    Returns:
+        UTF-8 JSON ``{"name", "platform", "backend", "max_batch_size", "input", "output",
+        "parameters"}``.
+    """
+    metadata = served.metadata
+    document = {
+        "name": metadata.name,
+        "platform": metadata.platform,
+        "backend": "onnxruntime" if metadata.platform.startswith("onnx") else "tensorflow",
+        "max_batch_size": 0,
+        "input": [_config_tensor(spec) for spec in metadata.inputs],
+        "output": [_config_tensor(spec) for spec in metadata.outputs],
+        "parameters": {key: {"string_value": value} for key, value in served.parameters.items()},
     }
     return dumps_json(document)
 

@@ -275,9 +275,9 @@ class GRPCInferenceServiceServicer(pb_grpc.GRPCInferenceServiceServicer):
     async def ModelConfig(
         self, request: pb.ModelConfigRequest, context: grpc.aio.ServicerContext
     ) -> pb.ModelConfigResponse:
-        """Triton's model configuration, reduced to name, platform, inputs and outputs."""
-        metadata = self._dataplane.metadata(_require_name(request.name), parse_version(request.version))
-        return v2_grpc.encode_model_config(metadata)
+        """Triton's model configuration: name, platform, inputs, outputs and how it is served."""
+        name = _require_name(request.name)
+        return v2_grpc.encode_model_config(self._dataplane.model_config(name, parse_version(request.version)))
 
     @translate_errors
     async def RepositoryIndex(

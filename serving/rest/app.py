@@ -26,6 +26,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 from modelloop.errors import ServiceError
 from modelloop.serving.codecs.v2_json import HEADER_LENGTH
 from modelloop.serving.rest.errors import install_error_handlers
+from modelloop.serving.rest.fastpath import PredictFastPath
 from modelloop.serving.rest.routes_tfserving import create_tfserving_router
 from modelloop.serving.rest.routes_v2 import create_v2_router
 from modelloop.web import REQUEST_ID_HEADER
@@ -77,6 +78,8 @@ def create_app(
         version=str(dataplane.server_metadata().get("version", "")),
     )
     install_error_handlers(app)
+    # Added before CORS, so that CORS wraps it: the hot routes keep their CORS headers.
+    app.add_middleware(PredictFastPath, dataplane=dataplane, max_body_bytes=settings.max_body_bytes)
     if settings.cors_origins:
         app.add_middleware(
             CORSMiddleware,

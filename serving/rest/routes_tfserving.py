@@ -15,7 +15,7 @@ from fastapi import APIRouter, Request, Response
 from modelloop.errors import ErrorCode, ServiceError
 from modelloop.serving.codecs import tfserving_json
 from modelloop.serving.errors import InvalidInput, Unimplemented
-from modelloop.serving.rest.errors import service_error_response
+from modelloop.serving.rest.errors import JsonResponse, service_error_response
 from modelloop.serving.types import InferRequest, InferResponse, ModelMetadata, Protocol, parse_version
 from modelloop.web import REQUEST_ID_HEADER, check_content_type, read_body
 
@@ -99,6 +99,32 @@ class PredictDecoder:
         return tfserving_json.encode_predict_response(response, self.row_format)
 
 
+async def answer_predict(dataplane: DataPlane, request: Request, decoder: PredictDecoder) -> Response:
+    """Runs a ``:predict`` call through the data plane and builds its HTTP response.
+
+    The one handler of the route and of the ASGI fast path (:mod:`.fastpath`).
+
+    Args:
+        dataplane: The data plane.
+        request: The HTTP request (its ``x-request-id`` header).
+        decoder: The call.
+
+    Returns:
+        The response: the predictions, or ``{"error": ...}`` with the mapped status; both
+        carry ``x-request-id``.
+    """
+    try:
+        response = await dataplane.handle(decoder, client_id=request.headers.get(REQUEST_ID_HEADER))
+    except ServiceError as error:
+        return service_error_response(error, {REQUEST_ID_HEADER: error.request_id})
+    headers = {REQUEST_ID_HEADER: response.id}
+    try:
+        payload = decoder.encode(response)
+    except ServiceError as error:
+        return service_error_response(error, headers)
+    return JsonResponse(payload, headers)
+
+
 def create_tfserving_router(dataplane: DataPlane, settings: ServingSettings) -> APIRouter:
     """The ``/v1`` routes, bound to one data plane.
 
@@ -112,16 +138,7 @@ def create_tfserving_router(dataplane: DataPlane, settings: ServingSettings) -> 
     router = APIRouter(tags=["TF Serving REST API"])
 
     async def predict(request: Request, decoder: PredictDecoder) -> Response:
-        try:
-            response = await dataplane.handle(decoder, client_id=request.headers.get(REQUEST_ID_HEADER))
-        except ServiceError as error:
-            return service_error_response(error, {REQUEST_ID_HEADER: error.request_id})
-        headers = {REQUEST_ID_HEADER: response.id}
-        try:
-            payload = decoder.encode(response)
-        except ServiceError as error:
-            return service_error_response(error, headers)
-        return Response(payload, media_type=JSON, headers=headers)
+        return await answer_predict(dataplane, request, decoder)
 
     @router.post("/v1/models/{model_method}", summary="Predict (or classify/regress) with the latest version")
     async def predict_latest(request: Request, model_method: str) -> Response:

@@ -14,7 +14,7 @@ from fastapi import APIRouter, Request, Response
 from modelloop.errors import ServiceError
 from modelloop.serving.codecs import v2_json
 from modelloop.serving.errors import InvalidInput
-from modelloop.serving.rest.errors import error_response, service_error_response
+from modelloop.serving.rest.errors import JsonResponse, error_response, service_error_response
 from modelloop.serving.types import (
     InferRequest,
     InferResponse,
@@ -88,6 +88,35 @@ def _json(payload: bytes, status: int = 200) -> Response:
     return Response(payload, status_code=status, media_type=JSON)
 
 
+async def answer_infer(dataplane: DataPlane, request: Request, decoder: InferDecoder) -> Response:
+    """Runs an ``/infer`` call through the data plane and builds its HTTP response.
+
+    The one handler of the routes and of the ASGI fast path (:mod:`.fastpath`).
+
+    Args:
+        dataplane: The data plane.
+        request: The HTTP request (its ``x-request-id`` header).
+        decoder: The call.
+
+    Returns:
+        The response: JSON, or a JSON header followed by binary outputs, or
+        ``{"error": ...}`` with the mapped status; all carry ``x-request-id``.
+    """
+    try:
+        response = await dataplane.handle(decoder, client_id=request.headers.get(REQUEST_ID_HEADER))
+    except ServiceError as error:
+        return service_error_response(error, {REQUEST_ID_HEADER: error.request_id})
+    headers = {REQUEST_ID_HEADER: response.id}
+    try:
+        payload, json_length = decoder.encode(response)
+    except ServiceError as error:
+        return service_error_response(error, headers)
+    if json_length is None:
+        return JsonResponse(payload, headers)
+    headers[v2_json.HEADER_LENGTH] = str(json_length)
+    return Response(payload, media_type=v2_json.BINARY_CONTENT_TYPE, headers=headers)
+
+
 def create_v2_router(dataplane: DataPlane, settings: ServingSettings) -> APIRouter:
     """The ``/v2`` routes, bound to one data plane.
 
@@ -140,6 +169,14 @@ def create_v2_router(dataplane: DataPlane, settings: ServingSettings) -> APIRout
     async def metadata_version(model: str, version: str) -> Response:
         return metadata(model, parse_version(version))
 
+    @router.get("/v2/models/{model}/config", summary="Model configuration (latest version)")
+    async def config_latest(model: str) -> Response:
+        return _json(v2_json.encode_model_config(dataplane.model_config(model)))
+
+    @router.get("/v2/models/{model}/versions/{version}/config", summary="Model configuration (one version)")
+    async def config_version(model: str, version: str) -> Response:
+        return _json(v2_json.encode_model_config(dataplane.model_config(model, parse_version(version))))
+
     @router.get("/v2/models/{model}/ready", summary="Model readiness")
     async def ready_latest(model: str) -> Response:
         return model_ready(model, None)
@@ -149,19 +186,7 @@ def create_v2_router(dataplane: DataPlane, settings: ServingSettings) -> APIRout
         return model_ready(model, parse_version(version))
 
     async def infer(request: Request, decoder: InferDecoder) -> Response:
-        try:
-            response = await dataplane.handle(decoder, client_id=request.headers.get(REQUEST_ID_HEADER))
-        except ServiceError as error:
-            return service_error_response(error, {REQUEST_ID_HEADER: error.request_id})
-        headers = {REQUEST_ID_HEADER: response.id}
-        try:
-            payload, json_length = decoder.encode(response)
-        except ServiceError as error:
-            return service_error_response(error, headers)
-        if json_length is None:
-            return Response(payload, media_type=JSON, headers=headers)
-        headers[v2_json.HEADER_LENGTH] = str(json_length)
-        return Response(payload, media_type=v2_json.BINARY_CONTENT_TYPE, headers=headers)
+        return await answer_infer(dataplane, request, decoder)
 
     @router.post("/v2/models/{model}/infer", summary="Inference (latest version)")
     async def infer_latest(request: Request, model: str) -> Response:

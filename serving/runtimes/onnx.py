@@ -77,6 +77,39 @@ def choose_providers(
     return chosen
 
 
+def session_options(
+    intra_op_num_threads: int | None, inter_op_num_threads: int | None = None, allow_spinning: bool = False
+) -> Any:
+    """ONNX Runtime session options with the given thread pools and spinning policy.
+
+    An explicit intra-op thread count also keeps ONNX Runtime from pinning its threads:
+    with its default (0) it starts one thread per physical core of the host and pins each
+    to a core of its choosing, escaping the process's CPU affinity.
+
+    Args:
+        intra_op_num_threads: Intra-op threads; None or 0 leaves ONNX Runtime's default.
+        inter_op_num_threads: Inter-op threads; None or 0 leaves ONNX Runtime's default.
+            Defaults to None.
+        allow_spinning: Whether idle pool threads spin. Defaults to False.
+
+    Returns:
+        An ``onnxruntime.SessionOptions``.
+    """
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    # Provider fallbacks are reported by the runtime, once, in our own words.
+    options.log_severity_level = 3
+    if intra_op_num_threads:
+        options.intra_op_num_threads = intra_op_num_threads
+    if inter_op_num_threads:
+        options.inter_op_num_threads = inter_op_num_threads
+    spin = "1" if allow_spinning else "0"
+    options.add_session_config_entry("session.intra_op.allow_spinning", spin)
+    options.add_session_config_entry("session.inter_op.allow_spinning", spin)
+    return options
+
+
 class OnnxRuntime(Runtime):
     """Runs ``model.onnx`` with an ONNX Runtime ``InferenceSession``.
 
@@ -85,8 +118,17 @@ class OnnxRuntime(Runtime):
         metadata: The version's metadata; its input and output names must exist in the graph.
         providers: Providers in preference order. Defaults to TensorRT, CUDA, CPU, filtered
             by what this ONNX Runtime build offers.
-        intra_op_num_threads: Threads inside one operator. Defaults to ONNX Runtime's choice.
-        inter_op_num_threads: Threads across operators. Defaults to ONNX Runtime's choice.
+        intra_op_num_threads: Threads inside one operator; 0 = ONNX Runtime's own default
+            (one per physical core of the host, pinned to cores of its choosing). Defaults
+            to None: left to ONNX Runtime too, but the registry always passes a number sized
+            to the process (:func:`~modelloop.serving.registry.create_runtime`).
+        inter_op_num_threads: Threads across operators (parallel execution mode only).
+            Defaults to ONNX Runtime's choice.
+        allow_spinning: Let idle pool threads spin instead of sleeping: a little lower
+            latency on dedicated cores, CPU burned (and cgroup quota throttled) otherwise.
+            Defaults to False.
+        sizing: How the thread count was chosen, for the load log line and the model's
+            config. Defaults to "".
 
     Example:
 
@@ -105,12 +147,16 @@ class OnnxRuntime(Runtime):
         providers: Sequence[str] | None = None,
         intra_op_num_threads: int | None = None,
         inter_op_num_threads: int | None = None,
+        allow_spinning: bool = False,
+        sizing: str = "",
     ) -> None:
         super().__init__(metadata)
         self.path = Path(path)
         self.requested_providers = None if providers is None else list(providers)
         self.intra_op_num_threads = intra_op_num_threads
         self.inter_op_num_threads = inter_op_num_threads
+        self.allow_spinning = allow_spinning
+        self.sizing = sizing
         self._session: Any = None
         self._output_names: list[str] = [t.name for t in metadata.outputs]
 
@@ -132,17 +178,18 @@ class OnnxRuntime(Runtime):
             self.requested_providers,
             gpu=self.requested_providers is not None or has_nvidia_driver(),
         )
-        options = ort.SessionOptions()
-        # Provider fallbacks are reported below, once, in our own words.
-        options.log_severity_level = 3
-        if self.intra_op_num_threads is not None:
-            options.intra_op_num_threads = self.intra_op_num_threads
-        if self.inter_op_num_threads is not None:
-            options.inter_op_num_threads = self.inter_op_num_threads
+        options = session_options(self.intra_op_num_threads, self.inter_op_num_threads, self.allow_spinning)
         session = ort.InferenceSession(str(self.path), sess_options=options, providers=providers)
         used = list(session.get_providers())
         name, version = self.metadata.name, self.metadata.version
-        logger.info("model %s version %s: ONNX Runtime providers %s", name, version, used)
+        self.parameters = self._describe(used)
+        logger.info(
+            "model %s version %s: ONNX Runtime providers %s, %s",
+            name,
+            version,
+            used,
+            ", ".join(f"{k} {v}" for k, v in self.parameters.items() if k != "providers"),
+        )
         missing = [p for p in providers if p in _GPU_PROVIDERS and p not in used]
         if missing:
             # ONNX Runtime drops a provider whose libraries (CUDA, cuDNN, TensorRT) fail to load
@@ -169,6 +216,18 @@ class OnnxRuntime(Runtime):
                 )
         self._session = session
         self.providers = used
+
+    def _describe(self, providers: list[str]) -> dict[str, str]:
+        intra = self.intra_op_num_threads
+        parameters = {
+            "providers": ",".join(providers),
+            "intra_op_num_threads": "0 (ONNX Runtime default)" if not intra else str(intra),
+            "inter_op_num_threads": str(self.inter_op_num_threads or 0),
+            "allow_spinning": "true" if self.allow_spinning else "false",
+        }
+        if self.sizing:
+            parameters["thread_sizing"] = self.sizing
+        return parameters
 
     def predict(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Runs the session; see :meth:`Runtime.predict`."""

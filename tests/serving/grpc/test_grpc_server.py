@@ -606,6 +606,8 @@ async def test_model_config_and_repository(edge: Edge) -> None:
     config = (await oip.ModelConfig(pb.ModelConfigRequest(name="digits", version="1"))).config
     assert (config.name, config.max_batch_size, config.input[0].name) == ("digits", 0, "pixels")
     assert list(config.input[0].dims) == [-1, 64] and config.output[1].data_type == pb.TYPE_STRING
+    assert config.parameters["num_batch_threads"].string_value == "1"
+    assert config.parameters["dynamic_batching"].string_value == "true"
     index = await oip.RepositoryIndex(pb.RepositoryIndexRequest())
     assert [(m.name, m.version, m.state) for m in index.models] == [
         ("digits", "1", "AVAILABLE"),

@@ -448,6 +448,17 @@ async def test_v2_model_routes(client: httpx.AsyncClient) -> None:
     assert_error(await client.get("/v2/models/digits/versions/7/ready"), 404, "no loaded version 7")
 
 
+async def test_v2_model_config_reports_how_the_version_is_served(client: httpx.AsyncClient) -> None:
+    config = (await client.get("/v2/models/digits/versions/1/config")).json()
+    assert (config["name"], config["max_batch_size"], config["backend"]) == ("digits", 0, "onnxruntime")
+    assert config["input"] == [{"name": "pixels", "data_type": "TYPE_FP32", "dims": [-1, 64]}]
+    parameters = {k: v["string_value"] for k, v in config["parameters"].items()}
+    assert parameters["dynamic_batching"] == "true" and parameters["max_batch_size"] == "32"
+    assert (await client.get("/v2/models/digits/config")).status_code == 200
+    assert_error(await client.get("/v2/models/nope/config"), 404, "not found")
+    assert_error(await client.get("/v2/models/digits/versions/x/config"), 400, "non-negative integer")
+
+
 async def test_v2_model_routes_with_a_version_that_failed_to_load(repo: Path) -> None:
     async with (
         serve(repo, RuntimeFactory({("digits", 2): FailingLoadRuntime})) as stack,
