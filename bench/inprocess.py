@@ -15,17 +15,30 @@ import numpy as np
 
 
 def measure(
-    model: str, batch: int, duration_s: float, warmup_s: float, providers: list[str] | None = None
+    model: str,
+    batch: int,
+    duration_s: float,
+    warmup_s: float,
+    providers: list[str] | None = None,
+    server_options: bool = True,
 ) -> dict[str, float | str]:
     """Calls ``session.run`` on one fixed batch for ``duration_s`` and returns rows/s and latencies.
 
-    The session is built as the server builds it (default options); ``providers``
+    With ``server_options`` the session is built as the server builds it: intra-op threads
+    sized to this process's CPUs, no spinning (so the reference uses the CPUs the server
+    may use, not threads pinned elsewhere). Otherwise ONNX Runtime's defaults. ``providers``
     defaults to the CPU provider. The result names the provider really used.
     """
     import onnxruntime as ort
 
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
+    from modelloop.serving.cpus import cpu_budget
+    from modelloop.serving.runtimes.onnx import session_options
+
+    if server_options:
+        options = session_options(cpu_budget().count)
+    else:
+        options = ort.SessionOptions()
+        options.log_severity_level = 3
     session = ort.InferenceSession(
         model, sess_options=options, providers=providers or ["CPUExecutionProvider"]
     )
@@ -50,6 +63,7 @@ def measure(
     latencies.sort()
     return {
         "provider": session.get_providers()[0],
+        "intra_op_num_threads": session.get_session_options().intra_op_num_threads,
         "calls": len(latencies),
         "duration_s": elapsed,
         "rows_per_s": len(latencies) * batch / elapsed,
@@ -67,11 +81,14 @@ def main() -> int:
     parser.add_argument("--duration", type=float, default=10.0)
     parser.add_argument("--warmup", type=float, default=1.0)
     parser.add_argument("--providers", default="CPUExecutionProvider", help="comma-separated, in order")
-    args = parser.parse_args()
-    print(
-        json.dumps(measure(args.model, args.batch, args.duration, args.warmup, args.providers.split(","))),
-        flush=True,
+    parser.add_argument(
+        "--server-options", action="store_true", help="the server's session options (threads, no spinning)"
     )
+    args = parser.parse_args()
+    result = measure(
+        args.model, args.batch, args.duration, args.warmup, args.providers.split(","), args.server_options
+    )
+    print(json.dumps(result), flush=True)
     return 0
 
 

@@ -52,6 +52,8 @@ class LoadResult:
     p50_ms: float
     p99_ms: float
     errors: int
+    cpu_us: float | None = None
+    """Server CPU microseconds per request (filled in by the suite, not the load tool)."""
 
     def to_dict(self) -> dict[str, float | int]:
         """The result as a JSON-ready dict."""

@@ -1,4 +1,9 @@
-"""Servers under test, each a subprocess pinned to the server CPU and stopped by its PID."""
+"""Servers under test, each a subprocess pinned to the server CPU and stopped by its PID.
+
+CPU time is read from ``/proc``: the server process, every live descendant (the workers of
+``--workers N``), and the children it has reaped (a worker that was replaced), so that a
+point's CPU per request counts everything the server spent.
+"""
 
 from __future__ import annotations
 
@@ -15,6 +20,62 @@ from pathlib import Path
 
 SERVER_CPU = 0
 ROOT = Path(__file__).resolve().parent.parent
+_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def _stat_fields(pid: int) -> list[str]:
+    # The command name (field 2) may hold spaces; everything after its ")" splits cleanly.
+    text = Path(f"/proc/{pid}/stat").read_text()
+    return text[text.rindex(")") + 2 :].split()
+
+
+def descendants(pid: int) -> list[int]:
+    """Every live descendant of ``pid`` (from ``/proc/<pid>/task/*/children``)."""
+    found: list[int] = []
+    stack = [pid]
+    while stack:
+        current = stack.pop()
+        try:
+            tasks = list(Path(f"/proc/{current}/task").iterdir())
+        except OSError:
+            continue
+        for task in tasks:
+            try:
+                children = [int(c) for c in (task / "children").read_text().split()]
+            except OSError:
+                continue
+            found.extend(children)
+            stack.extend(children)
+    return found
+
+
+def tree_cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of ``pid``, its live descendants and its reaped children."""
+    total = 0
+    for member in [pid, *descendants(pid)]:
+        try:
+            fields = _stat_fields(member)
+        except OSError:
+            continue
+        # utime and stime (stat fields 14, 15), plus cutime and cstime (16, 17): the time of
+        # the children each one reaped, which are no longer in the live tree.
+        total += int(fields[11]) + int(fields[12]) + int(fields[13]) + int(fields[14])
+    return total / _TICKS
+
+
+def tree_rss_bytes(pid: int) -> int:
+    """Resident set size of ``pid`` and its live descendants, summed."""
+    total = 0
+    for member in [pid, *descendants(pid)]:
+        try:
+            for line in Path(f"/proc/{member}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    total += int(line.split()[1]) * 1024
+        except OSError:
+            continue
+    return total
+
+
 _REST = re.compile(r"REST listening on (http://\S+)")
 _GRPC = re.compile(r"gRPC listening on (\S+)")
 
@@ -28,6 +89,7 @@ class Proc:
     rest_url: str = ""
     grpc_url: str = ""
     lines: list[str] = field(default_factory=list)
+    ready_s: float = 0.0
 
     @property
     def pid(self) -> int:
@@ -39,11 +101,12 @@ class Proc:
         return "\n".join(self.lines)
 
     def rss_bytes(self) -> int:
-        """Resident set size from ``/proc/<pid>/status``."""
-        for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-        return 0
+        """Resident set size of the server and its workers, from ``/proc``."""
+        return tree_rss_bytes(self.pid)
+
+    def cpu_seconds(self) -> float:
+        """CPU seconds the server and its workers have used so far."""
+        return tree_cpu_seconds(self.pid)
 
     def stop(self, timeout: float = 30) -> None:
         """SIGTERM by PID, then SIGKILL if it does not exit in ``timeout`` seconds."""
@@ -77,6 +140,7 @@ def start(
         RuntimeError: The process exited or was not ready in time (it is killed).
     """
     cmd = ["taskset", "-c", str(cpu), sys.executable, *args]
+    launched = time.monotonic()
     popen = subprocess.Popen(
         cmd,
         cwd=cwd,
@@ -106,8 +170,9 @@ def start(
                 proc.grpc_url = "http://" + grpc.group(1)
             found = {"rest": rest is not None, "grpc": grpc is not None}
             if all(found[n] for n in needs) and (ready_path is None or _ok(proc.rest_url + ready_path)):
+                proc.ready_s = time.monotonic() - launched
                 return proc
-            time.sleep(0.1)
+            time.sleep(0.02)
         raise RuntimeError(f"{name} not ready after {timeout} s:\n{proc.output()[-4000:]}")
     except BaseException:
         if popen.poll() is None:

@@ -16,8 +16,8 @@ import uvicorn
 from fastapi import FastAPI, Request, Response
 
 # A response of the same size and shape as the server's answer for one digits row.
-_CONSTANT_TF = orjson.dumps({"predictions": [[0.1] * 10]})
-_CONSTANT_V2 = orjson.dumps(
+CONSTANT_TF = orjson.dumps({"predictions": [[0.1] * 10]})
+CONSTANT_V2 = orjson.dumps(
     {
         "model_name": "digits",
         "model_version": "1",
@@ -34,12 +34,12 @@ def create_app() -> FastAPI:
     @app.post("/v1/models/{model_method}")
     async def predict(request: Request, model_method: str) -> Response:
         orjson.loads(await request.body())
-        return Response(_CONSTANT_TF, media_type="application/json")
+        return Response(CONSTANT_TF, media_type="application/json")
 
     @app.post("/v2/models/{model}/infer")
     async def infer(request: Request, model: str) -> Response:
         orjson.loads(await request.body())
-        return Response(_CONSTANT_V2, media_type="application/json")
+        return Response(CONSTANT_V2, media_type="application/json")
 
     @app.get("/v2/health/ready")
     async def ready() -> Response:

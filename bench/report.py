@@ -34,6 +34,8 @@ class Row:
     duration_s: float = 0.0
     rows_per_request: int = 1
     note: str = ""
+    cpu_us: float | None = None
+    """Server CPU time (process and children, from /proc) per request, in microseconds."""
 
     @property
     def rows_per_s(self) -> float:
@@ -43,38 +45,64 @@ class Row:
 
 @dataclass(frozen=True)
 class Target:
-    """A ratio between two rows of one run, with the bound the issue sets."""
+    """A ratio between rows of one run (or one absolute figure), with the bound the issue sets.
+
+    ``denominator`` names one row, or several whose smallest value is the reference (the
+    heavy model's limit is the lower of two figures); an empty ``denominator`` makes the
+    value absolute: ``metric`` read from ``Report.startup`` (``ready_s``, ``rss_mib``).
+    """
 
     name: str
     numerator: str
-    denominator: str
+    denominator: str | tuple[str, ...] = ""
     minimum: float | None = None
     maximum: float | None = None
-    metric: str = "rows_per_s"  # or "p99_ms"
+    metric: str = "rows_per_s"  # or "p50_ms", "p99_ms", "cpu_us", "ready_s", "rss_mib"
 
 
-_REST32, _CEIL32 = "ours.tfserving_rest.c32", "ceiling.tfserving_rest.c32"
+_REST32, _ASGI32 = "ours.tfserving_rest.c32", "asgi.tfserving_rest.c32"
+HEAVY_LIMIT = ("ort.heavy.b32", "ceiling.heavy_grpc.c64")
+"""The heavy model's limit: in-process rows/s at batch 32, or the transport's one-row ceiling."""
+
 TARGETS: tuple[Target, ...] = (
-    Target("TF Serving REST :predict / REST ceiling (32 conn)", _REST32, _CEIL32, 0.65),
+    Target("TF Serving REST :predict / bare ASGI no-op (32 conn)", _REST32, _ASGI32, 0.35),
+    Target("OIP V2 REST infer / bare ASGI no-op (32 conn)", "ours.v2_rest.c32", "asgi.v2_rest.c32", 0.3),
     Target(
-        "TF Serving REST p99 / REST ceiling p99 (32 conn)", _REST32, _CEIL32, maximum=2.0, metric="p99_ms"
-    ),
-    Target("OIP V2 REST infer / REST ceiling (32 conn)", "ours.v2_rest.c32", "ceiling.v2_rest.c32", 0.6),
-    Target(
-        "TF Serving gRPC Predict / gRPC ceiling (32 conn)",
+        "TF Serving gRPC Predict / grpc.aio no-op (32 conn)",
         "ours.tfserving_grpc.c32",
         "ceiling.tfserving_grpc.c32",
         0.65,
     ),
-    Target("OIP gRPC ModelInfer / gRPC ceiling (32 conn)", "ours.v2_grpc.c32", "ceiling.v2_grpc.c32", 0.65),
-    Target("heavy, batching / in-process ORT batch 32 (rows/s)", "heavy.batched.c64", "ort.heavy.b32", 0.5),
-    Target("heavy, batching / batching off (64 conn)", "heavy.batched.c64", "heavy.unbatched.c64", 3.0),
+    Target("OIP gRPC ModelInfer / grpc.aio no-op (32 conn)", "ours.v2_grpc.c32", "ceiling.v2_grpc.c32", 0.65),
+    Target(
+        "TF Serving REST p50 / bare ASGI p50 (1 conn)",
+        "ours.tfserving_rest.c1",
+        "asgi.tfserving_rest.c1",
+        maximum=3.0,
+        metric="p50_ms",
+    ),
+    Target(
+        "TF Serving REST CPU per request / bare ASGI's (32 conn)",
+        _REST32,
+        _ASGI32,
+        maximum=3.0,
+        metric="cpu_us",
+    ),
+    Target("ONNX server RSS after load (MiB)", "ours", maximum=300.0, metric="rss_mib"),
+    Target("ONNX server ready after launch (s)", "ours", maximum=5.0, metric="ready_s"),
+    Target(
+        "heavy, 32-row requests / in-process ORT batch 32 (rows/s)", "heavy.rows32.c8", "ort.heavy.b32", 0.8
+    ),
 )
 
 # Informative ratios printed beside the targets (no bound).
 COMPARISONS: tuple[Target, ...] = (
-    Target("ours TF Serving REST / tutorial baseline (32 conn)", "ours.tfserving_rest.c32", "tutorial.c32"),
-    Target("ours TF Serving REST / in-process ORT batch 1", "ours.tfserving_rest.c32", "ort.digits.b1"),
+    Target("heavy, batching, 1 worker / its limit (rows/s)", "heavy.batched.c64", HEAVY_LIMIT),
+    Target("heavy, batching, 2 workers / its limit (rows/s)", "heavy.batched_w2.c64", HEAVY_LIMIT),
+    Target("heavy, batching / batching off (64 conn)", "heavy.batched.c64", "heavy.unbatched.c64"),
+    Target("TF Serving REST :predict / FastAPI no-op (32 conn)", _REST32, "ceiling.tfserving_rest.c32"),
+    Target("FastAPI no-op / bare ASGI no-op (32 conn)", "ceiling.tfserving_rest.c32", _ASGI32),
+    Target("ours TF Serving REST / tutorial baseline (32 conn)", _REST32, "tutorial.c32"),
 )
 
 
@@ -100,20 +128,34 @@ class Report:
     rows: list[Row] = field(default_factory=list)
     rss: dict[str, Any] | None = None
     profile_notes: list[str] = field(default_factory=list)
+    startup: dict[str, Any] | None = None
+    """How the server under test started: ``ready_s`` after launch, ``rss_mib`` once loaded."""
 
     def row(self, key: str) -> Row | None:
         """The row with ``key``, if measured."""
         return next((r for r in self.rows if r.key == key), None)
 
+    def _value(self, key: str, metric: str) -> float | None:
+        row = self.row(key)
+        if row is None:
+            return None
+        value = row.rows_per_s if metric == "rows_per_s" else getattr(row, metric)
+        return None if value is None else float(value)
+
     def ratios(self, targets: tuple[Target, ...] = TARGETS) -> list[Ratio]:
-        """Every target ratio of this run."""
+        """Every target ratio (or absolute figure) of this run."""
         out = []
         for t in targets:
-            num, den = self.row(t.numerator), self.row(t.denominator)
             value: float | None = None
-            if num is not None and den is not None:
-                a, b = (num.p99_ms, den.p99_ms) if t.metric == "p99_ms" else (num.rows_per_s, den.rows_per_s)
-                if a is not None and b:
+            if not t.denominator:
+                figure = (self.startup or {}).get(t.metric)
+                value = None if figure is None else float(figure)
+            else:
+                names = (t.denominator,) if isinstance(t.denominator, str) else t.denominator
+                refs = [self._value(name, t.metric) for name in names]
+                a = self._value(t.numerator, t.metric)
+                b = min((r for r in refs if r is not None), default=None)
+                if a is not None and b and None not in refs:
                     value = a / b
             met: bool | None = None
             if value is not None and (t.minimum is not None or t.maximum is not None):
@@ -134,6 +176,7 @@ class Report:
             "comparisons": [asdict(r) for r in self.ratios(COMPARISONS)],
             "rss": self.rss,
             "profile_notes": self.profile_notes,
+            "startup": self.startup,
         }
 
     @classmethod
@@ -154,6 +197,7 @@ class Report:
             rows=rows,
             rss=data.get("rss"),
             profile_notes=list(data.get("profile_notes", [])),
+            startup=data.get("startup"),
         )
 
 
@@ -184,8 +228,8 @@ def render_markdown(report: Report) -> str:
         f"{report.settings.get('duration_s')} s per point after {report.settings.get('warmup_s')} s warm-up. "
         f"Command: `{report.command}`.",
         "",
-        "| point | group | conns | throughput | p50 ms | p99 ms | errors | vs ref |",
-        "|---|---|--:|--:|--:|--:|--:|---|",
+        "| point | group | conns | throughput | p50 ms | p99 ms | CPU µs/req | errors | vs ref |",
+        "|---|---|--:|--:|--:|--:|--:|--:|---|",
     ]
     refs = _reference_for(report)
     for r in report.rows:
@@ -197,13 +241,21 @@ def render_markdown(report: Report) -> str:
         conns = "" if r.connections is None else str(r.connections)
         lines.append(
             f"| {r.label} | {r.group} | {conns} | {_num(r.throughput)} {r.unit} | {_num(r.p50_ms, 2)} | "
-            f"{_num(r.p99_ms, 2)} | {r.errors} | {vs} |"
+            f"{_num(r.p99_ms, 2)} | {_num(r.cpu_us, 0)} | {r.errors} | {vs} |"
         )
     lines += ["", "| target (ratio within this run) | value | bound | verdict |", "|---|--:|--:|---|"]
     for ratio in report.ratios():
         lines.append(f"| {ratio.name} | {_num(ratio.value, 2)} | {_bound(ratio)} | {_verdict(ratio)} |")
     for ratio in report.ratios(COMPARISONS):
-        lines.append(f"| {ratio.name} | {_num(ratio.value, 1)} | | |")
+        lines.append(f"| {ratio.name} | {_num(ratio.value, 2)} | | |")
+    if report.startup:
+        st = report.startup
+        lines += [
+            "",
+            f"Start-up of `ours` (digits, ONNX): ready {st['ready_s']:.2f} s after launch, "
+            f"{st['rss_mib']:.0f} MiB resident once loaded; TensorFlow loaded: "
+            f"{'yes' if st.get('tensorflow') else 'no'}.",
+        ]
     if report.rss:
         rss = report.rss
         lines += [
@@ -218,16 +270,18 @@ def render_markdown(report: Report) -> str:
 
 
 def _reference_for(report: Report) -> dict[str, str]:
-    # Each row is compared with the reference of its own kind in the same run.
+    # Each row is compared with the reference of its own kind in the same run: REST with the
+    # bare ASGI no-op, gRPC with the grpc.aio no-op, the heavy model with in-process ORT.
     refs: dict[str, str] = {}
     for r in report.rows:
-        if r.group in ("ours", "compare"):
+        if r.group in ("ours", "compare") or (r.key.startswith("ceiling.") and "_rest." in r.key):
             _, protocol, conns = r.key.split(".")
-            refs[r.key] = f"ceiling.{protocol}.{conns}"
+            kind = "asgi" if protocol.endswith("_rest") else "ceiling"
+            refs[r.key] = f"{kind}.{protocol}.{conns}"
         elif r.key.startswith("heavy."):
             refs[r.key] = "ort.heavy.b32"
         elif r.key.startswith("tutorial."):
-            refs[r.key] = "ceiling.tfserving_rest." + r.key.split(".")[1]
+            refs[r.key] = "asgi.tfserving_rest." + r.key.split(".")[1]
     return refs
 
 

@@ -31,6 +31,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from bench import loadgen, payloads, processes
 from bench.loadgen import GRPC_PATHS, LoadResult
 from bench.models import HEAVY_BATCHING, Assets, ensure_assets
@@ -47,6 +49,9 @@ PROTOCOL_LABELS = {
 }
 GROUPS = ("ort", "ours", "ceiling", "tutorial", "heavy")
 HEAVY_CONNECTIONS = 64
+HEAVY_ROWS = 32
+"""Rows per request of the heavy model's many-row point (one full batch per request)."""
+HEAVY_ROWS_CONNECTIONS = 8
 CPU_PROVIDERS = ["CPUExecutionProvider"]
 GPU_PROVIDERS = ["CUDAExecutionProvider", "CPUExecutionProvider"]
 
@@ -88,6 +93,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         metavar="NAME=ARGS",
         help="also serve this code with extra `modelloop serve` args as NAME, e.g. nomon=--no-monitoring",
     )
+    parser.add_argument(
+        "--heavy-workers", default="1,2", help="worker counts of the heavy model's batched point"
+    )
     parser.add_argument("--tutorial-connections", type=int, default=32)
     parser.add_argument("--tutorial-duration", type=float, default=5.0, help="its points are slow: cap them")
     parser.add_argument(
@@ -105,6 +113,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args.only = {g.strip() for g in args.only.split(",") if g.strip()}
     args.protocols = [p.strip() for p in args.protocols.split(",") if p.strip()]
     args.connections = [int(c) for c in args.connections.split(",")]
+    args.heavy_workers = [int(c) for c in args.heavy_workers.split(",") if c.strip()]
     trees = []
     for item in args.compare_tree:
         name, eq, path = item.partition("=")
@@ -262,13 +271,20 @@ def measure(
         run(warmup_s)
     has_metrics = not proc.name.startswith(("ceiling", "tutorial"))
     before = server_errors(proc) if has_metrics else 0
+    cpu_before = proc.cpu_seconds()
     result = run(duration_s)
+    cpu = proc.cpu_seconds() - cpu_before
     if has_metrics:
         result.errors = max(result.errors, server_errors(proc) - before)
+    # Read around the measured run only: what the server spent per request it answered
+    # (the /metrics scrape above is a handful of requests against thousands).
+    result.cpu_us = cpu / result.requests * 1e6 if result.requests else None
     return result
 
 
-def row_from(key: str, label: str, group: str, connections: int, result: LoadResult, note: str = "") -> Row:
+def row_from(
+    key: str, label: str, group: str, connections: int, result: LoadResult, note: str = "", rows: int = 1
+) -> Row:
     """A table row from a load result."""
     return Row(
         key=key,
@@ -282,6 +298,8 @@ def row_from(key: str, label: str, group: str, connections: int, result: LoadRes
         requests=result.requests,
         duration_s=result.duration_s,
         note=note,
+        cpu_us=result.cpu_us,
+        rows_per_request=rows,
     )
 
 
@@ -310,7 +328,7 @@ def inprocess(
     cmd = [
         "taskset", "-c", str(processes.SERVER_CPU), sys.executable, "-m", "bench.inprocess", str(model),
         "--batch", str(batch), "--duration", str(duration_s), "--warmup", str(warmup_s),
-        "--providers", ",".join(providers or CPU_PROVIDERS),
+        "--providers", ",".join(providers or CPU_PROVIDERS), "--server-options",
     ]  # fmt: skip
     out = subprocess.run(cmd, capture_output=True, text=True, check=True, cwd=processes.ROOT, timeout=300)
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -358,7 +376,13 @@ def run_suite(args: argparse.Namespace, assets: Assets, bodies_dir: Path, report
                         lambda: processes.start("ours", serve_args(assets.digits_repo), env=state_env("ours"))
                     )
                 )
-                report.rss = {"launch_bytes": servers["ours"].rss_bytes()}
+                ours = servers["ours"]
+                report.rss = {"launch_bytes": ours.rss_bytes()}
+                report.startup = {
+                    "ready_s": ours.ready_s,
+                    "rss_mib": report.rss["launch_bytes"] / 2**20,
+                    "tensorflow": tensorflow_loaded(ours.pid),
+                }
                 for tree_name, tree in args.compare_tree:
                     site = Path(stack.enter_context(tempfile.TemporaryDirectory())) / tree_name
                     site.mkdir()
@@ -377,6 +401,13 @@ def run_suite(args: argparse.Namespace, assets: Assets, bodies_dir: Path, report
                     )
             if "ceiling" in args.only:
                 log("starting the reference servers")
+                servers["ceiling_asgi"] = stack.enter_context(
+                    running(
+                        lambda: processes.start(
+                            "ceiling_asgi", ["-m", "bench.reference_asgi"], needs=("rest",)
+                        )
+                    )
+                )
                 servers["ceiling_rest"] = stack.enter_context(
                     running(
                         lambda: processes.start(
@@ -392,8 +423,11 @@ def run_suite(args: argparse.Namespace, assets: Assets, bodies_dir: Path, report
                     )
                 )
             for protocol in args.protocols:
-                ceiling = "ceiling_rest" if protocol.endswith("_rest") else "ceiling_grpc"
-                order = [(ceiling, "ceiling", "reference"), ("ours", "ours", "ours")]
+                if protocol.endswith("_rest"):
+                    order = [("ceiling_asgi", "asgi", "reference"), ("ceiling_rest", "ceiling", "reference")]
+                else:
+                    order = [("ceiling_grpc", "ceiling", "reference")]
+                order.append(("ours", "ours", "ours"))
                 order += [(tree_name, tree_name, "compare") for tree_name, _ in args.compare_tree]
                 order += [(variant, variant, "compare") for variant, _ in args.variant]
                 for name, _, _ in order:
@@ -407,8 +441,9 @@ def run_suite(args: argparse.Namespace, assets: Assets, bodies_dir: Path, report
                         log(f"{name}: {protocol} at {conns} connections")
                         result = measure(servers[name], protocol, bodies[protocol], "digits", conns, d, w)
                         prefixes = {
-                            "ceiling_rest": "REST ceiling ",
-                            "ceiling_grpc": "gRPC ceiling ",
+                            "ceiling_asgi": "bare ASGI no-op ",
+                            "ceiling_rest": "FastAPI no-op ",
+                            "ceiling_grpc": "grpc.aio no-op ",
                             "ours": "",
                         }
                         label = prefixes.get(name, f"{name}: ") + PROTOCOL_LABELS[protocol]
@@ -436,32 +471,87 @@ def run_suite(args: argparse.Namespace, assets: Assets, bodies_dir: Path, report
             )
 
     if "heavy" in args.only:
-        providers = GPU_PROVIDERS if args.gpu else CPU_PROVIDERS
-        heavy_repo = gpu_repo(assets.heavy_repo, bodies_dir / "heavy-gpu") if args.gpu else assets.heavy_repo
-        log(f"in-process ONNX Runtime, heavy model, batch 32, {providers[0]}")
-        r = inprocess(assets.heavy_onnx, 32, d, w, providers)
-        report.rows.append(ort_row("ort.heavy.b32", "in-process ORT heavy, batch 32", 32, r))
-        log("starting modelloop serve (heavy, heavy_unbatched)")
+        heavy_suite(args, assets, bodies_dir, report, heavy_bodies, unbatched_bodies)
+
+
+def heavy_suite(
+    args: argparse.Namespace,
+    assets: Assets,
+    bodies_dir: Path,
+    report: Report,
+    heavy_bodies: dict[str, Path],
+    unbatched_bodies: dict[str, Path],
+) -> None:
+    """The heavy model against its limit: in-process ORT at batch 32 and the one-row gRPC ceiling.
+
+    Batched one-row requests with one and two workers, batching off, and requests of
+    :data:`HEAVY_ROWS` rows (one full batch each) against in-process ORT at that batch.
+    """
+    d, w = args.duration, args.warmup
+    providers = GPU_PROVIDERS if args.gpu else CPU_PROVIDERS
+    heavy_repo = gpu_repo(assets.heavy_repo, bodies_dir / "heavy-gpu") if args.gpu else assets.heavy_repo
+    log(f"in-process ONNX Runtime, heavy model, batch {HEAVY_ROWS}, {providers[0]}")
+    r = inprocess(assets.heavy_onnx, HEAVY_ROWS, d, w, providers)
+    report.rows.append(ort_row("ort.heavy.b32", f"in-process ORT heavy, batch {HEAVY_ROWS}", HEAVY_ROWS, r))
+    rows = np.repeat(payloads.sample_row(payloads.HEAVY_FEATURES), HEAVY_ROWS, axis=0)
+    many = bodies_dir / f"heavy-rows{HEAVY_ROWS}-tfserving_grpc.bin"
+    many.write_bytes(payloads.grpc_frame(payloads.tfserving_predict("heavy", "pixels", rows)))
+    log("starting the gRPC ceiling (heavy one-row body)")
+    with running(
+        lambda: processes.start(
+            "ceiling_grpc", ["-m", "bench.reference_grpc"], needs=("grpc",), ready_path=None
+        )
+    ) as ceiling:
+        preflight(ceiling, "tfserving_grpc", heavy_bodies["tfserving_grpc"], "heavy")
+        log(f"grpc.aio no-op: heavy one-row Predict at {HEAVY_CONNECTIONS} connections")
+        result = measure(
+            ceiling, "tfserving_grpc", heavy_bodies["tfserving_grpc"], "heavy", HEAVY_CONNECTIONS, d, w
+        )
+        report.rows.append(
+            row_from(
+                f"ceiling.heavy_grpc.c{HEAVY_CONNECTIONS}",
+                "grpc.aio no-op, heavy one-row Predict",
+                "reference",
+                HEAVY_CONNECTIONS,
+                result,
+            )
+        )
+    for workers in args.heavy_workers:
+        suffix = "" if workers == 1 else f"_w{workers}"
+        extra = [] if workers == 1 else ["--workers", str(workers)]
+        log(f"starting modelloop serve (heavy, heavy_unbatched), {workers} worker(s)")
         with running(
-            lambda: processes.start("heavy", serve_args(heavy_repo), env=state_env("heavy"))
+            lambda extra=extra, suffix=suffix: processes.start(
+                f"heavy{suffix}", [*serve_args(heavy_repo), *extra], env=state_env(f"heavy{suffix}")
+            )
         ) as heavy:
-            for model, key, label, bodies_ in (
-                ("heavy", "heavy.batched", "heavy, dynamic batching (gRPC Predict)", heavy_bodies),
-                (
-                    "heavy_unbatched",
-                    "heavy.unbatched",
-                    "heavy, batching off (gRPC Predict)",
-                    unbatched_bodies,
-                ),
-            ):
-                preflight(heavy, "tfserving_grpc", bodies_["tfserving_grpc"], model)
-                log(f"heavy: {model} at {HEAVY_CONNECTIONS} connections")
-                result = measure(
-                    heavy, "tfserving_grpc", bodies_["tfserving_grpc"], model, HEAVY_CONNECTIONS, d, w
-                )
+            points = [
+                ("heavy", f"heavy.batched{suffix}",
+                 f"heavy, dynamic batching, {workers} worker(s) (gRPC Predict)",
+                 heavy_bodies["tfserving_grpc"], HEAVY_CONNECTIONS, 1),
+            ]  # fmt: skip
+            if workers == 1:
+                points += [
+                    ("heavy_unbatched", "heavy.unbatched", "heavy, batching off (gRPC Predict)",
+                     unbatched_bodies["tfserving_grpc"], HEAVY_CONNECTIONS, 1),
+                    ("heavy", "heavy.rows32", f"heavy, {HEAVY_ROWS}-row requests (gRPC Predict)", many,
+                     HEAVY_ROWS_CONNECTIONS, HEAVY_ROWS),
+                ]  # fmt: skip
+            for model, key, label, body, conns, per_request in points:
+                preflight(heavy, "tfserving_grpc", body, model)
+                log(f"{heavy.name}: {model} ({per_request} rows per request) at {conns} connections")
+                result = measure(heavy, "tfserving_grpc", body, model, conns, d, w)
                 report.rows.append(
-                    row_from(f"{key}.c{HEAVY_CONNECTIONS}", label, "heavy", HEAVY_CONNECTIONS, result)
+                    row_from(f"{key}.c{conns}", label, "heavy", conns, result, rows=per_request)
                 )
+
+
+def tensorflow_loaded(pid: int) -> bool:
+    """Whether TensorFlow's shared library is mapped into the process."""
+    try:
+        return "_pywrap_tensorflow" in Path(f"/proc/{pid}/maps").read_text()
+    except OSError:
+        return False
 
 
 def soak(proc: Proc, body: Path, args: argparse.Namespace, report: Report) -> None:
@@ -511,6 +601,8 @@ def main(argv: list[str] | None = None) -> int:
             "connections": args.connections,
             "heavy_connections": HEAVY_CONNECTIONS,
             "heavy_batching": HEAVY_BATCHING,
+            "heavy_rows_per_request": HEAVY_ROWS,
+            "heavy_workers": args.heavy_workers,
             "tutorial_connections": args.tutorial_connections,
             "rows_per_request": 1,
             "heavy_providers": GPU_PROVIDERS if args.gpu else CPU_PROVIDERS,

@@ -96,14 +96,22 @@ def _report() -> Report:
         settings={"duration_s": 3.0, "warmup_s": 1.0},
     )
     report.rows += [
-        Row("ceiling.tfserving_rest.c32", "REST ceiling", "reference", 32, 10000.0, p50_ms=3.0, p99_ms=5.0),
-        Row("ours.tfserving_rest.c32", "TF REST :predict", "ours", 32, 7000.0, p50_ms=4.0, p99_ms=9.0),
+        Row("asgi.tfserving_rest.c1", "bare ASGI", "reference", 1, 9000.0, p50_ms=0.1, p99_ms=0.2),
+        Row("ours.tfserving_rest.c1", "TF REST :predict", "ours", 1, 3000.0, p50_ms=0.25, p99_ms=0.5),
+        Row("asgi.tfserving_rest.c32", "bare ASGI", "reference", 32, 20000.0, p50_ms=1.0, p99_ms=2.0,
+            cpu_us=50.0),
+        Row("ceiling.tfserving_rest.c32", "FastAPI no-op", "reference", 32, 10000.0, p50_ms=3.0, p99_ms=5.0),
+        Row("ours.tfserving_rest.c32", "TF REST :predict", "ours", 32, 7000.0, p50_ms=4.0, p99_ms=9.0,
+            cpu_us=140.0),
         Row("ours.v2_rest.c32", "OIP V2 REST infer", "ours", 32, 5000.0, p50_ms=6.0, p99_ms=12.0),
         Row("ort.heavy.b32", "in-process ORT heavy, batch 32", "reference", None, 12000.0, "rows/s",
             rows_per_request=32),
-        Row("heavy.batched.c64", "heavy, batching", "heavy", 64, 6500.0, p50_ms=9.0, p99_ms=20.0),
+        Row("ceiling.heavy_grpc.c64", "grpc.aio no-op, heavy", "reference", 64, 5000.0),
+        Row("heavy.batched.c64", "heavy, batching", "heavy", 64, 4000.0, p50_ms=9.0, p99_ms=20.0),
         Row("heavy.unbatched.c64", "heavy, batching off", "heavy", 64, 1000.0, p50_ms=60.0, p99_ms=90.0),
+        Row("heavy.rows32.c8", "heavy, 32-row requests", "heavy", 8, 300.0, rows_per_request=32),
     ]  # fmt: skip
+    report.startup = {"ready_s": 2.5, "rss_mib": 180.0, "tensorflow": False}
     report.rss = {
         "launch_bytes": 200 * 2**20,
         "start_bytes": 210 * 2**20,
@@ -131,12 +139,22 @@ def test_result_json_schema_round_trips(tmp_path):
                 "rows_per_s"} <= set(row)  # fmt: skip
     targets = {t["name"]: t for t in data["targets"]}
     assert len(targets) == len(TARGETS)
-    rest = targets["TF Serving REST :predict / REST ceiling (32 conn)"]
-    assert rest["value"] == pytest.approx(0.7) and rest["met"] is True
-    p99 = targets["TF Serving REST p99 / REST ceiling p99 (32 conn)"]
-    assert p99["value"] == pytest.approx(1.8) and p99["met"] is True
-    assert targets["OIP V2 REST infer / REST ceiling (32 conn)"]["met"] is None  # its ceiling was not run
-    assert targets["heavy, batching / batching off (64 conn)"]["value"] == pytest.approx(6.5)
+    rest = targets["TF Serving REST :predict / bare ASGI no-op (32 conn)"]
+    assert rest["value"] == pytest.approx(0.35) and rest["met"] is True
+    p50 = targets["TF Serving REST p50 / bare ASGI p50 (1 conn)"]
+    assert p50["value"] == pytest.approx(2.5) and p50["met"] is True
+    cpu = targets["TF Serving REST CPU per request / bare ASGI's (32 conn)"]
+    assert cpu["value"] == pytest.approx(2.8) and cpu["met"] is True
+    assert targets["OIP V2 REST infer / bare ASGI no-op (32 conn)"]["met"] is None  # its ceiling was not run
+    assert targets["ONNX server RSS after load (MiB)"]["value"] == 180.0
+    assert targets["ONNX server ready after launch (s)"]["met"] is True
+    many = targets["heavy, 32-row requests / in-process ORT batch 32 (rows/s)"]
+    assert many["value"] == pytest.approx(0.8) and many["met"] is True
+    comparisons = {t["name"]: t for t in data["comparisons"]}
+    # The limit is the lower of in-process rows/s (12,000) and the one-row ceiling (5,000).
+    assert comparisons["heavy, batching, 1 worker / its limit (rows/s)"]["value"] == pytest.approx(0.8)
+    assert comparisons["heavy, batching, 2 workers / its limit (rows/s)"]["value"] is None
+    assert comparisons["heavy, batching / batching off (64 conn)"]["value"] == pytest.approx(4.0)
     assert Report.from_dict(data).to_dict() == data
     with pytest.raises(ValueError):
         Report.from_dict(data | {"schema": "other"})
@@ -144,13 +162,46 @@ def test_result_json_schema_round_trips(tmp_path):
 
 def test_markdown_table_shows_rows_ratios_and_rss(tmp_path):
     text = render_markdown(_report())
-    assert "| point | group | conns | throughput | p50 ms | p99 ms | errors | vs ref |" in text
-    assert "| TF REST :predict | ours | 32 | 7,000 req/s | 4.00 | 9.00 | 0 | 0.70 × REST ceiling |" in text
-    assert "| heavy, batching / in-process ORT batch 32 (rows/s) | 0.54 | ≥ 0.5 | met |" in text
-    assert "| OIP V2 REST infer / REST ceiling (32 conn) | - | ≥ 0.6 | - |" in text
+    assert "| point | group | conns | throughput | p50 ms | p99 ms | CPU µs/req | errors | vs ref |" in text
+    assert "| TF REST :predict | ours | 32 | 7,000 req/s | 4.00 | 9.00 | 140 | 0 | 0.35 × bare ASGI |" in text
+    assert "| TF Serving REST CPU per request / bare ASGI's (32 conn) | 2.80 | ≤ 3 | met |" in text
+    assert "| OIP V2 REST infer / bare ASGI no-op (32 conn) | - | ≥ 0.3 | - |" in text
+    assert "| ONNX server RSS after load (MiB) | 180.00 | ≤ 300 | met |" in text
+    assert "ready 2.50 s after launch, 180 MiB resident once loaded; TensorFlow loaded: no" in text
     assert "growth +2.4 %" in text
     write_chart(_report(), tmp_path / "chart.png")
     assert (tmp_path / "chart.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_cpu_time_counts_the_process_tree(tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from bench import processes
+
+    # A parent that starts a child which burns CPU: the child is found and its time counted.
+    burn = (
+        "import time\nend = time.process_time() + 0.6\nwhile time.process_time() < end: pass\ntime.sleep(60)"
+    )
+    parent = subprocess.Popen(
+        [sys.executable, "-c", f"import subprocess, sys; subprocess.run([sys.executable, '-c', {burn!r}])"]
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and processes.tree_cpu_seconds(parent.pid) < 0.5:
+            time.sleep(0.05)
+        children = processes.descendants(parent.pid)
+        assert len(children) == 1
+        assert processes.tree_cpu_seconds(parent.pid) >= 0.5
+        assert processes.tree_rss_bytes(parent.pid) > processes.tree_rss_bytes(children[0]) > 0
+    finally:
+        for pid in processes.descendants(parent.pid):
+            os.kill(pid, signal.SIGKILL)
+        parent.kill()
+        parent.wait(timeout=10)
 
 
 def test_arguments_quick_and_explicit_duration():
@@ -158,6 +209,8 @@ def test_arguments_quick_and_explicit_duration():
     assert (args.duration, args.warmup) == (3.0, 1.0)
     assert parse_args(["--quick", "--duration", "2"]).duration == 2.0
     assert parse_args([]).duration == 10.0
+    assert parse_args([]).heavy_workers == [1, 2]
+    assert parse_args(["--heavy-workers", "1"]).heavy_workers == [1]
     assert parse_args(["--compare-tree", "before=/tmp"]).compare_tree == [("before", Path("/tmp").resolve())]
     with pytest.raises(SystemExit):
         parse_args(["--only", "nothing"])
