@@ -1,10 +1,18 @@
 """Dynamic batching of one model version's requests.
 
-Concurrent requests are merged along axis 0 into one runtime call of at most
-``max_batch_size`` rows, or whatever has arrived ``batch_timeout_micros`` after the first
-of them, then the outputs are split back in order. The synchronous runtime runs on a
-thread pool of ``num_batch_threads`` threads that the batcher owns, so the event loop
-never blocks on inference.
+A request that finds the batcher idle (nothing queued, no batch running) runs at once:
+waiting for company that is not coming would only add ``batch_timeout_micros`` to every
+request of a lightly loaded server. Under load, requests that arrive while a batch runs
+queue up and are merged along axis 0 into one runtime call of at most ``max_batch_size``
+rows, or whatever has arrived ``batch_timeout_micros`` after the first of them, then the
+outputs are split back in order (TF Serving's rule, applied only while there is load).
+
+The synchronous runtime runs on a thread pool of ``num_batch_threads`` threads that the
+batcher owns, so the event loop never blocks on inference, except for tiny models: the
+batcher times every call, and while a call takes less than ``inline_max_micros`` it runs
+on the event loop itself, because handing it to a thread and back costs more than the
+call (the digits model answers in about 10 µs; the hop costs tens of µs and a GIL
+handover).
 
 The queue is bounded in rows: at most ``max_enqueued_batches * max_batch_size`` rows may
 wait. Counting rows rather than requests keeps the bound meaningful whether clients send
@@ -46,10 +54,12 @@ PredictFn = Callable[[Tensors], Tensors]
 
 @dataclass(slots=True)
 class _LoopState:
-    """The asyncio side of a batcher, made on the loop that serves its first request."""
+    """The asyncio side of a batcher, made on the loop that serves its first request.
+
+    ``wakeup`` is set when a request is queued and when a batch finishes (a thread is free).
+    """
 
     wakeup: asyncio.Event
-    slots: asyncio.Semaphore
     collector: asyncio.Task[None] | None = None
 
 
@@ -59,6 +69,11 @@ class _Pending:
     rows: int
     future: asyncio.Future[Tensors]
     enqueued: float = field(default_factory=time.monotonic)
+
+
+# Calls timed before a model may run inline, and the weight of each new timing.
+_INLINE_MIN_CALLS = 16
+_EWMA_WEIGHT = 0.2
 
 
 def _rows(inputs: Tensors) -> int:
@@ -103,11 +118,34 @@ class DynamicBatcher:
         # asyncio objects are made on first use, on the loop that serves requests.
         self._state: _LoopState | None = None
         self._running: set[asyncio.Task[None]] = set()
+        self._active = 0  # runtime calls in progress (threads taken, or one inline call)
+        # Moving average of one runtime call's wall time, and how many calls it has seen:
+        # what decides whether a call runs inline. Updated from the batch threads too; a
+        # lost update under the GIL only delays the average by one call.
+        self._call_s = 0.0
+        self._calls = 0
+        self._inline_s = settings.inline_max_micros / 1e6
 
     @property
     def queued_rows(self) -> int:
         """Rows waiting for a batch (not yet running)."""
         return self._queued_rows
+
+    @property
+    def runs_inline(self) -> bool:
+        """Whether calls run on the event loop now: measured calls take under ``inline_max_micros``."""
+        return self._calls >= _INLINE_MIN_CALLS and self._call_s < self._inline_s
+
+    def _timed(self, inputs: Tensors) -> Tensors:
+        start = time.perf_counter()
+        try:
+            return self._predict(inputs)
+        finally:
+            elapsed = time.perf_counter() - start
+            self._call_s = (
+                elapsed if not self._calls else self._call_s + _EWMA_WEIGHT * (elapsed - self._call_s)
+            )
+            self._calls += 1
 
     async def predict(self, inputs: Tensors) -> Tensors:
         """Runs ``inputs`` as part of a batch and returns this request's rows of the outputs.
@@ -135,6 +173,9 @@ class DynamicBatcher:
             return await self._predict_unbatched(inputs, rows)
         loop = asyncio.get_running_loop()
         state = self._ensure_collector(loop)
+        if not self._pending and not self._active:
+            # Idle: nobody to batch with, so no reason to wait.
+            return await self._run_now(inputs, rows, state)
         item = _Pending(inputs, rows, loop.create_future())
         self._pending.append(item)
         self._queued_rows += rows
@@ -173,66 +214,86 @@ class DynamicBatcher:
         # Joining the threads can take as long as a last batch; keep it off the loop.
         await asyncio.to_thread(self._executor.shutdown, wait=True)
 
-    async def _predict_unbatched(self, inputs: Tensors, rows: int) -> Tensors:
-        self._queued_rows += rows
-        enqueued = time.monotonic()
-        started: list[float] = []
-
-        def run() -> Tensors:
-            started.append(time.monotonic())
-            return self._predict(inputs)
-
+    async def _run_now(self, inputs: Tensors, rows: int, state: _LoopState | None) -> Tensors:
+        """Runs one request's rows as a call of their own, inline or on a thread."""
+        metrics = self._metrics
+        if metrics is not None:
+            metrics.observe_batch(self.model, self.version, rows)
+            metrics.observe_queue(self.model, self.version, 0.0)
+        self._active += 1
+        if self.runs_inline:
+            try:
+                outputs = self._timed(inputs)
+            except ServingError:
+                raise
+            except Exception as exc:  # any runtime error becomes InferenceFailed
+                raise self._failure(rows, exc) from exc
+            finally:
+                self._release(state)
+            self._check_rows(outputs, rows)
+            return outputs
         loop = asyncio.get_running_loop()
         try:
-            future = loop.run_in_executor(self._executor, run)
+            future = loop.run_in_executor(self._executor, self._timed, inputs)
         except RuntimeError as exc:  # executor shut down under us
-            self._queued_rows -= rows
+            self._release(state)
             raise ModelNotReady(f"model {self.model!r} version {self.version} was unloaded") from exc
+        # The thread is free only when the call returns, even if this request is cancelled.
+        future.add_done_callback(lambda _: self._release(state))
         try:
             outputs = await asyncio.shield(future)
         except ServingError:
             raise
         except Exception as exc:  # any runtime error becomes InferenceFailed
             raise self._failure(rows, exc) from exc
-        finally:
-            self._queued_rows -= rows
-            if self._metrics is not None:
-                self._metrics.observe_batch(self.model, self.version, rows)
-                if started:
-                    self._metrics.observe_queue(self.model, self.version, started[0] - enqueued)
         self._check_rows(outputs, rows)
         return outputs
+
+    def _release(self, state: _LoopState | None) -> None:
+        self._active -= 1
+        if state is not None:
+            state.wakeup.set()  # a thread is free: queued requests may go
+
+    async def _predict_unbatched(self, inputs: Tensors, rows: int) -> Tensors:
+        # Batching off: every request is its own call, behind the bounded queue and the
+        # bounded pool (the executor queues calls beyond num_batch_threads).
+        self._queued_rows += rows
+        try:
+            return await self._run_now(inputs, rows, None)
+        finally:
+            self._queued_rows -= rows
 
     def _ensure_collector(self, loop: asyncio.AbstractEventLoop) -> _LoopState:
         state = self._state
         if state is not None and state.collector is not None and not state.collector.done():
             return state
-        state = _LoopState(asyncio.Event(), asyncio.Semaphore(self.settings.num_batch_threads))
+        state = _LoopState(asyncio.Event())
         state.collector = loop.create_task(self._collect(state), name=f"batcher-{self.model}-{self.version}")
         self._state = state
         return state
 
     async def _collect(self, state: _LoopState) -> None:
         while True:
-            # Take a thread first, then form the batch: while every thread is busy, requests
-            # pile up and the next batch is fuller (TF Serving's behaviour).
-            await state.slots.acquire()
-            try:
-                batch = await self._next_batch(state.wakeup)
-            except BaseException:
-                state.slots.release()
-                raise
-            task = asyncio.get_running_loop().create_task(self._dispatch(batch, state.slots))
+            batch = await self._next_batch(state.wakeup)
+            # Taken before the dispatch task starts, so that neither the next batch nor an
+            # idle request overtakes it for the thread.
+            self._active += 1
+            task = asyncio.get_running_loop().create_task(self._dispatch(batch, state))
             self._running.add(task)
             task.add_done_callback(self._running.discard)
 
     async def _next_batch(self, wakeup: asyncio.Event) -> list[_Pending]:
         max_rows = self.settings.max_batch_size
         timeout_s = self.settings.batch_timeout_micros / 1e6
+        threads = self.settings.num_batch_threads
         while True:
-            while not self._pending:
+            # A batch forms only when a thread can take it: while every thread is busy,
+            # requests pile up and the next batch is fuller (TF Serving's behaviour).
+            while not self._pending or self._active >= threads:
                 wakeup.clear()
                 await wakeup.wait()
+            # Whatever is queued arrived under load (an idle batcher runs requests at once),
+            # so the first of them may wait up to the timeout for company.
             deadline = self._pending[0].enqueued + timeout_s
             while self._pending:
                 rows, count = self._fitting()
@@ -247,8 +308,8 @@ class DynamicBatcher:
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(remaining):
                         await wakeup.wait()
-            if not self._pending:
-                continue  # everyone waiting was cancelled
+            if not self._pending or self._active >= threads:
+                continue  # everyone waiting was cancelled, or the thread went to someone else
             _, count = self._fitting()
             batch = [self._pending.popleft() for _ in range(count)]
             self._queued_rows -= sum(item.rows for item in batch)
@@ -265,7 +326,8 @@ class DynamicBatcher:
             count += 1
         return rows, count
 
-    async def _dispatch(self, batch: list[_Pending], slots: asyncio.Semaphore) -> None:
+    async def _dispatch(self, batch: list[_Pending], state: _LoopState) -> None:
+        released = False
         try:
             live = [item for item in batch if not item.future.done()]
             if not live:
@@ -282,9 +344,14 @@ class DynamicBatcher:
                 else {name: np.concatenate([item.inputs[name] for item in live]) for name in live[0].inputs}
             )
             try:
-                outputs = await asyncio.get_running_loop().run_in_executor(
-                    self._executor, self._predict, merged
-                )
+                if self.runs_inline:
+                    outputs = self._timed(merged)
+                else:
+                    future = asyncio.get_running_loop().run_in_executor(self._executor, self._timed, merged)
+                    # The thread stays taken until the call returns, even if close() cancels us.
+                    future.add_done_callback(lambda _: self._release(state))
+                    released = True
+                    outputs = await future
                 self._check_rows(outputs, rows)
             except Exception as exc:  # noqa: BLE001 - fanned out to every waiter below
                 logger.warning(
@@ -307,7 +374,8 @@ class DynamicBatcher:
                     item.future.set_result({name: value[offset:end] for name, value in outputs.items()})
                 offset = end
         finally:
-            slots.release()
+            if not released:
+                self._release(state)
 
     def _check_rows(self, outputs: Tensors, rows: int) -> None:
         for name, value in outputs.items():

@@ -50,6 +50,9 @@ class BatchingSettings(BaseModel):
     """Queue bound, in batches of ``max_batch_size`` rows."""
     num_batch_threads: int = Field(default=1, ge=1)
     """Threads that run batches of one model version concurrently."""
+    inline_max_micros: int = Field(default=200, ge=0)
+    """Run calls on the event loop instead of a thread while the model's measured call time
+    stays below this (a tiny model answers faster than the thread hop); 0 = always a thread."""
 
 
 class LatestPolicy(BaseModel):
