@@ -109,14 +109,16 @@ _SCHEMA = tuple(
     )
 )
 
-# The statements are built once: a TextClause is immutable and safe to share between
-# threads, and the engine caches its compiled form per dialect.
-_INSERT_PREDICTION = sa.text(
+# The prediction insert goes to the driver directly (``exec_driver_sql``): the log takes
+# thousands of rows a second, and building SQLAlchemy's bound-parameter dicts for each row
+# cost as much as SQLite's own insert. ``{p}`` becomes the driver's placeholder.
+_INSERT_PREDICTION_DRIVER = (
     "INSERT INTO predictions (model, request_id, version, created, task, classes, n_rows, "
-    "inputs, outputs, predicted) VALUES (:model, :request_id, :version, :created, :task, "
-    ":classes, :n_rows, :inputs, :outputs, :predicted) "
+    "inputs, outputs, predicted) VALUES ({p}, {p}, {p}, {p}, {p}, {p}, {p}, {p}, {p}, {p}) "
     "ON CONFLICT (model, request_id) DO NOTHING"
 )
+# The other statements are built once: a TextClause is immutable and safe to share between
+# threads, and the engine caches its compiled form per dialect.
 _SELECT_PREDICTED = sa.text(
     "SELECT request_id, version, task, classes, n_rows FROM predictions "
     "WHERE model = :model AND request_id IN :ids"
@@ -167,8 +169,9 @@ class PredictionRecord:
         model: Model name.
         version: The version that answered.
         created: Unix time of the answer.
-        inputs: One list per row: the first ``sample_features`` input columns.
-        outputs: One list per row: the model's first output.
+        inputs: One list per row: the first ``sample_features`` input columns (a list, or a
+            2-D array that is logged as the same JSON).
+        outputs: One list per row: the model's first output (list or array).
         predicted: One predicted class id (classifiers) or value (regressors) per row.
         task: ``multiclass``, ``binary`` or ``regression``; decides what a valid target is.
         classes: Number of classes (0 for regressors); class ids run ``0..classes-1``.
@@ -178,9 +181,9 @@ class PredictionRecord:
     model: str
     version: int
     created: float
-    inputs: list[list[float]]
-    outputs: list[list[float]] | list[float]
-    predicted: list[int | float]
+    inputs: list[list[float]] | np.ndarray
+    outputs: list[list[float]] | list[float] | np.ndarray
+    predicted: list[int | float] | np.ndarray
     task: str = "multiclass"
     classes: int = 0
 
@@ -352,6 +355,13 @@ class SqlPredictionStore:
         """Names the database in messages; never includes a password."""
         return self.backend
 
+    @property
+    def _insert_prediction(self) -> str:
+        """The prediction insert in the driver's own placeholder style."""
+        # sqlite3 takes "?" (qmark); psycopg takes "%s" (format and pyformat).
+        placeholder = "?" if self._engine.dialect.paramstyle == "qmark" else "%s"
+        return _INSERT_PREDICTION_DRIVER.format(p=placeholder)
+
     def _redact(self, message: str) -> str:
         """Removes secrets from a driver message; the base class has none to remove."""
         return message
@@ -432,22 +442,24 @@ class SqlPredictionStore:
         # Sorted by key: concurrent writers then lock the rows in one order (no deadlock).
         ordered = sorted(records, key=lambda r: (r.model, r.request_id))
         rows = [
-            {
-                "model": r.model,
-                "request_id": r.request_id,
-                "version": r.version,
-                "created": r.created,
-                "task": r.task,
-                "classes": r.classes,
-                "n_rows": len(r.predicted),
-                "inputs": _dumps(r.inputs),
-                "outputs": _dumps(r.outputs),
-                "predicted": _dumps(r.predicted),
-            }
+            (
+                r.model,
+                r.request_id,
+                r.version,
+                r.created,
+                r.task,
+                r.classes,
+                len(r.predicted),
+                _dumps(r.inputs),
+                _dumps(r.outputs),
+                _dumps(r.predicted),
+            )
             for r in ordered
         ]
-        # A list of parameter sets: SQLAlchemy runs it as one executemany.
-        self._run(lambda conn: conn.execute(_INSERT_PREDICTION, rows), write=True)
+        # Positional tuples straight to the driver's executemany, in the same transaction
+        # handling as every other statement.
+        statement = self._insert_prediction
+        self._run(lambda conn: conn.exec_driver_sql(statement, rows), write=True)
 
     def add_feedback(self, model: str, items: Sequence[FeedbackItem]) -> FeedbackResult:
         """Joins labels to logged predictions and stores the valid ones, durably.

@@ -71,9 +71,9 @@ class _Pending:
     enqueued: float = field(default_factory=time.monotonic)
 
 
-# Calls timed before a model may run inline, and the weight of each new timing.
-_INLINE_MIN_CALLS = 16
-_EWMA_WEIGHT = 0.2
+# Calls timed per decision whether a model runs inline: the median of each window of this
+# many calls decides, so a call stretched by preemption or a page fault does not.
+_TIMING_WINDOW = 16
 
 
 def _rows(inputs: Tensors) -> int:
@@ -119,33 +119,31 @@ class DynamicBatcher:
         self._state: _LoopState | None = None
         self._running: set[asyncio.Task[None]] = set()
         self._active = 0  # runtime calls in progress (threads taken, or one inline call)
-        # Moving average of one runtime call's wall time, and how many calls it has seen:
-        # what decides whether a call runs inline. Updated from the batch threads too; a
-        # lost update under the GIL only delays the average by one call.
-        self._call_s = 0.0
-        self._calls = 0
+        # Wall times of recent runtime calls, and the decision they led to. Appended from
+        # the batch threads too; a list append is atomic under the GIL.
+        self._timings: list[float] = []
         self._inline_s = settings.inline_max_micros / 1e6
+        self.runs_inline = False
+        """Whether calls run on the event loop now: the median of the last measured calls
+        took under ``inline_max_micros``."""
+        self._flush_scheduled = False
 
     @property
     def queued_rows(self) -> int:
         """Rows waiting for a batch (not yet running)."""
         return self._queued_rows
 
-    @property
-    def runs_inline(self) -> bool:
-        """Whether calls run on the event loop now: measured calls take under ``inline_max_micros``."""
-        return self._calls >= _INLINE_MIN_CALLS and self._call_s < self._inline_s
-
     def _timed(self, inputs: Tensors) -> Tensors:
         start = time.perf_counter()
         try:
             return self._predict(inputs)
         finally:
-            elapsed = time.perf_counter() - start
-            self._call_s = (
-                elapsed if not self._calls else self._call_s + _EWMA_WEIGHT * (elapsed - self._call_s)
-            )
-            self._calls += 1
+            timings = self._timings
+            timings.append(time.perf_counter() - start)
+            if len(timings) >= _TIMING_WINDOW:
+                median = sorted(timings)[len(timings) // 2]
+                self.runs_inline = median < self._inline_s
+                timings.clear()
 
     async def predict(self, inputs: Tensors) -> Tensors:
         """Runs ``inputs`` as part of a batch and returns this request's rows of the outputs.
@@ -173,13 +171,22 @@ class DynamicBatcher:
             return await self._predict_unbatched(inputs, rows)
         loop = asyncio.get_running_loop()
         state = self._ensure_collector(loop)
-        if not self._pending and not self._active:
+        inline = self.runs_inline
+        if not inline and not self._pending and not self._active:
             # Idle: nobody to batch with, so no reason to wait.
             return await self._run_now(inputs, rows, state)
         item = _Pending(inputs, rows, loop.create_future())
         self._pending.append(item)
         self._queued_rows += rows
-        state.wakeup.set()
+        if inline:
+            # A tiny model: no thread, no timeout. The batch is every request that reaches
+            # the batcher in this turn of the event loop (under load, the requests whose
+            # bytes arrived together), run once the turn's other callbacks have run.
+            if not self._flush_scheduled:
+                self._flush_scheduled = True
+                loop.call_soon(self._flush_inline)
+        else:
+            state.wakeup.set()
         try:
             return await item.future
         except asyncio.CancelledError:
@@ -253,6 +260,14 @@ class DynamicBatcher:
         self._active -= 1
         if state is not None:
             state.wakeup.set()  # a thread is free: queued requests may go
+
+    def _flush_inline(self) -> None:
+        self._flush_scheduled = False
+        while self._pending:
+            _, count = self._fitting()
+            batch = [self._pending.popleft() for _ in range(count)]
+            self._queued_rows -= sum(item.rows for item in batch)
+            self._run_batch(batch, time.monotonic())
 
     async def _predict_unbatched(self, inputs: Tensors, rows: int) -> Tensors:
         # Batching off: every request is its own call, behind the bounded queue and the
@@ -329,53 +344,83 @@ class DynamicBatcher:
     async def _dispatch(self, batch: list[_Pending], state: _LoopState) -> None:
         released = False
         try:
-            live = [item for item in batch if not item.future.done()]
+            start = time.monotonic()
+            if self.runs_inline:
+                self._run_batch(batch, start)
+                return
+            live, merged, rows = self._merge(batch, start)
             if not live:
                 return
-            start = time.monotonic()
-            rows = sum(item.rows for item in live)
-            if self._metrics is not None:
-                self._metrics.observe_batch(self.model, self.version, rows)
-                for item in live:
-                    self._metrics.observe_queue(self.model, self.version, start - item.enqueued)
-            merged = (
-                live[0].inputs
-                if len(live) == 1
-                else {name: np.concatenate([item.inputs[name] for item in live]) for name in live[0].inputs}
-            )
+            future = asyncio.get_running_loop().run_in_executor(self._executor, self._timed, merged)
+            # The thread stays taken until the call returns, even if close() cancels us.
+            future.add_done_callback(lambda _: self._release(state))
+            released = True
             try:
-                if self.runs_inline:
-                    outputs = self._timed(merged)
-                else:
-                    future = asyncio.get_running_loop().run_in_executor(self._executor, self._timed, merged)
-                    # The thread stays taken until the call returns, even if close() cancels us.
-                    future.add_done_callback(lambda _: self._release(state))
-                    released = True
-                    outputs = await future
+                outputs = await future
                 self._check_rows(outputs, rows)
-            except Exception as exc:  # noqa: BLE001 - fanned out to every waiter below
-                logger.warning(
-                    "model %s version %s failed on a batch of %d rows: %s",
-                    self.model,
-                    self.version,
-                    rows,
-                    exc,
-                )
-                for item in live:
-                    if not item.future.done():
-                        # One exception object per waiter: raising it appends to its traceback.
-                        err = copy.copy(exc) if isinstance(exc, ServingError) else self._failure(rows, exc)
-                        item.future.set_exception(err)
+            except Exception as exc:  # noqa: BLE001 - fanned out to every waiter
+                self._fail(live, rows, exc)
                 return
-            offset = 0
-            for item in live:
-                end = offset + item.rows
-                if not item.future.done():
-                    item.future.set_result({name: value[offset:end] for name, value in outputs.items()})
-                offset = end
+            self._answer(live, outputs)
         finally:
             if not released:
                 self._release(state)
+
+    def _merge(self, batch: list[_Pending], start: float) -> tuple[list[_Pending], Tensors, int]:
+        """The live requests of a batch, their inputs concatenated, and their row count."""
+        live = [item for item in batch if not item.future.done()]
+        rows = sum(item.rows for item in live)
+        if not live:
+            return live, {}, 0
+        if self._metrics is not None:
+            self._metrics.observe_batch(self.model, self.version, rows)
+            for item in live:
+                self._metrics.observe_queue(self.model, self.version, start - item.enqueued)
+        merged = (
+            live[0].inputs
+            if len(live) == 1
+            else {name: np.concatenate([item.inputs[name] for item in live]) for name in live[0].inputs}
+        )
+        return live, merged, rows
+
+    def _run_batch(self, batch: list[_Pending], start: float) -> None:
+        """Runs a batch on the event loop (a tiny model) and answers its requests."""
+        live, merged, rows = self._merge(batch, start)
+        if not live:
+            return
+        self._active += 1
+        try:
+            outputs = self._timed(merged)
+            self._check_rows(outputs, rows)
+        except Exception as exc:  # noqa: BLE001 - fanned out to every waiter
+            self._fail(live, rows, exc)
+            return
+        finally:
+            self._active -= 1
+        self._answer(live, outputs)
+
+    def _fail(self, live: list[_Pending], rows: int, exc: Exception) -> None:
+        logger.warning(
+            "model %s version %s failed on a batch of %d rows: %s", self.model, self.version, rows, exc
+        )
+        for item in live:
+            if not item.future.done():
+                # One exception object per waiter: raising it appends to its traceback.
+                err = copy.copy(exc) if isinstance(exc, ServingError) else self._failure(rows, exc)
+                item.future.set_exception(err)
+
+    @staticmethod
+    def _answer(live: list[_Pending], outputs: Tensors) -> None:
+        if len(live) == 1:
+            if not live[0].future.done():
+                live[0].future.set_result(outputs)
+            return
+        offset = 0
+        for item in live:
+            end = offset + item.rows
+            if not item.future.done():
+                item.future.set_result({name: value[offset:end] for name, value in outputs.items()})
+            offset = end
 
     def _check_rows(self, outputs: Tensors, rows: int) -> None:
         for name, value in outputs.items():

@@ -14,9 +14,10 @@ app = create_app(dataplane, settings, registry, routers=[feedback_router], statu
 
 from __future__ import annotations
 
+import functools
 import html
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from fastapi import APIRouter, FastAPI, Response
 from fastapi.middleware.cors import CORSMiddleware
@@ -32,6 +33,8 @@ from modelloop.serving.rest.routes_v2 import create_v2_router
 from modelloop.web import REQUEST_ID_HEADER
 
 if TYPE_CHECKING:
+    from starlette.types import Receive, Scope, Send
+
     from modelloop.serving.dataplane import DataPlane
     from modelloop.serving.settings import ServingSettings
 
@@ -52,6 +55,40 @@ class StatusColumns(Protocol):
         ...
 
 
+class RestApp(FastAPI):
+    """FastAPI with the predict and infer fast path in front of it (:mod:`.fastpath`).
+
+    Every request enters through ``front``; the fast path answers predict and infer
+    calls and hands the rest to FastAPI. Without a ``front`` it is plain FastAPI.
+
+    Attributes:
+        front: The fast path, set by :func:`create_app`.
+    """
+
+    front: PredictFastPath | None = None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Enters through the fast path."""
+        front = self.front
+        if front is None:
+            await super().__call__(scope, receive, send)
+        else:
+            await front(scope, receive, send)
+
+
+def cors_options(settings: ServingSettings) -> dict[str, Any] | None:
+    """The ``CORSMiddleware`` options of the settings, or None when CORS is off."""
+    if not settings.cors_origins:
+        return None
+    return {
+        "allow_origins": list(settings.cors_origins),
+        "allow_methods": ["GET", "POST"],
+        "allow_headers": ["*"],
+        # Browsers hide response headers unless listed; clients need these two.
+        "expose_headers": [REQUEST_ID_HEADER, HEADER_LENGTH],
+    }
+
+
 def create_app(
     dataplane: DataPlane,
     settings: ServingSettings,
@@ -70,25 +107,24 @@ def create_app(
         status_columns: More columns for the status page. Defaults to None.
 
     Returns:
-        The FastAPI app, with ``/v1``, ``/v2``, ``/metrics``, ``/docs``, ``/`` and ``routers``.
+        The FastAPI app, with ``/v1``, ``/v2``, ``/metrics``, ``/docs``, ``/`` and ``routers``;
+        predict and infer calls enter through its fast path.
     """
-    app = FastAPI(
+    app = RestApp(
         title=TITLE,
         summary="TF Serving REST API and Open Inference Protocol V2 over one data plane.",
         version=str(dataplane.server_metadata().get("version", "")),
     )
     install_error_handlers(app)
-    # Added before CORS, so that CORS wraps it: the hot routes keep their CORS headers.
-    app.add_middleware(PredictFastPath, dataplane=dataplane, max_body_bytes=settings.max_body_bytes)
-    if settings.cors_origins:
-        app.add_middleware(
-            CORSMiddleware,
-            allow_origins=list(settings.cors_origins),
-            allow_methods=["GET", "POST"],
-            allow_headers=["*"],
-            # Browsers hide response headers unless listed; clients need these two.
-            expose_headers=[REQUEST_ID_HEADER, HEADER_LENGTH],
-        )
+    cors = cors_options(settings)
+    if cors is not None:
+        app.add_middleware(CORSMiddleware, **cors)
+    app.front = PredictFastPath(
+        functools.partial(FastAPI.__call__, app),
+        dataplane=dataplane,
+        max_body_bytes=settings.max_body_bytes,
+        cors=cors,
+    )
     app.include_router(create_tfserving_router(dataplane, settings))
     app.include_router(create_v2_router(dataplane, settings))
     for router in routers:

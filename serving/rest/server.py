@@ -93,6 +93,9 @@ def create_rest_server(app: FastAPI, settings: ServingSettings) -> RestServer:
         timeout_graceful_shutdown=max(int(settings.grace_period_s), 1),
         # The data plane bounds the work; this only caps sockets per process.
         limit_concurrency=None,
+        # Nothing here reads the client address, so skip rewriting it from X-Forwarded-For
+        # on every request (a middleware uvicorn wraps around the app by default).
+        proxy_headers=False,
         # httptools with bounded head size and time (uvicorn has neither limit).
         http=guarded_protocol(settings.max_header_bytes, settings.header_timeout_s),
         ssl_certfile=str(settings.tls_cert_file) if settings.tls_cert_file else None,

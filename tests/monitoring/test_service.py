@@ -97,6 +97,58 @@ def test_store_outage_is_counted_and_windows_still_fill():
         observer.stop()
 
 
+def test_a_batch_is_converted_per_version_and_logs_what_each_request_sent():
+    registry = CollectorRegistry()
+    store = BlockingStore()
+    store.release.set()
+    windows = WindowSet(1000)
+    observer = MonitoringObserver(
+        store, windows, MonitoringMetrics(registry), lambda m, v: VersionInfo(classes=10), sample_features=64
+    )
+    rng = np.random.default_rng(0)
+    wide = [rng.integers(0, 17, size=(n, 70)).astype(np.float32) for n in (1, 3, 2)]
+    requests = [pair(rows, f"w{i}", classes=np.full(len(rows), i)) for i, rows in enumerate(wide)]
+    requests.append(pair(np.ones((2, 64)), "v2", version=2, classes=np.array([7, 8])))
+    narrow = pair(np.ones((1, 10)), "odd", version=2, classes=np.array([5]))  # another width, same version
+    observer.start()
+    try:
+        for request, response in [*requests, narrow]:
+            observer.observe(request, response)
+        assert observer.flush(5)
+    finally:
+        observer.stop()
+    logged = {r.request_id: r for r in store.records}
+    assert sorted(logged) == ["odd", "v2", "w0", "w1", "w2"]
+    for i, rows in enumerate(wide):
+        record = logged[f"w{i}"]
+        # The first 64 of 70 columns of exactly this request's rows, and its predictions.
+        np.testing.assert_array_equal(np.asarray(record.inputs), rows[:, :64].astype(np.float64))
+        assert list(record.predicted) == [i] * len(rows)
+        assert np.asarray(record.outputs).shape == (len(rows), 10)
+    assert list(logged["v2"].predicted) == [7, 8] and list(logged["odd"].predicted) == [5]
+    assert len(windows.get("digits", 1)) == 6 and len(windows.get("digits", 2)) == 3
+
+
+def test_wide_multi_row_requests_round_trip_through_the_store(tmp_path: Path):
+    store = open_store(f"sqlite:///{tmp_path / 'log.db'}")
+    observer = MonitoringObserver(
+        store, WindowSet(100), MonitoringMetrics(CollectorRegistry()), lambda m, v: VersionInfo(classes=10)
+    )
+    rows = np.arange(3 * 70, dtype=np.float32).reshape(3, 70)
+    observer.start()
+    try:
+        observer.observe(*pair(np.zeros((1, 70)), "first"))
+        observer.observe(*pair(rows, "wide", classes=np.array([1, 2, 3])))
+        assert observer.flush(5)
+        assert store.add_feedback("digits", [FeedbackItem("wide", [1, 2, 3])]).accepted == ["wide"]
+        inputs, targets = store.feedback_dataset("digits")
+    finally:
+        observer.stop()
+        store.close()
+    np.testing.assert_array_equal(inputs, rows[:, :64])
+    assert targets.tolist() == [1, 2, 3]
+
+
 def test_predicted_values_per_task():
     out = np.array([[0.1, 0.7, 0.2], [0.9, 0.05, 0.05]])
     assert predicted_values(out, "multiclass").tolist() == [1, 0]

@@ -336,6 +336,26 @@ async def test_a_tiny_model_runs_inline_once_its_calls_are_measured(enabled: boo
     await batcher.close()
 
 
+async def test_an_inline_model_batches_the_requests_of_one_loop_turn() -> None:
+    runtime = ThreadRecorder()
+    # A timeout far beyond the test: inline batches never wait for it.
+    settings = BatchingSettings(max_batch_size=4, batch_timeout_micros=30_000_000, inline_max_micros=50_000)
+    batcher = DynamicBatcher(runtime.predict, settings)
+    for i in range(20):
+        await batcher.predict(rows(i))
+    assert batcher.runs_inline
+    runtime.calls.clear()
+    start = time.monotonic()
+    results = await asyncio.gather(*(batcher.predict(rows(i)) for i in range(6)))
+    assert time.monotonic() - start < 5
+    # Six requests arrived in one turn: one full batch of four, then the other two.
+    assert runtime.calls == [4, 2]
+    assert [float(r["sum"][0, 0]) for r in results] == [3.0 * i for i in range(6)]
+    await batcher.predict(rows(0))
+    assert runtime.calls == [4, 2, 1]
+    await batcher.close()
+
+
 async def test_slow_models_and_inline_zero_stay_on_threads() -> None:
     slow = ThreadRecorder(delay_s=0.002)
     batcher = DynamicBatcher(slow.predict, BatchingSettings(inline_max_micros=1_000))
