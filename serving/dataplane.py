@@ -135,16 +135,16 @@ def validate_inputs(
             a batch over ``max_batch_size``, or inputs whose batch sizes differ.
     """
     model = metadata.name
-    expected = [spec.name for spec in metadata.inputs]
-    if not inputs:
-        raise InvalidInput(f"the request has no inputs; model {model!r} expects {_names(expected)}")
-    unknown = [name for name in inputs if name not in expected]
-    if unknown:
-        raise InvalidInput(
-            f"unknown input {_names(unknown)} for model {model!r}; its inputs are {_names(expected)}"
-        )
-    missing = [name for name in expected if name not in inputs]
-    if missing:
+    if len(inputs) != len(metadata.inputs) or any(spec.name not in inputs for spec in metadata.inputs):
+        expected = [spec.name for spec in metadata.inputs]
+        if not inputs:
+            raise InvalidInput(f"the request has no inputs; model {model!r} expects {_names(expected)}")
+        unknown = [name for name in inputs if name not in expected]
+        if unknown:
+            raise InvalidInput(
+                f"unknown input {_names(unknown)} for model {model!r}; its inputs are {_names(expected)}"
+            )
+        missing = [name for name in expected if name not in inputs]
         raise InvalidInput(
             f"missing input {_names(missing)} for model {model!r}; its inputs are {_names(expected)}"
         )
@@ -152,11 +152,10 @@ def validate_inputs(
     rows: int | None = None
     for spec in metadata.inputs:
         value = np.asarray(inputs[spec.name])
-        want = _describe_shape(spec.shape)
         if value.ndim != len(spec.shape):
             raise InvalidInput(
                 f"input {spec.name!r} has shape {_describe_shape(value.shape)} (rank {value.ndim}); "
-                f"model {model!r} expects rank {len(spec.shape)}, shape {want}"
+                f"model {model!r} expects rank {len(spec.shape)}, shape {_describe_shape(spec.shape)}"
             )
         for axis, (got, dim) in enumerate(zip(value.shape, spec.shape, strict=True)):
             if dim != -1 and got != dim:
@@ -165,7 +164,7 @@ def validate_inputs(
                 )
                 raise InvalidInput(
                     f"input {spec.name!r} has {got} {what} (shape {_describe_shape(value.shape)}); "
-                    f"model {model!r} expects {dim} (shape {want})"
+                    f"model {model!r} expects {dim} (shape {_describe_shape(spec.shape)})"
                 )
         n = value.shape[0]
         if n == 0:

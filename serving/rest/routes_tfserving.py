@@ -74,7 +74,9 @@ class PredictDecoder:
 
     def target(self) -> tuple[str, str | None, str | None]:
         """The model, version and label of the path; only ``:predict`` is served."""
-        name, verb = split_method(self._segment, "POST", self._request.url.path)
+        # The scope's path, not request.url: building a URL object costs more than the rest
+        # of this method, and the path is only for the error message.
+        name, verb = split_method(self._segment, "POST", self._request.scope["path"])
         if verb != "predict":
             raise Unimplemented(
                 f":{verb} is not implemented by this server (tf.Example inputs); use :predict, which "
