@@ -144,6 +144,55 @@ def _add_server_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--no-monitoring", action="store_true", help="no prediction log, feedback, drift or accuracy"
     )
+    parser.add_argument(
+        "--workers",
+        default="1",
+        metavar="N|auto",
+        help="server processes sharing both ports; auto = the CPUs this process may use (default: 1)",
+    )
+    # Set by the supervisor of --workers N for each worker it starts; not for users.
+    parser.add_argument("--worker-index", type=int, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--worker-count", type=int, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--worker-fd", type=int, default=None, help=argparse.SUPPRESS)
+
+
+def worker_count(value: str) -> int:
+    """The number of workers ``--workers`` asks for: a positive number, or ``auto``.
+
+    Raises:
+        ModelloopError: Anything else, with a one-line reason.
+
+    Example:
+
+    >>> worker_count("2")
+    2
+    """
+    text = value.strip().lower()
+    if text == "auto":
+        from modelloop.serving.cpus import cpu_budget
+
+        return cpu_budget().count
+    if not (text.isascii() and text.isdigit()) or int(text) < 1:
+        raise ModelloopError(f"invalid --workers {value!r}: give a number of processes (1 or more) or 'auto'")
+    return int(text)
+
+
+def worker_argv(args: argparse.Namespace) -> list[str]:
+    """The ``serve`` arguments every worker of ``--workers N`` runs with (the ports apart)."""
+    argv = ["--repo", str(args.repo), "--host", args.host, "--log-level", args.log_level]
+    for flag, value in (
+        ("--poll-interval", args.poll_interval),
+        ("--grace-period", args.grace_period),
+        ("--tls-cert", args.tls_cert),
+        ("--tls-key", args.tls_key),
+        ("--store", args.store),
+        ("--state-dir", args.state_dir),
+    ):
+        if value is not None:
+            argv += [flag, str(value)]
+    if args.no_monitoring:
+        argv.append("--no-monitoring")
+    return argv
 
 
 def _quiet_tensorflow() -> None:
@@ -218,6 +267,7 @@ def _serving_settings(args: argparse.Namespace) -> tuple[Any, Any]:
         overrides["tls_cert_file"] = args.tls_cert
     if args.tls_key is not None:
         overrides["tls_key_file"] = args.tls_key
+    overrides["workers"] = args.worker_count or worker_count(args.workers)
     monitoring: dict[str, Any] = {}
     if args.no_monitoring:
         monitoring["enabled"] = False
@@ -236,21 +286,52 @@ def _serving_settings(args: argparse.Namespace) -> tuple[Any, Any]:
         ) from None
 
 
-def _setup_logging(level: str) -> None:
+def _setup_logging(level: str, worker: int | None = None) -> None:
     import logging
 
+    who = "" if worker is None else f"worker {worker} "
     logging.basicConfig(
-        level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
+        level=level, format=f"%(asctime)s %(levelname)s {who}%(name)s: %(message)s", stream=sys.stderr
     )
+
+
+def _serve(args: argparse.Namespace, on_ready: Any = None) -> int:
+    """Serves with the settings of ``args``: one process, one worker of several, or their supervisor."""
+    count = worker_count(args.workers)
+    settings, monitoring = _serving_settings(args)
+    from modelloop.server import WorkerRole, print_addresses, serve
+
+    if args.worker_index is not None:
+        metrics_dir = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+        if args.worker_count is None or args.worker_fd is None or not metrics_dir:
+            raise ModelloopError("--worker-index is for the workers that `serve --workers N` starts")
+        role = WorkerRole(args.worker_index, args.worker_count, args.worker_fd, Path(metrics_dir))
+        return serve(settings, monitoring=monitoring, role=role)
+    if count == 1:
+        return serve(settings, on_ready=on_ready, monitoring=monitoring)
+    from modelloop.server import ServerError
+    from modelloop.workers import Supervisor, WorkerOptions
+
+    if not settings.repo.is_dir():
+        raise ServerError(f"model repository {str(settings.repo)!r} does not exist or is not a directory")
+    options = WorkerOptions(
+        count=count,
+        argv=worker_argv(args),
+        host=settings.host,
+        rest_port=settings.rest_port,
+        grpc_port=settings.grpc_port,
+        grace_period_s=settings.grace_period_s,
+        tls=settings.tls,
+        max_restarts=settings.worker_max_restarts,
+        backoff_s=settings.worker_restart_backoff_s,
+    )
+    return Supervisor(options, on_ready or print_addresses).run()
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
     _quiet_tensorflow()
-    _setup_logging(args.log_level)
-    settings, monitoring = _serving_settings(args)
-    from modelloop.server import serve
-
-    return serve(settings, monitoring=monitoring)
+    _setup_logging(args.log_level, args.worker_index)
+    return _serve(args)
 
 
 def _cmd_up(args: argparse.Namespace) -> int:
@@ -258,13 +339,11 @@ def _cmd_up(args: argparse.Namespace) -> int:
     _setup_logging(args.log_level)
     from modelloop.up import ensure_default_model, print_welcome
 
+    worker_count(args.workers)  # a bad --workers fails before any training
     published = ensure_default_model(args.repo, epochs=args.epochs)
     if published is not None:
         print(f"modelloop: published {published}", flush=True)
-    settings, monitoring = _serving_settings(args)
-    from modelloop.server import serve
-
-    return serve(settings, on_ready=print_welcome, monitoring=monitoring)
+    return _serve(args, on_ready=print_welcome)
 
 
 def _cmd_retrain(args: argparse.Namespace) -> int:

@@ -7,24 +7,36 @@ REST app's extension point) and the retraining half. Everything is passed in; no
 builds its own dependencies or reads the environment per request. On SIGTERM or SIGINT
 the server turns readiness off, stops taking connections, lets the requests in flight
 finish within the grace period, unloads the models and returns 0.
+
+As one worker of ``modelloop serve --workers N`` (:mod:`modelloop.workers` is the
+supervisor), a server also gets a :class:`WorkerRole`: it binds the shared ports with
+``SO_REUSEPORT``, exposes every worker's metrics summed (prometheus_client's multiprocess
+mode), tells the supervisor when it is ready and when the repository extension changed
+what it serves (and follows the others' changes), shares the retrain policy with the
+other workers through a ledger, and leaves the in-process rules and the store's retention
+to worker 0. It drains and stops when the supervisor goes away.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
+import json
 import logging
 import signal
+import socket
 import sys
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
-from typing import TextIO
+from pathlib import Path
+from typing import Any, TextIO
 
 import uvloop
 from fastapi import APIRouter
 from prometheus_client import CollectorRegistry
 
-from modelloop.errors import ModelloopError
+from modelloop.errors import ModelloopError, ServiceError
 from modelloop.monitoring.http import MonitoringColumns, create_alerts_router, create_feedback_router
 from modelloop.monitoring.retraining import Retraining, build_retraining
 from modelloop.monitoring.service import MonitoringService
@@ -32,7 +44,7 @@ from modelloop.monitoring.settings import MonitoringSettings
 from modelloop.monitoring.store import StoreUnavailable
 from modelloop.serving.dataplane import DataPlane
 from modelloop.serving.grpc.server import bind_grpc_server, create_grpc_server, server_credentials
-from modelloop.serving.metrics import ServingMetrics
+from modelloop.serving.metrics import ServingMetrics, multiprocess_registry
 from modelloop.serving.observer import InferenceObserver
 from modelloop.serving.registry import ModelRegistry
 from modelloop.serving.repository import ModelRepository
@@ -69,6 +81,68 @@ class ServerError(ModelloopError):
     """The server cannot start: bad repository, address in use, bad settings."""
 
 
+@dataclass(frozen=True)
+class WorkerRole:
+    """A server's place among the workers of ``modelloop serve --workers N``.
+
+    Attributes:
+        index: This worker's number, from 0.
+        count: Workers in all.
+        link_fd: The file descriptor of the socket to the supervisor.
+        metrics_dir: prometheus_client's multiprocess directory (``PROMETHEUS_MULTIPROC_DIR``).
+    """
+
+    index: int
+    count: int
+    link_fd: int
+    metrics_dir: Path
+
+    @property
+    def leader(self) -> bool:
+        """Worker 0 runs what must run once: the in-process rules and the store's retention."""
+        return self.index == 0
+
+
+class SupervisorLink:
+    """This worker's end of the socket to the supervisor: one JSON object per line.
+
+    Args:
+        fd: The socket's file descriptor (inherited from the supervisor).
+    """
+
+    def __init__(self, fd: int) -> None:
+        self._sock = socket.socket(fileno=fd)
+        self._writer: asyncio.StreamWriter | None = None
+        self._reader: asyncio.StreamReader | None = None
+
+    async def open(self) -> None:
+        """Wraps the socket in asyncio streams (on the running loop)."""
+        self._reader, self._writer = await asyncio.open_connection(sock=self._sock)
+
+    def send(self, message: dict[str, Any]) -> None:
+        """Queues one message to the supervisor (never blocks)."""
+        if self._writer is not None and not self._writer.is_closing():
+            self._writer.write((json.dumps(message) + "\n").encode())
+
+    async def messages(self) -> AsyncIterator[dict[str, Any]]:
+        """Yields the supervisor's messages until it goes away (call :meth:`open` first)."""
+        reader = self._reader
+        if reader is None:
+            raise RuntimeError("the supervisor link is not open")
+        while line := await reader.readline():
+            with contextlib.suppress(ValueError):
+                message = json.loads(line)
+                if isinstance(message, dict):
+                    yield message
+
+    def close(self) -> None:
+        """Closes the socket."""
+        if self._writer is not None:
+            self._writer.close()
+        else:
+            self._sock.close()
+
+
 class ModelServer:
     """One server process: REST and gRPC front ends over one data plane.
 
@@ -80,6 +154,8 @@ class ModelServer:
             :class:`~modelloop.monitoring.service.MonitoringService` logs predictions,
             takes feedback and exports drift and accuracy on the same registry.
             Defaults to None (no monitoring).
+        role: This server's place among several workers. Defaults to None (the only
+            process).
 
     Example:
         >>> server = ModelServer(ServingSettings(repo=Path("models"), rest_port=0, grpc_port=0))
@@ -93,28 +169,45 @@ class ModelServer:
         observer: InferenceObserver | None = None,
         registry: CollectorRegistry | None = None,
         monitoring: MonitoringSettings | None = None,
+        role: WorkerRole | None = None,
     ) -> None:
         if not settings.repo.is_dir():
             raise ServerError(f"model repository {str(settings.repo)!r} does not exist or is not a directory")
         self.settings = settings
+        self.role = role
+        self.link = SupervisorLink(role.link_fd) if role is not None else None
         self.prometheus = registry if registry is not None else CollectorRegistry()
+        # What /metrics shows: this process's registry, or with workers every worker's sum.
+        exposition = multiprocess_registry(role.metrics_dir) if role is not None else self.prometheus
         self.metrics = ServingMetrics(self.prometheus)
         self.models = ModelRegistry(ModelRepository(settings.repo), settings, metrics=self.metrics)
         self.monitoring: MonitoringService | None = None
+        leader = role is None or role.leader
         if monitoring is not None and monitoring.enabled:
             try:
                 self.monitoring = MonitoringService(
-                    monitoring, repo=settings.repo, catalog=self.models, registry=self.prometheus
+                    monitoring,
+                    repo=settings.repo,
+                    catalog=self.models,
+                    registry=self.prometheus,
+                    prune=leader,
+                    # The other workers' writers linger this long before they commit.
+                    peer_wait_s=0.0 if role is None else 0.25,
                 )
             except StoreUnavailable as exc:
                 raise ServerError(f"cannot open the monitoring store: {exc.message}") from exc
             observer = observer if observer is not None else self.monitoring.observer
-        self.dataplane = DataPlane(self.models, self.metrics, observer=observer)
+        on_change = self._relay_repository_change if self.link is not None else None
+        self.dataplane = DataPlane(
+            self.models, self.metrics, observer=observer, on_repository_change=on_change
+        )
         # The retraining half: the alert webhook's handler and, without Alertmanager, the
         # in-process rules; it counts the runs it launches on the monitoring metrics.
         self.retraining: Retraining | None = None
         if self.monitoring is not None and monitoring is not None:
-            self.retraining = build_retraining(monitoring, settings.repo, self.monitoring)
+            self.retraining = build_retraining(
+                monitoring, settings.repo, self.monitoring, shared=role is not None, rules=leader
+            )
         # Monitoring's HTTP surface, mounted through the REST app's extension point: the
         # feedback route (501 without monitoring) and the alert webhook (503 without it).
         admin_token = settings.admin_token.get_secret_value() if settings.admin_token is not None else None
@@ -127,15 +220,34 @@ class ModelServer:
             ),
         ]
         columns: StatusColumns = MonitoringColumns(self.monitoring)
-        self.app = create_app(
-            self.dataplane, settings, self.prometheus, routers=routers, status_columns=columns
-        )
+        self.app = create_app(self.dataplane, settings, exposition, routers=routers, status_columns=columns)
         self._stop = asyncio.Event()
         self.addresses: BoundAddresses | None = None
 
     def request_stop(self) -> None:
         """Asks the running server to drain and stop (what SIGTERM does)."""
         self._stop.set()
+
+    def _relay_repository_change(self, op: str, model: str) -> None:
+        if self.link is not None:
+            self.link.send({"event": "repository", "op": op, "model": model})
+
+    async def _follow_supervisor(self) -> None:
+        """Applies the other workers' repository changes; stops when the supervisor goes away."""
+        if self.link is None:
+            return
+        async for message in self.link.messages():
+            op, model = message.get("op"), str(message.get("model", ""))
+            try:
+                if op == "load":
+                    await self.models.load_model(model)
+                elif op == "unload":
+                    await self.models.unload_model(model)
+            except ServiceError as exc:
+                # The worker that took the call already answered its client; say why here.
+                logger.warning("repository %s of %s from another worker: %s", op, model, exc.message)
+        logger.warning("the supervisor went away: draining and stopping")
+        self.request_stop()
 
     async def run(self, on_ready: Callable[[BoundAddresses], None] | None = None) -> int:
         """Starts everything, waits for a stop signal, drains, and returns the exit status.
@@ -150,11 +262,12 @@ class ModelServer:
             ServerError: A port cannot be bound.
         """
         settings = self.settings
+        shared = self.role is not None
         try:
-            rest_sock = bind_rest_socket(settings.host, settings.rest_port)
+            rest_sock = bind_rest_socket(settings.host, settings.rest_port, reuse_port=shared)
         except OSError as exc:
             raise ServerError(str(exc)) from exc
-        grpc_server = create_grpc_server(self.dataplane, settings)
+        grpc_server = create_grpc_server(self.dataplane, settings, reuse_port=shared)
         try:
             credentials = server_credentials(settings)
         except OSError as exc:
@@ -186,6 +299,11 @@ class ModelServer:
         self.addresses = BoundAddresses(
             settings.host, rest_sock.getsockname()[1], grpc_port, tls=settings.tls
         )
+        follower: asyncio.Task[None] | None = None
+        if self.link is not None:
+            await self.link.open()
+            self.link.send({"event": "ready", "rest_port": self.addresses.rest_port, "grpc_port": grpc_port})
+            follower = asyncio.create_task(self._follow_supervisor(), name="supervisor-link")
         if on_ready is not None:
             on_ready(self.addresses)
 
@@ -201,6 +319,8 @@ class ModelServer:
             return_exceptions=True,
         )
         stop_task.cancel()
+        if follower is not None:
+            follower.cancel()
         await self.dataplane.stop()
         if self.retraining is not None:
             await self.retraining.close()
@@ -210,6 +330,8 @@ class ModelServer:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(sig)
         rest_sock.close()
+        if self.link is not None:
+            self.link.close()
         logger.info("stopped")
         return 0
 
@@ -226,21 +348,25 @@ def serve(
     settings: ServingSettings,
     on_ready: Callable[[BoundAddresses], None] | None = None,
     monitoring: MonitoringSettings | None = None,
+    role: WorkerRole | None = None,
 ) -> int:
     """Builds a :class:`ModelServer` and runs it until SIGTERM or SIGINT.
 
     Args:
         settings: Server settings.
-        on_ready: Called with the bound addresses. Defaults to printing them.
+        on_ready: Called with the bound addresses. Defaults to printing them (a worker
+            prints nothing: its supervisor does).
         monitoring: Monitoring settings. Defaults to None (no monitoring).
+        role: This server's place among several workers. Defaults to None.
 
     Returns:
         The process exit status.
     """
 
     async def main() -> int:
-        server = ModelServer(settings, monitoring=monitoring)
-        return await server.run(on_ready or print_addresses)
+        server = ModelServer(settings, monitoring=monitoring, role=role)
+        ready = on_ready if on_ready is not None else (print_addresses if role is None else None)
+        return await server.run(ready)
 
     # uvloop: a faster event loop for the REST side (uvicorn's own default); grpc.aio's poller
     # runs on it too (the end-to-end tests drive both ports of one uvloop process).

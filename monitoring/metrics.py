@@ -39,6 +39,10 @@ class MonitoringMetrics:
         dropped: ``{model}``: answered requests not logged (queue full or store down).
         window_rows: ``{model,version}``: rows in the drift window.
 
+    With several workers (prometheus_client's multiprocess mode) each worker evaluates the
+    rows it served; the drift and accuracy gauges report the highest value of any live
+    worker (drift anywhere is drift), the window rows their sum.
+
     Args:
         registry: Where the metrics are registered.
     """
@@ -49,36 +53,42 @@ class MonitoringMetrics:
             "Drift of one input feature against the baseline: PSI or KS distance.",
             ["model", "version", "feature", "method"],
             registry=registry,
+            multiprocess_mode="livemax",
         )
         self.drift_detected = Gauge(
             "modelloop_drift_detected",
             "1 when the share of drifted features reaches drift_share, else 0.",
             ["model", "version"],
             registry=registry,
+            multiprocess_mode="livemax",
         )
         self.drift_share = Gauge(
             "modelloop_drift_share",
             "Share of input features that drifted (0..1).",
             ["model", "version"],
             registry=registry,
+            multiprocess_mode="livemax",
         )
         self.prediction_drift = Gauge(
             "modelloop_prediction_drift",
             "PSI of the prediction distribution against the baseline.",
             ["model", "version"],
             registry=registry,
+            multiprocess_mode="livemax",
         )
         self.accuracy = Gauge(
             "modelloop_accuracy",
             "Accuracy over the most recent labelled predictions (classifiers).",
             ["model", "version"],
             registry=registry,
+            multiprocess_mode="livemax",
         )
         self.mean_absolute_error = Gauge(
             "modelloop_mean_absolute_error",
             "Mean absolute error over the most recent labelled predictions (regressors).",
             ["model", "version"],
             registry=registry,
+            multiprocess_mode="livemax",
         )
         self.feedback = Counter(
             "modelloop_feedback",
@@ -103,6 +113,7 @@ class MonitoringMetrics:
             "Rows in the drift window of a model version.",
             ["model", "version"],
             registry=registry,
+            multiprocess_mode="livesum",
         )
 
     def forget_version(self, model: str, version: int, features: list[str]) -> None:

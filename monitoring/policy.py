@@ -14,11 +14,15 @@ policy.should_retrain("digits", "ModelDriftDetected", ("{}:{alertname=...}", "20
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import json
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 
 @dataclass(frozen=True)
@@ -41,7 +45,9 @@ class RetrainPolicy:
     """Decides whether an alert (or an in-process rule) starts a retrain.
 
     Thread-safe: the webhook and the in-process rules may consult one policy from
-    different threads.
+    different threads. With a ``ledger``, several processes share one policy (the
+    workers of one server: an alert reaches whichever worker the connection landed on):
+    each decision reads and writes the ledger file under an exclusive ``flock``.
 
     Args:
         cooldown_s: Least seconds between two retrains of one model.
@@ -50,6 +56,9 @@ class RetrainPolicy:
         clock: Monotonic clock in seconds. Defaults to ``time.monotonic``.
         max_keys: De-duplication keys remembered; the oldest are forgotten first.
             Defaults to 10000.
+        ledger: A JSON file that holds the starts and keys for several processes; use a
+            ``clock`` that all of them share (``time.time``). Defaults to None (this
+            process only).
     """
 
     def __init__(
@@ -59,6 +68,7 @@ class RetrainPolicy:
         cooldown_for: Callable[[str], float | None] | None = None,
         clock: Callable[[], float] = time.monotonic,
         max_keys: int = 10_000,
+        ledger: Path | None = None,
     ) -> None:
         if cooldown_s < 0:
             raise ValueError(f"cooldown_s must be >= 0, got {cooldown_s}")
@@ -69,6 +79,7 @@ class RetrainPolicy:
         self._seen: OrderedDict[Hashable, None] = OrderedDict()
         self._last_start: dict[str, float] = {}
         self._lock = threading.Lock()
+        self._ledger = ledger
 
     def cooldown(self, model: str) -> float:
         """The cooldown of one model in seconds."""
@@ -97,7 +108,7 @@ class RetrainPolicy:
         del reason  # Same decision whatever the reason; callers log it.
         if resolved:
             return PolicyDecision(False, "resolved")
-        with self._lock:
+        with self._lock, self._shared():
             if key is not None and key in self._seen:
                 return PolicyDecision(False, "duplicate")
             now = self._clock()
@@ -114,8 +125,34 @@ class RetrainPolicy:
 
     def forget(self, model: str) -> None:
         """Lifts the cooldown of one model (its retrain could not even start)."""
-        with self._lock:
+        with self._lock, self._shared():
             self._last_start.pop(model, None)
+
+    @contextlib.contextmanager
+    def _shared(self) -> Iterator[None]:
+        """Loads the ledger's state, lets the caller decide, and writes it back, all under flock."""
+        if self._ledger is None:
+            yield
+            return
+        self._ledger.parent.mkdir(parents=True, exist_ok=True)
+        with self._ledger.open("a+", encoding="utf-8") as handle:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+            try:
+                handle.seek(0)
+                text = handle.read()
+                state = json.loads(text) if text.strip() else {}
+                self._last_start = {str(m): float(t) for m, t in state.get("last_start", {}).items()}
+                self._seen = OrderedDict(
+                    (tuple(k) if isinstance(k, list) else k, None) for k in state.get("seen", [])
+                )
+                yield
+                seen = [list(k) if isinstance(k, tuple) else k for k in self._seen]
+                handle.seek(0)
+                handle.truncate()
+                handle.write(json.dumps({"last_start": self._last_start, "seen": seen}))
+                handle.flush()
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)
 
     def _remember(self, key: Hashable | None) -> None:
         if key is None:

@@ -19,6 +19,7 @@ await retraining.close()
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -82,7 +83,18 @@ def _make_trigger(settings: MonitoringSettings, repo: Path, on_finish: Any) -> R
     return DryRunTrigger()
 
 
-def build_retraining(settings: MonitoringSettings, repo: Path, service: MonitoringService) -> Retraining:
+POLICY_LEDGER = "retrain-policy.json"
+"""The file under ``state_dir`` where the workers of one server share their retrain policy."""
+
+
+def build_retraining(
+    settings: MonitoringSettings,
+    repo: Path,
+    service: MonitoringService,
+    *,
+    shared: bool = False,
+    rules: bool = True,
+) -> Retraining:
     """Builds the retraining half and registers the in-process rules on ``service``.
 
     Args:
@@ -91,6 +103,11 @@ def build_retraining(settings: MonitoringSettings, repo: Path, service: Monitori
         repo: The model repository the retrains publish into.
         service: The monitoring service: its metrics count the runs, its catalog says
             which models exist, and it calls the in-process rules.
+        shared: Several worker processes serve together: the policy's starts and alert
+            keys go through a ledger under ``state_dir``, so an alert or a rule starts one
+            retrain, not one per worker. Defaults to False.
+        rules: Whether this process runs the in-process rules (one worker does).
+            Defaults to True.
 
     Returns:
         The assembled parts.
@@ -110,17 +127,32 @@ def build_retraining(settings: MonitoringSettings, repo: Path, service: Monitori
         except (ValueError, ServiceError):  # a broken config.json or a vanished model
             return None
 
-    policy = RetrainPolicy(settings.retrain_cooldown_s, cooldown_for=cooldown_for)
+    policy = (
+        RetrainPolicy(
+            settings.retrain_cooldown_s,
+            cooldown_for=cooldown_for,
+            # Wall-clock time: the workers share it, and the ledger outlives a restart.
+            clock=time.time,
+            ledger=settings.state_dir / POLICY_LEDGER,
+        )
+        if shared
+        else RetrainPolicy(settings.retrain_cooldown_s, cooldown_for=cooldown_for)
+    )
     trigger = _make_trigger(settings, repo, count)
     alerts = AlertHandler(policy, trigger, service.has_model, on_trigger_failed=count_failed_launch)
-    rules: InProcessRules | None = None
-    if settings.alertmanager_url is None:
-        rules = InProcessRules(policy, trigger, on_trigger_failed=count_failed_launch)
-        service.add_listener(rules)
+    in_process: InProcessRules | None = None
+    if settings.alertmanager_url is None and rules:
+        in_process = InProcessRules(policy, trigger, on_trigger_failed=count_failed_launch)
+        service.add_listener(in_process)
+    where = (
+        f"Alertmanager at {settings.alertmanager_url}"
+        if settings.alertmanager_url is not None
+        else ("in-process" if in_process is not None else "in-process, in another worker")
+    )
     logger.info(
         "retraining: trigger %s, rules %s, cooldown %.0f s",
         settings.trigger,
-        "in-process" if rules is not None else f"Alertmanager at {settings.alertmanager_url}",
+        where,
         settings.retrain_cooldown_s,
     )
-    return Retraining(policy=policy, trigger=trigger, alerts=alerts, rules=rules)
+    return Retraining(policy=policy, trigger=trigger, alerts=alerts, rules=in_process)

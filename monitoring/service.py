@@ -147,6 +147,11 @@ class MonitoringService:
             through :class:`~modelloop.serving.types.ModelCatalog`).
         registry: The server's Prometheus registry.
         store: The prediction store. Defaults to ``open_store(settings.resolved_store_url())``.
+        prune: Whether this process applies the store's retention (one worker of several
+            does). Defaults to True.
+        peer_wait_s: With several workers logging to one store, a label may arrive at one
+            worker for a prediction another worker still holds in its buffer; such ids are
+            looked up once more after this wait. Defaults to 0 (one process: no wait).
 
     Raises:
         StoreUnavailable: The default SQLite store cannot be opened.
@@ -166,8 +171,12 @@ class MonitoringService:
         catalog: ModelCatalog,
         registry: CollectorRegistry,
         store: PredictionStore | None = None,
+        prune: bool = True,
+        peer_wait_s: float = 0.0,
     ) -> None:
         self.settings = settings
+        self.prune = prune
+        self.peer_wait_s = peer_wait_s
         self.repo = Path(repo)
         self.catalog = catalog
         self.metrics = MonitoringMetrics(registry)
@@ -358,7 +367,7 @@ class MonitoringService:
             self.windows.discard(*key)
             self.metrics.forget_version(key[0], key[1], state.feature_names() if state else [])
         now = time.monotonic()
-        if now - self._last_prune >= self.settings.prune_interval_s:
+        if self.prune and now - self._last_prune >= self.settings.prune_interval_s:
             self._last_prune = now
             try:
                 pruned = self.store.prune()
@@ -407,6 +416,18 @@ class MonitoringService:
         if not self.observer.flush(timeout=5.0):
             logger.warning("feedback for %s: the prediction log is behind; recent ids may be unknown", model)
         result = self.store.add_feedback(model, items)
+        if result.unknown and self.peer_wait_s > 0:
+            # Another worker may have logged the prediction but not written it yet: its
+            # writer lingers before each commit. Ask once more for those ids after that.
+            time.sleep(self.peer_wait_s)
+            unknown = set(result.unknown)
+            retry = self.store.add_feedback(model, [item for item in items if item.request_id in unknown])
+            result.unknown = retry.unknown
+            result.accepted += retry.accepted
+            result.duplicate += retry.duplicate
+            result.invalid.update(retry.invalid)
+            for version, count in retry.labels.items():
+                result.labels[version] = result.labels.get(version, 0) + count
         for version, count in result.labels.items():
             self.metrics.feedback.labels(model, str(version)).inc(count)
         return result

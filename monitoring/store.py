@@ -712,9 +712,11 @@ def _sqlite_on_connect(dbapi_connection: sqlite3.Connection, _record: Any) -> No
     dbapi_connection.isolation_level = None
     cursor = dbapi_connection.cursor()
     try:
+        # The busy timeout first: several worker processes open the file at once, and
+        # switching it to WAL waits for the others' locks like any other statement.
+        cursor.execute(f"PRAGMA busy_timeout={int(_SQLITE_BUSY_TIMEOUT_S * 1000)}")
         cursor.execute("PRAGMA journal_mode=WAL")
         cursor.execute("PRAGMA synchronous=FULL")
-        cursor.execute(f"PRAGMA busy_timeout={int(_SQLITE_BUSY_TIMEOUT_S * 1000)}")
     finally:
         cursor.close()
 

@@ -31,7 +31,7 @@ import asyncio
 import dataclasses
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 from typing import Protocol as TypingProtocol
 
@@ -264,6 +264,9 @@ class DataPlane:
         observer: Receives every answered request. Defaults to a no-op.
         extensions: OIP server extensions to advertise. Defaults to ``binary_tensor_data``,
             plus ``model_repository`` when an admin token is set.
+        on_repository_change: Called with ``("load" | "unload", model)`` after a
+            repository extension call succeeded here (the workers of one server pass it
+            on to the others). Defaults to None.
     """
 
     def __init__(
@@ -273,8 +276,10 @@ class DataPlane:
         *,
         observer: InferenceObserver | None = None,
         extensions: Sequence[str] | None = None,
+        on_repository_change: Callable[[str, str], None] | None = None,
     ) -> None:
         self.registry = registry
+        self.on_repository_change = on_repository_change
         self.metrics = metrics
         self.observer: InferenceObserver = observer or NullObserver()
         if extensions is None:
@@ -488,10 +493,14 @@ class DataPlane:
     async def load_model(self, name: str) -> None:
         """Loads a model now (repository extension). See :meth:`ModelRegistry.load_model`."""
         await self.registry.load_model(name)
+        if self.on_repository_change is not None:
+            self.on_repository_change("load", name)
 
     async def unload_model(self, name: str) -> None:
         """Unloads a model (repository extension). See :meth:`ModelRegistry.unload_model`."""
         await self.registry.unload_model(name)
+        if self.on_repository_change is not None:
+            self.on_repository_change("unload", name)
 
     def model_names(self) -> list[str]:
         """Every model in the repository, sorted."""

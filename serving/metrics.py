@@ -18,10 +18,18 @@ registry.get_sample_value(
 
 from __future__ import annotations
 
+import json
+import os
+from collections.abc import Iterator, Mapping
 from enum import Enum
+from pathlib import Path
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+
+WORKER_POOL_FILE = "workers.json"
+"""The file in the multiprocess metrics directory where the supervisor keeps the pool's state."""
 
 # Seconds. Inference on small models takes well under a millisecond, so start low.
 _LATENCY_BUCKETS = (
@@ -93,6 +101,8 @@ class ServingMetrics:
             "Versions of a model that are AVAILABLE.",
             ["model"],
             registry=registry,
+            # With several workers: what the worker with the most reports (they converge).
+            multiprocess_mode="livemax",
         )
         # Children by label values: ``.labels()`` validates and joins its labels under a lock
         # on every call; a dict hit per request is a fraction of that. Label sets are bounded
@@ -149,3 +159,69 @@ class ServingMetrics:
     def count_load_failure(self, model: str) -> None:
         """Counts one failed version load of ``model``."""
         self.load_failures.labels(model).inc()
+
+
+def write_worker_pool_state(
+    directory: Path, configured: int, running: int, restarts: Mapping[str, int]
+) -> None:
+    """Writes the worker pool's state for :class:`WorkerPoolCollector` (atomically: a rename).
+
+    Args:
+        directory: The multiprocess metrics directory.
+        configured: Workers the server runs.
+        running: Workers ready now.
+        restarts: Restarts so far, by worker index.
+    """
+    path = Path(directory) / WORKER_POOL_FILE
+    staged = path.with_suffix(f".{os.getpid()}.tmp")
+    staged.write_text(json.dumps({"configured": configured, "running": running, "restarts": dict(restarts)}))
+    staged.replace(path)
+
+
+class WorkerPoolCollector:
+    """``modelloop_workers`` and ``modelloop_worker_restarts_total`` from the supervisor's file.
+
+    Registered on the registry ``/metrics`` exposes when the server runs several workers.
+
+    Args:
+        directory: The multiprocess metrics directory.
+    """
+
+    def __init__(self, directory: Path) -> None:
+        self.path = Path(directory) / WORKER_POOL_FILE
+
+    def collect(self) -> Iterator[Metric]:
+        """The two metric families (nothing while the file is missing or being replaced)."""
+        try:
+            state = json.loads(self.path.read_text())
+        except (OSError, ValueError):
+            return
+        workers = GaugeMetricFamily(
+            "modelloop_workers", "Server worker processes, by state.", labels=["state"]
+        )
+        workers.add_metric(["configured"], float(state.get("configured", 0)))
+        workers.add_metric(["running"], float(state.get("running", 0)))
+        yield workers
+        restarts = CounterMetricFamily(
+            "modelloop_worker_restarts", "Worker processes restarted after they died.", labels=["worker"]
+        )
+        for index, count in sorted(state.get("restarts", {}).items()):
+            restarts.add_metric([str(index)], float(count))
+        yield restarts
+
+
+def multiprocess_registry(directory: Path) -> CollectorRegistry:
+    """The registry ``/metrics`` exposes with several workers: every worker's metrics, summed.
+
+    Args:
+        directory: The multiprocess metrics directory (``PROMETHEUS_MULTIPROC_DIR``).
+
+    Returns:
+        A registry with prometheus_client's multiprocess collector and the pool's state.
+    """
+    from prometheus_client import multiprocess
+
+    registry = CollectorRegistry()
+    multiprocess.MultiProcessCollector(registry, str(directory))
+    registry.register(WorkerPoolCollector(directory))  # type: ignore[arg-type]
+    return registry

@@ -229,6 +229,10 @@ class ServingSettings(BaseSettings):
     workers: int = Field(default=1, ge=1)
     """Server processes sharing this host's CPUs (``--workers``); runtimes size their
     thread pools to their share."""
+    worker_max_restarts: int = Field(default=5, ge=0)
+    """With several workers: crashes in a row after which a worker stops the server."""
+    worker_restart_backoff_s: float = Field(default=0.5, gt=0)
+    """With several workers: the first restart delay of a crashed worker (it doubles)."""
     warmup: bool = True
     """Run one synthetic batch through a new version before it takes traffic."""
     max_header_bytes: int = Field(default=64 * 1024, gt=0)

@@ -144,3 +144,44 @@ def test_concurrent_cli_exports_get_distinct_versions(digits_run, tmp_path):
         meta = json.loads((repo / "digits" / str(v) / "model.json").read_text())
         assert meta["version"] == v
         assert (repo / "digits" / str(v) / "model.onnx").stat().st_size > 1000
+
+
+@pytest.mark.parametrize("workers", ["0", "-1", "many", "2.5", ""])
+@pytest.mark.parametrize("command", ["serve", "up"])
+def test_bad_worker_counts_are_one_line_errors(tmp_path, command, workers):
+    proc = run_cli(
+        command, "--repo", str(tmp_path), "--workers", workers, "--rest-port", "0", "--grpc-port", "0"
+    )
+    assert_one_line_error(proc, "invalid --workers")
+
+
+def test_worker_arguments_round_trip():
+    from modelloop.cli import build_parser, worker_argv
+
+    parser = build_parser()
+    given = [
+        "serve", "--repo", "models", "--host", "::1", "--poll-interval", "0.5", "--grace-period", "3",
+        "--log-level", "DEBUG", "--store", "sqlite:///x.db", "--state-dir", "st", "--no-monitoring",
+        "--workers", "4",
+    ]  # fmt: skip
+    args = parser.parse_args(given)
+    again = parser.parse_args(["serve", *worker_argv(args)])
+    names = ("repo", "host", "poll_interval", "grace_period", "log_level", "store", "state_dir")
+    for name in (*names, "no_monitoring", "tls_cert", "tls_key"):
+        assert getattr(again, name) == getattr(args, name), name
+    assert again.workers == "1"  # a worker is one process
+
+
+def test_a_busy_port_fails_before_any_worker_starts(tmp_path):
+    import socket
+
+    busy = socket.socket()
+    busy.bind(("127.0.0.1", 0))
+    busy.listen()
+    try:
+        port = busy.getsockname()[1]
+        proc = run_cli("serve", "--repo", str(tmp_path), "--workers", "2", "--rest-port", str(port))
+        assert_one_line_error(proc, f"cannot bind REST port 127.0.0.1:{port}")
+        assert "worker 0 started" not in proc.stderr
+    finally:
+        busy.close()

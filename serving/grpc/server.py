@@ -40,7 +40,9 @@ INFERENCE_SERVICE = grpc_service_pb2.DESCRIPTOR.services_by_name["GRPCInferenceS
 HEALTH_SERVICE = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
 
 
-def create_grpc_server(dataplane: DataPlane, settings: ServingSettings) -> grpc.aio.Server:
+def create_grpc_server(
+    dataplane: DataPlane, settings: ServingSettings, *, reuse_port: bool = False
+) -> grpc.aio.Server:
     """Creates the gRPC server, unstarted and unbound.
 
     It serves ``tensorflow.serving.PredictionService``, ``tensorflow.serving.ModelService``,
@@ -52,6 +54,8 @@ def create_grpc_server(dataplane: DataPlane, settings: ServingSettings) -> grpc.
         dataplane: The data plane every handler calls.
         settings: Server settings; reads ``grpc_max_message_bytes`` (both directions)
             and ``admin_token`` (for the OIP repository load/unload RPCs).
+        reuse_port: Share the port with the other workers of this server
+            (``SO_REUSEPORT``). Defaults to False.
 
     Returns:
         The server; bind it with :func:`bind_grpc_server`, then ``await server.start()``.
@@ -70,8 +74,9 @@ def create_grpc_server(dataplane: DataPlane, settings: ServingSettings) -> grpc.
             ("grpc.max_receive_message_length", limit),
             ("grpc.max_send_message_length", limit),
             # grpc sets SO_REUSEPORT by default, which lets a second server silently share
-            # a fixed port with the first; we want "address in use" instead.
-            ("grpc.so_reuseport", 0),
+            # a fixed port with the first; we want "address in use" instead, except among
+            # the workers of one server (whose supervisor holds the port).
+            ("grpc.so_reuseport", 1 if reuse_port else 0),
         ]
     )
     admin_token = settings.admin_token.get_secret_value() if settings.admin_token is not None else None

@@ -46,12 +46,15 @@ class RestServer(uvicorn.Server):
         yield
 
 
-def bind_rest_socket(host: str, port: int) -> socket.socket:
+def bind_rest_socket(host: str, port: int, *, reuse_port: bool = False) -> socket.socket:
     """A listening, non-blocking TCP socket for the REST port.
 
     Args:
         host: Interface (``127.0.0.1``, ``0.0.0.0``, ``::1``).
         port: Port; 0 picks a free one.
+        reuse_port: Share the port with the other workers of this server
+            (``SO_REUSEPORT``: the kernel spreads connections over the listening sockets).
+            Defaults to False.
 
     Returns:
         The socket.
@@ -64,6 +67,8 @@ def bind_rest_socket(host: str, port: int) -> socket.socket:
     # proto 0 Nagle holds each response's body behind its headers for a delayed ACK (~40 ms).
     sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if reuse_port:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
     try:
         sock.bind((host, port))
     except OSError as exc:

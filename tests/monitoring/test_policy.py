@@ -91,3 +91,23 @@ def test_remembered_keys_are_bounded(clock: FakeClock):
 def test_negative_cooldown_is_refused():
     with pytest.raises(ValueError, match="cooldown_s"):
         RetrainPolicy(-1)
+
+
+def test_processes_sharing_a_ledger_start_one_retrain(clock: FakeClock, tmp_path):
+    # Two policies over one ledger file stand for two worker processes of one server.
+    ledger = tmp_path / "state" / "retrain-policy.json"
+    first = RetrainPolicy(60, clock=clock, ledger=ledger)
+    second = RetrainPolicy(60, clock=clock, ledger=ledger)
+    assert first.should_retrain("digits", "A", ("g", "t0"))
+    assert second.should_retrain("digits", "A", ("g", "t0")).why == "duplicate"
+    assert second.should_retrain("digits", "inprocess", None).why.startswith("cooldown")
+    second.forget("digits")  # the retrain could not start: the cooldown lifts for both
+    assert first.should_retrain("digits", "inprocess", None)
+    clock.now += 61
+    assert second.should_retrain("digits", "B", ("g", "t1"))
+    assert first.should_retrain("digits", "B", ("g", "t1")).why == "duplicate"
+    # A fresh process (a restarted worker) reads what the others decided.
+    assert (
+        RetrainPolicy(60, clock=clock, ledger=ledger).should_retrain("digits", "A", ("g", "t0")).why
+        == "duplicate"
+    )

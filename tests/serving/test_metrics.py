@@ -55,3 +55,16 @@ def test_registries_are_independent() -> None:
         "modelloop_model_load_failures_total",
     ):
         assert f"# TYPE {name.removesuffix('_total')}" in text
+
+
+def test_the_worker_pool_state_is_exported(tmp_path) -> None:
+    from modelloop.serving.metrics import WorkerPoolCollector, write_worker_pool_state
+
+    registry = CollectorRegistry()
+    registry.register(WorkerPoolCollector(tmp_path))
+    assert registry.get_sample_value("modelloop_workers", {"state": "running"}) is None  # no file yet
+    write_worker_pool_state(tmp_path, 4, 3, {"0": 0, "1": 2})
+    assert registry.get_sample_value("modelloop_workers", {"state": "configured"}) == 4
+    assert registry.get_sample_value("modelloop_workers", {"state": "running"}) == 3
+    assert registry.get_sample_value("modelloop_worker_restarts_total", {"worker": "1"}) == 2
+    assert not list(tmp_path.glob("*.tmp"))
