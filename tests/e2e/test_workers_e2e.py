@@ -157,6 +157,22 @@ def test_an_alert_starts_one_retrain_whichever_worker_gets_it(workers: ServerPro
     assert len(started) == 1, answers
 
 
+def test_feedback_finds_a_prediction_another_worker_logged(workers: ServerProcess) -> None:
+    # Each prediction and its label travel on separate connections, so about half of the
+    # labels reach the worker that did not log the prediction (and has not written it yet).
+    for i in range(12):
+        response = predict_rest(workers)
+        assert response.status_code == 200
+        request_id = response.headers["x-request-id"]
+        label = httpx.post(
+            f"{workers.rest_url}/v1/models/digits/feedback",
+            json={"feedback": [{"request_id": request_id, "target": i % 10}]},
+            timeout=10,
+        )
+        assert label.status_code == 200, label.text
+        assert label.json()["accepted"] == [request_id], label.text
+
+
 def test_a_new_version_reaches_every_worker(
     workers: ServerProcess, served_repo: Path, metrics_dir: Path
 ) -> None:
