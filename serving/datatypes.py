@@ -33,6 +33,12 @@ NUMPY_TO_TF: dict[str, int] = {n: v for n, _, _, v in _TABLE}
 TF_TO_NUMPY: dict[int, str] = {v: n for n, _, _, v in _TABLE}
 TF_ENUM_NAME: dict[int, str] = {v: t for _, _, t, v in _TABLE}
 OIP_ITEM_SIZE: dict[str, int] = {o: np.dtype(n).itemsize for n, o, _, _ in _TABLE if o != "BYTES"}
+# The same maps keyed by dtype object: a dict hit per tensor instead of building a dtype
+# and reading its name (both show in the profile of a request at thousands a second).
+_DTYPE_TO_OIP: dict[np.dtype, str] = {np.dtype(n): o for n, o, _, _ in _TABLE}
+_DTYPE_TO_TF: dict[np.dtype, int] = {np.dtype(n): v for n, _, _, v in _TABLE}
+_TF_TO_DTYPE: dict[int, np.dtype] = {v: np.dtype(n) for n, _, _, v in _TABLE}
+_OIP_TO_DTYPE: dict[str, np.dtype] = {o: np.dtype(n) for n, o, _, _ in _TABLE}
 
 
 def to_numpy_dtype(oip_datatype: str) -> np.dtype:
@@ -42,7 +48,7 @@ def to_numpy_dtype(oip_datatype: str) -> np.dtype:
         InvalidInput: The datatype is unknown or unsupported.
     """
     try:
-        return np.dtype(OIP_TO_NUMPY[oip_datatype])
+        return _OIP_TO_DTYPE[oip_datatype]
     except KeyError:
         raise InvalidInput(
             f"unsupported datatype {oip_datatype!r}; expected one of {', '.join(OIP_TO_NUMPY)}"
@@ -51,6 +57,9 @@ def to_numpy_dtype(oip_datatype: str) -> np.dtype:
 
 def to_oip_datatype(dtype: np.dtype | str) -> str:
     """The OIP datatype of a NumPy dtype (``float32`` -> ``FP32``)."""
+    known = _DTYPE_TO_OIP.get(dtype) if isinstance(dtype, np.dtype) else None
+    if known is not None:
+        return known
     d = np.dtype(dtype)
     name = "object" if d.kind in "OSU" else d.name
     try:
@@ -61,6 +70,9 @@ def to_oip_datatype(dtype: np.dtype | str) -> str:
 
 def to_tf_dtype(dtype: np.dtype | str) -> int:
     """The TensorFlow ``DataType`` value of a NumPy dtype (``float32`` -> 1)."""
+    known = _DTYPE_TO_TF.get(dtype) if isinstance(dtype, np.dtype) else None
+    if known is not None:
+        return known
     d = np.dtype(dtype)
     name = "object" if d.kind in "OSU" else d.name
     try:
@@ -76,6 +88,6 @@ def from_tf_dtype(value: int) -> np.dtype:
         InvalidInput: The value is unknown or unsupported.
     """
     try:
-        return np.dtype(TF_TO_NUMPY[value])
+        return _TF_TO_DTYPE[value]
     except KeyError:
         raise InvalidInput(f"unsupported TensorProto dtype {value}") from None

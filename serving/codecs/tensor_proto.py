@@ -27,6 +27,7 @@ per-element protobuf work) and ``string_val`` for strings.
 from __future__ import annotations
 
 import math
+import sys
 from collections.abc import Iterable, Sequence
 
 import numpy as np
@@ -103,6 +104,7 @@ _STATE_TO_TF: dict[ModelState, int] = {
 _TF_ERROR_OK = 0
 _TF_ERROR_UNKNOWN = 2
 
+_LITTLE = sys.byteorder == "little"
 PREDICT_METHOD_NAME = "tensorflow/serving/predict"
 SIGNATURE_DEF_FIELD = "signature_def"
 
@@ -154,7 +156,10 @@ def _from_tensor_content(
             f"{TF_ENUM_NAME[proto.dtype]} needs {expected} ({count} x {dtype.itemsize})"
         )
     # The wire is little-endian; .astype copies into a native, writable array.
-    return np.frombuffer(proto.tensor_content, dtype=dtype.newbyteorder("<")).astype(dtype).reshape(shape)
+    wire = (
+        dtype if dtype.byteorder in "<|" or (dtype.byteorder == "=" and _LITTLE) else dtype.newbyteorder("<")
+    )
+    return np.frombuffer(proto.tensor_content, dtype=wire).astype(dtype).reshape(shape)
 
 
 def _from_value_field(
@@ -233,6 +238,29 @@ def _shape_proto(shape: Iterable[int]) -> tensor_shape_pb2.TensorShapeProto:
     return tensor_shape_pb2.TensorShapeProto(dim=dims)
 
 
+def fill_tensor(proto: tensor_pb2.TensorProto, array: np.ndarray) -> None:
+    """Writes a NumPy array into an (empty) ``TensorProto`` in place; see :func:`from_numpy`.
+
+    Filling the message a response already holds skips building a tensor and copying it in.
+
+    Raises:
+        InvalidInput: The dtype has no TensorFlow ``DataType``.
+    """
+    array = np.asarray(array)
+    proto.dtype = to_tf_dtype(array.dtype)
+    dims = proto.tensor_shape.dim
+    for size in array.shape:
+        dims.add().size = size
+    if array.dtype.kind in "OSU":
+        proto.string_val.extend(
+            v.encode("utf-8") if isinstance(v, str) else bytes(v) for v in array.reshape(-1).tolist()
+        )
+    elif array.dtype.byteorder == ">" or (array.dtype.byteorder == "=" and not _LITTLE):
+        proto.tensor_content = array.astype(array.dtype.newbyteorder("<")).tobytes()
+    else:
+        proto.tensor_content = array.tobytes()  # C order, whatever the array's strides
+
+
 def from_numpy(array: np.ndarray) -> tensor_pb2.TensorProto:
     """Encodes a NumPy array as a ``TensorProto``.
 
@@ -255,14 +283,8 @@ def from_numpy(array: np.ndarray) -> tensor_pb2.TensorProto:
     >>> to_numpy(proto).tolist()
     [[1, 2]]
     """
-    array = np.asarray(array)
-    proto = tensor_pb2.TensorProto(dtype=to_tf_dtype(array.dtype), tensor_shape=_shape_proto(array.shape))
-    if array.dtype.kind in "OSU":
-        proto.string_val.extend(
-            v.encode("utf-8") if isinstance(v, str) else bytes(v) for v in array.reshape(-1).tolist()
-        )
-    else:
-        proto.tensor_content = np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("<")).tobytes()
+    proto = tensor_pb2.TensorProto()
+    fill_tensor(proto, array)
     return proto
 
 
@@ -359,11 +381,13 @@ def encode_predict_response(
     Returns:
         The gRPC response, every output in ``tensor_content``.
     """
-    out = predict_pb2.PredictResponse(
-        model_spec=encode_model_spec(response.model, response.version, signature_name)
-    )
+    out = predict_pb2.PredictResponse()
+    spec = out.model_spec
+    spec.name = response.model
+    spec.signature_name = signature_name or ""
+    spec.version.value = response.version
     for key, array in response.outputs.items():
-        out.outputs[key].CopyFrom(from_numpy(array))
+        fill_tensor(out.outputs[key], array)
     return out
 
 

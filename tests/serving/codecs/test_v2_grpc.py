@@ -10,7 +10,7 @@ import pytest
 from modelloop.serving.codecs import binary_tensor, v2_grpc
 from modelloop.serving.errors import InvalidInput
 from modelloop.serving.protos import grpc_service_pb2 as pb
-from modelloop.serving.types import InferResponse, ModelMetadata, Protocol, TensorSpec
+from modelloop.serving.types import InferResponse, ModelMetadata, Protocol, TensorSpec, VersionConfig
 
 TYPED = [
     ("BOOL", "bool_contents", [True, False, True, True]),
@@ -309,7 +309,9 @@ def test_encodes_model_metadata_and_config() -> None:
         ("probabilities", "FP32", [-1, 10])
     ]
     assert list(v2_grpc.encode_model_metadata(METADATA).versions) == ["2"]
-    config = v2_grpc.encode_model_config(METADATA).config
+    served = VersionConfig(METADATA, {"intra_op_num_threads": "1", "allow_spinning": "false"})
+    config = v2_grpc.encode_model_config(served).config
+    assert {k: v.string_value for k, v in config.parameters.items()} == served.parameters
     assert (config.name, config.platform, config.backend, config.max_batch_size) == (
         "digits",
         "onnxruntime_onnx",

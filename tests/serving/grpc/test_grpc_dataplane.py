@@ -153,14 +153,14 @@ async def test_request_ids_and_metrics(served) -> None:
     s, _ = served
     call = s.tfs.Predict(_predict(ROWS), metadata=(("x-request-id", "tfs-1"),))
     await call
-    assert dict(await call.initial_metadata())["x-request-id"] == "tfs-1"
+    assert dict(await call.trailing_metadata())["x-request-id"] == "tfs-1"
     call = s.tfs.Predict(_predict(ROWS))
     await call
-    generated = dict(await call.initial_metadata())["x-request-id"]
+    generated = dict(await call.trailing_metadata())["x-request-id"]
     assert len(generated) == 32
     call = s.oip.ModelInfer(_infer(ROWS, id="oip-1"))
     assert (await call).id == "oip-1"
-    assert dict(await call.initial_metadata())["x-request-id"] == "oip-1"
+    assert dict(await call.trailing_metadata())["x-request-id"] == "oip-1"
     await _error(s.tfs.Predict(_predict(ROWS[:, :8])))
     bad = _infer(ROWS)
     bad.raw_input_contents[0] = b"\0" * 3

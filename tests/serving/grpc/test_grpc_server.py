@@ -199,7 +199,7 @@ async def test_predict_with_tensor_content(edge: Edge) -> None:
     assert response.model_spec.signature_name == "serving_default"
     labels = tensor_util.MakeNdarray(response.outputs["label"])
     assert labels.tolist() == [b"9", b"3"]  # where each row's largest of its first ten pixels is
-    assert FRESH_ID.fullmatch(dict(await call.initial_metadata())["x-request-id"])
+    assert FRESH_ID.fullmatch(dict(await call.trailing_metadata())["x-request-id"])
     assert edge.calls(1) == [] and len(edge.calls(2)) == 1
     assert edge.stack.requests() == {("digits", "2", "tfserving_grpc", "OK"): 1}
 
@@ -213,7 +213,7 @@ async def test_predict_with_float_val_version_label_and_output_filter(edge: Edge
     response, call = await _with_call(edge.tfs.Predict, request, metadata=(("x-request-id", "client-42"),))
     assert list(response.outputs) == ["probabilities"]
     assert response.model_spec.version.value == 1
-    assert dict(await call.initial_metadata())["x-request-id"] == "client-42"
+    assert dict(await call.trailing_metadata())["x-request-id"] == "client-42"
     (sent,) = edge.calls(1)
     np.testing.assert_array_equal(sent["pixels"], _pixels())
     assert edge.calls(2) == []
@@ -475,7 +475,7 @@ async def test_model_infer(edge: Edge, raw: bool) -> None:
     np.testing.assert_array_equal(outputs["probabilities"], digits_probabilities(_pixels()))
     assert outputs["label"].tolist() == [b"9", b"3"]
     assert FRESH_ID.fullmatch(response.id)
-    assert dict(await call.initial_metadata())["x-request-id"] == response.id
+    assert dict(await call.trailing_metadata())["x-request-id"] == response.id
     (sent,) = edge.calls(2)
     np.testing.assert_array_equal(sent["pixels"], _pixels())
     assert edge.stack.requests() == {("digits", "2", "v2_grpc", "OK"): 1}
@@ -487,10 +487,10 @@ async def test_model_infer_ids_outputs_and_version(edge: Edge) -> None:
     response, call = await _with_call(edge.oip.ModelInfer, request)
     assert response.id == "oip-7" and response.model_version == "1"
     assert [o.name for o in response.outputs] == ["label"]
-    assert dict(await call.initial_metadata())["x-request-id"] == "oip-7"
+    assert dict(await call.trailing_metadata())["x-request-id"] == "oip-7"
     response, call = await _with_call(edge.oip.ModelInfer, request, metadata=(("x-request-id", "hdr"),))
     assert response.id == "oip-7", "the OIP id is echoed even when the header differs"
-    assert dict(await call.initial_metadata())["x-request-id"] == "hdr"
+    assert dict(await call.trailing_metadata())["x-request-id"] == "hdr"
     assert len(edge.calls(1)) == 2 and edge.calls(2) == []
 
 
@@ -704,13 +704,13 @@ async def test_a_negative_predict_version_is_invalid_argument(edge: Edge) -> Non
 async def test_an_invalid_client_id_is_replaced_by_a_fresh_one(edge: Edge, bad: str) -> None:
     metadata = (("x-request-id", bad),)
     _, call = await _with_call(edge.tfs.Predict, _predict_request(), metadata=metadata)
-    assert FRESH_ID.fullmatch(dict(await call.initial_metadata())["x-request-id"])
+    assert FRESH_ID.fullmatch(dict(await call.trailing_metadata())["x-request-id"])
     response, call = await _with_call(edge.oip.ModelInfer, _infer_request(), metadata=metadata)
-    assert FRESH_ID.fullmatch(dict(await call.initial_metadata())["x-request-id"]) and response.id
+    assert FRESH_ID.fullmatch(dict(await call.trailing_metadata())["x-request-id"]) and response.id
     # The OIP id field follows the same rule; the response still echoes what was sent.
     for bad_id in (bad, "tab\there"):
         response, call = await _with_call(edge.oip.ModelInfer, _infer_request(id=bad_id))
-        assert FRESH_ID.fullmatch(dict(await call.initial_metadata())["x-request-id"])
+        assert FRESH_ID.fullmatch(dict(await call.trailing_metadata())["x-request-id"])
         assert response.id == bad_id
     error = await _error(edge.tfs.Predict(_predict_request(name="nope"), metadata=metadata))
     assert FRESH_ID.fullmatch(_trailing_id(error) or "")
