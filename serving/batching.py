@@ -1,11 +1,14 @@
 """Dynamic batching of one model version's requests.
 
-A request that finds the batcher idle (nothing queued, no batch running) runs at once:
-waiting for company that is not coming would only add ``batch_timeout_micros`` to every
-request of a lightly loaded server. Under load, requests that arrive while a batch runs
-queue up and are merged along axis 0 into one runtime call of at most ``max_batch_size``
-rows, or whatever has arrived ``batch_timeout_micros`` after the first of them, then the
-outputs are split back in order (TF Serving's rule, applied only while there is load).
+A request that finds the batcher idle (nothing queued, no batch running) and not under
+load runs at once: waiting for company that is not coming would only add
+``batch_timeout_micros`` to every request of a lightly loaded server. The batcher is under
+load while requests arrive during its calls; then requests queue up and are merged along
+axis 0 into one runtime call of at most ``max_batch_size`` rows, or whatever has arrived
+``batch_timeout_micros`` after the first of them, and the outputs are split back in order
+(TF Serving's rule, applied only under load). On a busy core that wait is what lets a batch
+fill: the requests behind it are still being decoded on the same CPU. Load ends with the
+first call during which nobody arrived.
 
 The synchronous runtime runs on a thread pool of ``num_batch_threads`` threads that the
 batcher owns, so the event loop never blocks on inference, except for tiny models: the
@@ -119,6 +122,8 @@ class DynamicBatcher:
         self._state: _LoopState | None = None
         self._running: set[asyncio.Task[None]] = set()
         self._active = 0  # runtime calls in progress (threads taken, or one inline call)
+        self._arrived_busy = False  # a request arrived while a call ran
+        self._under_load = False  # requests kept arriving during the latest calls
         # Wall times of recent runtime calls, and the decision they led to. Appended from
         # the batch threads too; a list append is atomic under the GIL.
         self._timings: list[float] = []
@@ -172,9 +177,11 @@ class DynamicBatcher:
         loop = asyncio.get_running_loop()
         state = self._ensure_collector(loop)
         inline = self.runs_inline
-        if not inline and not self._pending and not self._active:
-            # Idle: nobody to batch with, so no reason to wait.
+        if not inline and not self._pending and not self._active and not self._under_load:
+            # Idle and no load: nobody to batch with, so no reason to wait.
             return await self._run_now(inputs, rows, state)
+        if self._active:
+            self._arrived_busy = True
         item = _Pending(inputs, rows, loop.create_future())
         self._pending.append(item)
         self._queued_rows += rows
@@ -258,6 +265,9 @@ class DynamicBatcher:
 
     def _release(self, state: _LoopState | None) -> None:
         self._active -= 1
+        if not self._active:
+            self._under_load = self._arrived_busy or bool(self._pending)
+            self._arrived_busy = False
         if state is not None:
             state.wakeup.set()  # a thread is free: queued requests may go
 
