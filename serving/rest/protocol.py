@@ -32,6 +32,63 @@ DEFAULT_HEADER_TIMEOUT_S = 10.0
 _HEADER_OVERHEAD = len(b": \r\n")  # what httptools strips around each header it reports
 
 
+# Bodies up to this size are joined with their head into one write; larger ones go as two
+# writes, since copying them would cost more than the extra system call.
+_JOIN_LIMIT = 64 * 1024
+
+
+class CoalescingTransport:
+    """A transport that sends a response's head together with the first piece of its body.
+
+    uvicorn writes the status line and headers as soon as the app starts the response, and
+    the body when it comes: two system calls and two TCP segments per response (with
+    ``TCP_NODELAY``), where one does. This wrapper holds a response head back and writes it
+    with the next write; :meth:`flush` (called when a response completes, and on close)
+    sends a head whose body never comes (HEAD, 204). ``100 Continue`` is never held, since
+    the client waits for it before it sends the body. Everything else is the transport's.
+
+    Args:
+        transport: The connection's transport.
+    """
+
+    __slots__ = ("_held", "_transport")
+
+    def __init__(self, transport: asyncio.Transport) -> None:
+        self._transport = transport
+        self._held: bytes | None = None
+
+    def write(self, data: bytes) -> None:
+        """Writes ``data``, after a held head; holds ``data`` if it is a response head."""
+        held = self._held
+        if held is not None:
+            self._held = None
+            if len(data) <= _JOIN_LIMIT:
+                self._transport.write(held + data)
+            else:
+                self._transport.write(held)
+                self._transport.write(data)
+            return
+        if data.startswith(b"HTTP/1.1 ") and not data.startswith(b"HTTP/1.1 100 "):
+            self._held = data
+            return
+        self._transport.write(data)
+
+    def flush(self) -> None:
+        """Writes a held head now."""
+        held = self._held
+        if held is not None:
+            self._held = None
+            self._transport.write(held)
+
+    def close(self) -> None:
+        """Flushes, then closes the transport."""
+        self.flush()
+        self._transport.close()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._transport, name)
+
+
 def _response(status: bytes, message: bytes) -> bytes:
     """Builds a complete, closing HTTP/1.1 response with a JSON error body.
 
@@ -95,6 +152,8 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
             transport: The connection's transport.
         """
         super().connection_made(transport)
+        # Everything uvicorn writes, its response cycles included, goes through the wrapper.
+        self.transport = CoalescingTransport(transport)  # type: ignore[assignment]
         self._arm_head_timer()
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -141,7 +200,8 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
             super().send_400_response(msg)
 
     def on_response_complete(self) -> None:
-        """Sends a 408/431 held back until the earlier pipelined responses were written."""
+        """Sends a held head, and a 408/431 held back until the earlier pipelined responses were written."""
+        self.transport.flush()  # type: ignore[attr-defined]
         super().on_response_complete()
         if self._reply is not None and not self._answering():
             self._send_reply()
