@@ -11,7 +11,9 @@
 # 4. serves the heavy model with onnx_providers = [CUDA, CPU] and checks the server's log
 #    line "ONNX Runtime providers ['CUDAExecutionProvider', ...]" and the absence of the
 #    fallback warning, then checks served outputs against CPU within 1e-4;
-# 5. runs the heavy-model table (python -m bench --only heavy) on the GPU server.
+# 5. runs the heavy-model table (python -m bench --only heavy) on the GPU server, with 1, 2,
+#    4 and 8 workers (the worker-scaling run): the servers get all CPUs but the last quarter,
+#    which the load generators get (BENCH_SERVER_CPUS / BENCH_LOAD_CPUS).
 # Exit status 0 only if every check passed. Results land in bench/results/gpu-*.json.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -91,7 +93,12 @@ assert diff <= 1e-4, diff
 PY
 cleanup
 
-echo "== heavy-model table on the GPU"
-"$VENV/bin/python" -m bench --only heavy --duration "$DURATION" \
+echo "== heavy-model table on the GPU, workers 1, 2, 4 and 8"
+CPUS=$(nproc)
+LOAD=$(( CPUS / 4 > 0 ? CPUS / 4 : 1 ))
+if [ "$CPUS" -ge 4 ]; then
+  export BENCH_SERVER_CPUS="0-$(( CPUS - LOAD - 1 ))" BENCH_LOAD_CPUS="$(( CPUS - LOAD ))-$(( CPUS - 1 ))"
+fi
+"$VENV/bin/python" -m bench --only heavy --heavy-workers 1,2,4,8 --duration "$DURATION" \
   --out "$OUT" --gpu | tee "$OUT/gpu-table.md"
 echo "GPU check passed on: $(cat "$OUT/gpu-card.txt")"

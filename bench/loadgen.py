@@ -8,13 +8,15 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
 import subprocess
 import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-LOAD_CPU = 1
+LOAD_CPU = os.environ.get("BENCH_LOAD_CPUS", "1")
+"""CPUs of the load generators, as ``taskset -c`` takes them (``BENCH_LOAD_CPUS``, default 1)."""
 _MARK = "BENCH_JSON "
 
 GRPC_PATHS = {
@@ -112,7 +114,7 @@ def run_wrk(
     connections: int,
     duration_s: float,
     timeout_s: float = 10.0,
-    cpu: int = LOAD_CPU,
+    cpu: int | str = LOAD_CPU,
 ) -> LoadResult:
     """Runs one wrk measurement (one thread, ``connections`` keep-alive connections)."""
     with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as handle:
@@ -199,7 +201,7 @@ def run_h2load(
     *,
     connections: int,
     duration_s: float,
-    cpu: int = LOAD_CPU,
+    cpu: int | str = LOAD_CPU,
 ) -> LoadResult:
     """Runs one h2load measurement of gRPC unary calls (one stream per connection)."""
     with tempfile.TemporaryDirectory() as tmp:

@@ -18,7 +18,12 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
-SERVER_CPU = 0
+SERVER_CPU = os.environ.get("BENCH_SERVER_CPUS", "0")
+"""CPUs of the servers under test, as ``taskset -c`` takes them (``BENCH_SERVER_CPUS``, default 0).
+
+A worker-scaling run on a bigger machine gives the servers several: ``BENCH_SERVER_CPUS=0-7
+BENCH_LOAD_CPUS=8-15 python -m bench --only heavy --heavy-workers 1,2,4,8``.
+"""
 ROOT = Path(__file__).resolve().parent.parent
 _TICKS = os.sysconf("SC_CLK_TCK")
 
@@ -127,7 +132,7 @@ def start(
     needs: tuple[str, ...] = ("rest", "grpc"),
     timeout: float = 120,
     env: dict[str, str] | None = None,
-    cpu: int = SERVER_CPU,
+    cpu: int | str = SERVER_CPU,
     cwd: Path = ROOT,
 ) -> Proc:
     """Starts ``python ARGS`` pinned to ``cpu`` and waits until it prints its addresses.
