@@ -168,10 +168,15 @@ def serve_args(repo: Path) -> list[str]:
 
 
 def state_env(name: str) -> dict[str, str]:
-    """A private monitoring state directory per server, so no two share one SQLite file."""
+    """A private monitoring state directory per server, and no retraining.
+
+    No two servers share one SQLite file. Monitoring stays on (logging, drift, accuracy),
+    but its rules would see the one repeated row as drift and start a retrain: a training
+    child on the server's CPU, counted in its CPU time, that publishes into the cache.
+    """
     path = Path(tempfile.gettempdir()) / f"modelloop-bench-state-{os.getpid()}" / name
     shutil.rmtree(path, ignore_errors=True)
-    return {"MODELLOOP_MONITORING_STATE_DIR": str(path)}
+    return {"MODELLOOP_MONITORING_STATE_DIR": str(path), "MODELLOOP_MONITORING_TRIGGER": "none"}
 
 
 def start_tree_server(tree: Path, repo: Path, site: Path) -> Proc:

@@ -311,3 +311,24 @@ def test_body_shorter_than_its_content_length_is_not_a_server_error(server, rows
     # The server waits for the rest of the body and gives up; it never answers 5xx.
     assert not reply.startswith(b"HTTP/1.1 5"), reply[:100]
     test_tfserving_rest_row_format(server, rows, expected)
+
+
+def test_a_server_of_onnx_models_loads_no_tensorflow(server):
+    # The TF Serving protocol comes from the generated modules: no TensorFlow library is
+    # mapped into a server whose repository holds only ONNX models.
+    maps = Path(f"/proc/{server.pid}/maps").read_text()
+    assert "onnxruntime" in maps
+    assert "tensorflow" not in maps
+
+
+def test_the_model_config_says_how_onnx_runtime_runs(server):
+    config = httpx.get(f"{server.rest_url}/v2/models/digits/config", timeout=5).json()
+    parameters = {k: v["string_value"] for k, v in config["parameters"].items()}
+    assert parameters["providers"] == "CPUExecutionProvider"
+    assert parameters["allow_spinning"] == "false"
+    assert int(parameters["intra_op_num_threads"]) == len(os.sched_getaffinity(0))
+    assert parameters["thread_sizing"].startswith(f"{len(os.sched_getaffinity(0))} CPU")
+    assert (
+        "model digits version 1: ONNX Runtime providers ['CPUExecutionProvider'], intra_op_num_threads"
+        in (server.output())
+    )

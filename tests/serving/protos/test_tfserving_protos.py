@@ -13,6 +13,7 @@ from __future__ import annotations
 import base64
 import importlib
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -171,3 +172,34 @@ def test_module_names_are_flat_and_unique() -> None:
     names = [gen.module_name(f) for f in gen.proto_files(gen.PROTO_ROOT)]
     assert len(names) == len(set(names))
     assert gen.module_name("xla/tsl/protobuf/error_codes.proto") == "xla_tsl_protobuf_error_codes_pb2"
+
+
+def test_tensorflow_loads_only_with_a_savedmodel_runtime(digits_repo: Path) -> None:
+    code = (
+        "import sys\n"
+        "from pathlib import Path\n"
+        "import modelloop.server\n"
+        "from modelloop.serving.registry import create_runtime\n"
+        "from modelloop.serving.repository import ModelRepository\n"
+        "from modelloop.serving.settings import ModelConfig, ServingSettings\n"
+        "repo = Path(sys.argv[1]); version = repo / 'digits' / '1'\n"
+        "loaded = lambda: 'tensorflow' in sys.modules\n"
+        "print(loaded())\n"
+        "for kind, platform in (('onnx', 'onnxruntime_onnx'), ('savedmodel', 'tensorflow_savedmodel')):\n"
+        "    meta = ModelRepository.read_metadata(version, 'digits', 1, platform)\n"
+        "    runtime = create_runtime(kind, version, meta, ModelConfig(), ServingSettings(repo=repo))\n"
+        "    print(loaded())\n"
+        "    runtime.load()\n"
+        "    print(loaded())\n"
+    )
+    child = subprocess.run(
+        [sys.executable, "-c", code, str(digits_repo)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+        env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"},
+    )
+    assert child.returncode == 0, child.stderr
+    # Nothing after the server's imports and an ONNX load; TensorFlow once a SavedModel loads.
+    assert child.stdout.split() == ["False", "False", "False", "False", "True"]
