@@ -248,8 +248,9 @@ class Supervisor:
             for worker in self._workers:
                 await self._start(worker)
             if not await self._all_ready():
-                await self._stop_all()
-                return 1
+                status = await self._stop_all()
+                # A signal while starting is a clean stop; a worker that died is not.
+                return 1 if self._failure is not None else status
             self._write_state()
             opts = self.options
             addresses = BoundAddresses(opts.host, self._ports[0], self._ports[1], tls=opts.tls)

@@ -185,3 +185,11 @@ def test_a_busy_port_fails_before_any_worker_starts(tmp_path):
         assert "worker 0 started" not in proc.stderr
     finally:
         busy.close()
+
+
+def test_auto_workers_are_the_cpus_this_process_may_use():
+    from modelloop.cli import worker_count
+    from modelloop.serving.cpus import cpu_budget
+
+    assert worker_count("auto") == worker_count(" AUTO ") == cpu_budget().count
+    assert worker_count("3") == 3
