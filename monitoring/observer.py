@@ -234,6 +234,9 @@ class MonitoringObserver:
                 with self._progress:
                     self._processed += len(batch)
                     self._progress.notify_all()
+                # Hand the GIL back between batches: a backlog is written in stretches of at
+                # most batch_size requests, never in one long hold the event loop waits behind.
+                time.sleep(0)
             if self._stopping:
                 return
 
