@@ -205,8 +205,11 @@ def choose_request_id(client_id: str | None, request_id: str | None) -> str:
 class RequestDecoder(TypingProtocol):
     """An edge's call before decoding: what :meth:`DataPlane.handle` needs from a transport.
 
-    Decoding comes in two steps so that the version resolves once, between them: the
-    TF Serving JSON row format needs the resolved version's input names and dtypes.
+    The data plane calls :meth:`target`, then :meth:`read` (the transport's I/O, such as
+    the HTTP body), then resolves the version once and calls :meth:`decode` with its
+    metadata: the TF Serving JSON row format needs the version's input names and dtypes.
+    ``decode`` is synchronous on purpose: nothing may await between resolving a version
+    and holding it for the request, or an unload could slip in between.
 
     Attributes:
         protocol: The front end, a label of the request metrics.
@@ -222,14 +225,22 @@ class RequestDecoder(TypingProtocol):
         """
         ...
 
-    async def decode(self, metadata: ModelMetadata) -> InferRequest:
-        """Reads the inputs, wanted outputs, parameters and in-request id.
+    async def read(self) -> None:
+        """Receives what the call still has to receive (a body); nothing for gRPC.
+
+        Raises:
+            ServiceError: The body is too large, of the wrong type or corrupt.
+        """
+        ...
+
+    def decode(self, metadata: ModelMetadata) -> InferRequest:
+        """The inputs, wanted outputs, parameters and in-request id.
 
         Args:
             metadata: The resolved version's metadata.
 
         Raises:
-            ServiceError: The body or message is malformed, too large or of the wrong type.
+            ServiceError: The body or message is malformed or does not fit the model.
         """
         ...
 
@@ -250,7 +261,10 @@ class DecodedRequest:
         version = self.request.version
         return self.request.model, None if version is None else str(version), self.request.label
 
-    async def decode(self, metadata: ModelMetadata) -> InferRequest:
+    async def read(self) -> None:
+        """Nothing to receive."""
+
+    def decode(self, metadata: ModelMetadata) -> InferRequest:
         """The request itself, as a copy, so that the caller's object is not changed."""
         return dataclasses.replace(self.request)
 
@@ -293,8 +307,9 @@ class DataPlane:
     async def handle(self, decoder: RequestDecoder, *, client_id: str | None = None) -> InferResponse:
         """The one inference path: every transport's predict and infer calls come here.
 
-        In order: the decoder names the model, version and label; the version resolves
-        once; the decoder reads the inputs against that version's metadata; the request
+        In order: the decoder names the model, version and label and receives its body;
+        the version resolves once; the decoder reads the inputs against that version's
+        metadata; the request
         id is chosen (``client_id``, else the id in the request, else a new one, each kept
         only if :func:`~modelloop.serving.types.valid_request_id`); the inputs are
         validated, batched and run; the requested outputs are kept. Every call, answered
@@ -329,10 +344,13 @@ class DataPlane:
                 raise ModelNotReady("the server is shutting down and takes no new requests")
             model, version_text, label = decoder.target()
             pinned = parse_version(version_text)
+            await decoder.read()
+            # From here to servable.use() nothing awaits, so the version cannot start
+            # unloading between resolving it and holding it for this request.
             servable = self.registry.resolve(model, pinned, label)
             version = servable.version
             metadata = servable.metadata
-            request = await decoder.decode(metadata)
+            request = decoder.decode(metadata)
             # The target is authoritative: the decoder need not repeat the path's fields.
             request.model, request.version, request.label = model, pinned, label
             request.id = choose_request_id(client_id, request.id)

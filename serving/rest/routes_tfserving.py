@@ -48,7 +48,7 @@ def split_method(segment: str, method: str, path: str) -> tuple[str, str]:
 class PredictDecoder:
     """A ``POST ...:predict`` call, decoded in the data plane's two steps.
 
-    The path gives the target; the body is read only once the version has resolved,
+    The path gives the target; the body is decoded only once the version has resolved,
     because the row format needs the version's input names and dtypes.
 
     Args:
@@ -60,7 +60,7 @@ class PredictDecoder:
     """
 
     protocol = Protocol.TFSERVING_REST
-    __slots__ = ("_max_body_bytes", "_model", "_pinned", "_request", "_segment", "row_format")
+    __slots__ = ("_body", "_max_body_bytes", "_model", "_pinned", "_request", "_segment", "row_format")
 
     def __init__(
         self, request: Request, segment: str, model: str | None, pinned: str | None, max_body_bytes: int
@@ -70,6 +70,7 @@ class PredictDecoder:
         self._model = model
         self._pinned = pinned
         self._max_body_bytes = max_body_bytes
+        self._body = b""
         self.row_format = True
 
     def target(self) -> tuple[str, str | None, str | None]:
@@ -86,11 +87,14 @@ class PredictDecoder:
             return self._model, name, None
         return self._model, None, name
 
-    async def decode(self, metadata: ModelMetadata) -> InferRequest:
-        """Reads the body (row or columnar format) against the version's inputs."""
+    async def read(self) -> None:
+        """Checks the content type and reads the body (bounded)."""
         check_content_type(self._request)
-        body = await read_body(self._request, self._max_body_bytes)
-        call = tfserving_json.decode_predict_request(body, metadata, model=metadata.name)
+        self._body = await read_body(self._request, self._max_body_bytes)
+
+    def decode(self, metadata: ModelMetadata) -> InferRequest:
+        """Decodes the body (row or columnar format) against the version's inputs."""
+        call = tfserving_json.decode_predict_request(self._body, metadata, model=metadata.name)
         self.row_format = call.row_format
         return call.request
 

@@ -52,25 +52,32 @@ class InferDecoder:
     """
 
     protocol = Protocol.V2_REST
-    __slots__ = ("_max_body_bytes", "_model", "_request", "_version", "call")
+    __slots__ = ("_body", "_header_length", "_max_body_bytes", "_model", "_request", "_version", "call")
 
     def __init__(self, request: Request, model: str, version: str | None, max_body_bytes: int) -> None:
         self._request = request
         self._model = model
         self._version = version
         self._max_body_bytes = max_body_bytes
+        self._body = b""
+        self._header_length: int | None = None
         self.call: v2_json.InferCall | None = None
 
     def target(self) -> tuple[str, str | None, str | None]:
         """The model and version of the path (the OIP has no labels)."""
         return self._model, self._version, None
 
-    async def decode(self, metadata: ModelMetadata) -> InferRequest:
-        """Reads the JSON body, or the JSON header followed by binary tensors."""
+    async def read(self) -> None:
+        """Checks the content type and the JSON header's length, and reads the body (bounded)."""
         check_content_type(self._request, binary=True)
-        header_length = _header_length(self._request)
-        body = await read_body(self._request, self._max_body_bytes)
-        self.call = v2_json.decode_infer_request(body, model=self._model, header_length=header_length)
+        self._header_length = _header_length(self._request)
+        self._body = await read_body(self._request, self._max_body_bytes)
+
+    def decode(self, metadata: ModelMetadata) -> InferRequest:
+        """Decodes the JSON body, or the JSON header followed by binary tensors."""
+        self.call = v2_json.decode_infer_request(
+            self._body, model=self._model, header_length=self._header_length
+        )
         return self.call.request
 
     def encode(self, response: InferResponse) -> tuple[bytes, int | None]:

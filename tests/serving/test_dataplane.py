@@ -328,7 +328,10 @@ class BrokenBody:
     def target(self) -> tuple[str, str | None, str | None]:
         return self.model, self.version, None
 
-    async def decode(self, metadata: ModelMetadata) -> InferRequest:
+    async def read(self) -> None:
+        pass
+
+    def decode(self, metadata: ModelMetadata) -> InferRequest:
         self.decoded = True
         raise InvalidInput(f"malformed body for {metadata.name}")
 
@@ -421,3 +424,42 @@ async def _digits_plane(repo: Path) -> tuple[DataPlane, CollectorRegistry, Recor
     plane = DataPlane(registry, metrics)
     await plane.start()
     return plane, prom, RecordingObserver()
+
+
+class SlowBody:
+    """A decoder whose body arrives only when the test says so."""
+
+    protocol = Protocol.V2_REST
+
+    def __init__(self) -> None:
+        self.arrived = asyncio.Event()
+        self.reading = asyncio.Event()
+
+    def target(self) -> tuple[str, str | None, str | None]:
+        return "m", None, None
+
+    async def read(self) -> None:
+        self.reading.set()
+        await self.arrived.wait()
+
+    def decode(self, metadata: ModelMetadata) -> InferRequest:
+        return request([[1, 2, 3]])
+
+
+async def test_a_version_that_unloads_while_a_body_arrives_is_not_chosen(tmp_path: Path) -> None:
+    # The version resolves after the body is in, and nothing awaits between resolving and
+    # holding it: a slow upload can neither hit "version is unloading" nor hold an unload.
+    write_fake_version(tmp_path, "m", 1)
+    write_fake_version(tmp_path, "m", 2)
+    dp, _, _ = await make_plane(tmp_path)
+    decoder = SlowBody()
+    call = asyncio.create_task(dp.handle(decoder))
+    await decoder.reading.wait()
+    (tmp_path / "m" / "2").rename(tmp_path / "gone-2")
+    await dp.registry.poll()  # the latest on disk is now 1: it loads, then 2 unloads
+    await dp.registry.settle()
+    assert [s.version for s in dp.model_status("m") if s.state is ModelState.AVAILABLE] == [1]
+    decoder.arrived.set()
+    response = await asyncio.wait_for(call, timeout=10)
+    assert response.version == 1
+    await dp.stop()
