@@ -40,7 +40,7 @@ def test_retrain_prints_a_json_result_and_exits_by_outcome(
     out, err = capsys.readouterr()
     result = json.loads(out.strip().splitlines()[-1])
     assert (code, result["outcome"]) in {(0, "blessed"), (3, "rejected")}, err
-    assert result["feedback_rows"] == {"train": 0, "holdout": 0}
+    assert result["feedback_rows"] == {"train": 0, "holdout": 0, "quarantined": 0}
     assert f"retrain blobs: {result['outcome']}" in err
     assert Path(result["record"]).is_file()
     assert list_versions(repo / "blobs") == ([1, 2] if code == 0 else [1])

@@ -22,15 +22,20 @@ NAME = "blobs"
 
 
 class FakeFeedback:
-    """A prediction store that holds labelled rows in memory, oldest first."""
+    """A prediction store that holds labelled rows in memory, oldest first, and keeps gate reports."""
 
-    def __init__(self, x: np.ndarray, y: np.ndarray) -> None:
+    def __init__(self, x: np.ndarray, y: np.ndarray, sources: list[str] | None = None) -> None:
         self.x, self.y = x, y
+        self.sources = np.asarray(sources if sources is not None else ["anonymous"] * len(y), dtype=object)
         self.calls: list[str] = []
+        self.reports: list[tuple[str, str, str, dict]] = []
 
-    def feedback_dataset(self, model: str) -> tuple[np.ndarray, np.ndarray]:
+    def feedback_rows(self, model: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         self.calls.append(model)
-        return self.x, self.y
+        return self.x, self.y, self.sources
+
+    def record_retrain(self, model: str, run_id: str, outcome: str, report: dict) -> None:
+        self.reports.append((model, run_id, outcome, report))
 
 
 @pytest.fixture(scope="module")
@@ -83,7 +88,7 @@ def test_blessed_candidate_is_published_as_next_version(repo: Path, tmp_path: Pa
     assert result.outcome == "blessed", result.reason
     assert result.version == 2 and list_versions(repo / NAME) == [1, 2]
     assert store.calls == [NAME]
-    assert result.feedback_rows == {"train": 28, "holdout": 12}
+    assert result.feedback_rows == {"train": 28, "holdout": 12, "quarantined": 0}
     for who in ("serving", "candidate"):
         assert set(result.metrics[who]) == {"eval", "test_split", "feedback_holdout"}
         assert result.metrics[who]["eval"]["rows"] == 60 + 12

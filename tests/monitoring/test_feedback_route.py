@@ -178,7 +178,7 @@ async def test_body_limit_content_type_and_gzip(client: httpx.AsyncClient, servi
 async def test_store_down_is_503_and_nothing_is_acknowledged(
     client: httpx.AsyncClient, service: MonitoringService
 ):
-    def down(model: str, items: list[FeedbackItem]) -> FeedbackResult:
+    def down(model: str, items: list[FeedbackItem], **_: object) -> FeedbackResult:
         raise StoreUnavailable("postgresql 127.0.0.1:5432/modelloop: connection refused")
 
     service.store.add_feedback = down  # type: ignore[method-assign]
