@@ -801,7 +801,9 @@ def _run(
         )
         sliced = slice_verdict(table)
         blessed = verdict.blessed and not sliced
-        result.reason = verdict.reason if not verdict.blessed else (sliced or verdict.reason)
+        # Every check that failed, so the report says all that is wrong with a candidate.
+        failed = [reason for reason in ([] if verdict.blessed else [verdict.reason]) + [sliced] if reason]
+        result.reason = "; ".join(failed) or verdict.reason
         result.gate = _gate_report(name, serving, settings, verdict, table, sets, feedback, verdicts)
         if not blessed:
             result.outcome = "rejected"
