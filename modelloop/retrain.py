@@ -472,7 +472,10 @@ def slice_table(
 
     Classifiers are compared by recall (the share of a class's rows predicted as that
     class): a slice fails when the candidate's recall is lower than the serving version's
-    by more than ``margin``. Regressors are compared by MAE per decile of the true target:
+    by more than ``margin``, unless the candidate's F1 on that class is no lower (the
+    serving version over-predicted the class, as a model does for every input it cannot
+    read; a targeted flip lowers recall at equal precision, so its F1 falls). Regressors
+    are compared by MAE per decile of the true target:
     a slice fails when the candidate's MAE exceeds the serving version's by more than
     ``margin`` of it. Slices with fewer than ``min_rows`` rows are listed but not gated.
 
@@ -523,11 +526,25 @@ def slice_table(
         if n == 0:
             continue
         recall_s, recall_c = float(np.mean(pred_s[mask] == cls)), float(np.mean(pred_c[mask] == cls))
+        f1_s, f1_c = _f1(pred_s, mask, cls, recall_s), _f1(pred_c, mask, cls, recall_c)
         gated = n >= min_rows
-        passed = not gated or recall_c >= recall_s - margin - 1e-12
+        fell = recall_c < recall_s - margin - 1e-12
+        # A serving version that answers one class for everything (inputs it cannot read)
+        # has a perfect recall there; a candidate that stops doing so loses recall but gains
+        # more precision. That is no lost class, so a fall that leaves F1 no lower passes.
+        excused = fell and f1_c >= f1_s
+        passed = not gated or not fell or excused
         name = labels[cls] if cls < len(labels) else str(cls)
-        rows.append(_slice_row(name, n, recall_s, recall_c, gated, passed))
+        row = _slice_row(name, n, recall_s, recall_c, gated, passed)
+        row |= {"serving_f1": round(f1_s, 6), "candidate_f1": round(f1_c, 6), "excused": gated and excused}
+        rows.append(row)
     return {"kind": "class", "metric": "recall", "margin": margin, "min_rows": min_rows, "rows": rows}
+
+
+def _f1(predicted: np.ndarray, mask: np.ndarray, cls: int, recall: float) -> float:
+    claimed = int(np.sum(predicted == cls))
+    precision = float(np.sum(predicted[mask] == cls)) / claimed if claimed else 0.0
+    return 0.0 if precision + recall == 0 else 2 * precision * recall / (precision + recall)
 
 
 def _slice_row(
@@ -590,6 +607,8 @@ def format_gate_report(report: Mapping[str, Any]) -> str:
     lines.append(f"    {'slice':<{width}} {'rows':>5} {'serving':>8} {'candidate':>9} {'delta':>8}")
     for r in table["rows"]:
         mark = "" if r["passed"] else "  FAIL"
+        if r.get("excused"):
+            mark = f"  (F1 {r['serving_f1']:.3f} -> {r['candidate_f1']:.3f}: precision bought it)"
         if not r["gated"]:
             mark = "  (too few rows to gate)"
         lines.append(

@@ -250,6 +250,30 @@ def test_slice_table_per_class_and_per_decile():
         rows["b"]["passed"] and rows["c"]["candidate"] == 0 and not rows["c"]["gated"] and rows["c"]["passed"]
     )
     assert slice_verdict(table) == "recall of class 'a' falls from 1.000 to 0.900, more than the margin 0.05"
+    # A serving version that answers "a" for everything: losing some "a" recall for
+    # precision is no lost class (F1 rises), and passes.
+    y2 = np.array([0] * 30 + [1] * 30)
+    degenerate = np.eye(3)[np.zeros(60, np.int64)]
+    better = np.eye(3)[y2]
+    better[:3] = np.eye(3)[1]
+    excused = slice_table("multiclass", y2, degenerate, better, class_labels=["a", "b", "c"])["rows"][0]
+    assert excused["delta"] == pytest.approx(-0.1) and excused["passed"] and excused["excused"]
+    assert excused["candidate_f1"] > excused["serving_f1"]
+    assert "precision bought it" in format_gate_report(
+        {
+            "outcome": "blessed",
+            "reason": "ok",
+            "overall": {
+                "metric": "accuracy",
+                "rows": 60,
+                "serving": 0.5,
+                "candidate": 0.95,
+                "threshold": 0.5,
+                "tolerance": 0.01,
+            },
+            "slices": slice_table("multiclass", y2, degenerate, better),
+        }
+    )
     values = np.linspace(0, 100, 400)
     off = values + 1.0
     off[values > 90] += 5.0  # the top decile gets worse
