@@ -45,8 +45,9 @@ logger = logging.getLogger(__name__)
 # One-sided 99 % normal quantile: a rate check fires only when the source's rate is above
 # the allowance with 99 % confidence (Wilson score interval), not on a lucky streak.
 _Z = 2.326
-# Relabelled class pairs listed per source in reports.
-_TOP_RELABELS = 5
+# Relabelled class pairs listed per source in reports, most frequent first (bounded for models
+# with many classes).
+_TOP_RELABELS = 20
 
 
 @dataclass(frozen=True)
