@@ -121,6 +121,14 @@ def _add_simulate_parser(sub: Any) -> None:
     simulate.add_argument("--rate", type=float, default=0.0, help="requests per second (default: no limit)")
     simulate.add_argument("--model", default="digits", help="the served digits model (default: digits)")
     simulate.add_argument("--seed", type=int, default=0, help="seed of rows and noise (default: 0)")
+    simulate.add_argument(
+        "--token-file",
+        type=Path,
+        default=None,
+        metavar="PATH",
+        help="labeler token for the feedback (default: $MODELLOOP_FEEDBACK_TOKEN, else "
+        "./.modelloop/feedback.token when it exists)",
+    )
 
 
 def _add_server_arguments(parser: argparse.ArgumentParser) -> None:
@@ -197,11 +205,19 @@ def _cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
-def _serving_settings(args: argparse.Namespace) -> tuple[Any, Any]:
-    """The serving and the monitoring settings of ``serve`` and ``up``."""
+def _settings_error(exc: Any) -> ModelloopError:
+    """A pydantic ValidationError as the CLI's one-line error."""
+    first = exc.errors()[0]
+    where = ".".join(str(p) for p in first["loc"])
+    message = str(first["msg"]).removeprefix("Value error, ")
+    return ModelloopError(f"invalid setting {where}: {message}" if where else f"invalid settings: {message}")
+
+
+def _serving_settings(args: argparse.Namespace) -> tuple[Any, Any, Any]:
+    """The serving, monitoring and labeler settings of ``serve`` and ``up``."""
     from pydantic import ValidationError
 
-    from modelloop.monitoring.settings import MonitoringSettings
+    from modelloop.monitoring.settings import LabelerSettings, MonitoringSettings
     from modelloop.serving.settings import ServingSettings
 
     overrides: dict[str, Any] = {
@@ -226,14 +242,9 @@ def _serving_settings(args: argparse.Namespace) -> tuple[Any, Any]:
     if args.state_dir is not None:
         monitoring["state_dir"] = args.state_dir
     try:
-        return ServingSettings(**overrides), MonitoringSettings(**monitoring)
+        return ServingSettings(**overrides), MonitoringSettings(**monitoring), LabelerSettings()
     except ValidationError as exc:
-        first = exc.errors()[0]
-        where = ".".join(str(p) for p in first["loc"])
-        message = str(first["msg"]).removeprefix("Value error, ")
-        raise ModelloopError(
-            f"invalid setting {where}: {message}" if where else f"invalid settings: {message}"
-        ) from None
+        raise _settings_error(exc) from None
 
 
 def _setup_logging(level: str) -> None:
@@ -247,10 +258,10 @@ def _setup_logging(level: str) -> None:
 def _cmd_serve(args: argparse.Namespace) -> int:
     _quiet_tensorflow()
     _setup_logging(args.log_level)
-    settings, monitoring = _serving_settings(args)
+    settings, monitoring, labelers = _serving_settings(args)
     from modelloop.server import serve
 
-    return serve(settings, monitoring=monitoring)
+    return serve(settings, monitoring=monitoring, labelers=labelers)
 
 
 def _cmd_up(args: argparse.Namespace) -> int:
@@ -261,10 +272,26 @@ def _cmd_up(args: argparse.Namespace) -> int:
     published = ensure_default_model(args.repo, epochs=args.epochs)
     if published is not None:
         print(f"modelloop: published {published}", flush=True)
-    settings, monitoring = _serving_settings(args)
+    settings, monitoring, labelers = _serving_settings(args)
+    token_file: Path | None = None
+    if monitoring.enabled and not labelers.configured:
+        # The main job authenticates its labelers too: a token of its own, kept in the state
+        # directory, where `modelloop simulate` finds it.
+        from modelloop.monitoring.settings import LabelerSettings, ensure_feedback_token_file
+
+        try:
+            token_file = ensure_feedback_token_file(monitoring.state_dir)
+        except OSError as exc:
+            raise ModelloopError(
+                f"cannot write the feedback token under {str(monitoring.state_dir)!r}: {exc}"
+            ) from None
+        labelers = LabelerSettings(feedback_token_file=token_file)
     from modelloop.server import serve
 
-    return serve(settings, on_ready=print_welcome, monitoring=monitoring)
+    def ready(addresses: Any) -> None:
+        print_welcome(addresses, feedback_token=token_file)
+
+    return serve(settings, on_ready=ready, monitoring=monitoring, labelers=labelers)
 
 
 def _cmd_retrain(args: argparse.Namespace) -> int:
@@ -273,10 +300,12 @@ def _cmd_retrain(args: argparse.Namespace) -> int:
 
     from pydantic import ValidationError
 
-    from modelloop.monitoring.settings import MonitoringSettings
+    from modelloop import layout
+    from modelloop.monitoring.quarantine import SourceQuarantine
+    from modelloop.monitoring.settings import MonitoringSettings, resolve_quarantine
     from modelloop.monitoring.store import StoreUnavailable, open_store
     from modelloop.monitoring.trigger import EXIT_BLESSED, EXIT_FAILED, EXIT_REJECTED
-    from modelloop.retrain import RetrainSettings, retrain
+    from modelloop.retrain import RetrainSettings, format_gate_report, retrain
 
     _quiet_tensorflow()
     _setup_logging(args.log_level)
@@ -287,15 +316,33 @@ def _cmd_retrain(args: argparse.Namespace) -> int:
         raise ModelloopError(f"invalid setting: {exc.errors()[0]['msg']}") from None
     settings = RetrainSettings.for_model(args.repo / args.name, epochs=args.epochs)
     try:
+        # The same label checks the server runs: its thresholds, this model's overrides.
+        config = layout.read_model_config(args.repo / args.name)
+        block = config.get("feedback") or {}
+        if not isinstance(block, dict):
+            raise ValueError('invalid feedback settings: "feedback" must be an object')
+        checks = resolve_quarantine(monitoring.quarantine, block)
+    except (layout.LayoutError, ValueError) as exc:
+        raise ModelloopError(str(exc)) from None
+    try:
         store = open_store(monitoring.resolved_store_url())
     except StoreUnavailable as exc:
         raise ModelloopError(f"cannot open the feedback store: {exc.message}") from None
     try:
-        result = retrain(args.repo, args.name, store, state_dir=monitoring.state_dir, settings=settings)
+        result = retrain(
+            args.repo,
+            args.name,
+            store,
+            state_dir=monitoring.state_dir,
+            settings=settings,
+            screen=SourceQuarantine(store, checks),
+        )
     finally:
         store.close()
     published = f"published {args.name} v{result.version}" if result.version else "nothing published"
     print(f"retrain {args.name}: {result.outcome}: {result.reason}; {published}", file=sys.stderr)
+    if result.gate is not None:
+        print(format_gate_report(result.gate), flush=True)
     print(json.dumps(result.to_dict()), flush=True)
     return {"blessed": EXIT_BLESSED, "rejected": EXIT_REJECTED}.get(result.outcome, EXIT_FAILED)
 
@@ -316,8 +363,26 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
         rate=args.rate,
         model=args.model,
         seed=args.seed,
+        token=_simulate_token(args.token_file),
     )
     return 0
+
+
+def _simulate_token(token_file: Path | None) -> str | None:
+    """The labeler token ``simulate`` sends: the named file, the variable, or ``up``'s own token."""
+    from modelloop.monitoring.settings import FEEDBACK_TOKEN_FILE
+    from modelloop.tokens import read_token_file
+
+    if token_file is None:
+        if os.environ.get("MODELLOOP_FEEDBACK_TOKEN"):
+            return os.environ["MODELLOOP_FEEDBACK_TOKEN"].strip()
+        token_file = Path(".modelloop") / FEEDBACK_TOKEN_FILE
+        if not token_file.is_file():
+            return None
+    try:
+        return read_token_file(token_file, "--token-file")
+    except ValueError as exc:
+        raise ModelloopError(str(exc)) from None
 
 
 COMMANDS = {

@@ -28,7 +28,7 @@ from modelloop.errors import ModelloopError
 from modelloop.monitoring.http import MonitoringColumns, create_alerts_router, create_feedback_router
 from modelloop.monitoring.retraining import Retraining, build_retraining
 from modelloop.monitoring.service import MonitoringService
-from modelloop.monitoring.settings import MonitoringSettings
+from modelloop.monitoring.settings import LabelerSettings, MonitoringSettings
 from modelloop.monitoring.store import StoreUnavailable
 from modelloop.serving.dataplane import DataPlane
 from modelloop.serving.grpc.server import bind_grpc_server, create_grpc_server, server_credentials
@@ -80,6 +80,8 @@ class ModelServer:
             :class:`~modelloop.monitoring.service.MonitoringService` logs predictions,
             takes feedback and exports drift and accuracy on the same registry.
             Defaults to None (no monitoring).
+        labelers: The labelers' feedback tokens. Defaults to None: feedback is
+            unauthenticated (a warning says so at start).
 
     Example:
         >>> server = ModelServer(ServingSettings(repo=Path("models"), rest_port=0, grpc_port=0))
@@ -93,6 +95,7 @@ class ModelServer:
         observer: InferenceObserver | None = None,
         registry: CollectorRegistry | None = None,
         monitoring: MonitoringSettings | None = None,
+        labelers: LabelerSettings | None = None,
     ) -> None:
         if not settings.repo.is_dir():
             raise ServerError(f"model repository {str(settings.repo)!r} does not exist or is not a directory")
@@ -118,8 +121,18 @@ class ModelServer:
         # Monitoring's HTTP surface, mounted through the REST app's extension point: the
         # feedback route (501 without monitoring) and the alert webhook (503 without it).
         admin_token = settings.admin_token.get_secret_value() if settings.admin_token is not None else None
+        matcher = labelers.matcher() if labelers is not None else None
+        if self.monitoring is not None:
+            if matcher:
+                logger.info("feedback needs a labeler token; sources: %s", ", ".join(matcher.sources))
+            else:
+                logger.warning(
+                    "feedback is unauthenticated: anyone who can reach the REST port can label "
+                    "predictions (source 'anonymous'); set MODELLOOP_FEEDBACK_TOKEN or "
+                    "MODELLOOP_FEEDBACK_TOKENS"
+                )
         routers: list[APIRouter] = [
-            create_feedback_router(self.monitoring, settings.max_body_bytes),
+            create_feedback_router(self.monitoring, settings.max_body_bytes, matcher),
             create_alerts_router(
                 self.retraining.alerts if self.retraining is not None else None,
                 admin_token,
@@ -226,6 +239,7 @@ def serve(
     settings: ServingSettings,
     on_ready: Callable[[BoundAddresses], None] | None = None,
     monitoring: MonitoringSettings | None = None,
+    labelers: LabelerSettings | None = None,
 ) -> int:
     """Builds a :class:`ModelServer` and runs it until SIGTERM or SIGINT.
 
@@ -233,13 +247,14 @@ def serve(
         settings: Server settings.
         on_ready: Called with the bound addresses. Defaults to printing them.
         monitoring: Monitoring settings. Defaults to None (no monitoring).
+        labelers: The labelers' feedback tokens. Defaults to None (unauthenticated).
 
     Returns:
         The process exit status.
     """
 
     async def main() -> int:
-        server = ModelServer(settings, monitoring=monitoring)
+        server = ModelServer(settings, monitoring=monitoring, labelers=labelers)
         return await server.run(on_ready or print_addresses)
 
     # uvloop: a faster event loop for the REST side (uvicorn's own default); grpc.aio's poller

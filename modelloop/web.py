@@ -1,8 +1,8 @@
-"""HTTP plumbing every REST surface shares: content types, the body limit and the admin token.
+"""HTTP plumbing every REST surface shares: content types, the body limit, the admin and labeler tokens.
 
 Serving's routes and monitoring's routes (feedback, the alert webhook) both read bodies
 the same way, so the helpers live here, in a leaf module that imports nothing of the
-project but :mod:`modelloop.errors`. Every failure is a
+project but the leaves :mod:`modelloop.errors` and :mod:`modelloop.tokens`. Every failure is a
 :class:`~modelloop.errors.ServiceError`; the REST app maps it to a status.
 """
 
@@ -14,6 +14,7 @@ import zlib
 from fastapi import Request
 
 from modelloop.errors import ErrorCode, ServiceError
+from modelloop.tokens import ANONYMOUS_SOURCE, TokenMatcher, bearer_token
 
 REQUEST_ID_HEADER = "x-request-id"
 
@@ -141,3 +142,34 @@ def require_admin(request: Request, token: str | None) -> None:
         raise ServiceError(
             "missing or wrong bearer token (Authorization: Bearer <admin token>)", ErrorCode.UNAUTHENTICATED
         )
+
+
+def require_labeler(request: Request, labelers: TokenMatcher) -> str:
+    """Authenticates a labeler by its bearer token and returns its source name.
+
+    Without configured labeler tokens every request passes as the source ``anonymous``
+    (the server warns about that at start). The admin token is not a labeler token unless
+    it is also configured as one.
+
+    Args:
+        request: The HTTP request.
+        labelers: The configured labeler tokens.
+
+    Returns:
+        The source the token belongs to, or ``anonymous`` when none is configured.
+
+    Raises:
+        ServiceError: UNAUTHENTICATED (401) without a bearer token, PERMISSION_DENIED
+            (403) with a token that is no labeler's. The token is matched in constant time.
+    """
+    if not labelers:
+        return ANONYMOUS_SOURCE
+    token = bearer_token(request.headers.get("authorization"))
+    if token is None:
+        raise ServiceError(
+            "feedback needs a labeler token: Authorization: Bearer <token>", ErrorCode.UNAUTHENTICATED
+        )
+    source = labelers.match(token)
+    if source is None:
+        raise ServiceError("the bearer token is not a labeler token", ErrorCode.PERMISSION_DENIED)
+    return source

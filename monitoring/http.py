@@ -27,6 +27,17 @@ body then also has ``"error"``. A malformed body is 400, an unknown model 404, a
 that cannot be reached 503 ``{"error": "feedback store unavailable: ..."}``: a label is
 never acknowledged unless it was committed.
 
+Labelers authenticate with ``Authorization: Bearer <token>`` when labeler tokens are
+configured (``MODELLOOP_FEEDBACK_TOKEN[S]``): 401 without a token, 403 with one that is no
+labeler's. The token names the labels' source, which the answer repeats with whether
+that source is quarantined (its labels are then stored and marked, but the label checks
+leave them out): ``{"accepted": [...], ..., "source": "team-a", "quarantined": false}``.
+Without tokens feedback is open and its source is ``anonymous``.
+
+``GET /v1/models/{name}/feedback/sources`` reports every source of a model: labels
+stored, agreement with the champion's confident predictions, the classes it relabelled
+as which, and whether it is quarantined and why.
+
 The alert webhook, ``POST /monitoring/alerts``, is Alertmanager's receiver, which starts
 gated retrains. It is an admin route: it needs ``Authorization: Bearer <admin token>``
 (401 without or with a wrong one) and is off (403) when no token is configured. A payload
@@ -40,6 +51,7 @@ result, not a 404.
 
 from __future__ import annotations
 
+import asyncio
 import html
 import logging
 from typing import TYPE_CHECKING, Any
@@ -51,7 +63,8 @@ from modelloop.errors import ErrorCode, ServiceError
 from modelloop.monitoring.store import FeedbackItem, FeedbackResult, StoreUnavailable
 from modelloop.monitoring.webhook import WebhookError, parse_alertmanager
 from modelloop.serving.types import valid_request_id
-from modelloop.web import check_content_type, read_body, require_admin
+from modelloop.tokens import TokenMatcher
+from modelloop.web import check_content_type, read_body, require_admin, require_labeler
 
 if TYPE_CHECKING:
     from modelloop.monitoring.service import EvaluationReport, MonitoringService
@@ -129,40 +142,55 @@ def feedback_status(result: FeedbackResult) -> tuple[int, str]:
     return 409, "no label accepted: every request id is already labelled; the first label is kept"
 
 
-def create_feedback_router(monitoring: MonitoringService | None, max_body_bytes: int) -> APIRouter:
-    """The feedback route, bound to the monitoring service.
+def _monitoring_on(monitoring: MonitoringService | None, name: str) -> MonitoringService:
+    if monitoring is None:
+        raise ServiceError(
+            "monitoring is disabled on this server (--no-monitoring): feedback is not stored",
+            ErrorCode.UNIMPLEMENTED,
+        )
+    if not monitoring.has_model(name):
+        raise ServiceError(f"model {name!r} is not in the repository", ErrorCode.NOT_FOUND)
+    return monitoring
+
+
+def create_feedback_router(
+    monitoring: MonitoringService | None, max_body_bytes: int, labelers: TokenMatcher | None = None
+) -> APIRouter:
+    """The feedback routes, bound to the monitoring service.
 
     Args:
-        monitoring: The service; None when monitoring is off (the route then answers 501).
+        monitoring: The service; None when monitoring is off (the routes then answer 501).
         max_body_bytes: The body limit.
+        labelers: The labelers' tokens; None or empty = feedback is unauthenticated and
+            its source is ``anonymous``. Defaults to None.
 
     Returns:
         A router to mount on the REST app.
     """
     router = APIRouter(tags=["monitoring"])
+    tokens = labelers if labelers is not None else TokenMatcher({})
 
     @router.post(
         "/v1/models/{name}/feedback",
         summary="Labels for logged predictions, by request id",
         responses={
             400: {"description": "malformed body or invalid targets"},
+            401: {"description": "labeler tokens are configured and the request has none"},
+            403: {"description": "the bearer token is not a labeler token"},
             404: {"description": "unknown model or request ids"},
             409: {"description": "already labelled"},
             503: {"description": "feedback store unavailable"},
         },
     )
     async def feedback(name: str, request: Request) -> Response:
-        if monitoring is None:
-            raise ServiceError(
-                "monitoring is disabled on this server (--no-monitoring): feedback is not stored",
-                ErrorCode.UNIMPLEMENTED,
-            )
-        if not monitoring.has_model(name):
-            raise ServiceError(f"model {name!r} is not in the repository", ErrorCode.NOT_FOUND)
+        # Authentication first: an unauthenticated caller learns nothing, not even which
+        # models exist.
+        source = require_labeler(request, tokens)
+        service = _monitoring_on(monitoring, name)
         check_content_type(request)
         items = parse_feedback(await read_body(request, max_body_bytes))
         try:
-            result = await monitoring.submit_feedback(name, items)
+            result = await service.submit_feedback(name, items, source)
         except StoreUnavailable as exc:
             logger.error("feedback for %s refused: store unavailable: %s", name, exc.message)
             raise ServiceError(f"feedback store unavailable: {exc.message}", ErrorCode.UNAVAILABLE) from exc
@@ -171,6 +199,22 @@ def create_feedback_router(monitoring: MonitoringService | None, max_body_bytes:
         if message:
             body = {"error": message, **body}
         return Response(orjson.dumps(body), status_code=status, media_type="application/json")
+
+    @router.get(
+        "/v1/models/{name}/feedback/sources",
+        summary="Labeler sources of a model: labels, agreement, confusion, quarantine",
+        responses={
+            404: {"description": "unknown model"},
+            503: {"description": "feedback store unavailable"},
+        },
+    )
+    async def sources(name: str) -> Response:
+        service = _monitoring_on(monitoring, name)
+        try:
+            report = await asyncio.to_thread(service.source_report, name)
+        except StoreUnavailable as exc:
+            raise ServiceError(f"feedback store unavailable: {exc.message}", ErrorCode.UNAVAILABLE) from exc
+        return Response(orjson.dumps(report), media_type="application/json")
 
     return router
 

@@ -34,7 +34,12 @@ class MonitoringMetrics:
         accuracy: ``{model,version}``: accuracy of classifiers over the last labelled rows,
             set once ``min_labels`` rows exist.
         mean_absolute_error: ``{model,version}``: the same for regressors.
-        feedback: ``{model,version}``: labelled rows accepted by this process.
+        feedback: ``{model,version,source,outcome}``: labelled rows this process took in,
+            by labeler source and outcome: ``accepted``, ``quarantined`` (stored, from a
+            quarantined source), ``duplicate``, ``invalid`` or ``unknown`` (version "").
+        source_quarantined: ``{model,source}``: 1 while a labeler source is quarantined.
+        source_agreement: ``{model,source}``: share of a source's labels on the champion's
+            confident predictions that agree with them.
         retrain_runs: ``{model,outcome}``: retrains by outcome (blessed, rejected, failed).
         dropped: ``{model}``: answered requests not logged (queue full or store down).
         window_rows: ``{model,version}``: rows in the drift window.
@@ -82,8 +87,20 @@ class MonitoringMetrics:
         )
         self.feedback = Counter(
             "modelloop_feedback",
-            "Labelled rows accepted through the feedback route.",
-            ["model", "version"],
+            "Labelled rows received through the feedback route, by labeler source and outcome.",
+            ["model", "version", "source", "outcome"],
+            registry=registry,
+        )
+        self.source_quarantined = Gauge(
+            "modelloop_feedback_source_quarantined",
+            "1 while a labeler source is quarantined: its labels leave training, the gate and accuracy.",
+            ["model", "source"],
+            registry=registry,
+        )
+        self.source_agreement = Gauge(
+            "modelloop_feedback_source_agreement",
+            "Share of a source's labels on the champion's confident predictions that agree with them.",
+            ["model", "source"],
             registry=registry,
         )
         self.retrain_runs = Counter(

@@ -10,7 +10,12 @@ Every ``eval_interval_s`` the service evaluates each AVAILABLE ``(model, version
   (once the window holds ``min_rows`` rows), exported as ``modelloop_feature_drift``,
   ``modelloop_drift_detected``, ``modelloop_drift_share`` and ``modelloop_prediction_drift``;
 - accuracy (classifiers) or MAE (regressors) over the last ``accuracy_window`` labelled
-  rows, exported once ``min_labels`` rows exist.
+  rows from sources that are not quarantined, exported once ``min_labels`` rows exist;
+- first, per model, the label checks of every labeler source against the latest available
+  version (:mod:`~modelloop.monitoring.quarantine`), exported as
+  ``modelloop_feedback_source_quarantined`` and ``modelloop_feedback_source_agreement``.
+  Labels from a quarantined source are still stored, marked, counted under
+  ``outcome="quarantined"`` and reported by :meth:`MonitoringService.source_report`.
 
 Then it hands an :class:`EvaluationReport` per version to every listener. Listeners are
 the hook for in-process alert rules (the retraining half registers one):
@@ -50,7 +55,13 @@ from modelloop.monitoring.accuracy import AccuracyReport, score_labelled
 from modelloop.monitoring.drift import DriftDetector, DriftReport
 from modelloop.monitoring.metrics import MonitoringMetrics
 from modelloop.monitoring.observer import MonitoringObserver, VersionInfo
-from modelloop.monitoring.settings import MonitoringSettings, resolve_model_settings
+from modelloop.monitoring.quarantine import SourceVerdict, assess_sources, champion_of
+from modelloop.monitoring.settings import (
+    MonitoringSettings,
+    QuarantineSettings,
+    resolve_model_settings,
+    resolve_quarantine,
+)
 from modelloop.monitoring.store import (
     CLASSIFIER_TASKS,
     FeedbackItem,
@@ -61,6 +72,7 @@ from modelloop.monitoring.store import (
 )
 from modelloop.monitoring.window import WindowSet
 from modelloop.serving.types import ModelCatalog, ModelState
+from modelloop.tokens import ANONYMOUS_SOURCE
 
 logger = logging.getLogger(__name__)
 
@@ -108,6 +120,7 @@ class _VersionState:
     info: VersionInfo
     baseline: dict[str, Any] | None
     error: str = ""
+    card: layout.ModelCard | None = None
     detectors: dict[tuple[float, float, float], DriftDetector] = field(default_factory=dict)
 
     def detector(self, settings: MonitoringSettings) -> DriftDetector:
@@ -193,6 +206,9 @@ class MonitoringService:
         self._reports: dict[tuple[str, int], EvaluationReport] = {}
         self._listeners: list[Listener] = []
         self._bad_overrides: dict[str, str] = {}
+        # Model -> source -> the latest label-check verdict (read by the feedback route).
+        self._verdicts: dict[str, dict[str, SourceVerdict]] = {}
+        self._champions: dict[str, int] = {}
         self._task: asyncio.Task[None] | None = None
         self._last_prune = 0.0
 
@@ -223,6 +239,7 @@ class MonitoringService:
             return state
         version_dir = self.repo / model / str(version)
         info = VersionInfo()
+        card: layout.ModelCard | None = None
         try:
             card = layout.read_model_card(version_dir)
             task = card.task or "multiclass"
@@ -246,7 +263,7 @@ class MonitoringService:
             baseline, error = None, f"bad {layout.BASELINE_FILE} in {model}/{version}: {exc}"
         if error:
             logger.warning("model %s version %d: %s", model, version, error)
-        state = self._versions[key] = _VersionState(info, baseline, error)
+        state = self._versions[key] = _VersionState(info, baseline, error, card)
         return state
 
     def version_info(self, model: str, version: int) -> VersionInfo:
@@ -266,6 +283,85 @@ class MonitoringService:
             return self.settings
         self._bad_overrides.pop(model, None)
         return resolved
+
+    def _quarantine_for(self, model: str) -> QuarantineSettings:
+        try:
+            return resolve_quarantine(self.settings.quarantine, self.catalog.model_options(model, "feedback"))
+        except ValueError as exc:
+            if self._bad_overrides.get(f"{model}/feedback") != str(exc):
+                logger.error("model %s: config.json %s; using the server's label checks", model, exc)
+                self._bad_overrides[f"{model}/feedback"] = str(exc)
+            return self.settings.quarantine
+        except ServiceError:
+            return self.settings.quarantine
+
+    def assess_sources(self, model: str, version: int) -> dict[str, SourceVerdict]:
+        """Runs the label checks of a model's sources against one version (its champion).
+
+        Updates ``modelloop_feedback_source_quarantined`` and
+        ``modelloop_feedback_source_agreement`` and logs every change of a source's
+        quarantine. On a store error the previous verdicts stay in force.
+
+        Args:
+            model: Model name.
+            version: The champion: the latest available version.
+
+        Returns:
+            Source -> verdict; empty for regressors (they have no confidence to check).
+        """
+        state = self._state(model, version)
+        if state.info.task not in CLASSIFIER_TASKS:
+            return {}
+        settings = self._quarantine_for(model)
+        try:
+            stats = self.store.source_stats(model)
+        except StoreUnavailable as exc:
+            logger.warning("label checks of %s skipped: %s", model, exc.message)
+            return self._verdicts.get(model, {})
+        verdicts = assess_sources(stats, champion_of(version, state.card, state.baseline), settings)
+        before = self._verdicts.get(model, {})
+        for source, verdict in verdicts.items():
+            self.metrics.source_quarantined.labels(model, source).set(1 if verdict.quarantined else 0)
+            if verdict.agreement is not None:
+                self.metrics.source_agreement.labels(model, source).set(verdict.agreement)
+            was = before.get(source)
+            if verdict.quarantined and (was is None or not was.quarantined):
+                logger.warning(
+                    "model %s: labeler source %r quarantined: %s", model, source, "; ".join(verdict.reasons)
+                )
+            elif not verdict.quarantined and was is not None and was.quarantined:
+                logger.warning("model %s: labeler source %r is no longer quarantined", model, source)
+        self._verdicts[model] = verdicts
+        self._champions[model] = version
+        return verdicts
+
+    def quarantined_sources(self, model: str) -> set[str]:
+        """The sources of a model quarantined at the last label check."""
+        return {s for s, v in self._verdicts.get(model, {}).items() if v.quarantined}
+
+    def source_report(self, model: str) -> dict[str, Any]:
+        """Every labeler source of a model: its labels, agreement, confusion and quarantine.
+
+        Raises:
+            StoreUnavailable: The store cannot be reached.
+        """
+        counts = self.store.label_sources(model)
+        verdicts = self._verdicts.get(model, {})
+        sources = []
+        for source in sorted(set(counts) | set(verdicts)):
+            verdict = verdicts.get(source, SourceVerdict(source))
+            entry = verdict.as_dict()
+            labelled = counts.get(source)
+            entry["stored_labels"] = labelled.labels if labelled else 0
+            entry["stored_requests"] = labelled.requests if labelled else 0
+            entry["labels_while_quarantined"] = labelled.quarantined_labels if labelled else 0
+            sources.append(entry)
+        return {
+            "model": model,
+            "champion_version": self._champions.get(model),
+            "checks": self._quarantine_for(model).model_dump(),
+            "sources": sources,
+        }
 
     def _loaded(self) -> list[tuple[str, int]]:
         loaded: list[tuple[str, int]] = []
@@ -315,7 +411,9 @@ class MonitoringService:
         labels: int | None = None
         store_error = ""
         try:
-            recent = self.store.recent_labelled(model, version, settings.accuracy_window)
+            recent = self.store.recent_labelled(
+                model, version, settings.accuracy_window, exclude_sources=self.quarantined_sources(model)
+            )
             labels = self.store.count_labels(model, version)
             accuracy = score_labelled(recent, task=state.info.task, min_labels=settings.min_labels)
         except StoreUnavailable as exc:
@@ -344,6 +442,14 @@ class MonitoringService:
 
     def _evaluate_all(self) -> list[EvaluationReport]:
         loaded = self._loaded()
+        champions: dict[str, int] = {}
+        for model, version in loaded:
+            champions[model] = max(version, champions.get(model, 0))
+        for model, version in sorted(champions.items()):
+            try:
+                self.assess_sources(model, version)
+            except Exception:  # one broken model must not stop the others
+                logger.exception("label checks of model %s failed", model)
         reports = []
         for model, version in loaded:
             try:
@@ -388,15 +494,19 @@ class MonitoringService:
         """Whether the model is in the repository."""
         return self.catalog.has_model(model)
 
-    def add_feedback(self, model: str, items: Sequence[FeedbackItem]) -> FeedbackResult:
-        """Joins labels to logged predictions and stores them durably (blocking).
+    def add_feedback(
+        self, model: str, items: Sequence[FeedbackItem], source: str = ANONYMOUS_SOURCE
+    ) -> FeedbackResult:
+        """Joins labels to logged predictions and stores them durably under their source (blocking).
 
         Predictions still in the observer's queue are written first, so a label posted
-        right after its prediction is found.
+        right after its prediction is found. Labels of a quarantined source are stored
+        and marked; the result says so.
 
         Args:
             model: The model named in the route.
             items: Labels by request id.
+            source: The authenticated labeler. Defaults to ``anonymous``.
 
         Returns:
             What was accepted, unknown, duplicate or invalid.
@@ -406,14 +516,17 @@ class MonitoringService:
         """
         if not self.observer.flush(timeout=5.0):
             logger.warning("feedback for %s: the prediction log is behind; recent ids may be unknown", model)
-        result = self.store.add_feedback(model, items)
-        for version, count in result.labels.items():
-            self.metrics.feedback.labels(model, str(version)).inc(count)
+        quarantined = source in self.quarantined_sources(model)
+        result = self.store.add_feedback(model, items, source=source, quarantined=quarantined)
+        for (version, outcome), rows in result.rows.items():
+            self.metrics.feedback.labels(model, version, source, outcome).inc(rows)
         return result
 
-    async def submit_feedback(self, model: str, items: Sequence[FeedbackItem]) -> FeedbackResult:
+    async def submit_feedback(
+        self, model: str, items: Sequence[FeedbackItem], source: str = ANONYMOUS_SOURCE
+    ) -> FeedbackResult:
         """:meth:`add_feedback` in a worker thread, for the event loop."""
-        return await asyncio.to_thread(self.add_feedback, model, items)
+        return await asyncio.to_thread(self.add_feedback, model, items, source)
 
     # -- lifecycle -------------------------------------------------------------------
 

@@ -225,6 +225,16 @@ def test_server_deployment(overlay: str) -> None:
     assert pod["terminationGracePeriodSeconds"] >= grace + pause + 5
     token = next(e for e in server["env"] if e["name"] == "MODELLOOP_ADMIN_TOKEN")
     assert token["valueFrom"]["secretKeyRef"] == {"name": "modelloop-admin", "key": "token"}
+    # Feedback is authenticated: the labelers' tokens come from a Secret mounted as a file.
+    tokens_file = Path(
+        next(e for e in server["env"] if e["name"] == "MODELLOOP_FEEDBACK_TOKENS_FILE")["value"]
+    )
+    feedback = volumes[mounts[str(tokens_file.parent)]]
+    assert feedback["secret"]["secretName"] == "modelloop-feedback"
+    assert [i["path"] for i in feedback["secret"]["items"]] == [tokens_file.name]
+    assert not [
+        e for e in server["env"] if e["name"] in {"MODELLOOP_FEEDBACK_TOKEN", "MODELLOOP_FEEDBACK_TOKENS"}
+    ]
     # Retraining Jobs run the server's own image.
     assert settings["MODELLOOP_RETRAIN_JOB_IMAGE"] == server["image"]
     assert pod["serviceAccountName"] == "modelloop"

@@ -127,7 +127,9 @@ class _Exposition:
         self.drift_detected = Gauge("modelloop_drift_detected", "", labels, registry=self.registry)
         self.prediction_drift = Gauge("modelloop_prediction_drift", "", labels, registry=self.registry)
         self.accuracy = Gauge("modelloop_accuracy", "", labels, registry=self.registry)
-        self.feedback = Counter("modelloop_feedback", "", labels, registry=self.registry)
+        self.feedback = Counter(
+            "modelloop_feedback", "", [*labels, "source", "outcome"], registry=self.registry
+        )
         self.retrain = Counter("modelloop_retrain_runs", "", ["model", "outcome"], registry=self.registry)
         for i in range(12):
             self.feature_drift.labels("digits", "1", f"pixel_0_{i}", "psi").set(0.01 * i)
@@ -142,7 +144,7 @@ class _Exposition:
                 self.serving.observe_request("digits", 1, "v2_rest", code, 0.003)
             self.serving.observe_batch("digits", 1, 4)
             self.serving.observe_queue("digits", 1, 0.0004)
-            self.feedback.labels("digits", "1").inc(2)
+            self.feedback.labels("digits", "1", "team-a", "accepted").inc(2)
             self.retrain.labels("digits", "blessed").inc()
             return generate_latest(self.registry)
 

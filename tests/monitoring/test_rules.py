@@ -22,6 +22,7 @@ ALERTS = {
     "ModelHighLatencyP99",
     "ModelLoadFailures",
     "FeedbackStarvation",
+    "FeedbackSourceQuarantined",
 }
 RETRAIN_ALERTS = {"ModelDriftDetected", "ModelAccuracyBelowFloor"}
 

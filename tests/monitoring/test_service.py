@@ -171,7 +171,8 @@ def test_evaluation_sets_gauges_and_calls_listeners(setup, digits_data: DigitsDa
     assert normal.drift is not None and not normal.drift.drifted
     assert registry.get_sample_value("modelloop_drift_detected", labels) == 0
     assert registry.get_sample_value("modelloop_accuracy", labels) == 1.0  # predictions were the labels
-    assert registry.get_sample_value("modelloop_feedback_total", labels) == 250
+    counted = {**labels, "source": "anonymous", "outcome": "accepted"}
+    assert registry.get_sample_value("modelloop_feedback_total", counted) == 250
     assert normal.labels == 250 and normal.accuracy is not None and normal.accuracy.rows == 250
     psi_sample = registry.get_sample_value(
         "modelloop_feature_drift", {**labels, "feature": "pixel_2_4", "method": "psi"}
