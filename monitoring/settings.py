@@ -71,6 +71,10 @@ class MonitoringSettings(BaseSettings):
     """Alertmanager in charge of alerts; None = rules run in-process."""
     trigger: Literal["subprocess", "kubernetes", "none"] = "subprocess"
     """How a retrain is started."""
+    history_retention_days: float = Field(default=7.0, gt=0)
+    """Evaluation history older than this is pruned."""
+    history_max_points: int = Field(default=17_280, ge=1)
+    """Most history points kept per version (a day of evaluations every 5 s)."""
 
     @field_validator("store_url")
     @classmethod
