@@ -22,6 +22,10 @@ ALERTS = {
     "ModelHighLatencyP99",
     "ModelLoadFailures",
     "FeedbackStarvation",
+    "ModelEstimatedAccuracyBelowFloor",
+    "ModelInputMissingValues",
+    "ModelInputOutOfRange",
+    "ModelInputFeatureConstant",
 }
 RETRAIN_ALERTS = {"ModelDriftDetected", "ModelAccuracyBelowFloor"}
 
