@@ -463,7 +463,10 @@ class MonitoringService:
             self.metrics.feature_missing_share.labels(model, v, f.name).set(f.missing_share)
             self.metrics.feature_out_of_range_share.labels(model, v, f.name).set(f.out_of_range_share)
         self.metrics.features_became_constant.labels(model, v).set(len(quality.became_constant))
-        top = [f.name for f in drift.top(3)] if drift is not None else []
+        # Features that varied in training first: their histograms say more than a
+        # constant's "equal / other".
+        ranked = sorted(drift.features, key=lambda f: (not f.drifted, f.constant, -f.psi)) if drift else []
+        top = [f.name for f in ranked[:3]]
         return quality, feature_histograms(state.baseline, rows, top)
 
     def _record_history(self, reports: Sequence[EvaluationReport]) -> None:
@@ -492,6 +495,16 @@ class MonitoringService:
             v: [p.as_dict() for p in points]
             for v, points in self.store.history(model, since=since, limit=limit).items()
         }
+
+    def retrain_runs(self, model: str) -> dict[str, int]:
+        """Retraining runs of a model by outcome, as this process counted them."""
+        runs: dict[str, int] = {}
+        for outcome in ("blessed", "rejected", "failed"):
+            value = self.traffic.registry.get_sample_value(
+                "modelloop_retrain_runs_total", {"model": model, "outcome": outcome}
+            )
+            runs[outcome] = int(value or 0)
+        return runs
 
     # -- feedback --------------------------------------------------------------------
 
