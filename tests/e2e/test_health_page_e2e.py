@@ -118,10 +118,35 @@ def test_make_up_simulate_drift_and_the_live_health_page(tmp_path: Path) -> None
         )
         assert simulate.returncode == 0, simulate.stdout + simulate.stderr
         assert "drifted: served accuracy" in simulate.stdout
+        # While v1 drifts, the page draws its top drifted features beside their baselines.
+        assert browser.wait_for("document.querySelectorAll('#health svg.hist').length >= 1", 60)
 
         # The drift rule holds for a minute, then the retrain trains, gates and publishes v2.
         _wait(lambda: _v2_available(url), 420, "version 2 to be AVAILABLE after the retrain", interval=2)
-        _wait(lambda: len(_history(url).get(2, [])) >= 3, 60, "three evaluations of version 2")
+        # Version 2 learnt the inverted digits from the feedback: more of them, labelled.
+        again = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "modelloop",
+                "simulate",
+                "--url",
+                url,
+                "--drift-only",
+                "--requests",
+                "150",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=300,
+            env=env,
+        )
+        assert again.returncode == 0, again.stdout + again.stderr
+        _wait(
+            lambda: any(p["accuracy"] is not None for p in _history(url).get(2, [])),
+            60,
+            "version 2's accuracy on the labelled inverted digits",
+        )
         history = _history(url)
         v1 = history[1]
         accuracy = [p["accuracy"] for p in v1 if p["accuracy"] is not None]
@@ -130,6 +155,8 @@ def test_make_up_simulate_drift_and_the_live_health_page(tmp_path: Path) -> None
         assert max(accuracy) > 0.9 and accuracy[-1] < 0.7, accuracy  # the accuracy drop
         assert min(drift) < 0.3 and max(drift) > 0.5, drift  # the drift rise
         assert min(estimated) > 0.9  # the estimate cannot see inverted digits (a new concept)
+        recovered = [p["accuracy"] for p in history[2] if p["accuracy"] is not None]
+        assert recovered[-1] > accuracy[-1], (recovered, accuracy)
         assert any(p["request_rate"] for p in v1) and any(p["p99_seconds"] for p in v1)
 
         # The page redrew itself with version 2, without a reload.
@@ -140,7 +167,6 @@ def test_make_up_simulate_drift_and_the_live_health_page(tmp_path: Path) -> None
         assert browser.evaluate("window.__sameDocument") == "yes"
         assert int(browser.evaluate("document.body.dataset.refreshes")) >= 2
         assert browser.evaluate("document.querySelectorAll('#health svg.chart').length") >= 7
-        assert browser.evaluate("document.querySelectorAll('#health svg.hist').length") >= 1
         page_text = browser.evaluate("document.body.innerText")
         for label in ("v1 labelled", "v1 estimated", "v2 first seen", "DRIFT", "out of range"):
             assert label in page_text, label
