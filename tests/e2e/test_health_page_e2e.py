@@ -132,6 +132,7 @@ def test_make_up_simulate_drift_and_the_live_health_page(tmp_path: Path) -> None
                 "simulate",
                 "--url",
                 url,
+                "--drift",
                 "--drift-only",
                 "--requests",
                 "150",
