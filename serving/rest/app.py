@@ -155,7 +155,8 @@ def render_status_page(
     table = "\n".join(rows) or f'<tr><td colspan="{width}">no models</td></tr>'
     header = "".join(f"<th>{html.escape(h)}</th>" for h in ("model", "version", "state", *extra_headers))
     return f"""<!doctype html>
-<html><head><meta charset="utf-8"><title>{TITLE}</title></head>
+<html><head><meta charset="utf-8"><title>{TITLE}</title>
+<link rel="icon" href="data:,"></head>
 <body>
 <h1>{TITLE}</h1>
 <p>Server: <strong>{ready}</strong> · <a href="/docs">API docs</a> · <a href="/metrics">metrics</a></p>
