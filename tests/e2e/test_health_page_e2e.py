@@ -162,9 +162,11 @@ def test_make_up_simulate_drift_and_the_live_health_page(tmp_path: Path) -> None
 
         # The page redrew itself with version 2, without a reload.
         health = "document.querySelector('#health').innerText"
-        assert browser.wait_for(f"{health}.includes('v2 AVAILABLE') && {health}.includes('1 blessed')", 60), (
-            browser.evaluate(health)
-        )
+        assert browser.wait_for(
+            f"{health}.includes('v2 AVAILABLE') && {health}.includes('1 blessed')"
+            f" && {health}.includes('v2 labelled')",
+            60,
+        ), browser.evaluate(health)
         assert browser.evaluate("window.__sameDocument") == "yes"
         assert int(browser.evaluate("document.body.dataset.refreshes")) >= 2
         assert browser.evaluate("document.querySelectorAll('#health svg.chart').length") >= 7
