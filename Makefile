@@ -7,6 +7,8 @@ CLIENTS := .venv-clients
 STAMP := $(VENV)/.installed
 CLIENTS_STAMP := $(CLIENTS)/.installed
 PYTEST_ARGS ?=
+# Extra arguments of `modelloop up`, e.g. make up UP_ARGS='--repo /tmp/models --rest-port 0'.
+UP_ARGS ?=
 
 .PHONY: install up test bench lint audit format clean
 
@@ -27,7 +29,7 @@ $(CLIENTS_STAMP): requirements-clients.lock
 	touch $@
 
 up: install
-	$(BIN)/modelloop up
+	$(BIN)/modelloop up $(UP_ARGS)
 
 test: install
 	$(BIN)/python -m pytest $(PYTEST_ARGS)

@@ -25,7 +25,13 @@ from fastapi import APIRouter
 from prometheus_client import CollectorRegistry
 
 from modelloop.errors import ModelloopError
-from modelloop.monitoring.http import MonitoringColumns, create_alerts_router, create_feedback_router
+from modelloop.monitoring.http import (
+    HealthSection,
+    MonitoringColumns,
+    create_alerts_router,
+    create_feedback_router,
+    create_health_router,
+)
 from modelloop.monitoring.retraining import Retraining, build_retraining
 from modelloop.monitoring.service import MonitoringService
 from modelloop.monitoring.settings import LabelerSettings, MonitoringSettings
@@ -138,10 +144,16 @@ class ModelServer:
                 admin_token,
                 settings.max_body_bytes,
             ),
+            create_health_router(self.monitoring),
         ]
         columns: StatusColumns = MonitoringColumns(self.monitoring)
         self.app = create_app(
-            self.dataplane, settings, self.prometheus, routers=routers, status_columns=columns
+            self.dataplane,
+            settings,
+            self.prometheus,
+            routers=routers,
+            status_columns=columns,
+            status_sections=[HealthSection(self.monitoring)],
         )
         self._stop = asyncio.Event()
         self.addresses: BoundAddresses | None = None

@@ -43,6 +43,12 @@ class MonitoringMetrics:
         retrain_runs: ``{model,outcome}``: retrains by outcome (blessed, rejected, failed).
         dropped: ``{model}``: answered requests not logged (queue full or store down).
         window_rows: ``{model,version}``: rows in the drift window.
+        estimated_accuracy: ``{model,version}``: accuracy estimated without labels (CBPE),
+            with ``estimated_accuracy_lower`` and ``estimated_accuracy_upper``, its 95 % band.
+        feature_missing_share: ``{model,version,feature}``: share of NaN or Inf values.
+        feature_out_of_range_share: ``{model,version,feature}``: share outside the training range.
+        features_became_constant: ``{model,version}``: features that varied in training and
+            are constant now.
 
     Args:
         registry: Where the metrics are registered.
@@ -121,6 +127,44 @@ class MonitoringMetrics:
             ["model", "version"],
             registry=registry,
         )
+        # The label-free accuracy estimate (CBPE) and its 95 % band.
+        self.estimated_accuracy = Gauge(
+            "modelloop_estimated_accuracy",
+            "Accuracy estimated without labels: mean calibrated probability of the predicted class.",
+            ["model", "version"],
+            registry=registry,
+        )
+        self.estimated_accuracy_lower = Gauge(
+            "modelloop_estimated_accuracy_lower",
+            "Lower end of the 95 % band of the estimated accuracy (from the window size).",
+            ["model", "version"],
+            registry=registry,
+        )
+        self.estimated_accuracy_upper = Gauge(
+            "modelloop_estimated_accuracy_upper",
+            "Upper end of the 95 % band of the estimated accuracy (from the window size).",
+            ["model", "version"],
+            registry=registry,
+        )
+        # Data quality of the input window, per feature.
+        self.feature_missing_share = Gauge(
+            "modelloop_feature_missing_share",
+            "Share of NaN or infinite values of one input feature in the window.",
+            ["model", "version", "feature"],
+            registry=registry,
+        )
+        self.feature_out_of_range_share = Gauge(
+            "modelloop_feature_out_of_range_share",
+            "Share of values of one input feature outside its training range, in the window.",
+            ["model", "version", "feature"],
+            registry=registry,
+        )
+        self.features_became_constant = Gauge(
+            "modelloop_features_became_constant",
+            "Input features that varied in training and are constant in the window.",
+            ["model", "version"],
+            registry=registry,
+        )
 
     def forget_version(self, model: str, version: int, features: list[str]) -> None:
         """Removes the gauges of a version that is no longer loaded.
@@ -145,3 +189,15 @@ class MonitoringMetrics:
             for method in ("psi", "ks"):
                 with contextlib.suppress(KeyError):
                     self.feature_drift.remove(model, v, feature, method)
+        for gauge in (
+            self.estimated_accuracy,
+            self.estimated_accuracy_lower,
+            self.estimated_accuracy_upper,
+            self.features_became_constant,
+        ):
+            with contextlib.suppress(KeyError):
+                gauge.remove(model, v)
+        for feature in features:
+            for gauge in (self.feature_missing_share, self.feature_out_of_range_share):
+                with contextlib.suppress(KeyError):
+                    gauge.remove(model, v, feature)

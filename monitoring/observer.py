@@ -264,7 +264,7 @@ class MonitoringObserver:
         rows = x.reshape(n, -1).astype(np.float64)
         out = y.reshape(n, -1).astype(np.float64)
         predicted = predicted_values(out, info.task) if out.shape[1] else None
-        self.windows.add(model, version, rows, predicted)
+        self.windows.add(model, version, rows, predicted, out)
         return PredictionRecord(
             request_id=rid,
             model=model,

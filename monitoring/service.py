@@ -53,8 +53,12 @@ from modelloop import layout
 from modelloop.errors import ServiceError
 from modelloop.monitoring.accuracy import AccuracyReport, score_labelled
 from modelloop.monitoring.drift import DriftDetector, DriftReport
+from modelloop.monitoring.estimation import AccuracyEstimator, EstimateReport
+from modelloop.monitoring.histogram import FeatureHistogram, feature_histograms
+from modelloop.monitoring.history import TrafficMeter, TrafficReport, history_point
 from modelloop.monitoring.metrics import MonitoringMetrics
 from modelloop.monitoring.observer import MonitoringObserver, VersionInfo
+from modelloop.monitoring.quality import QualityChecker, QualityReport
 from modelloop.monitoring.quarantine import SourceVerdict, assess_sources, champion_of
 from modelloop.monitoring.settings import (
     MonitoringSettings,
@@ -95,6 +99,12 @@ class EvaluationReport:
         labels: Labelled rows of this version in the store, or None when it failed.
         store_error: The store's error, else "".
         settings: The model's resolved settings (thresholds, ``accuracy_floor``, cooldown).
+        estimate: The label-free accuracy estimate, or None (see ``estimate_note``).
+        estimate_note: Why there is no estimate ("no label-free estimate for
+            regressors", no calibrator, too few rows), else "".
+        quality: Data quality of the window, or None before ``min_rows`` or without a baseline.
+        histograms: Baseline and current histograms of the top drifted features.
+        traffic: Requests since the previous evaluation, or None before the second one.
     """
 
     model: str
@@ -109,6 +119,11 @@ class EvaluationReport:
     labels: int | None
     store_error: str
     settings: MonitoringSettings = field(repr=False)
+    estimate: EstimateReport | None = None
+    estimate_note: str = ""
+    quality: QualityReport | None = None
+    histograms: tuple[FeatureHistogram, ...] = field(default=(), repr=False)
+    traffic: TrafficReport | None = None
 
 
 Listener = Callable[[str, int, EvaluationReport], None]
@@ -122,6 +137,8 @@ class _VersionState:
     error: str = ""
     card: layout.ModelCard | None = None
     detectors: dict[tuple[float, float, float], DriftDetector] = field(default_factory=dict)
+    estimator: AccuracyEstimator | None = None
+    quality: QualityChecker | None = None
 
     def detector(self, settings: MonitoringSettings) -> DriftDetector:
         key = (settings.psi_threshold, settings.ks_pvalue, settings.drift_share)
@@ -211,6 +228,8 @@ class MonitoringService:
         self._champions: dict[str, int] = {}
         self._task: asyncio.Task[None] | None = None
         self._last_prune = 0.0
+        self.traffic = TrafficMeter(registry)
+        self._traffic: dict[tuple[str, int], TrafficReport] = {}
 
     # -- listeners -------------------------------------------------------------------
 
@@ -423,6 +442,8 @@ class MonitoringService:
                 self.metrics.accuracy if accuracy.metric == "accuracy" else self.metrics.mean_absolute_error
             )
             gauge.labels(model, v).set(accuracy.value)
+        estimate, estimate_note = self._estimate(model, version, state, settings)
+        quality, histograms = self._check_quality(model, version, state, rows, settings, drift)
         report = EvaluationReport(
             model=model,
             version=version,
@@ -436,6 +457,11 @@ class MonitoringService:
             labels=labels,
             store_error=store_error,
             settings=settings,
+            estimate=estimate,
+            estimate_note=estimate_note,
+            quality=quality,
+            histograms=histograms,
+            traffic=self._traffic.get((model, version)),
         )
         self._reports[(model, version)] = report
         return report
@@ -450,12 +476,14 @@ class MonitoringService:
                 self.assess_sources(model, version)
             except Exception:  # one broken model must not stop the others
                 logger.exception("label checks of model %s failed", model)
+        self._traffic = self.traffic.measure()
         reports = []
         for model, version in loaded:
             try:
                 reports.append(self.evaluate_version(model, version))
             except Exception:  # one broken version must not stop the others
                 logger.exception("evaluating model %s version %d failed", model, version)
+        self._record_history(reports)
         current = set(loaded)
         gone = {k for k in (*self._reports, *self.windows.keys()) if k not in current}
         for key in sorted(gone):
@@ -470,6 +498,10 @@ class MonitoringService:
                 pruned = self.store.prune()
                 if pruned:
                     logger.info("pruned %d logged predictions beyond retention", pruned)
+                self.store.prune_history(
+                    retention_days=self.settings.history_retention_days,
+                    max_points=self.settings.history_max_points,
+                )
             except StoreUnavailable as exc:
                 logger.warning("retention pass failed: %s", exc)
         return reports
@@ -487,6 +519,98 @@ class MonitoringService:
     def status(self, model: str) -> dict[int, EvaluationReport]:
         """The latest report of each evaluated version of a model (for the status page)."""
         return {v: r for (m, v), r in sorted(self._reports.items()) if m == model}
+
+    def _estimate(
+        self, model: str, version: int, state: _VersionState, settings: MonitoringSettings
+    ) -> tuple[EstimateReport | None, str]:
+        """The label-free accuracy estimate of the window's outputs, or why there is none."""
+        if state.estimator is None:
+            state.estimator = AccuracyEstimator.from_baseline(state.baseline, task=state.info.task)
+            if not state.estimator.available:
+                logger.info("model %s version %d: %s", model, version, state.estimator.reason)
+        if not state.estimator.available:
+            return None, state.estimator.reason
+        outputs = self.windows.get(model, version).outputs()
+        if len(outputs) < settings.min_rows:
+            return None, f"collecting ({len(outputs)}/{settings.min_rows} rows)"
+        try:
+            estimate = state.estimator.estimate(outputs)
+        except (ValueError, KeyError, TypeError) as exc:
+            return None, f"the calibrator does not fit the outputs: {exc}"
+        if estimate is None:
+            return None, "no finite outputs in the window"
+        v = str(version)
+        self.metrics.estimated_accuracy.labels(model, v).set(estimate.value)
+        self.metrics.estimated_accuracy_lower.labels(model, v).set(estimate.lower)
+        self.metrics.estimated_accuracy_upper.labels(model, v).set(estimate.upper)
+        return estimate, ""
+
+    def _check_quality(
+        self,
+        model: str,
+        version: int,
+        state: _VersionState,
+        rows: np.ndarray,
+        settings: MonitoringSettings,
+        drift: DriftReport | None,
+    ) -> tuple[QualityReport | None, tuple[FeatureHistogram, ...]]:
+        """Data quality of the window, and the histograms of its top drifted features."""
+        if state.baseline is None or len(rows) < settings.min_rows:
+            return None, ()
+        try:
+            if state.quality is None:
+                state.quality = QualityChecker(state.baseline)
+            quality = state.quality.evaluate(rows)
+        except ValueError as exc:  # a window of another width: drift says so too
+            logger.debug("model %s version %d: no data quality: %s", model, version, exc)
+            return None, ()
+        v = str(version)
+        for f in quality.features:
+            self.metrics.feature_missing_share.labels(model, v, f.name).set(f.missing_share)
+            self.metrics.feature_out_of_range_share.labels(model, v, f.name).set(f.out_of_range_share)
+        self.metrics.features_became_constant.labels(model, v).set(len(quality.became_constant))
+        # Features that varied in training first: their histograms say more than a
+        # constant's "equal / other".
+        ranked = sorted(drift.features, key=lambda f: (not f.drifted, f.constant, -f.psi)) if drift else []
+        top = [f.name for f in ranked[:3]]
+        return quality, feature_histograms(state.baseline, rows, top)
+
+    def _record_history(self, reports: Sequence[EvaluationReport]) -> None:
+        """Stores one history point per evaluation; a store outage loses points, not evaluations."""
+        points = [history_point(r, r.traffic) for r in reports]
+        try:
+            self.store.record_history(points)
+        except StoreUnavailable as exc:
+            logger.warning("history not recorded (%d points): %s", len(points), exc.message)
+
+    def history(self, model: str, *, since: float, limit: int) -> dict[int, list[dict[str, Any]]]:
+        """The stored history of a model's versions (blocking; the route runs it in a thread).
+
+        Args:
+            model: Model name.
+            since: Unix time of the oldest point wanted.
+            limit: Most points per version (the newest are kept).
+
+        Returns:
+            Version -> points (``{"t": ..., "accuracy": ..., ...}``), oldest first.
+
+        Raises:
+            StoreUnavailable: The store cannot be reached.
+        """
+        return {
+            v: [p.as_dict() for p in points]
+            for v, points in self.store.history(model, since=since, limit=limit).items()
+        }
+
+    def retrain_runs(self, model: str) -> dict[str, int]:
+        """Retraining runs of a model by outcome, as this process counted them."""
+        runs: dict[str, int] = {}
+        for outcome in ("blessed", "rejected", "failed"):
+            value = self.traffic.registry.get_sample_value(
+                "modelloop_retrain_runs_total", {"model": model, "outcome": outcome}
+            )
+            runs[outcome] = int(value or 0)
+        return runs
 
     # -- feedback --------------------------------------------------------------------
 

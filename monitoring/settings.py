@@ -262,6 +262,10 @@ class MonitoringSettings(BaseSettings):
     """How a retrain is started."""
     quarantine: QuarantineSettings = Field(default_factory=QuarantineSettings)
     """When a labeler source is quarantined (server-wide; per model in config.json ``"feedback"``)."""
+    history_retention_days: float = Field(default=7.0, gt=0)
+    """Evaluation history older than this is pruned."""
+    history_max_points: int = Field(default=17_280, ge=1)
+    """Most history points kept per version (a day of evaluations every 5 s)."""
 
     @field_validator("store_url")
     @classmethod

@@ -69,6 +69,8 @@ from sqlalchemy.engine import Connection, Engine, make_url
 from sqlalchemy.exc import ArgumentError, DBAPIError, SQLAlchemyError
 
 from modelloop.errors import ErrorCode, ServiceError
+from modelloop.monitoring import history as _history
+from modelloop.monitoring.history import HISTORY_SCHEMA, HistoryPoint
 from modelloop.tokens import ANONYMOUS_SOURCE
 
 logger = logging.getLogger(__name__)
@@ -405,6 +407,15 @@ class PredictionStore(Protocol):
     def close(self) -> None:
         """Releases the connections; later calls raise :class:`StoreUnavailable`."""
 
+    def record_history(self, points: Sequence[HistoryPoint]) -> None:
+        """Stores evaluation points (see :mod:`modelloop.monitoring.history`)."""
+
+    def history(self, model: str, *, since: float, limit: int) -> dict[int, list[HistoryPoint]]:
+        """Per version, the newest ``limit`` points at or after ``since``, oldest first."""
+
+    def prune_history(self, *, retention_days: float, max_points: int, now: float | None = None) -> int:
+        """Applies the history's retention; returns the points deleted."""
+
 
 def check_targets(targets: Any, rows: int, task: str, classes: int) -> tuple[list[int | float], str]:
     """Checks the targets of one prediction.
@@ -576,7 +587,7 @@ class SqlPredictionStore:
                 return
             with self._unavailable_on_error(), self._writer(True), self._engine.begin() as conn:
                 self._lock_schema(conn)
-                for statement in _SCHEMA:
+                for statement in (*_SCHEMA, *HISTORY_SCHEMA):
                     conn.execute(statement)
                 _upgrade(conn)
             self._schema_ready = True
@@ -947,6 +958,71 @@ class SqlPredictionStore:
             self._gate.wait_for(lambda: self._active == 0, timeout=_CLOSE_WAIT_S)
         with contextlib.suppress(Exception):
             self._engine.dispose()
+
+    # -- history (the SQL lives in monitoring/history.py) ---------------------------
+
+    def record_history(self, points: Sequence[HistoryPoint]) -> None:
+        """Stores evaluation points in one transaction; a repeated ``(model, version, t)`` keeps the first.
+
+        Raises:
+            StoreUnavailable: The database cannot be reached or written.
+        """
+        if not points:
+            return
+        rows = [
+            {"model": p.model, "version": p.version, "t": p.t, "point": _dumps(p.values)}
+            for p in sorted(points, key=lambda p: (p.model, p.version, p.t))
+        ]
+
+        def work(conn: Connection) -> None:
+            conn.execute(_history.INSERT_POINT, rows)
+
+        self._run(work, write=True)
+
+    def history(self, model: str, *, since: float, limit: int) -> dict[int, list[HistoryPoint]]:
+        """Per version of ``model``, its newest ``limit`` points at or after ``since``, oldest first.
+
+        Raises:
+            StoreUnavailable: The database cannot be reached.
+        """
+
+        def work(conn: Connection) -> dict[int, list[Any]]:
+            versions = [
+                int(v) for (v,) in conn.execute(_history.SELECT_VERSIONS, {"model": model, "since": since})
+            ]
+            return {
+                v: list(
+                    conn.execute(
+                        _history.SELECT_POINTS, {"model": model, "version": v, "since": since, "limit": limit}
+                    ).all()
+                )
+                for v in sorted(versions)
+            }
+
+        fetched = self._run(work, write=False)
+        return {
+            v: [HistoryPoint(model, v, float(t), orjson.loads(point)) for t, point in reversed(rows)]
+            for v, rows in fetched.items()
+        }
+
+    def prune_history(self, *, retention_days: float, max_points: int, now: float | None = None) -> int:
+        """Deletes points older than ``retention_days`` and beyond ``max_points`` per version.
+
+        Raises:
+            StoreUnavailable: The database cannot be reached.
+        """
+        cutoff = (time.time() if now is None else now) - retention_days * 86400.0
+
+        def work(conn: Connection) -> int:
+            deleted = max(conn.execute(_history.DELETE_OLDER, {"cutoff": cutoff}).rowcount, 0)
+            for model, version in list(conn.execute(_history.SELECT_SERIES).all()):
+                key = {"model": model, "version": version}
+                row = conn.execute(_history.NTH_NEWEST, {**key, "offset": max_points}).first()
+                if row is not None:
+                    deleted += max(conn.execute(_history.DELETE_UP_TO, {**key, "t": row[0]}).rowcount, 0)
+            return deleted
+
+        return self._run(work, write=True)
 
 
 def _add_stats(conn: Connection, model: str, stats: Counter[tuple[int, str, int, int, int]]) -> None:

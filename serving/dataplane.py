@@ -183,6 +183,29 @@ def validate_inputs(
     return validated
 
 
+def check_finite(inputs: dict[str, np.ndarray], model: str) -> None:
+    """Refuses float inputs that hold NaN or ±Inf (for models whose config asks for it).
+
+    Args:
+        inputs: Validated inputs.
+        model: Model name, for the message.
+
+    Raises:
+        InvalidInput: An input holds a non-finite value; the message names the input, how
+            many values and where the first one is.
+    """
+    for name, value in inputs.items():
+        if value.dtype.kind != "f":
+            continue
+        bad = ~np.isfinite(value)
+        if bad.any():
+            first = tuple(int(i) for i in np.argwhere(bad)[0])
+            raise InvalidInput(
+                f"input {name!r} has {int(bad.sum())} NaN or infinite value(s), the first at index "
+                f"{list(first)}; model {model!r} refuses them (refuse_nan in its config.json)"
+            )
+
+
 def choose_request_id(client_id: str | None, request_id: str | None) -> str:
     """The id of a request: the transport's header, else the request's own, else a new one.
 
@@ -361,6 +384,8 @@ class DataPlane:
                 )
             limit = servable.batcher.settings.max_batch_size
             request.inputs = validate_inputs(request.inputs, metadata, limit)
+            if servable.refuse_nan:
+                check_finite(request.inputs, model)
             wanted = self._wanted_outputs(request, metadata)
             with servable.use():
                 outputs = await servable.batcher.predict(request.inputs)

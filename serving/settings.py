@@ -167,6 +167,9 @@ class ModelConfig(BaseModel):
     """Free-form label-check settings (quarantine thresholds), read by monitoring and the retrain CLI."""
     retrain: dict[str, Any] = Field(default_factory=dict)
     """Free-form retrain gate settings (``epochs``, ``accuracy_floor``, ...), read by the retrain pipeline."""
+    refuse_nan: bool = False
+    """Refuse requests whose float inputs hold NaN or ±Inf (400 / INVALID_ARGUMENT); by
+    default they are served, and monitoring counts them as missing values."""
 
     @field_validator("version_labels")
     @classmethod

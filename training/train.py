@@ -346,6 +346,7 @@ def train(
         val_outputs=val_outputs,
         class_labels=data.class_labels,
         seed=seed,
+        val_targets=y_val,
     )
     _write_json(out / RUN_METRICS_FILE, metrics)
     _write_json(out / RUN_INFO_FILE, run_info)

@@ -2,8 +2,9 @@
 
 Built by the composition root; nothing here runs at import. Other packages extend the
 app without serving importing them: ``routers`` are mounted beside the protocol routes
-(monitoring's feedback route and alert webhook), and ``status_columns`` adds columns to
-the status page at ``/``.
+(monitoring's feedback route and alert webhook), ``status_columns`` adds columns to
+the status page at ``/`` and ``status_sections`` adds sections below its table
+(monitoring's live health charts).
 
 Example:
 
@@ -51,6 +52,14 @@ class StatusColumns(Protocol):
         ...
 
 
+class StatusSection(Protocol):
+    """A section of the status page below the model table (monitoring's health charts)."""
+
+    def html(self) -> str:
+        """The section's HTML; the implementer escapes what it shows."""
+        ...
+
+
 def create_app(
     dataplane: DataPlane,
     settings: ServingSettings,
@@ -58,6 +67,7 @@ def create_app(
     *,
     routers: Sequence[APIRouter] = (),
     status_columns: StatusColumns | None = None,
+    status_sections: Sequence[StatusSection] = (),
 ) -> FastAPI:
     """Builds the REST application.
 
@@ -67,6 +77,7 @@ def create_app(
         registry: The Prometheus registry ``/metrics`` exposes.
         routers: More routes to mount (the extension point). Defaults to none.
         status_columns: More columns for the status page. Defaults to None.
+        status_sections: Sections below the status page's table. Defaults to none.
 
     Returns:
         The FastAPI app, with ``/v1``, ``/v2``, ``/metrics``, ``/docs``, ``/`` and ``routers``.
@@ -97,17 +108,20 @@ def create_app(
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     async def status_page() -> HTMLResponse:
-        return HTMLResponse(render_status_page(dataplane, status_columns))
+        return HTMLResponse(render_status_page(dataplane, status_columns, status_sections))
 
     return app
 
 
-def render_status_page(dataplane: DataPlane, columns: StatusColumns | None = None) -> str:
+def render_status_page(
+    dataplane: DataPlane, columns: StatusColumns | None = None, sections: Sequence[StatusSection] = ()
+) -> str:
     """A plain HTML page: readiness, then every model version's state and the extra columns.
 
     Args:
         dataplane: The data plane to describe.
         columns: Extra columns (monitoring's). Defaults to None.
+        sections: Sections below the table (monitoring's). Defaults to none.
 
     Returns:
         The HTML document; every value from a model or a client is escaped.
@@ -141,13 +155,15 @@ def render_status_page(dataplane: DataPlane, columns: StatusColumns | None = Non
     table = "\n".join(rows) or f'<tr><td colspan="{width}">no models</td></tr>'
     header = "".join(f"<th>{html.escape(h)}</th>" for h in ("model", "version", "state", *extra_headers))
     return f"""<!doctype html>
-<html><head><meta charset="utf-8"><title>{TITLE}</title></head>
+<html><head><meta charset="utf-8"><title>{TITLE}</title>
+<link rel="icon" href="data:,"></head>
 <body>
 <h1>{TITLE}</h1>
 <p>Server: <strong>{ready}</strong> · <a href="/docs">API docs</a> · <a href="/metrics">metrics</a></p>
-<table border="1" cellpadding="4">
+<table id="models" border="1" cellpadding="4">
 <tr>{header}</tr>
 {table}
 </table>
+{"".join(section.html() for section in sections)}
 </body></html>
 """

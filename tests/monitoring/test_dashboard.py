@@ -50,6 +50,13 @@ EXPORTED = {
     "modelloop_accuracy",
     "modelloop_feedback_total",
     "modelloop_retrain_runs_total",
+    # Beyond DESIGN.md's list: the label-free estimate and input data quality.
+    "modelloop_estimated_accuracy",
+    "modelloop_estimated_accuracy_lower",
+    "modelloop_estimated_accuracy_upper",
+    "modelloop_feature_missing_share",
+    "modelloop_feature_out_of_range_share",
+    "modelloop_features_became_constant",
 }
 REQUIRED_PANELS = {
     "Request rate by code",
@@ -62,6 +69,10 @@ REQUIRED_PANELS = {
     "Accuracy",
     "Feedback rate",
     "Retrain runs",
+    "Estimated vs labelled accuracy",
+    "Missing values (worst features)",
+    "Out of training range (worst features)",
+    "Features that became constant",
 }
 # Grafana fills these in; any valid value will do for a parse and data check.
 SUBSTITUTIONS = {
@@ -133,6 +144,15 @@ class _Exposition:
         self.retrain = Counter("modelloop_retrain_runs", "", ["model", "outcome"], registry=self.registry)
         for i in range(12):
             self.feature_drift.labels("digits", "1", f"pixel_0_{i}", "psi").set(0.01 * i)
+        for name in ("estimated_accuracy", "estimated_accuracy_lower", "estimated_accuracy_upper"):
+            Gauge(f"modelloop_{name}", "", labels, registry=self.registry).labels("digits", "1").set(0.95)
+        for name in ("feature_missing_share", "feature_out_of_range_share"):
+            gauge = Gauge(f"modelloop_{name}", "", [*labels, "feature"], registry=self.registry)
+            for i in range(8):
+                gauge.labels("digits", "1", f"pixel_0_{i}").set(0.01 * i)
+        Gauge("modelloop_features_became_constant", "", labels, registry=self.registry).labels(
+            "digits", "1"
+        ).set(0)
         self.drift_detected.labels("digits", "1").set(0)
         self.prediction_drift.labels("digits", "1").set(0.02)
         self.accuracy.labels("digits", "1").set(0.97)

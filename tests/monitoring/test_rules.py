@@ -23,6 +23,10 @@ ALERTS = {
     "ModelLoadFailures",
     "FeedbackStarvation",
     "FeedbackSourceQuarantined",
+    "ModelEstimatedAccuracyBelowFloor",
+    "ModelInputMissingValues",
+    "ModelInputOutOfRange",
+    "ModelInputFeatureConstant",
 }
 RETRAIN_ALERTS = {"ModelDriftDetected", "ModelAccuracyBelowFloor"}
 

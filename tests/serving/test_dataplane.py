@@ -463,3 +463,25 @@ async def test_a_version_that_unloads_while_a_body_arrives_is_not_chosen(tmp_pat
     response = await asyncio.wait_for(call, timeout=10)
     assert response.version == 1
     await dp.stop()
+
+
+async def test_nan_is_served_by_default_and_refused_when_the_config_asks(tmp_path: Path) -> None:
+    write_fake_version(tmp_path, "lenient", 1)
+    write_fake_version(tmp_path, "strict", 1)
+    write_config(tmp_path, "strict", {"refuse_nan": True})
+    dp, _, observer = await make_plane(tmp_path)
+    try:
+        rows = np.ones((2, 3), np.float32)
+        rows[1, 2] = np.nan
+        response = await dp.infer(request(rows, model="lenient"))
+        assert response.version == 1 and len(observer.seen) == 1  # served, and monitoring sees the NaN
+        with pytest.raises(
+            InvalidInput, match=r"input 'x' has 1 NaN or infinite value\(s\), the first at index \[1, 2\]"
+        ):
+            await dp.infer(request(rows, model="strict"))
+        rows[1, 2] = np.inf
+        with pytest.raises(InvalidInput, match=r"refuses them \(refuse_nan in its config\.json\)"):
+            await dp.infer(request(rows, model="strict"))
+        assert (await dp.infer(request(np.ones((1, 3), np.float32), model="strict"))).version == 1
+    finally:
+        await dp.stop()
