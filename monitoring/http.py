@@ -48,10 +48,11 @@ import orjson
 from fastapi import APIRouter, Request, Response
 
 from modelloop.errors import ErrorCode, ServiceError
+from modelloop.monitoring.schemas import ALERTS_BODY, ALERTS_RESPONSES, FEEDBACK_BODY, FEEDBACK_RESPONSES
 from modelloop.monitoring.store import FeedbackItem, FeedbackResult, StoreUnavailable
 from modelloop.monitoring.webhook import WebhookError, parse_alertmanager
 from modelloop.serving.types import valid_request_id
-from modelloop.web import check_content_type, read_body, require_admin
+from modelloop.web import ADMIN_SECURITY, check_content_type, read_body, require_admin
 
 if TYPE_CHECKING:
     from modelloop.monitoring.service import EvaluationReport, MonitoringService
@@ -144,12 +145,8 @@ def create_feedback_router(monitoring: MonitoringService | None, max_body_bytes:
     @router.post(
         "/v1/models/{name}/feedback",
         summary="Labels for logged predictions, by request id",
-        responses={
-            400: {"description": "malformed body or invalid targets"},
-            404: {"description": "unknown model or request ids"},
-            409: {"description": "already labelled"},
-            503: {"description": "feedback store unavailable"},
-        },
+        openapi_extra=FEEDBACK_BODY,
+        responses=FEEDBACK_RESPONSES,
     )
     async def feedback(name: str, request: Request) -> Response:
         if monitoring is None:
@@ -194,12 +191,8 @@ def create_alerts_router(
     @router.post(
         "/monitoring/alerts",
         summary="Alertmanager webhook (admin): starts gated retrains",
-        responses={
-            200: {"description": "One result per alert"},
-            400: {"description": "Not an Alertmanager version 4 payload"},
-            401: {"description": "Missing or wrong bearer token"},
-            403: {"description": "Admin routes are disabled (no MODELLOOP_ADMIN_TOKEN)"},
-        },
+        openapi_extra={**ALERTS_BODY, **ADMIN_SECURITY},
+        responses=ALERTS_RESPONSES,
     )
     async def alerts(request: Request) -> Response:
         require_admin(request, admin_token)

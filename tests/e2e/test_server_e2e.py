@@ -8,8 +8,6 @@ http and grpc, and curl. Every answer must equal ONNX Runtime's on the published
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import subprocess
 from pathlib import Path
 
@@ -20,9 +18,9 @@ import pytest
 
 from modelloop.serving.protos import grpc_service_pb2 as oip
 from modelloop.serving.protos import grpc_service_pb2_grpc as oip_grpc
+from tests.tools import clients_python, require_tool
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-CLIENTS_PYTHON = REPO_ROOT / ".venv-clients" / "bin" / "python"
 ATOL = 1e-5
 
 
@@ -181,12 +179,12 @@ def test_health_readiness_and_metadata_over_rest(server):
     assert status["model_version_status"][0]["state"] == "AVAILABLE"
 
 
-@pytest.mark.skipif(shutil.which("curl") is None, reason="curl is not installed")
 def test_readme_curl_examples(server, rows, expected):
+    curl = require_tool("curl", "Debian package curl")
     body = json.dumps({"instances": rows[:1].tolist()})
     out = subprocess.run(
         [
-            "curl",
+            curl,
             "-s",
             "-X",
             "POST",
@@ -203,7 +201,7 @@ def test_readme_curl_examples(server, rows, expected):
     ).stdout
     np.testing.assert_allclose(np.array(json.loads(out)["predictions"]), expected[:1], atol=ATOL)
     out = subprocess.run(
-        ["curl", "-s", f"{server.rest_url}/v1/models/digits/metadata"],
+        [curl, "-s", f"{server.rest_url}/v1/models/digits/metadata"],
         capture_output=True,
         text=True,
         timeout=30,
@@ -212,7 +210,7 @@ def test_readme_curl_examples(server, rows, expected):
     assert "serving_default" in json.loads(out)["metadata"]["signature_def"]["signature_def"]
     code = subprocess.run(
         [
-            "curl",
+            curl,
             "-s",
             "-o",
             "/dev/null",
@@ -235,16 +233,13 @@ def test_readme_curl_examples(server, rows, expected):
 
 
 def test_tritonclient_http_and_grpc_unchanged(server, rows, expected, tmp_path):
-    if not CLIENTS_PYTHON.exists():
-        if os.environ.get("CI"):
-            pytest.fail(f"{CLIENTS_PYTHON} is missing: `make install` creates it")
-        pytest.skip("tritonclient environment missing; run `make install`")
+    python = clients_python()
     rows_path = tmp_path / "rows.json"
     rows_path.write_text(json.dumps(rows.tolist()))
     http_target = server.rest_url.removeprefix("http://")
     proc = subprocess.run(
         [
-            str(CLIENTS_PYTHON),
+            python,
             str(Path(__file__).parent / "tritonclient_e2e.py"),
             http_target,
             server.grpc_target,

@@ -37,12 +37,12 @@ from modelloop.serving.dataplane import DataPlane
 from modelloop.serving.grpc.server import bind_grpc_server, create_grpc_server
 from modelloop.serving.protos import grpc_service_pb2 as pb
 from modelloop.serving.protos import grpc_service_pb2_grpc as pb_grpc
+from tests.tools import clients_python
 
 from ..edge_support import serve
 
 TESTDATA = Path(__file__).resolve().parents[2] / "testdata"
 ROOT = Path(__file__).resolve().parents[3]
-CLIENT_PYTHON = ROOT / ".venv-clients" / "bin" / "python"
 TRITON_SCRIPT = Path(__file__).with_name("tritonclient_grpc_check.py")
 ROWS = np.array(
     json.loads((TESTDATA / "tfserving-predict-request.json").read_text())["instances"], np.float32
@@ -352,13 +352,12 @@ async def test_classify_is_unimplemented(served) -> None:
     assert error.code() == UNIMPLEMENTED and "Classify" in error.details()
 
 
-@pytest.mark.skipif(not CLIENT_PYTHON.exists(), reason="needs .venv-clients (make install)")
 async def test_tritonclient_grpc(served, tmp_path: Path, onnx_probabilities: np.ndarray) -> None:
     s, _ = served
     pixels_path = tmp_path / "pixels.npy"
     np.save(pixels_path, ROWS)
     process = await asyncio.create_subprocess_exec(
-        str(CLIENT_PYTHON),
+        clients_python(),
         str(TRITON_SCRIPT),
         str(s.port),
         str(pixels_path),

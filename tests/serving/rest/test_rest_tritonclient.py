@@ -15,11 +15,11 @@ import pytest
 
 from modelloop.serving.rest.app import create_app
 from modelloop.serving.rest.server import bind_rest_socket, create_rest_server
+from tests.tools import clients_python
 
 from ..edge_support import EdgeStack, serve, write_digits, write_multi
 
 ROOT = Path(__file__).resolve().parents[3]
-CLIENT_PYTHON = ROOT / ".venv-clients" / "bin" / "python"
 SCRIPT = Path(__file__).with_name("tritonclient_check.py")
 
 
@@ -46,11 +46,10 @@ async def served(tmp_path: Path) -> AsyncIterator[tuple[int, EdgeStack]]:
             sock.close()
 
 
-@pytest.mark.skipif(not CLIENT_PYTHON.exists(), reason="needs .venv-clients (make install)")
 async def test_tritonclient_http(served: tuple[int, EdgeStack]) -> None:
     port, stack = served
     process = await asyncio.create_subprocess_exec(
-        str(CLIENT_PYTHON),
+        clients_python(),
         str(SCRIPT),
         str(port),
         stdout=asyncio.subprocess.PIPE,
