@@ -151,6 +151,8 @@ def require_admin(request: Request, token: str | None) -> None:
 # Routes that read their own bodies (see `openapi_body`) carry the JSON schemas of their models
 # under this operation key; `collect_openapi_schemas` moves them to `components/schemas`.
 OPENAPI_SCHEMAS_KEY = "x-modelloop-schemas"
+# ... and the examples of their path parameters, which `collect_openapi_schemas` puts in place.
+OPENAPI_PATH_EXAMPLES_KEY = "x-modelloop-path-examples"
 _REF_TEMPLATE = "#/components/schemas/{model}"
 # The security scheme of the admin routes (`require_admin`), for /docs' "Authorize" button.
 ADMIN_SCHEME = "adminToken"
@@ -180,6 +182,7 @@ def openapi_body(
     headers: Mapping[str, str] | None = None,
     components: Sequence[type[BaseModel]] = (),
     required: bool = True,
+    path_examples: Mapping[str, str] | None = None,
 ) -> dict[str, Any]:
     """The ``openapi_extra`` of a route that documents a JSON body it decodes itself.
 
@@ -198,6 +201,9 @@ def openapi_body(
         components: More models to publish in ``components/schemas`` (response models
             that ``responses`` refers to with :func:`schema_ref`). Defaults to none.
         required: Whether a body must be sent. Defaults to True.
+        path_examples: Example values of path parameters, so that /docs' "Try it out"
+            starts from a request that works; names the route lacks are ignored.
+            Defaults to None.
 
     Returns:
         The dict for the route decorator's ``openapi_extra``.
@@ -219,6 +225,8 @@ def openapi_body(
         "requestBody": {"required": required, "description": description, "content": content},
         OPENAPI_SCHEMAS_KEY: _component_schemas([*models, *components]),
     }
+    if path_examples:
+        extra[OPENAPI_PATH_EXAMPLES_KEY] = dict(path_examples)
     if headers:
         extra["parameters"] = [
             {
@@ -250,7 +258,8 @@ def error_responses(model: type[BaseModel], *codes: int, **why: str) -> dict[int
 
 
 def collect_openapi_schemas(openapi: dict[str, Any]) -> dict[str, Any]:
-    """Moves the schemas :func:`openapi_body` put on operations into ``components/schemas``.
+    """Moves the schemas :func:`openapi_body` put on operations into ``components/schemas``, and
+    sets the examples of their path parameters.
 
     Args:
         openapi: The document FastAPI generated; changed in place.
@@ -261,6 +270,11 @@ def collect_openapi_schemas(openapi: dict[str, Any]) -> dict[str, Any]:
     schemas = openapi.setdefault("components", {}).setdefault("schemas", {})
     for path in openapi.get("paths", {}).values():
         for operation in path.values():
-            if isinstance(operation, dict):
-                schemas.update(operation.pop(OPENAPI_SCHEMAS_KEY, {}))
+            if not isinstance(operation, dict):
+                continue
+            schemas.update(operation.pop(OPENAPI_SCHEMAS_KEY, {}))
+            examples = operation.pop(OPENAPI_PATH_EXAMPLES_KEY, {})
+            for parameter in operation.get("parameters", []):
+                if parameter.get("in") == "path" and parameter.get("name") in examples:
+                    parameter["example"] = examples[parameter["name"]]
     return openapi

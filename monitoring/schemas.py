@@ -99,6 +99,7 @@ class AlertsResponse(BaseModel):
 FEEDBACK_BODY = openapi_body(
     [FeedbackRequest],
     description="Labels for predictions, by their x-request-id.",
+    path_examples={"name": "digits"},
     examples={
         "rows": {
             "summary": "A two-row prediction and a one-row prediction",

@@ -133,7 +133,7 @@ def dump_dom(url: str, *, offline: bool = False, budget_ms: int = 5000, timeout:
     profile = tempfile.mkdtemp(prefix="modelloop-chromium-")
     isolation = (
         [
-            "--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE localhost",
+            "--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE localhost, EXCLUDE 127.0.0.1",
             "--proxy-server=http://127.0.0.1:9",
             "--proxy-bypass-list=127.0.0.1;localhost",
         ]

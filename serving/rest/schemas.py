@@ -176,6 +176,12 @@ PREDICT_BODY = openapi_body(
         },
     },
     components=[PredictRowResponse, PredictColumnarResponse],
+    path_examples={
+        "model_method": "digits:predict",
+        "model": "digits",
+        "version_method": "1:predict",
+        "label_method": "stable:predict",
+    },
 )
 PREDICT_RESPONSES: dict[int | str, dict[str, Any]] = {
     200: {
@@ -222,6 +228,7 @@ INFER_BODY = openapi_body(
         "Inference-Header-Content-Length": "The length in bytes of the JSON header at the start of a "
         "binary body; absent for an all-JSON body."
     },
+    path_examples={"model": "digits", "version": "1"},
 )
 INFER_RESPONSES: dict[int | str, dict[str, Any]] = {
     200: {
