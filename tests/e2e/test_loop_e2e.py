@@ -192,7 +192,10 @@ def test_drift_alert_retrains_and_serves_v2(tmp_path: Path, digits_repo: Path):
         # Normal labelled traffic: drift evaluated, nothing fires.
         normal = simulate(rest, requests=100, batch=4, seed=1)["phases"]["normal"]
         assert wait_for(lambda: prom_value(prom, 'modelloop_drift_detected{model="digits"}') is not None, 20)
-        time.sleep(4)
+        # Prometheus has scraped the verdict a few times, so its rules (evaluated every second)
+        # have seen it: an alert that was going to go pending would be there by now.
+        scrapes = 'count_over_time(modelloop_drift_detected{model="digits"}[1m])'
+        assert wait_for(lambda: (prom_value(prom, scrapes) or 0) >= 4, 30)
         normal_share = prom_value(prom, 'modelloop_drift_share{model="digits"}')
         assert prom_value(prom, 'modelloop_drift_detected{model="digits"}') == 0.0
         assert prom_alerts(prom) == [], prom_alerts(prom)
