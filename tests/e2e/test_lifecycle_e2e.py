@@ -164,7 +164,7 @@ def server(repo: Path) -> Iterator[ServerProcess]:
     try:
         yield proc
     finally:
-        proc.stop(signal.SIGKILL)
+        proc.stop()
 
 
 @pytest.fixture(scope="module")
