@@ -14,6 +14,7 @@ app = create_app(dataplane, settings, registry, routers=[feedback_router], statu
 
 from __future__ import annotations
 
+import functools
 import html
 from collections.abc import Sequence
 from importlib import resources
@@ -80,7 +81,9 @@ class ServingAPI(FastAPI):
         return self.openapi_schema
 
 
+@functools.cache
 def _read_asset(name: str) -> bytes:
+    # Read once per process: every app (one per server, many in the tests) serves the same files.
     return (resources.files("fastapi_offline") / "static" / name).read_bytes()
 
 
