@@ -59,15 +59,25 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 from fastapi import APIRouter, Request, Response
+from fastapi.responses import HTMLResponse
 
 from modelloop.errors import ErrorCode, ServiceError
 from modelloop.monitoring.history import history_point
 from modelloop.monitoring.page import STYLE, ModelView, VersionView, render_health
+from modelloop.monitoring.schemas import (
+    ALERTS_BODY,
+    ALERTS_RESPONSES,
+    FEEDBACK_BODY,
+    FEEDBACK_RESPONSES,
+    HEALTH_RESPONSES,
+    HISTORY_RESPONSES,
+    SOURCES_RESPONSES,
+)
 from modelloop.monitoring.store import FeedbackItem, FeedbackResult, StoreUnavailable
 from modelloop.monitoring.webhook import WebhookError, parse_alertmanager
 from modelloop.serving.types import valid_request_id
 from modelloop.tokens import TokenMatcher
-from modelloop.web import check_content_type, read_body, require_admin, require_labeler
+from modelloop.web import ADMIN_SECURITY, check_content_type, read_body, require_admin, require_labeler
 
 if TYPE_CHECKING:
     from modelloop.monitoring.service import EvaluationReport, MonitoringService
@@ -176,14 +186,8 @@ def create_feedback_router(
     @router.post(
         "/v1/models/{name}/feedback",
         summary="Labels for logged predictions, by request id",
-        responses={
-            400: {"description": "malformed body or invalid targets"},
-            401: {"description": "labeler tokens are configured and the request has none"},
-            403: {"description": "the bearer token is not a labeler token"},
-            404: {"description": "unknown model or request ids"},
-            409: {"description": "already labelled"},
-            503: {"description": "feedback store unavailable"},
-        },
+        openapi_extra=FEEDBACK_BODY,
+        responses=FEEDBACK_RESPONSES,
     )
     async def feedback(name: str, request: Request) -> Response:
         # Authentication first: an unauthenticated caller learns nothing, not even which
@@ -206,10 +210,7 @@ def create_feedback_router(
     @router.get(
         "/v1/models/{name}/feedback/sources",
         summary="Labeler sources of a model: labels, agreement, confusion, quarantine",
-        responses={
-            404: {"description": "unknown model"},
-            503: {"description": "feedback store unavailable"},
-        },
+        responses=SOURCES_RESPONSES,
     )
     async def sources(name: str) -> Response:
         service = _monitoring_on(monitoring, name)
@@ -241,12 +242,8 @@ def create_alerts_router(
     @router.post(
         "/monitoring/alerts",
         summary="Alertmanager webhook (admin): starts gated retrains",
-        responses={
-            200: {"description": "One result per alert"},
-            400: {"description": "Not an Alertmanager version 4 payload"},
-            401: {"description": "Missing or wrong bearer token"},
-            403: {"description": "Admin routes are disabled (no MODELLOOP_ADMIN_TOKEN)"},
-        },
+        openapi_extra={**ALERTS_BODY, **ADMIN_SECURITY},
+        responses=ALERTS_RESPONSES,
     )
     async def alerts(request: Request) -> Response:
         require_admin(request, admin_token)
@@ -387,11 +384,7 @@ def create_health_router(monitoring: MonitoringService | None) -> APIRouter:
     @router.get(
         "/monitoring/models/{name}/history",
         summary="Per-evaluation history of a model's versions",
-        responses={
-            400: {"description": "bad since or limit"},
-            404: {"description": "unknown model"},
-            503: {"description": "store unavailable"},
-        },
+        responses=HISTORY_RESPONSES,
     )
     async def history(name: str, request: Request) -> Response:
         svc = service()
@@ -414,7 +407,12 @@ def create_health_router(monitoring: MonitoringService | None) -> APIRouter:
         }
         return Response(orjson.dumps(body), media_type="application/json")
 
-    @router.get("/monitoring/health", summary="The live health section of the status page (HTML)")
+    @router.get(
+        "/monitoring/health",
+        summary="The live health section of the status page (HTML)",
+        response_class=HTMLResponse,
+        responses=HEALTH_RESPONSES,
+    )
     async def health(request: Request) -> Response:
         svc = service()
         minutes = _query_number(

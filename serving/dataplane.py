@@ -532,7 +532,7 @@ class DataPlane:
         await self.registry.start()
         self._started = True
 
-    async def drain(self, grace_s: float) -> None:
+    async def drain(self, grace_s: float) -> int:
         """Turns ready off and waits for the requests in flight.
 
         Requests that still arrive while draining are served; the edges stop taking
@@ -541,6 +541,10 @@ class DataPlane:
         Args:
             grace_s: The longest wait; requests still running after it are left to the
                 edges' shutdown.
+
+        Returns:
+            How many requests were still running when it stopped waiting: 0 after a
+            clean drain, more when the grace period ran out.
         """
         self.draining = True
         idle = self._get_idle()
@@ -549,6 +553,7 @@ class DataPlane:
                 await asyncio.wait_for(idle.wait(), grace_s)
             except TimeoutError:
                 logger.warning("drain: %d requests still running after %.1f s", self._inflight, grace_s)
+        return self._inflight
 
     async def stop(self) -> None:
         """Stops polling and unloads every model."""

@@ -15,6 +15,19 @@ from modelloop.errors import ServiceError
 from modelloop.serving.codecs import v2_json
 from modelloop.serving.errors import InvalidInput
 from modelloop.serving.rest.errors import error_response, service_error_response
+from modelloop.serving.rest.schemas import (
+    ADMIN_ERRORS,
+    INFER_BODY,
+    INFER_RESPONSES,
+    ErrorBody,
+    RepositoryIndexEntry,
+    RepositoryIndexRequest,
+    V2Live,
+    V2ModelMetadata,
+    V2ModelReady,
+    V2Ready,
+    V2ServerMetadata,
+)
 from modelloop.serving.types import (
     InferRequest,
     InferResponse,
@@ -23,13 +36,27 @@ from modelloop.serving.types import (
     Protocol,
     parse_version,
 )
-from modelloop.web import REQUEST_ID_HEADER, check_content_type, read_body, require_admin
+from modelloop.web import (
+    ADMIN_SECURITY,
+    REQUEST_ID_HEADER,
+    check_content_type,
+    error_responses,
+    openapi_body,
+    read_body,
+    require_admin,
+)
 
 if TYPE_CHECKING:
     from modelloop.serving.dataplane import DataPlane
     from modelloop.serving.settings import ServingSettings
 
 JSON = "application/json"
+_INDEX_BODY = openapi_body(
+    [RepositoryIndexRequest],
+    description="Optional: an empty body lists every version.",
+    examples={"ready": {"summary": "Only versions that can serve", "value": {"ready": True}}},
+    required=False,
+)
 
 
 def _header_length(request: Request) -> int | None:
@@ -109,17 +136,25 @@ def create_v2_router(dataplane: DataPlane, settings: ServingSettings) -> APIRout
 
     admin_token = settings.admin_token.get_secret_value() if settings.admin_token is not None else None
 
-    @router.get("/v2", summary="Server metadata")
+    @router.get("/v2", summary="Server metadata", responses={200: {"model": V2ServerMetadata}})
     async def server_metadata() -> Response:
         return _json(v2_json.encode_server_metadata(dataplane.server_metadata()))
 
-    @router.get("/v2/health/live", summary="Liveness")
+    @router.get(
+        "/v2/health/live",
+        summary="Liveness",
+        responses={200: {"model": V2Live}, **error_responses(ErrorBody, 503)},
+    )
     async def live() -> Response:
         if dataplane.live():
             return _json(b'{"live":true}')
         return error_response("server is not live", 503)
 
-    @router.get("/v2/health/ready", summary="Readiness: every model has an available version")
+    @router.get(
+        "/v2/health/ready",
+        summary="Readiness: every model has an available version",
+        responses={200: {"model": V2Ready}, **error_responses(ErrorBody, 503)},
+    )
     async def ready() -> Response:
         # 503 when not ready follows KServe (kserve#818) and what Kubernetes probes expect;
         # Triton answers 400 here, which reads as a client error.
@@ -139,19 +174,35 @@ def create_v2_router(dataplane: DataPlane, settings: ServingSettings) -> APIRout
         which = f'model "{model}"' + (f" version {version}" if version is not None else "")
         return error_response(f"{which} is not ready", 503)
 
-    @router.get("/v2/models/{model}", summary="Model metadata (latest version)")
+    @router.get(
+        "/v2/models/{model}",
+        summary="Model metadata (latest version)",
+        responses={200: {"model": V2ModelMetadata}, **error_responses(ErrorBody, 400, 404, 503)},
+    )
     async def metadata_latest(model: str) -> Response:
         return metadata(model, None)
 
-    @router.get("/v2/models/{model}/versions/{version}", summary="Model metadata (one version)")
+    @router.get(
+        "/v2/models/{model}/versions/{version}",
+        summary="Model metadata (one version)",
+        responses={200: {"model": V2ModelMetadata}, **error_responses(ErrorBody, 400, 404, 503)},
+    )
     async def metadata_version(model: str, version: str) -> Response:
         return metadata(model, parse_version(version))
 
-    @router.get("/v2/models/{model}/ready", summary="Model readiness")
+    @router.get(
+        "/v2/models/{model}/ready",
+        summary="Model readiness",
+        responses={200: {"model": V2ModelReady}, **error_responses(ErrorBody, 400, 404, 503)},
+    )
     async def ready_latest(model: str) -> Response:
         return model_ready(model, None)
 
-    @router.get("/v2/models/{model}/versions/{version}/ready", summary="Model version readiness")
+    @router.get(
+        "/v2/models/{model}/versions/{version}/ready",
+        summary="Model version readiness",
+        responses={200: {"model": V2ModelReady}, **error_responses(ErrorBody, 400, 404, 503)},
+    )
     async def ready_version(model: str, version: str) -> Response:
         return model_ready(model, parse_version(version))
 
@@ -170,15 +221,34 @@ def create_v2_router(dataplane: DataPlane, settings: ServingSettings) -> APIRout
         headers[v2_json.HEADER_LENGTH] = str(json_length)
         return Response(payload, media_type=v2_json.BINARY_CONTENT_TYPE, headers=headers)
 
-    @router.post("/v2/models/{model}/infer", summary="Inference (latest version)")
+    @router.post(
+        "/v2/models/{model}/infer",
+        summary="Inference (latest version)",
+        openapi_extra=INFER_BODY,
+        responses=INFER_RESPONSES,
+    )
     async def infer_latest(request: Request, model: str) -> Response:
         return await infer(request, InferDecoder(request, model, None, settings.max_body_bytes))
 
-    @router.post("/v2/models/{model}/versions/{version}/infer", summary="Inference (one version)")
+    @router.post(
+        "/v2/models/{model}/versions/{version}/infer",
+        summary="Inference (one version)",
+        openapi_extra=INFER_BODY,
+        responses=INFER_RESPONSES,
+    )
     async def infer_version(request: Request, model: str, version: str) -> Response:
         return await infer(request, InferDecoder(request, model, version, settings.max_body_bytes))
 
-    @router.post("/v2/repository/index", summary="Repository index (admin)")
+    @router.post(
+        "/v2/repository/index",
+        summary="Repository index (admin)",
+        openapi_extra={**_INDEX_BODY, **ADMIN_SECURITY},
+        responses={
+            200: {"model": list[RepositoryIndexEntry]},
+            **error_responses(ErrorBody, 400, 413, 415),
+            **ADMIN_ERRORS,
+        },
+    )
     async def repository_index(request: Request) -> Response:
         require_admin(request, admin_token)
         ready_only = v2_json.decode_repository_index_request(
@@ -186,13 +256,25 @@ def create_v2_router(dataplane: DataPlane, settings: ServingSettings) -> APIRout
         )
         return _json(v2_json.encode_repository_index(dataplane.repository_index(), ready_only))
 
-    @router.post("/v2/repository/models/{model}/load", summary="Load a model (admin)")
+    @router.post(
+        "/v2/repository/models/{model}/load",
+        summary="Load a model (admin)",
+        response_class=Response,
+        openapi_extra=ADMIN_SECURITY,
+        responses={200: {"description": "Loaded"}, **error_responses(ErrorBody, 404), **ADMIN_ERRORS},
+    )
     async def load(request: Request, model: str) -> Response:
         require_admin(request, admin_token)
         await dataplane.load_model(model)
         return Response(status_code=200)
 
-    @router.post("/v2/repository/models/{model}/unload", summary="Unload a model (admin)")
+    @router.post(
+        "/v2/repository/models/{model}/unload",
+        summary="Unload a model (admin)",
+        response_class=Response,
+        openapi_extra=ADMIN_SECURITY,
+        responses={200: {"description": "Unloaded"}, **error_responses(ErrorBody, 404), **ADMIN_ERRORS},
+    )
     async def unload(request: Request, model: str) -> Response:
         require_admin(request, admin_token)
         await dataplane.unload_model(model)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import signal
 import subprocess
 import sys
@@ -16,10 +15,12 @@ from pathlib import Path
 import httpx
 import pytest
 
+from tests.tools import require_tool
+
 
 @pytest.mark.slow
-@pytest.mark.skipif(shutil.which("curl") is None, reason="curl is not installed")
 def test_up_trains_exports_serves_and_prints_a_working_curl_line(tmp_path: Path):
+    require_tool("curl", "Debian package curl")
     repo = tmp_path / "models"
     proc = subprocess.Popen(
         [

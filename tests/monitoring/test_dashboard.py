@@ -28,7 +28,8 @@ import pytest
 from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
 
 from modelloop.serving.metrics import ServingMetrics
-from tests.monitoring.monhelpers import free_port, require_tool, stop_process
+from tests.monitoring.monhelpers import free_port, stop_process
+from tests.tools import require_tool
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DASHBOARD = REPO_ROOT / "monitoring" / "dashboards" / "modelloop.json"
@@ -172,7 +173,7 @@ class _Exposition:
 @pytest.fixture(scope="module")
 def prometheus_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """A real Prometheus on loopback that has scraped the exposition a few times."""
-    binary = require_tool("prometheus", "prometheus")
+    binary = require_tool("prometheus", "Debian package prometheus")
     exposition = _Exposition()
 
     class Handler(BaseHTTPRequestHandler):

@@ -343,10 +343,10 @@ def test_sqlite_reads_run_beside_a_writer_and_writes_wait_for_its_lock(tmp_path:
         store.record([rec("a")])
         store.add_feedback("digits", [FeedbackItem("a", [1])])
         # Another process holds the write lock: reads (deferred BEGIN, WAL snapshot) go on.
+        # A read that waited for the lock would fail "database is locked" after the busy
+        # timeout, since the lock is held until the ROLLBACK below.
         other.execute("BEGIN IMMEDIATE")
-        started = time.monotonic()
         assert store.count_labels("digits", 1) == 1
-        assert time.monotonic() - started < 2
         # A write (BEGIN IMMEDIATE) waits in the busy timeout until the lock is released.
         written = threading.Event()
 

@@ -47,12 +47,11 @@ from modelloop.serving.repository import ModelRepository
 from modelloop.serving.runtime import Runtime
 from modelloop.serving.settings import ModelConfig, ServingSettings
 from modelloop.serving.types import ModelMetadata
+from tests.tools import clients_python
 
 PIXELS = 64
 CLASSES = 10
 MIB = 1024 * 1024
-CLIENT_PYTHON = Path(__file__).resolve().parents[2] / ".venv-clients" / "bin" / "python"
-"""The Python of the tritonclient environment (``make install``); it pins an older protobuf."""
 
 # -- the repository ----------------------------------------------------------------------
 
@@ -393,7 +392,7 @@ async def run_client_script(*args: str, timeout: float = 120) -> str:
     with the script's output.
     """
     process = await asyncio.create_subprocess_exec(
-        str(CLIENT_PYTHON), *args, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT
+        clients_python(), *args, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT
     )
     output, _ = await asyncio.wait_for(process.communicate(), timeout=timeout)
     text = output.decode(errors="replace")

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import logging
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -219,7 +221,12 @@ async def test_queue_full_is_reported(tmp_path: Path) -> None:
     first = asyncio.ensure_future(dp.infer(request([[1, 2, 3]])))
     await asyncio.to_thread(slow.started.wait, 5)
     second = asyncio.ensure_future(dp.infer(request([[1, 2, 3]])))
-    await asyncio.sleep(0.01)
+    batcher = dp.registry.resolve("m").batcher
+    for _ in range(500):  # until the second request waits in the (one-row) queue
+        if batcher.queued_rows == 1:
+            break
+        await asyncio.sleep(0.002)
+    assert batcher.queued_rows == 1
     with pytest.raises(QueueFull):
         await dp.infer(request([[1, 2, 3]]))
     slow.release.set()
@@ -281,7 +288,7 @@ async def test_drain_waits_for_in_flight_serves_late_arrivals_and_stop_rejects(t
     slow.release.set()
     late = await dp.infer(request([[1, 2, 3]]))  # arrived after SIGTERM: still served
     assert late.version == 1
-    await drain
+    assert await drain == 0
     assert (await in_flight).version == 1
     await dp.stop()
     assert not dp.live()
@@ -289,17 +296,30 @@ async def test_drain_waits_for_in_flight_serves_late_arrivals_and_stop_rejects(t
         await dp.infer(request([[1, 2, 3]]))
 
 
-async def test_drain_gives_up_after_the_grace_period(tmp_path: Path) -> None:
+async def test_drain_gives_up_after_the_grace_period(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     write_fake_version(tmp_path, "m", 1)
     slow = SlowRuntime()
     slow.release.set()
     dp, _, _ = await make_plane(tmp_path, Factory({1: lambda m: slow}))
     slow.release.clear()
+    slow.started.clear()
     in_flight = asyncio.ensure_future(dp.infer(request([[1, 2, 3]])))
-    await asyncio.sleep(0.02)
-    await dp.drain(grace_s=0.05)
+    await asyncio.to_thread(slow.started.wait, 5)
+    grace = 0.2
+    started = time.monotonic()
+    with caplog.at_level(logging.WARNING, logger="modelloop.serving.dataplane"):
+        left = await dp.drain(grace_s=grace)
+    waited = time.monotonic() - started
+    # It gave up: the request is still running, and drain says so.
+    assert left == 1 and not in_flight.done()
+    assert "drain: 1 requests still running after 0.2 s" in caplog.text
+    # ... once the grace period was over, not before it and not long after (a generous bound).
+    assert grace <= waited < grace + 5
     slow.release.set()
-    await in_flight
+    assert (await in_flight).version == 1  # the abandoned request still finishes
+    assert await dp.drain(grace_s=grace) == 0  # nothing left: a clean drain returns at once
     await dp.stop()
 
 

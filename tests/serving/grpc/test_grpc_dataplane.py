@@ -36,7 +36,7 @@ from modelloop.serving.dataplane import DataPlane
 from modelloop.serving.protos import grpc_service_pb2 as pb
 from modelloop.serving.protos import grpc_service_pb2_grpc as pb_grpc
 
-from ..edge_support import CLIENT_PYTHON, MIB, grpc_channel, model_infer_request, run_client_script, serve
+from ..edge_support import MIB, grpc_channel, model_infer_request, run_client_script, serve
 
 TESTDATA = Path(__file__).resolve().parents[2] / "testdata"
 TRITON_SCRIPT = Path(__file__).with_name("tritonclient_grpc_check.py")
@@ -335,7 +335,6 @@ async def test_classify_is_unimplemented(served) -> None:
     assert error.code() == UNIMPLEMENTED and "Classify" in error.details()
 
 
-@pytest.mark.skipif(not CLIENT_PYTHON.exists(), reason="needs .venv-clients (make install)")
 async def test_tritonclient_grpc(served, tmp_path: Path, onnx_probabilities: np.ndarray) -> None:
     s, _ = served
     pixels_path = tmp_path / "pixels.npy"

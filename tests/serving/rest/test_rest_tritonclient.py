@@ -16,7 +16,7 @@ import pytest
 from modelloop.serving.rest.app import create_app
 from modelloop.serving.rest.server import bind_rest_socket, create_rest_server
 
-from ..edge_support import CLIENT_PYTHON, EdgeStack, run_client_script, serve, write_digits, write_multi
+from ..edge_support import EdgeStack, run_client_script, serve, write_digits, write_multi
 
 SCRIPT = Path(__file__).with_name("tritonclient_check.py")
 
@@ -44,7 +44,6 @@ async def served(tmp_path: Path) -> AsyncIterator[tuple[int, EdgeStack]]:
             sock.close()
 
 
-@pytest.mark.skipif(not CLIENT_PYTHON.exists(), reason="needs .venv-clients (make install)")
 async def test_tritonclient_http(served: tuple[int, EdgeStack]) -> None:
     port, stack = served
     await run_client_script(str(SCRIPT), str(port))
