@@ -56,6 +56,8 @@ RUN_METRICS_FILE = "metrics.json"
 RUN_SPLIT_FILE = "split.npz"
 RUN_HISTORY_CSV = "history.csv"
 RUN_HISTORY_PLOT = "history.png"
+RUN_ROBUSTNESS_PLOT = "robustness.png"
+RUN_TUNING_DIR = "tuning"
 RUN_TENSORBOARD_DIR = "tensorboard"
 RUN_FILES = (RUN_MODEL_FILE, RUN_INFO_FILE, RUN_METRICS_FILE, BASELINE_FILE, RUN_SPLIT_FILE)
 """What a run must hold to be exported; the run's baseline is copied into the version."""
