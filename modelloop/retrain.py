@@ -11,7 +11,12 @@
    the recorded seed) plus the held-out feedback rows. Both the serving version and the
    candidate are scored with ONNX Runtime on exactly the same rows. The candidate is
    blessed when it clears an absolute floor (accuracy floor or MAE ceiling) and is not
-   worse than the serving version by more than ``tolerance``.
+   worse than the serving version by more than ``tolerance``, and then passes the
+   robustness checks (:func:`check_robustness`): on the same rows under Gaussian noise it
+   is not much worse than the serving version, and on the clean rows it is not much worse
+   than the strongest shallow baseline trained on the same rows. "Much worse" is more than
+   ``much_worse_accuracy`` (0.05) below in accuracy, or more than ``much_worse_mae_ratio``
+   (10 %) above in MAE.
 5. Publish a blessed candidate as version v+1; servers pick it up on their next poll.
 
 Every run ends with one outcome, ``blessed``, ``rejected`` or ``failed``, logged with
@@ -36,8 +41,8 @@ import math
 import os
 import time
 import uuid
-from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field
+from collections.abc import Iterator, Mapping
+from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, Protocol
@@ -96,6 +101,12 @@ class RetrainSettings(BaseModel):
     """Share of the most recent labelled rows kept out of training, for the evaluation set."""
     max_feedback_rows: int = Field(default=100_000, ge=0)
     """Most recent labelled rows used at all; older ones are ignored."""
+    much_worse_accuracy: float = Field(default=0.05, ge=0, le=1)
+    """Classifiers: accuracy points by which a candidate is "much worse" (robustness checks)."""
+    much_worse_mae_ratio: float = Field(default=0.10, ge=0)
+    """Regressors: share of the reference MAE by which a candidate is "much worse"."""
+    baseline_check: bool = True
+    """Also reject a candidate much worse than the strongest shallow baseline on the same rows."""
 
     @classmethod
     def for_model(cls, model_dir: Path, **overrides: Any) -> RetrainSettings:
@@ -185,6 +196,78 @@ def bless(
     return Blessing(True, f"{metric} {candidate:.4f} vs serving {serving:.4f}: blessed", **verdict)
 
 
+def much_worse(task: TaskType, value: float, reference: float, settings: RetrainSettings) -> bool:
+    """Whether ``value`` is much worse than ``reference`` (see :class:`RetrainSettings`).
+
+    Example:
+        >>> much_worse("multiclass", 0.90, 0.96, RetrainSettings())
+        True
+    """
+    if math.isnan(value):
+        return True
+    if higher_is_better(task):
+        return value < reference - settings.much_worse_accuracy
+    return value > reference * (1.0 + settings.much_worse_mae_ratio)
+
+
+def check_robustness(
+    verdict: Blessing, task: TaskType, metrics: Mapping[str, Mapping[str, Any]], settings: RetrainSettings
+) -> Blessing:
+    """Withdraws a blessing when the candidate is much worse under noise or than a shallow model.
+
+    Two checks, applied only to a candidate :func:`bless` passed:
+
+    - ``eval_noisy``: the fixed evaluation rows with Gaussian noise (σ = 0.125 of each
+      feature's range, clipped to it, seeded), scored for both models. A candidate no
+      worse on clean rows but much worse than the serving version here is not blessed.
+    - ``baseline``: the strongest shallow baseline of the candidate's run (trained on the
+      same rows), scored on the clean evaluation rows. A network much worse than it is not
+      worth serving (skipped with ``baseline_check`` false).
+
+    Args:
+        verdict: The verdict of :func:`bless`.
+        task: The task type.
+        metrics: The retrain's ``metrics``: ``candidate``, ``serving`` and ``baseline``,
+            each per row set.
+        settings: Where "much worse" is defined.
+
+    Returns:
+        ``verdict`` itself, or a copy that is not blessed with the reason.
+    """
+    if not verdict.blessed:
+        return verdict
+    metric = main_metric(task)
+    noisy = metrics.get("candidate", {}).get("eval_noisy"), metrics.get("serving", {}).get("eval_noisy")
+    if (
+        noisy[0] is not None
+        and noisy[1] is not None
+        and much_worse(task, noisy[0][metric], noisy[1][metric], settings)
+    ):
+        reason = (
+            f"under noise {metric} {noisy[0][metric]:.4f} is much worse than serving {noisy[1][metric]:.4f}"
+            f" ({_much(task, settings)})"
+        )
+        return replace(verdict, blessed=False, reason=reason)
+    shallow = metrics.get("baseline", {}).get("eval")
+    if (
+        settings.baseline_check
+        and shallow is not None
+        and much_worse(task, verdict.candidate, shallow[metric], settings)
+    ):
+        reason = (
+            f"{metric} {verdict.candidate:.4f} is much worse than the shallow baseline's "
+            f"{shallow[metric]:.4f} ({_much(task, settings)})"
+        )
+        return replace(verdict, blessed=False, reason=reason)
+    return verdict
+
+
+def _much(task: TaskType, settings: RetrainSettings) -> str:
+    if higher_is_better(task):
+        return f"by more than {settings.much_worse_accuracy:g}"
+    return f"by more than {settings.much_worse_mae_ratio:.0%}"
+
+
 @dataclass
 class RetrainResult:
     """What one retrain run did.
@@ -201,6 +284,8 @@ class RetrainResult:
         seconds: Wall time of the run.
         record: The JSON run record written under the state directory.
         run_dir: The training run directory.
+        baseline: The strongest shallow baseline the candidate was compared with; its
+            scores are ``metrics["baseline"]``.
     """
 
     model: str
@@ -213,6 +298,7 @@ class RetrainResult:
     seconds: float = 0.0
     record: Path | None = None
     run_dir: Path | None = None
+    baseline: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """The result as JSON-serialisable data."""
@@ -331,6 +417,19 @@ def _common_sense(task: TaskType, y_train: np.ndarray, y_eval: np.ndarray) -> fl
     return float(np.mean(y_eval == majority))
 
 
+def _noisy(spec: TaskSpec, x_train: np.ndarray, x: np.ndarray, seed: int) -> np.ndarray:
+    """The evaluation rows under the robustness figures' higher noise level, seeded.
+
+    The ranges come from the spec's own training rows (or its pixel range), not from
+    feedback, so every retrain of a model perturbs the same rows the same way.
+    """
+    from modelloop.training.preprocessing import fit_scaling
+    from modelloop.training.robustness import GATE_NOISE_LEVEL, gaussian_noise
+
+    scaling = fit_scaling(x_train, spec.pixel_range)
+    return gaussian_noise(x, scaling.low, scaling.high, GATE_NOISE_LEVEL, np.random.default_rng(seed))
+
+
 @contextlib.contextmanager
 def _model_lock(state_dir: Path, name: str) -> Iterator[None]:
     """One retrain per model at a time per state directory; a second fails at once."""
@@ -440,10 +539,12 @@ def _run(
     # spec, same seed), plus recent labelled traffic neither model trained on.
     split = split_dataset(data, classification=spec.task != "regression", seed=serving.seed)
     x_test, y_test = data.x[split.test], data.y[split.test]
+    x_eval, y_eval = np.concatenate([x_test, fb_hold.x]), np.concatenate([y_test, fb_hold.y])
     sets = {
-        "eval": (np.concatenate([x_test, fb_hold.x]), np.concatenate([y_test, fb_hold.y])),
+        "eval": (x_eval, y_eval),
         "test_split": (x_test, y_test),
         "feedback_holdout": (fb_hold.x, fb_hold.y),
+        "eval_noisy": (_noisy(spec, data.x[split.train], x_eval, serving.seed), y_eval),
     }
     serving_onnx = serving.path / layout.ONNX_FILE
     if not serving_onnx.is_file():
@@ -462,6 +563,13 @@ def _run(
             "serving": _score_sets(spec.task, serving_onnx, sets),
             "candidate": _score_sets(spec.task, staged.onnx_path, sets),
         }
+        result.baseline = trained.metrics["strongest_baseline"]
+        shallow = trained.baselines[result.baseline]
+        result.metrics["baseline"] = {
+            key: {**score(spec.task, y, shallow.predict(x)), "rows": len(y)}
+            for key, (x, y) in sets.items()
+            if len(y)
+        }
         verdict = bless(
             spec.task,
             result.metrics["candidate"]["eval"][metric],
@@ -469,6 +577,7 @@ def _run(
             threshold=threshold,
             tolerance=settings.tolerance,
         )
+        verdict = check_robustness(verdict, spec.task, result.metrics, settings)
         result.reason = verdict.reason
         if not verdict.blessed:
             result.outcome = "rejected"
