@@ -21,8 +21,8 @@ HPARAMS = {
     "epochs": 60,
     "dropout": 0.25,
     "l2": 1e-4,
-    "patience": 10,
-    "learning_rate": 2e-3,
+    "patience": 12,
+    "learning_rate": 1e-3,
     "units": 64,
     "layers": 2,
 }
