@@ -233,8 +233,19 @@ def _gate_metrics(
         ((0.97, 0.96, 0.93, 0.94, 0.98), {}, True, "blessed"),
         # No worse clean, much worse under noise: the case the noise check exists for.
         ((0.97, 0.96, 0.85, 0.94, 0.98), {}, False, "under noise accuracy 0.8500 is much worse than serving"),
-        ((0.90, 0.89, 0.88, 0.88, 0.97), {}, False, "much worse than the shallow baseline's 0.9700"),
-        ((0.90, 0.89, 0.88, 0.88, 0.97), {"baseline_check": False}, True, "blessed"),
+        # Much worse than the shallow model: named, and rejected only when the check is on.
+        (
+            (0.90, 0.89, 0.88, 0.88, 0.97),
+            {},
+            True,
+            "blessed; note: accuracy 0.9000 is much worse than the shallow",
+        ),
+        (
+            (0.90, 0.89, 0.88, 0.88, 0.97),
+            {"baseline_check": True},
+            False,
+            "much worse than the shallow baseline's 0.9700",
+        ),
         ((0.97, 0.96, 0.85, 0.94, 0.98), {"much_worse_accuracy": 0.2}, True, "blessed"),
     ],
 )
