@@ -5,8 +5,9 @@ and L2 off, the training metric on a small subset reaches near-perfect), then re
 and tune on validation data. :func:`tune` runs KerasTuner's Bayesian optimisation over the
 spec's ``SEARCH_SPACE`` (width, depth, dropout, L2, learning rate), scoring each trial by
 the main metric on the validation split, or by its mean over K folds of the training and
-validation rows. The budget is the number of trials; each trial fits at most the run's
-epochs and stops early on the validation loss, as a training run does.
+validation rows. The budget is the number of trials (a third of them, at least two, drawn
+at random before the Gaussian process proposes the rest); each trial fits at most the
+run's epochs and stops early on the validation loss, as a training run does.
 
 Example:
 
@@ -233,6 +234,9 @@ def tune(
         hypermodel,
         objective=kt.Objective(objective, direction=direction),
         max_trials=trials,
+        # KerasTuner's default (3 random points per dimension, 15 here) would spend a budget
+        # of 10 on random draws alone; a third of the budget leaves the rest to the model.
+        num_initial_points=min(trials, max(2, trials // 3)),
         seed=seed,
         directory=str(directory),
         project_name=spec.name,
