@@ -20,6 +20,7 @@ print(result.best_hparams, result.best_score)
 from __future__ import annotations
 
 import time
+import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +29,7 @@ from typing import Any
 import keras
 import keras_tuner as kt
 import numpy as np
+from sklearn.exceptions import ConvergenceWarning
 
 from modelloop.training.data import kfold_indices
 from modelloop.training.evaluation import higher_is_better, main_metric, score
@@ -245,7 +247,11 @@ def tune(
         project_name=spec.name,
         overwrite=True,
     )
-    tuner.search(verbose=0)
+    with warnings.catch_warnings():
+        # The oracle's Gaussian process is refitted on a handful of points each trial; its
+        # length scale hitting a bound there is expected and says nothing actionable.
+        warnings.filterwarnings("ignore", category=ConvergenceWarning)
+        tuner.search(verbose=0)
     best = tuner.get_best_hyperparameters(1)[0]
     best_hparams = {name: best.get(name) for name in spec.search_space}
     best_trial = tuner.oracle.get_best_trials(1)[0]
