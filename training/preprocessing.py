@@ -88,12 +88,17 @@ class InputScaling:
         """
         import keras
 
-        return keras.layers.Normalization(
+        layer = keras.layers.Normalization(
             axis=-1,
             mean=self.offset.astype(np.float32),
             variance=np.square(self.scale).astype(np.float32),
             name="normalization",
         )
+        # Built now, eagerly: built on its first call inside a model it would make its
+        # mean and variance tensors in whatever graph that call traces (a subclassed
+        # model's first call does), and an eager call later could not use them.
+        layer.build((None, len(self.offset)))
+        return layer
 
     def describe(self, feature_names: list[str]) -> dict[str, Any]:
         """The ``"scaling"`` entry of ``baseline.json``: the kind, the floor and what it touched."""
