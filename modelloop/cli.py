@@ -67,6 +67,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--folds", type=_folds, default=0, metavar="K", help="report K-fold cross-validation first"
     )
     train.add_argument(
+        "--tune",
+        type=_positive,
+        default=0,
+        metavar="TRIALS",
+        help="check capacity, then search the spec's SEARCH_SPACE with KerasTuner for TRIALS trials "
+        "(on the validation split, or the K folds with --folds) and train with the best",
+    )
+    train.add_argument(
         "--distributed",
         action="store_true",
         help="train with MultiWorkerMirroredStrategy across the workers in TF_CONFIG",
@@ -160,6 +168,8 @@ def _quiet_tensorflow() -> None:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
+    if args.tune and (args.distributed or args.tf_config_from_index):
+        raise ModelloopError("--tune cannot be combined with --distributed")
     if args.distributed or args.tf_config_from_index:
         _quiet_tensorflow()
         from modelloop.training.distributed import train_distributed
@@ -175,20 +185,37 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from modelloop.training.spec import load_spec
 
     spec = load_spec(args.spec)
+    if args.tune and not spec.search_space:
+        raise ModelloopError(f"spec {spec.name!r} declares no SEARCH_SPACE, so --tune has nothing to search")
     _quiet_tensorflow()
     from modelloop.training.train import train
 
-    result = train(spec, args.out, epochs=args.epochs, seed=args.seed, folds=args.folds)
-    m = result.metrics
+    result = train(spec, args.out, epochs=args.epochs, seed=args.seed, folds=args.folds, tune=args.tune)
+    _print_summary(spec.name, result.metrics)
+    print(result.run_dir)
+    return 0
+
+
+def _print_summary(name: str, m: dict[str, Any]) -> None:
     metric = m["main_metric"]
     base = ", ".join(f"{k} {v[metric]:.4f}" for k, v in m["baselines"].items())
     test = m["test"][metric]
-    print(f"trained {spec.name}: test {metric} {test:.4f} (baselines: {base}); best epoch {m['best_epoch']}")
+    print(f"trained {name}: test {metric} {test:.4f} (baselines: {base}); best epoch {m['best_epoch']}")
+    print(f"strongest shallow baseline: {m['strongest_baseline']}")
+    rob = m["robustness"]
+    for who, scores in (("model", rob["model"]), *rob["baselines"].items()):
+        shown = ", ".join(f"{key} {value[metric]:.4f}" for key, value in scores.items())
+        print(f"robustness {who}: {shown}")
     if m["kfold"]:
         kf = m["kfold"]
         print(f"{kf['folds']}-fold validation {metric}: {kf['mean']:.4f} +/- {kf['std']:.4f}")
-    print(result.run_dir)
-    return 0
+    if m["tuning"]:
+        best = m["tuning"]["best"]
+        tuned = m["tuning"]
+        print(
+            f"tuning: {tuned['trials_run']} trials in {tuned['seconds']:.0f} s; best {tuned['objective']} "
+            f"{best['score']:.4f} with {best['hparams']}"
+        )
 
 
 def _cmd_export(args: argparse.Namespace) -> int:

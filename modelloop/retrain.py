@@ -19,7 +19,12 @@
    than the serving version by more than ``tolerance`` overall, and no slice with at
    least ``min_slice_rows`` rows got worse by more than its margin: a class's recall may
    fall by at most ``class_margin`` (0.05), a decile's MAE may grow by at most
-   ``decile_margin`` of the serving version's.
+   ``decile_margin`` of the serving version's. Then the robustness checks
+   (:func:`check_robustness`): on the same rows under Gaussian noise it is not much worse
+   than the serving version, and on the clean rows it is not much worse than the
+   strongest shallow baseline trained on the same rows. "Much worse" is more than
+   ``much_worse_accuracy`` (0.05) below in accuracy, or more than ``much_worse_mae_ratio``
+   (10 %) above in MAE.
 5. Publish a blessed candidate as version v+1; servers pick it up on their next poll.
 
 Every run ends with one outcome, ``blessed``, ``rejected`` or ``failed``, logged with
@@ -48,7 +53,7 @@ import os
 import time
 import uuid
 from collections.abc import Iterator, Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, Protocol
@@ -142,6 +147,17 @@ class RetrainSettings(BaseModel):
     """Slices (classes, deciles) with fewer evaluation rows are reported but not gated.
 
     20: below it one row moves a recall by more than the 0.05 margin."""
+    much_worse_accuracy: float = Field(default=0.05, ge=0, le=1)
+    """Classifiers: accuracy points by which a candidate is "much worse" (robustness checks)."""
+    much_worse_mae_ratio: float = Field(default=0.10, ge=0)
+    """Regressors: share of the reference MAE by which a candidate is "much worse"."""
+    baseline_check: bool = False
+    """Reject a candidate much worse than the strongest shallow baseline on the same rows.
+
+    Off by default: the comparison is always made and a candidate much worse than the
+    shallow model is named so in the verdict, but rejecting it would keep a serving version
+    that is usually worse still (after drift, a few epochs of the network catch up more
+    slowly than an SVC refitted on the same rows)."""
 
     @classmethod
     def for_model(cls, model_dir: Path, **overrides: Any) -> RetrainSettings:
@@ -231,6 +247,76 @@ def bless(
     return Blessing(True, f"{metric} {candidate:.4f} vs serving {serving:.4f}: blessed", **verdict)
 
 
+def much_worse(task: TaskType, value: float, reference: float, settings: RetrainSettings) -> bool:
+    """Whether ``value`` is much worse than ``reference`` (see :class:`RetrainSettings`).
+
+    Example:
+        >>> much_worse("multiclass", 0.90, 0.96, RetrainSettings())
+        True
+    """
+    if math.isnan(value):
+        return True
+    if higher_is_better(task):
+        return value < reference - settings.much_worse_accuracy
+    return value > reference * (1.0 + settings.much_worse_mae_ratio)
+
+
+def check_robustness(
+    verdict: Blessing, task: TaskType, metrics: Mapping[str, Mapping[str, Any]], settings: RetrainSettings
+) -> Blessing:
+    """Withdraws a blessing when the candidate is much worse under noise or than a shallow model.
+
+    Two checks, applied only to a candidate :func:`bless` passed:
+
+    - ``eval_noisy``: the fixed evaluation rows with Gaussian noise (σ = 0.125 of each
+      feature's range, clipped to it, seeded), scored for both models. A candidate no
+      worse on clean rows but much worse than the serving version here is not blessed.
+    - ``baseline``: the strongest shallow baseline of the candidate's run (trained on the
+      same rows), scored on the clean evaluation rows. A candidate much worse than it keeps
+      its blessing with a note in the reason, or, with ``baseline_check`` on, is rejected.
+
+    Args:
+        verdict: The verdict of :func:`bless`.
+        task: The task type.
+        metrics: The retrain's ``metrics``: ``candidate``, ``serving`` and ``baseline``,
+            each per row set.
+        settings: Where "much worse" is defined.
+
+    Returns:
+        ``verdict`` itself, or a copy that is not blessed with the reason.
+    """
+    if not verdict.blessed:
+        return verdict
+    metric = main_metric(task)
+    noisy = metrics.get("candidate", {}).get("eval_noisy"), metrics.get("serving", {}).get("eval_noisy")
+    if (
+        noisy[0] is not None
+        and noisy[1] is not None
+        and much_worse(task, noisy[0][metric], noisy[1][metric], settings)
+    ):
+        reason = (
+            f"under noise {metric} {noisy[0][metric]:.4f} is much worse than serving {noisy[1][metric]:.4f}"
+            f" ({_much(task, settings)})"
+        )
+        return replace(verdict, blessed=False, reason=reason)
+    shallow = metrics.get("baseline", {}).get("eval")
+    if shallow is not None and much_worse(task, verdict.candidate, shallow[metric], settings):
+        reason = (
+            f"{metric} {verdict.candidate:.4f} is much worse than the shallow baseline's "
+            f"{shallow[metric]:.4f} ({_much(task, settings)})"
+        )
+        if settings.baseline_check:
+            return replace(verdict, blessed=False, reason=reason)
+        return replace(verdict, reason=f"{verdict.reason}; note: {reason}")
+    return verdict
+
+
+def _much(task: TaskType, settings: RetrainSettings) -> str:
+    if higher_is_better(task):
+        return f"by more than {settings.much_worse_accuracy:g}"
+    return f"by more than {settings.much_worse_mae_ratio:.0%}"
+
+
 @dataclass
 class RetrainResult:
     """What one retrain run did.
@@ -251,6 +337,8 @@ class RetrainResult:
         record: The JSON run record written under the state directory.
         run_dir: The training run directory.
         gate_report: The gate's report file in the run directory, when there is one.
+        baseline: The strongest shallow baseline the candidate was compared with; its
+            scores are ``metrics["baseline"]``.
     """
 
     model: str
@@ -265,6 +353,7 @@ class RetrainResult:
     record: Path | None = None
     run_dir: Path | None = None
     gate_report: Path | None = None
+    baseline: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """The result as JSON-serialisable data."""
@@ -633,6 +722,19 @@ def format_gate_report(report: Mapping[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _noisy(spec: TaskSpec, x_train: np.ndarray, x: np.ndarray, seed: int) -> np.ndarray:
+    """The evaluation rows under the robustness figures' higher noise level, seeded.
+
+    The ranges come from the spec's own training rows (or its pixel range), not from
+    feedback, so every retrain of a model perturbs the same rows the same way.
+    """
+    from modelloop.training.preprocessing import fit_scaling
+    from modelloop.training.robustness import GATE_NOISE_LEVEL, gaussian_noise
+
+    scaling = fit_scaling(x_train, spec.pixel_range)
+    return gaussian_noise(x, scaling.low, scaling.high, GATE_NOISE_LEVEL, np.random.default_rng(seed))
+
+
 @contextlib.contextmanager
 def _model_lock(state_dir: Path, name: str) -> Iterator[None]:
     """One retrain per model at a time per state directory; a second fails at once."""
@@ -775,10 +877,12 @@ def _run(
     # The trusted set: the test split the serving version was scored on, plus recent labels
     # from sources that are not quarantined, which neither model trained on.
     x_test, y_test = data.x[split.test], data.y[split.test]
+    x_eval, y_eval = np.concatenate([x_test, fb_hold.x]), np.concatenate([y_test, fb_hold.y])
     sets = {
-        "eval": (np.concatenate([x_test, fb_hold.x]), np.concatenate([y_test, fb_hold.y])),
+        "eval": (x_eval, y_eval),
         "test_split": (x_test, y_test),
         "feedback_holdout": (fb_hold.x, fb_hold.y),
+        "eval_noisy": (_noisy(spec, data.x[split.train], x_eval, serving.seed), y_eval),
     }
     serving_onnx = serving.path / layout.ONNX_FILE
     if not serving_onnx.is_file():
@@ -802,6 +906,13 @@ def _run(
             "serving": _score_sets(spec.task, serving_onnx, sets),
             "candidate": _score_sets(spec.task, staged.onnx_path, sets),
         }
+        result.baseline = trained.metrics["strongest_baseline"]
+        shallow = trained.baselines[result.baseline]
+        result.metrics["baseline"] = {
+            key: {**score(spec.task, y, shallow.predict(x)), "rows": len(y)}
+            for key, (x, y) in sets.items()
+            if len(y)
+        }
         verdict = bless(
             spec.task,
             result.metrics["candidate"]["eval"][metric],
@@ -809,6 +920,7 @@ def _run(
             threshold=threshold,
             tolerance=settings.tolerance,
         )
+        robust = check_robustness(verdict, spec.task, result.metrics, settings)
         table = slice_table(
             spec.task,
             y_eval,
@@ -819,11 +931,16 @@ def _run(
             margin=settings.decile_margin if spec.task == "regression" else settings.class_margin,
         )
         sliced = slice_verdict(table)
-        blessed = verdict.blessed and not sliced
-        # Every check that failed, so the report says all that is wrong with a candidate.
-        failed = [reason for reason in ([] if verdict.blessed else [verdict.reason]) + [sliced] if reason]
-        result.reason = "; ".join(failed) or verdict.reason
+        blessed = robust.blessed and not sliced
+        # Every check that failed, so the report says all that is wrong with a candidate:
+        # the aggregate, then the slices, then robustness (which runs on a blessed aggregate).
+        unrobust = robust.reason if verdict.blessed and not robust.blessed else ""
+        failed = [r for r in ([] if verdict.blessed else [verdict.reason]) + [sliced, unrobust] if r]
+        result.reason = "; ".join(failed) or robust.reason
+        # The report's "overall" is the aggregate check; the robustness verdict is its own entry.
         result.gate = _gate_report(name, serving, settings, verdict, table, sets, feedback, verdicts)
+        result.gate["robustness"] = {"passed": robust.blessed or not verdict.blessed, "reason": unrobust}
+        verdict = robust
         if not blessed:
             result.outcome = "rejected"
             return

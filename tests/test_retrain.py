@@ -17,7 +17,9 @@ from modelloop.retrain import (
     RetrainError,
     RetrainSettings,
     bless,
+    check_robustness,
     format_gate_report,
+    much_worse,
     retrain,
     slice_table,
     slice_verdict,
@@ -98,9 +100,14 @@ def test_blessed_candidate_is_published_as_next_version(repo: Path, tmp_path: Pa
     assert result.version == 2 and list_versions(repo / NAME) == [1, 2]
     assert store.calls == [NAME]
     assert result.feedback_rows == {"train": 28, "holdout": 12, "quarantined": 0}
-    for who in ("serving", "candidate"):
-        assert set(result.metrics[who]) == {"eval", "test_split", "feedback_holdout"}
-        assert result.metrics[who]["eval"]["rows"] == 60 + 12
+    for who in ("serving", "candidate", "baseline"):
+        assert set(result.metrics[who]) == {"eval", "test_split", "feedback_holdout", "eval_noisy"}
+        assert result.metrics[who]["eval"]["rows"] == result.metrics[who]["eval_noisy"]["rows"] == 60 + 12
+    # The noisy rows are the same for both models, so a model scores differently only by noise.
+    assert (
+        result.metrics["serving"]["eval_noisy"]["accuracy"] <= result.metrics["serving"]["eval"]["accuracy"]
+    )
+    assert result.baseline in {"logistic_regression", "hist_gradient_boosting", "svc_rbf"}
     meta = json.loads((repo / NAME / "2" / "model.json").read_text())
     assert meta["version"] == 2 and meta["training_run"]["feedback_rows"] == 28
     assert meta["blessing"]["blessed"] is True and meta["blessing"]["serving_version"] == 1
@@ -338,3 +345,74 @@ def test_a_class_that_collapses_is_refused_whatever_the_aggregate(repo: Path, tm
     assert result.reason.startswith("recall of class 'red' falls from 1.000")
     assert result.gate is not None and result.gate["overall"]["passed"] is True
     assert list_versions(repo / NAME) == [1]
+
+
+@pytest.mark.parametrize(
+    ("task", "value", "reference", "expected"),
+    [
+        ("multiclass", 0.91, 0.96, False),  # exactly 0.05 below: not "much"
+        ("multiclass", 0.90, 0.96, True),
+        ("multiclass", float("nan"), 0.96, True),
+        ("regression", 54.9, 50.0, False),  # 9.8 % higher
+        ("regression", 55.1, 50.0, True),
+    ],
+)
+def test_much_worse_is_five_accuracy_points_or_ten_percent_of_mae(task, value, reference, expected):
+    assert much_worse(task, value, reference, RetrainSettings()) is expected
+
+
+def _gate_metrics(
+    candidate: float, serving: float, cand_noisy: float, serv_noisy: float, shallow: float
+) -> dict:
+    return {
+        "candidate": {"eval": {"accuracy": candidate}, "eval_noisy": {"accuracy": cand_noisy}},
+        "serving": {"eval": {"accuracy": serving}, "eval_noisy": {"accuracy": serv_noisy}},
+        "baseline": {"eval": {"accuracy": shallow}},
+    }
+
+
+@pytest.mark.parametrize(
+    ("numbers", "settings", "blessed", "reason"),
+    [
+        ((0.97, 0.96, 0.93, 0.94, 0.98), {}, True, "blessed"),
+        # No worse clean, much worse under noise: the case the noise check exists for.
+        ((0.97, 0.96, 0.85, 0.94, 0.98), {}, False, "under noise accuracy 0.8500 is much worse than serving"),
+        # Much worse than the shallow model: named, and rejected only when the check is on.
+        (
+            (0.90, 0.89, 0.88, 0.88, 0.97),
+            {},
+            True,
+            "blessed; note: accuracy 0.9000 is much worse than the shallow",
+        ),
+        (
+            (0.90, 0.89, 0.88, 0.88, 0.97),
+            {"baseline_check": True},
+            False,
+            "much worse than the shallow baseline's 0.9700",
+        ),
+        ((0.97, 0.96, 0.85, 0.94, 0.98), {"much_worse_accuracy": 0.2}, True, "blessed"),
+    ],
+)
+def test_check_robustness(numbers, settings, blessed, reason):
+    candidate, serving = numbers[:2]
+    verdict = bless("multiclass", candidate, serving, threshold=0.5, tolerance=0.01)
+    checked = check_robustness(verdict, "multiclass", _gate_metrics(*numbers), RetrainSettings(**settings))
+    assert checked.blessed is blessed
+    assert reason in checked.reason
+    assert (checked.candidate, checked.serving) == (candidate, serving)
+
+
+def test_check_robustness_keeps_a_rejection_and_works_for_regressors():
+    rejected = bless("multiclass", 0.5, 0.9, threshold=0.8, tolerance=0.01)
+    assert (
+        check_robustness(rejected, "multiclass", _gate_metrics(0.5, 0.9, 0, 0.9, 0.9), RetrainSettings())
+        is rejected
+    )
+    verdict = bless("regression", 44.0, 44.5, threshold=80.0, tolerance=1.0)
+    metrics = {
+        "candidate": {"eval": {"mae": 44.0}, "eval_noisy": {"mae": 58.0}},
+        "serving": {"eval": {"mae": 44.5}, "eval_noisy": {"mae": 50.0}},
+        "baseline": {"eval": {"mae": 43.0}},
+    }
+    checked = check_robustness(verdict, "regression", metrics, RetrainSettings())
+    assert not checked.blessed and "by more than 10%" in checked.reason
