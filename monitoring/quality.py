@@ -30,6 +30,8 @@ from typing import Any
 
 import numpy as np
 
+from modelloop.monitoring.window import window_matrix
+
 # Relative tolerance on the baseline range: float32 round trips of the min and max
 # must not count as out of range.
 _RANGE_RTOL = 1e-6
@@ -128,11 +130,7 @@ class QualityChecker:
         Raises:
             ValueError: ``rows`` has the wrong number of columns.
         """
-        rows = np.asarray(rows, dtype=np.float64)
-        if rows.ndim != 2 or rows.shape[1] != self.n_features:
-            raise ValueError(
-                f"window rows have shape {rows.shape}; the baseline has {self.n_features} features"
-            )
+        rows = window_matrix(rows, self.n_features)
         n = len(rows)
         finite = np.isfinite(rows)
         tolerance = _RANGE_RTOL * np.maximum(1.0, np.maximum(np.abs(self.low), np.abs(self.high)))

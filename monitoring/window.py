@@ -20,6 +20,18 @@ from collections import deque
 import numpy as np
 
 
+def window_matrix(rows: np.ndarray, n_features: int) -> np.ndarray:
+    """A window's rows as float64 ``[n, n_features]``, checked against the baseline's width.
+
+    Raises:
+        ValueError: ``rows`` is not two-dimensional with ``n_features`` columns.
+    """
+    matrix = np.asarray(rows, dtype=np.float64)
+    if matrix.ndim != 2 or matrix.shape[1] != n_features:
+        raise ValueError(f"window rows have shape {matrix.shape}; the baseline has {n_features} features")
+    return matrix
+
+
 class InputWindow:
     """The last ``size`` rows of one model version, with their predictions.
 
