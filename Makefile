@@ -1,5 +1,8 @@
-# modelloop: `make up` runs the main job, `make test` runs the whole suite.
+# modelloop: `make up` runs the main job, `make test` runs the whole suite. Each target first
+# installs the Debian/Ubuntu packages it needs (scripts/system-packages.sh: as root or through
+# sudo; otherwise it names what is missing), then the pinned Python environment.
 SHELL := /bin/bash
+# Expanded where it is used, so a Python 3.11 that system-packages just installed is found.
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 BIN := $(VENV)/bin
@@ -7,8 +10,13 @@ CLIENTS := .venv-clients
 STAMP := $(VENV)/.installed
 CLIENTS_STAMP := $(CLIENTS)/.installed
 PYTEST_ARGS ?=
+# Extra arguments of `modelloop up`, e.g. make up UP_ARGS='--repo /tmp/models --rest-port 0'.
+UP_ARGS ?=
+# Line and branch coverage of the packages, subprocesses (servers, retrains) included; the
+# settings are [tool.coverage.*] in pyproject.toml.
+COVERAGE_ARGS ?= --cov --cov-report=term:skip-covered
 
-.PHONY: install up test bench lint audit format clean
+.PHONY: install up test bench lint audit format clean system-up system-test system-bench
 
 install: $(STAMP) $(CLIENTS_STAMP)
 
@@ -26,13 +34,16 @@ $(CLIENTS_STAMP): requirements-clients.lock
 	$(CLIENTS)/bin/python -m pip install --quiet -r requirements-clients.lock
 	touch $@
 
-up: install
-	$(BIN)/modelloop up
+system-up system-test system-bench: system-%:
+	@PYTHON="$(PYTHON)" bash scripts/system-packages.sh $*
 
-test: install
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+up: system-up install
+	$(BIN)/modelloop up $(UP_ARGS)
 
-bench: install
+test: system-test install
+	$(BIN)/python -m pytest $(COVERAGE_ARGS) $(PYTEST_ARGS)
+
+bench: system-bench install
 	$(BIN)/python -m bench
 
 lint: install
@@ -50,4 +61,4 @@ format: install
 	$(BIN)/ruff check --fix .
 
 clean:
-	rm -rf $(VENV) $(CLIENTS) build *.egg-info .pytest_cache .ruff_cache .mypy_cache
+	rm -rf $(VENV) $(CLIENTS) build *.egg-info .pytest_cache .ruff_cache .mypy_cache .coverage .coverage.* htmlcov

@@ -36,7 +36,10 @@ def build_metadata(
             "higher_is_better": metrics.get("higher_is_better"),
             "test": metrics.get("test"),
             "baselines": metrics.get("baselines"),
+            "strongest_baseline": metrics.get("strongest_baseline"),
+            "robustness": (metrics.get("robustness") or {}).get("model"),
             "kfold": metrics.get("kfold"),
+            "hparams": metrics.get("hparams"),
             "best_epoch": metrics.get("best_epoch"),
         },
         "training_run": {

@@ -67,6 +67,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--folds", type=_folds, default=0, metavar="K", help="report K-fold cross-validation first"
     )
     train.add_argument(
+        "--tune",
+        type=_positive,
+        default=0,
+        metavar="TRIALS",
+        help="check capacity, then search the spec's SEARCH_SPACE with KerasTuner for TRIALS trials "
+        "(on the validation split, or the K folds with --folds) and train with the best",
+    )
+    train.add_argument(
         "--distributed",
         action="store_true",
         help="train with MultiWorkerMirroredStrategy across the workers in TF_CONFIG",
@@ -121,6 +129,14 @@ def _add_simulate_parser(sub: Any) -> None:
     simulate.add_argument("--rate", type=float, default=0.0, help="requests per second (default: no limit)")
     simulate.add_argument("--model", default="digits", help="the served digits model (default: digits)")
     simulate.add_argument("--seed", type=int, default=0, help="seed of rows and noise (default: 0)")
+    simulate.add_argument(
+        "--token-file",
+        type=Path,
+        default=None,
+        metavar="PATH",
+        help="labeler token for the feedback (default: $MODELLOOP_FEEDBACK_TOKEN, else "
+        "./.modelloop/feedback.token when it exists)",
+    )
 
 
 def _add_server_arguments(parser: argparse.ArgumentParser) -> None:
@@ -201,6 +217,8 @@ def _quiet_tensorflow() -> None:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
+    if args.tune and (args.distributed or args.tf_config_from_index):
+        raise ModelloopError("--tune cannot be combined with --distributed")
     if args.distributed or args.tf_config_from_index:
         _quiet_tensorflow()
         from modelloop.training.distributed import train_distributed
@@ -216,20 +234,37 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from modelloop.training.spec import load_spec
 
     spec = load_spec(args.spec)
+    if args.tune and not spec.search_space:
+        raise ModelloopError(f"spec {spec.name!r} declares no SEARCH_SPACE, so --tune has nothing to search")
     _quiet_tensorflow()
     from modelloop.training.train import train
 
-    result = train(spec, args.out, epochs=args.epochs, seed=args.seed, folds=args.folds)
-    m = result.metrics
+    result = train(spec, args.out, epochs=args.epochs, seed=args.seed, folds=args.folds, tune=args.tune)
+    _print_summary(spec.name, result.metrics)
+    print(result.run_dir)
+    return 0
+
+
+def _print_summary(name: str, m: dict[str, Any]) -> None:
     metric = m["main_metric"]
     base = ", ".join(f"{k} {v[metric]:.4f}" for k, v in m["baselines"].items())
     test = m["test"][metric]
-    print(f"trained {spec.name}: test {metric} {test:.4f} (baselines: {base}); best epoch {m['best_epoch']}")
+    print(f"trained {name}: test {metric} {test:.4f} (baselines: {base}); best epoch {m['best_epoch']}")
+    print(f"strongest shallow baseline: {m['strongest_baseline']}")
+    rob = m["robustness"]
+    for who, scores in (("model", rob["model"]), *rob["baselines"].items()):
+        shown = ", ".join(f"{key} {value[metric]:.4f}" for key, value in scores.items())
+        print(f"robustness {who}: {shown}")
     if m["kfold"]:
         kf = m["kfold"]
         print(f"{kf['folds']}-fold validation {metric}: {kf['mean']:.4f} +/- {kf['std']:.4f}")
-    print(result.run_dir)
-    return 0
+    if m["tuning"]:
+        best = m["tuning"]["best"]
+        tuned = m["tuning"]
+        print(
+            f"tuning: {tuned['trials_run']} trials in {tuned['seconds']:.0f} s; best {tuned['objective']} "
+            f"{best['score']:.4f} with {best['hparams']}"
+        )
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
@@ -246,11 +281,19 @@ def _cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
-def _serving_settings(args: argparse.Namespace) -> tuple[Any, Any]:
-    """The serving and the monitoring settings of ``serve`` and ``up``."""
+def _settings_error(exc: Any) -> ModelloopError:
+    """A pydantic ValidationError as the CLI's one-line error."""
+    first = exc.errors()[0]
+    where = ".".join(str(p) for p in first["loc"])
+    message = str(first["msg"]).removeprefix("Value error, ")
+    return ModelloopError(f"invalid setting {where}: {message}" if where else f"invalid settings: {message}")
+
+
+def _serving_settings(args: argparse.Namespace) -> tuple[Any, Any, Any]:
+    """The serving, monitoring and labeler settings of ``serve`` and ``up``."""
     from pydantic import ValidationError
 
-    from modelloop.monitoring.settings import MonitoringSettings
+    from modelloop.monitoring.settings import LabelerSettings, MonitoringSettings
     from modelloop.serving.settings import ServingSettings
 
     overrides: dict[str, Any] = {
@@ -276,14 +319,9 @@ def _serving_settings(args: argparse.Namespace) -> tuple[Any, Any]:
     if args.state_dir is not None:
         monitoring["state_dir"] = args.state_dir
     try:
-        return ServingSettings(**overrides), MonitoringSettings(**monitoring)
+        return ServingSettings(**overrides), MonitoringSettings(**monitoring), LabelerSettings()
     except ValidationError as exc:
-        first = exc.errors()[0]
-        where = ".".join(str(p) for p in first["loc"])
-        message = str(first["msg"]).removeprefix("Value error, ")
-        raise ModelloopError(
-            f"invalid setting {where}: {message}" if where else f"invalid settings: {message}"
-        ) from None
+        raise _settings_error(exc) from None
 
 
 def _setup_logging(level: str, worker: int | None = None) -> None:
@@ -295,10 +333,24 @@ def _setup_logging(level: str, worker: int | None = None) -> None:
     )
 
 
-def _serve(args: argparse.Namespace, on_ready: Any = None) -> int:
-    """Serves with the settings of ``args``: one process, one worker of several, or their supervisor."""
+def _serve(
+    args: argparse.Namespace,
+    on_ready: Any = None,
+    labelers: Any = None,
+    worker_env: dict[str, str] | None = None,
+) -> int:
+    """Serves with the settings of ``args``: one process, one worker of several, or their supervisor.
+
+    Args:
+        args: The parsed ``serve`` or ``up`` arguments.
+        on_ready: Called with the addresses once serving. Defaults to printing them.
+        labelers: The labelers' tokens. Defaults to those of the environment.
+        worker_env: Variables the workers get besides this process's environment (the
+            token file ``up`` made). Defaults to none.
+    """
     count = worker_count(args.workers)
-    settings, monitoring = _serving_settings(args)
+    settings, monitoring, from_env = _serving_settings(args)
+    labelers = labelers if labelers is not None else from_env
     from modelloop.server import WorkerRole, print_addresses, serve
 
     if args.worker_index is not None:
@@ -306,9 +358,9 @@ def _serve(args: argparse.Namespace, on_ready: Any = None) -> int:
         if args.worker_count is None or args.worker_fd is None or not metrics_dir:
             raise ModelloopError("--worker-index is for the workers that `serve --workers N` starts")
         role = WorkerRole(args.worker_index, args.worker_count, args.worker_fd, Path(metrics_dir))
-        return serve(settings, monitoring=monitoring, role=role)
+        return serve(settings, monitoring=monitoring, labelers=labelers, role=role)
     if count == 1:
-        return serve(settings, on_ready=on_ready, monitoring=monitoring)
+        return serve(settings, on_ready=on_ready, monitoring=monitoring, labelers=labelers)
     from modelloop.server import ServerError
     from modelloop.workers import Supervisor, WorkerOptions
 
@@ -324,6 +376,7 @@ def _serve(args: argparse.Namespace, on_ready: Any = None) -> int:
         tls=settings.tls,
         max_restarts=settings.worker_max_restarts,
         backoff_s=settings.worker_restart_backoff_s,
+        env=dict(worker_env or {}),
     )
     return Supervisor(options, on_ready or print_addresses).run()
 
@@ -343,7 +396,27 @@ def _cmd_up(args: argparse.Namespace) -> int:
     published = ensure_default_model(args.repo, epochs=args.epochs)
     if published is not None:
         print(f"modelloop: published {published}", flush=True)
-    return _serve(args, on_ready=print_welcome)
+    _, monitoring, labelers = _serving_settings(args)
+    token_file: Path | None = None
+    if monitoring.enabled and not labelers.configured:
+        # The main job authenticates its labelers too: a token of its own, kept in the state
+        # directory, where `modelloop simulate` finds it.
+        from modelloop.monitoring.settings import LabelerSettings, ensure_feedback_token_file
+
+        try:
+            token_file = ensure_feedback_token_file(monitoring.state_dir)
+        except OSError as exc:
+            raise ModelloopError(
+                f"cannot write the feedback token under {str(monitoring.state_dir)!r}: {exc}"
+            ) from None
+        labelers = LabelerSettings(feedback_token_file=token_file)
+
+    def ready(addresses: Any) -> None:
+        print_welcome(addresses, feedback_token=token_file)
+
+    # With --workers N the workers read the token file through the environment.
+    env = {"MODELLOOP_FEEDBACK_TOKEN_FILE": str(token_file)} if token_file is not None else {}
+    return _serve(args, on_ready=ready, labelers=labelers, worker_env=env)
 
 
 def _cmd_retrain(args: argparse.Namespace) -> int:
@@ -352,10 +425,12 @@ def _cmd_retrain(args: argparse.Namespace) -> int:
 
     from pydantic import ValidationError
 
-    from modelloop.monitoring.settings import MonitoringSettings
+    from modelloop import layout
+    from modelloop.monitoring.quarantine import SourceQuarantine
+    from modelloop.monitoring.settings import MonitoringSettings, resolve_quarantine
     from modelloop.monitoring.store import StoreUnavailable, open_store
     from modelloop.monitoring.trigger import EXIT_BLESSED, EXIT_FAILED, EXIT_REJECTED
-    from modelloop.retrain import RetrainSettings, retrain
+    from modelloop.retrain import RetrainSettings, format_gate_report, retrain
 
     _quiet_tensorflow()
     _setup_logging(args.log_level)
@@ -366,15 +441,33 @@ def _cmd_retrain(args: argparse.Namespace) -> int:
         raise ModelloopError(f"invalid setting: {exc.errors()[0]['msg']}") from None
     settings = RetrainSettings.for_model(args.repo / args.name, epochs=args.epochs)
     try:
+        # The same label checks the server runs: its thresholds, this model's overrides.
+        config = layout.read_model_config(args.repo / args.name)
+        block = config.get("feedback") or {}
+        if not isinstance(block, dict):
+            raise ValueError('invalid feedback settings: "feedback" must be an object')
+        checks = resolve_quarantine(monitoring.quarantine, block)
+    except (layout.LayoutError, ValueError) as exc:
+        raise ModelloopError(str(exc)) from None
+    try:
         store = open_store(monitoring.resolved_store_url())
     except StoreUnavailable as exc:
         raise ModelloopError(f"cannot open the feedback store: {exc.message}") from None
     try:
-        result = retrain(args.repo, args.name, store, state_dir=monitoring.state_dir, settings=settings)
+        result = retrain(
+            args.repo,
+            args.name,
+            store,
+            state_dir=monitoring.state_dir,
+            settings=settings,
+            screen=SourceQuarantine(store, checks),
+        )
     finally:
         store.close()
     published = f"published {args.name} v{result.version}" if result.version else "nothing published"
     print(f"retrain {args.name}: {result.outcome}: {result.reason}; {published}", file=sys.stderr)
+    if result.gate is not None:
+        print(format_gate_report(result.gate), flush=True)
     print(json.dumps(result.to_dict()), flush=True)
     return {"blessed": EXIT_BLESSED, "rejected": EXIT_REJECTED}.get(result.outcome, EXIT_FAILED)
 
@@ -395,8 +488,26 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
         rate=args.rate,
         model=args.model,
         seed=args.seed,
+        token=_simulate_token(args.token_file),
     )
     return 0
+
+
+def _simulate_token(token_file: Path | None) -> str | None:
+    """The labeler token ``simulate`` sends: the named file, the variable, or ``up``'s own token."""
+    from modelloop.monitoring.settings import FEEDBACK_TOKEN_FILE
+    from modelloop.tokens import read_token_file
+
+    if token_file is None:
+        if os.environ.get("MODELLOOP_FEEDBACK_TOKEN"):
+            return os.environ["MODELLOOP_FEEDBACK_TOKEN"].strip()
+        token_file = Path(".modelloop") / FEEDBACK_TOKEN_FILE
+        if not token_file.is_file():
+            return None
+    try:
+        return read_token_file(token_file, "--token-file")
+    except ValueError as exc:
+        raise ModelloopError(str(exc)) from None
 
 
 COMMANDS = {

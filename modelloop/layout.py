@@ -56,7 +56,11 @@ RUN_METRICS_FILE = "metrics.json"
 RUN_SPLIT_FILE = "split.npz"
 RUN_HISTORY_CSV = "history.csv"
 RUN_HISTORY_PLOT = "history.png"
+RUN_ROBUSTNESS_PLOT = "robustness.png"
+RUN_TUNING_DIR = "tuning"
 RUN_TENSORBOARD_DIR = "tensorboard"
+RUN_GATE_FILE = "gate.json"
+"""The retrain gate's report, written into the candidate's run directory."""
 RUN_FILES = (RUN_MODEL_FILE, RUN_INFO_FILE, RUN_METRICS_FILE, BASELINE_FILE, RUN_SPLIT_FILE)
 """What a run must hold to be exported; the run's baseline is copied into the version."""
 
@@ -206,6 +210,27 @@ def read_model_card(version_dir: Path) -> ModelCard:
         version=version if isinstance(version, int) else None,
         extra={k: v for k, v in raw.items() if k not in _CARD_FIELDS},
     )
+
+
+def read_model_config(model_dir: Path) -> dict[str, Any]:
+    """Reads ``<repo>/<model>/config.json`` as a plain JSON object; ``{}`` when there is none.
+
+    The serving package validates the whole file; other packages read their own section
+    (``"retrain"``, ``"feedback"``) through this.
+
+    Raises:
+        LayoutError: The file exists but is unreadable or not a JSON object.
+    """
+    path = model_dir / CONFIG_FILE
+    try:
+        raw = json.loads(path.read_text())
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError) as exc:
+        raise LayoutError(f"{path} is unreadable or not JSON: {exc}") from exc
+    if not isinstance(raw, dict):
+        raise LayoutError(f"{path} must hold a JSON object")
+    return raw
 
 
 def write_model_card(version_dir: Path, content: dict[str, Any]) -> Path:

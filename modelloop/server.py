@@ -37,10 +37,16 @@ from fastapi import APIRouter
 from prometheus_client import CollectorRegistry
 
 from modelloop.errors import ModelloopError, ServiceError
-from modelloop.monitoring.http import MonitoringColumns, create_alerts_router, create_feedback_router
+from modelloop.monitoring.http import (
+    HealthSection,
+    MonitoringColumns,
+    create_alerts_router,
+    create_feedback_router,
+    create_health_router,
+)
 from modelloop.monitoring.retraining import Retraining, build_retraining
 from modelloop.monitoring.service import MonitoringService
-from modelloop.monitoring.settings import MonitoringSettings
+from modelloop.monitoring.settings import LabelerSettings, MonitoringSettings
 from modelloop.monitoring.store import StoreUnavailable
 from modelloop.serving.dataplane import DataPlane
 from modelloop.serving.grpc.server import bind_grpc_server, create_grpc_server, server_credentials
@@ -154,6 +160,8 @@ class ModelServer:
             :class:`~modelloop.monitoring.service.MonitoringService` logs predictions,
             takes feedback and exports drift and accuracy on the same registry.
             Defaults to None (no monitoring).
+        labelers: The labelers' feedback tokens. Defaults to None: feedback is
+            unauthenticated (a warning says so at start).
         role: This server's place among several workers. Defaults to None (the only
             process).
 
@@ -169,6 +177,7 @@ class ModelServer:
         observer: InferenceObserver | None = None,
         registry: CollectorRegistry | None = None,
         monitoring: MonitoringSettings | None = None,
+        labelers: LabelerSettings | None = None,
         role: WorkerRole | None = None,
     ) -> None:
         if not settings.repo.is_dir():
@@ -211,16 +220,34 @@ class ModelServer:
         # Monitoring's HTTP surface, mounted through the REST app's extension point: the
         # feedback route (501 without monitoring) and the alert webhook (503 without it).
         admin_token = settings.admin_token.get_secret_value() if settings.admin_token is not None else None
+        matcher = labelers.matcher() if labelers is not None else None
+        if self.monitoring is not None:
+            if matcher:
+                logger.info("feedback needs a labeler token; sources: %s", ", ".join(matcher.sources))
+            else:
+                logger.warning(
+                    "feedback is unauthenticated: anyone who can reach the REST port can label "
+                    "predictions (source 'anonymous'); set MODELLOOP_FEEDBACK_TOKEN or "
+                    "MODELLOOP_FEEDBACK_TOKENS"
+                )
         routers: list[APIRouter] = [
-            create_feedback_router(self.monitoring, settings.max_body_bytes),
+            create_feedback_router(self.monitoring, settings.max_body_bytes, matcher),
             create_alerts_router(
                 self.retraining.alerts if self.retraining is not None else None,
                 admin_token,
                 settings.max_body_bytes,
             ),
+            create_health_router(self.monitoring),
         ]
         columns: StatusColumns = MonitoringColumns(self.monitoring)
-        self.app = create_app(self.dataplane, settings, exposition, routers=routers, status_columns=columns)
+        self.app = create_app(
+            self.dataplane,
+            settings,
+            exposition,
+            routers=routers,
+            status_columns=columns,
+            status_sections=[HealthSection(self.monitoring)],
+        )
         self._stop = asyncio.Event()
         self.addresses: BoundAddresses | None = None
 
@@ -348,6 +375,7 @@ def serve(
     settings: ServingSettings,
     on_ready: Callable[[BoundAddresses], None] | None = None,
     monitoring: MonitoringSettings | None = None,
+    labelers: LabelerSettings | None = None,
     role: WorkerRole | None = None,
 ) -> int:
     """Builds a :class:`ModelServer` and runs it until SIGTERM or SIGINT.
@@ -357,6 +385,7 @@ def serve(
         on_ready: Called with the bound addresses. Defaults to printing them (a worker
             prints nothing: its supervisor does).
         monitoring: Monitoring settings. Defaults to None (no monitoring).
+        labelers: The labelers' feedback tokens. Defaults to None (unauthenticated).
         role: This server's place among several workers. Defaults to None.
 
     Returns:
@@ -364,7 +393,7 @@ def serve(
     """
 
     async def main() -> int:
-        server = ModelServer(settings, monitoring=monitoring, role=role)
+        server = ModelServer(settings, monitoring=monitoring, labelers=labelers, role=role)
         ready = on_ready if on_ready is not None else (print_addresses if role is None else None)
         return await server.run(ready)
 

@@ -49,13 +49,21 @@ def ensure_default_model(repo: Path, *, epochs: int | None = None, seed: int = 4
         return export_run(run.run_dir, repo).version_dir
 
 
-def print_welcome(addresses: BoundAddresses) -> None:
-    """Prints the URLs of a running ``up`` and a ``curl`` line to paste."""
+def print_welcome(addresses: BoundAddresses, feedback_token: Path | None = None) -> None:
+    """Prints the URLs of a running ``up`` and a ``curl`` line to paste.
+
+    Args:
+        addresses: Where the server listens.
+        feedback_token: The file holding the labeler token ``up`` configured, if it did.
+    """
     from modelloop.server import print_addresses
 
     print_addresses(addresses)
     row = json.dumps({"instances": [SAMPLE_DIGIT]}, separators=(",", ":"))
     base = addresses.rest_url
+    feedback = f"{base}/v1/models/{DEFAULT_SPEC}/feedback"
+    if feedback_token is not None:
+        feedback += f'  (Authorization: Bearer $(cat {feedback_token}), source "default")'
     print(
         f"""
   TF Serving REST  {base}/v1/models/{DEFAULT_SPEC}
@@ -64,6 +72,7 @@ def print_welcome(addresses: BoundAddresses) -> None:
   API docs         {base}/docs
   metrics          {base}/metrics
   status page      {base}/
+  feedback         {feedback}
 
   curl -s -X POST {base}/v1/models/{DEFAULT_SPEC}:predict -H 'content-type: application/json' \\
        -d '{row}'

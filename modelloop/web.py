@@ -1,8 +1,9 @@
-"""HTTP plumbing every REST surface shares: content types, the body limit and the admin token.
+"""HTTP plumbing every REST surface shares: content types, the body limit, the admin and labeler
+tokens, and the OpenAPI entries of routes that read their own bodies.
 
 Serving's routes and monitoring's routes (feedback, the alert webhook) both read bodies
 the same way, so the helpers live here, in a leaf module that imports nothing of the
-project but :mod:`modelloop.errors`. Every failure is a
+project but the leaves :mod:`modelloop.errors` and :mod:`modelloop.tokens`. Every failure is a
 :class:`~modelloop.errors.ServiceError`; the REST app maps it to a status.
 """
 
@@ -10,10 +11,15 @@ from __future__ import annotations
 
 import hmac
 import zlib
+from collections.abc import Mapping, Sequence
+from http import HTTPStatus
+from typing import Any
 
 from fastapi import Request
+from pydantic import BaseModel
 
 from modelloop.errors import ErrorCode, ServiceError
+from modelloop.tokens import ANONYMOUS_SOURCE, TokenMatcher, bearer_token
 
 REQUEST_ID_HEADER = "x-request-id"
 
@@ -141,3 +147,166 @@ def require_admin(request: Request, token: str | None) -> None:
         raise ServiceError(
             "missing or wrong bearer token (Authorization: Bearer <admin token>)", ErrorCode.UNAUTHENTICATED
         )
+
+
+def require_labeler(request: Request, labelers: TokenMatcher) -> str:
+    """Authenticates a labeler by its bearer token and returns its source name.
+
+    Without configured labeler tokens every request passes as the source ``anonymous``
+    (the server warns about that at start). The admin token is not a labeler token unless
+    it is also configured as one.
+
+    Args:
+        request: The HTTP request.
+        labelers: The configured labeler tokens.
+
+    Returns:
+        The source the token belongs to, or ``anonymous`` when none is configured.
+
+    Raises:
+        ServiceError: UNAUTHENTICATED (401) without a bearer token, PERMISSION_DENIED
+            (403) with a token that is no labeler's. The token is matched in constant time.
+    """
+    if not labelers:
+        return ANONYMOUS_SOURCE
+    token = bearer_token(request.headers.get("authorization"))
+    if token is None:
+        raise ServiceError(
+            "feedback needs a labeler token: Authorization: Bearer <token>", ErrorCode.UNAUTHENTICATED
+        )
+    source = labelers.match(token)
+    if source is None:
+        raise ServiceError("the bearer token is not a labeler token", ErrorCode.PERMISSION_DENIED)
+    return source
+
+
+# Routes that read their own bodies (see `openapi_body`) carry the JSON schemas of their models
+# under this operation key; `collect_openapi_schemas` moves them to `components/schemas`.
+OPENAPI_SCHEMAS_KEY = "x-modelloop-schemas"
+# ... and the examples of their path parameters, which `collect_openapi_schemas` puts in place.
+OPENAPI_PATH_EXAMPLES_KEY = "x-modelloop-path-examples"
+_REF_TEMPLATE = "#/components/schemas/{model}"
+# The security scheme of the admin routes (`require_admin`), for /docs' "Authorize" button.
+ADMIN_SCHEME = "adminToken"
+ADMIN_SECURITY: dict[str, Any] = {"security": [{ADMIN_SCHEME: []}]}
+
+
+def schema_ref(model: type[BaseModel]) -> dict[str, str]:
+    """A ``$ref`` to a model's entry in ``components/schemas``."""
+    return {"$ref": _REF_TEMPLATE.format(model=model.__name__)}
+
+
+def _component_schemas(models: Sequence[type[BaseModel]]) -> dict[str, Any]:
+    schemas: dict[str, Any] = {}
+    for model in models:
+        schema = model.model_json_schema(ref_template=_REF_TEMPLATE)
+        schemas.update(schema.pop("$defs", {}))
+        schemas[model.__name__] = schema
+    return schemas
+
+
+def openapi_body(
+    models: Sequence[type[BaseModel]],
+    *,
+    description: str,
+    examples: Mapping[str, Any],
+    binary_description: str | None = None,
+    headers: Mapping[str, str] | None = None,
+    components: Sequence[type[BaseModel]] = (),
+    required: bool = True,
+    path_examples: Mapping[str, str] | None = None,
+) -> dict[str, Any]:
+    """The ``openapi_extra`` of a route that documents a JSON body it decodes itself.
+
+    A pydantic body parameter would make FastAPI parse and validate every request before
+    the handler's own decoder reads it again; this documents the body and leaves the
+    handler alone.
+
+    Args:
+        models: The body's schema: one model, or several the body may match (``anyOf``).
+        description: What the body is.
+        examples: OpenAPI example objects by name (``{"summary": ..., "value": ...}``).
+        binary_description: When set, ``application/octet-stream`` is documented too,
+            with this description. Defaults to None.
+        headers: Optional request headers (name to description) the route reads.
+            Defaults to None.
+        components: More models to publish in ``components/schemas`` (response models
+            that ``responses`` refers to with :func:`schema_ref`). Defaults to none.
+        required: Whether a body must be sent. Defaults to True.
+        path_examples: Example values of path parameters, so that /docs' "Try it out"
+            starts from a request that works; names the route lacks are ignored.
+            Defaults to None.
+
+    Returns:
+        The dict for the route decorator's ``openapi_extra``.
+
+    Example:
+
+    ```python
+    @router.post("/v1/models/{name}/feedback", openapi_extra=openapi_body([Feedback], ...))
+    ```
+    """
+    refs = [schema_ref(model) for model in models]
+    schema = refs[0] if len(refs) == 1 else {"anyOf": refs}
+    content: dict[str, Any] = {"application/json": {"schema": schema, "examples": dict(examples)}}
+    if binary_description is not None:
+        content["application/octet-stream"] = {
+            "schema": {"type": "string", "format": "binary", "description": binary_description}
+        }
+    extra: dict[str, Any] = {
+        "requestBody": {"required": required, "description": description, "content": content},
+        OPENAPI_SCHEMAS_KEY: _component_schemas([*models, *components]),
+    }
+    if path_examples:
+        extra[OPENAPI_PATH_EXAMPLES_KEY] = dict(path_examples)
+    if headers:
+        extra["parameters"] = [
+            {
+                "name": name,
+                "in": "header",
+                "required": False,
+                "description": text,
+                "schema": {"type": "string"},
+            }
+            for name, text in headers.items()
+        ]
+    return extra
+
+
+def error_responses(model: type[BaseModel], *codes: int, **why: str) -> dict[int | str, dict[str, Any]]:
+    """The ``responses`` entries of the error statuses a route answers, all with ``model``.
+
+    Args:
+        model: The error body's model.
+        *codes: The HTTP statuses.
+        **why: A description per status, keyed ``s400`` etc.; the status phrase otherwise.
+
+    Returns:
+        A dict to merge into the route decorator's ``responses``.
+    """
+    return {
+        code: {"model": model, "description": why.get(f"s{code}", HTTPStatus(code).phrase)} for code in codes
+    }
+
+
+def collect_openapi_schemas(openapi: dict[str, Any]) -> dict[str, Any]:
+    """Moves the schemas :func:`openapi_body` put on operations into ``components/schemas``, and
+    sets the examples of their path parameters.
+
+    Args:
+        openapi: The document FastAPI generated; changed in place.
+
+    Returns:
+        The same document.
+    """
+    schemas = openapi.setdefault("components", {}).setdefault("schemas", {})
+    for path in openapi.get("paths", {}).values():
+        for operation in path.values():
+            if not isinstance(operation, dict):
+                continue
+            schemas.update(operation.pop(OPENAPI_SCHEMAS_KEY, {}))
+            examples = operation.pop(OPENAPI_PATH_EXAMPLES_KEY, {})
+            for parameter in operation.get("parameters", []):
+                if parameter.get("in") == "path" and parameter.get("name") in examples:
+                    parameter["example"] = examples[parameter["name"]]
+    return openapi

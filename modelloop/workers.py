@@ -68,6 +68,7 @@ class WorkerOptions:
         stable_after_s: A worker that stays ready this long resets its crash count.
         backoff_s: The first restart delay; it doubles with each crash in a row.
         max_backoff_s: The longest restart delay.
+        env: Variables the workers get besides the supervisor's own environment.
     """
 
     count: int
@@ -81,6 +82,7 @@ class WorkerOptions:
     stable_after_s: float = 60.0
     backoff_s: float = 0.5
     max_backoff_s: float = 30.0
+    env: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass
@@ -331,7 +333,7 @@ class Supervisor:
     async def _start(self, worker: _Worker) -> None:
         opts = self.options
         parent, child = socket.socketpair()
-        env = {**os.environ, MULTIPROC_ENV: str(self._metrics_dir)}
+        env = {**os.environ, **opts.env, MULTIPROC_ENV: str(self._metrics_dir)}
         command = worker_command(
             opts.argv, worker.index, opts.count, self._ports[0], self._ports[1], child.fileno()
         )

@@ -40,6 +40,7 @@ from typing import Any
 import numpy as np
 from scipy import stats
 
+from modelloop.monitoring.window import window_matrix
 from modelloop.training.baseline import proportions
 
 DEFAULT_EPSILON = 1e-4
@@ -249,11 +250,7 @@ class DriftDetector:
         Raises:
             ValueError: ``rows`` has the wrong number of columns.
         """
-        rows = np.asarray(rows, dtype=np.float64)
-        if rows.ndim != 2 or rows.shape[1] != self.n_features:
-            raise ValueError(
-                f"window rows have shape {rows.shape}; the baseline has {self.n_features} features"
-            )
+        rows = window_matrix(rows, self.n_features)
         features = tuple(self._feature(i, rows[:, i]) for i in range(self.n_features))
         n_drifted = sum(f.drifted for f in features)
         share = n_drifted / len(features)

@@ -27,6 +27,17 @@ body then also has ``"error"``. A malformed body is 400, an unknown model 404, a
 that cannot be reached 503 ``{"error": "feedback store unavailable: ..."}``: a label is
 never acknowledged unless it was committed.
 
+Labelers authenticate with ``Authorization: Bearer <token>`` when labeler tokens are
+configured (``MODELLOOP_FEEDBACK_TOKEN[S]``): 401 without a token, 403 with one that is no
+labeler's. The token names the labels' source, which the answer repeats with whether
+that source is quarantined (its labels are then stored and marked, but the label checks
+leave them out): ``{"accepted": [...], ..., "source": "team-a", "quarantined": false}``.
+Without tokens feedback is open and its source is ``anonymous``.
+
+``GET /v1/models/{name}/feedback/sources`` reports every source of a model: labels
+stored, agreement with the champion's confident predictions, the classes it relabelled
+as which, and whether it is quarantined and why.
+
 The alert webhook, ``POST /monitoring/alerts``, is Alertmanager's receiver, which starts
 gated retrains. It is an admin route: it needs ``Authorization: Bearer <admin token>``
 (401 without or with a wrong one) and is off (403) when no token is configured. A payload
@@ -40,18 +51,33 @@ result, not a 404.
 
 from __future__ import annotations
 
+import asyncio
 import html
 import logging
+import time
 from typing import TYPE_CHECKING, Any
 
 import orjson
 from fastapi import APIRouter, Request, Response
+from fastapi.responses import HTMLResponse
 
 from modelloop.errors import ErrorCode, ServiceError
+from modelloop.monitoring.history import history_point
+from modelloop.monitoring.page import STYLE, ModelView, VersionView, render_health
+from modelloop.monitoring.schemas import (
+    ALERTS_BODY,
+    ALERTS_RESPONSES,
+    FEEDBACK_BODY,
+    FEEDBACK_RESPONSES,
+    HEALTH_RESPONSES,
+    HISTORY_RESPONSES,
+    SOURCES_RESPONSES,
+)
 from modelloop.monitoring.store import FeedbackItem, FeedbackResult, StoreUnavailable
 from modelloop.monitoring.webhook import WebhookError, parse_alertmanager
 from modelloop.serving.types import valid_request_id
-from modelloop.web import check_content_type, read_body, require_admin
+from modelloop.tokens import TokenMatcher
+from modelloop.web import ADMIN_SECURITY, check_content_type, read_body, require_admin, require_labeler
 
 if TYPE_CHECKING:
     from modelloop.monitoring.service import EvaluationReport, MonitoringService
@@ -129,40 +155,49 @@ def feedback_status(result: FeedbackResult) -> tuple[int, str]:
     return 409, "no label accepted: every request id is already labelled; the first label is kept"
 
 
-def create_feedback_router(monitoring: MonitoringService | None, max_body_bytes: int) -> APIRouter:
-    """The feedback route, bound to the monitoring service.
+def _monitoring_on(monitoring: MonitoringService | None, name: str) -> MonitoringService:
+    if monitoring is None:
+        raise ServiceError(
+            "monitoring is disabled on this server (--no-monitoring): feedback is not stored",
+            ErrorCode.UNIMPLEMENTED,
+        )
+    if not monitoring.has_model(name):
+        raise ServiceError(f"model {name!r} is not in the repository", ErrorCode.NOT_FOUND)
+    return monitoring
+
+
+def create_feedback_router(
+    monitoring: MonitoringService | None, max_body_bytes: int, labelers: TokenMatcher | None = None
+) -> APIRouter:
+    """The feedback routes, bound to the monitoring service.
 
     Args:
-        monitoring: The service; None when monitoring is off (the route then answers 501).
+        monitoring: The service; None when monitoring is off (the routes then answer 501).
         max_body_bytes: The body limit.
+        labelers: The labelers' tokens; None or empty = feedback is unauthenticated and
+            its source is ``anonymous``. Defaults to None.
 
     Returns:
         A router to mount on the REST app.
     """
     router = APIRouter(tags=["monitoring"])
+    tokens = labelers if labelers is not None else TokenMatcher({})
 
     @router.post(
         "/v1/models/{name}/feedback",
         summary="Labels for logged predictions, by request id",
-        responses={
-            400: {"description": "malformed body or invalid targets"},
-            404: {"description": "unknown model or request ids"},
-            409: {"description": "already labelled"},
-            503: {"description": "feedback store unavailable"},
-        },
+        openapi_extra=FEEDBACK_BODY,
+        responses=FEEDBACK_RESPONSES,
     )
     async def feedback(name: str, request: Request) -> Response:
-        if monitoring is None:
-            raise ServiceError(
-                "monitoring is disabled on this server (--no-monitoring): feedback is not stored",
-                ErrorCode.UNIMPLEMENTED,
-            )
-        if not monitoring.has_model(name):
-            raise ServiceError(f"model {name!r} is not in the repository", ErrorCode.NOT_FOUND)
+        # Authentication first: an unauthenticated caller learns nothing, not even which
+        # models exist.
+        source = require_labeler(request, tokens)
+        service = _monitoring_on(monitoring, name)
         check_content_type(request)
         items = parse_feedback(await read_body(request, max_body_bytes))
         try:
-            result = await monitoring.submit_feedback(name, items)
+            result = await service.submit_feedback(name, items, source)
         except StoreUnavailable as exc:
             logger.error("feedback for %s refused: store unavailable: %s", name, exc.message)
             raise ServiceError(f"feedback store unavailable: {exc.message}", ErrorCode.UNAVAILABLE) from exc
@@ -171,6 +206,19 @@ def create_feedback_router(monitoring: MonitoringService | None, max_body_bytes:
         if message:
             body = {"error": message, **body}
         return Response(orjson.dumps(body), status_code=status, media_type="application/json")
+
+    @router.get(
+        "/v1/models/{name}/feedback/sources",
+        summary="Labeler sources of a model: labels, agreement, confusion, quarantine",
+        responses=SOURCES_RESPONSES,
+    )
+    async def sources(name: str) -> Response:
+        service = _monitoring_on(monitoring, name)
+        try:
+            report = await asyncio.to_thread(service.source_report, name)
+        except StoreUnavailable as exc:
+            raise ServiceError(f"feedback store unavailable: {exc.message}", ErrorCode.UNAVAILABLE) from exc
+        return Response(orjson.dumps(report), media_type="application/json")
 
     return router
 
@@ -194,12 +242,8 @@ def create_alerts_router(
     @router.post(
         "/monitoring/alerts",
         summary="Alertmanager webhook (admin): starts gated retrains",
-        responses={
-            200: {"description": "One result per alert"},
-            400: {"description": "Not an Alertmanager version 4 payload"},
-            401: {"description": "Missing or wrong bearer token"},
-            403: {"description": "Admin routes are disabled (no MODELLOOP_ADMIN_TOKEN)"},
-        },
+        openapi_extra={**ALERTS_BODY, **ADMIN_SECURITY},
+        responses=ALERTS_RESPONSES,
     )
     async def alerts(request: Request) -> Response:
         require_admin(request, admin_token)
@@ -280,3 +324,212 @@ def _report_cells(report: EvaluationReport | None) -> list[str]:
         shown = f"{acc.metric} {acc.value:.3f}" + ("" if acc.ready else " (too few labels)")
         cells.append(f"{shown}, {acc.rows} in window, {labels} labels")
     return cells
+
+
+# -- history and the live health page ----------------------------------------------------
+
+HISTORY_DEFAULT_LIMIT = 1000
+HISTORY_MAX_LIMIT = 10_000
+HEALTH_DEFAULT_MINUTES = 30
+HEALTH_MAX_MINUTES = 24 * 60
+# Seconds between two refreshes of the health section in the browser.
+HEALTH_REFRESH_S = 5
+
+
+def _query_number(
+    request: Request, name: str, default: float, *, low: float, high: float, integer: bool
+) -> float:
+    """One numeric query parameter, or a 400 that names it and says what it must be."""
+    text = request.query_params.get(name)
+    if text is None:
+        return default
+    kind = "an integer" if integer else "a number"
+    try:
+        value = int(text) if integer else float(text)
+    except ValueError:
+        raise _invalid(
+            f"query parameter {name!r} must be {kind} in {low:g}..{high:g}, got {text[:40]!r}"
+        ) from None
+    if not (low <= value <= high):  # NaN fails this too
+        raise _invalid(f"query parameter {name!r} must be {kind} in {low:g}..{high:g}, got {text[:40]!r}")
+    return value
+
+
+def create_health_router(monitoring: MonitoringService | None) -> APIRouter:
+    """The history route and the health fragment the status page refreshes itself with.
+
+    ``GET /monitoring/models/{model}/history?since=UNIX_SECONDS&limit=N`` answers
+    ``{"model": ..., "since": ..., "series": [{"version": 1, "points": [{"t": ..., "accuracy":
+    ..., "estimated_accuracy": ..., "drift_share": ..., ...}]}]}``: every version's points at
+    or after ``since`` (default 0: everything retained), at most ``limit`` per version (the
+    newest; default 1000). ``GET /monitoring/health?minutes=N`` answers the HTML fragment of
+    the live health section (the last ``N`` minutes, default 30).
+
+    Args:
+        monitoring: The service; None when monitoring is off (both routes answer 501).
+
+    Returns:
+        A router to mount on the REST app.
+    """
+    router = APIRouter(tags=["monitoring"])
+
+    def service() -> MonitoringService:
+        if monitoring is None:
+            raise ServiceError(
+                "monitoring is disabled on this server (--no-monitoring): no history is kept",
+                ErrorCode.UNIMPLEMENTED,
+            )
+        return monitoring
+
+    @router.get(
+        "/monitoring/models/{name}/history",
+        summary="Per-evaluation history of a model's versions",
+        responses=HISTORY_RESPONSES,
+    )
+    async def history(name: str, request: Request) -> Response:
+        svc = service()
+        if not svc.has_model(name):
+            raise ServiceError(f"model {name!r} is not in the repository", ErrorCode.NOT_FOUND)
+        since = _query_number(request, "since", 0.0, low=0.0, high=1e11, integer=False)
+        limit = int(
+            _query_number(
+                request, "limit", HISTORY_DEFAULT_LIMIT, low=1, high=HISTORY_MAX_LIMIT, integer=True
+            )
+        )
+        try:
+            found = await asyncio.to_thread(svc.history, name, since=since, limit=limit)
+        except StoreUnavailable as exc:
+            raise ServiceError(f"history store unavailable: {exc.message}", ErrorCode.UNAVAILABLE) from exc
+        body = {
+            "model": name,
+            "since": since,
+            "series": [{"version": v, "points": points} for v, points in sorted(found.items())],
+        }
+        return Response(orjson.dumps(body), media_type="application/json")
+
+    @router.get(
+        "/monitoring/health",
+        summary="The live health section of the status page (HTML)",
+        response_class=HTMLResponse,
+        responses=HEALTH_RESPONSES,
+    )
+    async def health(request: Request) -> Response:
+        svc = service()
+        minutes = _query_number(
+            request, "minutes", HEALTH_DEFAULT_MINUTES, low=1, high=HEALTH_MAX_MINUTES, integer=True
+        )
+        fragment = await asyncio.to_thread(render_health_fragment, svc, minutes * 60.0)
+        return Response(
+            fragment, media_type="text/html; charset=utf-8", headers={"cache-control": "no-store"}
+        )
+
+    return router
+
+
+def render_health_fragment(monitoring: MonitoringService, seconds: float, now: float | None = None) -> str:
+    """The health fragment of every model over the last ``seconds`` (blocking: reads the store).
+
+    Args:
+        monitoring: The service.
+        seconds: Length of the time axis.
+        now: End of the axis (Unix time). Defaults to the current time.
+
+    Returns:
+        The HTML fragment.
+    """
+    t1 = time.time() if now is None else now
+    t0 = t1 - seconds
+    # Enough points to draw every evaluation of the span at one a second; the newest win.
+    limit = int(min(HISTORY_MAX_LIMIT, max(seconds, 60)))
+    first_seen = t1
+    views = []
+    for name in monitoring.catalog.model_names():
+        try:
+            states = {s.version: s.state.value for s in monitoring.catalog.statuses(name)}
+        except ServiceError:
+            continue
+        error = ""
+        try:
+            found = monitoring.history(name, since=t0, limit=limit)
+        except StoreUnavailable as exc:
+            found, error = {}, exc.message
+        reports = monitoring.status(name)
+        floor = next((r.settings.accuracy_floor for r in reports.values()), None)
+        versions = sorted(set(found) | set(reports) | {v for v, s in states.items() if s == "AVAILABLE"})
+        earliest = min((points[0]["t"] for points in found.values() if points), default=t1)
+        first_seen = min(first_seen, earliest)
+        views.append(
+            ModelView(
+                name=name,
+                versions=[
+                    VersionView(
+                        version=v,
+                        state=states.get(v, ""),
+                        points=found.get(v, []),
+                        latest=history_point(reports[v], reports[v].traffic).as_dict()
+                        if v in reports
+                        else None,
+                        histograms=reports[v].histograms if v in reports else (),
+                        estimate_note=reports[v].estimate_note if v in reports else "",
+                    )
+                    for v in versions
+                ],
+                retrain_runs=monitoring.retrain_runs(name),
+                accuracy_floor=floor,
+                error=error,
+            )
+        )
+    # The axis starts at the oldest point shown (a young server's curves fill the width),
+    # and spans at least a minute.
+    return render_health(views, t0=max(t0, min(first_seen, t1 - 60.0)), t1=t1)
+
+
+class HealthSection:
+    """The live health section of the status page: charts that refresh without a reload.
+
+    The page at ``/`` renders this placeholder; its script fetches
+    ``/monitoring/health`` at once and every 5 seconds, swaps the fragment in, and
+    refreshes the model table the same way. Everything comes from this server.
+
+    Args:
+        monitoring: The service; None when monitoring is off (the section says so).
+    """
+
+    def __init__(self, monitoring: MonitoringService | None) -> None:
+        self._monitoring = monitoring
+
+    def html(self) -> str:
+        """The section's HTML: styles, a placeholder and the refresh script."""
+        if self._monitoring is None:
+            return '<section id="health"><p>Monitoring is off: no health charts.</p></section>'
+        return f"""<style>{STYLE}</style>
+<section id="health" aria-live="polite"><p>Loading the health charts…
+<noscript>This page needs JavaScript to refresh; the charts are at
+<a href="/monitoring/health">/monitoring/health</a>.</noscript></p></section>
+<script>
+(() => {{
+  const minutes = new URLSearchParams(location.search).get("minutes") || "{HEALTH_DEFAULT_MINUTES}";
+  let refreshes = 0;
+  async function refresh() {{
+    try {{
+      const url = "/monitoring/health?minutes=" + encodeURIComponent(minutes);
+      const part = await fetch(url, {{cache: "no-store"}});
+      if (part.ok) {{
+        document.getElementById("health").innerHTML = await part.text();
+        document.body.dataset.refreshes = String(++refreshes);
+      }}
+      const page = await fetch(location.pathname, {{cache: "no-store"}});
+      if (page.ok) {{
+        const doc = new DOMParser().parseFromString(await page.text(), "text/html");
+        const fresh = doc.getElementById("models");
+        const shown = document.getElementById("models");
+        if (fresh && shown) shown.replaceWith(fresh);
+      }}
+    }} catch (err) {{
+      // The server is restarting or unreachable: keep what is shown, try again at the next tick.
+    }}
+    setTimeout(refresh, {HEALTH_REFRESH_S * 1000});
+  }}
+  refresh();
+}})();
+</script>"""

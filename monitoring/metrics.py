@@ -34,10 +34,21 @@ class MonitoringMetrics:
         accuracy: ``{model,version}``: accuracy of classifiers over the last labelled rows,
             set once ``min_labels`` rows exist.
         mean_absolute_error: ``{model,version}``: the same for regressors.
-        feedback: ``{model,version}``: labelled rows accepted by this process.
+        feedback: ``{model,version,source,outcome}``: labelled rows this process took in,
+            by labeler source and outcome: ``accepted``, ``quarantined`` (stored, from a
+            quarantined source), ``duplicate``, ``invalid`` or ``unknown`` (version "").
+        source_quarantined: ``{model,source}``: 1 while a labeler source is quarantined.
+        source_agreement: ``{model,source}``: share of a source's labels on the champion's
+            confident predictions that agree with them.
         retrain_runs: ``{model,outcome}``: retrains by outcome (blessed, rejected, failed).
         dropped: ``{model}``: answered requests not logged (queue full or store down).
         window_rows: ``{model,version}``: rows in the drift window.
+        estimated_accuracy: ``{model,version}``: accuracy estimated without labels (CBPE),
+            with ``estimated_accuracy_lower`` and ``estimated_accuracy_upper``, its 95 % band.
+        feature_missing_share: ``{model,version,feature}``: share of NaN or Inf values.
+        feature_out_of_range_share: ``{model,version,feature}``: share outside the training range.
+        features_became_constant: ``{model,version}``: features that varied in training and
+            are constant now.
 
     With several workers (prometheus_client's multiprocess mode) each worker evaluates the
     rows it served; the drift and accuracy gauges report the highest value of any live
@@ -92,8 +103,20 @@ class MonitoringMetrics:
         )
         self.feedback = Counter(
             "modelloop_feedback",
-            "Labelled rows accepted through the feedback route.",
-            ["model", "version"],
+            "Labelled rows received through the feedback route, by labeler source and outcome.",
+            ["model", "version", "source", "outcome"],
+            registry=registry,
+        )
+        self.source_quarantined = Gauge(
+            "modelloop_feedback_source_quarantined",
+            "1 while a labeler source is quarantined: its labels leave training, the gate and accuracy.",
+            ["model", "source"],
+            registry=registry,
+        )
+        self.source_agreement = Gauge(
+            "modelloop_feedback_source_agreement",
+            "Share of a source's labels on the champion's confident predictions that agree with them.",
+            ["model", "source"],
             registry=registry,
         )
         self.retrain_runs = Counter(
@@ -114,6 +137,44 @@ class MonitoringMetrics:
             ["model", "version"],
             registry=registry,
             multiprocess_mode="livesum",
+        )
+        # The label-free accuracy estimate (CBPE) and its 95 % band.
+        self.estimated_accuracy = Gauge(
+            "modelloop_estimated_accuracy",
+            "Accuracy estimated without labels: mean calibrated probability of the predicted class.",
+            ["model", "version"],
+            registry=registry,
+        )
+        self.estimated_accuracy_lower = Gauge(
+            "modelloop_estimated_accuracy_lower",
+            "Lower end of the 95 % band of the estimated accuracy (from the window size).",
+            ["model", "version"],
+            registry=registry,
+        )
+        self.estimated_accuracy_upper = Gauge(
+            "modelloop_estimated_accuracy_upper",
+            "Upper end of the 95 % band of the estimated accuracy (from the window size).",
+            ["model", "version"],
+            registry=registry,
+        )
+        # Data quality of the input window, per feature.
+        self.feature_missing_share = Gauge(
+            "modelloop_feature_missing_share",
+            "Share of NaN or infinite values of one input feature in the window.",
+            ["model", "version", "feature"],
+            registry=registry,
+        )
+        self.feature_out_of_range_share = Gauge(
+            "modelloop_feature_out_of_range_share",
+            "Share of values of one input feature outside its training range, in the window.",
+            ["model", "version", "feature"],
+            registry=registry,
+        )
+        self.features_became_constant = Gauge(
+            "modelloop_features_became_constant",
+            "Input features that varied in training and are constant in the window.",
+            ["model", "version"],
+            registry=registry,
         )
 
     def forget_version(self, model: str, version: int, features: list[str]) -> None:
@@ -139,3 +200,15 @@ class MonitoringMetrics:
             for method in ("psi", "ks"):
                 with contextlib.suppress(KeyError):
                     self.feature_drift.remove(model, v, feature, method)
+        for gauge in (
+            self.estimated_accuracy,
+            self.estimated_accuracy_lower,
+            self.estimated_accuracy_upper,
+            self.features_became_constant,
+        ):
+            with contextlib.suppress(KeyError):
+                gauge.remove(model, v)
+        for feature in features:
+            for gauge in (self.feature_missing_share, self.feature_out_of_range_share):
+                with contextlib.suppress(KeyError):
+                    gauge.remove(model, v, feature)

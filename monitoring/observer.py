@@ -304,7 +304,7 @@ class MonitoringObserver:
         rows = np.concatenate([x for _, _, x, _ in picked]).astype(np.float64)
         out = np.concatenate([y for _, _, _, y in picked]).astype(np.float64)
         predicted = predicted_values(out, info.task) if out.shape[1] else None
-        self.windows.add(model, version, rows, predicted)
+        self.windows.add(model, version, rows, predicted, out)
         # Contiguous, so that each record's slice serialises as an array (orjson needs C order).
         sample = np.ascontiguousarray(rows[:, : self.sample_features])
         empty = np.zeros(0, dtype=np.int64)

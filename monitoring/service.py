@@ -10,7 +10,12 @@ Every ``eval_interval_s`` the service evaluates each AVAILABLE ``(model, version
   (once the window holds ``min_rows`` rows), exported as ``modelloop_feature_drift``,
   ``modelloop_drift_detected``, ``modelloop_drift_share`` and ``modelloop_prediction_drift``;
 - accuracy (classifiers) or MAE (regressors) over the last ``accuracy_window`` labelled
-  rows, exported once ``min_labels`` rows exist.
+  rows from sources that are not quarantined, exported once ``min_labels`` rows exist;
+- first, per model, the label checks of every labeler source against the latest available
+  version (:mod:`~modelloop.monitoring.quarantine`), exported as
+  ``modelloop_feedback_source_quarantined`` and ``modelloop_feedback_source_agreement``.
+  Labels from a quarantined source are still stored, marked, counted under
+  ``outcome="quarantined"`` and reported by :meth:`MonitoringService.source_report`.
 
 Then it hands an :class:`EvaluationReport` per version to every listener. Listeners are
 the hook for in-process alert rules (the retraining half registers one):
@@ -48,9 +53,19 @@ from modelloop import layout
 from modelloop.errors import ServiceError
 from modelloop.monitoring.accuracy import AccuracyReport, score_labelled
 from modelloop.monitoring.drift import DriftDetector, DriftReport
+from modelloop.monitoring.estimation import AccuracyEstimator, EstimateReport
+from modelloop.monitoring.histogram import FeatureHistogram, feature_histograms
+from modelloop.monitoring.history import TrafficMeter, TrafficReport, history_point
 from modelloop.monitoring.metrics import MonitoringMetrics
 from modelloop.monitoring.observer import MonitoringObserver, VersionInfo
-from modelloop.monitoring.settings import MonitoringSettings, resolve_model_settings
+from modelloop.monitoring.quality import QualityChecker, QualityReport
+from modelloop.monitoring.quarantine import SourceVerdict, assess_sources, champion_of
+from modelloop.monitoring.settings import (
+    MonitoringSettings,
+    QuarantineSettings,
+    resolve_model_settings,
+    resolve_quarantine,
+)
 from modelloop.monitoring.store import (
     CLASSIFIER_TASKS,
     FeedbackItem,
@@ -61,6 +76,7 @@ from modelloop.monitoring.store import (
 )
 from modelloop.monitoring.window import WindowSet
 from modelloop.serving.types import ModelCatalog, ModelState
+from modelloop.tokens import ANONYMOUS_SOURCE
 
 logger = logging.getLogger(__name__)
 
@@ -83,6 +99,12 @@ class EvaluationReport:
         labels: Labelled rows of this version in the store, or None when it failed.
         store_error: The store's error, else "".
         settings: The model's resolved settings (thresholds, ``accuracy_floor``, cooldown).
+        estimate: The label-free accuracy estimate, or None (see ``estimate_note``).
+        estimate_note: Why there is no estimate ("no label-free estimate for
+            regressors", no calibrator, too few rows), else "".
+        quality: Data quality of the window, or None before ``min_rows`` or without a baseline.
+        histograms: Baseline and current histograms of the top drifted features.
+        traffic: Requests since the previous evaluation, or None before the second one.
     """
 
     model: str
@@ -97,6 +119,11 @@ class EvaluationReport:
     labels: int | None
     store_error: str
     settings: MonitoringSettings = field(repr=False)
+    estimate: EstimateReport | None = None
+    estimate_note: str = ""
+    quality: QualityReport | None = None
+    histograms: tuple[FeatureHistogram, ...] = field(default=(), repr=False)
+    traffic: TrafficReport | None = None
 
 
 Listener = Callable[[str, int, EvaluationReport], None]
@@ -108,7 +135,10 @@ class _VersionState:
     info: VersionInfo
     baseline: dict[str, Any] | None
     error: str = ""
+    card: layout.ModelCard | None = None
     detectors: dict[tuple[float, float, float], DriftDetector] = field(default_factory=dict)
+    estimator: AccuracyEstimator | None = None
+    quality: QualityChecker | None = None
 
     def detector(self, settings: MonitoringSettings) -> DriftDetector:
         key = (settings.psi_threshold, settings.ks_pvalue, settings.drift_share)
@@ -202,8 +232,13 @@ class MonitoringService:
         self._reports: dict[tuple[str, int], EvaluationReport] = {}
         self._listeners: list[Listener] = []
         self._bad_overrides: dict[str, str] = {}
+        # Model -> source -> the latest label-check verdict (read by the feedback route).
+        self._verdicts: dict[str, dict[str, SourceVerdict]] = {}
+        self._champions: dict[str, int] = {}
         self._task: asyncio.Task[None] | None = None
         self._last_prune = 0.0
+        self.traffic = TrafficMeter(registry)
+        self._traffic: dict[tuple[str, int], TrafficReport] = {}
 
     # -- listeners -------------------------------------------------------------------
 
@@ -232,6 +267,7 @@ class MonitoringService:
             return state
         version_dir = self.repo / model / str(version)
         info = VersionInfo()
+        card: layout.ModelCard | None = None
         try:
             card = layout.read_model_card(version_dir)
             task = card.task or "multiclass"
@@ -255,7 +291,7 @@ class MonitoringService:
             baseline, error = None, f"bad {layout.BASELINE_FILE} in {model}/{version}: {exc}"
         if error:
             logger.warning("model %s version %d: %s", model, version, error)
-        state = self._versions[key] = _VersionState(info, baseline, error)
+        state = self._versions[key] = _VersionState(info, baseline, error, card)
         return state
 
     def version_info(self, model: str, version: int) -> VersionInfo:
@@ -275,6 +311,85 @@ class MonitoringService:
             return self.settings
         self._bad_overrides.pop(model, None)
         return resolved
+
+    def _quarantine_for(self, model: str) -> QuarantineSettings:
+        try:
+            return resolve_quarantine(self.settings.quarantine, self.catalog.model_options(model, "feedback"))
+        except ValueError as exc:
+            if self._bad_overrides.get(f"{model}/feedback") != str(exc):
+                logger.error("model %s: config.json %s; using the server's label checks", model, exc)
+                self._bad_overrides[f"{model}/feedback"] = str(exc)
+            return self.settings.quarantine
+        except ServiceError:
+            return self.settings.quarantine
+
+    def assess_sources(self, model: str, version: int) -> dict[str, SourceVerdict]:
+        """Runs the label checks of a model's sources against one version (its champion).
+
+        Updates ``modelloop_feedback_source_quarantined`` and
+        ``modelloop_feedback_source_agreement`` and logs every change of a source's
+        quarantine. On a store error the previous verdicts stay in force.
+
+        Args:
+            model: Model name.
+            version: The champion: the latest available version.
+
+        Returns:
+            Source -> verdict; empty for regressors (they have no confidence to check).
+        """
+        state = self._state(model, version)
+        if state.info.task not in CLASSIFIER_TASKS:
+            return {}
+        settings = self._quarantine_for(model)
+        try:
+            stats = self.store.source_stats(model)
+        except StoreUnavailable as exc:
+            logger.warning("label checks of %s skipped: %s", model, exc.message)
+            return self._verdicts.get(model, {})
+        verdicts = assess_sources(stats, champion_of(version, state.card, state.baseline), settings)
+        before = self._verdicts.get(model, {})
+        for source, verdict in verdicts.items():
+            self.metrics.source_quarantined.labels(model, source).set(1 if verdict.quarantined else 0)
+            if verdict.agreement is not None:
+                self.metrics.source_agreement.labels(model, source).set(verdict.agreement)
+            was = before.get(source)
+            if verdict.quarantined and (was is None or not was.quarantined):
+                logger.warning(
+                    "model %s: labeler source %r quarantined: %s", model, source, "; ".join(verdict.reasons)
+                )
+            elif not verdict.quarantined and was is not None and was.quarantined:
+                logger.warning("model %s: labeler source %r is no longer quarantined", model, source)
+        self._verdicts[model] = verdicts
+        self._champions[model] = version
+        return verdicts
+
+    def quarantined_sources(self, model: str) -> set[str]:
+        """The sources of a model quarantined at the last label check."""
+        return {s for s, v in self._verdicts.get(model, {}).items() if v.quarantined}
+
+    def source_report(self, model: str) -> dict[str, Any]:
+        """Every labeler source of a model: its labels, agreement, confusion and quarantine.
+
+        Raises:
+            StoreUnavailable: The store cannot be reached.
+        """
+        counts = self.store.label_sources(model)
+        verdicts = self._verdicts.get(model, {})
+        sources = []
+        for source in sorted(set(counts) | set(verdicts)):
+            verdict = verdicts.get(source, SourceVerdict(source))
+            entry = verdict.as_dict()
+            labelled = counts.get(source)
+            entry["stored_labels"] = labelled.labels if labelled else 0
+            entry["stored_requests"] = labelled.requests if labelled else 0
+            entry["labels_while_quarantined"] = labelled.quarantined_labels if labelled else 0
+            sources.append(entry)
+        return {
+            "model": model,
+            "champion_version": self._champions.get(model),
+            "checks": self._quarantine_for(model).model_dump(),
+            "sources": sources,
+        }
 
     def _loaded(self) -> list[tuple[str, int]]:
         loaded: list[tuple[str, int]] = []
@@ -324,7 +439,9 @@ class MonitoringService:
         labels: int | None = None
         store_error = ""
         try:
-            recent = self.store.recent_labelled(model, version, settings.accuracy_window)
+            recent = self.store.recent_labelled(
+                model, version, settings.accuracy_window, exclude_sources=self.quarantined_sources(model)
+            )
             labels = self.store.count_labels(model, version)
             accuracy = score_labelled(recent, task=state.info.task, min_labels=settings.min_labels)
         except StoreUnavailable as exc:
@@ -334,6 +451,8 @@ class MonitoringService:
                 self.metrics.accuracy if accuracy.metric == "accuracy" else self.metrics.mean_absolute_error
             )
             gauge.labels(model, v).set(accuracy.value)
+        estimate, estimate_note = self._estimate(model, version, state, settings)
+        quality, histograms = self._check_quality(model, version, state, rows, settings, drift)
         report = EvaluationReport(
             model=model,
             version=version,
@@ -347,18 +466,33 @@ class MonitoringService:
             labels=labels,
             store_error=store_error,
             settings=settings,
+            estimate=estimate,
+            estimate_note=estimate_note,
+            quality=quality,
+            histograms=histograms,
+            traffic=self._traffic.get((model, version)),
         )
         self._reports[(model, version)] = report
         return report
 
     def _evaluate_all(self) -> list[EvaluationReport]:
         loaded = self._loaded()
+        champions: dict[str, int] = {}
+        for model, version in loaded:
+            champions[model] = max(version, champions.get(model, 0))
+        for model, version in sorted(champions.items()):
+            try:
+                self.assess_sources(model, version)
+            except Exception:  # one broken model must not stop the others
+                logger.exception("label checks of model %s failed", model)
+        self._traffic = self.traffic.measure()
         reports = []
         for model, version in loaded:
             try:
                 reports.append(self.evaluate_version(model, version))
             except Exception:  # one broken version must not stop the others
                 logger.exception("evaluating model %s version %d failed", model, version)
+        self._record_history(reports)
         current = set(loaded)
         gone = {k for k in (*self._reports, *self.windows.keys()) if k not in current}
         for key in sorted(gone):
@@ -373,6 +507,10 @@ class MonitoringService:
                 pruned = self.store.prune()
                 if pruned:
                     logger.info("pruned %d logged predictions beyond retention", pruned)
+                self.store.prune_history(
+                    retention_days=self.settings.history_retention_days,
+                    max_points=self.settings.history_max_points,
+                )
             except StoreUnavailable as exc:
                 logger.warning("retention pass failed: %s", exc)
         return reports
@@ -391,21 +529,117 @@ class MonitoringService:
         """The latest report of each evaluated version of a model (for the status page)."""
         return {v: r for (m, v), r in sorted(self._reports.items()) if m == model}
 
+    def _estimate(
+        self, model: str, version: int, state: _VersionState, settings: MonitoringSettings
+    ) -> tuple[EstimateReport | None, str]:
+        """The label-free accuracy estimate of the window's outputs, or why there is none."""
+        if state.estimator is None:
+            state.estimator = AccuracyEstimator.from_baseline(state.baseline, task=state.info.task)
+            if not state.estimator.available:
+                logger.info("model %s version %d: %s", model, version, state.estimator.reason)
+        if not state.estimator.available:
+            return None, state.estimator.reason
+        outputs = self.windows.get(model, version).outputs()
+        if len(outputs) < settings.min_rows:
+            return None, f"collecting ({len(outputs)}/{settings.min_rows} rows)"
+        try:
+            estimate = state.estimator.estimate(outputs)
+        except (ValueError, KeyError, TypeError) as exc:
+            return None, f"the calibrator does not fit the outputs: {exc}"
+        if estimate is None:
+            return None, "no finite outputs in the window"
+        v = str(version)
+        self.metrics.estimated_accuracy.labels(model, v).set(estimate.value)
+        self.metrics.estimated_accuracy_lower.labels(model, v).set(estimate.lower)
+        self.metrics.estimated_accuracy_upper.labels(model, v).set(estimate.upper)
+        return estimate, ""
+
+    def _check_quality(
+        self,
+        model: str,
+        version: int,
+        state: _VersionState,
+        rows: np.ndarray,
+        settings: MonitoringSettings,
+        drift: DriftReport | None,
+    ) -> tuple[QualityReport | None, tuple[FeatureHistogram, ...]]:
+        """Data quality of the window, and the histograms of its top drifted features."""
+        if state.baseline is None or len(rows) < settings.min_rows:
+            return None, ()
+        try:
+            if state.quality is None:
+                state.quality = QualityChecker(state.baseline)
+            quality = state.quality.evaluate(rows)
+        except ValueError as exc:  # a window of another width: drift says so too
+            logger.debug("model %s version %d: no data quality: %s", model, version, exc)
+            return None, ()
+        v = str(version)
+        for f in quality.features:
+            self.metrics.feature_missing_share.labels(model, v, f.name).set(f.missing_share)
+            self.metrics.feature_out_of_range_share.labels(model, v, f.name).set(f.out_of_range_share)
+        self.metrics.features_became_constant.labels(model, v).set(len(quality.became_constant))
+        # Features that varied in training first: their histograms say more than a
+        # constant's "equal / other".
+        ranked = sorted(drift.features, key=lambda f: (not f.drifted, f.constant, -f.psi)) if drift else []
+        top = [f.name for f in ranked[:3]]
+        return quality, feature_histograms(state.baseline, rows, top)
+
+    def _record_history(self, reports: Sequence[EvaluationReport]) -> None:
+        """Stores one history point per evaluation; a store outage loses points, not evaluations."""
+        points = [history_point(r, r.traffic) for r in reports]
+        try:
+            self.store.record_history(points)
+        except StoreUnavailable as exc:
+            logger.warning("history not recorded (%d points): %s", len(points), exc.message)
+
+    def history(self, model: str, *, since: float, limit: int) -> dict[int, list[dict[str, Any]]]:
+        """The stored history of a model's versions (blocking; the route runs it in a thread).
+
+        Args:
+            model: Model name.
+            since: Unix time of the oldest point wanted.
+            limit: Most points per version (the newest are kept).
+
+        Returns:
+            Version -> points (``{"t": ..., "accuracy": ..., ...}``), oldest first.
+
+        Raises:
+            StoreUnavailable: The store cannot be reached.
+        """
+        return {
+            v: [p.as_dict() for p in points]
+            for v, points in self.store.history(model, since=since, limit=limit).items()
+        }
+
+    def retrain_runs(self, model: str) -> dict[str, int]:
+        """Retraining runs of a model by outcome, as this process counted them."""
+        runs: dict[str, int] = {}
+        for outcome in ("blessed", "rejected", "failed"):
+            value = self.traffic.registry.get_sample_value(
+                "modelloop_retrain_runs_total", {"model": model, "outcome": outcome}
+            )
+            runs[outcome] = int(value or 0)
+        return runs
+
     # -- feedback --------------------------------------------------------------------
 
     def has_model(self, model: str) -> bool:
         """Whether the model is in the repository."""
         return self.catalog.has_model(model)
 
-    def add_feedback(self, model: str, items: Sequence[FeedbackItem]) -> FeedbackResult:
-        """Joins labels to logged predictions and stores them durably (blocking).
+    def add_feedback(
+        self, model: str, items: Sequence[FeedbackItem], source: str = ANONYMOUS_SOURCE
+    ) -> FeedbackResult:
+        """Joins labels to logged predictions and stores them durably under their source (blocking).
 
         Predictions still in the observer's queue are written first, so a label posted
-        right after its prediction is found.
+        right after its prediction is found. Labels of a quarantined source are stored
+        and marked; the result says so.
 
         Args:
             model: The model named in the route.
             items: Labels by request id.
+            source: The authenticated labeler. Defaults to ``anonymous``.
 
         Returns:
             What was accepted, unknown, duplicate or invalid.
@@ -415,26 +649,38 @@ class MonitoringService:
         """
         if not self.observer.flush(timeout=5.0):
             logger.warning("feedback for %s: the prediction log is behind; recent ids may be unknown", model)
-        result = self.store.add_feedback(model, items)
+        quarantined = source in self.quarantined_sources(model)
+        result = self.store.add_feedback(model, items, source=source, quarantined=quarantined)
         if result.unknown and self.peer_wait_s > 0:
             # Another worker may have logged the prediction but not written it yet: its
             # writer lingers before each commit. Ask once more for those ids after that.
             time.sleep(self.peer_wait_s)
             unknown = set(result.unknown)
-            retry = self.store.add_feedback(model, [item for item in items if item.request_id in unknown])
+            retry = self.store.add_feedback(
+                model,
+                [item for item in items if item.request_id in unknown],
+                source=source,
+                quarantined=quarantined,
+            )
             result.unknown = retry.unknown
             result.accepted += retry.accepted
             result.duplicate += retry.duplicate
             result.invalid.update(retry.invalid)
             for version, count in retry.labels.items():
                 result.labels[version] = result.labels.get(version, 0) + count
-        for version, count in result.labels.items():
-            self.metrics.feedback.labels(model, str(version)).inc(count)
+            # Every first-round unknown was asked again: the retry's count replaces it.
+            result.rows.pop(("", "unknown"), None)
+            for key, rows in retry.rows.items():
+                result.rows[key] = result.rows.get(key, 0) + rows
+        for (version, outcome), rows in result.rows.items():
+            self.metrics.feedback.labels(model, version, source, outcome).inc(rows)
         return result
 
-    async def submit_feedback(self, model: str, items: Sequence[FeedbackItem]) -> FeedbackResult:
+    async def submit_feedback(
+        self, model: str, items: Sequence[FeedbackItem], source: str = ANONYMOUS_SOURCE
+    ) -> FeedbackResult:
         """:meth:`add_feedback` in a worker thread, for the event loop."""
-        return await asyncio.to_thread(self.add_feedback, model, items)
+        return await asyncio.to_thread(self.add_feedback, model, items, source)
 
     # -- lifecycle -------------------------------------------------------------------
 

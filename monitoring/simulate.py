@@ -77,8 +77,11 @@ def _post(
         raise SimulationError(f"cannot reach {url}: {getattr(exc, 'reason', exc)}") from exc
 
 
-def _send_feedback(base: str, model: str, labels: dict[str, list[int]], *, retries: int = 3) -> int:
+def _send_feedback(
+    base: str, model: str, labels: dict[str, list[int]], *, token: str | None = None, retries: int = 3
+) -> int:
     """Posts labels in chunks; ids the server has not logged yet are retried after a pause."""
+    headers = {"authorization": f"Bearer {token}"} if token else {}
     accepted = 0
     pending = dict(labels)
     for attempt in range(retries + 1):
@@ -87,7 +90,10 @@ def _send_feedback(base: str, model: str, labels: dict[str, list[int]], *, retri
         for i in range(0, len(ids), FEEDBACK_CHUNK):
             chunk = ids[i : i + FEEDBACK_CHUNK]
             items = [{"request_id": rid, "targets": pending[rid]} for rid in chunk]
-            status, body = _post(f"{base}/v1/models/{model}/feedback", {"feedback": items})
+            status, body = _post(f"{base}/v1/models/{model}/feedback", {"feedback": items}, headers)
+            if status in (401, 403):
+                hint = "pass --token-file or set MODELLOOP_FEEDBACK_TOKEN"
+                raise SimulationError(f"feedback refused ({status}): {_error_of(body)}; {hint}")
             if status not in (200, 400, 404, 409) or not isinstance(body, dict):
                 raise SimulationError(f"feedback refused ({status}): {body}")
             accepted += len(body.get("accepted", []))
@@ -100,6 +106,10 @@ def _send_feedback(base: str, model: str, labels: dict[str, list[int]], *, retri
     return accepted
 
 
+def _error_of(body: Any) -> str:
+    return str(body.get("error", body)) if isinstance(body, dict) else str(body)
+
+
 def _phase(
     base: str,
     model: str,
@@ -110,6 +120,7 @@ def _phase(
     batch: int,
     rate: float,
     rng: np.random.Generator,
+    token: str | None = None,
 ) -> dict[str, Any]:
     labels: dict[str, list[int]] = {}
     correct = rows = 0
@@ -129,7 +140,7 @@ def _phase(
         if rate > 0:
             # Pace to the target rate without drifting: sleep until request i+1 is due.
             time.sleep(max(0.0, started + (i + 1) / rate - time.monotonic()))
-    accepted = _send_feedback(base, model, labels)
+    accepted = _send_feedback(base, model, labels, token=token)
     return {
         "requests": requests,
         "rows": rows,
@@ -150,6 +161,7 @@ def simulate(
     model: str = "digits",
     seed: int = 0,
     out: TextIO | None = None,
+    token: str | None = None,
 ) -> dict[str, Any]:
     """Sends labelled digits traffic, then its labels, and prints one line per phase.
 
@@ -163,6 +175,7 @@ def simulate(
         model: The served digits model. Defaults to ``digits``.
         seed: Seed of the row choice and the noise. Defaults to 0.
         out: Where the progress lines go. Defaults to standard output.
+        token: The labeler token the feedback is sent with. Defaults to None (none).
 
     Returns:
         ``{"phases": {"normal": {...}, "drifted": {...}}}`` with requests, rows, the
@@ -186,7 +199,7 @@ def simulate(
             file=stream,
             flush=True,
         )
-        result = _phase(base, model, rows, y, requests=requests, batch=batch, rate=rate, rng=rng)
+        result = _phase(base, model, rows, y, requests=requests, batch=batch, rate=rate, rng=rng, token=token)
         phases[name] = result
         print(
             f"simulate: {name}: served accuracy {result['accuracy']:.3f} over {result['rows']} rows; "

@@ -7,6 +7,18 @@ SQLite, fsynced: WAL with ``synchronous=FULL``) before :meth:`PredictionStore.ad
 returns, so a label acknowledged to a client survives ``kill -9``. The first label of a
 prediction is final: a duplicate never overwrites it.
 
+Each label keeps its source (the labeler its token named, ``anonymous`` without
+authentication) and whether that source was quarantined when the label arrived. In the
+same transaction the store counts, per source, which class the champion predicted, with
+what confidence, and which class the label named (``feedback_stats``): the per-source
+agreement and confusion that the label checks read. Those counts outlive retention, so a
+source's history is not forgotten when old predictions are pruned. The retrain gate's
+reports are kept in ``retrain_reports``.
+
+A database written by an older version is upgraded when the store first reaches it: the
+missing ``source`` and ``quarantined`` columns are added (old labels become
+``anonymous``) and the counts are built from the labels already there.
+
 Both backends run the same SQL through SQLAlchemy Core (no ORM): every statement is a
 ``sqlalchemy.text()`` with named bind parameters (``:model``), and the ``IN (...)`` lists
 are expanding bind parameters, so SQLAlchemy renders each driver's placeholders.
@@ -43,8 +55,8 @@ import math
 import sqlite3
 import threading
 import time
-from collections import defaultdict
-from collections.abc import Callable, Iterator, Sequence
+from collections import Counter, defaultdict
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
@@ -57,6 +69,9 @@ from sqlalchemy.engine import Connection, Engine, make_url
 from sqlalchemy.exc import ArgumentError, DBAPIError, SQLAlchemyError
 
 from modelloop.errors import ErrorCode, ServiceError
+from modelloop.monitoring import history as _history
+from modelloop.monitoring.history import HISTORY_SCHEMA, HistoryPoint
+from modelloop.tokens import ANONYMOUS_SOURCE
 
 logger = logging.getLogger(__name__)
 
@@ -103,9 +118,44 @@ _SCHEMA = tuple(
         created DOUBLE PRECISION NOT NULL,
         n_labels INTEGER NOT NULL,
         targets TEXT NOT NULL,
+        source TEXT NOT NULL DEFAULT 'anonymous',
+        quarantined INTEGER NOT NULL DEFAULT 0,
         PRIMARY KEY (model, request_id)
     )""",
         "CREATE INDEX IF NOT EXISTS feedback_version ON feedback (model, version, created)",
+    )
+)
+# Columns added since the first schema: (table, column, definition). An older database
+# gets them with ALTER TABLE; the defaults describe the rows it already holds.
+_ADDED_COLUMNS = (
+    ("feedback", "source", "TEXT NOT NULL DEFAULT 'anonymous'"),
+    ("feedback", "quarantined", "INTEGER NOT NULL DEFAULT 0"),
+)
+_STATS_TABLE = "feedback_stats"
+_SCHEMA_AFTER_COLUMNS = tuple(
+    sa.text(statement)
+    for statement in (
+        "CREATE INDEX IF NOT EXISTS feedback_source ON feedback (model, source)",
+        # One row per (version, source, predicted class, label, confidence in percent):
+        # a few hundred rows per source, whatever the traffic.
+        f"""CREATE TABLE IF NOT EXISTS {_STATS_TABLE} (
+        model TEXT NOT NULL,
+        version INTEGER NOT NULL,
+        source TEXT NOT NULL,
+        predicted INTEGER NOT NULL,
+        target INTEGER NOT NULL,
+        confidence INTEGER NOT NULL,
+        labels INTEGER NOT NULL,
+        PRIMARY KEY (model, version, source, predicted, target, confidence)
+    )""",
+        """CREATE TABLE IF NOT EXISTS retrain_reports (
+        model TEXT NOT NULL,
+        run_id TEXT NOT NULL,
+        created DOUBLE PRECISION NOT NULL,
+        outcome TEXT NOT NULL,
+        report TEXT NOT NULL,
+        PRIMARY KEY (model, run_id)
+    )""",
     )
 )
 
@@ -120,27 +170,58 @@ _INSERT_PREDICTION_DRIVER = (
 # The other statements are built once: a TextClause is immutable and safe to share between
 # threads, and the engine caches its compiled form per dialect.
 _SELECT_PREDICTED = sa.text(
-    "SELECT request_id, version, task, classes, n_rows FROM predictions "
+    "SELECT request_id, version, task, classes, n_rows, predicted, outputs FROM predictions "
     "WHERE model = :model AND request_id IN :ids"
 ).bindparams(sa.bindparam("ids", expanding=True))
 _SELECT_LABELLED = sa.text(
     "SELECT request_id FROM feedback WHERE model = :model AND request_id IN :ids"
 ).bindparams(sa.bindparam("ids", expanding=True))
 _INSERT_FEEDBACK = sa.text(
-    "INSERT INTO feedback (model, request_id, version, created, n_labels, targets) "
-    "VALUES (:model, :request_id, :version, :created, :n_labels, :targets) "
+    "INSERT INTO feedback (model, request_id, version, created, n_labels, targets, source, quarantined) "
+    "VALUES (:model, :request_id, :version, :created, :n_labels, :targets, :source, :quarantined) "
     "ON CONFLICT (model, request_id) DO NOTHING"
+)
+_ADD_STATS = sa.text(
+    f"INSERT INTO {_STATS_TABLE} (model, version, source, predicted, target, confidence, labels) "
+    "VALUES (:model, :version, :source, :predicted, :target, :confidence, :labels) "
+    "ON CONFLICT (model, version, source, predicted, target, confidence) "
+    f"DO UPDATE SET labels = {_STATS_TABLE}.labels + excluded.labels"
+)
+_SELECT_STATS = sa.text(
+    f"SELECT version, source, predicted, target, confidence, labels FROM {_STATS_TABLE} WHERE model = :model"
+)
+_SELECT_ALL_LABELLED = sa.text(
+    "SELECT f.model, f.version, f.source, f.targets, p.task, p.predicted, p.outputs "
+    "FROM feedback f JOIN predictions p ON p.model = f.model AND p.request_id = f.request_id"
+)
+_SELECT_SOURCES = sa.text(
+    "SELECT source, COUNT(*), COALESCE(SUM(n_labels), 0), "
+    "COALESCE(SUM(CASE WHEN quarantined = 1 THEN n_labels ELSE 0 END), 0) "
+    "FROM feedback WHERE model = :model GROUP BY source"
 )
 _SELECT_RECENT = sa.text(
     "SELECT p.predicted, f.targets, f.created FROM feedback f JOIN predictions p "
     "ON p.model = f.model AND p.request_id = f.request_id "
     "WHERE f.model = :model AND f.version = :version ORDER BY f.created DESC LIMIT :limit"
 )
+_SELECT_RECENT_TRUSTED = sa.text(
+    "SELECT p.predicted, f.targets, f.created FROM feedback f JOIN predictions p "
+    "ON p.model = f.model AND p.request_id = f.request_id "
+    "WHERE f.model = :model AND f.version = :version AND f.source NOT IN :excluded "
+    "ORDER BY f.created DESC LIMIT :limit"
+).bindparams(sa.bindparam("excluded", expanding=True))
+_INSERT_REPORT = sa.text(
+    "INSERT INTO retrain_reports (model, run_id, created, outcome, report) "
+    "VALUES (:model, :run_id, :created, :outcome, :report) ON CONFLICT (model, run_id) DO NOTHING"
+)
+_SELECT_REPORTS = sa.text(
+    "SELECT report FROM retrain_reports WHERE model = :model ORDER BY created DESC LIMIT :limit"
+)
 _COUNT_LABELS = sa.text(
     "SELECT COALESCE(SUM(n_labels), 0) FROM feedback WHERE model = :model AND version = :version"
 )
 _SELECT_DATASET = sa.text(
-    "SELECT p.inputs, f.targets, p.task FROM feedback f JOIN predictions p "
+    "SELECT p.inputs, f.targets, p.task, f.source FROM feedback f JOIN predictions p "
     "ON p.model = f.model AND p.request_id = f.request_id "
     "WHERE f.model = :model ORDER BY f.created, f.request_id"
 )
@@ -205,7 +286,13 @@ class FeedbackResult:
         unknown: Ids with no logged prediction of this model.
         duplicate: Ids already labelled (the first label is kept).
         invalid: Id -> why its targets were refused (count, type, class range).
-        labels: Version -> labelled rows accepted now (for ``modelloop_feedback_total``).
+        labels: Version -> labelled rows accepted now.
+        source: The labeler source the labels were stored under.
+        quarantined: Whether that source was quarantined: its labels are stored and
+            marked, and the label checks leave them out.
+        rows: ``(version, outcome)`` -> rows, for ``modelloop_feedback_total``: outcome
+            ``accepted`` or ``quarantined`` for stored labels, ``duplicate``, ``invalid``
+            or ``unknown`` (version "") for refused ones.
     """
 
     accepted: list[str] = field(default_factory=list)
@@ -213,6 +300,9 @@ class FeedbackResult:
     duplicate: list[str] = field(default_factory=list)
     invalid: dict[str, str] = field(default_factory=dict)
     labels: dict[int, int] = field(default_factory=dict)
+    source: str = ANONYMOUS_SOURCE
+    quarantined: bool = False
+    rows: dict[tuple[str, str], int] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:
         """The JSON answer of the feedback route."""
@@ -221,7 +311,45 @@ class FeedbackResult:
             "unknown": self.unknown,
             "duplicate": self.duplicate,
             "invalid": self.invalid,
+            "source": self.source,
+            "quarantined": self.quarantined,
         }
+
+
+@dataclass(frozen=True, slots=True)
+class SourceStat:
+    """Labels of one source on one champion version, for one predicted class, label and confidence.
+
+    Attributes:
+        version: The version that made the predictions.
+        source: The labeler source.
+        predicted: The class the version predicted.
+        target: The class the label named.
+        confidence: The version's top-class probability, in whole percent (0..100).
+        labels: How many labelled rows share these values.
+    """
+
+    version: int
+    source: str
+    predicted: int
+    target: int
+    confidence: int
+    labels: int
+
+
+@dataclass(frozen=True, slots=True)
+class SourceLabels:
+    """What one source has labelled of one model.
+
+    Attributes:
+        requests: Labelled requests.
+        labels: Labelled rows.
+        quarantined_labels: Rows that arrived while the source was quarantined.
+    """
+
+    requests: int
+    labels: int
+    quarantined_labels: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -240,10 +368,19 @@ class PredictionStore(Protocol):
     def record(self, records: Sequence[PredictionRecord]) -> None:
         """Logs predictions; a repeated ``(model, request_id)`` keeps the first."""
 
-    def add_feedback(self, model: str, items: Sequence[FeedbackItem]) -> FeedbackResult:
-        """Stores labels, durably, before it returns."""
+    def add_feedback(
+        self,
+        model: str,
+        items: Sequence[FeedbackItem],
+        *,
+        source: str = ANONYMOUS_SOURCE,
+        quarantined: bool = False,
+    ) -> FeedbackResult:
+        """Stores labels under their source, durably, before it returns."""
 
-    def recent_labelled(self, model: str, version: int, limit: int) -> list[LabelledRow]:
+    def recent_labelled(
+        self, model: str, version: int, limit: int, *, exclude_sources: Collection[str] = ()
+    ) -> list[LabelledRow]:
         """The most recent ``limit`` labelled rows of one version, newest first."""
 
     def count_labels(self, model: str, version: int) -> int:
@@ -252,11 +389,35 @@ class PredictionStore(Protocol):
     def feedback_dataset(self, model: str) -> tuple[np.ndarray, np.ndarray]:
         """Inputs ``[n, features]`` and targets ``[n]`` of every labelled row, oldest first."""
 
+    def feedback_rows(self, model: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """:meth:`feedback_dataset` plus each row's source, oldest first."""
+
+    def source_stats(self, model: str) -> list[SourceStat]:
+        """The per-source counts of predicted class, label and confidence (classifiers)."""
+
+    def label_sources(self, model: str) -> dict[str, SourceLabels]:
+        """Labelled requests and rows per source."""
+
+    def record_retrain(self, model: str, run_id: str, outcome: str, report: dict[str, Any]) -> None:
+        """Keeps one retrain gate report."""
+
+    def retrain_reports(self, model: str, limit: int = 10) -> list[dict[str, Any]]:
+        """The newest gate reports of a model, newest first."""
+
     def prune(self, now: float | None = None) -> int:
         """Applies retention; returns the predictions deleted."""
 
     def close(self) -> None:
         """Releases the connections; later calls raise :class:`StoreUnavailable`."""
+
+    def record_history(self, points: Sequence[HistoryPoint]) -> None:
+        """Stores evaluation points (see :mod:`modelloop.monitoring.history`)."""
+
+    def history(self, model: str, *, since: float, limit: int) -> dict[int, list[HistoryPoint]]:
+        """Per version, the newest ``limit`` points at or after ``since``, oldest first."""
+
+    def prune_history(self, *, retention_days: float, max_points: int, now: float | None = None) -> int:
+        """Applies the history's retention; returns the points deleted."""
 
 
 def check_targets(targets: Any, rows: int, task: str, classes: int) -> tuple[list[int | float], str]:
@@ -295,6 +456,48 @@ def check_targets(targets: Any, rows: int, task: str, classes: int) -> tuple[lis
         else:
             values.append(float(value))
     return values, ""
+
+
+def confidence_percent(output: Sequence[float]) -> int:
+    """A classifier's top-class probability for one row, in whole percent (0..100).
+
+    A binary model with one output column gives ``p(1)``; its confidence is
+    ``max(p, 1 - p)``.
+    """
+    if len(output) == 1:
+        top = max(float(output[0]), 1.0 - float(output[0]))
+    else:
+        top = max(float(v) for v in output) if len(output) else 0.0
+    if not math.isfinite(top):
+        return 0
+    # The epsilon keeps 0.9 from reading as 89 after float32's round trip.
+    return min(100, max(0, math.floor(top * 100 + 1e-6)))
+
+
+def label_stats(
+    version: int, source: str, task: str, predicted: str, outputs: str, targets: Sequence[Any]
+) -> Counter[tuple[int, str, int, int, int]]:
+    """The ``feedback_stats`` keys of one labelled request (classifiers; empty for regressors).
+
+    Args:
+        version: The version that answered.
+        source: The labeler source.
+        task: The prediction's task.
+        predicted: The logged predicted classes (JSON).
+        outputs: The logged outputs (JSON).
+        targets: The labels, one per row.
+
+    Returns:
+        ``(version, source, predicted, target, confidence)`` -> rows.
+    """
+    counts: Counter[tuple[int, str, int, int, int]] = Counter()
+    if task not in CLASSIFIER_TASKS:
+        return counts
+    classes, outs = orjson.loads(predicted), orjson.loads(outputs)
+    for cls, out, target in zip(classes, outs, targets, strict=False):
+        row = out if isinstance(out, list) else [out]
+        counts[(version, source, int(cls), int(target), confidence_percent(row))] += 1
+    return counts
 
 
 def _dumps(value: Any) -> str:
@@ -394,8 +597,9 @@ class SqlPredictionStore:
                 return
             with self._unavailable_on_error(), self._writer(True), self._engine.begin() as conn:
                 self._lock_schema(conn)
-                for statement in _SCHEMA:
+                for statement in (*_SCHEMA, *HISTORY_SCHEMA):
                     conn.execute(statement)
+                _upgrade(conn)
             self._schema_ready = True
 
     def _run(self, work: Callable[[Connection], T], *, write: bool) -> T:
@@ -461,12 +665,25 @@ class SqlPredictionStore:
         statement = self._insert_prediction
         self._run(lambda conn: conn.exec_driver_sql(statement, rows), write=True)
 
-    def add_feedback(self, model: str, items: Sequence[FeedbackItem]) -> FeedbackResult:
-        """Joins labels to logged predictions and stores the valid ones, durably.
+    def add_feedback(
+        self,
+        model: str,
+        items: Sequence[FeedbackItem],
+        *,
+        source: str = ANONYMOUS_SOURCE,
+        quarantined: bool = False,
+    ) -> FeedbackResult:
+        """Joins labels to logged predictions and stores the valid ones, durably, under their source.
+
+        The per-source counts of predicted class, label and confidence are updated in the
+        same transaction, so they never disagree with the labels stored.
 
         Args:
             model: The model named in the route.
             items: One item per request id.
+            source: The labeler that sent them. Defaults to ``anonymous``.
+            quarantined: Whether that source is quarantined; its labels are stored and
+                marked. Defaults to False.
 
         Returns:
             What happened to each id; an id repeated within ``items`` after being accepted
@@ -476,16 +693,20 @@ class SqlPredictionStore:
             StoreUnavailable: The database cannot be reached; nothing was stored.
         """
         ids = list(dict.fromkeys(item.request_id for item in items))
+        stored_as = "quarantined" if quarantined else "accepted"
 
         def work(conn: Connection) -> FeedbackResult:
-            known: dict[str, tuple[int, str, int, int]] = {}
+            known: dict[str, tuple[int, str, int, int, str, str]] = {}
             labelled: set[str] = set()
             for chunk in _chunks(ids):
                 params = {"model": model, "ids": list(chunk)}
-                for rid, version, task, classes, n_rows in conn.execute(_SELECT_PREDICTED, params):
-                    known[rid] = (int(version), str(task), int(classes), int(n_rows))
+                for rid, version, task, classes, n_rows, predicted, outputs in conn.execute(
+                    _SELECT_PREDICTED, params
+                ):
+                    known[rid] = (int(version), str(task), int(classes), int(n_rows), predicted, outputs)
                 labelled.update(row[0] for row in conn.execute(_SELECT_LABELLED, params))
-            result = FeedbackResult()
+            result = FeedbackResult(source=source, quarantined=quarantined)
+            rows: Counter[tuple[str, str]] = Counter()
             # The ids to insert, with their version and targets, and the fate of each
             # item in order: "duplicate" now, or "pending" until its INSERT tells.
             pending: dict[str, tuple[int, list[int | float]]] = {}
@@ -498,11 +719,13 @@ class SqlPredictionStore:
                 if rid not in known:
                     if rid not in result.unknown:
                         result.unknown.append(rid)
+                    rows[("", "unknown")] += max(1, len(item.targets))
                     continue
-                version, task, classes, n_rows = known[rid]
+                version, task, classes, n_rows, _, _ = known[rid]
                 values, problem = check_targets(item.targets, n_rows, task, classes)
                 if problem:
                     result.invalid[rid] = problem
+                    rows[(str(version), "invalid")] += n_rows
                     continue
                 pending[rid] = (version, values)
                 fates.append(("pending", rid))
@@ -521,28 +744,47 @@ class SqlPredictionStore:
                         "created": now,
                         "n_labels": len(values),
                         "targets": _dumps(values),
+                        "source": source,
+                        "quarantined": 1 if quarantined else 0,
                     },
                 )
                 # rowcount 0: another call or replica labelled it since the SELECT.
                 if inserted.rowcount != 0:
                     won.add(rid)
             labels: dict[int, int] = defaultdict(int)
+            stats: Counter[tuple[int, str, int, int, int]] = Counter()
             for fate, rid in fates:
                 if fate == "pending" and rid in won:
                     result.accepted.append(rid)
                     version, values = pending[rid]
                     labels[version] += len(values)
+                    rows[(str(version), stored_as)] += len(values)
+                    _, task, _, _, predicted, outputs = known[rid]
+                    stats.update(label_stats(version, source, task, predicted, outputs, values))
                 else:
                     result.duplicate.append(rid)
+                    seen = known.get(rid)
+                    rows[(str(seen[0]), "duplicate") if seen else ("", "duplicate")] += seen[3] if seen else 1
+            _add_stats(conn, model, stats)
             result.labels = dict(labels)
+            result.rows = dict(rows)
             return result
 
         # The commit at the end of _run is the durability point: only then does the
         # caller learn what was accepted.
         return self._run(work, write=True)
 
-    def recent_labelled(self, model: str, version: int, limit: int) -> list[LabelledRow]:
+    def recent_labelled(
+        self, model: str, version: int, limit: int, *, exclude_sources: Collection[str] = ()
+    ) -> list[LabelledRow]:
         """The newest ``limit`` labelled rows of one version, newest first.
+
+        Args:
+            model: The model.
+            version: The version that made the predictions.
+            limit: Most rows returned.
+            exclude_sources: Sources whose labels are left out (quarantined ones).
+                Defaults to none.
 
         Raises:
             StoreUnavailable: The database cannot be reached.
@@ -550,7 +792,10 @@ class SqlPredictionStore:
 
         def work(conn: Connection) -> list[Any]:
             # Each request has at least one row, so `limit` requests cover `limit` rows.
-            params = {"model": model, "version": version, "limit": limit}
+            params: dict[str, Any] = {"model": model, "version": version, "limit": limit}
+            if exclude_sources:
+                params["excluded"] = sorted(exclude_sources)
+                return list(conn.execute(_SELECT_RECENT_TRUSTED, params).all())
             return list(conn.execute(_SELECT_RECENT, params).all())
 
         rows: list[LabelledRow] = []
@@ -586,6 +831,18 @@ class SqlPredictionStore:
         Raises:
             StoreUnavailable: The database cannot be reached.
         """
+        x, y, _ = self.feedback_rows(model)
+        return x, y
+
+    def feedback_rows(self, model: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """:meth:`feedback_dataset` with each row's labeler source, oldest first.
+
+        Returns:
+            ``(x, y, sources)``; ``sources`` is a ``[n]`` array of ``str``.
+
+        Raises:
+            StoreUnavailable: The database cannot be reached.
+        """
 
         def work(conn: Connection) -> list[Any]:
             return list(conn.execute(_SELECT_DATASET, {"model": model}).all())
@@ -593,21 +850,87 @@ class SqlPredictionStore:
         fetched = self._run(work, write=False)
         xs: list[list[float]] = []
         ys: list[int | float] = []
+        sources: list[str] = []
         classifier = True
-        for inputs, targets, task in fetched:
+        for inputs, targets, task, source in fetched:
             rows, values = orjson.loads(inputs), orjson.loads(targets)
             if len(rows) != len(values):
                 continue
             xs.extend(rows)
             ys.extend(values)
+            sources.extend([str(source)] * len(rows))
             classifier = task in CLASSIFIER_TASKS
         if not xs:
-            return np.zeros((0, 0), np.float32), np.zeros((0,), np.int64 if classifier else np.float32)
+            return (
+                np.zeros((0, 0), np.float32),
+                np.zeros((0,), np.int64 if classifier else np.float32),
+                np.zeros((0,), dtype=object),
+            )
         width = len(xs[-1])
         keep = [i for i, row in enumerate(xs) if len(row) == width]
         x = np.asarray([xs[i] for i in keep], dtype=np.float32)
         y = np.asarray([ys[i] for i in keep], dtype=np.int64 if classifier else np.float32)
-        return x, y
+        return x, y, np.asarray([sources[i] for i in keep], dtype=object)
+
+    def source_stats(self, model: str) -> list[SourceStat]:
+        """Per source and champion version: how many labels named which class for which prediction.
+
+        Classifiers only (regressors have no predicted class or confidence); the counts
+        cover every label ever stored, pruned ones included.
+
+        Raises:
+            StoreUnavailable: The database cannot be reached.
+        """
+
+        def work(conn: Connection) -> list[Any]:
+            return list(conn.execute(_SELECT_STATS, {"model": model}).all())
+
+        return [
+            SourceStat(int(v), str(s), int(p), int(t), int(c), int(n))
+            for v, s, p, t, c, n in self._run(work, write=False)
+        ]
+
+    def label_sources(self, model: str) -> dict[str, SourceLabels]:
+        """Labelled requests and rows per source (rows kept under retention).
+
+        Raises:
+            StoreUnavailable: The database cannot be reached.
+        """
+
+        def work(conn: Connection) -> list[Any]:
+            return list(conn.execute(_SELECT_SOURCES, {"model": model}).all())
+
+        return {
+            str(source): SourceLabels(int(requests), int(labels), int(marked))
+            for source, requests, labels, marked in self._run(work, write=False)
+        }
+
+    def record_retrain(self, model: str, run_id: str, outcome: str, report: Mapping[str, Any]) -> None:
+        """Keeps one retrain gate report (a second report of the same run is ignored).
+
+        Raises:
+            StoreUnavailable: The database cannot be reached or written.
+        """
+        params = {
+            "model": model,
+            "run_id": run_id,
+            "created": time.time(),
+            "outcome": outcome,
+            "report": _dumps(report),
+        }
+        self._run(lambda conn: conn.execute(_INSERT_REPORT, params), write=True)
+
+    def retrain_reports(self, model: str, limit: int = 10) -> list[dict[str, Any]]:
+        """The newest ``limit`` gate reports of a model, newest first.
+
+        Raises:
+            StoreUnavailable: The database cannot be reached.
+        """
+
+        def work(conn: Connection) -> list[Any]:
+            return list(conn.execute(_SELECT_REPORTS, {"model": model, "limit": limit}).all())
+
+        return [orjson.loads(report) for (report,) in self._run(work, write=False)]
 
     def prune(self, now: float | None = None) -> int:
         """Deletes predictions beyond the retention bounds, with their labels.
@@ -647,6 +970,117 @@ class SqlPredictionStore:
             self._gate.wait_for(lambda: self._active == 0, timeout=_CLOSE_WAIT_S)
         with contextlib.suppress(Exception):
             self._engine.dispose()
+
+    # -- history (the SQL lives in monitoring/history.py) ---------------------------
+
+    def record_history(self, points: Sequence[HistoryPoint]) -> None:
+        """Stores evaluation points in one transaction; a repeated ``(model, version, t)`` keeps the first.
+
+        Raises:
+            StoreUnavailable: The database cannot be reached or written.
+        """
+        if not points:
+            return
+        rows = [
+            {"model": p.model, "version": p.version, "t": p.t, "point": _dumps(p.values)}
+            for p in sorted(points, key=lambda p: (p.model, p.version, p.t))
+        ]
+
+        def work(conn: Connection) -> None:
+            conn.execute(_history.INSERT_POINT, rows)
+
+        self._run(work, write=True)
+
+    def history(self, model: str, *, since: float, limit: int) -> dict[int, list[HistoryPoint]]:
+        """Per version of ``model``, its newest ``limit`` points at or after ``since``, oldest first.
+
+        Raises:
+            StoreUnavailable: The database cannot be reached.
+        """
+
+        def work(conn: Connection) -> dict[int, list[Any]]:
+            versions = [
+                int(v) for (v,) in conn.execute(_history.SELECT_VERSIONS, {"model": model, "since": since})
+            ]
+            return {
+                v: list(
+                    conn.execute(
+                        _history.SELECT_POINTS, {"model": model, "version": v, "since": since, "limit": limit}
+                    ).all()
+                )
+                for v in sorted(versions)
+            }
+
+        fetched = self._run(work, write=False)
+        return {
+            v: [HistoryPoint(model, v, float(t), orjson.loads(point)) for t, point in reversed(rows)]
+            for v, rows in fetched.items()
+        }
+
+    def prune_history(self, *, retention_days: float, max_points: int, now: float | None = None) -> int:
+        """Deletes points older than ``retention_days`` and beyond ``max_points`` per version.
+
+        Raises:
+            StoreUnavailable: The database cannot be reached.
+        """
+        cutoff = (time.time() if now is None else now) - retention_days * 86400.0
+
+        def work(conn: Connection) -> int:
+            deleted = max(conn.execute(_history.DELETE_OLDER, {"cutoff": cutoff}).rowcount, 0)
+            for model, version in list(conn.execute(_history.SELECT_SERIES).all()):
+                key = {"model": model, "version": version}
+                row = conn.execute(_history.NTH_NEWEST, {**key, "offset": max_points}).first()
+                if row is not None:
+                    deleted += max(conn.execute(_history.DELETE_UP_TO, {**key, "t": row[0]}).rowcount, 0)
+            return deleted
+
+        return self._run(work, write=True)
+
+
+def _add_stats(conn: Connection, model: str, stats: Counter[tuple[int, str, int, int, int]]) -> None:
+    """Adds label counts to ``feedback_stats``, creating rows as needed."""
+    if not stats:
+        return
+    # Sorted by key, like every other write, so concurrent upserts lock rows in one order.
+    params = [
+        {
+            "model": model,
+            "version": version,
+            "source": source,
+            "predicted": predicted,
+            "target": target,
+            "confidence": confidence,
+            "labels": labels,
+        }
+        for (version, source, predicted, target, confidence), labels in sorted(stats.items())
+    ]
+    conn.execute(_ADD_STATS, params)
+
+
+def _upgrade(conn: Connection) -> None:
+    """Brings a database written by an older version up to the current schema.
+
+    Runs in the schema transaction, under the schema lock: the missing columns are added,
+    and a ``feedback_stats`` table that did not exist yet is filled from the labels
+    already stored, so their sources are assessed too.
+    """
+    inspector = sa.inspect(conn)
+    for table, column, definition in _ADDED_COLUMNS:
+        if column not in {c["name"] for c in inspector.get_columns(table)}:
+            logger.info("upgrading the store: adding %s.%s", table, column)
+            conn.execute(sa.text(f"ALTER TABLE {table} ADD COLUMN {column} {definition}"))
+    had_stats = inspector.has_table(_STATS_TABLE)
+    for statement in _SCHEMA_AFTER_COLUMNS:
+        conn.execute(statement)
+    if had_stats:
+        return
+    by_model: dict[str, Counter[tuple[int, str, int, int, int]]] = defaultdict(Counter)
+    for model, version, source, targets, task, predicted, outputs in conn.execute(_SELECT_ALL_LABELLED):
+        by_model[model].update(
+            label_stats(int(version), str(source), str(task), predicted, outputs, orjson.loads(targets))
+        )
+    for model, stats in sorted(by_model.items()):
+        _add_stats(conn, model, stats)
 
 
 class SQLitePredictionStore(SqlPredictionStore):

@@ -183,6 +183,29 @@ def validate_inputs(
     return validated
 
 
+def check_finite(inputs: dict[str, np.ndarray], model: str) -> None:
+    """Refuses float inputs that hold NaN or ±Inf (for models whose config asks for it).
+
+    Args:
+        inputs: Validated inputs.
+        model: Model name, for the message.
+
+    Raises:
+        InvalidInput: An input holds a non-finite value; the message names the input, how
+            many values and where the first one is.
+    """
+    for name, value in inputs.items():
+        if value.dtype.kind != "f":
+            continue
+        bad = ~np.isfinite(value)
+        if bad.any():
+            first = tuple(int(i) for i in np.argwhere(bad)[0])
+            raise InvalidInput(
+                f"input {name!r} has {int(bad.sum())} NaN or infinite value(s), the first at index "
+                f"{list(first)}; model {model!r} refuses them (refuse_nan in its config.json)"
+            )
+
+
 def choose_request_id(client_id: str | None, request_id: str | None) -> str:
     """The id of a request: the transport's header, else the request's own, else a new one.
 
@@ -205,8 +228,11 @@ def choose_request_id(client_id: str | None, request_id: str | None) -> str:
 class RequestDecoder(TypingProtocol):
     """An edge's call before decoding: what :meth:`DataPlane.handle` needs from a transport.
 
-    Decoding comes in two steps so that the version resolves once, between them: the
-    TF Serving JSON row format needs the resolved version's input names and dtypes.
+    The data plane calls :meth:`target`, then :meth:`read` (the transport's I/O, such as
+    the HTTP body), then resolves the version once and calls :meth:`decode` with its
+    metadata: the TF Serving JSON row format needs the version's input names and dtypes.
+    ``decode`` is synchronous on purpose: nothing may await between resolving a version
+    and holding it for the request, or an unload could slip in between.
 
     Attributes:
         protocol: The front end, a label of the request metrics.
@@ -222,14 +248,22 @@ class RequestDecoder(TypingProtocol):
         """
         ...
 
-    async def decode(self, metadata: ModelMetadata) -> InferRequest:
-        """Reads the inputs, wanted outputs, parameters and in-request id.
+    async def read(self) -> None:
+        """Receives what the call still has to receive (a body); nothing for gRPC.
+
+        Raises:
+            ServiceError: The body is too large, of the wrong type or corrupt.
+        """
+        ...
+
+    def decode(self, metadata: ModelMetadata) -> InferRequest:
+        """The inputs, wanted outputs, parameters and in-request id.
 
         Args:
             metadata: The resolved version's metadata.
 
         Raises:
-            ServiceError: The body or message is malformed, too large or of the wrong type.
+            ServiceError: The body or message is malformed or does not fit the model.
         """
         ...
 
@@ -250,7 +284,10 @@ class DecodedRequest:
         version = self.request.version
         return self.request.model, None if version is None else str(version), self.request.label
 
-    async def decode(self, metadata: ModelMetadata) -> InferRequest:
+    async def read(self) -> None:
+        """Nothing to receive."""
+
+    def decode(self, metadata: ModelMetadata) -> InferRequest:
         """The request itself, as a copy, so that the caller's object is not changed."""
         return dataclasses.replace(self.request)
 
@@ -298,8 +335,9 @@ class DataPlane:
     async def handle(self, decoder: RequestDecoder, *, client_id: str | None = None) -> InferResponse:
         """The one inference path: every transport's predict and infer calls come here.
 
-        In order: the decoder names the model, version and label; the version resolves
-        once; the decoder reads the inputs against that version's metadata; the request
+        In order: the decoder names the model, version and label and receives its body;
+        the version resolves once; the decoder reads the inputs against that version's
+        metadata; the request
         id is chosen (``client_id``, else the id in the request, else a new one, each kept
         only if :func:`~modelloop.serving.types.valid_request_id`); the inputs are
         validated, batched and run; the requested outputs are kept. Every call, answered
@@ -334,10 +372,13 @@ class DataPlane:
                 raise ModelNotReady("the server is shutting down and takes no new requests")
             model, version_text, label = decoder.target()
             pinned = parse_version(version_text)
+            await decoder.read()
+            # From here to servable.use() nothing awaits, so the version cannot start
+            # unloading between resolving it and holding it for this request.
             servable = self.registry.resolve(model, pinned, label)
             version = servable.version
             metadata = servable.metadata
-            request = await decoder.decode(metadata)
+            request = decoder.decode(metadata)
             # The target is authoritative: the decoder need not repeat the path's fields.
             request.model, request.version, request.label = model, pinned, label
             request.id = choose_request_id(client_id, request.id)
@@ -348,6 +389,8 @@ class DataPlane:
                 )
             limit = servable.batcher.settings.max_batch_size
             request.inputs = validate_inputs(request.inputs, metadata, limit)
+            if servable.refuse_nan:
+                check_finite(request.inputs, model)
             wanted = self._wanted_outputs(request, metadata)
             with servable.use():
                 outputs = await servable.batcher.predict(request.inputs)
@@ -513,7 +556,7 @@ class DataPlane:
         await self.registry.start()
         self._started = True
 
-    async def drain(self, grace_s: float) -> None:
+    async def drain(self, grace_s: float) -> int:
         """Turns ready off and waits for the requests in flight.
 
         Requests that still arrive while draining are served; the edges stop taking
@@ -522,6 +565,10 @@ class DataPlane:
         Args:
             grace_s: The longest wait; requests still running after it are left to the
                 edges' shutdown.
+
+        Returns:
+            How many requests were still running when it stopped waiting: 0 after a
+            clean drain, more when the grace period ran out.
         """
         self.draining = True
         idle = self._get_idle()
@@ -530,6 +577,7 @@ class DataPlane:
                 await asyncio.wait_for(idle.wait(), grace_s)
             except TimeoutError:
                 logger.warning("drain: %d requests still running after %.1f s", self._inflight, grace_s)
+        return self._inflight
 
     async def stop(self) -> None:
         """Stops polling and unloads every model."""

@@ -136,11 +136,14 @@ class Servable:
         runtime: The loaded runtime.
         batcher: The version's batcher; call its ``predict`` inside :meth:`use`.
         metadata: The runtime's metadata.
+        refuse_nan: Whether requests with NaN or infinite float inputs are refused
+            (``refuse_nan`` in the model's ``config.json``).
     """
 
-    def __init__(self, runtime: Runtime, batcher: DynamicBatcher) -> None:
+    def __init__(self, runtime: Runtime, batcher: DynamicBatcher, *, refuse_nan: bool = False) -> None:
         self.runtime = runtime
         self.batcher = batcher
+        self.refuse_nan = refuse_nan
         self.metadata = runtime.metadata
         self.name = runtime.metadata.name
         self.version = runtime.metadata.version
@@ -360,7 +363,7 @@ class ModelRegistry:
             model=model.name,
             version=version,
         )
-        entry.servable = Servable(runtime, batcher)
+        entry.servable = Servable(runtime, batcher, refuse_nan=config.refuse_nan)
         entry.state = ModelState.AVAILABLE
         logger.info("model %s version %s is AVAILABLE", model.name, version)
 

@@ -24,6 +24,8 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from modelloop.tokens import read_token_file
+
 # TF Serving restricts label names to this alphabet (model_server_config docs).
 _LABEL = re.compile(r"^[A-Za-z0-9_]+$")
 _MIB = 1024 * 1024
@@ -126,7 +128,7 @@ class VersionPolicy(BaseModel):
         return present[-n:]
 
 
-FREE_FORM_SECTIONS = ("drift", "retrain")
+FREE_FORM_SECTIONS = ("drift", "feedback", "retrain")
 """The keys of ``config.json`` that serving does not read; other packages read them."""
 
 
@@ -166,8 +168,13 @@ class ModelConfig(BaseModel):
     """Let ONNX Runtime's idle threads spin; None = the server's default (off)."""
     drift: dict[str, Any] = Field(default_factory=dict)
     """Free-form drift settings, read by monitoring."""
+    feedback: dict[str, Any] = Field(default_factory=dict)
+    """Free-form label-check settings (quarantine thresholds), read by monitoring and the retrain CLI."""
     retrain: dict[str, Any] = Field(default_factory=dict)
     """Free-form retrain gate settings (``epochs``, ``accuracy_floor``, ...), read by the retrain pipeline."""
+    refuse_nan: bool = False
+    """Refuse requests whose float inputs hold NaN or ±Inf (400 / INVALID_ARGUMENT); by
+    default they are served, and monitoring counts them as missing values."""
 
     @field_validator("version_labels")
     @classmethod
@@ -212,6 +219,8 @@ class ServingSettings(BaseSettings):
     """Largest REST request body; larger ones get 413."""
     admin_token: SecretStr | None = None
     """Bearer token of the admin routes (``MODELLOOP_ADMIN_TOKEN``); None = routes off."""
+    admin_token_file: Path | None = None
+    """A file holding the admin token (``MODELLOOP_ADMIN_TOKEN_FILE``, a mounted Secret); read once."""
     cors_origins: list[str] = Field(default_factory=list)
     """Origins allowed by CORS; empty = CORS off."""
     grace_period_s: float = Field(default=20.0, ge=0)
@@ -243,6 +252,15 @@ class ServingSettings(BaseSettings):
     """PEM certificate (chain) for TLS on both ports; None serves plaintext."""
     tls_key_file: Path | None = None
     """PEM private key of ``tls_cert_file``."""
+
+    @model_validator(mode="after")
+    def _read_admin_token_file(self) -> ServingSettings:
+        if self.admin_token_file is None:
+            return self
+        if self.admin_token is not None:
+            raise ValueError("set MODELLOOP_ADMIN_TOKEN or MODELLOOP_ADMIN_TOKEN_FILE, not both")
+        self.admin_token = SecretStr(read_token_file(self.admin_token_file, "MODELLOOP_ADMIN_TOKEN_FILE"))
+        return self
 
     @model_validator(mode="after")
     def _check_tls(self) -> ServingSettings:

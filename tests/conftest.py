@@ -1,18 +1,54 @@
-"""Shared fixtures: trained runs and published repositories, made once per session."""
+"""Shared fixtures (trained runs and published repositories, made once per session), and the
+skip accounting: the summary always gives the number of skipped tests, gathers the skips for a
+missing tool into one line per tool, and a CI run (``CI=true``) fails when anything skipped.
+"""
 
 from __future__ import annotations
 
 import os
+from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+
+from tests.tools import MISSING, on_ci
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 TESTDATA = Path(__file__).resolve().parent / "testdata"
+
+
+def _skip_reasons(config: pytest.Config) -> list[str]:
+    """The reason of every skipped test so far, from the terminal reporter's tally."""
+    reporter = config.pluginmanager.get_plugin("terminalreporter")
+    reasons = []
+    for report in getattr(reporter, "stats", {}).get("skipped", []):
+        longrepr = report.longrepr
+        reason = longrepr[2] if isinstance(longrepr, tuple) else str(longrepr)
+        reasons.append(reason.removeprefix("Skipped: "))
+    return reasons
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    if on_ci() and exitstatus == pytest.ExitCode.OK and _skip_reasons(session.config):
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter, config: pytest.Config) -> None:
+    skips = _skip_reasons(config)
+    tools = Counter(reason.removeprefix(MISSING) for reason in skips if reason.startswith(MISSING))
+    for tool, count in sorted(tools.items()):
+        terminalreporter.write_line(f"{MISSING}{tool}: {count} test(s) skipped", yellow=True)
+    line = f"skipped: {len(skips)}"
+    if skips and on_ci():
+        terminalreporter.write_line(
+            f"{line} (CI=true: a CI run must skip nothing, so this run fails)", red=True
+        )
+    else:
+        terminalreporter.write_line(line)
 
 
 @pytest.fixture(scope="session")

@@ -15,7 +15,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("training", "export", "serving", "monitoring")
-LEAVES = ("modelloop.errors", "modelloop.layout", "modelloop.web")
+LEAVES = ("modelloop.errors", "modelloop.layout", "modelloop.tokens", "modelloop.web")
 FRAMEWORKS = ("fastapi", "starlette", "grpc", "grpc_health", "grpc_reflection", "uvicorn", "httptools", "h11")
 LAYOUT_NAMES = {
     "config.json",
@@ -29,6 +29,7 @@ LAYOUT_NAMES = {
     "run.json",
     "metrics.json",
     "split.npz",
+    "gate.json",
 }
 
 

@@ -46,6 +46,8 @@ def test_help_lists_the_subcommands():
         ["train", "digits"],  # --out missing
         ["train", "digits", "--out", "x", "--epochs", "0"],
         ["train", "digits", "--out", "x", "--folds", "1"],
+        ["train", "digits", "--out", "x", "--tune", "0"],
+        ["train", "digits", "--out", "x", "--tune", "many"],
         ["export"],
         ["up", "--rest-port", "70000"],
         ["frobnicate"],
@@ -61,6 +63,17 @@ def test_bad_arguments_exit_2_with_usage(args):
 def test_unknown_spec(tmp_path):
     assert_one_line_error(run_cli("train", "nope", "--out", str(tmp_path / "r")), "unknown spec 'nope'")
     assert not (tmp_path / "r").exists()
+
+
+def test_tune_needs_a_search_space(tmp_path):
+    proc = run_cli("train", str(SPECS / "functional_spec.py"), "--out", str(tmp_path / "r"), "--tune", "3")
+    assert_one_line_error(proc, "declares no SEARCH_SPACE")
+    assert not (tmp_path / "r").exists()
+
+
+def test_tune_is_not_distributed(tmp_path):
+    proc = run_cli("train", "digits", "--out", str(tmp_path / "r"), "--tune", "3", "--distributed")
+    assert_one_line_error(proc, "--tune cannot be combined with --distributed")
 
 
 def test_spec_file_without_required_parts(tmp_path):

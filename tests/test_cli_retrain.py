@@ -40,7 +40,7 @@ def test_retrain_prints_a_json_result_and_exits_by_outcome(
     out, err = capsys.readouterr()
     result = json.loads(out.strip().splitlines()[-1])
     assert (code, result["outcome"]) in {(0, "blessed"), (3, "rejected")}, err
-    assert result["feedback_rows"] == {"train": 0, "holdout": 0}
+    assert result["feedback_rows"] == {"train": 0, "holdout": 0, "quarantined": 0}
     assert f"retrain blobs: {result['outcome']}" in err
     assert Path(result["record"]).is_file()
     assert list_versions(repo / "blobs") == ([1, 2] if code == 0 else [1])
@@ -65,10 +65,13 @@ class _FakeServer(BaseHTTPRequestHandler):
     """Answers predict with the true class of an undrifted digit and accepts every label."""
 
     seen: ClassVar[list[tuple[str, str | None, Any]]] = []
+    authorization: ClassVar[list[str | None]] = []
 
     def do_POST(self) -> None:
         body = json.loads(self.rfile.read(int(self.headers["content-length"])))
         self.seen.append((self.path, self.headers.get("x-request-id"), body))
+        if self.path.endswith("/feedback"):
+            self.authorization.append(self.headers.get("authorization"))
         if self.path.endswith(":predict"):
             rows = np.asarray(body["instances"])
             # A "model" that reads the class from the mean pixel: enough to tell the phases apart.
@@ -95,6 +98,7 @@ class _FakeServer(BaseHTTPRequestHandler):
 @pytest.fixture
 def fake_server() -> Iterator[str]:
     _FakeServer.seen = []
+    _FakeServer.authorization = []
     server = ThreadingHTTPServer(("127.0.0.1", 0), _FakeServer)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
@@ -118,6 +122,19 @@ def test_simulate_sends_labelled_traffic_then_feedback(fake_server: str, capsys:
     labelled = {f["request_id"]: f["targets"] for _, _, body in feedback for f in body["feedback"]}
     assert set(labelled) == {rid for _, rid, _ in predicts}
     assert all(len(t) == 3 for t in labelled.values())
+
+
+def test_simulate_sends_the_labeler_token(
+    fake_server: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+):
+    token = tmp_path / "feedback.token"
+    token.write_text("labeler-token\n")
+    assert main(["simulate", "--url", fake_server, "--requests", "3", "--token-file", str(token)]) == 0
+    assert _FakeServer.authorization == ["Bearer labeler-token"]
+    assert (
+        main(["simulate", "--url", fake_server, "--requests", "1", "--token-file", str(tmp_path / "no")]) == 1
+    )
+    assert "--token-file: cannot read" in capsys.readouterr().err
 
 
 def test_simulate_errors(capsys: pytest.CaptureFixture[str]):

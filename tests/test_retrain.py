@@ -13,7 +13,18 @@ import pytest
 from prometheus_client import CollectorRegistry, Counter
 
 from modelloop.export.publish import list_versions
-from modelloop.retrain import RetrainError, RetrainSettings, bless, retrain
+from modelloop.retrain import (
+    RetrainError,
+    RetrainSettings,
+    bless,
+    check_robustness,
+    format_gate_report,
+    much_worse,
+    retrain,
+    slice_table,
+    slice_verdict,
+    source_caps,
+)
 
 TESTDATA = Path(__file__).resolve().parent / "testdata"
 SPEC = TESTDATA / "specs" / "functional_spec.py"
@@ -22,15 +33,20 @@ NAME = "blobs"
 
 
 class FakeFeedback:
-    """A prediction store that holds labelled rows in memory, oldest first."""
+    """A prediction store that holds labelled rows in memory, oldest first, and keeps gate reports."""
 
-    def __init__(self, x: np.ndarray, y: np.ndarray) -> None:
+    def __init__(self, x: np.ndarray, y: np.ndarray, sources: list[str] | None = None) -> None:
         self.x, self.y = x, y
+        self.sources = np.asarray(sources if sources is not None else ["anonymous"] * len(y), dtype=object)
         self.calls: list[str] = []
+        self.reports: list[tuple[str, str, str, dict]] = []
 
-    def feedback_dataset(self, model: str) -> tuple[np.ndarray, np.ndarray]:
+    def feedback_rows(self, model: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         self.calls.append(model)
-        return self.x, self.y
+        return self.x, self.y, self.sources
+
+    def record_retrain(self, model: str, run_id: str, outcome: str, report: dict) -> None:
+        self.reports.append((model, run_id, outcome, report))
 
 
 @pytest.fixture(scope="module")
@@ -83,10 +99,15 @@ def test_blessed_candidate_is_published_as_next_version(repo: Path, tmp_path: Pa
     assert result.outcome == "blessed", result.reason
     assert result.version == 2 and list_versions(repo / NAME) == [1, 2]
     assert store.calls == [NAME]
-    assert result.feedback_rows == {"train": 28, "holdout": 12}
-    for who in ("serving", "candidate"):
-        assert set(result.metrics[who]) == {"eval", "test_split", "feedback_holdout"}
-        assert result.metrics[who]["eval"]["rows"] == 60 + 12
+    assert result.feedback_rows == {"train": 28, "holdout": 12, "quarantined": 0}
+    for who in ("serving", "candidate", "baseline"):
+        assert set(result.metrics[who]) == {"eval", "test_split", "feedback_holdout", "eval_noisy"}
+        assert result.metrics[who]["eval"]["rows"] == result.metrics[who]["eval_noisy"]["rows"] == 60 + 12
+    # The noisy rows are the same for both models, so a model scores differently only by noise.
+    assert (
+        result.metrics["serving"]["eval_noisy"]["accuracy"] <= result.metrics["serving"]["eval"]["accuracy"]
+    )
+    assert result.baseline in {"logistic_regression", "hist_gradient_boosting", "svc_rbf"}
     meta = json.loads((repo / NAME / "2" / "model.json").read_text())
     assert meta["version"] == 2 and meta["training_run"]["feedback_rows"] == 28
     assert meta["blessing"]["blessed"] is True and meta["blessing"]["serving_version"] == 1
@@ -189,3 +210,209 @@ def test_bless(task, candidate, serving, threshold, blessed, reason):
     verdict = bless(task, candidate, serving, threshold=threshold, tolerance=0.01)
     assert verdict.blessed is blessed
     assert reason in verdict.reason
+
+
+class Verdict:
+    """A label-check verdict, as the monitoring package's SourceVerdict answers."""
+
+    def __init__(self, quarantined: bool) -> None:
+        self.quarantined = quarantined
+
+    def as_dict(self) -> dict:
+        return {"quarantined": self.quarantined, "reasons": ["planted"] if self.quarantined else []}
+
+
+class FakeScreen:
+    """Label checks that quarantine the named sources."""
+
+    def __init__(self, *quarantined: str) -> None:
+        self.quarantined = set(quarantined)
+        self.asked: list[tuple[str, str]] = []
+
+    def assess(self, model: str, version_dir: Path) -> dict[str, Verdict]:
+        self.asked.append((model, version_dir.name))
+        return {s: Verdict(s in self.quarantined) for s in ("honest", "mallory")}
+
+
+def test_source_caps_hold_for_every_source_at_once():
+    assert source_caps(100, {"a": 500, "b": 20}, 0.5) == {"a": 120, "b": 20}
+    assert source_caps(100, {"a": 500}, 1.0) == {"a": 500}
+    caps = source_caps(60, {"a": 300, "b": 300, "c": 10}, 0.4)
+    total = 60 + sum(caps.values())
+    assert all(v <= 0.4 * total + 1e-9 for v in caps.values()) and caps["c"] == 10
+    assert source_caps(0, {"a": 5}, 0.5) == {"a": 0}  # alone, a source would be all of it
+
+
+def test_slice_table_per_class_and_per_decile():
+    y = np.array([0] * 30 + [1] * 30 + [2] * 5)
+    serving = np.eye(3)[y]
+    candidate = serving.copy()
+    candidate[:3] = np.eye(3)[1]  # three 0s now read as 1: recall 0.9
+    candidate[30:31] = np.eye(3)[0]  # one 1 as 0: recall 0.967
+    candidate[60:65] = np.eye(3)[0]  # every 2 lost, but only 5 rows: reported, not gated
+    table = slice_table("multiclass", y, serving, candidate, class_labels=["a", "b", "c"], margin=0.05)
+    rows = {r["slice"]: r for r in table["rows"]}
+    assert rows["a"]["delta"] == pytest.approx(-0.1) and not rows["a"]["passed"]
+    assert (
+        rows["b"]["passed"] and rows["c"]["candidate"] == 0 and not rows["c"]["gated"] and rows["c"]["passed"]
+    )
+    assert slice_verdict(table) == "recall of class 'a' falls from 1.000 to 0.900, more than the margin 0.05"
+    # A serving version that answers "a" for everything: losing some "a" recall for
+    # precision is no lost class (F1 rises), and passes.
+    y2 = np.array([0] * 30 + [1] * 30)
+    degenerate = np.eye(3)[np.zeros(60, np.int64)]
+    better = np.eye(3)[y2]
+    better[:3] = np.eye(3)[1]
+    excused = slice_table("multiclass", y2, degenerate, better, class_labels=["a", "b", "c"])["rows"][0]
+    assert excused["delta"] == pytest.approx(-0.1) and excused["passed"] and excused["excused"]
+    assert excused["candidate_f1"] > excused["serving_f1"]
+    assert "precision bought it" in format_gate_report(
+        {
+            "outcome": "blessed",
+            "reason": "ok",
+            "overall": {
+                "metric": "accuracy",
+                "rows": 60,
+                "serving": 0.5,
+                "candidate": 0.95,
+                "threshold": 0.5,
+                "tolerance": 0.01,
+            },
+            "slices": slice_table("multiclass", y2, degenerate, better),
+        }
+    )
+    values = np.linspace(0, 100, 400)
+    off = values + 1.0
+    off[values > 90] += 5.0  # the top decile gets worse
+    deciles = slice_table("regression", values, off[:, None] * 0 + values[:, None] + 1.0, off[:, None])
+    assert deciles["kind"] == "target_decile" and len(deciles["rows"]) == 10
+    assert [r["passed"] for r in deciles["rows"]] == [True] * 9 + [False]
+    assert slice_verdict(deciles).startswith("MAE of decile 10 (90.")
+
+
+def test_quarantined_sources_are_left_out_and_one_source_is_capped(repo: Path, tmp_path: Path):
+    x, y = _blob_rows(300, seed=3)
+    sources = ["mallory"] * 100 + ["honest"] * 200
+    # mallory's labels are all wrong.
+    store = FakeFeedback(x, np.concatenate([(y[:100] + 1) % 3, y[100:]]), sources)
+    screen = FakeScreen("mallory")
+    result = retrain(
+        repo,
+        NAME,
+        store,
+        state_dir=tmp_path / "state",
+        settings=RetrainSettings(max_source_share=0.25, holdout_fraction=0.2, accuracy_floor=0.0),
+        screen=screen,
+    )
+    assert screen.asked == [(NAME, "1")]
+    gate = result.gate
+    assert gate is not None and result.gate_report is not None
+    used = {s["source"]: s for s in gate["sources"]}
+    assert used["mallory"]["quarantined"] and used["mallory"]["train_rows_used"] == 0
+    assert used["mallory"]["holdout_rows"] == 0 and used["mallory"]["reasons"] == ["planted"]
+    # 200 honest rows: 40 held out, 160 for training, capped to a quarter of the training set:
+    # 195 spec training rows -> at most 65 (65 / 260 = 0.25), the most recent ones.
+    assert used["honest"]["holdout_rows"] == 40 and used["honest"]["train_rows"] == 160
+    assert used["honest"]["train_rows_used"] == 65
+    assert result.feedback_rows == {"train": 65, "holdout": 40, "quarantined": 100}
+    assert gate["eval_rows"] == {"test_split": 60, "feedback_holdout": 40}
+    on_disk = json.loads(result.gate_report.read_text())
+    assert on_disk == json.loads(json.dumps(gate)) and on_disk["outcome"] == result.outcome
+    assert result.gate_report.parent == result.run_dir
+    ((model, run_id, outcome, stored),) = store.reports
+    assert (model, outcome, stored["run_id"]) == (NAME, result.outcome, run_id)
+    assert [r["slice"] for r in stored["slices"]["rows"]] == ["red", "green", "blue"]
+    text = format_gate_report(gate)
+    assert "mallory: quarantined, 100 rows left out (planted)" in text
+    assert "honest: 65 training rows (capped from 160), 40 evaluation rows" in text
+
+
+def test_a_class_that_collapses_is_refused_whatever_the_aggregate(repo: Path, tmp_path: Path):
+    # Many labels that call every "red" blob "green": the aggregate checks are switched
+    # off (floor 0, any loss tolerated), the per-class check alone refuses the candidate.
+    x, y = _blob_rows(900, seed=4)
+    y = np.where(y == 0, 1.0, y)
+    result = retrain(
+        repo,
+        NAME,
+        FakeFeedback(x, y),
+        state_dir=tmp_path / "state",
+        settings=RetrainSettings(
+            accuracy_floor=0.0, tolerance=1.0, holdout_fraction=0.01, max_source_share=1.0
+        ),
+    )
+    assert result.outcome == "rejected", result.reason
+    assert result.reason.startswith("recall of class 'red' falls from 1.000")
+    assert result.gate is not None and result.gate["overall"]["passed"] is True
+    assert list_versions(repo / NAME) == [1]
+
+
+@pytest.mark.parametrize(
+    ("task", "value", "reference", "expected"),
+    [
+        ("multiclass", 0.91, 0.96, False),  # exactly 0.05 below: not "much"
+        ("multiclass", 0.90, 0.96, True),
+        ("multiclass", float("nan"), 0.96, True),
+        ("regression", 54.9, 50.0, False),  # 9.8 % higher
+        ("regression", 55.1, 50.0, True),
+    ],
+)
+def test_much_worse_is_five_accuracy_points_or_ten_percent_of_mae(task, value, reference, expected):
+    assert much_worse(task, value, reference, RetrainSettings()) is expected
+
+
+def _gate_metrics(
+    candidate: float, serving: float, cand_noisy: float, serv_noisy: float, shallow: float
+) -> dict:
+    return {
+        "candidate": {"eval": {"accuracy": candidate}, "eval_noisy": {"accuracy": cand_noisy}},
+        "serving": {"eval": {"accuracy": serving}, "eval_noisy": {"accuracy": serv_noisy}},
+        "baseline": {"eval": {"accuracy": shallow}},
+    }
+
+
+@pytest.mark.parametrize(
+    ("numbers", "settings", "blessed", "reason"),
+    [
+        ((0.97, 0.96, 0.93, 0.94, 0.98), {}, True, "blessed"),
+        # No worse clean, much worse under noise: the case the noise check exists for.
+        ((0.97, 0.96, 0.85, 0.94, 0.98), {}, False, "under noise accuracy 0.8500 is much worse than serving"),
+        # Much worse than the shallow model: named, and rejected only when the check is on.
+        (
+            (0.90, 0.89, 0.88, 0.88, 0.97),
+            {},
+            True,
+            "blessed; note: accuracy 0.9000 is much worse than the shallow",
+        ),
+        (
+            (0.90, 0.89, 0.88, 0.88, 0.97),
+            {"baseline_check": True},
+            False,
+            "much worse than the shallow baseline's 0.9700",
+        ),
+        ((0.97, 0.96, 0.85, 0.94, 0.98), {"much_worse_accuracy": 0.2}, True, "blessed"),
+    ],
+)
+def test_check_robustness(numbers, settings, blessed, reason):
+    candidate, serving = numbers[:2]
+    verdict = bless("multiclass", candidate, serving, threshold=0.5, tolerance=0.01)
+    checked = check_robustness(verdict, "multiclass", _gate_metrics(*numbers), RetrainSettings(**settings))
+    assert checked.blessed is blessed
+    assert reason in checked.reason
+    assert (checked.candidate, checked.serving) == (candidate, serving)
+
+
+def test_check_robustness_keeps_a_rejection_and_works_for_regressors():
+    rejected = bless("multiclass", 0.5, 0.9, threshold=0.8, tolerance=0.01)
+    assert (
+        check_robustness(rejected, "multiclass", _gate_metrics(0.5, 0.9, 0, 0.9, 0.9), RetrainSettings())
+        is rejected
+    )
+    verdict = bless("regression", 44.0, 44.5, threshold=80.0, tolerance=1.0)
+    metrics = {
+        "candidate": {"eval": {"mae": 44.0}, "eval_noisy": {"mae": 58.0}},
+        "serving": {"eval": {"mae": 44.5}, "eval_noisy": {"mae": 50.0}},
+        "baseline": {"eval": {"mae": 43.0}},
+    }
+    checked = check_robustness(verdict, "regression", metrics, RetrainSettings())
+    assert not checked.blessed and "by more than 10%" in checked.reason

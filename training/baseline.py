@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 
+from modelloop.training.calibration import fit_calibration
 from modelloop.training.spec import TaskType
 
 SCHEMA_VERSION = 1
@@ -99,6 +100,7 @@ def build_baseline(
     seed: int,
     sample_rows: int = DEFAULT_SAMPLE_ROWS,
     bins: int = DEFAULT_BINS,
+    val_targets: np.ndarray | None = None,
 ) -> dict[str, Any]:
     """Builds the content of ``baseline.json``.
 
@@ -113,13 +115,17 @@ def build_baseline(
         sample_rows: Most rows kept in the reference sample (for KS tests). Defaults
             to 1000.
         bins: Quantile bins per feature. Defaults to 10.
+        val_targets: True classes of the validation rows. When given for a classifier,
+            a calibrator is fitted on ``val_outputs`` and stored under ``"calibration"``
+            (see :mod:`modelloop.training.calibration`), for label-free accuracy
+            estimates at serving. Defaults to None (no calibrator).
 
     Returns:
         A JSON-serialisable dict.
     """
     rng = np.random.default_rng(seed)
     take = rng.choice(len(x_train), size=min(sample_rows, len(x_train)), replace=False)
-    return {
+    baseline: dict[str, Any] = {
         "schema_version": SCHEMA_VERSION,
         "input": input_name,
         "rows": len(x_train),
@@ -128,3 +134,6 @@ def build_baseline(
         "reference_sample": x_train[np.sort(take)].round(6).tolist(),
         "predictions": prediction_reference(task, val_outputs, class_labels),
     }
+    if val_targets is not None and task != "regression" and len(val_targets):
+        baseline["calibration"] = fit_calibration(val_outputs, val_targets, task=task, seed=seed)
+    return baseline

@@ -51,6 +51,54 @@ class Dataset:
 
 ModelBuilder = Callable[["keras.layers.Layer", Mapping[str, Any]], "keras.Model"]
 
+TUNABLE_HPARAMS: tuple[str, ...] = ("units", "layers", "dropout", "l2", "learning_rate")
+"""The hyperparameters a spec's ``SEARCH_SPACE`` may name: width, depth, dropout, L2, learning rate."""
+
+
+@dataclass(frozen=True)
+class Choice:
+    """A search dimension over listed values, e.g. ``Choice(64, 128, 256)`` for a width.
+
+    Attributes:
+        values: The candidates, all ints or all floats.
+    """
+
+    values: tuple[float, ...]
+
+    def __init__(self, *values: float) -> None:
+        object.__setattr__(self, "values", tuple(values))
+
+
+@dataclass(frozen=True)
+class IntRange:
+    """A search dimension over the integers ``low..high`` (both included), e.g. a depth.
+
+    Attributes:
+        low: Smallest value.
+        high: Largest value.
+    """
+
+    low: int
+    high: int
+
+
+@dataclass(frozen=True)
+class FloatRange:
+    """A search dimension over ``[low, high]``; ``log=True`` samples evenly in log space.
+
+    Attributes:
+        low: Smallest value.
+        high: Largest value.
+        log: Sample on a log scale (learning rates, L2 factors). Defaults to False.
+    """
+
+    low: float
+    high: float
+    log: bool = False
+
+
+SearchDimension = Choice | IntRange | FloatRange
+
 
 @dataclass(frozen=True)
 class TaskSpec:
@@ -68,8 +116,15 @@ class TaskSpec:
         output_name: Name of the served output tensor. Defaults to
             ``"probabilities"``.
         hparams: Hyperparameters (``epochs``, ``batch_size``, ``learning_rate``,
-            ``dropout``, ``l2``, ``patience``) merged over :data:`DEFAULT_HPARAMS`.
+            ``dropout``, ``l2``, ``patience``, ``units``, ``layers``) merged over
+            :data:`DEFAULT_HPARAMS`.
         source: Where the spec came from: a built-in name or a file path.
+        pixel_range: ``(low, high)`` of every input when the features are image pixels
+            with a known range (``(0, 16)`` for scikit-learn's digits); the model then
+            scales by that range instead of by statistics of the training rows, and
+            the robustness evaluation adds a stray pixel. Defaults to None (tabular).
+        search_space: What ``--tune`` searches: a dimension per name of
+            :data:`TUNABLE_HPARAMS`. Defaults to empty (the spec cannot be tuned).
     """
 
     name: str
@@ -80,6 +135,8 @@ class TaskSpec:
     output_name: str = "probabilities"
     hparams: Mapping[str, Any] = field(default_factory=dict)
     source: str = ""
+    pixel_range: tuple[float, float] | None = None
+    search_space: Mapping[str, SearchDimension] = field(default_factory=dict)
 
     def hp(self, key: str) -> Any:
         """Returns one hyperparameter, falling back to :data:`DEFAULT_HPARAMS`."""
@@ -93,7 +150,12 @@ DEFAULT_HPARAMS: dict[str, Any] = {
     "dropout": 0.2,
     "l2": 1e-4,
     "patience": 8,
+    "units": 64,
+    "layers": 1,
 }
+"""Hyperparameters every spec gets unless its ``HPARAMS`` says otherwise. ``units`` (width)
+and ``layers`` (depth) are read by the builders that use them; the others by the trainer
+or by every builder."""
 
 BUILTIN_SPECS: dict[str, str] = {
     "digits": "modelloop.training.specs.digits",
@@ -111,7 +173,9 @@ def load_spec(ref: str) -> TaskSpec:
     A spec file defines at module level ``TASK`` (``"multiclass"``, ``"binary"`` or
     ``"regression"``), ``load_data()`` returning a :class:`Dataset`, and
     ``build_model(normalizer, hparams)``. It may define ``NAME``, ``INPUT_NAME``,
-    ``OUTPUT_NAME`` and ``HPARAMS``.
+    ``OUTPUT_NAME``, ``HPARAMS``, ``PIXEL_RANGE`` (image inputs of a known range) and
+    ``SEARCH_SPACE`` (what ``--tune`` searches; see :class:`Choice`, :class:`IntRange`
+    and :class:`FloatRange`).
 
     Args:
         ref: A built-in name (``digits``, ``digits-cnn``, ``breast-cancer``,
@@ -182,6 +246,8 @@ def _from_module(module: ModuleType, default_name: str, source: str) -> TaskSpec
         raise SpecError(f"spec {source!r}: unknown HPARAMS key(s): {', '.join(sorted(unknown))}")
     return TaskSpec(
         name=getattr(module, "NAME", default_name),
+        pixel_range=_pixel_range(module, source),
+        search_space=_search_space(module, source),
         task=task,
         load_data=module.load_data,
         build_model=module.build_model,
@@ -190,6 +256,41 @@ def _from_module(module: ModuleType, default_name: str, source: str) -> TaskSpec
         hparams=dict(hparams),
         source=source,
     )
+
+
+def _pixel_range(module: ModuleType, source: str) -> tuple[float, float] | None:
+    value = getattr(module, "PIXEL_RANGE", None)
+    if value is None:
+        return None
+    try:
+        low, high = (float(v) for v in value)
+    except (TypeError, ValueError):
+        raise SpecError(f"spec {source!r}: PIXEL_RANGE must be a pair (low, high), got {value!r}") from None
+    if not (np.isfinite(low) and np.isfinite(high) and low < high):
+        raise SpecError(f"spec {source!r}: PIXEL_RANGE must have low < high, got {value!r}")
+    return (low, high)
+
+
+def _search_space(module: ModuleType, source: str) -> dict[str, SearchDimension]:
+    space = getattr(module, "SEARCH_SPACE", {})
+    if not isinstance(space, Mapping):
+        raise SpecError(f"spec {source!r}: SEARCH_SPACE must be a mapping")
+    unknown = set(space) - set(TUNABLE_HPARAMS)
+    if unknown:
+        raise SpecError(
+            f"spec {source!r}: SEARCH_SPACE names {', '.join(sorted(unknown))}; "
+            f"tunable are {', '.join(TUNABLE_HPARAMS)}"
+        )
+    for key, dim in space.items():
+        if isinstance(dim, Choice):
+            ok = len(dim.values) >= 1 and all(isinstance(v, int | float) for v in dim.values)
+        elif isinstance(dim, IntRange | FloatRange):
+            ok = dim.low < dim.high and (not isinstance(dim, FloatRange) or not dim.log or dim.low > 0)
+        else:
+            ok = False
+        if not ok:
+            raise SpecError(f"spec {source!r}: SEARCH_SPACE[{key!r}] = {dim!r} is not a valid dimension")
+    return dict(space)
 
 
 def check_dataset(data: Dataset, spec: TaskSpec) -> Dataset:

@@ -1,8 +1,10 @@
 """Training jobs: split, cross-validate, fit, evaluate against baselines, write a run.
 
 A run directory holds ``model.keras``, ``metrics.json``, ``history.csv``,
-``history.png``, ``tensorboard/``, ``baseline.json``, ``run.json`` (what the export
-needs to know) and ``split.npz`` (the held-out rows, for the export parity check).
+``history.png`` (learning curves), ``robustness.png`` (test metric against input noise,
+for the model and the baselines), ``tensorboard/``, ``baseline.json``, ``run.json`` (what
+the export needs to know), ``split.npz`` (the held-out rows, for the export parity check)
+and, with ``--tune``, ``tuning/`` (KerasTuner's trial records).
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import sys
 import time
 import uuid
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -28,26 +30,45 @@ from modelloop.layout import (
     RUN_INFO_FILE,
     RUN_METRICS_FILE,
     RUN_MODEL_FILE,
+    RUN_ROBUSTNESS_PLOT,
     RUN_SPLIT_FILE,
+    RUN_TUNING_DIR,
 )
 from modelloop.training.baseline import build_baseline
 from modelloop.training.data import kfold_indices, split_dataset
-from modelloop.training.evaluation import baselines, higher_is_better, main_metric, score
+from modelloop.training.evaluation import (
+    ShallowModel,
+    fit_baselines,
+    higher_is_better,
+    main_metric,
+    score,
+    strongest_baseline,
+)
+from modelloop.training.preprocessing import InputScaling, fit_scaling
+from modelloop.training.robustness import NOISE_LEVELS, perturbation_suite, plot_robustness, robustness_report
 from modelloop.training.spec import Dataset, SpecError, TaskSpec, check_dataset
 
 
 @dataclass(frozen=True)
 class RunResult:
-    """What a finished training job produced."""
+    """What a finished training job produced.
+
+    Attributes:
+        run_dir: The run directory.
+        metrics: What ``metrics.json`` holds.
+        baselines: The fitted baselines, by name (in memory only), so a caller such as
+            the retrain gate can score them on rows of its own.
+    """
 
     run_dir: Path
     metrics: dict[str, Any]
+    baselines: dict[str, ShallowModel] = field(default_factory=dict)
 
 
-def _compile(model: Any, spec: TaskSpec) -> None:
+def _compile(model: Any, spec: TaskSpec, learning_rate: float) -> None:
     import keras
 
-    optimizer = keras.optimizers.Adam(learning_rate=float(spec.hp("learning_rate")))
+    optimizer = keras.optimizers.Adam(learning_rate=learning_rate)
     if spec.task == "multiclass":
         model.compile(
             optimizer=optimizer,
@@ -68,20 +89,30 @@ def _compile(model: Any, spec: TaskSpec) -> None:
         )
 
 
-def build_compiled_model(spec: TaskSpec, x_train: np.ndarray, y_train: np.ndarray) -> Any:
-    """Builds the spec's model around a ``Normalization`` layer adapted on ``x_train``.
+def build_compiled_model(
+    spec: TaskSpec, x_train: np.ndarray, y_train: np.ndarray, hparams: Mapping[str, Any] | None = None
+) -> Any:
+    """Builds the spec's model around a ``Normalization`` layer fitted on ``x_train``.
 
+    The layer's scaling is :func:`~modelloop.training.preprocessing.fit_scaling`'s: a
+    standardisation floored for (near-)constant features, or the spec's pixel range.
     Regression specs also receive ``target_mean`` and ``target_std`` of ``y_train`` in
     their hyperparameters, to rescale the output layer to target units.
+
+    Args:
+        spec: The task.
+        x_train: Raw training features.
+        y_train: Their targets.
+        hparams: Hyperparameters to use instead of the spec's (a tuning trial's).
+            Defaults to the spec's merged over the defaults.
 
     Raises:
         SpecError: The builder failed or returned something that is not a Keras model.
     """
     import keras
 
-    normalizer = keras.layers.Normalization(axis=-1, name="normalization")
-    normalizer.adapt(x_train)
-    hparams: dict[str, Any] = {**_all_hparams(spec)}
+    normalizer = fit_scaling(x_train, spec.pixel_range).layer()
+    hparams = {**_all_hparams(spec), **(hparams or {})}
     if spec.task == "regression":
         hparams["target_mean"] = float(np.mean(y_train))
         hparams["target_std"] = float(np.std(y_train)) or 1.0
@@ -93,7 +124,7 @@ def build_compiled_model(spec: TaskSpec, x_train: np.ndarray, y_train: np.ndarra
         raise SpecError(
             f"spec {spec.source!r}: build_model must return a keras.Model, got {type(model).__name__}"
         )
-    _compile(model, spec)
+    _compile(model, spec, float(hparams["learning_rate"]))
     return model
 
 
@@ -104,7 +135,15 @@ def _all_hparams(spec: TaskSpec) -> dict[str, Any]:
 
 
 def _cross_validate(
-    spec: TaskSpec, x: np.ndarray, y: np.ndarray, *, folds: int, epochs: int, seed: int, verbose: int
+    spec: TaskSpec,
+    x: np.ndarray,
+    y: np.ndarray,
+    *,
+    folds: int,
+    epochs: int,
+    seed: int,
+    verbose: int,
+    hparams: Mapping[str, Any],
 ) -> dict[str, Any]:
     import keras
 
@@ -114,16 +153,16 @@ def _cross_validate(
         kfold_indices(y, folds=folds, classification=spec.task != "regression", seed=seed)
     ):
         keras.utils.set_random_seed(seed + k)
-        model = build_compiled_model(spec, x[tr], y[tr])
+        model = build_compiled_model(spec, x[tr], y[tr], hparams)
         stop = keras.callbacks.EarlyStopping(
-            monitor="val_loss", patience=int(spec.hp("patience")), restore_best_weights=True
+            monitor="val_loss", patience=int(hparams["patience"]), restore_best_weights=True
         )
         model.fit(
             x[tr],
             y[tr],
             validation_data=(x[va], y[va]),
             epochs=epochs,
-            batch_size=int(spec.hp("batch_size")),
+            batch_size=int(hparams["batch_size"]),
             callbacks=[stop],
             verbose=0,
         )
@@ -180,6 +219,7 @@ def train(
     epochs: int | None = None,
     seed: int = 42,
     folds: int = 0,
+    tune: int = 0,
     extra: Dataset | None = None,
     interactive: bool | None = None,
     strategy: Any | None = None,
@@ -193,7 +233,11 @@ def train(
             spec's ``epochs`` hyperparameter.
         seed: Seed of the split, the weights and the shuffles. Defaults to 42.
         folds: With ``K >= 2``, K-fold cross-validation on the train and validation
-            rows is reported before the final fit. Defaults to 0 (none).
+            rows is reported before the final fit (and, with ``tune``, each trial is
+            scored on the K folds). Defaults to 0 (none).
+        tune: With ``N >= 1``, a capacity check and then a KerasTuner search of N trials
+            over the spec's ``SEARCH_SPACE`` run first, and the final model is trained
+            with the best trial's hyperparameters. Defaults to 0 (the spec's own).
         extra: Additional labelled rows (feedback) appended to the training part.
         interactive: Keras progress bar (True) or one line per epoch (False).
             Defaults to whether standard output is a terminal.
@@ -211,6 +255,12 @@ def train(
         raise ModelloopError(f"--epochs must be at least 1, got {epochs}")
     if folds == 1 or folds < 0:
         raise ModelloopError(f"--folds must be 0 (off) or at least 2, got {folds}")
+    if tune < 0:
+        raise ModelloopError(f"--tune must be at least 1 trial, got {tune}")
+    if tune and not spec.search_space:
+        raise ModelloopError(f"spec {spec.name!r} declares no SEARCH_SPACE, so --tune has nothing to search")
+    if tune and strategy is not None:
+        raise ModelloopError("--tune cannot be combined with --distributed")
     try:
         data = check_dataset(spec.load_data(), spec)
     except SpecError:
@@ -237,18 +287,55 @@ def train(
     x_val, y_val = data.x[split.val], data.y[split.val]
     x_test, y_test = data.x[split.test], data.y[split.test]
 
+    hparams = _all_hparams(spec)
+    tuning: dict[str, Any] | None = None
+    capacity: dict[str, Any] | None = None
+    if tune:
+        from modelloop.training.tuning import check_capacity
+        from modelloop.training.tuning import tune as run_search
+
+        capacity = check_capacity(spec, build_compiled_model, x_train, y_train, seed=seed)
+        print(
+            f"capacity check: training {capacity['metric']} {capacity['train']:.4f} "
+            f"on {capacity['rows']} rows after {capacity['epochs']} epochs without dropout or L2 "
+            f"({'passed' if capacity['passed'] else 'NOT reached'}: target {capacity['target']})",
+            flush=True,
+        )
+        search = run_search(
+            spec,
+            build_compiled_model,
+            (x_train, y_train),
+            (x_val, y_val),
+            trials=tune,
+            epochs=epochs,
+            seed=seed,
+            directory=out / RUN_TUNING_DIR,
+            folds=folds,
+        )
+        tuning = search.to_dict()
+        hparams = {**hparams, **search.best_hparams}
+        print(f"best trial: {search.objective}={search.best_score:.4f} {search.best_hparams}", flush=True)
+
     kfold: dict[str, Any] | None = None
     if folds >= 2:
         fit_rows = np.concatenate([split.train, split.val])
         kfold = _cross_validate(
-            spec, data.x[fit_rows], data.y[fit_rows], folds=folds, epochs=epochs, seed=seed, verbose=1
+            spec,
+            data.x[fit_rows],
+            data.y[fit_rows],
+            folds=folds,
+            epochs=epochs,
+            seed=seed,
+            verbose=1,
+            hparams=hparams,
         )
 
     keras.utils.set_random_seed(seed)
     # Variables created inside a strategy's scope are mirrored and all-reduced.
     with strategy.scope() if strategy is not None else contextlib.nullcontext():
-        model = build_compiled_model(spec, x_train, y_train)
+        model = build_compiled_model(spec, x_train, y_train, hparams)
     metric = main_metric(spec.task)
+    batch_size = int(hparams["batch_size"])
     if strategy is not None:
         from modelloop.training.distributed import fit_distributed
 
@@ -260,14 +347,14 @@ def train(
             x_val,
             y_val,
             epochs=epochs,
-            batch_size=int(spec.hp("batch_size")),
+            batch_size=batch_size,
             seed=seed,
             on_epoch_end=lambda e, logs: print(
                 f"epoch {e + 1}/{epochs} loss={logs['loss']:.4f} val_loss={logs['val_loss']:.4f}", flush=True
             ),
         )
         # Predict, save and export on an undistributed copy of the trained weights.
-        trained, model = model, build_compiled_model(spec, x_train, y_train)
+        trained, model = model, build_compiled_model(spec, x_train, y_train, hparams)
         model.set_weights(trained.get_weights())
         # The optimizer state too, so model.keras loads without a "skipping variables" warning.
         model.optimizer.build(model.trainable_variables)
@@ -278,7 +365,7 @@ def train(
             out,
             monitor="val_loss",
             mode="min",
-            patience=int(spec.hp("patience")),
+            patience=int(hparams["patience"]),
             epochs=epochs,
             interactive=interactive,
         )
@@ -288,7 +375,7 @@ def train(
                 y_train,
                 validation_data=(x_val, y_val),
                 epochs=epochs,
-                batch_size=int(spec.hp("batch_size")),
+                batch_size=batch_size,
                 callbacks=callbacks,
                 verbose=verbose,
             )
@@ -305,7 +392,11 @@ def train(
     test_outputs = model.predict(x_test, verbose=0)
     val_outputs = model.predict(x_val, verbose=0)
     test_metrics = score(spec.task, y_test, test_outputs)
-    base = baselines(spec.task, x_train, y_train, x_test, y_test, seed)
+    scaling = fit_scaling(x_train, spec.pixel_range)
+    shallow = fit_baselines(spec.task, x_train, y_train, scaling, seed)
+    base = {name: score(spec.task, y_test, b.predict(x_test)) for name, b in shallow.items()}
+    strongest = strongest_baseline(spec.task, shallow, base)
+    robustness = _robustness(spec, model, shallow, scaling, data.feature_names, x_test, y_test, seed)
     model.save(out / RUN_MODEL_FILE)
 
     run_id = f"{datetime.now(UTC).strftime('%Y%m%dT%H%M%SZ')}-{uuid.uuid4().hex[:8]}"
@@ -318,7 +409,12 @@ def train(
         "test": test_metrics,
         "validation": score(spec.task, y_val, val_outputs),
         "baselines": base,
+        "strongest_baseline": strongest,
+        "robustness": robustness,
         "kfold": kfold,
+        "tuning": tuning,
+        "capacity": capacity,
+        "hparams": {k: hparams[k] for k in sorted(hparams)},
         "best_epoch": best_epoch,
         "epochs_run": len(val_loss),
         "epochs_max": epochs,
@@ -346,13 +442,45 @@ def train(
         val_outputs=val_outputs,
         class_labels=data.class_labels,
         seed=seed,
+        val_targets=y_val,
     )
+    baseline["scaling"] = scaling.describe(data.feature_names)
+    floored = set(baseline["scaling"]["floored"])
+    for feature in baseline["features"]:
+        feature["floored"] = feature["name"] in floored
     _write_json(out / RUN_METRICS_FILE, metrics)
     _write_json(out / RUN_INFO_FILE, run_info)
     _write_json(out / BASELINE_FILE, baseline)
     np.savez_compressed(out / RUN_SPLIT_FILE, x_test=x_test, y_test=y_test, x_val=x_val, y_val=y_val)
     _plot_history(history, metric, out / RUN_HISTORY_PLOT)
-    return RunResult(run_dir=out, metrics=metrics)
+    plot_robustness(
+        robustness["curve"], out / RUN_ROBUSTNESS_PLOT, title=f"{spec.name}: test metric against noise"
+    )
+    return RunResult(run_dir=out, metrics=metrics, baselines=shallow)
+
+
+def _robustness(
+    spec: TaskSpec,
+    model: Any,
+    shallow: dict[str, ShallowModel],
+    scaling: InputScaling,
+    feature_names: list[str],
+    x_test: np.ndarray,
+    y_test: np.ndarray,
+    seed: int,
+) -> dict[str, Any]:
+    """The model's and every baseline's test metrics on the same perturbed test rows."""
+    suite = perturbation_suite(x_test, scaling, feature_names, image=spec.pixel_range is not None, seed=seed)
+    predictors: dict[str, Any] = {"model": lambda x: model.predict(x, verbose=0)}
+    predictors |= {name: b.predict for name, b in shallow.items()}
+    report = robustness_report(spec.task, y_test, suite, predictors)
+    return {
+        "noise_levels": list(NOISE_LEVELS),
+        "perturbations": report["perturbations"],
+        "model": report["scores"]["model"],
+        "baselines": {name: report["scores"][name] for name in shallow},
+        "curve": report["curve"],
+    }
 
 
 def _tf_version() -> str:

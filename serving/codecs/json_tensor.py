@@ -183,6 +183,29 @@ def decode_b64(value: dict[str, Any], where: str) -> bytes:
         raise InvalidInput(f"{where}: invalid base64 in {{'b64': ...}}: {error}") from None
 
 
+# The largest integer each float type holds exactly, as TF Serving's IsLosslessDecimal has it
+# ((1 << digits) - 1); float16, which TF Serving's JSON does not take, is left as NumPy rounds.
+_EXACT_INTEGERS = {4: (1 << 24) - 1, 8: (1 << 53) - 1}
+
+
+def _check_exact_integers(array: np.ndarray, leaves: list[Any], dtype: np.dtype, where: str) -> None:
+    """Refuses JSON integers a float tensor would silently round, as TF Serving does.
+
+    Decimals are never exact in binary and are taken as the nearest float; an integer such as
+    16777217 looks exact to the client but becomes 16777216 in a float32. The scan of the
+    leaves runs only when the converted array holds a value that large.
+    """
+    limit = _EXACT_INTEGERS[dtype.itemsize]
+    if array.size == 0 or not np.nanmax(np.abs(array), initial=0) > limit:
+        return
+    bad = next((v for v in leaves if type(v) is int and abs(v) > limit), None)
+    if bad is not None:
+        raise InvalidInput(
+            f"{where}: {bad} cannot be converted to {dtype.name} without loss of precision "
+            f"(integers up to {limit} are exact; send a decimal such as {bad}.0 to accept rounding)"
+        )
+
+
 def leaves_to_array(
     leaves: list[Any],
     shape: tuple[int, ...],
@@ -226,9 +249,12 @@ def leaves_to_array(
                 raise InvalidInput(f"{where} expects integers ({dtype.name}) but got {bad!r}")
         try:
             with np.errstate(over="raise"):
-                return np.array(leaves, dtype=dtype).reshape(shape)
+                array = np.array(leaves, dtype=dtype).reshape(shape)
         except (OverflowError, FloatingPointError, ValueError) as error:
             raise InvalidInput(f"{where}: a value is out of range for {dtype.name} ({error})") from None
+        if int in kinds and dtype.itemsize in _EXACT_INTEGERS and kind == "f":
+            _check_exact_integers(array, leaves, dtype, where)
+        return array
     if kind == "O":
         out = np.empty(len(leaves), dtype=object)
         for i, v in enumerate(leaves):

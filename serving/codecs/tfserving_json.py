@@ -44,6 +44,8 @@ DEFAULT_SIGNATURE = "serving_default"
 PREDICT_METHOD = "tensorflow/serving/predict"
 # TF Serving emits outputs whose alias ends with this as {"b64": ...} (kBytesTensorNameSuffix).
 _BYTES_SUFFIX = "_bytes"
+# Bool, integers, floats, bytes and text: what JSON can carry.
+_JSON_KINDS = frozenset("biufOSU")
 
 
 @dataclass(frozen=True, slots=True)
@@ -153,10 +155,12 @@ def _decode_rows(instances: Any, specs: tuple[TensorSpec, ...]) -> dict[str, np.
         spec = specs[0]
         return {spec.name: _to_array(instances, spec, f'input "{spec.name}" ("instances")')}
     if not all(named):
-        index = named.index(False)
+        # As in TF Serving, the first instance sets the form the others must have.
+        index = named.index(not named[0])
         raise InvalidInput(
-            f"instances[{index}] is {describe_value(instances[index])}, but other instances are "
-            "objects keyed by input name; all rows must have the same form"
+            f"instances[{index}] is {describe_value(instances[index])}, but instances[0] is "
+            f"{describe_value(instances[0])}; all rows must have the same form (objects keyed by "
+            "input name, or the one input's values)"
         )
     names = list(instances[0])
     for name in names:
@@ -207,6 +211,12 @@ def _check_batch(array: np.ndarray, name: str) -> None:
 
 
 def _output_json(name: str, array: np.ndarray) -> tuple[Any, bool]:
+    if array.dtype.kind not in _JSON_KINDS:
+        # TF Serving answers these InvalidArgument too ("tensor type: complex64").
+        raise InvalidInput(
+            f"output {name!r} has tensor type {array.dtype.name}, which the JSON API cannot express; "
+            "use the gRPC API"
+        )
     if array.dtype.kind == "O" and name.endswith(_BYTES_SUFFIX):
         flat = [
             {"b64": base64.b64encode(v if isinstance(v, bytes) else str(v).encode()).decode()}

@@ -82,7 +82,10 @@ class PredictDecoder:
         """The model spec's name, version and label."""
         return tensor_proto.model_spec_target(self.message.model_spec)
 
-    async def decode(self, metadata: ModelMetadata) -> InferRequest:
+    async def read(self) -> None:
+        """Nothing to receive: grpc delivered the whole message."""
+
+    def decode(self, metadata: ModelMetadata) -> InferRequest:
         """The inputs (``TensorProto``), ``output_filter`` and signature name."""
         return tensor_proto.decode_predict_request(self.message)
 
@@ -104,7 +107,10 @@ class ModelInferDecoder:
         """The model name and version (the OIP has no labels)."""
         return _require_name(self.message.model_name, "model_name"), self.message.model_version or None, None
 
-    async def decode(self, metadata: ModelMetadata) -> InferRequest:
+    async def read(self) -> None:
+        """Nothing to receive: grpc delivered the whole message."""
+
+    def decode(self, metadata: ModelMetadata) -> InferRequest:
         """The inputs (typed or raw contents), wanted outputs, parameters and ``id``."""
         return v2_grpc.decode_infer_request(self.message)
 

@@ -24,12 +24,14 @@ GENERATED = ("grpc_service_pb2.py", "grpc_service_pb2.pyi", "grpc_service_pb2_gr
 PACKAGE = "modelloop.serving.protos"
 
 
-def generate(out_dir: Path) -> list[Path]:
+def generate(out_dir: Path, proto: Path = PROTO_DIR / PROTO_NAME) -> list[Path]:
     """Generates the ``grpc_service`` modules into ``out_dir``.
 
     Args:
         out_dir: Folder that receives ``grpc_service_pb2.py``, ``.pyi`` and
             ``grpc_service_pb2_grpc.py``; created if missing.
+        proto: The ``.proto`` to compile; the module names follow its file name, so it is
+            a ``grpc_service.proto``. Defaults to ours.
 
     Returns:
         The paths written.
@@ -51,15 +53,15 @@ def generate(out_dir: Path) -> list[Path]:
         sys.executable,
         "-m",
         "grpc_tools.protoc",
-        f"-I{PROTO_DIR}",
+        f"-I{proto.parent}",
         f"--python_out={out_dir}",
         f"--pyi_out={out_dir}",
         f"--grpc_python_out={out_dir}",
-        str(PROTO_DIR / PROTO_NAME),
+        str(proto),
     ]
     result = subprocess.run(args, capture_output=True, text=True, check=False)
     if result.returncode != 0:
-        raise RuntimeError(f"protoc failed on {PROTO_DIR / PROTO_NAME}: {result.stderr.strip()}")
+        raise RuntimeError(f"protoc failed on {proto}: {result.stderr.strip()}")
     grpc_module = out_dir / "grpc_service_pb2_grpc.py"
     text = grpc_module.read_text()
     text, count = re.subn(

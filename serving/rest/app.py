@@ -2,8 +2,9 @@
 
 Built by the composition root; nothing here runs at import. Other packages extend the
 app without serving importing them: ``routers`` are mounted beside the protocol routes
-(monitoring's feedback route and alert webhook), and ``status_columns`` adds columns to
-the status page at ``/``.
+(monitoring's feedback route and alert webhook), ``status_columns`` adds columns to
+the status page at ``/`` and ``status_sections`` adds sections below its table
+(monitoring's live health charts).
 
 Example:
 
@@ -17,20 +18,22 @@ from __future__ import annotations
 import functools
 import html
 from collections.abc import Sequence
+from importlib import resources
 from typing import TYPE_CHECKING, Any, Protocol
 
-from fastapi import APIRouter, FastAPI, Response
+from fastapi import APIRouter, FastAPI, Request, Response
 from fastapi.middleware.cors import CORSMiddleware
+from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
 from fastapi.responses import HTMLResponse
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
 from modelloop.errors import ServiceError
 from modelloop.serving.codecs.v2_json import HEADER_LENGTH
-from modelloop.serving.rest.errors import install_error_handlers
+from modelloop.serving.rest.errors import error_response, install_error_handlers
 from modelloop.serving.rest.fastpath import PredictFastPath
 from modelloop.serving.rest.routes_tfserving import create_tfserving_router
 from modelloop.serving.rest.routes_v2 import create_v2_router
-from modelloop.web import REQUEST_ID_HEADER
+from modelloop.web import ADMIN_SCHEME, REQUEST_ID_HEADER, collect_openapi_schemas
 
 if TYPE_CHECKING:
     from starlette.types import Receive, Scope, Send
@@ -39,6 +42,53 @@ if TYPE_CHECKING:
     from modelloop.serving.settings import ServingSettings
 
 TITLE = "modelloop"
+DOCS_ASSETS_PATH = "/docs/assets"
+# Swagger UI and ReDoc as the pinned fastapi-offline package ships them (Swagger UI under the
+# Apache License 2.0, ReDoc under MIT): FastAPI's defaults load them from a public CDN, which
+# leaves /docs blank on a machine without internet access.
+_DOCS_ASSETS = {
+    "swagger-ui-bundle.js": "text/javascript; charset=utf-8",
+    "swagger-ui.css": "text/css; charset=utf-8",
+    "redoc.standalone.js": "text/javascript; charset=utf-8",
+    "favicon.png": "image/png",
+}
+
+
+class ServingAPI(FastAPI):
+    """FastAPI with the schemas of self-decoding routes in ``components/schemas``.
+
+    The predict, infer, feedback and alert routes read their bodies themselves and document
+    them through ``openapi_extra`` (:func:`modelloop.web.openapi_body`); this moves the
+    models those entries refer to where OpenAPI looks for them.
+    """
+
+    def openapi(self) -> dict[str, Any]:
+        """The OpenAPI document, built once."""
+        if self.openapi_schema is None:
+            document = collect_openapi_schemas(super().openapi())
+            # FastAPI documents its 422 for every route with parameters; this app answers
+            # validation errors 400 {"error": ...} (rest/errors.py), as both protocols do.
+            for path in document.get("paths", {}).values():
+                for operation in path.values():
+                    operation.get("responses", {}).pop("422", None)
+            components = document["components"]
+            for name in ("HTTPValidationError", "ValidationError"):
+                components["schemas"].pop(name, None)
+            components["securitySchemes"] = {
+                ADMIN_SCHEME: {
+                    "type": "http",
+                    "scheme": "bearer",
+                    "description": "The server's MODELLOOP_ADMIN_TOKEN; admin routes are off without one.",
+                }
+            }
+            self.openapi_schema = document
+        return self.openapi_schema
+
+
+@functools.cache
+def _read_asset(name: str) -> bytes:
+    # Read once per process: every app (one per server, many in the tests) serves the same files.
+    return (resources.files("fastapi_offline") / "static" / name).read_bytes()
 
 
 class StatusColumns(Protocol):
@@ -55,8 +105,8 @@ class StatusColumns(Protocol):
         ...
 
 
-class RestApp(FastAPI):
-    """FastAPI with the predict and infer fast path in front of it (:mod:`.fastpath`).
+class RestApp(ServingAPI):
+    """The app: predict and infer calls enter through the fast path in front of FastAPI (:mod:`.fastpath`).
 
     Every request enters through ``front``; the fast path answers predict and infer
     calls and hands the rest to FastAPI. Without a ``front`` it is plain FastAPI.
@@ -89,6 +139,14 @@ def cors_options(settings: ServingSettings) -> dict[str, Any] | None:
     }
 
 
+class StatusSection(Protocol):
+    """A section of the status page below the model table (monitoring's health charts)."""
+
+    def html(self) -> str:
+        """The section's HTML; the implementer escapes what it shows."""
+        ...
+
+
 def create_app(
     dataplane: DataPlane,
     settings: ServingSettings,
@@ -96,6 +154,7 @@ def create_app(
     *,
     routers: Sequence[APIRouter] = (),
     status_columns: StatusColumns | None = None,
+    status_sections: Sequence[StatusSection] = (),
 ) -> FastAPI:
     """Builds the REST application.
 
@@ -105,6 +164,7 @@ def create_app(
         registry: The Prometheus registry ``/metrics`` exposes.
         routers: More routes to mount (the extension point). Defaults to none.
         status_columns: More columns for the status page. Defaults to None.
+        status_sections: Sections below the status page's table. Defaults to none.
 
     Returns:
         The FastAPI app, with ``/v1``, ``/v2``, ``/metrics``, ``/docs``, ``/`` and ``routers``;
@@ -114,6 +174,9 @@ def create_app(
         title=TITLE,
         summary="TF Serving REST API and Open Inference Protocol V2 over one data plane.",
         version=str(dataplane.server_metadata().get("version", "")),
+        # Served below from the package's own copies of the assets.
+        docs_url=None,
+        redoc_url=None,
     )
     install_error_handlers(app)
     cors = cors_options(settings)
@@ -130,23 +193,76 @@ def create_app(
     for router in routers:
         app.include_router(router)
 
-    @app.get("/metrics", tags=["monitoring"], summary="Prometheus metrics")
+    @app.get(
+        "/metrics",
+        tags=["monitoring"],
+        summary="Prometheus metrics",
+        response_class=Response,
+        responses={
+            200: {
+                "description": "The Prometheus text exposition format",
+                "content": {"text/plain": {"schema": {"type": "string"}}},
+            }
+        },
+    )
     async def metrics() -> Response:
         return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     async def status_page() -> HTMLResponse:
-        return HTMLResponse(render_status_page(dataplane, status_columns))
+        return HTMLResponse(render_status_page(dataplane, status_columns, status_sections))
 
+    _add_docs(app)
     return app
 
 
-def render_status_page(dataplane: DataPlane, columns: StatusColumns | None = None) -> str:
+def _add_docs(app: FastAPI) -> None:
+    """``/docs`` (Swagger UI) and ``/redoc``, with their assets served by the app itself."""
+    assets = {name: (_read_asset(name), media) for name, media in _DOCS_ASSETS.items()}
+
+    def root(request: Request) -> str:
+        return str(request.scope.get("root_path", "")).rstrip("/")
+
+    @app.get("/docs", include_in_schema=False)
+    async def swagger_ui(request: Request) -> HTMLResponse:
+        prefix = root(request)
+        return get_swagger_ui_html(
+            openapi_url=f"{prefix}{app.openapi_url}",
+            title=f"{TITLE} API",
+            swagger_js_url=f"{prefix}{DOCS_ASSETS_PATH}/swagger-ui-bundle.js",
+            swagger_css_url=f"{prefix}{DOCS_ASSETS_PATH}/swagger-ui.css",
+            swagger_favicon_url=f"{prefix}{DOCS_ASSETS_PATH}/favicon.png",
+        )
+
+    @app.get("/redoc", include_in_schema=False)
+    async def redoc(request: Request) -> HTMLResponse:
+        prefix = root(request)
+        return get_redoc_html(
+            openapi_url=f"{prefix}{app.openapi_url}",
+            title=f"{TITLE} API",
+            redoc_js_url=f"{prefix}{DOCS_ASSETS_PATH}/redoc.standalone.js",
+            redoc_favicon_url=f"{prefix}{DOCS_ASSETS_PATH}/favicon.png",
+            with_google_fonts=False,
+        )
+
+    @app.get(DOCS_ASSETS_PATH + "/{name}", include_in_schema=False)
+    async def docs_asset(name: str) -> Response:
+        if name not in assets:
+            return error_response(f"no documentation asset {name!r}", 404)
+        body, media = assets[name]
+        # Versioned with the package: a day of caching spares reloads of 1.5 MB.
+        return Response(body, media_type=media, headers={"cache-control": "public, max-age=86400"})
+
+
+def render_status_page(
+    dataplane: DataPlane, columns: StatusColumns | None = None, sections: Sequence[StatusSection] = ()
+) -> str:
     """A plain HTML page: readiness, then every model version's state and the extra columns.
 
     Args:
         dataplane: The data plane to describe.
         columns: Extra columns (monitoring's). Defaults to None.
+        sections: Sections below the table (monitoring's). Defaults to none.
 
     Returns:
         The HTML document; every value from a model or a client is escaped.
@@ -180,13 +296,15 @@ def render_status_page(dataplane: DataPlane, columns: StatusColumns | None = Non
     table = "\n".join(rows) or f'<tr><td colspan="{width}">no models</td></tr>'
     header = "".join(f"<th>{html.escape(h)}</th>" for h in ("model", "version", "state", *extra_headers))
     return f"""<!doctype html>
-<html><head><meta charset="utf-8"><title>{TITLE}</title></head>
+<html><head><meta charset="utf-8"><title>{TITLE}</title>
+<link rel="icon" href="data:,"></head>
 <body>
 <h1>{TITLE}</h1>
 <p>Server: <strong>{ready}</strong> · <a href="/docs">API docs</a> · <a href="/metrics">metrics</a></p>
-<table border="1" cellpadding="4">
+<table id="models" border="1" cellpadding="4">
 <tr>{header}</tr>
 {table}
 </table>
+{"".join(section.html() for section in sections)}
 </body></html>
 """

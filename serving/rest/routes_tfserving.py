@@ -16,8 +16,15 @@ from modelloop.errors import ErrorCode, ServiceError
 from modelloop.serving.codecs import tfserving_json
 from modelloop.serving.errors import InvalidInput, Unimplemented
 from modelloop.serving.rest.errors import JsonResponse, service_error_response
+from modelloop.serving.rest.schemas import (
+    METADATA_RESPONSES,
+    PREDICT_BODY,
+    PREDICT_RESPONSES,
+    STATUS_RESPONSES,
+    ErrorBody,
+)
 from modelloop.serving.types import InferRequest, InferResponse, ModelMetadata, Protocol, parse_version
-from modelloop.web import REQUEST_ID_HEADER, check_content_type, read_body
+from modelloop.web import REQUEST_ID_HEADER, check_content_type, error_responses, read_body
 
 if TYPE_CHECKING:
     from modelloop.serving.dataplane import DataPlane
@@ -48,7 +55,7 @@ def split_method(segment: str, method: str, path: str) -> tuple[str, str]:
 class PredictDecoder:
     """A ``POST ...:predict`` call, decoded in the data plane's two steps.
 
-    The path gives the target; the body is read only once the version has resolved,
+    The path gives the target; the body is decoded only once the version has resolved,
     because the row format needs the version's input names and dtypes.
 
     Args:
@@ -60,7 +67,7 @@ class PredictDecoder:
     """
 
     protocol = Protocol.TFSERVING_REST
-    __slots__ = ("_max_body_bytes", "_model", "_pinned", "_request", "_segment", "row_format")
+    __slots__ = ("_body", "_max_body_bytes", "_model", "_pinned", "_request", "_segment", "row_format")
 
     def __init__(
         self, request: Request, segment: str, model: str | None, pinned: str | None, max_body_bytes: int
@@ -70,6 +77,7 @@ class PredictDecoder:
         self._model = model
         self._pinned = pinned
         self._max_body_bytes = max_body_bytes
+        self._body = b""
         self.row_format = True
 
     def target(self) -> tuple[str, str | None, str | None]:
@@ -88,11 +96,14 @@ class PredictDecoder:
             return self._model, name, None
         return self._model, None, name
 
-    async def decode(self, metadata: ModelMetadata) -> InferRequest:
-        """Reads the body (row or columnar format) against the version's inputs."""
+    async def read(self) -> None:
+        """Checks the content type and reads the body (bounded)."""
         check_content_type(self._request)
-        body = await read_body(self._request, self._max_body_bytes)
-        call = tfserving_json.decode_predict_request(body, metadata, model=metadata.name)
+        self._body = await read_body(self._request, self._max_body_bytes)
+
+    def decode(self, metadata: ModelMetadata) -> InferRequest:
+        """Decodes the body (row or columnar format) against the version's inputs."""
+        call = tfserving_json.decode_predict_request(self._body, metadata, model=metadata.name)
         self.row_format = call.row_format
         return call.request
 
@@ -142,18 +153,36 @@ def create_tfserving_router(dataplane: DataPlane, settings: ServingSettings) -> 
     async def predict(request: Request, decoder: PredictDecoder) -> Response:
         return await answer_predict(dataplane, request, decoder)
 
-    @router.post("/v1/models/{model_method}", summary="Predict (or classify/regress) with the latest version")
+    @router.post(
+        "/v1/models/{model_method}",
+        summary="Predict (or classify/regress) with the latest version",
+        description="`model_method` is `<model>:predict`, e.g. `digits:predict`.",
+        openapi_extra=PREDICT_BODY,
+        responses=PREDICT_RESPONSES,
+    )
     async def predict_latest(request: Request, model_method: str) -> Response:
         return await predict(
             request, PredictDecoder(request, model_method, None, None, settings.max_body_bytes)
         )
 
-    @router.post("/v1/models/{model}/versions/{version_method}", summary="Predict with a pinned version")
+    @router.post(
+        "/v1/models/{model}/versions/{version_method}",
+        summary="Predict with a pinned version",
+        description="`version_method` is `<version>:predict`, e.g. `1:predict`.",
+        openapi_extra=PREDICT_BODY,
+        responses=PREDICT_RESPONSES,
+    )
     async def predict_version(request: Request, model: str, version_method: str) -> Response:
         decoder = PredictDecoder(request, version_method, model, "version", settings.max_body_bytes)
         return await predict(request, decoder)
 
-    @router.post("/v1/models/{model}/labels/{label_method}", summary="Predict with a labelled version")
+    @router.post(
+        "/v1/models/{model}/labels/{label_method}",
+        summary="Predict with a labelled version",
+        description="`label_method` is `<label>:predict`, e.g. `stable:predict`.",
+        openapi_extra=PREDICT_BODY,
+        responses=PREDICT_RESPONSES,
+    )
     async def predict_label(request: Request, model: str, label_method: str) -> Response:
         decoder = PredictDecoder(request, label_method, model, "label", settings.max_body_bytes)
         return await predict(request, decoder)
@@ -166,31 +195,51 @@ def create_tfserving_router(dataplane: DataPlane, settings: ServingSettings) -> 
         meta = dataplane.metadata(model, version, label)
         return Response(tfserving_json.encode_model_metadata(meta), media_type=JSON)
 
-    @router.get("/v1/models", summary="TF Serving has no model list")
+    @router.get(
+        "/v1/models", summary="TF Serving has no model list", responses=error_responses(ErrorBody, 400)
+    )
     async def missing_model() -> Response:
         raise InvalidInput("Missing model name in request.")
 
-    @router.get("/v1/models/{model}", summary="Status of every version of a model")
+    @router.get(
+        "/v1/models/{model}", summary="Status of every version of a model", responses=STATUS_RESPONSES
+    )
     async def status_all(model: str) -> Response:
         return status(model, None, None)
 
-    @router.get("/v1/models/{model}/versions/{version}", summary="Status of one version")
+    @router.get(
+        "/v1/models/{model}/versions/{version}", summary="Status of one version", responses=STATUS_RESPONSES
+    )
     async def status_version(model: str, version: str) -> Response:
         return status(model, parse_version(version), None)
 
-    @router.get("/v1/models/{model}/labels/{label}", summary="Status of a labelled version")
+    @router.get(
+        "/v1/models/{model}/labels/{label}",
+        summary="Status of a labelled version",
+        responses=STATUS_RESPONSES,
+    )
     async def status_label(model: str, label: str) -> Response:
         return status(model, None, label)
 
-    @router.get("/v1/models/{model}/metadata", summary="Signature of the latest version")
+    @router.get(
+        "/v1/models/{model}/metadata", summary="Signature of the latest version", responses=METADATA_RESPONSES
+    )
     async def metadata_latest(model: str) -> Response:
         return metadata(model, None, None)
 
-    @router.get("/v1/models/{model}/versions/{version}/metadata", summary="Signature of one version")
+    @router.get(
+        "/v1/models/{model}/versions/{version}/metadata",
+        summary="Signature of one version",
+        responses=METADATA_RESPONSES,
+    )
     async def metadata_version(model: str, version: str) -> Response:
         return metadata(model, parse_version(version), None)
 
-    @router.get("/v1/models/{model}/labels/{label}/metadata", summary="Signature of a labelled version")
+    @router.get(
+        "/v1/models/{model}/labels/{label}/metadata",
+        summary="Signature of a labelled version",
+        responses=METADATA_RESPONSES,
+    )
     async def metadata_label(model: str, label: str) -> Response:
         return metadata(model, None, label)
 

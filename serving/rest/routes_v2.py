@@ -15,6 +15,19 @@ from modelloop.errors import ServiceError
 from modelloop.serving.codecs import v2_json
 from modelloop.serving.errors import InvalidInput
 from modelloop.serving.rest.errors import JsonResponse, error_response, service_error_response
+from modelloop.serving.rest.schemas import (
+    ADMIN_ERRORS,
+    INFER_BODY,
+    INFER_RESPONSES,
+    ErrorBody,
+    RepositoryIndexEntry,
+    RepositoryIndexRequest,
+    V2Live,
+    V2ModelMetadata,
+    V2ModelReady,
+    V2Ready,
+    V2ServerMetadata,
+)
 from modelloop.serving.types import (
     InferRequest,
     InferResponse,
@@ -23,13 +36,27 @@ from modelloop.serving.types import (
     Protocol,
     parse_version,
 )
-from modelloop.web import REQUEST_ID_HEADER, check_content_type, read_body, require_admin
+from modelloop.web import (
+    ADMIN_SECURITY,
+    REQUEST_ID_HEADER,
+    check_content_type,
+    error_responses,
+    openapi_body,
+    read_body,
+    require_admin,
+)
 
 if TYPE_CHECKING:
     from modelloop.serving.dataplane import DataPlane
     from modelloop.serving.settings import ServingSettings
 
 JSON = "application/json"
+_INDEX_BODY = openapi_body(
+    [RepositoryIndexRequest],
+    description="Optional: an empty body lists every version.",
+    examples={"ready": {"summary": "Only versions that can serve", "value": {"ready": True}}},
+    required=False,
+)
 
 
 def _header_length(request: Request) -> int | None:
@@ -52,25 +79,32 @@ class InferDecoder:
     """
 
     protocol = Protocol.V2_REST
-    __slots__ = ("_max_body_bytes", "_model", "_request", "_version", "call")
+    __slots__ = ("_body", "_header_length", "_max_body_bytes", "_model", "_request", "_version", "call")
 
     def __init__(self, request: Request, model: str, version: str | None, max_body_bytes: int) -> None:
         self._request = request
         self._model = model
         self._version = version
         self._max_body_bytes = max_body_bytes
+        self._body = b""
+        self._header_length: int | None = None
         self.call: v2_json.InferCall | None = None
 
     def target(self) -> tuple[str, str | None, str | None]:
         """The model and version of the path (the OIP has no labels)."""
         return self._model, self._version, None
 
-    async def decode(self, metadata: ModelMetadata) -> InferRequest:
-        """Reads the JSON body, or the JSON header followed by binary tensors."""
+    async def read(self) -> None:
+        """Checks the content type and the JSON header's length, and reads the body (bounded)."""
         check_content_type(self._request, binary=True)
-        header_length = _header_length(self._request)
-        body = await read_body(self._request, self._max_body_bytes)
-        self.call = v2_json.decode_infer_request(body, model=self._model, header_length=header_length)
+        self._header_length = _header_length(self._request)
+        self._body = await read_body(self._request, self._max_body_bytes)
+
+    def decode(self, metadata: ModelMetadata) -> InferRequest:
+        """Decodes the JSON body, or the JSON header followed by binary tensors."""
+        self.call = v2_json.decode_infer_request(
+            self._body, model=self._model, header_length=self._header_length
+        )
         return self.call.request
 
     def encode(self, response: InferResponse) -> tuple[bytes, int | None]:
@@ -131,17 +165,25 @@ def create_v2_router(dataplane: DataPlane, settings: ServingSettings) -> APIRout
 
     admin_token = settings.admin_token.get_secret_value() if settings.admin_token is not None else None
 
-    @router.get("/v2", summary="Server metadata")
+    @router.get("/v2", summary="Server metadata", responses={200: {"model": V2ServerMetadata}})
     async def server_metadata() -> Response:
         return _json(v2_json.encode_server_metadata(dataplane.server_metadata()))
 
-    @router.get("/v2/health/live", summary="Liveness")
+    @router.get(
+        "/v2/health/live",
+        summary="Liveness",
+        responses={200: {"model": V2Live}, **error_responses(ErrorBody, 503)},
+    )
     async def live() -> Response:
         if dataplane.live():
             return _json(b'{"live":true}')
         return error_response("server is not live", 503)
 
-    @router.get("/v2/health/ready", summary="Readiness: every model has an available version")
+    @router.get(
+        "/v2/health/ready",
+        summary="Readiness: every model has an available version",
+        responses={200: {"model": V2Ready}, **error_responses(ErrorBody, 503)},
+    )
     async def ready() -> Response:
         # 503 when not ready follows KServe (kserve#818) and what Kubernetes probes expect;
         # Triton answers 400 here, which reads as a client error.
@@ -161,42 +203,85 @@ def create_v2_router(dataplane: DataPlane, settings: ServingSettings) -> APIRout
         which = f'model "{model}"' + (f" version {version}" if version is not None else "")
         return error_response(f"{which} is not ready", 503)
 
-    @router.get("/v2/models/{model}", summary="Model metadata (latest version)")
+    @router.get(
+        "/v2/models/{model}",
+        summary="Model metadata (latest version)",
+        responses={200: {"model": V2ModelMetadata}, **error_responses(ErrorBody, 400, 404, 503)},
+    )
     async def metadata_latest(model: str) -> Response:
         return metadata(model, None)
 
-    @router.get("/v2/models/{model}/versions/{version}", summary="Model metadata (one version)")
+    @router.get(
+        "/v2/models/{model}/versions/{version}",
+        summary="Model metadata (one version)",
+        responses={200: {"model": V2ModelMetadata}, **error_responses(ErrorBody, 400, 404, 503)},
+    )
     async def metadata_version(model: str, version: str) -> Response:
         return metadata(model, parse_version(version))
 
-    @router.get("/v2/models/{model}/config", summary="Model configuration (latest version)")
+    @router.get(
+        "/v2/models/{model}/config",
+        summary="Model configuration (latest version): Triton's, with how the server runs it",
+        responses=error_responses(ErrorBody, 400, 404, 503),
+    )
     async def config_latest(model: str) -> Response:
         return _json(v2_json.encode_model_config(dataplane.model_config(model)))
 
-    @router.get("/v2/models/{model}/versions/{version}/config", summary="Model configuration (one version)")
+    @router.get(
+        "/v2/models/{model}/versions/{version}/config",
+        summary="Model configuration (one version)",
+        responses=error_responses(ErrorBody, 400, 404, 503),
+    )
     async def config_version(model: str, version: str) -> Response:
         return _json(v2_json.encode_model_config(dataplane.model_config(model, parse_version(version))))
 
-    @router.get("/v2/models/{model}/ready", summary="Model readiness")
+    @router.get(
+        "/v2/models/{model}/ready",
+        summary="Model readiness",
+        responses={200: {"model": V2ModelReady}, **error_responses(ErrorBody, 400, 404, 503)},
+    )
     async def ready_latest(model: str) -> Response:
         return model_ready(model, None)
 
-    @router.get("/v2/models/{model}/versions/{version}/ready", summary="Model version readiness")
+    @router.get(
+        "/v2/models/{model}/versions/{version}/ready",
+        summary="Model version readiness",
+        responses={200: {"model": V2ModelReady}, **error_responses(ErrorBody, 400, 404, 503)},
+    )
     async def ready_version(model: str, version: str) -> Response:
         return model_ready(model, parse_version(version))
 
     async def infer(request: Request, decoder: InferDecoder) -> Response:
         return await answer_infer(dataplane, request, decoder)
 
-    @router.post("/v2/models/{model}/infer", summary="Inference (latest version)")
+    @router.post(
+        "/v2/models/{model}/infer",
+        summary="Inference (latest version)",
+        openapi_extra=INFER_BODY,
+        responses=INFER_RESPONSES,
+    )
     async def infer_latest(request: Request, model: str) -> Response:
         return await infer(request, InferDecoder(request, model, None, settings.max_body_bytes))
 
-    @router.post("/v2/models/{model}/versions/{version}/infer", summary="Inference (one version)")
+    @router.post(
+        "/v2/models/{model}/versions/{version}/infer",
+        summary="Inference (one version)",
+        openapi_extra=INFER_BODY,
+        responses=INFER_RESPONSES,
+    )
     async def infer_version(request: Request, model: str, version: str) -> Response:
         return await infer(request, InferDecoder(request, model, version, settings.max_body_bytes))
 
-    @router.post("/v2/repository/index", summary="Repository index (admin)")
+    @router.post(
+        "/v2/repository/index",
+        summary="Repository index (admin)",
+        openapi_extra={**_INDEX_BODY, **ADMIN_SECURITY},
+        responses={
+            200: {"model": list[RepositoryIndexEntry]},
+            **error_responses(ErrorBody, 400, 413, 415),
+            **ADMIN_ERRORS,
+        },
+    )
     async def repository_index(request: Request) -> Response:
         require_admin(request, admin_token)
         ready_only = v2_json.decode_repository_index_request(
@@ -204,13 +289,25 @@ def create_v2_router(dataplane: DataPlane, settings: ServingSettings) -> APIRout
         )
         return _json(v2_json.encode_repository_index(dataplane.repository_index(), ready_only))
 
-    @router.post("/v2/repository/models/{model}/load", summary="Load a model (admin)")
+    @router.post(
+        "/v2/repository/models/{model}/load",
+        summary="Load a model (admin)",
+        response_class=Response,
+        openapi_extra=ADMIN_SECURITY,
+        responses={200: {"description": "Loaded"}, **error_responses(ErrorBody, 404), **ADMIN_ERRORS},
+    )
     async def load(request: Request, model: str) -> Response:
         require_admin(request, admin_token)
         await dataplane.load_model(model)
         return Response(status_code=200)
 
-    @router.post("/v2/repository/models/{model}/unload", summary="Unload a model (admin)")
+    @router.post(
+        "/v2/repository/models/{model}/unload",
+        summary="Unload a model (admin)",
+        response_class=Response,
+        openapi_extra=ADMIN_SECURITY,
+        responses={200: {"description": "Unloaded"}, **error_responses(ErrorBody, 404), **ADMIN_ERRORS},
+    )
     async def unload(request: Request, model: str) -> Response:
         require_admin(request, admin_token)
         await dataplane.unload_model(model)

@@ -12,9 +12,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
 import re
-import shutil
 import subprocess
 import sys
 from functools import cache
@@ -23,6 +21,8 @@ from typing import Any
 
 import pytest
 import yaml
+
+from tests.tools import require_tool
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 K8S = REPO_ROOT / "k8s"
@@ -54,17 +54,9 @@ class _Loader(yaml.SafeLoader):
 _Loader.add_constructor("tag:yaml.org,2002:value", yaml.SafeLoader.construct_yaml_str)
 
 
-def _on_ci() -> bool:
-    return os.environ.get("CI", "").lower() in {"1", "true", "yes"}
-
-
 def _tool(name: str, package: str) -> str:
-    path = BIN / name if (BIN / name).exists() else shutil.which(name)
-    if path is None:
-        if _on_ci():
-            pytest.fail(f"{name} is not installed ({package})")
-        pytest.skip(f"{name} is not installed ({package})")
-    return str(path)
+    """A tool of the virtualenv (PyPI packages of the dev extra), else one on PATH."""
+    return str(BIN / name) if (BIN / name).exists() else require_tool(name, package)
 
 
 @cache
@@ -146,9 +138,7 @@ def test_strict_validation_catches_a_typo(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
 def test_custom_resources_match_the_shared_schemas(overlay: str, tmp_path: Path) -> None:
-    if not SCHEMAS.is_dir():
-        message = f"{SCHEMAS} is missing"
-        pytest.fail(message) if _on_ci() else pytest.skip(message)
+    assert SCHEMAS.is_dir(), f"{SCHEMAS} is missing from the repository"
     docs = render(f"overlays/{overlay}")
     checker = _tool("check-jsonschema", "PyPI check-jsonschema")
     kinds = {d["kind"] for d in docs if d["kind"] in CUSTOM_KINDS}
@@ -171,7 +161,7 @@ def test_prometheus_rule_passes_promtool(overlay: str, tmp_path: Path) -> None:
     rules_file = tmp_path / "rules.yml"
     rules_file.write_text(yaml.safe_dump(rule["spec"]))
     result = subprocess.run(
-        [_tool("promtool", "Debian prometheus"), "check", "rules", str(rules_file)],
+        [_tool("promtool", "Debian package prometheus"), "check", "rules", str(rules_file)],
         capture_output=True,
         text=True,
         timeout=60,
@@ -225,6 +215,16 @@ def test_server_deployment(overlay: str) -> None:
     assert pod["terminationGracePeriodSeconds"] >= grace + pause + 5
     token = next(e for e in server["env"] if e["name"] == "MODELLOOP_ADMIN_TOKEN")
     assert token["valueFrom"]["secretKeyRef"] == {"name": "modelloop-admin", "key": "token"}
+    # Feedback is authenticated: the labelers' tokens come from a Secret mounted as a file.
+    tokens_file = Path(
+        next(e for e in server["env"] if e["name"] == "MODELLOOP_FEEDBACK_TOKENS_FILE")["value"]
+    )
+    feedback = volumes[mounts[str(tokens_file.parent)]]
+    assert feedback["secret"]["secretName"] == "modelloop-feedback"
+    assert [i["path"] for i in feedback["secret"]["items"]] == [tokens_file.name]
+    assert not [
+        e for e in server["env"] if e["name"] in {"MODELLOOP_FEEDBACK_TOKEN", "MODELLOOP_FEEDBACK_TOKENS"}
+    ]
     # Retraining Jobs run the server's own image.
     assert settings["MODELLOOP_RETRAIN_JOB_IMAGE"] == server["image"]
     assert pod["serviceAccountName"] == "modelloop"

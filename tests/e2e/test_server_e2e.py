@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 from pathlib import Path
 
@@ -20,9 +19,9 @@ import pytest
 
 from modelloop.serving.protos import grpc_service_pb2 as oip
 from modelloop.serving.protos import grpc_service_pb2_grpc as oip_grpc
+from tests.tools import clients_python, dump_dom, require_tool
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-CLIENTS_PYTHON = REPO_ROOT / ".venv-clients" / "bin" / "python"
 ATOL = 1e-5
 
 
@@ -181,12 +180,12 @@ def test_health_readiness_and_metadata_over_rest(server):
     assert status["model_version_status"][0]["state"] == "AVAILABLE"
 
 
-@pytest.mark.skipif(shutil.which("curl") is None, reason="curl is not installed")
 def test_readme_curl_examples(server, rows, expected):
+    curl = require_tool("curl", "Debian package curl")
     body = json.dumps({"instances": rows[:1].tolist()})
     out = subprocess.run(
         [
-            "curl",
+            curl,
             "-s",
             "-X",
             "POST",
@@ -203,7 +202,7 @@ def test_readme_curl_examples(server, rows, expected):
     ).stdout
     np.testing.assert_allclose(np.array(json.loads(out)["predictions"]), expected[:1], atol=ATOL)
     out = subprocess.run(
-        ["curl", "-s", f"{server.rest_url}/v1/models/digits/metadata"],
+        [curl, "-s", f"{server.rest_url}/v1/models/digits/metadata"],
         capture_output=True,
         text=True,
         timeout=30,
@@ -212,7 +211,7 @@ def test_readme_curl_examples(server, rows, expected):
     assert "serving_default" in json.loads(out)["metadata"]["signature_def"]["signature_def"]
     code = subprocess.run(
         [
-            "curl",
+            curl,
             "-s",
             "-o",
             "/dev/null",
@@ -235,16 +234,13 @@ def test_readme_curl_examples(server, rows, expected):
 
 
 def test_tritonclient_http_and_grpc_unchanged(server, rows, expected, tmp_path):
-    if not CLIENTS_PYTHON.exists():
-        if os.environ.get("CI"):
-            pytest.fail(f"{CLIENTS_PYTHON} is missing: `make install` creates it")
-        pytest.skip("tritonclient environment missing; run `make install`")
+    python = clients_python()
     rows_path = tmp_path / "rows.json"
     rows_path.write_text(json.dumps(rows.tolist()))
     http_target = server.rest_url.removeprefix("http://")
     proc = subprocess.run(
         [
-            str(CLIENTS_PYTHON),
+            python,
             str(Path(__file__).parent / "tritonclient_e2e.py"),
             http_target,
             server.grpc_target,
@@ -332,3 +328,63 @@ def test_the_model_config_says_how_onnx_runtime_runs(server):
         "model digits version 1: ONNX Runtime providers ['CPUExecutionProvider'], intra_op_num_threads"
         in (server.output())
     )
+
+
+def _request_examples(document: dict, path: str) -> dict[str, dict]:
+    content = document["paths"][path]["post"]["requestBody"]["content"]["application/json"]
+    return {name: example["value"] for name, example in content["examples"].items()}
+
+
+def test_the_documented_examples_run_against_the_served_model(server):
+    """What /docs offers under "Try it out" works as it stands, with its path examples."""
+    document = httpx.get(f"{server.rest_url}/openapi.json", timeout=10).json()
+    sent = 0
+    for template in ("/v1/models/{model_method}", "/v2/models/{model}/infer"):
+        params = {
+            p["name"]: p["example"]
+            for p in document["paths"][template]["post"]["parameters"]
+            if p["in"] == "path"
+        }
+        url = server.rest_url + template.format(**params)
+        for name, body in _request_examples(document, template).items():
+            r = httpx.post(url, json=body, timeout=10)
+            assert r.status_code == 200, (name, r.text)
+            answer = r.json()
+            if "model_name" in answer:  # OIP: flat data of the first output
+                probabilities = answer["outputs"][0]["data"]
+            else:  # TF Serving: predictions (row) or outputs (columnar), first row
+                probabilities = answer.get("predictions", answer.get("outputs"))[0]
+            # The example row is a handwritten 0, as the README's curl line says.
+            assert int(np.argmax(probabilities)) == 0, (name, answer)
+            sent += 1
+    assert sent >= 5
+
+
+def test_docs_render_offline_in_headless_chromium(server, tmp_path):
+    """Swagger UI and ReDoc come from the server itself: with every address but loopback cut
+    off, both render every operation; FastAPI's stock page (a CDN) stays blank."""
+    from fastapi.openapi.docs import get_swagger_ui_html
+
+    swagger = dump_dom(f"{server.rest_url}/docs", offline=True)
+    for text in (
+        'class="swagger-ui"',
+        "/v1/models/{model_method}",
+        "/v2/models/{model}/infer",
+        "/monitoring/alerts",
+    ):
+        assert text in swagger, text
+    assert "Predict (or classify/regress) with the latest version" in swagger
+    redoc = dump_dom(f"{server.rest_url}/redoc", offline=True)
+    assert "Inference (latest version)" in redoc and "Labels for logged predictions, by request id" in redoc
+
+    # The control: the same document behind FastAPI's default page, whose script is on a CDN.
+    stock = tmp_path / "stock-docs.html"
+    stock.write_bytes(get_swagger_ui_html(openapi_url=f"{server.rest_url}/openapi.json", title="stock").body)
+    blank = dump_dom(stock.as_uri(), offline=True)
+    assert "/v1/models/{model_method}" not in blank and "opblock" not in blank
+
+    asset = httpx.get(f"{server.rest_url}/docs/assets/swagger-ui-bundle.js", timeout=10)
+    assert asset.status_code == 200 and asset.headers["content-type"].startswith("text/javascript")
+    assert "SwaggerUIBundle" in asset.text
+    unknown = httpx.get(f"{server.rest_url}/docs/assets/swagger-initializer.js", timeout=10)
+    assert unknown.status_code == 404 and "swagger-initializer.js" in unknown.json()["error"]

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import signal
 import subprocess
 import sys
@@ -13,12 +12,15 @@ import threading
 import time
 from pathlib import Path
 
+import httpx
 import pytest
+
+from tests.tools import require_tool
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(shutil.which("curl") is None, reason="curl is not installed")
 def test_up_trains_exports_serves_and_prints_a_working_curl_line(tmp_path: Path):
+    require_tool("curl", "Debian package curl")
     repo = tmp_path / "models"
     proc = subprocess.Popen(
         [
@@ -34,6 +36,8 @@ def test_up_trains_exports_serves_and_prints_a_working_curl_line(tmp_path: Path)
             "0",
             "--epochs",
             "5",
+            "--state-dir",
+            str(tmp_path / "state"),
         ],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
@@ -68,6 +72,18 @@ def test_up_trains_exports_serves_and_prints_a_working_curl_line(tmp_path: Path)
         predictions = json.loads(out.stdout)["predictions"]
         assert len(predictions) == 1 and len(predictions[0]) == 10
         assert max(range(10), key=lambda i: predictions[0][i]) == 0  # the sample is a zero
+        # Feedback is authenticated: up made a labeler token and says where it is.
+        token_file = tmp_path / "state" / "feedback.token"
+        assert f"Authorization: Bearer $(cat {token_file})" in text
+        feedback = re.search(r"feedback\s+(http://\S+/feedback)", text)
+        assert feedback, text
+        label = {"feedback": [{"request_id": "none", "target": 0}]}
+        assert httpx.post(feedback.group(1), json=label, timeout=10).status_code == 401
+        token = token_file.read_text().strip()
+        answer = httpx.post(
+            feedback.group(1), json=label, headers={"authorization": f"Bearer {token}"}, timeout=10
+        )
+        assert answer.status_code == 404 and answer.json()["source"] == "default"  # authenticated, id unknown
     finally:
         if proc.poll() is None:
             os.kill(proc.pid, signal.SIGTERM)

@@ -8,7 +8,6 @@ The cluster runs Debian's ``initdb``/``pg_ctl`` on 127.0.0.1 and a free port, as
 from __future__ import annotations
 
 import contextlib
-import glob
 import os
 import pwd
 import shutil
@@ -24,6 +23,7 @@ import numpy as np
 import pytest
 
 from tests.monitoring.monhelpers import DigitsData, free_port
+from tests.tools import postgres_bindir
 
 
 @dataclass
@@ -65,12 +65,8 @@ class PostgresCluster:
 
 @pytest.fixture(scope="session")
 def postgres_cluster() -> Iterator[PostgresCluster]:
-    """A PostgreSQL server for the session; skipped when Debian's PostgreSQL is missing."""
-    initdbs = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"))
-    if not initdbs:
-        pytest.skip("PostgreSQL is not installed (Debian package postgresql)")
-    pytest.importorskip("psycopg")
-    bindir = Path(initdbs[-1]).parent
+    """A PostgreSQL server for the session (Debian's; a missing one fails under CI, else skips)."""
+    bindir = postgres_bindir()
     user = "postgres" if os.geteuid() == 0 else None
     # Not under pytest's tmp dir: its parents are 0700 root, which the postgres user
     # could not traverse.

@@ -4,8 +4,6 @@ and the plumbing for tests that run Debian's Prometheus tools."""
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import socket
 import subprocess
 import time
@@ -14,7 +12,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import pytest
 
 from modelloop.serving.errors import ModelNotFound
 from modelloop.serving.settings import ModelConfig
@@ -93,16 +90,6 @@ def wait_until(predicate: Callable[[], bool], timeout: float = 10.0, interval: f
             return True
         time.sleep(interval)
     return bool(predicate())
-
-
-def require_tool(name: str, package: str) -> str:
-    """The path of a Debian-packaged tool; fails under CI (which installs it), else skips."""
-    path = shutil.which(name)
-    if path is None:
-        if os.environ.get("CI", "").lower() in {"1", "true", "yes"}:
-            pytest.fail(f"{name} is not installed (Debian package {package})")
-        pytest.skip(f"{name} is not installed (Debian package {package})")
-    return path
 
 
 def free_port() -> int:

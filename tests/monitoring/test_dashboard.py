@@ -28,7 +28,8 @@ import pytest
 from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
 
 from modelloop.serving.metrics import ServingMetrics
-from tests.monitoring.monhelpers import free_port, require_tool, stop_process
+from tests.monitoring.monhelpers import free_port, stop_process
+from tests.tools import require_tool
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DASHBOARD = REPO_ROOT / "monitoring" / "dashboards" / "modelloop.json"
@@ -50,6 +51,13 @@ EXPORTED = {
     "modelloop_accuracy",
     "modelloop_feedback_total",
     "modelloop_retrain_runs_total",
+    # Beyond DESIGN.md's list: the label-free estimate and input data quality.
+    "modelloop_estimated_accuracy",
+    "modelloop_estimated_accuracy_lower",
+    "modelloop_estimated_accuracy_upper",
+    "modelloop_feature_missing_share",
+    "modelloop_feature_out_of_range_share",
+    "modelloop_features_became_constant",
 }
 REQUIRED_PANELS = {
     "Request rate by code",
@@ -62,6 +70,10 @@ REQUIRED_PANELS = {
     "Accuracy",
     "Feedback rate",
     "Retrain runs",
+    "Estimated vs labelled accuracy",
+    "Missing values (worst features)",
+    "Out of training range (worst features)",
+    "Features that became constant",
 }
 # Grafana fills these in; any valid value will do for a parse and data check.
 SUBSTITUTIONS = {
@@ -127,10 +139,21 @@ class _Exposition:
         self.drift_detected = Gauge("modelloop_drift_detected", "", labels, registry=self.registry)
         self.prediction_drift = Gauge("modelloop_prediction_drift", "", labels, registry=self.registry)
         self.accuracy = Gauge("modelloop_accuracy", "", labels, registry=self.registry)
-        self.feedback = Counter("modelloop_feedback", "", labels, registry=self.registry)
+        self.feedback = Counter(
+            "modelloop_feedback", "", [*labels, "source", "outcome"], registry=self.registry
+        )
         self.retrain = Counter("modelloop_retrain_runs", "", ["model", "outcome"], registry=self.registry)
         for i in range(12):
             self.feature_drift.labels("digits", "1", f"pixel_0_{i}", "psi").set(0.01 * i)
+        for name in ("estimated_accuracy", "estimated_accuracy_lower", "estimated_accuracy_upper"):
+            Gauge(f"modelloop_{name}", "", labels, registry=self.registry).labels("digits", "1").set(0.95)
+        for name in ("feature_missing_share", "feature_out_of_range_share"):
+            gauge = Gauge(f"modelloop_{name}", "", [*labels, "feature"], registry=self.registry)
+            for i in range(8):
+                gauge.labels("digits", "1", f"pixel_0_{i}").set(0.01 * i)
+        Gauge("modelloop_features_became_constant", "", labels, registry=self.registry).labels(
+            "digits", "1"
+        ).set(0)
         self.drift_detected.labels("digits", "1").set(0)
         self.prediction_drift.labels("digits", "1").set(0.02)
         self.accuracy.labels("digits", "1").set(0.97)
@@ -142,7 +165,7 @@ class _Exposition:
                 self.serving.observe_request("digits", 1, "v2_rest", code, 0.003)
             self.serving.observe_batch("digits", 1, 4)
             self.serving.observe_queue("digits", 1, 0.0004)
-            self.feedback.labels("digits", "1").inc(2)
+            self.feedback.labels("digits", "1", "team-a", "accepted").inc(2)
             self.retrain.labels("digits", "blessed").inc()
             return generate_latest(self.registry)
 
@@ -150,7 +173,7 @@ class _Exposition:
 @pytest.fixture(scope="module")
 def prometheus_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """A real Prometheus on loopback that has scraped the exposition a few times."""
-    binary = require_tool("prometheus", "prometheus")
+    binary = require_tool("prometheus", "Debian package prometheus")
     exposition = _Exposition()
 
     class Handler(BaseHTTPRequestHandler):

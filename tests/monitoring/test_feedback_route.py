@@ -18,6 +18,7 @@ from modelloop.monitoring.store import FeedbackItem, FeedbackResult, StoreUnavai
 from modelloop.serving.rest.app import create_app, render_status_page
 from modelloop.serving.settings import ServingSettings
 from modelloop.serving.types import InferRequest, InferResponse, ModelState, Protocol, VersionStatus
+from modelloop.tokens import TokenMatcher
 from tests.monitoring.monhelpers import DigitsData, FakeCatalog, write_version
 
 URL = "/v1/models/digits/feedback"
@@ -178,7 +179,7 @@ async def test_body_limit_content_type_and_gzip(client: httpx.AsyncClient, servi
 async def test_store_down_is_503_and_nothing_is_acknowledged(
     client: httpx.AsyncClient, service: MonitoringService
 ):
-    def down(model: str, items: list[FeedbackItem]) -> FeedbackResult:
+    def down(model: str, items: list[FeedbackItem], **_: object) -> FeedbackResult:
         raise StoreUnavailable("postgresql 127.0.0.1:5432/modelloop: connection refused")
 
     service.store.add_feedback = down  # type: ignore[method-assign]
@@ -215,3 +216,71 @@ async def test_status_page_shows_drift_and_accuracy(
     assert "collecting (7/10 rows)" in page
     html_without = render_status_page(StubDataPlane(service.catalog), MonitoringColumns(None))  # type: ignore[arg-type]
     assert "off" in html_without
+
+
+@pytest.fixture
+async def guarded(service: MonitoringService, tmp_path: Path) -> AsyncIterator[httpx.AsyncClient]:
+    """The feedback routes with two labelers' tokens configured."""
+    settings = ServingSettings(repo=tmp_path / "repo")
+    labelers = TokenMatcher({"team-a": "token-a", "team-b": "token-b"})
+    app = create_app(
+        StubDataPlane(service.catalog),  # type: ignore[arg-type]
+        settings,
+        CollectorRegistry(),
+        routers=[create_feedback_router(service, settings.max_body_bytes, labelers)],
+    )
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as c:
+        yield c
+
+
+async def test_labelers_authenticate_and_their_source_is_stored(
+    guarded: httpx.AsyncClient, service: MonitoringService
+):
+    body = {"feedback": [{"request_id": "one", "target": 0}]}
+    missing = await guarded.post(URL, json=body)
+    assert missing.status_code == 401 and missing.headers["www-authenticate"] == "Bearer"
+    for header in ("Bearer token-c", "Basic token-a", "token-a"):
+        r = await guarded.post(URL, json=body, headers={"authorization": header})
+        assert r.status_code == (403 if header.startswith("Bearer") else 401), header
+    ok = await guarded.post(URL, json=body, headers={"authorization": "Bearer token-b"})
+    assert ok.status_code == 200 and ok.json()["source"] == "team-b" and ok.json()["quarantined"] is False
+    assert service.store.label_sources("digits")["team-b"].labels == 1
+
+
+async def test_a_quarantined_source_is_stored_marked_and_reported(
+    guarded: httpx.AsyncClient, service: MonitoringService
+):
+    # 60 confident predictions of class 0 that team-a calls 1: a targeted flip.
+    ids = [f"flip{i}" for i in range(61)]
+    for rid in ids:
+        probs = np.zeros((1, 10), np.float32)
+        probs[0, 0] = 1
+        service.observer.observe(
+            InferRequest("digits", {"pixels": np.zeros((1, 64), np.float32)}, Protocol.V2_REST, id=rid),
+            InferResponse("digits", 1, {"probabilities": probs}, id=rid),
+        )
+    team_a = {"authorization": "Bearer token-a"}
+    flips = {"feedback": [{"request_id": rid, "target": 1} for rid in ids[:60]]}
+    assert (await guarded.post(URL, json=flips, headers=team_a)).json()["quarantined"] is False
+    verdict = service.assess_sources("digits", 1)["team-a"]
+    assert verdict.quarantined and "as '1' (60 labels)" in verdict.reasons[0]
+    later = await guarded.post(URL, json={"feedback": [{"request_id": ids[60], "target": 1}]}, headers=team_a)
+    assert later.status_code == 200 and later.json() == {
+        "accepted": [ids[60]],
+        "unknown": [],
+        "duplicate": [],
+        "invalid": {},
+        "source": "team-a",
+        "quarantined": True,
+    }
+    report = (await guarded.get(f"{URL}/sources")).json()
+    (entry,) = report["sources"]
+    assert report["model"] == "digits" and report["champion_version"] == 1
+    assert entry["source"] == "team-a" and entry["quarantined"] is True
+    assert entry["stored_labels"] == 61 and entry["labels_while_quarantined"] == 1
+    # The checks' figures are those of the last label check; the stored counts are current.
+    assert entry["relabels"][0] == {"predicted": "0", "target": "1", "labels": 60, "rate": 1.0}
+    # Its labels no longer count towards accuracy.
+    excluded = service.quarantined_sources("digits")
+    assert service.store.recent_labelled("digits", 1, 100, exclude_sources=excluded) == []
+    assert (await guarded.get("/v1/models/nope/feedback/sources")).status_code == 404

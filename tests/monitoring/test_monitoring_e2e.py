@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import shutil
 import signal
-import subprocess
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -18,8 +16,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from modelloop.monitoring.store import open_store
 from tests.e2e.serverproc import ServerProcess, start_server, wait_for
 from tests.monitoring.monhelpers import drifted_digits
+from tests.tools import dump_dom, require_chromium
 
-CHROMIUM = "/usr/bin/chromium"
 FAST_EVAL = {
     "MODELLOOP_MONITORING_EVAL_INTERVAL_S": "0.2",
     "MODELLOOP_MONITORING_MIN_ROWS": "100",
@@ -106,41 +104,10 @@ def test_acknowledged_labels_survive_kill_9(
         store.close()
 
 
-def _dump_dom(url: str) -> str:
-    profile = tempfile.mkdtemp(prefix="modelloop-chromium-")
-    proc = subprocess.Popen(
-        [
-            CHROMIUM,
-            "--headless",
-            "--no-sandbox",
-            "--disable-gpu",
-            "--disable-background-networking",
-            "--disable-component-update",
-            "--disable-sync",
-            "--no-first-run",
-            f"--user-data-dir={profile}",
-            "--dump-dom",
-            url,
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        text=True,
-    )
-    try:
-        out, _ = proc.communicate(timeout=60)
-        return out
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(10)
-        shutil.rmtree(profile, ignore_errors=True)
-
-
 def test_status_page_and_drift_through_the_served_model(
     repo: Path, tmp_path: Path, digits_split: tuple[np.ndarray, np.ndarray], servers: list[ServerProcess]
 ):
-    if not Path(CHROMIUM).exists():
-        pytest.skip("Debian chromium is not installed")
+    require_chromium()
     x, y = digits_split
     server = start_server(repo, "--state-dir", str(tmp_path / "state"), env=FAST_EVAL)
     servers.append(server)
@@ -164,7 +131,7 @@ def test_status_page_and_drift_through_the_served_model(
         "pixel_3_3 psi": metric(url, "modelloop_feature_drift", feature="pixel_3_3", method="psi", **labels),
     }
 
-    dom = _dump_dom(f"{url}/")
+    dom = dump_dom(f"{url}/")
     assert "digits" in dom and "AVAILABLE" in dom and "accuracy 0." in dom and "600 labels" in dom
     assert 'href="/metrics"' in dom and 'href="/docs"' in dom
 
@@ -185,5 +152,5 @@ def test_status_page_and_drift_through_the_served_model(
     assert normal["drift_detected"] == 0.0 and normal["share"] < 0.2 and normal["prediction_psi"] < 0.1
     assert normal["accuracy"] > 0.9
     assert drifted["share"] > 0.8 and drifted["prediction_psi"] > 0.5
-    dom = _dump_dom(f"{url}/")
+    dom = dump_dom(f"{url}/")
     assert "DRIFT" in dom

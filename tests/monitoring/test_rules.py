@@ -8,7 +8,7 @@ from typing import Any
 
 import yaml
 
-from tests.monitoring.monhelpers import require_tool
+from tests.tools import require_tool
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 RULES = REPO_ROOT / "monitoring" / "rules" / "modelloop.rules.yml"
@@ -22,8 +22,17 @@ ALERTS = {
     "ModelHighLatencyP99",
     "ModelLoadFailures",
     "FeedbackStarvation",
+    "FeedbackSourceQuarantined",
+    "ModelEstimatedAccuracyBelowFloor",
+    "ModelInputMissingValues",
+    "ModelInputOutOfRange",
+    "ModelInputFeatureConstant",
 }
 RETRAIN_ALERTS = {"ModelDriftDetected", "ModelAccuracyBelowFloor"}
+
+
+def promtool() -> str:
+    return require_tool("promtool", "Debian package prometheus")
 
 
 def _alerts() -> list[dict[str, Any]]:
@@ -33,7 +42,14 @@ def _alerts() -> list[dict[str, Any]]:
 
 def test_promtool_check_rules() -> None:
     result = subprocess.run(
-        [require_tool("promtool", "prometheus"), "check", "rules", "--lint=all", "--lint-fatal", str(RULES)],
+        [
+            require_tool("promtool", "Debian package prometheus"),
+            "check",
+            "rules",
+            "--lint=all",
+            "--lint-fatal",
+            str(RULES),
+        ],
         capture_output=True,
         text=True,
         timeout=60,
@@ -45,7 +61,7 @@ def test_promtool_check_rules() -> None:
 def test_promtool_test_rules() -> None:
     assert RULE_TESTS, "no promtool unit tests in monitoring/rules/tests/"
     result = subprocess.run(
-        [require_tool("promtool", "prometheus"), "test", "rules", *map(str, RULE_TESTS)],
+        [promtool(), "test", "rules", *map(str, RULE_TESTS)],
         capture_output=True,
         text=True,
         timeout=120,

@@ -5,7 +5,6 @@ silent), and once the database is back, feedback works again with nothing accept
 from __future__ import annotations
 
 import shutil
-import time
 import uuid
 
 import httpx
@@ -37,6 +36,15 @@ def _dropped(server) -> float:
     return 0.0
 
 
+def _logged(url: str, ids: list[str]) -> int:
+    """How many of ``ids`` the server has written to the prediction log (read straight from it)."""
+    import psycopg
+
+    with psycopg.connect(url) as conn:
+        row = conn.execute("SELECT count(*) FROM predictions WHERE request_id = ANY(%s)", (ids,)).fetchone()
+    return int(row[0]) if row else 0
+
+
 def _restart(cluster) -> None:
     sock = cluster.data.parent / "sock"
     options = f"-c listen_addresses=127.0.0.1 -p {cluster.port} -c unix_socket_directories={sock} -c fsync=on"
@@ -53,7 +61,8 @@ def test_postgres_outage_keeps_serving_and_loses_nothing_accepted(postgres_clust
     try:
         before = [f"before-{uuid.uuid4().hex[:8]}" for _ in range(10)]
         assert all(_predict(server, i) == 200 for i in before)
-        time.sleep(1.5)  # the observer writes its batches off the request path
+        # The observer writes its batches off the request path: wait until they are in.
+        assert wait_for(lambda: _logged(url, before) == len(before), timeout=20)
         r = _feedback(server, before[:5])
         assert r.status_code == 200, r.text
         assert sorted(r.json()["accepted"]) == sorted(before[:5])

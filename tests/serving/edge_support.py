@@ -24,6 +24,7 @@ async with serve(tmp_path, RuntimeFactory({("digits", 2): FailingRuntime})) as s
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import threading
@@ -32,20 +33,25 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import grpc
 import numpy as np
 from prometheus_client import CollectorRegistry
 
 from modelloop.layout import CONFIG_FILE, write_model_card
 from modelloop.serving.dataplane import DataPlane
+from modelloop.serving.grpc.server import bind_grpc_server, create_grpc_server
 from modelloop.serving.metrics import ServingMetrics
+from modelloop.serving.protos import grpc_service_pb2 as pb
 from modelloop.serving.registry import ModelRegistry
 from modelloop.serving.repository import ModelRepository
 from modelloop.serving.runtime import Runtime
 from modelloop.serving.settings import ModelConfig, ServingSettings
 from modelloop.serving.types import ModelMetadata
+from tests.tools import clients_python
 
 PIXELS = 64
 CLASSES = 10
+MIB = 1024 * 1024
 
 # -- the repository ----------------------------------------------------------------------
 
@@ -345,3 +351,51 @@ async def serve(
         yield EdgeStack(dataplane, prometheus, server_settings, factory)
     finally:
         await dataplane.stop()
+
+
+@contextlib.asynccontextmanager
+async def grpc_channel(stack: EdgeStack) -> AsyncIterator[tuple[int, grpc.aio.Channel]]:
+    """Serves the stack's data plane over a real gRPC server on a free loopback port.
+
+    The client channel takes messages of up to 64 MiB both ways, so that the server's
+    own limit is the one a test meets.
+
+    Yields:
+        The port and an open channel to it.
+    """
+    server = create_grpc_server(stack.dataplane, stack.settings)
+    port = bind_grpc_server(server, "127.0.0.1", 0)
+    await server.start()
+    options = [("grpc.max_send_message_length", 64 * MIB), ("grpc.max_receive_message_length", 64 * MIB)]
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}", options=options) as channel:
+            yield port, channel
+    finally:
+        await server.stop(None)
+
+
+def model_infer_request(pixels: np.ndarray, raw: bool = True, **fields: object) -> pb.ModelInferRequest:
+    """A ``ModelInferRequest`` for ``digits`` with ``pixels`` as FP32, raw or typed contents."""
+    request = pb.ModelInferRequest(model_name="digits", **fields)  # type: ignore[arg-type]
+    tensor = request.inputs.add(name="pixels", datatype="FP32", shape=pixels.shape)
+    if raw:
+        request.raw_input_contents.append(pixels.astype("<f4").tobytes())
+    else:
+        tensor.contents.fp32_contents.extend(pixels.reshape(-1).tolist())
+    return request
+
+
+async def run_client_script(*args: str, timeout: float = 120) -> str:
+    """Runs a script under the tritonclient environment and returns its output.
+
+    The script prints ``ALL OK`` when every check passed; anything else fails the test
+    with the script's output.
+    """
+    process = await asyncio.create_subprocess_exec(
+        clients_python(), *args, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT
+    )
+    output, _ = await asyncio.wait_for(process.communicate(), timeout=timeout)
+    text = output.decode(errors="replace")
+    assert process.returncode == 0, text
+    assert "ALL OK" in text, text
+    return text

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import logging
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -219,7 +221,12 @@ async def test_queue_full_is_reported(tmp_path: Path) -> None:
     first = asyncio.ensure_future(dp.infer(request([[1, 2, 3]])))
     await asyncio.to_thread(slow.started.wait, 5)
     second = asyncio.ensure_future(dp.infer(request([[1, 2, 3]])))
-    await asyncio.sleep(0.01)
+    batcher = dp.registry.resolve("m").batcher
+    for _ in range(500):  # until the second request waits in the (one-row) queue
+        if batcher.queued_rows == 1:
+            break
+        await asyncio.sleep(0.002)
+    assert batcher.queued_rows == 1
     with pytest.raises(QueueFull):
         await dp.infer(request([[1, 2, 3]]))
     slow.release.set()
@@ -281,7 +288,7 @@ async def test_drain_waits_for_in_flight_serves_late_arrivals_and_stop_rejects(t
     slow.release.set()
     late = await dp.infer(request([[1, 2, 3]]))  # arrived after SIGTERM: still served
     assert late.version == 1
-    await drain
+    assert await drain == 0
     assert (await in_flight).version == 1
     await dp.stop()
     assert not dp.live()
@@ -289,17 +296,30 @@ async def test_drain_waits_for_in_flight_serves_late_arrivals_and_stop_rejects(t
         await dp.infer(request([[1, 2, 3]]))
 
 
-async def test_drain_gives_up_after_the_grace_period(tmp_path: Path) -> None:
+async def test_drain_gives_up_after_the_grace_period(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     write_fake_version(tmp_path, "m", 1)
     slow = SlowRuntime()
     slow.release.set()
     dp, _, _ = await make_plane(tmp_path, Factory({1: lambda m: slow}))
     slow.release.clear()
+    slow.started.clear()
     in_flight = asyncio.ensure_future(dp.infer(request([[1, 2, 3]])))
-    await asyncio.sleep(0.02)
-    await dp.drain(grace_s=0.05)
+    await asyncio.to_thread(slow.started.wait, 5)
+    grace = 0.2
+    started = time.monotonic()
+    with caplog.at_level(logging.WARNING, logger="modelloop.serving.dataplane"):
+        left = await dp.drain(grace_s=grace)
+    waited = time.monotonic() - started
+    # It gave up: the request is still running, and drain says so.
+    assert left == 1 and not in_flight.done()
+    assert "drain: 1 requests still running after 0.2 s" in caplog.text
+    # ... once the grace period was over, not before it and not long after (a generous bound).
+    assert grace <= waited < grace + 5
     slow.release.set()
-    await in_flight
+    assert (await in_flight).version == 1  # the abandoned request still finishes
+    assert await dp.drain(grace_s=grace) == 0  # nothing left: a clean drain returns at once
     await dp.stop()
 
 
@@ -328,7 +348,10 @@ class BrokenBody:
     def target(self) -> tuple[str, str | None, str | None]:
         return self.model, self.version, None
 
-    async def decode(self, metadata: ModelMetadata) -> InferRequest:
+    async def read(self) -> None:
+        pass
+
+    def decode(self, metadata: ModelMetadata) -> InferRequest:
         self.decoded = True
         raise InvalidInput(f"malformed body for {metadata.name}")
 
@@ -421,3 +444,64 @@ async def _digits_plane(repo: Path) -> tuple[DataPlane, CollectorRegistry, Recor
     plane = DataPlane(registry, metrics)
     await plane.start()
     return plane, prom, RecordingObserver()
+
+
+class SlowBody:
+    """A decoder whose body arrives only when the test says so."""
+
+    protocol = Protocol.V2_REST
+
+    def __init__(self) -> None:
+        self.arrived = asyncio.Event()
+        self.reading = asyncio.Event()
+
+    def target(self) -> tuple[str, str | None, str | None]:
+        return "m", None, None
+
+    async def read(self) -> None:
+        self.reading.set()
+        await self.arrived.wait()
+
+    def decode(self, metadata: ModelMetadata) -> InferRequest:
+        return request([[1, 2, 3]])
+
+
+async def test_a_version_that_unloads_while_a_body_arrives_is_not_chosen(tmp_path: Path) -> None:
+    # The version resolves after the body is in, and nothing awaits between resolving and
+    # holding it: a slow upload can neither hit "version is unloading" nor hold an unload.
+    write_fake_version(tmp_path, "m", 1)
+    write_fake_version(tmp_path, "m", 2)
+    dp, _, _ = await make_plane(tmp_path)
+    decoder = SlowBody()
+    call = asyncio.create_task(dp.handle(decoder))
+    await decoder.reading.wait()
+    (tmp_path / "m" / "2").rename(tmp_path / "gone-2")
+    await dp.registry.poll()  # the latest on disk is now 1: it loads, then 2 unloads
+    await dp.registry.settle()
+    assert [s.version for s in dp.model_status("m") if s.state is ModelState.AVAILABLE] == [1]
+    decoder.arrived.set()
+    response = await asyncio.wait_for(call, timeout=10)
+    assert response.version == 1
+    await dp.stop()
+
+
+async def test_nan_is_served_by_default_and_refused_when_the_config_asks(tmp_path: Path) -> None:
+    write_fake_version(tmp_path, "lenient", 1)
+    write_fake_version(tmp_path, "strict", 1)
+    write_config(tmp_path, "strict", {"refuse_nan": True})
+    dp, _, observer = await make_plane(tmp_path)
+    try:
+        rows = np.ones((2, 3), np.float32)
+        rows[1, 2] = np.nan
+        response = await dp.infer(request(rows, model="lenient"))
+        assert response.version == 1 and len(observer.seen) == 1  # served, and monitoring sees the NaN
+        with pytest.raises(
+            InvalidInput, match=r"input 'x' has 1 NaN or infinite value\(s\), the first at index \[1, 2\]"
+        ):
+            await dp.infer(request(rows, model="strict"))
+        rows[1, 2] = np.inf
+        with pytest.raises(InvalidInput, match=r"refuses them \(refuse_nan in its config\.json\)"):
+            await dp.infer(request(rows, model="strict"))
+        assert (await dp.infer(request(np.ones((1, 3), np.float32), model="strict"))).version == 1
+    finally:
+        await dp.stop()

@@ -269,7 +269,10 @@ async def test_in_flight_requests_finish_before_unload(tmp_path: Path) -> None:
     write_fake_version(tmp_path, "m", 2)
     await registry.poll()
     assert registry.resolve("m").version == 2
-    await asyncio.sleep(0.05)
+    for _ in range(500):  # the unload starts, then waits for the request in flight
+        if registry.status("m", 1).state is ModelState.UNLOADING:
+            break
+        await asyncio.sleep(0.002)
     assert registry.status("m", 1).state is ModelState.UNLOADING
     assert not slow.unloaded
     slow.release.set()

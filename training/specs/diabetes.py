@@ -1,4 +1,10 @@
-"""Diabetes progression (10 features): regression of a disease score one year on."""
+"""Diabetes progression (10 features): regression of a disease score one year on.
+
+On 442 patients a ridge regression is the model to beat: most of the signal is linear.
+The model is "wide and deep": the standardised features reach the output both directly
+(a linear model inside the network) and through one small, heavily regularised hidden
+layer, so the network keeps the linear fit and adds what the hidden layer finds.
+"""
 
 from __future__ import annotations
 
@@ -8,14 +14,29 @@ from typing import Any
 import keras
 import numpy as np
 
-from modelloop.training.spec import Dataset
+from modelloop.training.spec import Choice, Dataset, FloatRange, IntRange
 from modelloop.training.specs._layers import dense_block
 
 NAME = "diabetes"
 TASK = "regression"
 INPUT_NAME = "features"
 OUTPUT_NAME = "prediction"
-HPARAMS = {"epochs": 300, "dropout": 0.1, "l2": 1e-3, "patience": 20, "learning_rate": 3e-4}
+HPARAMS = {
+    "epochs": 300,
+    "dropout": 0.3,
+    "l2": 1e-2,
+    "patience": 20,
+    "learning_rate": 1e-3,
+    "units": 16,
+    "layers": 1,
+}
+SEARCH_SPACE = {
+    "units": Choice(8, 16, 32, 64),
+    "layers": IntRange(0, 2),
+    "dropout": FloatRange(0.0, 0.5),
+    "l2": FloatRange(1e-4, 1e-1, log=True),
+    "learning_rate": FloatRange(1e-4, 1e-2, log=True),
+}
 
 
 def load_data() -> Dataset:
@@ -31,7 +52,7 @@ def load_data() -> Dataset:
 
 
 def build_model(normalizer: keras.layers.Layer, hparams: Mapping[str, Any]) -> keras.Model:
-    """Normalization -> Dense 32 + dropout -> linear output, rescaled to target units.
+    """Normalization -> [the features, ``layers`` x (Dense ``units`` + dropout)] -> linear, rescaled.
 
     The trainer passes the training targets' ``target_mean`` and ``target_std`` in
     ``hparams``; the last layer maps the standardised output back to the score scale,
@@ -39,11 +60,14 @@ def build_model(normalizer: keras.layers.Layer, hparams: Mapping[str, Any]) -> k
     """
     inputs = keras.Input(shape=(10,), name=INPUT_NAME)
     x = normalizer(inputs)
-    x = dense_block(x, 32, hparams)
-    x = keras.layers.Dense(1)(x)
+    deep = x
+    for _ in range(int(hparams["layers"])):
+        deep = dense_block(deep, int(hparams["units"]), hparams)
+    joined = keras.layers.Concatenate()([x, deep]) if int(hparams["layers"]) else x
+    x = keras.layers.Dense(1, kernel_regularizer=keras.regularizers.L2(float(hparams["l2"])))(joined)
     outputs = keras.layers.Rescaling(
         scale=float(hparams.get("target_std", 1.0)),
         offset=float(hparams.get("target_mean", 0.0)),
         name=OUTPUT_NAME,
     )(x)
-    return keras.Model(inputs, outputs, name="diabetes_mlp")
+    return keras.Model(inputs, outputs, name="diabetes_wide_deep")

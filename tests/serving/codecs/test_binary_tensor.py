@@ -20,9 +20,9 @@ from modelloop.serving.datatypes import OIP_TO_NUMPY, to_oip_datatype
 from modelloop.serving.errors import InvalidInput
 from modelloop.serving.protos import grpc_service_pb2 as pb
 from modelloop.serving.types import InferResponse
+from tests.tools import clients_python
 
 ROOT = Path(__file__).resolve().parents[3]
-CLIENT_PYTHON = ROOT / ".venv-clients" / "bin" / "python"
 
 # Each OIP datatype with values that reach its limits, as 2 x 2 tensors.
 NUMERIC = {
@@ -371,11 +371,10 @@ print(json.dumps({
 """
 
 
-@pytest.mark.skipif(not CLIENT_PYTHON.exists(), reason="no .venv-clients (make install)")
 def test_tritonclient_reads_and_writes_the_same_bytes() -> None:
     ours = {"bytes": encode_binary_tensor(STRINGS).hex(), "fp16": encode_binary_tensor(NUMERIC["FP16"]).hex()}
     result = subprocess.run(
-        [str(CLIENT_PYTHON), "-c", _TRITONCLIENT_SCRIPT],
+        [clients_python(), "-c", _TRITONCLIENT_SCRIPT],
         input=json.dumps(ours),
         capture_output=True,
         text=True,

@@ -9,7 +9,6 @@ tritonclient's gRPC client in a subprocess (its generated module would clash wit
 
 from __future__ import annotations
 
-import asyncio
 import json
 from collections.abc import AsyncIterator, Awaitable
 from pathlib import Path
@@ -34,20 +33,16 @@ from tensorflow_serving.apis import (
 )
 
 from modelloop.serving.dataplane import DataPlane
-from modelloop.serving.grpc.server import bind_grpc_server, create_grpc_server
 from modelloop.serving.protos import grpc_service_pb2 as pb
 from modelloop.serving.protos import grpc_service_pb2_grpc as pb_grpc
 
-from ..edge_support import serve
+from ..edge_support import MIB, grpc_channel, model_infer_request, run_client_script, serve
 
 TESTDATA = Path(__file__).resolve().parents[2] / "testdata"
-ROOT = Path(__file__).resolve().parents[3]
-CLIENT_PYTHON = ROOT / ".venv-clients" / "bin" / "python"
 TRITON_SCRIPT = Path(__file__).with_name("tritonclient_grpc_check.py")
 ROWS = np.array(
     json.loads((TESTDATA / "tfserving-predict-request.json").read_text())["instances"], np.float32
 )
-MIB = 1024 * 1024
 BIG_ROWS = 20_000  # 20 000 x 64 float32 = 5.1 MB: over gRPC's 4 MiB default
 
 
@@ -68,16 +63,11 @@ class Served:
 async def served(digits_repo: Path) -> AsyncIterator[tuple[Served, DataPlane]]:
     # Large enough that a >4 MiB request is one legal batch.
     batching = {"max_batch_size": BIG_ROWS, "batch_timeout_micros": 0}
-    async with serve(digits_repo, real_runtimes=True, batching=batching) as stack:
-        server = create_grpc_server(stack.dataplane, stack.settings)
-        port = bind_grpc_server(server, "127.0.0.1", 0)
-        await server.start()
-        options = [("grpc.max_send_message_length", 64 * MIB), ("grpc.max_receive_message_length", 64 * MIB)]
-        try:
-            async with grpc.aio.insecure_channel(f"127.0.0.1:{port}", options=options) as channel:
-                yield Served(port, channel, stack.prometheus), stack.dataplane
-        finally:
-            await server.stop(None)
+    async with (
+        serve(digits_repo, real_runtimes=True, batching=batching) as stack,
+        grpc_channel(stack) as (port, channel),
+    ):
+        yield Served(port, channel, stack.prometheus), stack.dataplane
 
 
 @pytest.fixture
@@ -113,14 +103,7 @@ def _predict(
     return request
 
 
-def _infer(pixels: np.ndarray, raw: bool = True, **fields: object) -> pb.ModelInferRequest:
-    request = pb.ModelInferRequest(model_name="digits", **fields)
-    tensor = request.inputs.add(name="pixels", datatype="FP32", shape=pixels.shape)
-    if raw:
-        request.raw_input_contents.append(pixels.astype("<f4").tobytes())
-    else:
-        tensor.contents.fp32_contents.extend(pixels.reshape(-1).tolist())
-    return request
+_infer = model_infer_request
 
 
 def _oip_output(response: pb.ModelInferResponse, name: str = "probabilities") -> np.ndarray:
@@ -352,22 +335,10 @@ async def test_classify_is_unimplemented(served) -> None:
     assert error.code() == UNIMPLEMENTED and "Classify" in error.details()
 
 
-@pytest.mark.skipif(not CLIENT_PYTHON.exists(), reason="needs .venv-clients (make install)")
 async def test_tritonclient_grpc(served, tmp_path: Path, onnx_probabilities: np.ndarray) -> None:
     s, _ = served
     pixels_path = tmp_path / "pixels.npy"
     np.save(pixels_path, ROWS)
-    process = await asyncio.create_subprocess_exec(
-        str(CLIENT_PYTHON),
-        str(TRITON_SCRIPT),
-        str(s.port),
-        str(pixels_path),
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.STDOUT,
-    )
-    output, _ = await asyncio.wait_for(process.communicate(), timeout=120)
-    text = output.decode(errors="replace")
-    assert process.returncode == 0, text
-    assert "ALL OK" in text, text
+    await run_client_script(str(TRITON_SCRIPT), str(s.port), str(pixels_path))
     got = np.load(str(pixels_path) + ".out.npy")
     np.testing.assert_allclose(got, onnx_probabilities, rtol=1e-5, atol=1e-6)

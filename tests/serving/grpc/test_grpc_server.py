@@ -50,6 +50,7 @@ from modelloop.serving.protos import grpc_service_pb2 as pb
 from modelloop.serving.protos import grpc_service_pb2_grpc as pb_grpc
 
 from ..edge_support import (
+    MIB,
     EdgeStack,
     GatedRuntime,
     RuntimeFactory,
@@ -57,13 +58,14 @@ from ..edge_support import (
     UnencodableRuntime,
     digits_probabilities,
     failing,
+    grpc_channel,
+    model_infer_request,
     serve,
     write_digits,
     write_version,
 )
 from ..fakes import FailingLoadRuntime
 
-MIB = 1024 * 1024
 ADMIN = "s3cret"
 BIG_ROWS = 20_000  # 20 000 x 64 float32 = 5.1 MB: over gRPC's 4 MiB default, under our 16 MiB limit
 FRESH_ID = re.compile(r"[0-9a-f]{32}")
@@ -110,16 +112,8 @@ async def grpc_edge(
     settings.setdefault("admin_token", ADMIN)
     settings.setdefault("grpc_max_message_bytes", 16 * MIB)
     settings.setdefault("batching", {"max_batch_size": BIG_ROWS})
-    async with serve(repo, factory, **settings) as stack:
-        server = create_grpc_server(stack.dataplane, stack.settings)
-        port = bind_grpc_server(server, "127.0.0.1", 0)
-        await server.start()
-        options = [("grpc.max_send_message_length", 64 * MIB), ("grpc.max_receive_message_length", 64 * MIB)]
-        try:
-            async with grpc.aio.insecure_channel(f"127.0.0.1:{port}", options=options) as channel:
-                yield Edge(stack, port, channel)
-        finally:
-            await server.stop(None)
+    async with serve(repo, factory, **settings) as stack, grpc_channel(stack) as (port, channel):
+        yield Edge(stack, port, channel)
 
 
 @pytest.fixture
@@ -159,14 +153,7 @@ def _predict_request(pixels: np.ndarray | None = None, **spec: object) -> predic
 def _infer_request(
     pixels: np.ndarray | None = None, raw: bool = True, **fields: object
 ) -> pb.ModelInferRequest:
-    pixels = _pixels() if pixels is None else pixels
-    request = pb.ModelInferRequest(model_name="digits", **fields)
-    tensor = request.inputs.add(name="pixels", datatype="FP32", shape=pixels.shape)
-    if raw:
-        request.raw_input_contents.append(pixels.astype("<f4").tobytes())
-    else:
-        tensor.contents.fp32_contents.extend(pixels.reshape(-1).tolist())
-    return request
+    return model_infer_request(_pixels() if pixels is None else pixels, raw, **fields)
 
 
 def _outputs(response: pb.ModelInferResponse) -> dict[str, np.ndarray]:

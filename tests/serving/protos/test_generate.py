@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
+
+import pytest
 
 from modelloop.serving.protos import generate, grpc_service_pb2, grpc_service_pb2_grpc
 
@@ -71,3 +75,32 @@ def test_wire_names_and_field_numbers_follow_the_public_spec() -> None:
         "double_param": 4,
         "uint64_param": 5,
     }
+
+
+def test_the_command_regenerates_into_a_folder(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    result = subprocess.run(
+        [sys.executable, "-m", "modelloop.serving.protos.generate", "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
+    assert sorted(Path(line).name for line in result.stdout.splitlines()) == sorted(generate.GENERATED)
+    for name in generate.GENERATED:
+        assert (out / name).read_text() == (generate.PROTO_DIR / name).read_text()
+
+
+def test_a_proto_protoc_refuses_is_reported_with_protocs_message(tmp_path: Path) -> None:
+    proto = tmp_path / "grpc_service.proto"
+    proto.write_text('syntax = "proto3";\nmessage Broken { int32 x = ; }\n')
+    with pytest.raises(RuntimeError, match=r"protoc failed on .*grpc_service\.proto: .*Expected"):
+        generate.generate(tmp_path / "out", proto)
+
+
+def test_a_proto_without_the_service_has_nothing_to_rewrite(tmp_path: Path) -> None:
+    # Without a service, protoc's grpc module imports no messages: the rewrite has no line to fix.
+    proto = tmp_path / "grpc_service.proto"
+    proto.write_text('syntax = "proto3";\npackage inference;\nmessage Only { int32 x = 1; }\n')
+    with pytest.raises(RuntimeError, match="no 'import grpc_service_pb2' line to rewrite"):
+        generate.generate(tmp_path / "out", proto)

@@ -16,10 +16,8 @@ import pytest
 from modelloop.serving.rest.app import create_app
 from modelloop.serving.rest.server import bind_rest_socket, create_rest_server
 
-from ..edge_support import EdgeStack, serve, write_digits, write_multi
+from ..edge_support import EdgeStack, run_client_script, serve, write_digits, write_multi
 
-ROOT = Path(__file__).resolve().parents[3]
-CLIENT_PYTHON = ROOT / ".venv-clients" / "bin" / "python"
 SCRIPT = Path(__file__).with_name("tritonclient_check.py")
 
 
@@ -46,20 +44,9 @@ async def served(tmp_path: Path) -> AsyncIterator[tuple[int, EdgeStack]]:
             sock.close()
 
 
-@pytest.mark.skipif(not CLIENT_PYTHON.exists(), reason="needs .venv-clients (make install)")
 async def test_tritonclient_http(served: tuple[int, EdgeStack]) -> None:
     port, stack = served
-    process = await asyncio.create_subprocess_exec(
-        str(CLIENT_PYTHON),
-        str(SCRIPT),
-        str(port),
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.STDOUT,
-    )
-    output, _ = await asyncio.wait_for(process.communicate(), timeout=120)
-    text = output.decode(errors="replace")
-    assert process.returncode == 0, text
-    assert "ALL OK" in text, text
+    await run_client_script(str(SCRIPT), str(port))
     # What the client sent reached the real data plane: both versions answered over v2_rest.
     assert stack.count("digits", "1", "v2_rest", "OK") == 2
     assert stack.count("digits", "2", "v2_rest", "OK") >= 4
