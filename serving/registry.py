@@ -472,7 +472,9 @@ class ModelRegistry:
             version = labels[label]
         if version is not None:
             entry = model.versions.get(version)
-            if entry is None:
+            # An END version is gone (its directory removed, or the policy dropped it) until
+            # the next poll forgets it: for a request that is the same as never loaded, 404.
+            if entry is None or entry.state is ModelState.END:
                 known = ", ".join(str(v) for v in model.available()) or "none"
                 raise ModelNotFound(f"model {name!r} has no loaded version {version} (available: {known})")
             if entry.state is not ModelState.AVAILABLE or entry.servable is None:

@@ -236,6 +236,10 @@ async def test_removing_a_version_directory_unloads_it(tmp_path: Path) -> None:
     await registry.settle()
     assert factory.built[0].metadata.version == 2 and factory.built[0].unloaded
     assert registry.resolve("m").version == 1  # latest-1 falls back to what is left
+    # Ended but not yet forgotten: a request pinned to it is told it is not there (404).
+    assert [(s.version, s.state.value) for s in registry.statuses("m")] == [(1, "AVAILABLE"), (2, "END")]
+    with pytest.raises(ModelNotFound, match="no loaded version 2"):
+        registry.resolve("m", 2)
     await registry.poll()
     assert [s.version for s in registry.statuses("m")] == [1]
     await registry.stop()
