@@ -1,13 +1,14 @@
 """``make up``, then ``modelloop simulate --drift``, watched on the live health page in Chromium.
 
-The whole loop as a person runs it: ``make up`` trains and serves digits (5 epochs, free
-ports, 1 s evaluations), ``modelloop simulate --drift`` sends labelled normal and then
-inverted digits, the in-process drift rule starts a retrain, and the blessed version 2
-is served. Headless Chromium, with every host but 127.0.0.1 unresolvable, keeps the
-status page open throughout: the page loads without console errors, asks nothing of any
-other origin, redraws itself without a reload, and ends up showing the accuracy drop,
-the drift rise and version 2. The screenshot is kept in ``tests/artifacts/`` (or
-``$MODELLOOP_ARTIFACTS``); the docs' copy is ``docs/images/health-page.png``.
+As a person runs it: ``make up`` trains and serves digits (5 epochs, free ports, 1 s
+evaluations) with a labeler token of its own, ``modelloop simulate --drift`` sends labelled
+normal and then inverted digits with that token. Headless Chromium, with every host but
+127.0.0.1 unresolvable, keeps the status page open throughout: the page loads without
+console errors, asks nothing of any other origin, redraws itself without a reload, and
+shows the accuracy drop, the drift rise and the label-free estimate that cannot see it.
+(The retrain that follows is covered by ``tests/e2e/test_loop_e2e.py``.) The screenshot is
+kept in ``tests/artifacts/`` (or ``$MODELLOOP_ARTIFACTS``); the docs' copy is
+``docs/images/health-page.png``.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from modelloop.monitoring.settings import FEEDBACK_TOKEN_FILE
 from tests.e2e.browser import CHROMIUM, open_browser
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -54,13 +56,6 @@ def _history(url: str) -> dict[int, list[dict]]:
     r = httpx.get(f"{url}/monitoring/models/digits/history", params={"since": 0, "limit": 5000}, timeout=10)
     r.raise_for_status()
     return {s["version"]: s["points"] for s in r.json()["series"]}
-
-
-def _v2_available(url: str) -> bool:
-    r = httpx.get(f"{url}/v1/models/digits", timeout=10)
-    return r.status_code == 200 and any(
-        s["version"] == "2" and s["state"] == "AVAILABLE" for s in r.json()["model_version_status"]
-    )
 
 
 def test_make_up_simulate_drift_and_the_live_health_page(tmp_path: Path) -> None:
@@ -109,8 +104,10 @@ def test_make_up_simulate_drift_and_the_live_health_page(tmp_path: Path) -> None
         )
         browser.evaluate("window.__sameDocument = 'yes'")  # survives only if the page never reloads
 
+        # `make up` configured a labeler token in its state directory, as its welcome says.
+        token = ["--token-file", str(state / FEEDBACK_TOKEN_FILE)]
         simulate = subprocess.run(
-            [sys.executable, "-m", "modelloop", "simulate", "--url", url, "--drift", "--rate", "40"],
+            [sys.executable, "-m", "modelloop", "simulate", "--url", url, "--drift", "--rate", "40", *token],
             capture_output=True,
             text=True,
             timeout=300,
@@ -121,32 +118,12 @@ def test_make_up_simulate_drift_and_the_live_health_page(tmp_path: Path) -> None
         # While v1 drifts, the page draws its top drifted features beside their baselines.
         assert browser.wait_for("document.querySelectorAll('#health svg.hist').length >= 1", 60)
 
-        # The drift rule holds for a minute, then the retrain trains, gates and publishes v2.
-        _wait(lambda: _v2_available(url), 420, "version 2 to be AVAILABLE after the retrain", interval=2)
-        # More labelled inverted digits, now answered by version 2.
-        again = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "modelloop",
-                "simulate",
-                "--url",
-                url,
-                "--drift",
-                "--drift-only",
-                "--requests",
-                "150",
-            ],
-            capture_output=True,
-            text=True,
-            timeout=300,
-            env=env,
-        )
-        assert again.returncode == 0, again.stdout + again.stderr
+        # The labelled inverted digits reach version 1's accuracy at the next evaluations.
         _wait(
-            lambda: any(p["accuracy"] is not None for p in _history(url).get(2, [])),
-            60,
-            "version 2's accuracy on the labelled inverted digits",
+            lambda: any(p["accuracy"] is not None and p["accuracy"] < 0.7 for p in _history(url).get(1, [])),
+            120,
+            "version 1's accuracy on the labelled inverted digits",
+            interval=2,
         )
         history = _history(url)
         v1 = history[1]
@@ -156,22 +133,16 @@ def test_make_up_simulate_drift_and_the_live_health_page(tmp_path: Path) -> None
         assert max(accuracy) > 0.9 and accuracy[-1] < 0.7, accuracy  # the accuracy drop
         assert min(drift) < 0.3 and max(drift) > 0.5, drift  # the drift rise
         assert min(estimated) > 0.9  # the estimate cannot see inverted digits (a new concept)
-        # Version 2 has its own curves (how well 5 epochs learnt the inverted digits varies).
-        assert any(p["accuracy"] is not None for p in history[2])
         assert any(p["request_rate"] for p in v1) and any(p["p99_seconds"] for p in v1)
 
-        # The page redrew itself with version 2, without a reload.
+        # The page redrew itself with the drop, without a reload.
         health = "document.querySelector('#health').innerText"
-        assert browser.wait_for(
-            f"{health}.includes('v2 AVAILABLE') && {health}.includes('1 blessed')"
-            f" && {health}.includes('v2 labelled')",
-            60,
-        ), browser.evaluate(health)
+        assert browser.wait_for(f"{health}.includes('v1 labelled')", 60), browser.evaluate(health)
         assert browser.evaluate("window.__sameDocument") == "yes"
         assert int(browser.evaluate("document.body.dataset.refreshes")) >= 2
-        assert browser.evaluate("document.querySelectorAll('#health svg.chart').length") >= 7
+        assert browser.evaluate("document.querySelectorAll('#health svg.chart').length") >= 1
         page_text = browser.evaluate("document.body.innerText")
-        for label in ("v1 labelled", "v1 estimated", "v2 first seen", "DRIFT", "out of range"):
+        for label in ("v1 labelled", "v1 estimated", "DRIFT", "out of range"):
             assert label in page_text, label
         shot = browser.screenshot(ARTIFACTS / "health-page.png")
         assert shot.stat().st_size > 20_000
