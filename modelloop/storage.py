@@ -127,10 +127,12 @@ def parse_repository(text: str) -> RepositoryLocation:
             raise StorageError(f"repository URL {text!r} names host {host!r}: use file:///absolute/path")
         return RepositoryLocation(text=text, path=Path("/" + path))
     if scheme == "s3":
-        root = rest.strip("/")
+        root = rest.rstrip("/")
         bucket = root.split("/", 1)[0]
-        if not bucket:
-            raise StorageError(f"repository URL {text!r} names no bucket: use s3://bucket/prefix")
+        if not bucket or "//" in root:
+            raise StorageError(
+                f"repository URL {text!r} names no bucket or has an empty part: use s3://bucket/prefix"
+            )
         return RepositoryLocation(text=text, scheme=scheme, root=root)
     raise StorageError(f"unsupported repository URL scheme {scheme!r} in {text!r}: use {SUPPORTED}")
 
