@@ -324,8 +324,8 @@ def _serving_settings(args: argparse.Namespace) -> tuple[Any, Any, Any]:
         "rest_port": args.rest_port,
         "grpc_port": args.grpc_port,
     }
-    if location.remote:
-        overrides["repo_url"] = location.url
+    # Always given, so a stray MODELLOOP_REPO_URL never turns a local directory into a cache.
+    overrides["repo_url"] = location.url if location.remote else None
     if args.poll_interval is not None:
         overrides["poll_interval_s"] = args.poll_interval
     if args.grace_period is not None:

@@ -71,18 +71,23 @@ class MirroredRepository(ModelRepository):
             listing = self.store.listing()
         except StorageError as exc:
             raise RepositoryUnavailable(str(exc)) from exc
-        self.root.mkdir(parents=True, exist_ok=True)
-        for name in layout.model_names(self.root):
-            if name not in listing:
-                logger.info("model %s left %s; removing its cached copy", name, self.remote)
-                shutil.rmtree(self.root / name, ignore_errors=True)
-                self._config_tags.pop(name, None)
         failures = []
-        for name, model in listing.items():
-            try:
-                self._sync_model(name, model.config, model.committed())
-            except StorageError as exc:
-                failures.append(str(exc))
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            for name in layout.model_names(self.root):
+                if name not in listing:
+                    logger.info("model %s left %s; removing its cached copy", name, self.remote)
+                    shutil.rmtree(self.root / name, ignore_errors=True)
+                    self._config_tags.pop(name, None)
+            for name, model in listing.items():
+                try:
+                    self._sync_model(name, model.config, model.committed())
+                except StorageError as exc:
+                    failures.append(str(exc))
+        except OSError as exc:
+            raise RepositoryUnavailable(
+                f"{self.remote}: cannot update the local copy in {self.root}: {exc}"
+            ) from exc
         if failures:
             raise RepositoryUnavailable("; ".join(failures))
 
