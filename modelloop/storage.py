@@ -285,9 +285,14 @@ class ObjectRepository:
         source = f"{self.location.root}/{stored.key}"
         self._call(lambda: self.fs.get_file(source, str(target)))
 
-    def download_version(self, files: dict[str, StoredFile], target: Path) -> bool:
+    def download_version(self, files: dict[str, StoredFile], target: Path, *, replace: bool = False) -> bool:
         """Downloads one version into ``target`` atomically: a hidden temporary directory
         beside it, renamed into place once every file is there.
+
+        Args:
+            files: The version's objects (a :class:`ModelListing` entry).
+            target: The local version directory.
+            replace: Swap out an existing ``target`` (its files changed in the store).
 
         Returns:
             True when this call put the version there; False when ``target`` already
@@ -297,9 +302,12 @@ class ObjectRepository:
             StorageError: A download failed; nothing is left behind.
         """
         temporary = target.parent / f".download-{target.name}-{uuid.uuid4().hex}"
+        retired = target.parent / f".retired-{target.name}-{uuid.uuid4().hex}"
         try:
             for rel, stored in files.items():
                 self.download(stored, temporary / rel)
+            if replace and target.is_dir():
+                os.rename(target, retired)
             try:
                 os.rename(temporary, target)
             except OSError:
@@ -309,6 +317,7 @@ class ObjectRepository:
             return True
         finally:
             shutil.rmtree(temporary, ignore_errors=True)
+            shutil.rmtree(retired, ignore_errors=True)
 
     def publish(self, staged: Path, name: str, finalize: Callable[[Path, int], None]) -> tuple[str, int]:
         """Publishes a staged version directory as the next version of ``name``.

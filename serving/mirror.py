@@ -128,6 +128,22 @@ class MirroredRepository(ModelRepository):
                 )
                 shutil.rmtree(path, ignore_errors=True)
         for version in wanted:
-            if version not in cached:
+            files = committed[version]
+            if version in cached:
+                if _sizes(cached[version]) == {rel: f.size for rel, f in files.items()}:
+                    continue
+                # Files were added or changed after model.json (an upload that wrote the marker
+                # early): copy the version again, so a FAILED load is retried on what is there now.
+                logger.info("model %s version %s changed in %s; copying it again", name, version, self.remote)
+            else:
                 logger.info("model %s version %s: copying from %s", name, version, self.remote)
-                self.store.download_version(committed[version], model_dir / str(version))
+            self.store.download_version(files, model_dir / str(version), replace=version in cached)
+
+
+def _sizes(version_dir: Path) -> dict[str, int]:
+    """The files of a cached version by relative path, with their sizes (hidden names skipped)."""
+    return {
+        p.relative_to(version_dir).as_posix(): p.stat().st_size
+        for p in version_dir.rglob("*")
+        if p.is_file() and not any(part.startswith(".") for part in p.relative_to(version_dir).parts)
+    }

@@ -230,6 +230,17 @@ def test_the_local_copy_follows_the_store_and_stays_put_when_it_is_unreachable(
     mirror.sync()
     assert list(mirror.versions("m")) == [2, 3]
 
+    # A version whose marker came before its files (a hand upload in the wrong order) is
+    # copied again once the files are there.
+    put(s3, store, "m/5/model.json", card(5))
+    mirror.sync()
+    assert sorted(p.name for p in (cache / "m" / "5").iterdir()) == ["model.json"]
+    put(s3, store, "m/5/model.onnx", b"v5")
+    mirror.sync()
+    assert (cache / "m" / "5" / "model.onnx").read_bytes() == b"v5"
+    assert list(mirror.versions("m")) == [2, 3, 5]
+    assert not [p for p in (cache / "m").iterdir() if p.name.startswith(".")]
+
     # Unreachable: the copy keeps what it had, and the error says why.
     mirror.store = ObjectRepository(store.location)
     mirror.store._fs = None
@@ -239,5 +250,5 @@ def test_the_local_copy_follows_the_store_and_stays_put_when_it_is_unreachable(
             RepositoryUnavailable, match=re.escape("cannot reach the object store at http://127.0.0.1:9")
         ):
             mirror.sync()
-    assert list(mirror.versions("m")) == [2, 3]
+    assert list(mirror.versions("m")) == [2, 3, 5]
     assert mirror.model_names() == ["m"]

@@ -54,6 +54,10 @@ def _infer_body() -> dict[str, object]:
     return {"inputs": [{"name": "pixels", "datatype": "FP32", "shape": [1, 64], "data": ROW[0]}]}
 
 
+def _ready(server: ServerProcess) -> bool:
+    return httpx.get(f"{server.rest_url}/v2/health/ready", timeout=10).status_code == 200
+
+
 def _versions(server: ServerProcess) -> dict[int, str]:
     states = httpx.get(f"{server.rest_url}/v1/models/digits", timeout=10).json()["model_version_status"]
     return {int(s["version"]): s["state"] for s in states}
@@ -100,8 +104,9 @@ def test_export_publishes_into_the_bucket_and_the_server_picks_it_up(
     [("wrong-secret", "access denied"), ("no-bucket", "does not exist"), ("unreachable", "cannot reach")],
 )
 def test_a_store_that_cannot_be_read_at_start_leaves_the_server_not_ready_saying_why(
-    s3: S3Server, tmp_path: Path, case: str, expected: str
+    s3: S3Server, tmp_path: Path, digits_repo: Path, case: str, expected: str
 ) -> None:
+    digits_version = digits_repo / "digits" / "1"
     env = s3.env(MODELLOOP_REPO_CACHE=str(tmp_path))
     url = URL
     if case == "wrong-secret":
@@ -122,6 +127,12 @@ def test_a_store_that_cannot_be_read_at_start_leaves_the_server_not_ready_saying
         # Nothing was loaded from the (empty) cache, and the server keeps trying.
         assert httpx.post(f"{proc.rest_url}/v2/models/digits/infer", json=_infer_body()).status_code == 404
         assert proc.proc.poll() is None
+        if case == "no-bucket":
+            # The bucket appears with a version: the next poll reads it, and the server is ready.
+            s3.client().create_bucket(Bucket="no-such-bucket")
+            s3.upload_tree(digits_version, "no-such-bucket", "prod/digits/1")
+            assert wait_for(lambda: served_version(proc) == 1 if _ready(proc) else False, timeout=30)
+            assert f"repository {url} is available again" in proc.output()
     finally:
         proc.stop()
 
