@@ -252,3 +252,18 @@ def test_the_local_copy_follows_the_store_and_stays_put_when_it_is_unreachable(
             mirror.sync()
     assert list(mirror.versions("m")) == [2, 3, 5]
     assert mirror.model_names() == ["m"]
+
+
+def test_publishing_with_wrong_credentials_fails_in_one_line_and_claims_nothing(
+    s3: S3Server, store: ObjectRepository, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    staged = tmp_path / "staged"
+    staged.mkdir()
+    (staged / "model.onnx").write_bytes(b"onnx")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "not-the-secret")
+    denied = ObjectRepository(store.location)
+    with pytest.raises(StorageError, match="access denied") as caught:
+        denied.publish(staged, "m", lambda path, v: (path / MODEL_CARD_FILE).write_bytes(card(v)))
+    assert "\n" not in str(caught.value) and "check the credentials" in str(caught.value)
+    root = store.location.root.split("/", 1)[1]
+    assert s3.client().list_objects_v2(Bucket=BUCKET, Prefix=f"{root}/")["KeyCount"] == 0
