@@ -9,6 +9,7 @@ The model repository follows TF Serving's layout::
     <repo>/<model>/<version>/baseline.json the drift reference
     <repo>/.staging/                      versions being built (hidden)
     <repo>/<model>/.publish.lock          serialises publishers of one model
+    <repo>/<model>/<version>/.publish.claim in object storage: a publisher's claim on the number
 
 A version directory is a plain decimal integer from 1 up, without leading zeros
 (:func:`is_version_name`); every other entry is ignored, names starting with ``.``
@@ -46,6 +47,8 @@ SAVED_MODEL_DIR = "saved_model"
 BASELINE_FILE = "baseline.json"
 STAGING_DIR = ".staging"
 PUBLISH_LOCK_FILE = ".publish.lock"
+VERSION_CLAIM_FILE = ".publish.claim"
+"""In object storage: created (create-only) in ``<model>/<version>/`` to claim the number."""
 VERSION_FILES = {"onnx": ONNX_FILE, "saved_model": SAVED_MODEL_DIR, "baseline": BASELINE_FILE}
 """The ``"files"`` entry of ``model.json``: what a version directory holds, by role."""
 

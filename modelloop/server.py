@@ -51,12 +51,14 @@ from modelloop.monitoring.store import StoreUnavailable
 from modelloop.serving.dataplane import DataPlane
 from modelloop.serving.grpc.server import bind_grpc_server, create_grpc_server, server_credentials
 from modelloop.serving.metrics import ServingMetrics, multiprocess_registry
+from modelloop.serving.mirror import MirroredRepository
 from modelloop.serving.observer import InferenceObserver
 from modelloop.serving.registry import ModelRegistry
 from modelloop.serving.repository import ModelRepository
 from modelloop.serving.rest.app import StatusColumns, create_app
 from modelloop.serving.rest.server import bind_rest_socket, create_rest_server
 from modelloop.serving.settings import ServingSettings
+from modelloop.storage import StorageError, parse_repository
 
 logger = logging.getLogger(__name__)
 
@@ -180,8 +182,7 @@ class ModelServer:
         labelers: LabelerSettings | None = None,
         role: WorkerRole | None = None,
     ) -> None:
-        if not settings.repo.is_dir():
-            raise ServerError(f"model repository {str(settings.repo)!r} does not exist or is not a directory")
+        repository = _open_repository(settings)
         self.settings = settings
         self.role = role
         self.link = SupervisorLink(role.link_fd) if role is not None else None
@@ -189,7 +190,7 @@ class ModelServer:
         # What /metrics shows: this process's registry, or with workers every worker's sum.
         exposition = multiprocess_registry(role.metrics_dir) if role is not None else self.prometheus
         self.metrics = ServingMetrics(self.prometheus)
-        self.models = ModelRegistry(ModelRepository(settings.repo), settings, metrics=self.metrics)
+        self.models = ModelRegistry(repository, settings, metrics=self.metrics)
         self.monitoring: MonitoringService | None = None
         leader = role is None or role.leader
         if monitoring is not None and monitoring.enabled:
@@ -213,7 +214,13 @@ class ModelServer:
         # The retraining half: the alert webhook's handler and, without Alertmanager, the
         # in-process rules; it counts the runs it launches on the monitoring metrics.
         self.retraining: Retraining | None = None
-        if self.monitoring is not None and monitoring is not None:
+        if self.monitoring is not None and monitoring is not None and settings.repo_url is not None:
+            logger.warning(
+                "retraining publishes into local repositories only: drift and accuracy alerts "
+                "will not retrain models of %s",
+                settings.repo_url,
+            )
+        elif self.monitoring is not None and monitoring is not None:
             self.retraining = build_retraining(
                 monitoring, settings.repo, self.monitoring, shared=role is not None, rules=leader
             )
@@ -361,6 +368,30 @@ class ModelServer:
             self.link.close()
         logger.info("stopped")
         return 0
+
+
+def _open_repository(settings: ServingSettings) -> ModelRepository:
+    """The repository to serve: the directory, or a local copy of a remote repository.
+
+    Raises:
+        ServerError: The directory does not exist, or the URL is not supported.
+    """
+    if settings.repo_url is None:
+        if not settings.repo.is_dir():
+            raise ServerError(f"model repository {str(settings.repo)!r} does not exist or is not a directory")
+        return ModelRepository(settings.repo)
+    try:
+        location = parse_repository(settings.repo_url)
+    except StorageError as exc:
+        raise ServerError(str(exc)) from None
+    try:
+        settings.repo.mkdir(mode=0o700, parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ServerError(
+            f"cannot create the repository cache {str(settings.repo)!r}: {exc.strerror}"
+        ) from exc
+    logger.info("serving %s from the local copy %s", location.url, settings.repo)
+    return MirroredRepository(location, settings.repo)
 
 
 def print_addresses(addresses: BoundAddresses, stream: TextIO | None = None) -> None:

@@ -516,6 +516,8 @@ class DataPlane:
         """True when started, not draining, and every enabled model has an AVAILABLE version."""
         if not self._started or self.draining or self._stopped:
             return False
+        if not self.registry.repository_synced:
+            return False  # a remote repository not read yet: its models are unknown
         for name in self.registry.model_names():
             if not self.registry.is_enabled(name):
                 continue
@@ -524,6 +526,10 @@ class DataPlane:
             except ServiceError:
                 return False
         return True
+
+    def repository_error(self) -> str:
+        """Why a remote repository could not be read at the last poll; ``""`` when it could."""
+        return self.registry.repository_error
 
     def server_metadata(self) -> dict[str, Any]:
         """OIP server metadata: name, version and extensions."""

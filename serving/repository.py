@@ -28,6 +28,7 @@ import numpy as np
 from pydantic import ValidationError
 
 from modelloop import layout
+from modelloop.errors import ErrorCode
 from modelloop.serving.errors import ServingError
 from modelloop.serving.runtimes.onnx import PLATFORM as ONNX_PLATFORM
 from modelloop.serving.runtimes.savedmodel import PLATFORM as SAVEDMODEL_PLATFORM
@@ -42,6 +43,12 @@ class RepositoryError(ServingError):
     """A file in the repository is missing or malformed; the message names the file."""
 
 
+class RepositoryUnavailable(ServingError):
+    """A remote repository cannot be read now (network, credentials, bucket); says why."""
+
+    code = ErrorCode.UNAVAILABLE
+
+
 def _tensor_specs(entries: tuple[layout.TensorEntry, ...]) -> tuple[TensorSpec, ...]:
     return tuple(TensorSpec(name=e.name, dtype=np.dtype(e.dtype), shape=e.shape) for e in entries)
 
@@ -53,8 +60,18 @@ class ModelRepository:
         root: The repository directory. It may not exist yet (it then holds no models).
     """
 
+    remote: str | None = None
+    """The URL of the remote repository this directory mirrors; None for a local one."""
+
     def __init__(self, root: Path) -> None:
         self.root = Path(root)
+
+    def sync(self) -> None:
+        """Fetches what changed in a remote repository; a local one has nothing to fetch.
+
+        Raises:
+            RepositoryUnavailable: A remote repository cannot be read now.
+        """
 
     def model_names(self) -> list[str]:
         """Model directories, sorted; hidden names are skipped."""

@@ -202,7 +202,9 @@ class ServingSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="MODELLOOP_", env_nested_delimiter="__", extra="ignore")
 
     repo: Path
-    """The model repository root."""
+    """The model repository root; with ``repo_url``, the local copy of that repository."""
+    repo_url: str | None = None
+    """A repository in object storage (``s3://bucket/prefix``) that ``repo`` mirrors; None = local."""
     host: str = "127.0.0.1"
     """Interface both servers bind."""
     rest_port: int = Field(default=8501, ge=0, le=65535)

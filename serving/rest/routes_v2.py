@@ -189,6 +189,8 @@ def create_v2_router(dataplane: DataPlane, settings: ServingSettings) -> APIRout
         # Triton answers 400 here, which reads as a client error.
         if dataplane.ready():
             return _json(b'{"ready":true}')
+        if dataplane.repository_error():
+            return error_response(f"server is not ready: {dataplane.repository_error()}", 503)
         return error_response("server is not ready: a model has no available version, or it is draining", 503)
 
     def metadata(model: str, version: int | None) -> Response:
