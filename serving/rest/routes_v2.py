@@ -12,6 +12,7 @@ import orjson
 from fastapi import APIRouter, Request, Response
 
 from modelloop.errors import ServiceError
+from modelloop.serving import tracing
 from modelloop.serving.codecs import v2_json
 from modelloop.serving.errors import InvalidInput
 from modelloop.serving.rest.errors import JsonResponse, error_response, service_error_response
@@ -28,6 +29,7 @@ from modelloop.serving.rest.schemas import (
     V2Ready,
     V2ServerMetadata,
 )
+from modelloop.serving.rest.tracing import INFER_SPAN, answered, traced_http
 from modelloop.serving.types import (
     InferRequest,
     InferResponse,
@@ -134,15 +136,29 @@ async def answer_infer(dataplane: DataPlane, request: Request, decoder: InferDec
 
     Returns:
         The response: JSON, or a JSON header followed by binary outputs, or
-        ``{"error": ...}`` with the mapped status; all carry ``x-request-id``.
+        ``{"error": ...}`` with the mapped status; all carry ``x-request-id``. With tracing
+        on, the call runs inside its request span (parent: the ``traceparent`` header).
     """
+    if tracing.TRACER is not None:
+        with traced_http(INFER_SPAN, decoder.protocol, request) as span:
+            answer = await _answer_infer(dataplane, request, decoder)
+            answered(span, answer.status_code)
+            return answer
+    return await _answer_infer(dataplane, request, decoder)
+
+
+async def _answer_infer(dataplane: DataPlane, request: Request, decoder: InferDecoder) -> Response:
     try:
         response = await dataplane.handle(decoder, client_id=request.headers.get(REQUEST_ID_HEADER))
     except ServiceError as error:
         return service_error_response(error, {REQUEST_ID_HEADER: error.request_id})
     headers = {REQUEST_ID_HEADER: response.id}
     try:
-        payload, json_length = decoder.encode(response)
+        if tracing.TRACER is not None:
+            with tracing.encode_span(decoder.protocol, response.model, response.version):
+                payload, json_length = decoder.encode(response)
+        else:
+            payload, json_length = decoder.encode(response)
     except ServiceError as error:
         return service_error_response(error, headers)
     if json_length is None:
