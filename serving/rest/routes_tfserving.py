@@ -114,7 +114,9 @@ class PredictDecoder:
         return tfserving_json.encode_predict_response(response, self.row_format)
 
 
-async def answer_predict(dataplane: DataPlane, request: Request, decoder: PredictDecoder) -> Response:
+async def answer_predict(
+    dataplane: DataPlane, request: Request, decoder: PredictDecoder, *, in_span: bool = False
+) -> Response:
     """Runs a ``:predict`` call through the data plane and builds its HTTP response.
 
     The one handler of the route and of the ASGI fast path (:mod:`.fastpath`). With
@@ -125,20 +127,18 @@ async def answer_predict(dataplane: DataPlane, request: Request, decoder: Predic
         dataplane: The data plane.
         request: The HTTP request (its ``x-request-id`` header).
         decoder: The call.
+        in_span: Whether the request span is open already (the traced call's second
+            entry; tracing off costs one check, not a call of its own). Defaults to False.
 
     Returns:
         The response: the predictions, or ``{"error": ...}`` with the mapped status; both
         carry ``x-request-id``.
     """
-    if tracing.TRACER is not None:
+    if tracing.TRACER is not None and not in_span:
         with traced_http(PREDICT_SPAN, decoder.protocol, request) as span:
-            answer = await _answer_predict(dataplane, request, decoder)
+            answer = await answer_predict(dataplane, request, decoder, in_span=True)
             answered(span, answer.status_code)
             return answer
-    return await _answer_predict(dataplane, request, decoder)
-
-
-async def _answer_predict(dataplane: DataPlane, request: Request, decoder: PredictDecoder) -> Response:
     try:
         response = await dataplane.handle(decoder, client_id=request.headers.get(REQUEST_ID_HEADER))
     except ServiceError as error:

@@ -124,7 +124,9 @@ def _json(payload: bytes, status: int = 200) -> Response:
     return Response(payload, status_code=status, media_type=JSON)
 
 
-async def answer_infer(dataplane: DataPlane, request: Request, decoder: InferDecoder) -> Response:
+async def answer_infer(
+    dataplane: DataPlane, request: Request, decoder: InferDecoder, *, in_span: bool = False
+) -> Response:
     """Runs an ``/infer`` call through the data plane and builds its HTTP response.
 
     The one handler of the routes and of the ASGI fast path (:mod:`.fastpath`).
@@ -133,21 +135,19 @@ async def answer_infer(dataplane: DataPlane, request: Request, decoder: InferDec
         dataplane: The data plane.
         request: The HTTP request (its ``x-request-id`` header).
         decoder: The call.
+        in_span: Whether the request span is open already (the traced call's second
+            entry; tracing off costs one check, not a call of its own). Defaults to False.
 
     Returns:
         The response: JSON, or a JSON header followed by binary outputs, or
         ``{"error": ...}`` with the mapped status; all carry ``x-request-id``. With tracing
         on, the call runs inside its request span (parent: the ``traceparent`` header).
     """
-    if tracing.TRACER is not None:
+    if tracing.TRACER is not None and not in_span:
         with traced_http(INFER_SPAN, decoder.protocol, request) as span:
-            answer = await _answer_infer(dataplane, request, decoder)
+            answer = await answer_infer(dataplane, request, decoder, in_span=True)
             answered(span, answer.status_code)
             return answer
-    return await _answer_infer(dataplane, request, decoder)
-
-
-async def _answer_infer(dataplane: DataPlane, request: Request, decoder: InferDecoder) -> Response:
     try:
         response = await dataplane.handle(decoder, client_id=request.headers.get(REQUEST_ID_HEADER))
     except ServiceError as error:
