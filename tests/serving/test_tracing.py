@@ -63,7 +63,8 @@ def spans() -> Iterator[InMemorySpanExporter]:
     """Tracing on, into memory, for one test; off again after it."""
     # The monitoring writer uses the process's provider, as in a server. It can be set
     # once per process; this module is its only user in the test run.
-    trace.set_tracer_provider(PROVIDER)
+    if trace.get_tracer_provider() is not PROVIDER:
+        trace.set_tracer_provider(PROVIDER)
     assert trace.get_tracer_provider() is PROVIDER
     EXPORTER.clear()
     tracing.enable(PROVIDER.get_tracer("test"))
@@ -308,8 +309,8 @@ async def test_the_monitoring_write_links_the_requests_it_logs(
     observer.start()
     try:
         async with serve(repo) as stack:
+            # A second data plane over the started registry, with the monitoring observer.
             dataplane = DataPlane(stack.dataplane.registry, stack.dataplane.metrics, observer=observer)
-            await dataplane.start()
             async with client_for(dataplane, stack) as client:
                 for i in range(3):
                     headers = {"traceparent": f"00-{i + 1:032x}-{PARENT_ID}-01"}
