@@ -49,7 +49,7 @@ EXPORTERS = ("otlp", "console")
 OTLP_PROTOCOL = "http/protobuf"
 DEFAULT_SERVICE_NAME = "modelloop"
 # Longest wait for the last spans at shutdown (the exporter's own timeout is 10 s).
-SHUTDOWN_TIMEOUT_S = 5.0
+SHUTDOWN_TIMEOUT_S = 3.0
 
 
 @dataclass
@@ -234,7 +234,7 @@ def shutdown_tracing(provider: Any, timeout_s: float = SHUTDOWN_TIMEOUT_S) -> No
     Args:
         provider: What :func:`setup_tracing` returned (None: nothing to do).
         timeout_s: The longest wait; an unreachable receiver does not hold the exit up.
-            Defaults to 5.
+            Defaults to 3.
     """
     if provider is None:
         return

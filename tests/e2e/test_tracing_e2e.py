@@ -13,7 +13,9 @@ from __future__ import annotations
 import gzip
 import http.server
 import shutil
+import socket
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -295,3 +297,28 @@ def test_each_worker_exports_its_own_spans(served_repo: Path, tmp_path: Path, re
         assert wait_for(lambda: workers() == {0, 1}, timeout=20), (workers(), proc.output())
     finally:
         assert proc.stop() == 0
+
+
+def test_an_unreachable_collector_costs_spans_not_requests(served_repo: Path, tmp_path: Path) -> None:
+    with socket.socket() as probe:  # a port nobody listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    repo = tmp_path / "repo"
+    shutil.copytree(served_repo, repo)
+    env = {
+        "OTEL_TRACES_EXPORTER": "otlp",
+        "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{port}",
+        "OTEL_BSP_SCHEDULE_DELAY": "50",
+    }
+    proc = _serve(repo, tmp_path / "state", env)
+    try:
+        with httpx.Client(base_url=proc.rest_url, timeout=10) as client:
+            for _ in range(20):
+                answer = client.post("/v1/models/digits:predict", json={"instances": [ROW]})
+                assert answer.status_code == 200, answer.text
+        assert "tracing on" in proc.output()
+    finally:
+        started = time.monotonic()
+        assert proc.stop() == 0
+    # The last spans wait at most a few seconds for a collector that is not there.
+    assert time.monotonic() - started < 15, proc.output()
