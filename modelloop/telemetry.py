@@ -196,7 +196,8 @@ def _install(plan: TracingPlan, env: Mapping[str, str], worker: int | None) -> A
         resource = resource.merge(Resource({SERVICE_NAME: DEFAULT_SERVICE_NAME}))
     if worker is not None:
         resource = resource.merge(Resource({"modelloop.worker": worker}))
-    provider = TracerProvider(resource=resource)
+    # Shut down by shutdown_tracing, bounded; not again at interpreter exit.
+    provider = TracerProvider(resource=resource, shutdown_on_exit=False)
     built: list[str] = []
     for name in plan.exporters:
         exporter: SpanExporter
