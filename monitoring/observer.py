@@ -88,8 +88,8 @@ def predicted_values(outputs: np.ndarray, task: str) -> np.ndarray:
 def write_span(batch: list[Any], traced: list[Any]) -> Any:
     """Starts the span of one written batch: linked to every traced request in it.
 
-    Its parent is the first traced request's span, so that a lone request's trace shows
-    its write; tracing is on when requests carry a span context (``InferRequest.trace``),
+    Its parent is the first traced (and sampled) request's span, so that a lone request's
+    trace shows its write; tracing is on when requests carry a span context (``InferRequest.trace``),
     and the span goes to the process's tracer provider, which the server set up.
 
     Args:
@@ -101,6 +101,8 @@ def write_span(batch: list[Any], traced: list[Any]) -> Any:
     """
     from opentelemetry import trace
 
+    # The first sampled request is the parent (a ratio sampler keeps the span for it).
+    parent = next((c for c in traced if c.trace_flags.sampled), traced[0])
     models = {(item[0], item[1]) for item in batch}
     attributes: dict[str, str | int] = {"modelloop.monitoring.requests": len(batch)}
     if len(models) == 1:
@@ -109,7 +111,7 @@ def write_span(batch: list[Any], traced: list[Any]) -> Any:
         attributes["modelloop.version"] = version
     return trace.get_tracer("modelloop.monitoring").start_span(
         "modelloop.monitoring.write",
-        context=trace.set_span_in_context(trace.NonRecordingSpan(traced[0])),
+        context=trace.set_span_in_context(trace.NonRecordingSpan(parent)),
         links=[trace.Link(context) for context in traced],
         attributes=attributes,
     )

@@ -43,7 +43,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from modelloop.errors import ErrorCode, ServiceError
@@ -263,8 +263,8 @@ def mark(context: SpanContext | None = None) -> Mark | None:
 def start_batch(marks: Sequence[Mark], model: str, version: int, rows: int, inline: bool) -> Span:
     """Starts a batch span and ends the queue span of each of its requests.
 
-    The batch span's parent is the first request's span and it links to every request's
-    span; each request's queue span (its parent the request span, from the request's
+    The batch span's parent is the first (sampled) request's span and it links to every
+    request's span; each request's queue span (its parent the request span, from the request's
     mark to now) links back to the batch.
 
     Args:
@@ -280,7 +280,11 @@ def start_batch(marks: Sequence[Mark], model: str, version: int, rows: int, inli
     tracer = _tracer()
     trace = _trace
     now = time.time_ns()
-    parent = trace.set_span_in_context(trace.NonRecordingSpan(marks[0][0])) if marks else None
+    parent = (
+        trace.set_span_in_context(trace.NonRecordingSpan(first_sampled(m[0] for m in marks)))
+        if marks
+        else None
+    )
     attrs: dict[str, str | int | bool] = {
         MODEL: model,
         VERSION: version,
@@ -308,6 +312,16 @@ def start_batch(marks: Sequence[Mark], model: str, version: int, rows: int, inli
         )
         queue.end(end_time=now)
     return batch
+
+
+def first_sampled(contexts: Iterable[SpanContext]) -> SpanContext:
+    """The first sampled span context of several (else the first): the parent of a shared span.
+
+    With a ratio sampler a batch may mix sampled and unsampled requests; its span follows
+    the sampling decision of its parent, so a sampled parent keeps it for the sampled ones.
+    """
+    found = list(contexts)
+    return next((c for c in found if c.trace_flags.sampled), found[0])
 
 
 def end_batch(span: Span, error: BaseException | None = None) -> None:

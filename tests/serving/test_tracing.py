@@ -263,6 +263,20 @@ async def test_a_batch_span_links_every_request_it_ran(spans: InMemorySpanExport
         assert (queues[0].attributes or {})[tracing.BATCH_SIZE] == 3
 
 
+def test_a_batch_follows_its_first_sampled_request(spans: InMemorySpanExporter) -> None:
+    # With a ratio sampler a batch mixes sampled and unsampled requests: its span is kept
+    # (parent: the sampled one), and only the sampled request gets a queue span.
+    unsampled = trace.SpanContext(1, 0x11, is_remote=False, trace_flags=trace.TraceFlags(0))
+    sampled = trace.SpanContext(2, 0x22, is_remote=False, trace_flags=trace.TraceFlags(1))
+    span = tracing.start_batch([(unsampled, 0), (sampled, 0)], "digits", 2, rows=2, inline=True)
+    tracing.end_batch(span)
+    finished = spans.get_finished_spans()
+    batch, queue = one(finished, tracing.BATCH), one(finished, tracing.QUEUE)
+    assert batch.parent is not None and batch.parent.span_id == 0x22
+    assert [link.context.span_id for link in batch.links] == [0x11, 0x22]
+    assert queue.parent is not None and queue.parent.span_id == 0x22
+
+
 async def test_a_model_error_marks_the_spans(spans: InMemorySpanExporter, repo: Path) -> None:
     factory = RuntimeFactory({("digits", 2): failing(RuntimeError("boom"))})
     async with serve(repo, factory) as stack, client_for(stack.dataplane, stack) as client:
