@@ -19,7 +19,7 @@ The spans of one request, when on:
 * ``modelloop.queue``: from the batcher taking the request to its batch starting; it
   links to the batch span.
 * ``modelloop.batch``: one per runtime call. A batch serves several requests, so it links
-  to every request span in it, and its parent is the first of them (so that a lone
+  to every request span in it, and its parent is the first (sampled) of them (so that a lone
   request, the usual case at low load, reads as one tree).
 * ``modelloop.encode``: the response body or message, in the edge.
 * ``modelloop.monitoring.write``: the monitoring writer thread's batch (the prediction
