@@ -24,6 +24,7 @@ import contextlib
 import gc
 import json
 import logging
+import os
 import signal
 import socket
 import sys
@@ -59,6 +60,7 @@ from modelloop.serving.rest.app import StatusColumns, create_app
 from modelloop.serving.rest.server import bind_rest_socket, create_rest_server
 from modelloop.serving.settings import ServingSettings
 from modelloop.storage import StorageError, parse_repository
+from modelloop.telemetry import setup_tracing, shutdown_tracing
 
 logger = logging.getLogger(__name__)
 
@@ -428,7 +430,13 @@ def serve(
         ready = on_ready if on_ready is not None else (print_addresses if role is None else None)
         return await server.run(ready)
 
-    # uvloop: a faster event loop for the REST side (uvicorn's own default); grpc.aio's poller
-    # runs on it too (the end-to-end tests drive both ports of one uvloop process).
-    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-        return runner.run(main())
+    # Tracing from the OTEL_* variables, per process: each worker of --workers N sets up
+    # its own provider here. Off (nothing imported) unless OTEL_TRACES_EXPORTER is set.
+    provider = setup_tracing(os.environ, worker=role.index if role is not None else None)
+    try:
+        # uvloop: a faster event loop for the REST side (uvicorn's own default); grpc.aio's
+        # poller runs on it too (the end-to-end tests drive both ports of one uvloop process).
+        with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+            return runner.run(main())
+    finally:
+        shutdown_tracing(provider)

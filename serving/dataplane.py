@@ -39,6 +39,7 @@ import numpy as np
 
 from modelloop import __version__
 from modelloop.errors import ServiceError
+from modelloop.serving import tracing
 from modelloop.serving.errors import (
     InferenceFailed,
     InvalidInput,
@@ -363,6 +364,7 @@ class DataPlane:
         version: int | None = None
         request: InferRequest | None = None
         code = "OK"
+        decode: Any = None  # the decode span while it is open (tracing on)
         self._enter()
         try:
             # Draining only turns readiness off: requests the transports still accept
@@ -372,6 +374,8 @@ class DataPlane:
                 raise ModelNotReady("the server is shutting down and takes no new requests")
             model, version_text, label = decoder.target()
             pinned = parse_version(version_text)
+            if tracing.TRACER is not None:
+                decode = tracing.start_decode(decoder.protocol)
             await decoder.read()
             # From here to servable.use() nothing awaits, so the version cannot start
             # unloading between resolving it and holding it for this request.
@@ -392,6 +396,9 @@ class DataPlane:
             if servable.refuse_nan:
                 check_finite(request.inputs, model)
             wanted = self._wanted_outputs(request, metadata)
+            if decode is not None:
+                request.trace = tracing.decoded(decode, model, version, request.id)
+                decode = None
             with servable.use():
                 outputs = await servable.batcher.predict(request.inputs)
             response = InferResponse(
@@ -415,6 +422,8 @@ class DataPlane:
             raise error from exc
         finally:
             self._leave()
+            if tracing.TRACER is not None:
+                tracing.finished(decode, code)
             self.metrics.observe_request(
                 self._model_label(model), version, decoder.protocol, code, time.perf_counter() - start
             )

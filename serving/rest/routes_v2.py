@@ -12,6 +12,7 @@ import orjson
 from fastapi import APIRouter, Request, Response
 
 from modelloop.errors import ServiceError
+from modelloop.serving import tracing
 from modelloop.serving.codecs import v2_json
 from modelloop.serving.errors import InvalidInput
 from modelloop.serving.rest.errors import JsonResponse, error_response, service_error_response
@@ -28,6 +29,7 @@ from modelloop.serving.rest.schemas import (
     V2Ready,
     V2ServerMetadata,
 )
+from modelloop.serving.rest.tracing import INFER_SPAN, answered, traced_http
 from modelloop.serving.types import (
     InferRequest,
     InferResponse,
@@ -122,7 +124,9 @@ def _json(payload: bytes, status: int = 200) -> Response:
     return Response(payload, status_code=status, media_type=JSON)
 
 
-async def answer_infer(dataplane: DataPlane, request: Request, decoder: InferDecoder) -> Response:
+async def answer_infer(
+    dataplane: DataPlane, request: Request, decoder: InferDecoder, *, in_span: bool = False
+) -> Response:
     """Runs an ``/infer`` call through the data plane and builds its HTTP response.
 
     The one handler of the routes and of the ASGI fast path (:mod:`.fastpath`).
@@ -131,18 +135,30 @@ async def answer_infer(dataplane: DataPlane, request: Request, decoder: InferDec
         dataplane: The data plane.
         request: The HTTP request (its ``x-request-id`` header).
         decoder: The call.
+        in_span: Whether the request span is open already (the traced call's second
+            entry; tracing off costs one check, not a call of its own). Defaults to False.
 
     Returns:
         The response: JSON, or a JSON header followed by binary outputs, or
-        ``{"error": ...}`` with the mapped status; all carry ``x-request-id``.
+        ``{"error": ...}`` with the mapped status; all carry ``x-request-id``. With tracing
+        on, the call runs inside its request span (parent: the ``traceparent`` header).
     """
+    if tracing.TRACER is not None and not in_span:
+        with traced_http(INFER_SPAN, decoder.protocol, request) as span:
+            answer = await answer_infer(dataplane, request, decoder, in_span=True)
+            answered(span, answer.status_code)
+            return answer
     try:
         response = await dataplane.handle(decoder, client_id=request.headers.get(REQUEST_ID_HEADER))
     except ServiceError as error:
         return service_error_response(error, {REQUEST_ID_HEADER: error.request_id})
     headers = {REQUEST_ID_HEADER: response.id}
     try:
-        payload, json_length = decoder.encode(response)
+        if tracing.TRACER is not None:
+            with tracing.encode_span(decoder.protocol, response.model, response.version):
+                payload, json_length = decoder.encode(response)
+        else:
+            payload, json_length = decoder.encode(response)
     except ServiceError as error:
         return service_error_response(error, headers)
     if json_length is None:
