@@ -30,12 +30,17 @@ from pydantic import ValidationError
 from modelloop import layout
 from modelloop.serving.errors import ServingError
 from modelloop.serving.runtimes.onnx import PLATFORM as ONNX_PLATFORM
+from modelloop.serving.runtimes.python import PLATFORM as PYTHON_PLATFORM
 from modelloop.serving.runtimes.savedmodel import PLATFORM as SAVEDMODEL_PLATFORM
 from modelloop.serving.settings import ModelConfig
 from modelloop.serving.types import ModelMetadata, TensorSpec
 
-RuntimeKind = Literal["onnx", "savedmodel"]
-PLATFORMS: dict[str, str] = {"onnx": ONNX_PLATFORM, "savedmodel": SAVEDMODEL_PLATFORM}
+RuntimeKind = Literal["onnx", "savedmodel", "python"]
+PLATFORMS: dict[str, str] = {
+    "onnx": ONNX_PLATFORM,
+    "savedmodel": SAVEDMODEL_PLATFORM,
+    "python": PYTHON_PLATFORM,
+}
 
 
 class RepositoryError(ServingError):
@@ -91,9 +96,13 @@ class ModelRepository:
 
     @staticmethod
     def runtime_kind(version_dir: Path, config: ModelConfig) -> RuntimeKind:
-        """The runtime a version uses: the config's choice, else ONNX when ``model.onnx`` exists."""
+        """The runtime a version uses: the config's choice, else Python when ``model.py``
+        exists (whatever else the directory holds: ``model.py`` may run a ``model.onnx``),
+        else ONNX when ``model.onnx`` exists, else SavedModel."""
         if config.runtime is not None:
             return config.runtime
+        if (version_dir / layout.PYTHON_MODEL_FILE).is_file():
+            return "python"
         return "onnx" if (version_dir / layout.ONNX_FILE).is_file() else "savedmodel"
 
     @staticmethod
