@@ -21,6 +21,7 @@ for name in repository.model_names():
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Literal
 
@@ -28,7 +29,7 @@ import numpy as np
 from pydantic import ValidationError
 
 from modelloop import layout
-from modelloop.serving.errors import ServingError
+from modelloop.serving.errors import InvalidInput, ServingError
 from modelloop.serving.runtimes.onnx import PLATFORM as ONNX_PLATFORM
 from modelloop.serving.runtimes.python import PLATFORM as PYTHON_PLATFORM
 from modelloop.serving.runtimes.savedmodel import PLATFORM as SAVEDMODEL_PLATFORM
@@ -45,6 +46,29 @@ PLATFORMS: dict[str, str] = {
 
 class RepositoryError(ServingError):
     """A file in the repository is missing or malformed; the message names the file."""
+
+
+def refuse_load_parameters(names: Iterable[str]) -> None:
+    """Refuses parameters on the repository API's load: it never takes files or config.
+
+    Triton's load accepts ``file:<path>`` parameters (model files, code included, uploaded
+    in the request) and a ``config`` override. Here models and their code come only from
+    the repository directory, which is trusted (a ``model.py`` runs in the server), so such
+    a request is an error rather than a load that silently ignores what was sent.
+
+    Args:
+        names: The parameter names of the load request.
+
+    Raises:
+        InvalidInput: Any parameter was given; the message names them.
+    """
+    given = sorted(names)
+    if given:
+        uploads = " (model files cannot be uploaded)" if any(n.startswith("file:") for n in given) else ""
+        raise InvalidInput(
+            f"repository load takes no parameters, got {', '.join(given)}{uploads}: models and their "
+            "code are read only from the repository directory; publish a version there and load it"
+        )
 
 
 def _tensor_specs(entries: tuple[layout.TensorEntry, ...]) -> tuple[TensorSpec, ...]:
