@@ -19,7 +19,7 @@ SPECS = Path(__file__).resolve().parents[1] / "testdata" / "specs"
         ("digits-cnn", "multiclass", "pixels", "probabilities", 64),
         ("breast-cancer", "binary", "features", "probabilities", 30),
         ("diabetes", "regression", "features", "prediction", 10),
-        ("text-topics", "multiclass", "features", "probabilities", 256),
+        ("text-topics", "multiclass", "features", "probabilities", 1024),
     ],
 )
 def test_builtin_specs_describe_their_task(name, task, input_name, output_name, n_features):
@@ -51,13 +51,13 @@ def test_the_text_spec_is_served_by_its_model_py_with_a_stable_featurizer():
     assert [i["dtype"] for i in spec.python_model.inputs] == ["object"]
     assert [o["name"] for o in spec.python_model.outputs] == ["probabilities", "label"]
     # CRC-32, not the per-process salted hash(): one word lands in the same column everywhere.
-    row = featurize([b"Breakpoint"], 256)[0]
-    assert row.nonzero()[0].tolist() == [zlib.crc32(b"breakpoint") % 256]
+    row = featurize([b"Breakpoint"], 1024)[0]
+    assert row.nonzero()[0].tolist() == [zlib.crc32(b"breakpoint") % 1024]
     assert row.max() == 1.0  # log1p(1) L2-normalised
     inputs, features = spec.python_model.sample_inputs()
     assert inputs["text"].dtype == object and len(inputs["text"]) == len(features)
-    np.testing.assert_array_equal(featurize(inputs["text"].tolist(), 256), features)
-    assert not featurize([""], 256).any()
+    np.testing.assert_array_equal(featurize(inputs["text"].tolist(), 1024), features)
+    assert not featurize([""], 1024).any()
 
 
 def test_a_bad_python_model_is_rejected(tmp_path):
