@@ -37,11 +37,20 @@ class ExportError(ModelloopError):
 
 @dataclass(frozen=True)
 class ExportResult:
-    """A published version and the parity report it passed."""
+    """A published version and the parity report it passed.
+
+    Attributes:
+        version_dir: The published directory.
+        version: Its version.
+        parity: Keras against the SavedModel against ONNX Runtime.
+        model_py: For a version served by its ``model.py``: that code against Keras on
+            the spec's samples (``passed``, ``max_abs_diff``, ``rows``). Defaults to None.
+    """
 
     version_dir: Path
     version: int
     parity: ParityReport
+    model_py: dict[str, Any] | None = None
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -266,7 +275,12 @@ def publish_staged(
         write_model_card(path, meta)
 
     version_dir = publish_version(staged.path, repo, staged.name, finalize=finalize)
-    return ExportResult(version_dir=version_dir, version=int(version_dir.name), parity=staged.parity)
+    return ExportResult(
+        version_dir=version_dir,
+        version=int(version_dir.name),
+        parity=staged.parity,
+        model_py=staged.card.get("parity", {}).get("model_py"),
+    )
 
 
 def export_run(

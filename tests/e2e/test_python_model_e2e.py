@@ -60,12 +60,12 @@ class Model:
 """
 
 
-def _modelloop(*args: str, timeout: float = 300) -> str:
+def _modelloop(*args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
     done = subprocess.run(
         [sys.executable, "-m", "modelloop", *args], capture_output=True, text=True, timeout=timeout
     )
     assert done.returncode == 0, done.stderr[-4000:]
-    return done.stdout
+    return done
 
 
 @pytest.fixture(scope="module")
@@ -74,8 +74,9 @@ def repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
     base = tmp_path_factory.mktemp("python-model")
     run, repo = base / "run", base / "repo"
     _modelloop("train", "text-topics", "--out", str(run), "--epochs", "3")
-    printed = _modelloop("export", str(run), "--repo", str(repo))
-    assert printed.strip().endswith(f"{MODEL}/1")
+    export = _modelloop("export", str(run), "--repo", str(repo))
+    assert export.stdout.strip().endswith(f"{MODEL}/1")
+    assert "model.py parity passed: max abs diff" in export.stderr
     # Concurrent requests wait up to 50 ms for company, so the batching test is not a race.
     batching = {"max_batch_size": 32, "batch_timeout_micros": 50_000, "num_batch_threads": 1}
     (repo / MODEL / "config.json").write_text(json.dumps({"batching": batching}))
