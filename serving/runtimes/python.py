@@ -13,6 +13,9 @@ on the batcher's threads (never on the event loop, however fast it is), on whole
 every input has the same first dimension, and every output must have it too. BYTES inputs
 arrive as ``object`` arrays of ``bytes``; a BYTES output may hold ``bytes`` or ``str``.
 ``model.json`` beside it declares the inputs and outputs as for any other version.
+``model.py`` is imported as a module of its own for each load (two versions, or a reload,
+never share module state); the directory is not put on ``sys.path``, so ``model.py`` reads
+its other files through ``version_dir`` rather than importing them.
 
 The code runs inside the server process with the server's rights: the model repository
 must be trusted like the server's own code. Nothing but the repository supplies it (the
