@@ -244,11 +244,6 @@ def test_oip_grpc_bytes(channel: grpc.Channel, expected: np.ndarray, raw: bool) 
     _check(probabilities, labels, expected)
 
 
-def _metric(server: ServerProcess, line_start: str) -> float:
-    text = httpx.get(f"{server.rest_url}/metrics", timeout=5).text
-    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(line_start))
-
-
 def _samples(server: ServerProcess, name: str, **labels: str) -> float:
     """The sum of a metric's samples whose labels include ``labels`` (0 when there is none)."""
     text = httpx.get(f"{server.rest_url}/metrics", timeout=5).text
@@ -263,9 +258,8 @@ def _samples(server: ServerProcess, name: str, **labels: str) -> float:
 def test_concurrent_requests_are_batched_into_one_predict(
     server: ServerProcess, expected: np.ndarray
 ) -> None:
-    labels = f'model="{MODEL}",version="1"'
-    calls_before = _metric(server, f"modelloop_batch_size_count{{{labels}}}")
-    rows_before = _metric(server, f"modelloop_batch_size_sum{{{labels}}}")
+    calls_before = _samples(server, "modelloop_batch_size_count", model=MODEL, version="1")
+    rows_before = _samples(server, "modelloop_batch_size_sum", model=MODEL, version="1")
     url = f"{server.rest_url}/v1/models/{MODEL}:predict"
 
     def one(i: int) -> dict[str, object]:
@@ -277,8 +271,8 @@ def test_concurrent_requests_are_batched_into_one_predict(
         answers = list(pool.map(one, range(24)))
     for i, answer in enumerate(answers):
         np.testing.assert_allclose(answer["probabilities"], expected[i % len(TEXTS)], atol=ATOL)
-    calls = _metric(server, f"modelloop_batch_size_count{{{labels}}}") - calls_before
-    rows = _metric(server, f"modelloop_batch_size_sum{{{labels}}}") - rows_before
+    calls = _samples(server, "modelloop_batch_size_count", model=MODEL, version="1") - calls_before
+    rows = _samples(server, "modelloop_batch_size_sum", model=MODEL, version="1") - rows_before
     assert rows == 24
     assert calls < 24, f"{calls} model calls for 24 concurrent one-row requests"
 
