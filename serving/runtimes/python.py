@@ -122,7 +122,7 @@ class PythonRuntime(Runtime):
             try:
                 model = cls()
                 model.load(self.version_dir)
-            except Exception as exc:
+            except (Exception, SystemExit) as exc:  # a model's sys.exit() must not stop the server
                 where = _where(exc, self.path)
                 raise PythonModelError(
                     f"{self.path}: {MODEL_CLASS}.load failed: {type(exc).__name__}: {exc}{where}"
@@ -144,8 +144,8 @@ class PythonRuntime(Runtime):
             spec.loader.exec_module(module)
         except BaseException as exc:
             sys.modules.pop(module_name, None)
-            if not isinstance(exc, Exception):
-                raise  # KeyboardInterrupt, SystemExit: not the model's to swallow
+            if not isinstance(exc, Exception | SystemExit):
+                raise  # KeyboardInterrupt: the operator's, not the model's
             raise PythonModelError(
                 f"{self.path} failed to import: {type(exc).__name__}: {exc}{_where(exc, self.path)}"
             ) from exc
@@ -166,7 +166,10 @@ class PythonRuntime(Runtime):
         model = self._model
         if model is None:
             raise RuntimeError(f"model {self.metadata.name} version {self.metadata.version} is not loaded")
-        outputs = model.predict(dict(inputs))
+        try:
+            outputs = model.predict(dict(inputs))
+        except SystemExit as exc:  # would end the server's thread or loop, not just this batch
+            raise RuntimeError(f"{MODEL_CLASS}.predict called sys.exit({exc.code!r})") from exc
         if not isinstance(outputs, Mapping):
             raise TypeError(
                 f"{MODEL_CLASS}.predict returned {type(outputs).__name__}; it must return a dict of arrays "

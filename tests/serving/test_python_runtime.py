@@ -124,6 +124,12 @@ def test_the_repository_chooses_python_when_model_py_exists(tmp_path: Path) -> N
         ("def broken(:\n", r"failed to import: SyntaxError: .*\(model.py line 1\)"),
         ("class Other:\n    pass\n", r"defines no class 'Model'"),
         ("class Model:\n    def load(self, d):\n        pass\n", r"class Model has no method predict"),
+        ("import sys\nsys.exit(3)\n", r"failed to import: SystemExit: 3 \(model.py line 2\)"),
+        (
+            "class Model:\n    def load(self, d):\n        raise SystemExit('bye')\n"
+            "    def predict(self, inputs):\n        return inputs\n",
+            r"Model.load failed: SystemExit: bye \(model.py line 3\)",
+        ),
         (
             "class Model:\n    def load(self, d):\n        raise OSError('weights.bin is missing')\n"
             "    def predict(self, inputs):\n        return inputs\n",
@@ -200,6 +206,8 @@ async def test_outputs_that_break_model_json_are_internal_errors(tmp_path: Path)
 
         def predict(self, inputs):
             n = len(inputs["text"])
+            if inputs["text"][0] == b"exit":
+                raise SystemExit(2)
             if inputs["text"][0] == b"list":
                 return [1, 2]
             if inputs["text"][0] == b"missing":
@@ -214,6 +222,7 @@ async def test_outputs_that_break_model_json_are_internal_errors(tmp_path: Path)
     await plane.start()
     try:
         for text, message in [
+            (b"exit", "RuntimeError: Model.predict called sys.exit(2)"),
             (b"list", "Model.predict returned list; it must return a dict of arrays"),
             (b"missing", "model.json declares 'length'"),
             (b"rows", "returned output 'length' with shape (2,) for a batch of 1 rows"),
