@@ -298,6 +298,12 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
     result = export_run(args.run_dir, location.local_path("export"), name=args.name)
     print(f"parity passed: {result.parity.summary()}", file=sys.stderr)
+    if result.model_py is not None:
+        print(
+            f"model.py parity passed: max abs diff {result.model_py['max_abs_diff']:.3g} against Keras "
+            f"on {result.model_py['rows']} sample inputs",
+            file=sys.stderr,
+        )
     print(result.version_dir)
     return 0
 

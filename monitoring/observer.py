@@ -330,9 +330,12 @@ class MonitoringObserver:
                 continue
             x, y = np.asarray(x), np.asarray(y)
             n = x.shape[0] if x.ndim else 1
-            if x.dtype.kind not in "iufb" or y.dtype.kind not in "iufb" or (y.shape[0] if y.ndim else 1) != n:
-                continue  # string or byte models: nothing to bin
-            picked.append((rid, created, x.reshape(n, -1), y.reshape(n, -1)))
+            if y.dtype.kind not in "iufb" or (y.shape[0] if y.ndim else 1) != n:
+                continue  # string outputs: no prediction to log
+            # String inputs (BYTES) have no features to bin: the prediction is logged with
+            # no input columns, so accuracy, prediction drift and the estimate still work.
+            rows = x.reshape(n, -1) if x.dtype.kind in "iufb" else np.zeros((n, 0))
+            picked.append((rid, created, rows, y.reshape(n, -1)))
         if not picked:
             return []
         widths = {(x.shape[1], y.shape[1]) for _, _, x, y in picked}

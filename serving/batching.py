@@ -262,7 +262,7 @@ class DynamicBatcher:
             except ServingError:
                 raise
             except Exception as exc:  # any runtime error becomes InferenceFailed
-                raise self._failure(rows, exc) from exc
+                raise self._logged_failure(rows, exc) from exc
             finally:
                 self._release(state)
             self._check_rows(outputs, rows)
@@ -280,7 +280,7 @@ class DynamicBatcher:
         except ServingError:
             raise
         except Exception as exc:  # any runtime error becomes InferenceFailed
-            raise self._failure(rows, exc) from exc
+            raise self._logged_failure(rows, exc) from exc
         self._check_rows(outputs, rows)
         return outputs
 
@@ -479,6 +479,18 @@ class DynamicBatcher:
                     f"model {self.model!r} version {self.version} returned output {name!r} with shape "
                     f"{tuple(np.shape(value))} for a batch of {rows} rows"
                 )
+
+    def _logged_failure(self, rows: int, exc: BaseException) -> InferenceFailed:
+        # A model's own error is the operator's to see, as a batch's is in _fail.
+        logger.warning(
+            "model %s version %s failed on a call of %d rows: %s: %s",
+            self.model,
+            self.version,
+            rows,
+            type(exc).__name__,
+            exc,
+        )
+        return self._failure(rows, exc)
 
     def _failure(self, rows: int, exc: BaseException) -> InferenceFailed:
         return InferenceFailed(

@@ -67,14 +67,14 @@ def create_runtime(
     config: ModelConfig,
     settings: ServingSettings,
 ) -> Runtime:
-    """The default runtime factory: ONNX Runtime or TensorFlow SavedModel.
+    """The default runtime factory: ONNX Runtime, TensorFlow SavedModel or a ``model.py``.
 
     Per-model config overrides the server's providers, thread counts and spinning. With
     neither setting a thread count, ONNX Runtime gets one intra-op thread per CPU this
     process may use (:func:`~modelloop.serving.cpus.cpu_budget`), divided by the workers.
 
     Args:
-        kind: ``onnx`` or ``savedmodel``.
+        kind: ``onnx``, ``savedmodel`` or ``python``.
         version_dir: ``<repo>/<name>/<version>``.
         metadata: The version's metadata.
         config: The model's config.
@@ -114,6 +114,10 @@ def create_runtime(
             ),
             sizing=sizing,
         )
+    if kind == "python":
+        from modelloop.serving.runtimes.python import PythonRuntime
+
+        return PythonRuntime(version_dir, metadata)
     from modelloop.serving.runtimes.savedmodel import SavedModelRuntime
 
     return SavedModelRuntime(version_dir / SAVED_MODEL_DIR, metadata)
@@ -388,9 +392,13 @@ class ModelRegistry:
             logger.error("model %s version %s failed to load: %s", model.name, version, entry.error)
             self.metrics.count_load_failure(model.name)
             return
+        batching = config.batching or self.settings.batching
+        if not runtime.may_run_inline:
+            # A model's own code may block: it runs on the batcher's threads, never the loop.
+            batching = batching.model_copy(update={"inline_max_micros": 0})
         batcher = DynamicBatcher(
             runtime.predict,
-            config.batching or self.settings.batching,
+            batching,
             metrics=self.metrics,
             model=model.name,
             version=version,

@@ -156,8 +156,9 @@ class ModelConfig(BaseModel):
     """Label -> version (``{"stable": 3}``); several labels may name one version."""
     batching: BatchingSettings | None = None
     """Batching for this model; None = the server's default."""
-    runtime: Literal["onnx", "savedmodel"] | None = None
-    """Runtime; None = ONNX when ``model.onnx`` exists, else SavedModel."""
+    runtime: Literal["onnx", "savedmodel", "python"] | None = None
+    """Runtime; None = Python when ``model.py`` exists, else ONNX when ``model.onnx`` exists,
+    else SavedModel."""
     onnx_providers: list[str] | None = None
     """ONNX Runtime providers in preference order; None = the server's choice."""
     intra_op_num_threads: int | None = Field(default=None, ge=0)

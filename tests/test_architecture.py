@@ -28,6 +28,7 @@ LAYOUT_NAMES = {
     "model.json",
     "baseline.json",
     "model.onnx",
+    "model.py",
     "saved_model",
     ".staging",
     ".publish.lock",

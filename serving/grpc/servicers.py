@@ -53,6 +53,7 @@ from modelloop.serving.protos.tfserving import (
     tensorflow_serving_apis_prediction_service_pb2_grpc as prediction_service_pb2_grpc,
 )
 from modelloop.serving.protos.tfserving import tensorflow_serving_apis_regression_pb2 as regression_pb2
+from modelloop.serving.repository import refuse_load_parameters
 from modelloop.serving.types import InferRequest, ModelMetadata, ModelState, Protocol, parse_version
 
 if TYPE_CHECKING:
@@ -357,6 +358,7 @@ class GRPCInferenceServiceServicer(pb_grpc.GRPCInferenceServiceServicer):
     ) -> pb.RepositoryModelLoadResponse:
         """Loads or reloads a model; needs the admin bearer token."""
         self._authorize(context, "RepositoryModelLoad")
+        refuse_load_parameters(request.parameters.keys())
         await self._dataplane.load_model(_require_name(request.model_name, "model_name"))
         return pb.RepositoryModelLoadResponse()
 

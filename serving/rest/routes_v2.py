@@ -15,6 +15,7 @@ from modelloop.errors import ServiceError
 from modelloop.serving import tracing
 from modelloop.serving.codecs import v2_json
 from modelloop.serving.errors import InvalidInput
+from modelloop.serving.repository import refuse_load_parameters
 from modelloop.serving.rest.errors import JsonResponse, error_response, service_error_response
 from modelloop.serving.rest.schemas import (
     ADMIN_ERRORS,
@@ -316,6 +317,8 @@ def create_v2_router(dataplane: DataPlane, settings: ServingSettings) -> APIRout
     )
     async def load(request: Request, model: str) -> Response:
         require_admin(request, admin_token)
+        body = await read_body(request, settings.max_body_bytes)
+        refuse_load_parameters(v2_json.decode_repository_load_request(body))
         await dataplane.load_model(model)
         return Response(status_code=200)
 
