@@ -24,7 +24,13 @@ from modelloop.serving.rest.schemas import (
     ErrorBody,
 )
 from modelloop.serving.types import InferRequest, InferResponse, ModelMetadata, Protocol, parse_version
-from modelloop.web import REQUEST_ID_HEADER, check_content_type, error_responses, read_body
+from modelloop.web import (
+    MODEL_VERSION_HEADER,
+    REQUEST_ID_HEADER,
+    check_content_type,
+    error_responses,
+    read_body,
+)
 
 if TYPE_CHECKING:
     from modelloop.serving.dataplane import DataPlane
@@ -130,7 +136,7 @@ async def answer_predict(dataplane: DataPlane, request: Request, decoder: Predic
         response = await dataplane.handle(decoder, client_id=request.headers.get(REQUEST_ID_HEADER))
     except ServiceError as error:
         return service_error_response(error, {REQUEST_ID_HEADER: error.request_id})
-    headers = {REQUEST_ID_HEADER: response.id}
+    headers = {REQUEST_ID_HEADER: response.id, MODEL_VERSION_HEADER: str(response.version)}
     try:
         payload = decoder.encode(response)
     except ServiceError as error:
