@@ -22,7 +22,7 @@ The guardrails, over everything the rollout served so far (every worker's):
 - **latency**: the candidate's p99 model-call latency over the champion's, from histograms
   with 10 % buckets, leaving out each version's first 20 calls in each process (they
   run while a freshly loaded version settles). Judged once both have
-  ``step_min_requests`` calls, and at least 100. The candidate's p99 is above
+  ``step_min_requests`` calls, and at least 50. The candidate's p99 is above
   ``max_latency_ratio`` x the champion's when more than 1 % of its calls are slower than
   that: a breach when the one-sided Wilson lower bound of that share exceeds 1 %. A step
   passes only once latency has been judged without a breach.
@@ -80,7 +80,7 @@ ACTIONS = ("promote", "rollback", "pause")
 MIN_BREACH_SAMPLES = 10
 # Latency is judged once both versions have this many calls (or step_min_requests, if
 # more): a p99 over fewer calls is little more than their maximum.
-LATENCY_MIN_SAMPLES = 100
+LATENCY_MIN_SAMPLES = 50
 # The first calls of each version in each process are left out of its latency: a version
 # that has just loaded runs them while its thread pool and its batcher settle.
 LATENCY_WARMUP_CALLS = 20

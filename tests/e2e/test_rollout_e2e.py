@@ -20,8 +20,11 @@ from __future__ import annotations
 
 import itertools
 import json
+import os
 import shutil
 import statistics
+import subprocess
+import sys
 import time
 import uuid
 from collections import Counter
@@ -309,3 +312,20 @@ def test_bad_config_and_operator_routes(
     r = client.http.post(f"{base}/digits/rollback", headers=AUTH)
     assert r.status_code == 400 and "rolled_back" in r.json()["error"]
     assert client.failures == []
+    # The same through the CLI: status prints the state; an action without the token fails in one line.
+    cli = [sys.executable, "-m", "modelloop", "rollout"]
+    env = {k: v for k, v in os.environ.items() if k != "MODELLOOP_ADMIN_TOKEN"}
+    status = subprocess.run(
+        [*cli, "status", "digits", "--url", client.url], capture_output=True, text=True, timeout=60, env=env
+    )
+    assert status.returncode == 0, status.stderr
+    assert status.stdout.startswith("digits: champion 2, candidate 6; rolled_back")
+    assert json.loads(status.stdout.split("\n", 1)[1])["retired"]["6"]
+    refused = subprocess.run(
+        [*cli, "pause", "digits", "--url", client.url], capture_output=True, text=True, timeout=60, env=env
+    )
+    assert refused.returncode == 1
+    assert (
+        refused.stderr.startswith("modelloop: error: pause digits: HTTP 401")
+        and refused.stderr.count("\n") == 1
+    )

@@ -2,8 +2,18 @@
 
 from __future__ import annotations
 
-import pytest
+import asyncio
+import dataclasses
+from pathlib import Path
 
+import numpy as np
+import pytest
+from prometheus_client import CollectorRegistry
+
+from modelloop.serving.dataplane import DataPlane
+from modelloop.serving.metrics import ServingMetrics
+from modelloop.serving.registry import ModelRegistry
+from modelloop.serving.repository import ModelRepository
 from modelloop.serving.rollout import (
     RolloutAssignment,
     RolloutCoordinator,
@@ -11,7 +21,9 @@ from modelloop.serving.rollout import (
     in_share,
     resolve_policy,
 )
-from modelloop.serving.settings import ModelConfig, VersionPolicy
+from modelloop.serving.settings import ModelConfig, ServingSettings, VersionPolicy
+from modelloop.serving.types import InferRequest, Protocol
+from tests.serving.edge_support import RuntimeFactory, failing, write_config, write_digits
 
 LATEST = VersionPolicy().select
 
@@ -123,3 +135,43 @@ def test_an_invalid_section_keeps_the_last_good_policy() -> None:
     assert coordinator.plan("digits", {"mode": "sideways"}, [1, 2], LATEST, [1, 2]) == [1, 2]
     assert "mode" in coordinator.config_error("digits")
     assert coordinator.policy("digits", {"mode": "sideways"}).mode == "canary"
+
+
+async def test_the_data_plane_falls_back_to_the_champion_and_shadows_after_the_answer(tmp_path: Path) -> None:
+    write_digits(tmp_path, versions=(1, 2))
+    write_config(
+        tmp_path, "digits", {"version_policy": {"all": {}}, "runtime": "onnx", "rollout": {"mode": "canary"}}
+    )
+    factory = RuntimeFactory({("digits", 2): failing(RuntimeError("candidate broke"))})
+    router = StateRouter(
+        RolloutAssignment(champion=1, candidate=2, mode="canary", share=100.0, state="canary")
+    )
+    settings = ServingSettings(repo=tmp_path, poll_interval_s=3600, warmup=False)
+    metrics = ServingMetrics(CollectorRegistry())
+    registry = ModelRegistry(
+        ModelRepository(tmp_path),
+        settings,
+        metrics=metrics,
+        runtime_factory=factory,
+        rollouts=RolloutCoordinator(RolloutPolicy(), router),
+    )
+    dataplane = DataPlane(registry, metrics)
+    await dataplane.start()
+    try:
+        await registry.poll()  # both AVAILABLE now: 1 is the champion, 2 the candidate
+        pixels = np.arange(64, dtype=np.float32).reshape(1, 64)
+        request = InferRequest(model="digits", inputs={"pixels": pixels}, protocol=Protocol.V2_REST, id="r1")
+        response = await dataplane.infer(request)
+        assert response.version == 1  # the candidate raised; the champion answered
+        assert router.calls == [("digits", 2, False), ("digits", 1, True)]
+        pinned = await dataplane.infer(dataclasses.replace(request, version=1))
+        np.testing.assert_array_equal(response.outputs["probabilities"], pinned.outputs["probabilities"])
+        # Shadow: the champion answers; the candidate gets the copy after the answer.
+        router.state = RolloutAssignment(champion=1, candidate=2, mode="shadow", share=0.0, state="shadow")
+        router.calls.clear()
+        response = await dataplane.infer(dataclasses.replace(request, id="r2"))
+        assert response.version == 1 and router.calls == [("digits", 1, True)]
+        await asyncio.sleep(0.05)
+        assert router.calls == [("digits", 1, True), ("digits", 2, False)]
+    finally:
+        await dataplane.stop()
