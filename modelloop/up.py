@@ -11,6 +11,7 @@ if TYPE_CHECKING:
     from modelloop.server import BoundAddresses
 
 from modelloop.export.publish import list_versions
+from modelloop.layout import CONFIG_FILE
 
 DEFAULT_SPEC = "digits"
 # The first image of scikit-learn's digits, a zero: what the printed curl line sends.
@@ -43,10 +44,10 @@ DEMO_ROLLOUT = {
 
 def write_rollout_config(model_dir: Path, mode: str) -> None:
     """Sets the ``"rollout"`` section of ``<model_dir>/config.json``, keeping its other keys."""
-    path = model_dir / "config.json"
+    path = model_dir / CONFIG_FILE
     config = json.loads(path.read_text()) if path.is_file() else {}
     config["rollout"] = {"mode": mode, **DEMO_ROLLOUT}
-    tmp = path.with_name(".config.json.tmp")
+    tmp = path.with_name(f".{CONFIG_FILE}.tmp")
     tmp.write_text(json.dumps(config, indent=2) + "\n")
     tmp.replace(path)
 

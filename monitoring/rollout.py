@@ -595,10 +595,10 @@ class RolloutController:
     def _pass(self, model: str, now: float) -> None:
         policy = self.policy(model)
         doc = self._docs.get(model)
-        if policy.mode != "off":
-            started = self._maybe_start(model, policy, doc, now)
-            if started is not None:
-                return
+        if policy.mode == "off":
+            return  # serving routes as today; a rollout left running waits for the mode to return
+        if self._maybe_start(model, policy, doc, now) is not None:
+            return
         if (
             doc is None
             or doc.state.get("state") not in ("canary", "shadow")

@@ -38,7 +38,7 @@ def _const(name: str, value: np.ndarray) -> onnx.TensorProto:
     return numpy_helper.from_array(value, name)
 
 
-def variant_model(source: Path, kind: str, slow_width: int = 2048) -> onnx.ModelProto:
+def variant_model(source: Path, kind: str, slow_width: int = 3072) -> onnx.ModelProto:
     """The ONNX model of one variant (see the module docstring)."""
     model = onnx.load(str(source))
     if kind == "same":
