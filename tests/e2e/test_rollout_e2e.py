@@ -329,3 +329,48 @@ def test_bad_config_and_operator_routes(
         refused.stderr.startswith("modelloop: error: pause digits: HTTP 401")
         and refused.stderr.count("\n") == 1
     )
+
+
+def test_two_workers_agree_on_the_rollout(
+    tmp_path: Path, digits_repo: Path, rollout_env: dict[str, Any], clients: list[Client]
+) -> None:
+    """``serve --workers 2``: one state in the store, one split, whichever worker answers."""
+    repo = tmp_path / "repo"
+    shutil.copytree(digits_repo, repo, ignore=shutil.ignore_patterns(".staging", ".publish.lock"))
+    write_policy(repo, POLICY)
+    env = {**rollout_env["env"], "MODELLOOP_MONITORING_STATE_DIR": str(tmp_path / "state")}
+    server = start_server(repo, "--workers", "2", "--state-dir", str(tmp_path / "state"), env=env)
+    try:
+        client = Client(server.rest_url)
+        clients.append(client)
+        client.predict(60)
+        client.send_labels()
+        publish_variant(repo, "same", 2)
+        assert wait_for(lambda: client.rollout().get("candidate") == 2, timeout=30)
+        r = client.http.post(f"{client.url}/monitoring/rollouts/digits/pause", headers=AUTH)
+        assert r.status_code == 200
+        time.sleep(0.5)  # both workers have read the paused state
+        # Each request on a new connection, so the kernel spreads them over both workers:
+        # the same id gets the same version every time.
+        ids = [f"same-id-{i}" for i in range(40)]
+        row = client.rows[0].tolist()
+        seen: dict[str, set[str]] = {i: set() for i in ids}
+        for _ in range(3):
+            for rid in ids:
+                with httpx.Client(timeout=30) as fresh:
+                    answer = fresh.post(
+                        f"{client.url}/v1/models/digits:predict",
+                        json={"instances": [row]},
+                        headers={"x-request-id": rid},
+                    )
+                assert answer.status_code == 200
+                seen[rid].add(answer.headers["x-model-version"])
+        assert all(len(versions) == 1 for versions in seen.values()), seen
+        assert {v for versions in seen.values() for v in versions} == {"1", "2"}
+        # Resumed, the walk ends with the candidate as the champion, and no request failed.
+        r = client.http.post(f"{client.url}/monitoring/rollouts/digits/promote", headers=AUTH)
+        assert r.status_code == 200 and r.json()["share"] == 50
+        state = client.drive("promoted", candidate=2)
+        assert state["champion"] == 2 and client.failures == []
+    finally:
+        server.stop()

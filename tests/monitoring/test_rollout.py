@@ -99,8 +99,16 @@ def controller(store: Any, catalog: Catalog) -> RolloutController:
     return RolloutController(store, catalog, POLICY, CollectorRegistry(), lambda model, version: "multiclass")
 
 
-def test_two_workers_share_one_state(tmp_path: Path) -> None:
-    url = f"sqlite:///{tmp_path / 'state.db'}"
+@pytest.fixture(params=["sqlite", "postgresql"])
+def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'state.db'}"
+    return str(request.getfixturevalue("postgres_url"))
+
+
+def test_two_workers_share_one_state(store_url: str) -> None:
+    """Two workers on one SQLite file, or two replicas on one PostgreSQL database."""
+    url = store_url
     stores = [open_store(url), open_store(url)]
     catalog = Catalog()
     a, b = controller(stores[0], catalog), controller(stores[1], catalog)
