@@ -34,6 +34,10 @@ The guardrails, over everything the rollout served so far (every worker's):
   bound is at least ``-max_accuracy_drop`` (the candidate is not worse beyond the allowed
   drop) with ``min_labels`` labels. **MAE** (regressors) uses a normal-approximation bound
   on the difference of the mean absolute errors against ``max_mae_increase`` x champion MAE.
+- **prediction drift** between the versions: the PSI of the candidate's predicted classes
+  (or, for regressors, of its predictions over the champion's deciles) against the
+  champion's, on the requests each answered during the rollout (reported, not a gate: a
+  better model may well predict differently);
 - **shadow agreement**: the share of rows where the candidate's answer to a copy agreed
   with the champion's (reported; shadow mode never promotes by itself).
 
@@ -59,9 +63,11 @@ from dataclasses import dataclass, field
 from statistics import NormalDist
 from typing import Any
 
+import numpy as np
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from modelloop.errors import ErrorCode, ServiceError
+from modelloop.monitoring.drift import psi
 from modelloop.monitoring.rollout_store import RolloutDoc, RolloutTraffic
 from modelloop.monitoring.store import CLASSIFIER_TASKS, LabelledRow, PredictionStore, StoreUnavailable
 from modelloop.serving.rollout import RolloutAssignment, RolloutPolicy, resolve_policy
@@ -84,6 +90,8 @@ LATENCY_MIN_SAMPLES = 50
 # The first calls of each version in each process are left out of its latency: a version
 # that has just loaded runs them while its thread pool and its batcher settle.
 LATENCY_WARMUP_CALLS = 20
+# Predictions read per version for the prediction drift between the versions.
+PREDICTION_LIMIT = 5_000
 # Labelled rows read per version; a rollout is judged on at most this many of its newest.
 LABEL_LIMIT = 20_000
 # Latency histogram: bucket i holds calls up to 1 µs x 1.1^(i+1).
@@ -618,6 +626,9 @@ class RolloutController:
         )
         state = dict(doc.state)
         state["guardrails"] = _guardrail_values(evidence, champion, candidate, verdict)
+        state["guardrails"][str(candidate)]["prediction_drift"] = self._prediction_drift(
+            model, champion, candidate, float(doc.state["started"])
+        )
         state["evaluated"] = now
         if verdict.action == "rollback":
             self._write(model, doc, _rolled_back(state, verdict.reason, now), "rolled_back")
@@ -723,6 +734,24 @@ class RolloutController:
             ]
             _score(ev, rows, self.task_of(model, version))
         return evidence
+
+    def _prediction_drift(self, model: str, champion: int, candidate: int, since: float) -> float | None:
+        """PSI of the candidate's predictions against the champion's during the rollout."""
+        ours = self.store.predicted_since(model, candidate, since, PREDICTION_LIMIT)
+        theirs = self.store.predicted_since(model, champion, since, PREDICTION_LIMIT)
+        if len(ours) < MIN_BREACH_SAMPLES or len(theirs) < MIN_BREACH_SAMPLES:
+            return None
+        if self.task_of(model, candidate) in CLASSIFIER_TASKS:
+            classes = int(max(max(ours), max(theirs))) + 1
+            reference = np.bincount(np.asarray(theirs, dtype=np.int64), minlength=classes) / len(theirs)
+            current = np.bincount(np.asarray(ours, dtype=np.int64), minlength=classes) / len(ours)
+        else:
+            edges = np.unique(np.quantile(np.asarray(theirs), np.linspace(0, 1, 11)))
+            if len(edges) < 2:
+                return None
+            reference = np.histogram(np.clip(theirs, edges[0], edges[-1]), edges)[0] / len(theirs)
+            current = np.histogram(np.clip(ours, edges[0], edges[-1]), edges)[0] / len(ours)
+        return round(psi(reference, current), 6)
 
     # -- operators ---------------------------------------------------------------------
 

@@ -82,6 +82,12 @@ _SELECT_TRAFFIC = sa.text(
 _SELECT_LATENCY = sa.text("SELECT version, step, bucket, calls FROM rollout_latency WHERE rollout = :rollout")
 
 
+_SELECT_PREDICTED = sa.text(
+    "SELECT predicted FROM predictions WHERE model = :model AND version = :version AND created >= :since "
+    "ORDER BY created DESC LIMIT :limit"
+)
+
+
 @dataclass(slots=True)
 class RolloutDoc:
     """One model's stored rollout state.
@@ -185,3 +191,11 @@ def read_rollout_traffic(conn: Connection, rollout_id: str) -> list[RolloutTraff
     for key, buckets in latency.items():
         found.setdefault(key, RolloutTraffic(rollout_id, key[0], key[1])).latency = buckets
     return [found[key] for key in sorted(found)]
+
+
+def read_predicted(conn: Connection, model: str, version: int, since: float, limit: int) -> list[float]:
+    """The predicted classes (or values) of one version's newest logged requests since ``since``."""
+    rows = conn.execute(
+        _SELECT_PREDICTED, {"model": model, "version": version, "since": since, "limit": limit}
+    )
+    return [float(value) for (predicted,) in rows for value in orjson.loads(predicted)]

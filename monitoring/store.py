@@ -76,6 +76,7 @@ from modelloop.monitoring.rollout_store import (
     RolloutDoc,
     RolloutTraffic,
     add_rollout_traffic,
+    read_predicted,
     read_rollout_traffic,
     read_rollouts,
     save_rollout,
@@ -439,6 +440,9 @@ class PredictionStore(Protocol):
 
     def rollout_traffic(self, rollout_id: str) -> list[RolloutTraffic]:
         """The totals of one rollout, one row per version and step."""
+
+    def predicted_since(self, model: str, version: int, since: float, limit: int) -> list[float]:
+        """The predicted classes (or values) of one version's newest requests since ``since``."""
 
 
 def check_targets(targets: Any, rows: int, task: str, classes: int) -> tuple[list[int | float], str]:
@@ -1092,6 +1096,14 @@ class SqlPredictionStore:
             StoreUnavailable: The database cannot be reached.
         """
         return self._run(lambda conn: read_rollout_traffic(conn, rollout_id), write=False)
+
+    def predicted_since(self, model: str, version: int, since: float, limit: int) -> list[float]:
+        """The predicted classes (or values) of one version's newest ``limit`` requests since ``since``.
+
+        Raises:
+            StoreUnavailable: The database cannot be reached.
+        """
+        return self._run(lambda conn: read_predicted(conn, model, version, since, limit), write=False)
 
 
 def _add_stats(conn: Connection, model: str, stats: Counter[tuple[int, str, int, int, int]]) -> None:

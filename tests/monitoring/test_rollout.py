@@ -18,7 +18,8 @@ from modelloop.monitoring.rollout import (
     latency_quantile,
     wilson_interval,
 )
-from modelloop.monitoring.store import open_store
+from modelloop.monitoring.rollout_http import RolloutSection
+from modelloop.monitoring.store import PredictionRecord, open_store
 from modelloop.serving.rollout import RolloutPolicy
 from modelloop.serving.types import ModelState, VersionStatus
 
@@ -163,5 +164,40 @@ def test_invalid_config_is_refused_and_reported(tmp_path: Path) -> None:
         with pytest.raises(ServiceError, match="only a running one") as again:
             worker.act("digits", "rollback")
         assert again.value.code is ErrorCode.FAILED_PRECONDITION
+    finally:
+        store.close()
+
+
+def test_the_status_page_lists_rollouts_escaped(tmp_path: Path) -> None:
+    store = open_store(f"sqlite:///{tmp_path / 'state.db'}")
+    catalog = Catalog()
+    worker = controller(store, catalog)
+    try:
+        assert "No rollout on record" in RolloutSection(worker).html()
+        worker.tick(now=100.0)
+        worker.act("digits", "pause")
+        html = RolloutSection(worker).html()
+        assert "<td>digits</td><td>1</td><td>2</td><td>canary (paused)</td><td>10 %</td>" in html
+        assert "<script" not in html and RolloutSection(None).html() == ""
+    finally:
+        store.close()
+
+
+def test_prediction_drift_between_the_versions(tmp_path: Path) -> None:
+    store = open_store(f"sqlite:///{tmp_path / 'state.db'}")
+    worker = controller(store, Catalog())
+    try:
+        worker.tick(now=100.0)
+        records = [
+            PredictionRecord(f"a{i}", "digits", 1, 200.0, [[0.0]], [[0.1] * 10], [i % 10], classes=10)
+            for i in range(100)
+        ] + [
+            PredictionRecord(f"b{i}", "digits", 2, 200.0, [[0.0]], [[0.1] * 10], [3], classes=10)
+            for i in range(50)
+        ]
+        store.record(records)
+        worker.tick(now=101.0)
+        drift = worker.status("digits")["guardrails"]["2"]["prediction_drift"]
+        assert drift is not None and drift > 1.0  # one class against ten
     finally:
         store.close()
