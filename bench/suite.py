@@ -7,6 +7,7 @@ Usage::
     python -m bench --soak          # also the 60 s RSS run at 32 connections
     python -m bench --only ours,ceiling --protocols tfserving_rest
     python -m bench --compare-tree before=/tmp/before   # also serve an older checkout, side by side
+    python -m bench --tracing       # also this code with tracing on (OTLP to a discarding sink)
 
 The server under test and every reference server run pinned to CPU 0; ``wrk`` and
 ``h2load`` run pinned to CPU 1. Compare only numbers from one run.
@@ -36,6 +37,7 @@ import numpy as np
 from bench import loadgen, payloads, processes
 from bench.loadgen import GRPC_PATHS, LoadResult
 from bench.models import HEAVY_BATCHING, Assets, ensure_assets
+from bench.otlp_sink import otlp_sink
 from bench.processes import Proc
 from bench.report import Report, Row, render_markdown, write_chart, write_json
 
@@ -94,6 +96,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="also serve this code with extra `modelloop serve` args as NAME, e.g. nomon=--no-monitoring",
     )
     parser.add_argument(
+        "--tracing",
+        action="store_true",
+        help="also serve this code with tracing on (OTLP/HTTP to a discarding sink) as 'traced'",
+    )
+    parser.add_argument(
         "--heavy-workers", default="1,2", help="worker counts of the heavy model's batched point"
     )
     parser.add_argument("--tutorial-connections", type=int, default=32)
@@ -124,9 +131,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     variants = []
     for item in args.variant:
         name, eq, extra = item.partition("=")
-        if not eq or not name.isidentifier() or name in ("ours", "ceiling_rest", "ceiling_grpc"):
+        if not eq or not name.isidentifier() or name in ("ours", "ceiling_rest", "ceiling_grpc", "traced"):
             parser.error(f"--variant takes NAME=ARGS with a new identifier NAME, got {item!r}")
         variants.append((name, shlex.split(extra)))
+    if args.tracing:
+        variants.append(("traced", []))
     args.variant = variants
     unknown = (args.only - set(GROUPS)) | (set(args.protocols) - set(PROTOCOLS))
     if unknown:
@@ -396,11 +405,18 @@ def run_suite(args: argparse.Namespace, assets: Assets, bodies_dir: Path, report
                             lambda tree=tree, site=site: start_tree_server(tree, assets.digits_repo, site)
                         )
                     )
+                traced: dict[str, str] = {}
+                if args.tracing:
+                    # Tracing on, every span exported over OTLP/HTTP to a sink that discards.
+                    sink = stack.enter_context(otlp_sink())
+                    stack.callback(lambda: log(f"OTLP sink: {sink.posts} posts, {sink.bytes:,} bytes"))
+                    traced = {"OTEL_TRACES_EXPORTER": "otlp", "OTEL_EXPORTER_OTLP_ENDPOINT": sink.url}
                 for variant, extra in args.variant:
+                    env = {**state_env(variant), **(traced if variant == "traced" else {})}
                     servers[variant] = stack.enter_context(
                         running(
-                            lambda variant=variant, extra=extra: processes.start(
-                                variant, [*serve_args(assets.digits_repo), *extra], env=state_env(variant)
+                            lambda variant=variant, extra=extra, env=env: processes.start(
+                                variant, [*serve_args(assets.digits_repo), *extra], env=env
                             )
                         )
                     )

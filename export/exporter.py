@@ -6,7 +6,7 @@ import contextlib
 import json
 import os
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -37,11 +37,20 @@ class ExportError(ModelloopError):
 
 @dataclass(frozen=True)
 class ExportResult:
-    """A published version and the parity report it passed."""
+    """A published version and the parity report it passed.
+
+    Attributes:
+        version_dir: The published directory.
+        version: Its version.
+        parity: Keras against the SavedModel against ONNX Runtime.
+        model_py: For a version served by its ``model.py``: that code against Keras on
+            the spec's samples (``passed``, ``max_abs_diff``, ``rows``). Defaults to None.
+    """
 
     version_dir: Path
     version: int
     parity: ParityReport
+    model_py: dict[str, Any] | None = None
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -100,6 +109,9 @@ class StagedExport:
         metrics: The run's ``metrics.json``.
         parity: The parity report it passed.
         opset: The ONNX opset it was exported with.
+        card: Keys of ``model.json`` that replace the ones built from the run (a version
+            served by its ``model.py`` declares that code's inputs and outputs). Defaults
+            to empty.
     """
 
     path: Path
@@ -108,6 +120,7 @@ class StagedExport:
     metrics: dict[str, Any]
     parity: ParityReport
     opset: int
+    card: dict[str, Any] = field(default_factory=dict)
 
     @property
     def onnx_path(self) -> Path:
@@ -174,10 +187,60 @@ def stage_export(
     )
     if not parity.passed:
         raise ExportError(f"parity check failed, nothing published: {parity.summary()}")
-    shutil.copyfile(run_dir / BASELINE_FILE, staged / BASELINE_FILE)
+    card: dict[str, Any] = {}
+    if run_info.get("runtime") == "python":
+        card = _stage_python_model(run_dir, staged, run_info, model, parity, atol=atol, rtol=rtol)
+    else:
+        shutil.copyfile(run_dir / BASELINE_FILE, staged / BASELINE_FILE)
     return StagedExport(
-        path=staged, name=name, run_info=run_info, metrics=metrics, parity=parity, opset=opset
+        path=staged, name=name, run_info=run_info, metrics=metrics, parity=parity, opset=opset, card=card
     )
+
+
+def _stage_python_model(
+    run_dir: Path,
+    staged: Path,
+    run_info: dict[str, Any],
+    model: Any,
+    parity: ParityReport,
+    *,
+    atol: float,
+    rtol: float,
+) -> dict[str, Any]:
+    """Adds the spec's ``model.py`` to a staged version, checks it and returns its card keys."""
+    from modelloop.export import python_model as staging
+    from modelloop.training.spec import SpecError, load_spec
+
+    source = run_info["spec"]["source"]
+    try:
+        spec = load_spec(source)
+    except SpecError as exc:
+        raise ExportError(
+            f"the run is served by its spec's model.py, but the spec cannot be loaded: {exc}"
+        ) from exc
+    if spec.python_model is None:
+        raise ExportError(
+            f"the run is served by a model.py, but spec {source!r} no longer declares PYTHON_MODEL"
+        )
+    staging.stage_python_model(staged, run_info, spec.python_model)
+    try:
+        python = staging.verify_python_model(
+            model, staged, spec.python_model, run_info["output"]["name"], atol=atol, rtol=rtol
+        )
+    except staging.PythonModelExportError as exc:
+        raise ExportError(f"{exc}; nothing published") from exc
+    if not python.passed:
+        raise ExportError(
+            f"parity check of model.py failed, nothing published: max abs diff {python.max_abs_diff:.3g} "
+            f"against Keras (atol {atol:g}, rtol {rtol:g})"
+        )
+    # model.py runs model.onnx; the SavedModel was only the way to it.
+    shutil.rmtree(staged / SAVED_MODEL_DIR)
+    baseline = json.loads((run_dir / BASELINE_FILE).read_text())
+    input_name = str(spec.python_model.inputs[0]["name"])
+    reference = staging.baseline_without_features(baseline, input_name)
+    (staged / BASELINE_FILE).write_text(json.dumps(reference, indent=2) + "\n")
+    return staging.card_overrides(spec.python_model, parity.to_dict(), python)
 
 
 def publish_staged(
@@ -207,11 +270,17 @@ def publish_staged(
             parity=staged.parity.to_dict(),
             opset=staged.opset,
         )
+        meta.update(staged.card)
         meta.update(extra_metadata or {})
         write_model_card(path, meta)
 
     version_dir = publish_version(staged.path, repo, staged.name, finalize=finalize)
-    return ExportResult(version_dir=version_dir, version=int(version_dir.name), parity=staged.parity)
+    return ExportResult(
+        version_dir=version_dir,
+        version=int(version_dir.name),
+        parity=staged.parity,
+        model_py=staged.card.get("parity", {}).get("model_py"),
+    )
 
 
 def export_run(

@@ -15,6 +15,9 @@ from typing import Any
 
 from modelloop import __version__
 from modelloop.errors import ModelloopError
+from modelloop.storage import parse_repository
+
+REPO_HELP = "model repository: a directory, file:///path or s3://bucket/prefix"
 
 
 def _port(value: str) -> int:
@@ -87,15 +90,25 @@ def build_parser() -> argparse.ArgumentParser:
 
     export = sub.add_parser("export", help="export a run to the model repository as the next version")
     export.add_argument("run_dir", metavar="RUN_DIR", type=Path)
-    export.add_argument("--repo", required=True, type=Path, metavar="REPO")
+    export.add_argument(
+        "--repo",
+        required=True,
+        metavar="REPO",
+        help="model repository: a directory, file:///path or s3://bucket/prefix",
+    )
     export.add_argument("--name", default=None, help="model name (default: the spec's name)")
 
     serve = sub.add_parser("serve", help="serve every model in a repository over REST and gRPC")
-    serve.add_argument("--repo", required=True, type=Path, metavar="REPO")
+    serve.add_argument(
+        "--repo",
+        required=True,
+        metavar="REPO",
+        help="model repository: a directory, file:///path or s3://bucket/prefix",
+    )
     _add_server_arguments(serve)
 
     up = sub.add_parser("up", help="train and export digits if the repo is empty, then serve it")
-    up.add_argument("--repo", type=Path, default=Path("models"), help="model repository (default: ./models)")
+    up.add_argument("--repo", default="models", help="model repository directory (default: ./models)")
     _add_server_arguments(up)
     up.add_argument("--epochs", type=_positive, default=None, help=argparse.SUPPRESS)
     up.add_argument(
@@ -114,7 +127,7 @@ def _add_retrain_parser(sub: Any) -> None:
     retrain = sub.add_parser(
         "retrain", help="retrain a model on its spec's data plus feedback; publish v+1 only if blessed"
     )
-    retrain.add_argument("--repo", required=True, type=Path, metavar="REPO")
+    retrain.add_argument("--repo", required=True, metavar="REPO", help="model repository directory")
     retrain.add_argument("--name", required=True, help="the model to retrain")
     retrain.add_argument(
         "--store", default=None, metavar="URL", help="feedback store (default: the monitoring store)"
@@ -291,13 +304,27 @@ def _print_summary(name: str, m: dict[str, Any]) -> None:
 def _cmd_export(args: argparse.Namespace) -> int:
     from modelloop.export.publish import validate_model_name
 
+    location = parse_repository(args.repo)
     if args.name is not None:
         validate_model_name(args.name)
     _quiet_tensorflow()
+    if location.remote:
+        from modelloop.export.remote import export_run_remote
+
+        url, parity = export_run_remote(args.run_dir, location, name=args.name)
+        print(f"parity passed: {parity.summary()}", file=sys.stderr)
+        print(url)
+        return 0
     from modelloop.export.exporter import export_run
 
-    result = export_run(args.run_dir, args.repo, name=args.name)
+    result = export_run(args.run_dir, location.local_path("export"), name=args.name)
     print(f"parity passed: {result.parity.summary()}", file=sys.stderr)
+    if result.model_py is not None:
+        print(
+            f"model.py parity passed: max abs diff {result.model_py['max_abs_diff']:.3g} against Keras "
+            f"on {result.model_py['rows']} sample inputs",
+            file=sys.stderr,
+        )
     print(result.version_dir)
     return 0
 
@@ -317,12 +344,15 @@ def _serving_settings(args: argparse.Namespace) -> tuple[Any, Any, Any]:
     from modelloop.monitoring.settings import LabelerSettings, MonitoringSettings
     from modelloop.serving.settings import ServingSettings
 
+    location = parse_repository(args.repo)
     overrides: dict[str, Any] = {
-        "repo": args.repo,
+        "repo": location.path if location.path is not None else _repository_cache(location),
         "host": args.host,
         "rest_port": args.rest_port,
         "grpc_port": args.grpc_port,
     }
+    # Always given, so a stray MODELLOOP_REPO_URL never turns a local directory into a cache.
+    overrides["repo_url"] = location.url if location.remote else None
     if args.poll_interval is not None:
         overrides["poll_interval_s"] = args.poll_interval
     if args.grace_period is not None:
@@ -343,6 +373,24 @@ def _serving_settings(args: argparse.Namespace) -> tuple[Any, Any, Any]:
         return ServingSettings(**overrides), MonitoringSettings(**monitoring), LabelerSettings()
     except ValidationError as exc:
         raise _settings_error(exc) from None
+
+
+def _repository_cache(location: Any) -> Path:
+    """The local copy of a remote repository: ``$MODELLOOP_REPO_CACHE/<hash of the URL>``,
+    else a directory of this user's under the system's temporary directory.
+
+    The workers of ``--workers N`` share it (each version lands by an atomic rename).
+    """
+    import hashlib
+    import tempfile
+
+    configured = os.environ.get("MODELLOOP_REPO_CACHE", "").strip()
+    base = Path(configured) if configured else Path(tempfile.gettempdir()) / f"modelloop-{os.getuid()}"
+    try:
+        base.mkdir(mode=0o700, parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ModelloopError(f"cannot create the repository cache {str(base)!r}: {exc.strerror}") from None
+    return base / hashlib.sha256(location.url.encode()).hexdigest()[:16]
 
 
 def _setup_logging(level: str, worker: int | None = None) -> None:
@@ -385,7 +433,7 @@ def _serve(
     from modelloop.server import ServerError
     from modelloop.workers import Supervisor, WorkerOptions
 
-    if not settings.repo.is_dir():
+    if settings.repo_url is None and not settings.repo.is_dir():
         raise ServerError(f"model repository {str(settings.repo)!r} does not exist or is not a directory")
     options = WorkerOptions(
         count=count,
@@ -414,7 +462,8 @@ def _cmd_up(args: argparse.Namespace) -> int:
     from modelloop.up import ensure_default_model, print_welcome
 
     worker_count(args.workers)  # a bad --workers fails before any training
-    published = ensure_default_model(args.repo, epochs=args.epochs, rollout=args.rollout)
+    repo = parse_repository(args.repo).local_path("modelloop up")
+    published = ensure_default_model(repo, epochs=args.epochs, rollout=args.rollout)
     if published is not None:
         print(f"modelloop: published {published}", flush=True)
     _, monitoring, labelers = _serving_settings(args)
@@ -453,6 +502,7 @@ def _cmd_retrain(args: argparse.Namespace) -> int:
     from modelloop.monitoring.trigger import EXIT_BLESSED, EXIT_FAILED, EXIT_REJECTED
     from modelloop.retrain import RetrainSettings, format_gate_report, retrain
 
+    repo = parse_repository(args.repo).local_path("modelloop retrain")
     _quiet_tensorflow()
     _setup_logging(args.log_level)
     overrides = {k: v for k, v in (("store_url", args.store), ("state_dir", args.state_dir)) if v is not None}
@@ -460,10 +510,10 @@ def _cmd_retrain(args: argparse.Namespace) -> int:
         monitoring = MonitoringSettings(**overrides)
     except ValidationError as exc:
         raise ModelloopError(f"invalid setting: {exc.errors()[0]['msg']}") from None
-    settings = RetrainSettings.for_model(args.repo / args.name, epochs=args.epochs)
+    settings = RetrainSettings.for_model(repo / args.name, epochs=args.epochs)
     try:
         # The same label checks the server runs: its thresholds, this model's overrides.
-        config = layout.read_model_config(args.repo / args.name)
+        config = layout.read_model_config(repo / args.name)
         block = config.get("feedback") or {}
         if not isinstance(block, dict):
             raise ValueError('invalid feedback settings: "feedback" must be an object')
@@ -476,7 +526,7 @@ def _cmd_retrain(args: argparse.Namespace) -> int:
         raise ModelloopError(f"cannot open the feedback store: {exc.message}") from None
     try:
         result = retrain(
-            args.repo,
+            repo,
             args.name,
             store,
             state_dir=monitoring.state_dir,

@@ -6,9 +6,11 @@ The model repository follows TF Serving's layout::
     <repo>/<model>/<version>/model.json   the model card: inputs, outputs, labels, task, ...
     <repo>/<model>/<version>/model.onnx   ONNX (served by ONNX Runtime when present)
     <repo>/<model>/<version>/saved_model/ TF SavedModel
+    <repo>/<model>/<version>/model.py     Python model code (served by the Python runtime when present)
     <repo>/<model>/<version>/baseline.json the drift reference
     <repo>/.staging/                      versions being built (hidden)
     <repo>/<model>/.publish.lock          serialises publishers of one model
+    <repo>/<model>/<version>/.publish.claim in object storage: a publisher's claim on the number
 
 A version directory is a plain decimal integer from 1 up, without leading zeros
 (:func:`is_version_name`); every other entry is ignored, names starting with ``.``
@@ -44,10 +46,24 @@ MODEL_CARD_FILE = "model.json"
 ONNX_FILE = "model.onnx"
 SAVED_MODEL_DIR = "saved_model"
 BASELINE_FILE = "baseline.json"
+PYTHON_MODEL_FILE = "model.py"
+"""A version's own Python code: a class ``Model`` with ``load`` and ``predict``. It runs in
+the server, so the repository must be trusted as the server's own code is."""
+PYTHON_SETTINGS_FILE = "model_settings.json"
+"""What the exporter tells a built-in spec's ``model.py`` (its ONNX file, labels, featurizer)."""
 STAGING_DIR = ".staging"
 PUBLISH_LOCK_FILE = ".publish.lock"
+VERSION_CLAIM_FILE = ".publish.claim"
+"""In object storage: created (create-only) in ``<model>/<version>/`` to claim the number."""
 VERSION_FILES = {"onnx": ONNX_FILE, "saved_model": SAVED_MODEL_DIR, "baseline": BASELINE_FILE}
 """The ``"files"`` entry of ``model.json``: what a version directory holds, by role."""
+PYTHON_VERSION_FILES = {
+    "python": PYTHON_MODEL_FILE,
+    "settings": PYTHON_SETTINGS_FILE,
+    "onnx": ONNX_FILE,
+    "baseline": BASELINE_FILE,
+}
+"""The ``"files"`` entry of a version served by the Python runtime (``model.py`` calls ``model.onnx``)."""
 
 # -- a training run directory ------------------------------------------------------------
 RUN_MODEL_FILE = "model.keras"

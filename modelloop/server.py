@@ -24,6 +24,7 @@ import contextlib
 import gc
 import json
 import logging
+import os
 import signal
 import socket
 import sys
@@ -53,6 +54,7 @@ from modelloop.monitoring.store import StoreUnavailable
 from modelloop.serving.dataplane import DataPlane
 from modelloop.serving.grpc.server import bind_grpc_server, create_grpc_server, server_credentials
 from modelloop.serving.metrics import ServingMetrics, multiprocess_registry
+from modelloop.serving.mirror import MirroredRepository
 from modelloop.serving.observer import InferenceObserver
 from modelloop.serving.registry import ModelRegistry
 from modelloop.serving.repository import ModelRepository
@@ -60,6 +62,8 @@ from modelloop.serving.rest.app import StatusColumns, create_app
 from modelloop.serving.rest.server import bind_rest_socket, create_rest_server
 from modelloop.serving.rollout import RolloutCoordinator
 from modelloop.serving.settings import ServingSettings
+from modelloop.storage import StorageError, parse_repository
+from modelloop.telemetry import setup_tracing, shutdown_tracing
 
 logger = logging.getLogger(__name__)
 
@@ -183,8 +187,7 @@ class ModelServer:
         labelers: LabelerSettings | None = None,
         role: WorkerRole | None = None,
     ) -> None:
-        if not settings.repo.is_dir():
-            raise ServerError(f"model repository {str(settings.repo)!r} does not exist or is not a directory")
+        repository = _open_repository(settings)
         self.settings = settings
         self.role = role
         self.link = SupervisorLink(role.link_fd) if role is not None else None
@@ -195,9 +198,7 @@ class ModelServer:
         # Rollouts: serving keeps champion and candidate and splits traffic; monitoring's
         # controller (set below) holds the state in the store and judges the guardrails.
         self.rollouts = RolloutCoordinator(settings.rollout)
-        self.models = ModelRegistry(
-            ModelRepository(settings.repo), settings, metrics=self.metrics, rollouts=self.rollouts
-        )
+        self.models = ModelRegistry(repository, settings, metrics=self.metrics, rollouts=self.rollouts)
         self.rollout_controller: RolloutController | None = None
         self.monitoring: MonitoringService | None = None
         leader = role is None or role.leader
@@ -233,7 +234,13 @@ class ModelServer:
         # The retraining half: the alert webhook's handler and, without Alertmanager, the
         # in-process rules; it counts the runs it launches on the monitoring metrics.
         self.retraining: Retraining | None = None
-        if self.monitoring is not None and monitoring is not None:
+        if self.monitoring is not None and monitoring is not None and settings.repo_url is not None:
+            logger.warning(
+                "retraining publishes into local repositories only: drift and accuracy alerts "
+                "will not retrain models of %s",
+                settings.repo_url,
+            )
+        elif self.monitoring is not None and monitoring is not None:
             self.retraining = build_retraining(
                 monitoring, settings.repo, self.monitoring, shared=role is not None, rules=leader
             )
@@ -396,6 +403,30 @@ class ModelServer:
         return 0
 
 
+def _open_repository(settings: ServingSettings) -> ModelRepository:
+    """The repository to serve: the directory, or a local copy of a remote repository.
+
+    Raises:
+        ServerError: The directory does not exist, or the URL is not supported.
+    """
+    if settings.repo_url is None:
+        if not settings.repo.is_dir():
+            raise ServerError(f"model repository {str(settings.repo)!r} does not exist or is not a directory")
+        return ModelRepository(settings.repo)
+    try:
+        location = parse_repository(settings.repo_url)
+    except StorageError as exc:
+        raise ServerError(str(exc)) from None
+    try:
+        settings.repo.mkdir(mode=0o700, parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ServerError(
+            f"cannot create the repository cache {str(settings.repo)!r}: {exc.strerror}"
+        ) from exc
+    logger.info("serving %s from the local copy %s", location.url, settings.repo)
+    return MirroredRepository(location, settings.repo)
+
+
 def print_addresses(addresses: BoundAddresses, stream: TextIO | None = None) -> None:
     """Prints the bound ports in the lines tests and users read."""
     out = stream if stream is not None else sys.stdout
@@ -430,7 +461,13 @@ def serve(
         ready = on_ready if on_ready is not None else (print_addresses if role is None else None)
         return await server.run(ready)
 
-    # uvloop: a faster event loop for the REST side (uvicorn's own default); grpc.aio's poller
-    # runs on it too (the end-to-end tests drive both ports of one uvloop process).
-    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-        return runner.run(main())
+    # Tracing from the OTEL_* variables, per process: each worker of --workers N sets up
+    # its own provider here. Off (nothing imported) unless OTEL_TRACES_EXPORTER is set.
+    provider = setup_tracing(os.environ, worker=role.index if role is not None else None)
+    try:
+        # uvloop: a faster event loop for the REST side (uvicorn's own default); grpc.aio's
+        # poller runs on it too (the end-to-end tests drive both ports of one uvloop process).
+        with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+            return runner.run(main())
+    finally:
+        shutdown_tracing(provider)

@@ -152,8 +152,11 @@ class DriftDetector:
         drift_share: The dataset drifts when this share of features drifts. Defaults to 0.5.
         eps: PSI floor for empty bins. Defaults to 1e-4.
 
+    A baseline may list no features (``"features": []``, a model whose input is strings):
+    then only prediction drift is measured and the dataset never drifts.
+
     Raises:
-        ValueError: The baseline lacks features or has inconsistent bins.
+        ValueError: The baseline lacks the features list or has inconsistent bins.
     """
 
     def __init__(
@@ -166,7 +169,7 @@ class DriftDetector:
         eps: float = DEFAULT_EPSILON,
     ) -> None:
         features = baseline.get("features")
-        if not isinstance(features, list) or not features:
+        if not isinstance(features, list):
             raise ValueError("baseline has no features")
         self.psi_threshold = psi_threshold
         self.ks_pvalue = ks_pvalue
@@ -253,7 +256,8 @@ class DriftDetector:
         rows = window_matrix(rows, self.n_features)
         features = tuple(self._feature(i, rows[:, i]) for i in range(self.n_features))
         n_drifted = sum(f.drifted for f in features)
-        share = n_drifted / len(features)
+        # No features (an input of strings): no feature drift, prediction drift only.
+        share = n_drifted / len(features) if features else 0.0
         return DriftReport(
             rows=len(rows),
             features=features,

@@ -14,6 +14,9 @@ bounded stretches (the store's driver releases it while SQLite works), so it can
 the event loop. Store errors are logged and counted as dropped; the windows are still
 filled, so drift keeps working while the database is down.
 
+With tracing on, each written batch is a span (``modelloop.monitoring.write``) linked to
+the spans of the requests it records (:func:`write_span`).
+
 Example:
 
 ```python
@@ -82,6 +85,38 @@ def predicted_values(outputs: np.ndarray, task: str) -> np.ndarray:
     return outputs.argmax(axis=1).astype(np.int64)
 
 
+def write_span(batch: list[Any], traced: list[Any]) -> Any:
+    """Starts the span of one written batch: linked to every traced request in it.
+
+    Its parent is the first traced (and sampled) request's span, so that a lone request's
+    trace shows its write; tracing is on when requests carry a span context (``InferRequest.trace``),
+    and the span goes to the process's tracer provider, which the server set up.
+
+    Args:
+        batch: The buffer items being written.
+        traced: The span contexts the items carry, in order.
+
+    Returns:
+        The started span (``modelloop.monitoring.write``).
+    """
+    from opentelemetry import trace
+
+    # The first sampled request is the parent (a ratio sampler keeps the span for it).
+    parent = next((c for c in traced if c.trace_flags.sampled), traced[0])
+    models = {(item[0], item[1]) for item in batch}
+    attributes: dict[str, str | int] = {"modelloop.monitoring.requests": len(batch)}
+    if len(models) == 1:
+        model, version = next(iter(models))
+        attributes["modelloop.model"] = model
+        attributes["modelloop.version"] = version
+    return trace.get_tracer("modelloop.monitoring").start_span(
+        "modelloop.monitoring.write",
+        context=trace.set_span_in_context(trace.NonRecordingSpan(parent)),
+        links=[trace.Link(context) for context in traced],
+        attributes=attributes,
+    )
+
+
 class MonitoringObserver:
     """Logs answered requests to the store and the drift windows, in the background.
 
@@ -142,7 +177,15 @@ class MonitoringObserver:
             self.metrics.dropped.labels(model=response.model).inc()
             return
         buffer.append(
-            (response.model, response.version, response.id, time.time(), request.inputs, response.outputs)
+            (
+                response.model,
+                response.version,
+                response.id,
+                time.time(),
+                request.inputs,
+                response.outputs,
+                request.trace,
+            )
         )
         # A plain int: the GIL makes += atomic enough for a progress mark read under the lock.
         self._enqueued += 1
@@ -227,10 +270,17 @@ class MonitoringObserver:
             self._hurry = False
             while buffer:
                 batch = [buffer.popleft() for _ in range(min(self.batch_size, len(buffer)))]
+                traced = [item[6] for item in batch if item[6] is not None]
+                span = write_span(batch, traced) if traced else None
                 try:
                     self._process(batch)
-                except Exception:  # the worker must outlive any bad request or bug
+                except Exception as exc:  # the worker must outlive any bad request or bug
                     logger.exception("monitoring observer failed on a batch of %d requests", len(batch))
+                    if span is not None:
+                        span.record_exception(exc)
+                finally:
+                    if span is not None:
+                        span.end()
                 with self._progress:
                     self._processed += len(batch)
                     self._progress.notify_all()
@@ -269,7 +319,7 @@ class MonitoringObserver:
     def _convert(self, model: str, version: int, items: list[Any]) -> list[PredictionRecord]:
         info = self.describe(model, version)
         picked: list[tuple[str, float, np.ndarray, np.ndarray]] = []
-        for _, _, rid, created, inputs, outputs in items:
+        for _, _, rid, created, inputs, outputs, _ in items:
             x = inputs.get(info.input_name) if info.input_name else None
             if x is None:
                 x = next(iter(inputs.values()), None)
@@ -280,9 +330,12 @@ class MonitoringObserver:
                 continue
             x, y = np.asarray(x), np.asarray(y)
             n = x.shape[0] if x.ndim else 1
-            if x.dtype.kind not in "iufb" or y.dtype.kind not in "iufb" or (y.shape[0] if y.ndim else 1) != n:
-                continue  # string or byte models: nothing to bin
-            picked.append((rid, created, x.reshape(n, -1), y.reshape(n, -1)))
+            if y.dtype.kind not in "iufb" or (y.shape[0] if y.ndim else 1) != n:
+                continue  # string outputs: no prediction to log
+            # String inputs (BYTES) have no features to bin: the prediction is logged with
+            # no input columns, so accuracy, prediction drift and the estimate still work.
+            rows = x.reshape(n, -1) if x.dtype.kind in "iufb" else np.zeros((n, 0))
+            picked.append((rid, created, rows, y.reshape(n, -1)))
         if not picked:
             return []
         widths = {(x.shape[1], y.shape[1]) for _, _, x, y in picked}

@@ -103,7 +103,7 @@ class QualityChecker:
 
     def __init__(self, baseline: dict[str, Any]) -> None:
         features = baseline.get("features")
-        if not isinstance(features, list) or not features:
+        if not isinstance(features, list):
             raise ValueError("baseline has no features")
         self.names = [str(f["name"]) for f in features]
         self.low = np.asarray([float(f.get("min", -np.inf)) for f in features])

@@ -42,9 +42,11 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
+from modelloop.serving import tracing
 from modelloop.serving.errors import InferenceFailed, ModelNotReady, QueueFull, ServingError
 from modelloop.serving.metrics import ServingMetrics
 from modelloop.serving.settings import BatchingSettings
@@ -72,6 +74,7 @@ class _Pending:
     rows: int
     future: asyncio.Future[Tensors]
     enqueued: float = field(default_factory=time.monotonic)
+    trace: tracing.Mark | None = None  # the request's span and wait start, when tracing is on
 
 
 # Calls timed per decision whether a model runs inline: the median of each window of this
@@ -179,10 +182,14 @@ class DynamicBatcher:
         inline = self.runs_inline
         if not inline and not self._pending and not self._active and not self._under_load:
             # Idle and no load: nobody to batch with, so no reason to wait.
+            if tracing.TRACER is not None:
+                return await self._traced_run_now(inputs, rows, state)
             return await self._run_now(inputs, rows, state)
         if self._active:
             self._arrived_busy = True
         item = _Pending(inputs, rows, loop.create_future())
+        if tracing.TRACER is not None:
+            item.trace = tracing.mark()
         self._pending.append(item)
         self._queued_rows += rows
         if inline:
@@ -228,6 +235,20 @@ class DynamicBatcher:
         # Joining the threads can take as long as a last batch; keep it off the loop.
         await asyncio.to_thread(self._executor.shutdown, wait=True)
 
+    async def _traced_run_now(self, inputs: Tensors, rows: int, state: _LoopState | None) -> Tensors:
+        """:meth:`_run_now` inside a batch span of its own (tracing on)."""
+        marked = tracing.mark()
+        span = tracing.start_batch(
+            [marked] if marked is not None else [], self.model, self.version, rows, self.runs_inline
+        )
+        try:
+            outputs = await self._run_now(inputs, rows, state)
+        except BaseException as exc:
+            tracing.end_batch(span, exc)
+            raise
+        tracing.end_batch(span)
+        return outputs
+
     async def _run_now(self, inputs: Tensors, rows: int, state: _LoopState | None) -> Tensors:
         """Runs one request's rows as a call of their own, inline or on a thread."""
         metrics = self._metrics
@@ -241,7 +262,7 @@ class DynamicBatcher:
             except ServingError:
                 raise
             except Exception as exc:  # any runtime error becomes InferenceFailed
-                raise self._failure(rows, exc) from exc
+                raise self._logged_failure(rows, exc) from exc
             finally:
                 self._release(state)
             self._check_rows(outputs, rows)
@@ -259,7 +280,7 @@ class DynamicBatcher:
         except ServingError:
             raise
         except Exception as exc:  # any runtime error becomes InferenceFailed
-            raise self._failure(rows, exc) from exc
+            raise self._logged_failure(rows, exc) from exc
         self._check_rows(outputs, rows)
         return outputs
 
@@ -284,6 +305,8 @@ class DynamicBatcher:
         # bounded pool (the executor queues calls beyond num_batch_threads).
         self._queued_rows += rows
         try:
+            if tracing.TRACER is not None:
+                return await self._traced_run_now(inputs, rows, None)
             return await self._run_now(inputs, rows, None)
         finally:
             self._queued_rows -= rows
@@ -361,6 +384,7 @@ class DynamicBatcher:
             live, merged, rows = self._merge(batch, start)
             if not live:
                 return
+            span = self._start_span(live, rows, False) if tracing.TRACER is not None else None
             future = asyncio.get_running_loop().run_in_executor(self._executor, self._timed, merged)
             # The thread stays taken until the call returns, even if close() cancels us.
             future.add_done_callback(lambda _: self._release(state))
@@ -368,9 +392,15 @@ class DynamicBatcher:
             try:
                 outputs = await future
                 self._check_rows(outputs, rows)
-            except Exception as exc:  # noqa: BLE001 - fanned out to every waiter
+            except BaseException as exc:
+                if span is not None:
+                    tracing.end_batch(span, exc)
+                if not isinstance(exc, Exception):
+                    raise
                 self._fail(live, rows, exc)
                 return
+            if span is not None:
+                tracing.end_batch(span)
             self._answer(live, outputs)
         finally:
             if not released:
@@ -398,16 +428,26 @@ class DynamicBatcher:
         live, merged, rows = self._merge(batch, start)
         if not live:
             return
+        span = self._start_span(live, rows, True) if tracing.TRACER is not None else None
         self._active += 1
         try:
             outputs = self._timed(merged)
             self._check_rows(outputs, rows)
         except Exception as exc:  # noqa: BLE001 - fanned out to every waiter
+            if span is not None:
+                tracing.end_batch(span, exc)
             self._fail(live, rows, exc)
             return
         finally:
             self._active -= 1
+        if span is not None:
+            tracing.end_batch(span)
         self._answer(live, outputs)
+
+    def _start_span(self, live: list[_Pending], rows: int, inline: bool) -> Any:
+        """The batch span of a queued batch, linked to its requests (tracing on)."""
+        marks = [item.trace for item in live if item.trace is not None]
+        return tracing.start_batch(marks, self.model, self.version, rows, inline)
 
     def _fail(self, live: list[_Pending], rows: int, exc: Exception) -> None:
         logger.warning(
@@ -439,6 +479,18 @@ class DynamicBatcher:
                     f"model {self.model!r} version {self.version} returned output {name!r} with shape "
                     f"{tuple(np.shape(value))} for a batch of {rows} rows"
                 )
+
+    def _logged_failure(self, rows: int, exc: BaseException) -> InferenceFailed:
+        # A model's own error is the operator's to see, as a batch's is in _fail.
+        logger.warning(
+            "model %s version %s failed on a call of %d rows: %s: %s",
+            self.model,
+            self.version,
+            rows,
+            type(exc).__name__,
+            exc,
+        )
+        return self._failure(rows, exc)
 
     def _failure(self, rows: int, exc: BaseException) -> InferenceFailed:
         return InferenceFailed(

@@ -40,6 +40,7 @@ import numpy as np
 
 from modelloop import __version__
 from modelloop.errors import ServiceError
+from modelloop.serving import tracing
 from modelloop.serving.errors import (
     InferenceFailed,
     InvalidInput,
@@ -397,6 +398,7 @@ class DataPlane:
         version: int | None = None
         request: InferRequest | None = None
         code = "OK"
+        decode: Any = None  # the decode span while it is open (tracing on)
         self._enter()
         try:
             # Draining only turns readiness off: requests the transports still accept
@@ -406,6 +408,8 @@ class DataPlane:
                 raise ModelNotReady("the server is shutting down and takes no new requests")
             model, version_text, label = decoder.target()
             pinned = parse_version(version_text)
+            if tracing.TRACER is not None:
+                decode = tracing.start_decode(decoder.protocol)
             await decoder.read()
             # From here to servable.use() nothing awaits, so the version cannot start
             # unloading between resolving it and holding it for this request.
@@ -426,6 +430,9 @@ class DataPlane:
             if servable.refuse_nan:
                 check_finite(request.inputs, model)
             wanted = self._wanted_outputs(request, metadata)
+            if decode is not None:
+                request.trace = tracing.decoded(decode, model, version, request.id)
+                decode = None
             rollouts = self.registry.rollouts
             choice = (
                 rollouts.choose(model, version, request.id)
@@ -458,6 +465,8 @@ class DataPlane:
             raise error from exc
         finally:
             self._leave()
+            if tracing.TRACER is not None:
+                tracing.finished(decode, code)
             self.metrics.observe_request(
                 self._model_label(model), version, decoder.protocol, code, time.perf_counter() - start
             )
@@ -657,6 +666,8 @@ class DataPlane:
         """True when started, not draining, and every enabled model has an AVAILABLE version."""
         if not self._started or self.draining or self._stopped:
             return False
+        if not self.registry.repository_synced:
+            return False  # a remote repository not read yet: its models are unknown
         for name in self.registry.model_names():
             if not self.registry.is_enabled(name):
                 continue
@@ -665,6 +676,10 @@ class DataPlane:
             except ServiceError:
                 return False
         return True
+
+    def repository_error(self) -> str:
+        """Why a remote repository could not be read at the last poll; ``""`` when it could."""
+        return self.registry.repository_error
 
     def server_metadata(self) -> dict[str, Any]:
         """OIP server metadata: name, version and extensions."""

@@ -116,6 +116,11 @@ class ServingMetrics:
             ["model"],
             registry=registry,
         )
+        self.repository_errors = Counter(
+            "modelloop_repository_errors",
+            "Polls of a remote model repository that failed (unreachable, denied, missing bucket).",
+            registry=registry,
+        )
 
     def observe_request(
         self, model: str, version: int | str | None, protocol: object, code: object, seconds: float
@@ -155,6 +160,10 @@ class ServingMetrics:
     def set_versions_loaded(self, model: str, count: int) -> None:
         """Sets the number of AVAILABLE versions of ``model``."""
         self.versions_loaded.labels(model).set(count)
+
+    def count_repository_error(self) -> None:
+        """Counts one failed read of a remote repository."""
+        self.repository_errors.inc()
 
     def count_load_failure(self, model: str) -> None:
         """Counts one failed version load of ``model``."""

@@ -47,6 +47,7 @@ from modelloop.serving.repository import (
     PLATFORMS,
     ModelRepository,
     RepositoryError,
+    RepositoryUnavailable,
     RuntimeKind,
 )
 from modelloop.serving.rollout import RolloutCoordinator
@@ -67,14 +68,14 @@ def create_runtime(
     config: ModelConfig,
     settings: ServingSettings,
 ) -> Runtime:
-    """The default runtime factory: ONNX Runtime or TensorFlow SavedModel.
+    """The default runtime factory: ONNX Runtime, TensorFlow SavedModel or a ``model.py``.
 
     Per-model config overrides the server's providers, thread counts and spinning. With
     neither setting a thread count, ONNX Runtime gets one intra-op thread per CPU this
     process may use (:func:`~modelloop.serving.cpus.cpu_budget`), divided by the workers.
 
     Args:
-        kind: ``onnx`` or ``savedmodel``.
+        kind: ``onnx``, ``savedmodel`` or ``python``.
         version_dir: ``<repo>/<name>/<version>``.
         metadata: The version's metadata.
         config: The model's config.
@@ -114,6 +115,10 @@ def create_runtime(
             ),
             sizing=sizing,
         )
+    if kind == "python":
+        from modelloop.serving.runtimes.python import PythonRuntime
+
+        return PythonRuntime(version_dir, metadata)
     from modelloop.serving.runtimes.savedmodel import SavedModelRuntime
 
     return SavedModelRuntime(version_dir / SAVED_MODEL_DIR, metadata)
@@ -223,6 +228,9 @@ class ModelRegistry:
         self._lock: asyncio.Lock | None = None
         self._poller: asyncio.Task[None] | None = None
         self._unloads: set[asyncio.Task[None]] = set()
+        # A remote repository: whether it was ever read, and why the last read failed.
+        self.repository_synced = repository.remote is None
+        self.repository_error = ""
 
     # -- lifecycle -------------------------------------------------------------------
 
@@ -270,6 +278,8 @@ class ModelRegistry:
     async def poll(self) -> None:
         """One reconciliation pass: load what should be loaded, then unload what should not."""
         async with self._get_lock():
+            if not await self._sync_repository():
+                return  # a remote repository never read yet: load nothing from a stale cache
             names = self.repository.model_names()
             for name in [n for n in self._models if n not in names]:
                 model = self._models.pop(name)
@@ -279,6 +289,32 @@ class ModelRegistry:
                         self._schedule_unload(model, entry)
                 self.metrics.set_versions_loaded(name, 0)
             await asyncio.gather(*(self._reconcile(self._models.setdefault(n, _Model(n))) for n in names))
+
+    async def _sync_repository(self) -> bool:
+        """Refreshes a remote repository's local copy; False until it was read once.
+
+        When the store cannot be read, the copy stays as it was, so what is loaded keeps
+        serving; the error is logged (once per change), counted and kept for readiness.
+        """
+        if self.repository.remote is None:
+            return True
+        try:
+            await asyncio.to_thread(self.repository.sync)
+        except RepositoryUnavailable as exc:
+            if exc.message != self.repository_error:
+                logger.error(
+                    "repository %s is unavailable: %s; %s",
+                    self.repository.remote,
+                    exc.message,
+                    "keeping what is loaded" if self.repository_synced else "not ready until it is read",
+                )
+            self.repository_error = exc.message
+            self.metrics.count_repository_error()
+            return self.repository_synced
+        if self.repository_error:
+            logger.info("repository %s is available again", self.repository.remote)
+        self.repository_synced, self.repository_error = True, ""
+        return True
 
     async def _reconcile(self, model: _Model) -> None:
         if not model.enabled:
@@ -367,9 +403,13 @@ class ModelRegistry:
             logger.error("model %s version %s failed to load: %s", model.name, version, entry.error)
             self.metrics.count_load_failure(model.name)
             return
+        batching = config.batching or self.settings.batching
+        if not runtime.may_run_inline:
+            # A model's own code may block: it runs on the batcher's threads, never the loop.
+            batching = batching.model_copy(update={"inline_max_micros": 0})
         batcher = DynamicBatcher(
             runtime.predict,
-            config.batching or self.settings.batching,
+            batching,
             metrics=self.metrics,
             model=model.name,
             version=version,

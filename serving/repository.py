@@ -21,6 +21,7 @@ for name in repository.model_names():
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Literal
 
@@ -28,18 +29,53 @@ import numpy as np
 from pydantic import ValidationError
 
 from modelloop import layout
-from modelloop.serving.errors import ServingError
+from modelloop.errors import ErrorCode
+from modelloop.serving.errors import InvalidInput, ServingError
 from modelloop.serving.runtimes.onnx import PLATFORM as ONNX_PLATFORM
+from modelloop.serving.runtimes.python import PLATFORM as PYTHON_PLATFORM
 from modelloop.serving.runtimes.savedmodel import PLATFORM as SAVEDMODEL_PLATFORM
 from modelloop.serving.settings import ModelConfig
 from modelloop.serving.types import ModelMetadata, TensorSpec
 
-RuntimeKind = Literal["onnx", "savedmodel"]
-PLATFORMS: dict[str, str] = {"onnx": ONNX_PLATFORM, "savedmodel": SAVEDMODEL_PLATFORM}
+RuntimeKind = Literal["onnx", "savedmodel", "python"]
+PLATFORMS: dict[str, str] = {
+    "onnx": ONNX_PLATFORM,
+    "savedmodel": SAVEDMODEL_PLATFORM,
+    "python": PYTHON_PLATFORM,
+}
 
 
 class RepositoryError(ServingError):
     """A file in the repository is missing or malformed; the message names the file."""
+
+
+class RepositoryUnavailable(ServingError):
+    """A remote repository cannot be read now (network, credentials, bucket); says why."""
+
+    code = ErrorCode.UNAVAILABLE
+
+
+def refuse_load_parameters(names: Iterable[str]) -> None:
+    """Refuses parameters on the repository API's load: it never takes files or config.
+
+    Triton's load accepts ``file:<path>`` parameters (model files, code included, uploaded
+    in the request) and a ``config`` override. Here models and their code come only from
+    the repository directory, which is trusted (a ``model.py`` runs in the server), so such
+    a request is an error rather than a load that silently ignores what was sent.
+
+    Args:
+        names: The parameter names of the load request.
+
+    Raises:
+        InvalidInput: Any parameter was given; the message names them.
+    """
+    given = sorted(names)
+    if given:
+        uploads = " (model files cannot be uploaded)" if any(n.startswith("file:") for n in given) else ""
+        raise InvalidInput(
+            f"repository load takes no parameters, got {', '.join(given)}{uploads}: models and their "
+            "code are read only from the repository directory; publish a version there and load it"
+        )
 
 
 def _tensor_specs(entries: tuple[layout.TensorEntry, ...]) -> tuple[TensorSpec, ...]:
@@ -53,8 +89,18 @@ class ModelRepository:
         root: The repository directory. It may not exist yet (it then holds no models).
     """
 
+    remote: str | None = None
+    """The URL of the remote repository this directory mirrors; None for a local one."""
+
     def __init__(self, root: Path) -> None:
         self.root = Path(root)
+
+    def sync(self) -> None:
+        """Fetches what changed in a remote repository; a local one has nothing to fetch.
+
+        Raises:
+            RepositoryUnavailable: A remote repository cannot be read now.
+        """
 
     def model_names(self) -> list[str]:
         """Model directories, sorted; hidden names are skipped."""
@@ -91,9 +137,13 @@ class ModelRepository:
 
     @staticmethod
     def runtime_kind(version_dir: Path, config: ModelConfig) -> RuntimeKind:
-        """The runtime a version uses: the config's choice, else ONNX when ``model.onnx`` exists."""
+        """The runtime a version uses: the config's choice, else Python when ``model.py``
+        exists (whatever else the directory holds: ``model.py`` may run a ``model.onnx``),
+        else ONNX when ``model.onnx`` exists, else SavedModel."""
         if config.runtime is not None:
             return config.runtime
+        if (version_dir / layout.PYTHON_MODEL_FILE).is_file():
+            return "python"
         return "onnx" if (version_dir / layout.ONNX_FILE).is_file() else "savedmodel"
 
     @staticmethod

@@ -26,11 +26,15 @@ class Runtime(ABC):
         providers: The execution providers in use (ONNX Runtime); empty otherwise.
         parameters: How the loaded runtime is set up (providers, thread pools), as text;
             exposed in the model's config (Triton's ``parameters``). Empty until loaded.
+        may_run_inline: Whether the batcher may run ``predict`` on the event loop when
+            its calls are tiny. False for code the server does not own (a version's
+            ``model.py``), which could block. Defaults to True.
     """
 
     metadata: ModelMetadata
     providers: list[str]
     parameters: dict[str, str]
+    may_run_inline: bool = True
 
     def __init__(self, metadata: ModelMetadata) -> None:
         self.metadata = metadata

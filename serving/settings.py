@@ -157,8 +157,9 @@ class ModelConfig(BaseModel):
     """Label -> version (``{"stable": 3}``); several labels may name one version."""
     batching: BatchingSettings | None = None
     """Batching for this model; None = the server's default."""
-    runtime: Literal["onnx", "savedmodel"] | None = None
-    """Runtime; None = ONNX when ``model.onnx`` exists, else SavedModel."""
+    runtime: Literal["onnx", "savedmodel", "python"] | None = None
+    """Runtime; None = Python when ``model.py`` exists, else ONNX when ``model.onnx`` exists,
+    else SavedModel."""
     onnx_providers: list[str] | None = None
     """ONNX Runtime providers in preference order; None = the server's choice."""
     intra_op_num_threads: int | None = Field(default=None, ge=0)
@@ -206,7 +207,9 @@ class ServingSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="MODELLOOP_", env_nested_delimiter="__", extra="ignore")
 
     repo: Path
-    """The model repository root."""
+    """The model repository root; with ``repo_url``, the local copy of that repository."""
+    repo_url: str | None = None
+    """A repository in object storage (``s3://bucket/prefix``) that ``repo`` mirrors; None = local."""
     host: str = "127.0.0.1"
     """Interface both servers bind."""
     rest_port: int = Field(default=8501, ge=0, le=65535)

@@ -92,6 +92,8 @@ class InferRequest:
         id: The request id (``x-request-id``, OIP ``id``); set by the edge.
         parameters: OIP request parameters.
         signature_name: TF Serving signature name; None means ``serving_default``.
+        trace: The request span's OpenTelemetry ``SpanContext`` when tracing is on (set
+            by the data plane; the monitoring writer links its span to it), else None.
     """
 
     model: str
@@ -103,6 +105,7 @@ class InferRequest:
     id: str = ""
     parameters: dict[str, Any] = field(default_factory=dict)
     signature_name: str | None = None
+    trace: Any = None
 
 
 @dataclass(slots=True)

@@ -15,16 +15,24 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("training", "export", "serving", "monitoring")
-LEAVES = ("modelloop.errors", "modelloop.layout", "modelloop.tokens", "modelloop.web")
+LEAVES = (
+    "modelloop.errors",
+    "modelloop.layout",
+    "modelloop.storage",
+    "modelloop.tokens",
+    "modelloop.web",
+)
 FRAMEWORKS = ("fastapi", "starlette", "grpc", "grpc_health", "grpc_reflection", "uvicorn", "httptools", "h11")
 LAYOUT_NAMES = {
     "config.json",
     "model.json",
     "baseline.json",
     "model.onnx",
+    "model.py",
     "saved_model",
     ".staging",
     ".publish.lock",
+    ".publish.claim",
     "model.keras",
     "run.json",
     "metrics.json",

@@ -101,6 +101,37 @@ SearchDimension = Choice | IntRange | FloatRange
 
 
 @dataclass(frozen=True)
+class PythonModel:
+    """A spec whose versions are served by their own ``model.py`` around the network.
+
+    The network still trains on float features (the :class:`Dataset`); the ``model.py``
+    it ships turns what clients send (strings, say) into those features, runs the exported
+    ``model.onnx`` and shapes the answer. ``modelloop export`` copies ``model_file`` into the
+    version as ``model.py``, writes ``settings`` (with the ONNX file, its input and output
+    names and the class labels) beside it, declares ``inputs`` and ``outputs`` in
+    ``model.json``, and checks that ``model.py`` on ``sample_inputs`` answers what the Keras
+    model answers on their features.
+
+    Attributes:
+        model_file: The ``model.py`` to ship. It defines ``class Model`` with
+            ``load(version_dir)`` and ``predict(inputs)``, and imports nothing of modelloop:
+            it runs in the server from the repository.
+        inputs: The served inputs as ``model.json`` entries (``object`` is BYTES).
+        outputs: The served outputs; the first is the network's output, which monitoring reads.
+        sample_inputs: ``() -> (inputs, features)``: raw inputs for the parity check and the
+            feature rows the network sees for them.
+        settings: Extra JSON settings for ``model.py`` (a featurizer's size, say). Defaults to
+            empty.
+    """
+
+    model_file: Path
+    inputs: tuple[dict[str, Any], ...]
+    outputs: tuple[dict[str, Any], ...]
+    sample_inputs: Callable[[], tuple[dict[str, np.ndarray], np.ndarray]]
+    settings: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
 class TaskSpec:
     """Everything a training job needs to know about one task.
 
@@ -125,6 +156,8 @@ class TaskSpec:
             the robustness evaluation adds a stray pixel. Defaults to None (tabular).
         search_space: What ``--tune`` searches: a dimension per name of
             :data:`TUNABLE_HPARAMS`. Defaults to empty (the spec cannot be tuned).
+        python_model: Set when the versions are served by a ``model.py`` around the
+            network (see :class:`PythonModel`). Defaults to None (the network itself).
     """
 
     name: str
@@ -137,6 +170,7 @@ class TaskSpec:
     source: str = ""
     pixel_range: tuple[float, float] | None = None
     search_space: Mapping[str, SearchDimension] = field(default_factory=dict)
+    python_model: PythonModel | None = None
 
     def hp(self, key: str) -> Any:
         """Returns one hyperparameter, falling back to :data:`DEFAULT_HPARAMS`."""
@@ -162,6 +196,7 @@ BUILTIN_SPECS: dict[str, str] = {
     "digits-cnn": "modelloop.training.specs.digits_cnn",
     "breast-cancer": "modelloop.training.specs.breast_cancer",
     "diabetes": "modelloop.training.specs.diabetes",
+    "text-topics": "modelloop.training.specs.text_topics",
 }
 
 _REQUIRED = ("TASK", "load_data", "build_model")
@@ -175,11 +210,12 @@ def load_spec(ref: str) -> TaskSpec:
     ``build_model(normalizer, hparams)``. It may define ``NAME``, ``INPUT_NAME``,
     ``OUTPUT_NAME``, ``HPARAMS``, ``PIXEL_RANGE`` (image inputs of a known range) and
     ``SEARCH_SPACE`` (what ``--tune`` searches; see :class:`Choice`, :class:`IntRange`
-    and :class:`FloatRange`).
+    and :class:`FloatRange`) and ``PYTHON_MODEL`` (a :class:`PythonModel`: the versions are
+    served by a ``model.py`` around the network).
 
     Args:
         ref: A built-in name (``digits``, ``digits-cnn``, ``breast-cancer``,
-            ``diabetes``) or a path to a Python file.
+            ``diabetes``, ``text-topics``) or a path to a Python file.
 
     Returns:
         The validated spec.
@@ -248,6 +284,7 @@ def _from_module(module: ModuleType, default_name: str, source: str) -> TaskSpec
         name=getattr(module, "NAME", default_name),
         pixel_range=_pixel_range(module, source),
         search_space=_search_space(module, source),
+        python_model=_python_model(module, source),
         task=task,
         load_data=module.load_data,
         build_model=module.build_model,
@@ -269,6 +306,21 @@ def _pixel_range(module: ModuleType, source: str) -> tuple[float, float] | None:
     if not (np.isfinite(low) and np.isfinite(high) and low < high):
         raise SpecError(f"spec {source!r}: PIXEL_RANGE must have low < high, got {value!r}")
     return (low, high)
+
+
+def _python_model(module: ModuleType, source: str) -> PythonModel | None:
+    value = getattr(module, "PYTHON_MODEL", None)
+    if value is None:
+        return None
+    if not isinstance(value, PythonModel):
+        raise SpecError(f"spec {source!r}: PYTHON_MODEL must be a PythonModel, got {type(value).__name__}")
+    if not Path(value.model_file).is_file():
+        raise SpecError(
+            f"spec {source!r}: PYTHON_MODEL's model file {str(value.model_file)!r} does not exist"
+        )
+    if not value.inputs or not value.outputs:
+        raise SpecError(f"spec {source!r}: PYTHON_MODEL must declare its inputs and outputs")
+    return value
 
 
 def _search_space(module: ModuleType, source: str) -> dict[str, SearchDimension]:

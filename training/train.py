@@ -434,6 +434,9 @@ def train(
         "seed": seed,
         "versions": {"keras": keras.__version__, "tensorflow": _tf_version()},
     }
+    if spec.python_model is not None:
+        # The export ships the spec's model.py around the network (see training.spec.PythonModel).
+        run_info["runtime"] = "python"
     baseline = build_baseline(
         x_train=x_train,
         feature_names=data.feature_names,

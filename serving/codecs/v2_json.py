@@ -349,3 +349,20 @@ def decode_repository_index_request(body: bytes) -> bool:
     if not isinstance(ready, bool):
         raise InvalidInput('"ready" must be a boolean')
     return ready
+
+
+def decode_repository_load_request(body: bytes) -> list[str]:
+    """The parameter names of a repository load request (empty body: none).
+
+    Raises:
+        InvalidInput: The body is not a JSON object, or its ``parameters`` is not one.
+    """
+    if not body.strip():
+        return []
+    document = loads_json(body)
+    if not isinstance(document, dict):
+        raise InvalidInput(f"repository load request must be a JSON object, got {describe_value(document)}")
+    parameters = document.get("parameters", {})
+    if not isinstance(parameters, dict):
+        raise InvalidInput('"parameters" must be an object')
+    return [str(name) for name in parameters]

@@ -18,13 +18,15 @@ here), while trailing metadata travels with the status in the call's last batch.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hmac
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Iterable, Iterator
 from typing import TYPE_CHECKING
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from modelloop.serving import tracing
 from modelloop.serving.codecs import tensor_proto, v2_grpc
 from modelloop.serving.errors import InvalidInput, Unauthenticated, Unimplemented
 from modelloop.serving.grpc.errors import REQUEST_ID_KEY, translate_errors
@@ -51,6 +53,7 @@ from modelloop.serving.protos.tfserving import (
     tensorflow_serving_apis_prediction_service_pb2_grpc as prediction_service_pb2_grpc,
 )
 from modelloop.serving.protos.tfserving import tensorflow_serving_apis_regression_pb2 as regression_pb2
+from modelloop.serving.repository import refuse_load_parameters
 from modelloop.serving.types import InferRequest, ModelMetadata, ModelState, Protocol, parse_version
 
 if TYPE_CHECKING:
@@ -115,6 +118,30 @@ class ModelInferDecoder:
         return v2_grpc.decode_infer_request(self.message)
 
 
+PREDICT_METHOD = "tensorflow.serving.PredictionService/Predict"
+MODEL_INFER_METHOD = "inference.GRPCInferenceService/ModelInfer"
+
+
+@contextlib.contextmanager
+def traced_rpc(method: str, protocol: Protocol, context: grpc.aio.ServicerContext) -> Iterator[None]:
+    """The request span of a Predict or ModelInfer call (tracing on).
+
+    Its parent is the call's ``traceparent`` invocation metadata, when the client sent one.
+
+    Args:
+        method: ``package.Service/Method``, the span name.
+        protocol: The front end.
+        context: The call's context (its invocation metadata).
+    """
+    metadata = context.invocation_metadata()
+    service, _, name = method.partition("/")
+    attributes = {"rpc.system": "grpc", "rpc.service": service, "rpc.method": name}
+    traceparent = tracing.metadata_value(metadata, tracing.TRACEPARENT)
+    tracestate = tracing.metadata_value(metadata, tracing.TRACESTATE)
+    with tracing.request_span(method, protocol, traceparent, tracestate, attributes):
+        yield
+
+
 def _id_metadata(request_id: str) -> tuple[tuple[str, str], ...]:
     return ((REQUEST_ID_KEY, request_id),) if request_id else ()
 
@@ -133,11 +160,26 @@ class PredictionServiceServicer(prediction_service_pb2_grpc.PredictionServiceSer
     async def Predict(
         self, request: predict_pb2.PredictRequest, context: grpc.aio.ServicerContext
     ) -> predict_pb2.PredictResponse:
-        """Runs one prediction; ``output_filter`` selects outputs."""
+        """Runs one prediction; ``output_filter`` selects outputs.
+
+        With tracing on, the call runs inside its request span (parent: the
+        ``traceparent`` metadata).
+        """
+        if tracing.TRACER is not None:
+            with traced_rpc(PREDICT_METHOD, Protocol.TFSERVING_GRPC, context):
+                return await self._predict(request, context)
+        return await self._predict(request, context)
+
+    async def _predict(
+        self, request: predict_pb2.PredictRequest, context: grpc.aio.ServicerContext
+    ) -> predict_pb2.PredictResponse:
         response = await self._dataplane.handle(PredictDecoder(request), client_id=request_id_of(context))
-        encoded = tensor_proto.encode_predict_response(
-            response, request.model_spec.signature_name or "serving_default"
-        )
+        signature = request.model_spec.signature_name or "serving_default"
+        if tracing.TRACER is not None:
+            with tracing.encode_span(Protocol.TFSERVING_GRPC, response.model, response.version):
+                encoded = tensor_proto.encode_predict_response(response, signature)
+        else:
+            encoded = tensor_proto.encode_predict_response(response, signature)
         context.set_trailing_metadata(_id_metadata(response.id))
         return encoded
 
@@ -271,11 +313,27 @@ class GRPCInferenceServiceServicer(pb_grpc.GRPCInferenceServiceServicer):
     async def ModelInfer(
         self, request: pb.ModelInferRequest, context: grpc.aio.ServicerContext
     ) -> pb.ModelInferResponse:
-        """Runs one inference; outputs come back in ``raw_output_contents``."""
+        """Runs one inference; outputs come back in ``raw_output_contents``.
+
+        With tracing on, the call runs inside its request span (parent: the
+        ``traceparent`` metadata).
+        """
+        if tracing.TRACER is not None:
+            with traced_rpc(MODEL_INFER_METHOD, Protocol.V2_GRPC, context):
+                return await self._model_infer(request, context)
+        return await self._model_infer(request, context)
+
+    async def _model_infer(
+        self, request: pb.ModelInferRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ModelInferResponse:
         response = await self._dataplane.handle(ModelInferDecoder(request), client_id=request_id_of(context))
         # The OIP says the response echoes the request's own id, even when the
         # x-request-id header (used for monitoring) differs from it.
-        encoded = v2_grpc.encode_infer_response(response, request.id or None)
+        if tracing.TRACER is not None:
+            with tracing.encode_span(Protocol.V2_GRPC, response.model, response.version):
+                encoded = v2_grpc.encode_infer_response(response, request.id or None)
+        else:
+            encoded = v2_grpc.encode_infer_response(response, request.id or None)
         context.set_trailing_metadata(_id_metadata(response.id))
         return encoded
 
@@ -300,6 +358,7 @@ class GRPCInferenceServiceServicer(pb_grpc.GRPCInferenceServiceServicer):
     ) -> pb.RepositoryModelLoadResponse:
         """Loads or reloads a model; needs the admin bearer token."""
         self._authorize(context, "RepositoryModelLoad")
+        refuse_load_parameters(request.parameters.keys())
         await self._dataplane.load_model(_require_name(request.model_name, "model_name"))
         return pb.RepositoryModelLoadResponse()
 

@@ -293,6 +293,8 @@ def render_status_page(
                 f"<td>{html.escape(state)}</td>{cells}</tr>"
             )
     ready = "ready" if dataplane.ready() else "not ready"
+    if dataplane.repository_error():
+        ready += f" (repository: {html.escape(dataplane.repository_error())})"
     table = "\n".join(rows) or f'<tr><td colspan="{width}">no models</td></tr>'
     header = "".join(f"<th>{html.escape(h)}</th>" for h in ("model", "version", "state", *extra_headers))
     return f"""<!doctype html>

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 from fastapi import APIRouter, Request, Response
 
 from modelloop.errors import ErrorCode, ServiceError
+from modelloop.serving import tracing
 from modelloop.serving.codecs import tfserving_json
 from modelloop.serving.errors import InvalidInput, Unimplemented
 from modelloop.serving.rest.errors import JsonResponse, service_error_response
@@ -23,6 +24,7 @@ from modelloop.serving.rest.schemas import (
     STATUS_RESPONSES,
     ErrorBody,
 )
+from modelloop.serving.rest.tracing import PREDICT_SPAN, answered, traced_http
 from modelloop.serving.types import InferRequest, InferResponse, ModelMetadata, Protocol, parse_version
 from modelloop.web import (
     MODEL_VERSION_HEADER,
@@ -118,27 +120,42 @@ class PredictDecoder:
         return tfserving_json.encode_predict_response(response, self.row_format)
 
 
-async def answer_predict(dataplane: DataPlane, request: Request, decoder: PredictDecoder) -> Response:
+async def answer_predict(
+    dataplane: DataPlane, request: Request, decoder: PredictDecoder, *, in_span: bool = False
+) -> Response:
     """Runs a ``:predict`` call through the data plane and builds its HTTP response.
 
-    The one handler of the route and of the ASGI fast path (:mod:`.fastpath`).
+    The one handler of the route and of the ASGI fast path (:mod:`.fastpath`). With
+    tracing on, the call runs inside its request span (parent: the ``traceparent``
+    header).
 
     Args:
         dataplane: The data plane.
         request: The HTTP request (its ``x-request-id`` header).
         decoder: The call.
+        in_span: Whether the request span is open already (the traced call's second
+            entry; tracing off costs one check, not a call of its own). Defaults to False.
 
     Returns:
         The response: the predictions, or ``{"error": ...}`` with the mapped status; both
         carry ``x-request-id``.
     """
+    if tracing.TRACER is not None and not in_span:
+        with traced_http(PREDICT_SPAN, decoder.protocol, request) as span:
+            answer = await answer_predict(dataplane, request, decoder, in_span=True)
+            answered(span, answer.status_code)
+            return answer
     try:
         response = await dataplane.handle(decoder, client_id=request.headers.get(REQUEST_ID_HEADER))
     except ServiceError as error:
         return service_error_response(error, {REQUEST_ID_HEADER: error.request_id})
     headers = {REQUEST_ID_HEADER: response.id, MODEL_VERSION_HEADER: str(response.version)}
     try:
-        payload = decoder.encode(response)
+        if tracing.TRACER is not None:
+            with tracing.encode_span(decoder.protocol, response.model, response.version):
+                payload = decoder.encode(response)
+        else:
+            payload = decoder.encode(response)
     except ServiceError as error:
         return service_error_response(error, headers)
     return JsonResponse(payload, headers)

@@ -12,8 +12,10 @@ import orjson
 from fastapi import APIRouter, Request, Response
 
 from modelloop.errors import ServiceError
+from modelloop.serving import tracing
 from modelloop.serving.codecs import v2_json
 from modelloop.serving.errors import InvalidInput
+from modelloop.serving.repository import refuse_load_parameters
 from modelloop.serving.rest.errors import JsonResponse, error_response, service_error_response
 from modelloop.serving.rest.schemas import (
     ADMIN_ERRORS,
@@ -28,6 +30,7 @@ from modelloop.serving.rest.schemas import (
     V2Ready,
     V2ServerMetadata,
 )
+from modelloop.serving.rest.tracing import INFER_SPAN, answered, traced_http
 from modelloop.serving.types import (
     InferRequest,
     InferResponse,
@@ -123,7 +126,9 @@ def _json(payload: bytes, status: int = 200) -> Response:
     return Response(payload, status_code=status, media_type=JSON)
 
 
-async def answer_infer(dataplane: DataPlane, request: Request, decoder: InferDecoder) -> Response:
+async def answer_infer(
+    dataplane: DataPlane, request: Request, decoder: InferDecoder, *, in_span: bool = False
+) -> Response:
     """Runs an ``/infer`` call through the data plane and builds its HTTP response.
 
     The one handler of the routes and of the ASGI fast path (:mod:`.fastpath`).
@@ -132,18 +137,30 @@ async def answer_infer(dataplane: DataPlane, request: Request, decoder: InferDec
         dataplane: The data plane.
         request: The HTTP request (its ``x-request-id`` header).
         decoder: The call.
+        in_span: Whether the request span is open already (the traced call's second
+            entry; tracing off costs one check, not a call of its own). Defaults to False.
 
     Returns:
         The response: JSON, or a JSON header followed by binary outputs, or
-        ``{"error": ...}`` with the mapped status; all carry ``x-request-id``.
+        ``{"error": ...}`` with the mapped status; all carry ``x-request-id``. With tracing
+        on, the call runs inside its request span (parent: the ``traceparent`` header).
     """
+    if tracing.TRACER is not None and not in_span:
+        with traced_http(INFER_SPAN, decoder.protocol, request) as span:
+            answer = await answer_infer(dataplane, request, decoder, in_span=True)
+            answered(span, answer.status_code)
+            return answer
     try:
         response = await dataplane.handle(decoder, client_id=request.headers.get(REQUEST_ID_HEADER))
     except ServiceError as error:
         return service_error_response(error, {REQUEST_ID_HEADER: error.request_id})
     headers = {REQUEST_ID_HEADER: response.id, MODEL_VERSION_HEADER: str(response.version)}
     try:
-        payload, json_length = decoder.encode(response)
+        if tracing.TRACER is not None:
+            with tracing.encode_span(decoder.protocol, response.model, response.version):
+                payload, json_length = decoder.encode(response)
+        else:
+            payload, json_length = decoder.encode(response)
     except ServiceError as error:
         return service_error_response(error, headers)
     if json_length is None:
@@ -190,6 +207,8 @@ def create_v2_router(dataplane: DataPlane, settings: ServingSettings) -> APIRout
         # Triton answers 400 here, which reads as a client error.
         if dataplane.ready():
             return _json(b'{"ready":true}')
+        if dataplane.repository_error():
+            return error_response(f"server is not ready: {dataplane.repository_error()}", 503)
         return error_response("server is not ready: a model has no available version, or it is draining", 503)
 
     def metadata(model: str, version: int | None) -> Response:
@@ -299,6 +318,8 @@ def create_v2_router(dataplane: DataPlane, settings: ServingSettings) -> APIRout
     )
     async def load(request: Request, model: str) -> Response:
         require_admin(request, admin_token)
+        body = await read_body(request, settings.max_body_bytes)
+        refuse_load_parameters(v2_json.decode_repository_load_request(body))
         await dataplane.load_model(model)
         return Response(status_code=200)
 

@@ -216,3 +216,19 @@ def test_arguments_quick_and_explicit_duration():
         parse_args(["--only", "nothing"])
     with pytest.raises(SystemExit):
         parse_args(["--compare-tree", "ours=/tmp"])
+
+
+def test_tracing_adds_a_traced_variant_and_its_sink_takes_spans():
+    import httpx
+
+    from bench.otlp_sink import otlp_sink
+
+    args = parse_args(["--tracing", "--variant", "nomon=--no-monitoring"])
+    assert args.variant == [("nomon", ["--no-monitoring"]), ("traced", [])]
+    with pytest.raises(SystemExit):
+        parse_args(["--variant", "traced=--no-monitoring"])  # the name is taken
+    with otlp_sink() as sink, httpx.Client() as client:
+        for _ in range(2):
+            answer = client.post(f"{sink.url}/v1/traces", content=b"\x0a\x00")
+            assert answer.status_code == 200 and answer.content == b""
+    assert (sink.posts, sink.bytes) == (2, 4)

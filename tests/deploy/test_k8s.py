@@ -22,6 +22,7 @@ from typing import Any
 import pytest
 import yaml
 
+from modelloop.storage import parse_repository
 from tests.tools import require_tool
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -207,7 +208,10 @@ def test_server_deployment(overlay: str) -> None:
     volumes = {v["name"]: v for v in pod["volumes"]}
     for path in ("/var/lib/modelloop", "/tmp"):
         assert "emptyDir" in volumes[mounts[path]], path
-    assert volumes[mounts["/models"]]["persistentVolumeClaim"]["claimName"] == "modelloop-models"
+    if overlay == "object-storage":  # the bucket is the repository (its own test below)
+        assert "/models" not in mounts
+    else:
+        assert volumes[mounts["/models"]]["persistentVolumeClaim"]["claimName"] == "modelloop-models"
     # The kubelet's SIGKILL must come after the preStop pause and the server's drain.
     settings = _one(docs, "ConfigMap", _settings_name(docs))["data"]
     grace = float(settings["MODELLOOP_GRACE_PERIOD_S"])
@@ -325,6 +329,32 @@ def test_postgres_overlay_scales_out_on_a_shared_store() -> None:
     # Without it (cpu, gpu) a label must reach the pod that logged the prediction: one replica.
     for overlay in ("cpu", "gpu"):
         assert _one(render(f"overlays/{overlay}"), "HorizontalPodAutoscaler")["spec"]["maxReplicas"] == 1
+
+
+def test_object_storage_overlay_serves_a_bucket_without_a_shared_volume() -> None:
+    docs = render("overlays/object-storage")
+    assert not [d for d in docs if d["kind"] == "PersistentVolumeClaim"]
+    pod = _one(docs, "Deployment")["spec"]["template"]["spec"]
+    assert not [v for v in pod["volumes"] if "persistentVolumeClaim" in v]
+    server = _server(docs)
+    env = {e["name"]: e for e in server["env"]}
+    # The command serves the URL that Kubernetes expands from the environment.
+    command = server["command"]
+    assert (
+        command[:2] == ["modelloop", "serve"]
+        and command[command.index("--repo") + 1] == "$(MODEL_REPOSITORY_URL)"
+    )
+    assert parse_repository(env["MODEL_REPOSITORY_URL"]["value"]).remote
+    # The local copy lives in an emptyDir of the pod, where MODELLOOP_REPO_CACHE points.
+    mounts = {m["mountPath"]: m["name"] for m in server["volumeMounts"]}
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    assert "emptyDir" in volumes[mounts[env["MODELLOOP_REPO_CACHE"]["value"]]]
+    # Credentials (and an S3-compatible endpoint) come from a Secret as the standard AWS
+    # variables; the settings ConfigMap still reaches the server.
+    sources = server["envFrom"]
+    assert {"secretRef": {"name": "modelloop-object-store"}} in sources
+    assert [s for s in sources if s.get("configMapRef", {}).get("name", "").startswith("modelloop-settings")]
+    assert not [e for e in server["env"] if e["name"].startswith("AWS_")]  # no key in the manifests
 
 
 def test_training_job_gives_each_worker_its_tf_config() -> None:

@@ -52,13 +52,15 @@ class ServerProcess:
 
 
 def start_server(
-    repo: Path,
+    repo: Path | str,
     *extra: str,
     env: dict[str, str] | None = None,
     timeout: float = 90,
     verify: ssl.SSLContext | bool = True,
+    wait_ready: bool = True,
 ) -> ServerProcess:
-    """Runs ``python -m modelloop serve --repo REPO`` on port 0 and waits until it is ready.
+    """Runs ``python -m modelloop serve --repo REPO`` on port 0 and waits until it is ready
+    (or, with ``wait_ready=False``, until it listens).
 
     Raises:
         RuntimeError: The process exited or did not become ready in time (it is stopped).
@@ -103,6 +105,8 @@ def start_server(
             rest, grpc_ = _REST.search(text), _GRPC.search(text)
             if rest and grpc_:
                 server.rest_url, server.grpc_target = rest.group(1), grpc_.group(1)
+                if not wait_ready:
+                    return server
                 try:
                     ready = httpx.get(f"{server.rest_url}/v2/health/ready", timeout=2, verify=verify)
                     if ready.status_code == 200:

@@ -152,7 +152,11 @@ def test_bad_windows_and_baselines_are_refused():
     with pytest.raises(ValueError, match="1 features"):
         detector.evaluate(np.zeros((3, 2)))
     with pytest.raises(ValueError, match="no features"):
-        DriftDetector({"features": []})
+        DriftDetector({"predictions": {}})
+    # An empty list is a model without numeric inputs (strings): prediction drift only, and a
+    # window of numeric rows does not fit it.
+    with pytest.raises(ValueError, match="0 features"):
+        DriftDetector({"features": []}).evaluate(np.zeros((3, 2)))
     with pytest.raises(ValueError, match="edges"):
         DriftDetector(_baseline([_feature("f", [1.0], [1.0])]))
 

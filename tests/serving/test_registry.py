@@ -17,7 +17,7 @@ from prometheus_client import CollectorRegistry
 from modelloop.serving.errors import ModelNotFound, ModelNotReady
 from modelloop.serving.metrics import ServingMetrics
 from modelloop.serving.registry import ModelRegistry, warmup_inputs
-from modelloop.serving.repository import ModelRepository
+from modelloop.serving.repository import ModelRepository, RepositoryUnavailable
 from modelloop.serving.runtime import Runtime
 from modelloop.serving.settings import ModelConfig, ServingSettings
 from modelloop.serving.types import ModelMetadata, ModelState
@@ -378,3 +378,47 @@ async def test_poll_loop_picks_up_new_versions(tmp_path: Path) -> None:
 def test_warmup_inputs_follow_the_metadata() -> None:
     batch = warmup_inputs(fake_metadata(features=5))
     assert batch["x"].shape == (1, 5) and batch["x"].dtype == np.float32
+
+
+class FlakyRemote(ModelRepository):
+    """A remote repository's local copy whose store fails while ``down`` is set."""
+
+    remote = "s3://bucket/models"
+
+    def __init__(self, root: Path) -> None:
+        super().__init__(root)
+        self.down = True
+
+    def sync(self) -> None:
+        if self.down:
+            raise RepositoryUnavailable("s3://bucket/models: cannot reach the object store")
+
+
+async def test_a_remote_repository_loads_nothing_until_read_and_keeps_serving_when_it_fails(
+    tmp_path: Path,
+) -> None:
+    write_fake_version(tmp_path, "m", 1)  # a stale copy from an earlier run
+    repository = FlakyRemote(tmp_path)
+    prom = CollectorRegistry()
+    registry = ModelRegistry(
+        repository,
+        ServingSettings(repo=tmp_path, poll_interval_s=3600),
+        metrics=ServingMetrics(prom),
+        runtime_factory=Factory(),
+    )
+    await registry.start()
+    # Never read: nothing loads from the stale copy, and the reason is kept for readiness.
+    assert registry.model_names() == [] and not registry.repository_synced
+    assert "cannot reach the object store" in registry.repository_error
+    repository.down = False
+    await registry.poll()
+    assert registry.repository_synced and registry.repository_error == ""
+    assert await run(registry) == 100.0
+    # The store goes away: the loaded version keeps serving, each failed poll is counted.
+    repository.down = True
+    await registry.poll()
+    await registry.poll()
+    assert await run(registry) == 100.0
+    assert registry.repository_synced and "cannot reach" in registry.repository_error
+    assert prom.get_sample_value("modelloop_repository_errors_total") == 3
+    await registry.stop()

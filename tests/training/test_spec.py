@@ -19,6 +19,7 @@ SPECS = Path(__file__).resolve().parents[1] / "testdata" / "specs"
         ("digits-cnn", "multiclass", "pixels", "probabilities", 64),
         ("breast-cancer", "binary", "features", "probabilities", 30),
         ("diabetes", "regression", "features", "prediction", 10),
+        ("text-topics", "multiclass", "features", "probabilities", 1024),
     ],
 )
 def test_builtin_specs_describe_their_task(name, task, input_name, output_name, n_features):
@@ -36,7 +37,39 @@ def test_builtin_specs_describe_their_task(name, task, input_name, output_name, 
 
 
 def test_every_builtin_is_listed():
-    assert set(BUILTIN_SPECS) == {"digits", "digits-cnn", "breast-cancer", "diabetes"}
+    assert set(BUILTIN_SPECS) == {"digits", "digits-cnn", "breast-cancer", "diabetes", "text-topics"}
+
+
+def test_the_text_spec_is_served_by_its_model_py_with_a_stable_featurizer():
+    import zlib
+
+    from modelloop.training.specs.text_topics_model import featurize
+
+    spec = load_spec("text-topics")
+    assert spec.python_model is not None
+    assert spec.python_model.model_file.name == "text_topics_model.py"
+    assert [i["dtype"] for i in spec.python_model.inputs] == ["object"]
+    assert [o["name"] for o in spec.python_model.outputs] == ["probabilities", "label"]
+    # CRC-32, not the per-process salted hash(): one word lands in the same column everywhere.
+    row = featurize([b"Breakpoint"], 1024)[0]
+    assert row.nonzero()[0].tolist() == [zlib.crc32(b"breakpoint") % 1024]
+    assert row.max() == 1.0  # log1p(1) L2-normalised
+    inputs, features = spec.python_model.sample_inputs()
+    assert inputs["text"].dtype == object and len(inputs["text"]) == len(features)
+    np.testing.assert_array_equal(featurize(inputs["text"].tolist(), 1024), features)
+    assert not featurize([""], 1024).any()
+
+
+def test_a_bad_python_model_is_rejected(tmp_path):
+    spec = tmp_path / "bad_python_spec.py"
+    spec.write_text(
+        "TASK = 'binary'\n"
+        "def load_data(): ...\n"
+        "def build_model(normalizer, hparams): ...\n"
+        "PYTHON_MODEL = {'model_file': 'model.py'}\n"
+    )
+    with pytest.raises(SpecError, match="PYTHON_MODEL must be a PythonModel, got dict"):
+        load_spec(str(spec))
 
 
 def test_user_spec_file_takes_names_from_module():
