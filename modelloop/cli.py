@@ -111,8 +111,15 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--repo", default="models", help="model repository directory (default: ./models)")
     _add_server_arguments(up)
     up.add_argument("--epochs", type=_positive, default=None, help=argparse.SUPPRESS)
+    up.add_argument(
+        "--rollout",
+        choices=["canary", "shadow", "off"],
+        default="canary",
+        help="how new versions of the digits it trains roll out (default: canary)",
+    )
     _add_retrain_parser(sub)
     _add_simulate_parser(sub)
+    _add_rollout_parser(sub)
     return parser
 
 
@@ -149,6 +156,20 @@ def _add_simulate_parser(sub: Any) -> None:
         metavar="PATH",
         help="labeler token for the feedback (default: $MODELLOOP_FEEDBACK_TOKEN, else "
         "./.modelloop/feedback.token when it exists)",
+    )
+
+
+def _add_rollout_parser(sub: Any) -> None:
+    rollout = sub.add_parser("rollout", help="show, promote, roll back or pause a model's rollout")
+    rollout.add_argument("action", choices=["status", "promote", "rollback", "pause"])
+    rollout.add_argument("name", help="the model")
+    rollout.add_argument("--url", required=True, help="REST base URL, e.g. http://127.0.0.1:8501")
+    rollout.add_argument(
+        "--token-file",
+        type=Path,
+        default=None,
+        metavar="PATH",
+        help="admin token for promote, rollback, pause (default: $MODELLOOP_ADMIN_TOKEN)",
     )
 
 
@@ -442,7 +463,7 @@ def _cmd_up(args: argparse.Namespace) -> int:
 
     worker_count(args.workers)  # a bad --workers fails before any training
     repo = parse_repository(args.repo).local_path("modelloop up")
-    published = ensure_default_model(repo, epochs=args.epochs)
+    published = ensure_default_model(repo, epochs=args.epochs, rollout=args.rollout)
     if published is not None:
         print(f"modelloop: published {published}", flush=True)
     _, monitoring, labelers = _serving_settings(args)
@@ -560,6 +581,13 @@ def _simulate_token(token_file: Path | None) -> str | None:
         raise ModelloopError(str(exc)) from None
 
 
+def _cmd_rollout(args: argparse.Namespace) -> int:
+    from modelloop.rollout_cli import admin_token, run_rollout
+
+    run_rollout(args.action, args.name, args.url, token=admin_token(args.token_file))
+    return 0
+
+
 COMMANDS = {
     "train": _cmd_train,
     "export": _cmd_export,
@@ -567,6 +595,7 @@ COMMANDS = {
     "up": _cmd_up,
     "retrain": _cmd_retrain,
     "simulate": _cmd_simulate,
+    "rollout": _cmd_rollout,
 }
 
 

@@ -46,6 +46,8 @@ from modelloop.monitoring.http import (
     create_health_router,
 )
 from modelloop.monitoring.retraining import Retraining, build_retraining
+from modelloop.monitoring.rollout import RolloutController
+from modelloop.monitoring.rollout_http import RolloutSection, create_rollout_router
 from modelloop.monitoring.service import MonitoringService
 from modelloop.monitoring.settings import LabelerSettings, MonitoringSettings
 from modelloop.monitoring.store import StoreUnavailable
@@ -58,6 +60,7 @@ from modelloop.serving.registry import ModelRegistry
 from modelloop.serving.repository import ModelRepository
 from modelloop.serving.rest.app import StatusColumns, create_app
 from modelloop.serving.rest.server import bind_rest_socket, create_rest_server
+from modelloop.serving.rollout import RolloutCoordinator
 from modelloop.serving.settings import ServingSettings
 from modelloop.storage import StorageError, parse_repository
 from modelloop.telemetry import setup_tracing, shutdown_tracing
@@ -192,7 +195,11 @@ class ModelServer:
         # What /metrics shows: this process's registry, or with workers every worker's sum.
         exposition = multiprocess_registry(role.metrics_dir) if role is not None else self.prometheus
         self.metrics = ServingMetrics(self.prometheus)
-        self.models = ModelRegistry(repository, settings, metrics=self.metrics)
+        # Rollouts: serving keeps champion and candidate and splits traffic; monitoring's
+        # controller (set below) holds the state in the store and judges the guardrails.
+        self.rollouts = RolloutCoordinator(settings.rollout)
+        self.models = ModelRegistry(repository, settings, metrics=self.metrics, rollouts=self.rollouts)
+        self.rollout_controller: RolloutController | None = None
         self.monitoring: MonitoringService | None = None
         leader = role is None or role.leader
         if monitoring is not None and monitoring.enabled:
@@ -209,6 +216,17 @@ class ModelServer:
             except StoreUnavailable as exc:
                 raise ServerError(f"cannot open the monitoring store: {exc.message}") from exc
             observer = observer if observer is not None else self.monitoring.observer
+            service = self.monitoring
+            self.rollout_controller = RolloutController(
+                service.store,
+                self.models,
+                settings.rollout,
+                self.prometheus,
+                lambda model, version: service.version_info(model, version).task,
+                quarantined=service.quarantined_sources,
+                interval_s=monitoring.rollout_interval_s,
+            )
+            self.rollouts.router = self.rollout_controller
         on_change = self._relay_repository_change if self.link is not None else None
         self.dataplane = DataPlane(
             self.models, self.metrics, observer=observer, on_repository_change=on_change
@@ -247,6 +265,7 @@ class ModelServer:
                 settings.max_body_bytes,
             ),
             create_health_router(self.monitoring),
+            create_rollout_router(self.rollout_controller, admin_token),
         ]
         columns: StatusColumns = MonitoringColumns(self.monitoring)
         self.app = create_app(
@@ -255,7 +274,7 @@ class ModelServer:
             exposition,
             routers=routers,
             status_columns=columns,
-            status_sections=[HealthSection(self.monitoring)],
+            status_sections=[RolloutSection(self.rollout_controller), HealthSection(self.monitoring)],
         )
         self._stop = asyncio.Event()
         self.addresses: BoundAddresses | None = None
@@ -319,9 +338,19 @@ class ModelServer:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.request_stop)
 
+        if self.rollout_controller is not None:
+            # Before the first load: a restart keeps the champion and the RETIRED versions.
+            try:
+                await asyncio.to_thread(self.rollout_controller.refresh)
+            except StoreUnavailable as exc:
+                logger.warning(
+                    "rollouts: cannot read their state (%s); new versions wait for it", exc.message
+                )
         await self.dataplane.start()
         if self.monitoring is not None:
             await self.monitoring.start()
+        if self.rollout_controller is not None:
+            await self.rollout_controller.start()
         # Startup leaves millions of long-lived objects (TensorFlow's protobuf modules, ONNX
         # Runtime, FastAPI); freezing them spares every later full collection from walking
         # them again. Unfrozen, that walk was a 100+ ms pause every few seconds under load.
@@ -360,6 +389,8 @@ class ModelServer:
         await self.dataplane.stop()
         if self.retraining is not None:
             await self.retraining.close()
+        if self.rollout_controller is not None:
+            await self.rollout_controller.stop()
         if self.monitoring is not None:
             # After the drain: every answered request is logged before the store closes.
             await self.monitoring.stop()

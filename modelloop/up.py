@@ -11,6 +11,7 @@ if TYPE_CHECKING:
     from modelloop.server import BoundAddresses
 
 from modelloop.export.publish import list_versions
+from modelloop.layout import CONFIG_FILE
 
 DEFAULT_SPEC = "digits"
 # The first image of scikit-learn's digits, a zero: what the printed curl line sends.
@@ -29,8 +30,39 @@ def repo_has_models(repo: Path) -> bool:
     )
 
 
-def ensure_default_model(repo: Path, *, epochs: int | None = None, seed: int = 42) -> Path | None:
+# The rollout ``up`` gives digits: a new version (a blessed retrain) is a canary that walks
+# 10 -> 50 -> 100 % on live guardrails, so that the demo shows it.
+DEMO_ROLLOUT = {
+    "steps": [10, 50, 100],
+    "step_min_requests": 100,
+    "min_labels": 50,
+    "max_error_rate": 0.01,
+    "max_accuracy_drop": 0.05,
+    "max_latency_ratio": 2.0,
+}
+
+
+def write_rollout_config(model_dir: Path, mode: str) -> None:
+    """Sets the ``"rollout"`` section of ``<model_dir>/config.json``, keeping its other keys."""
+    path = model_dir / CONFIG_FILE
+    config = json.loads(path.read_text()) if path.is_file() else {}
+    config["rollout"] = {"mode": mode, **DEMO_ROLLOUT}
+    tmp = path.with_name(f".{CONFIG_FILE}.tmp")
+    tmp.write_text(json.dumps(config, indent=2) + "\n")
+    tmp.replace(path)
+
+
+def ensure_default_model(
+    repo: Path, *, epochs: int | None = None, seed: int = 42, rollout: str = "canary"
+) -> Path | None:
     """Trains and exports ``digits`` into ``repo`` if the repository holds no model.
+
+    Args:
+        repo: The model repository.
+        epochs: Training epochs. Defaults to the spec's.
+        seed: Training seed. Defaults to 42.
+        rollout: The rollout mode written into digits' ``config.json`` (``canary``,
+            ``shadow`` or ``off``). Defaults to ``canary``.
 
     Returns:
         The published version directory, or None when the repo already had models.
@@ -46,7 +78,9 @@ def ensure_default_model(repo: Path, *, epochs: int | None = None, seed: int = 4
         run = train(spec, Path(tmp) / "run", epochs=epochs, seed=seed)
         metric = run.metrics["main_metric"]
         print(f"trained {spec.name}: test {metric} {run.metrics['test'][metric]:.4f}")
-        return export_run(run.run_dir, repo).version_dir
+        version_dir = export_run(run.run_dir, repo).version_dir
+    write_rollout_config(version_dir.parent, rollout)
+    return version_dir
 
 
 def print_welcome(addresses: BoundAddresses, feedback_token: Path | None = None) -> None:

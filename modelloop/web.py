@@ -22,6 +22,8 @@ from modelloop.errors import ErrorCode, ServiceError
 from modelloop.tokens import ANONYMOUS_SOURCE, TokenMatcher, bearer_token
 
 REQUEST_ID_HEADER = "x-request-id"
+MODEL_VERSION_HEADER = "x-model-version"
+"""The version that answered, on every REST response a model answered (it may be a rollout's candidate)."""
 
 # `curl -d` sends application/x-www-form-urlencoded, and TF Serving's own REST examples use
 # `curl -d '{"instances": ...}'`; TF Serving ignores the content type, so these must work.

@@ -266,6 +266,8 @@ class MonitoringSettings(BaseSettings):
     """Evaluation history older than this is pruned."""
     history_max_points: int = Field(default=17_280, ge=1)
     """Most history points kept per version (a day of evaluations every 5 s)."""
+    rollout_interval_s: float = Field(default=1.0, gt=0)
+    """Seconds between two passes of the rollout controller (flush, read the state, judge)."""
 
     @field_validator("store_url")
     @classmethod

@@ -71,6 +71,16 @@ from sqlalchemy.exc import ArgumentError, DBAPIError, SQLAlchemyError
 from modelloop.errors import ErrorCode, ServiceError
 from modelloop.monitoring import history as _history
 from modelloop.monitoring.history import HISTORY_SCHEMA, HistoryPoint
+from modelloop.monitoring.rollout_store import (
+    ROLLOUT_SCHEMA,
+    RolloutDoc,
+    RolloutTraffic,
+    add_rollout_traffic,
+    read_predicted,
+    read_rollout_traffic,
+    read_rollouts,
+    save_rollout,
+)
 from modelloop.tokens import ANONYMOUS_SOURCE
 
 logger = logging.getLogger(__name__)
@@ -419,6 +429,21 @@ class PredictionStore(Protocol):
     def prune_history(self, *, retention_days: float, max_points: int, now: float | None = None) -> int:
         """Applies the history's retention; returns the points deleted."""
 
+    def rollouts(self, model: str | None = None) -> dict[str, RolloutDoc]:
+        """The stored rollout state of every model (or of one), by model."""
+
+    def save_rollout(self, doc: RolloutDoc) -> bool:
+        """Writes a rollout state if nobody changed it since ``doc.revision``; False if someone did."""
+
+    def add_rollout_traffic(self, rows: Sequence[RolloutTraffic]) -> None:
+        """Adds request counts and latency buckets to the rollouts' totals."""
+
+    def rollout_traffic(self, rollout_id: str) -> list[RolloutTraffic]:
+        """The totals of one rollout, one row per version and step."""
+
+    def predicted_since(self, model: str, version: int, since: float, limit: int) -> list[float]:
+        """The predicted classes (or values) of one version's newest requests since ``since``."""
+
 
 def check_targets(targets: Any, rows: int, task: str, classes: int) -> tuple[list[int | float], str]:
     """Checks the targets of one prediction.
@@ -597,7 +622,7 @@ class SqlPredictionStore:
                 return
             with self._unavailable_on_error(), self._writer(True), self._engine.begin() as conn:
                 self._lock_schema(conn)
-                for statement in (*_SCHEMA, *HISTORY_SCHEMA):
+                for statement in (*_SCHEMA, *HISTORY_SCHEMA, *ROLLOUT_SCHEMA):
                     conn.execute(statement)
                 _upgrade(conn)
             self._schema_ready = True
@@ -1035,6 +1060,50 @@ class SqlPredictionStore:
             return deleted
 
         return self._run(work, write=True)
+
+    def rollouts(self, model: str | None = None) -> dict[str, RolloutDoc]:
+        """The stored rollout state of every model (or of one), by model.
+
+        Raises:
+            StoreUnavailable: The database cannot be reached.
+        """
+        return self._run(lambda conn: read_rollouts(conn, model), write=False)
+
+    def save_rollout(self, doc: RolloutDoc) -> bool:
+        """Writes a rollout state if its stored revision is still ``doc.revision`` (0: none stored).
+
+        Every worker and replica may decide a transition; the first write wins and the
+        others see the new state on their next read.
+
+        Raises:
+            StoreUnavailable: The database cannot be reached or written.
+        """
+        return self._run(lambda conn: save_rollout(conn, doc), write=True)
+
+    def add_rollout_traffic(self, rows: Sequence[RolloutTraffic]) -> None:
+        """Adds request counts and latency buckets to the rollouts' totals, in one transaction.
+
+        Raises:
+            StoreUnavailable: The database cannot be reached or written.
+        """
+        if rows:
+            self._run(lambda conn: add_rollout_traffic(conn, rows), write=True)
+
+    def rollout_traffic(self, rollout_id: str) -> list[RolloutTraffic]:
+        """The totals of one rollout, one row per version and step.
+
+        Raises:
+            StoreUnavailable: The database cannot be reached.
+        """
+        return self._run(lambda conn: read_rollout_traffic(conn, rollout_id), write=False)
+
+    def predicted_since(self, model: str, version: int, since: float, limit: int) -> list[float]:
+        """The predicted classes (or values) of one version's newest ``limit`` requests since ``since``.
+
+        Raises:
+            StoreUnavailable: The database cannot be reached.
+        """
+        return self._run(lambda conn: read_predicted(conn, model, version, since, limit), write=False)
 
 
 def _add_stats(conn: Connection, model: str, stats: Counter[tuple[int, str, int, int, int]]) -> None:

@@ -28,6 +28,7 @@ await dataplane.stop()
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import logging
 import time
@@ -49,7 +50,8 @@ from modelloop.serving.errors import (
 from modelloop.serving.ids import new_request_id
 from modelloop.serving.metrics import ServingMetrics
 from modelloop.serving.observer import InferenceObserver, NullObserver
-from modelloop.serving.registry import ModelRegistry
+from modelloop.serving.registry import ModelRegistry, Servable
+from modelloop.serving.rollout import RolloutRouter, RouteChoice
 from modelloop.serving.types import (
     InferRequest,
     InferResponse,
@@ -65,6 +67,9 @@ from modelloop.serving.types import (
 logger = logging.getLogger(__name__)
 
 SERVER_NAME = "modelloop"
+# Shadow copies running at once; beyond this a copy is skipped rather than queued, so that
+# a slow candidate never builds up work behind the champion's answers.
+MAX_SHADOW_INFLIGHT = 64
 
 
 def _names(items: Sequence[str]) -> str:
@@ -207,6 +212,34 @@ def check_finite(inputs: dict[str, np.ndarray], model: str) -> None:
             )
 
 
+def agreement(
+    reference: dict[str, np.ndarray], outputs: dict[str, np.ndarray], metadata: ModelMetadata
+) -> tuple[int, int]:
+    """How many rows of two answers to one request agree, on the model's first output.
+
+    Rows agree when their top class is the same (an output with several columns), or when
+    their values are within 5 % (one column: a regressor or a binary probability rounds to
+    the same side).
+
+    Returns:
+        ``(rows, agreed)``.
+    """
+    name = metadata.outputs[0].name
+    a = np.asarray(reference.get(name))
+    b = np.asarray(outputs.get(name))
+    rows = int(a.shape[0]) if a.ndim else 1
+    if a.shape != b.shape or a.dtype.kind not in "fiu" or b.dtype.kind not in "fiu":
+        return rows, 0
+    if a.ndim == 2 and a.shape[1] > 1:
+        return rows, int(np.sum(np.argmax(a, axis=1) == np.argmax(b, axis=1)))
+    flat_a, flat_b = a.reshape(rows, -1), b.reshape(rows, -1)
+    if metadata.task == "binary":
+        same = (flat_a >= 0.5) == (flat_b >= 0.5)
+    else:
+        same = np.isclose(flat_a, flat_b, rtol=0.05, atol=1e-6)
+    return rows, int(np.sum(np.all(same, axis=1)))
+
+
 def choose_request_id(client_id: str | None, request_id: str | None) -> str:
     """The id of a request: the transport's header, else the request's own, else a new one.
 
@@ -330,6 +363,7 @@ class DataPlane:
         self._stopped = False
         self._inflight = 0
         self._idle: asyncio.Event | None = None
+        self._shadows: set[asyncio.Task[None]] = set()
 
     # -- inference -------------------------------------------------------------------
 
@@ -399,8 +433,17 @@ class DataPlane:
             if decode is not None:
                 request.trace = tracing.decoded(decode, model, version, request.id)
                 decode = None
-            with servable.use():
-                outputs = await servable.batcher.predict(request.inputs)
+            rollouts = self.registry.rollouts
+            choice = (
+                rollouts.choose(model, version, request.id)
+                if rollouts is not None and rollouts.router is not None and pinned is None and label is None
+                else None
+            )
+            if choice is None or rollouts is None or rollouts.router is None:
+                with servable.use():
+                    outputs = await servable.batcher.predict(request.inputs)
+            else:
+                outputs, version = await self._serve_rollout(servable, choice, request, rollouts.router)
             response = InferResponse(
                 model=model,
                 version=version,
@@ -432,6 +475,104 @@ class DataPlane:
         except Exception:  # monitoring must never fail a request that succeeded
             logger.exception("inference observer failed")
         return response
+
+    def _sibling(self, servable: Servable, version: int) -> Servable | None:
+        """The other version of a rollout pair, if it is AVAILABLE and takes the same inputs."""
+        try:
+            other = self.registry.resolve(servable.name, version)
+        except ServiceError:
+            return None
+        same = other.metadata.inputs == servable.metadata.inputs and [
+            spec.name for spec in other.metadata.outputs
+        ] == [spec.name for spec in servable.metadata.outputs]
+        return other if same else None
+
+    async def _serve_rollout(
+        self, champion: Servable, choice: RouteChoice, request: InferRequest, router: RolloutRouter
+    ) -> tuple[dict[str, np.ndarray], int]:
+        """Serves one unpinned request of a model whose rollout is on trial.
+
+        The candidate answers the requests of its share; when it fails, the champion
+        answers instead (the failure counts against the candidate), so a bad candidate
+        fails no client request. In shadow mode the champion answers and the candidate
+        gets a copy after the answer has gone. Both versions are held before the first
+        await, as every request holds its version.
+
+        Returns:
+            The outputs and the version that produced them.
+        """
+        model = champion.name
+        answer = champion
+        if choice.answer != champion.version:
+            answer = self._sibling(champion, choice.answer) or champion
+        shadow = self._sibling(champion, choice.shadow) if choice.shadow is not None else None
+        with contextlib.ExitStack() as held:
+            held.enter_context(champion.use())
+            if answer is not champion:
+                held.enter_context(answer.use())
+            start = time.perf_counter()
+            try:
+                outputs = await answer.batcher.predict(request.inputs)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                router.record(model, answer.version, ok=False, seconds=time.perf_counter() - start)
+                if answer is champion:
+                    raise
+                logger.warning(
+                    "model %s: candidate version %s failed (%s: %s); the champion answers",
+                    model,
+                    answer.version,
+                    type(exc).__name__,
+                    exc,
+                )
+                answer = champion
+                start = time.perf_counter()
+                outputs = await champion.batcher.predict(request.inputs)
+            router.record(model, answer.version, ok=True, seconds=time.perf_counter() - start)
+        if shadow is not None:
+            self._start_shadow(shadow, request.inputs, outputs, router)
+        return outputs, answer.version
+
+    def _start_shadow(
+        self,
+        shadow: Servable,
+        inputs: dict[str, np.ndarray],
+        reference: dict[str, np.ndarray],
+        router: RolloutRouter,
+    ) -> None:
+        """Sends a copy of a request to the shadow version, after the answer, off the request path."""
+        if len(self._shadows) >= MAX_SHADOW_INFLIGHT or self._stopped:
+            return
+        hold = shadow.use()
+        hold.__enter__()  # held now, before anything awaits, released by the task
+
+        async def run() -> None:
+            start = time.perf_counter()
+            try:
+                try:
+                    outputs = await shadow.batcher.predict(inputs)
+                except Exception:  # noqa: BLE001 - a shadow failure is counted, never raised
+                    router.record_shadow(
+                        shadow.name,
+                        shadow.version,
+                        ok=False,
+                        seconds=time.perf_counter() - start,
+                        rows=0,
+                        agreed=0,
+                    )
+                    return
+                seconds = time.perf_counter() - start
+                rows, agreed = agreement(reference, outputs, shadow.metadata)
+                router.record_shadow(
+                    shadow.name, shadow.version, ok=True, seconds=seconds, rows=rows, agreed=agreed
+                )
+            finally:
+                hold.__exit__(None, None, None)
+
+        task = asyncio.get_running_loop().create_task(run(), name=f"shadow-{shadow.name}-{shadow.version}")
+        self._shadows.add(task)
+        task.add_done_callback(self._shadows.discard)
 
     async def infer(self, request: InferRequest) -> InferResponse:
         """Runs a request that is already decoded (in-process callers); see :meth:`handle`.

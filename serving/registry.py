@@ -50,6 +50,7 @@ from modelloop.serving.repository import (
     RepositoryUnavailable,
     RuntimeKind,
 )
+from modelloop.serving.rollout import RolloutCoordinator
 from modelloop.serving.runtime import Runtime
 from modelloop.serving.settings import FREE_FORM_SECTIONS, ModelConfig, ServingSettings
 from modelloop.serving.types import ModelMetadata, ModelState, VersionStatus
@@ -202,6 +203,9 @@ class ModelRegistry:
         settings: Server settings (poll interval, batching defaults, warmup, runtimes).
         metrics: Where versions-loaded and load failures go (and the batchers' metrics).
         runtime_factory: Builds runtimes; defaults to :func:`create_runtime`. Tests pass fakes.
+        rollouts: Keeps a champion loaded beside a candidate and leaves RETIRED versions out
+            (:mod:`~modelloop.serving.rollout`). Defaults to None: every model as with
+            rollout mode ``off``.
     """
 
     def __init__(
@@ -211,8 +215,10 @@ class ModelRegistry:
         *,
         metrics: ServingMetrics,
         runtime_factory: RuntimeFactory | None = None,
+        rollouts: RolloutCoordinator | None = None,
     ) -> None:
         self.repository = repository
+        self.rollouts = rollouts
         self.settings = settings
         self.metrics = metrics
         self._factory: RuntimeFactory = runtime_factory or (
@@ -331,7 +337,12 @@ class ModelRegistry:
             if config_changed:
                 self._check_labels(model.name, config)
         on_disk = self.repository.versions(model.name)
-        wanted = config.version_policy.select(on_disk)
+        if self.rollouts is not None:
+            wanted = self.rollouts.plan(
+                model.name, config.rollout, list(on_disk), config.version_policy.select, model.available()
+            )
+        else:
+            wanted = config.version_policy.select(on_disk)
         to_load = []
         for v in wanted:
             entry = model.versions.get(v)
@@ -524,7 +535,8 @@ class ModelRegistry:
         available = model.available()
         if not available:
             raise ModelNotReady(f"model {name!r} has no available version: {self._why_unavailable(model)}")
-        servable = model.versions[available[-1]].servable
+        latest = available[-1] if self.rollouts is None else self.rollouts.default_version(name, available)
+        servable = model.versions[latest].servable
         if servable is None:  # AVAILABLE always has a servable; this keeps the type checker honest
             raise ModelNotReady(f"model {name!r} has no available version")
         return servable

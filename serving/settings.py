@@ -24,6 +24,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from modelloop.serving.rollout import RolloutPolicy
 from modelloop.tokens import read_token_file
 
 # TF Serving restricts label names to this alphabet (model_server_config docs).
@@ -128,7 +129,7 @@ class VersionPolicy(BaseModel):
         return present[-n:]
 
 
-FREE_FORM_SECTIONS = ("drift", "feedback", "retrain")
+FREE_FORM_SECTIONS = ("drift", "feedback", "retrain", "rollout")
 """The keys of ``config.json`` that serving does not read; other packages read them."""
 
 
@@ -173,6 +174,9 @@ class ModelConfig(BaseModel):
     """Free-form label-check settings (quarantine thresholds), read by monitoring and the retrain CLI."""
     retrain: dict[str, Any] = Field(default_factory=dict)
     """Free-form retrain gate settings (``epochs``, ``accuracy_floor``, ...), read by the retrain pipeline."""
+    rollout: dict[str, Any] = Field(default_factory=dict)
+    """The rollout policy over the server's defaults (:class:`~modelloop.serving.rollout.RolloutPolicy`);
+    checked on its own, so that an invalid one is refused without failing the rest of the config."""
     refuse_nan: bool = False
     """Refuse requests whose float inputs hold NaN or ±Inf (400 / INVALID_ARGUMENT); by
     default they are served, and monitoring counts them as missing values."""
@@ -255,6 +259,9 @@ class ServingSettings(BaseSettings):
     """PEM certificate (chain) for TLS on both ports; None serves plaintext."""
     tls_key_file: Path | None = None
     """PEM private key of ``tls_cert_file``."""
+    rollout: RolloutPolicy = Field(default_factory=RolloutPolicy)
+    """Rollout defaults of every model (``MODELLOOP_ROLLOUT__MODE=canary`` and so on); a
+    model's ``"rollout"`` section in ``config.json`` overrides them field by field."""
 
     @model_validator(mode="after")
     def _read_admin_token_file(self) -> ServingSettings:

@@ -33,7 +33,7 @@ from modelloop.serving.rest.errors import error_response, install_error_handlers
 from modelloop.serving.rest.fastpath import PredictFastPath
 from modelloop.serving.rest.routes_tfserving import create_tfserving_router
 from modelloop.serving.rest.routes_v2 import create_v2_router
-from modelloop.web import ADMIN_SCHEME, REQUEST_ID_HEADER, collect_openapi_schemas
+from modelloop.web import ADMIN_SCHEME, MODEL_VERSION_HEADER, REQUEST_ID_HEADER, collect_openapi_schemas
 
 if TYPE_CHECKING:
     from starlette.types import Receive, Scope, Send
@@ -134,8 +134,8 @@ def cors_options(settings: ServingSettings) -> dict[str, Any] | None:
         "allow_origins": list(settings.cors_origins),
         "allow_methods": ["GET", "POST"],
         "allow_headers": ["*"],
-        # Browsers hide response headers unless listed; clients need these two.
-        "expose_headers": [REQUEST_ID_HEADER, HEADER_LENGTH],
+        # Browsers hide response headers unless listed; clients need these.
+        "expose_headers": [REQUEST_ID_HEADER, MODEL_VERSION_HEADER, HEADER_LENGTH],
     }
 
 

@@ -26,7 +26,13 @@ from modelloop.serving.rest.schemas import (
 )
 from modelloop.serving.rest.tracing import PREDICT_SPAN, answered, traced_http
 from modelloop.serving.types import InferRequest, InferResponse, ModelMetadata, Protocol, parse_version
-from modelloop.web import REQUEST_ID_HEADER, check_content_type, error_responses, read_body
+from modelloop.web import (
+    MODEL_VERSION_HEADER,
+    REQUEST_ID_HEADER,
+    check_content_type,
+    error_responses,
+    read_body,
+)
 
 if TYPE_CHECKING:
     from modelloop.serving.dataplane import DataPlane
@@ -143,7 +149,7 @@ async def answer_predict(
         response = await dataplane.handle(decoder, client_id=request.headers.get(REQUEST_ID_HEADER))
     except ServiceError as error:
         return service_error_response(error, {REQUEST_ID_HEADER: error.request_id})
-    headers = {REQUEST_ID_HEADER: response.id}
+    headers = {REQUEST_ID_HEADER: response.id, MODEL_VERSION_HEADER: str(response.version)}
     try:
         if tracing.TRACER is not None:
             with tracing.encode_span(decoder.protocol, response.model, response.version):

@@ -41,6 +41,7 @@ from modelloop.serving.types import (
 )
 from modelloop.web import (
     ADMIN_SECURITY,
+    MODEL_VERSION_HEADER,
     REQUEST_ID_HEADER,
     check_content_type,
     error_responses,
@@ -153,7 +154,7 @@ async def answer_infer(
         response = await dataplane.handle(decoder, client_id=request.headers.get(REQUEST_ID_HEADER))
     except ServiceError as error:
         return service_error_response(error, {REQUEST_ID_HEADER: error.request_id})
-    headers = {REQUEST_ID_HEADER: response.id}
+    headers = {REQUEST_ID_HEADER: response.id, MODEL_VERSION_HEADER: str(response.version)}
     try:
         if tracing.TRACER is not None:
             with tracing.encode_span(decoder.protocol, response.model, response.version):

@@ -74,7 +74,9 @@ def test_make_up_simulate_drift_and_the_live_health_page(tmp_path: Path) -> None
         "MODELLOOP_MONITORING_EVAL_INTERVAL_S": "1",
         "MODELLOOP_MONITORING_MIN_ROWS": "100",
     }
-    up_args = f"--repo {repo} --state-dir {state} --rest-port 0 --grpc-port 0 --epochs 5"
+    # Rollout off: the retrain's version 2 takes every request at once (the canary walk has
+    # its own test, tests/e2e/test_rollout_e2e.py).
+    up_args = f"--repo {repo} --state-dir {state} --rest-port 0 --grpc-port 0 --epochs 5 --rollout off"
     # A session of its own: make and the server it starts are stopped together, by make's PID.
     up = subprocess.Popen(
         ["make", "up", f"UP_ARGS={up_args}"],

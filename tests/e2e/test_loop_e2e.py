@@ -1,11 +1,12 @@
-"""The whole loop with the real parts: serve -> Prometheus -> Alertmanager -> webhook -> retrain -> v2.
+"""The whole loop with the real parts: serve, Prometheus, Alertmanager, webhook, retrain, canary, v2.
 
 A real ``modelloop serve`` (admin token, 1 s monitoring evaluations), Debian's Prometheus
 (1 s scrape and rule evaluation, the project's rule file) and Alertmanager (``group_wait``
 1 s, webhook with the bearer token) run on loopback. Normal labelled traffic fires no
 alert; inverted, noisy digits with labels fire ``ModelDriftDetected`` (``for: 1m``),
 Alertmanager calls ``POST /monitoring/alerts``, the server launches ``modelloop retrain``
-and the blessed candidate is served as version 2. The timeline and the accuracy before
+and the blessed candidate is published as version 2, a canary beside version 1 that labelled
+drifted traffic walks 10 -> 50 -> 100 % until it is promoted. The timeline and the accuracy before
 and after are printed (``pytest -s`` shows them).
 """
 
@@ -145,7 +146,16 @@ def test_drift_alert_retrains_and_serves_v2(tmp_path: Path, digits_repo: Path):
     alertmanager = require_tool("prometheus-alertmanager", "Debian package prometheus-alertmanager")
     repo = tmp_path / "repo"
     shutil.copytree(digits_repo, repo, ignore=shutil.ignore_patterns(".staging", ".publish.lock"))
-    (repo / "digits" / "config.json").write_text(json.dumps({"retrain": {"epochs": 5}}))
+    # The blessed retrain becomes a candidate and walks a canary to 100 % on live guardrails.
+    rollout = {
+        "mode": "canary",
+        "steps": [10, 50, 100],
+        "step_min_requests": 20,
+        "min_labels": 10,
+        "max_accuracy_drop": 0.2,
+        "max_latency_ratio": 3.0,
+    }
+    (repo / "digits" / "config.json").write_text(json.dumps({"retrain": {"epochs": 5}, "rollout": rollout}))
     am_port, prom_port = free_port(), free_port()
     env = {
         "MODELLOOP_ADMIN_TOKEN": TOKEN,
@@ -153,6 +163,7 @@ def test_drift_alert_retrains_and_serves_v2(tmp_path: Path, digits_repo: Path):
         "MODELLOOP_MONITORING_EVAL_INTERVAL_S": "1",
         "MODELLOOP_MONITORING_MIN_ROWS": "100",
         "MODELLOOP_MONITORING_WINDOW_SIZE": "300",
+        "MODELLOOP_MONITORING_ROLLOUT_INTERVAL_S": "0.2",
         # Alertmanager is in charge: the in-process rules stay off.
         "MODELLOOP_MONITORING_ALERTMANAGER_URL": f"http://127.0.0.1:{am_port}",
     }
@@ -223,6 +234,24 @@ def test_drift_alert_retrains_and_serves_v2(tmp_path: Path, digits_repo: Path):
         blessed = 'modelloop_retrain_runs_total{model="digits",outcome="blessed"}'
         assert wait_for(lambda: metric_value(rest, blessed) == 1.0, 30), server.output()[-3000:]
 
+        # Version 2 is a candidate beside version 1: labelled drifted traffic walks it to 100 %.
+        def rollout_state() -> dict[str, Any]:
+            r = httpx.get(f"{rest}/monitoring/rollouts/digits", timeout=5)
+            return r.json() if r.status_code == 200 else {}
+
+        assert wait_for(lambda: rollout_state().get("candidate") == 2, 20), server.output()[-3000:]
+        assert version_states(rest).get("1") == "AVAILABLE"  # the champion stays until the walk ends
+        seed = 10
+        while rollout_state().get("state") != "promoted" and time.monotonic() - t_v2 < 120:
+            simulate(rest, drift=True, normal=False, requests=100, batch=4, seed=seed)
+            seed += 1
+        state = rollout_state()
+        assert state["state"] == "promoted" and state["champion"] == 2, state
+        t_promoted = time.monotonic()
+        steps = [e["share"] for e in state["history"] if e["event"] in ("started", "step")]
+        assert steps == [10, 50, 100], state["history"]
+        assert wait_for(lambda: version_states(rest).get("1") in (None, "END"), 30)
+
         records = sorted((tmp_path / "state" / "retrain" / "digits").glob("*.json"))
         record = json.loads(records[-1].read_text())
         assert record["outcome"] == "blessed" and record["version"] == 2
@@ -240,7 +269,8 @@ def test_drift_alert_retrains_and_serves_v2(tmp_path: Path, digits_repo: Path):
             f"held-out drifted feedback {m['serving']['feedback_holdout']['accuracy']:.3f} -> "
             f"{m['candidate']['feedback_holdout']['accuracy']:.3f}\n"
             f"timeline from the first drifted request: alert firing +{t_firing - t0:.1f} s, "
-            f"webhook +{t_webhook - t0:.1f} s, v2 AVAILABLE +{t_v2 - t0:.1f} s "
+            f"webhook +{t_webhook - t0:.1f} s, v2 AVAILABLE (candidate) +{t_v2 - t0:.1f} s, "
+            f"canary {steps} % -> promoted +{t_promoted - t0:.1f} s "
             f"(retrain {record['seconds']:.1f} s, feedback rows {record['feedback_rows']})\n"
         )
         assert after["accuracy"] > drifted["accuracy"] + 0.2

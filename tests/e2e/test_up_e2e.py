@@ -63,6 +63,8 @@ def test_up_trains_exports_serves_and_prints_a_working_curl_line(tmp_path: Path)
         for name in ("model.onnx", "saved_model", "model.json", "baseline.json"):
             assert (repo / "digits" / "1" / name).exists(), name
         assert f"published {repo / 'digits' / '1'}" in text
+        # New versions of the demo's digits roll out as a canary.
+        assert json.loads((repo / "digits" / "config.json").read_text())["rollout"]["mode"] == "canary"
         for label in ("TF Serving REST", "OIP V2 REST", "gRPC", "API docs", "metrics"):
             assert label in text
         curl = re.search(r"(curl -s -X POST .*?)\n\s+(-d '.*')", text)

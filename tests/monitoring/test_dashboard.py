@@ -27,6 +27,7 @@ from typing import Any
 import pytest
 from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
 
+from modelloop.monitoring.rollout import RolloutMetrics
 from modelloop.serving.metrics import ServingMetrics
 from tests.monitoring.monhelpers import free_port, stop_process
 from tests.tools import require_tool
@@ -58,6 +59,10 @@ EXPORTED = {
     "modelloop_feature_missing_share",
     "modelloop_feature_out_of_range_share",
     "modelloop_features_became_constant",
+    # Rollouts.
+    "modelloop_rollout_share",
+    "modelloop_rollout_state",
+    "modelloop_rollout_events_total",
 }
 REQUIRED_PANELS = {
     "Request rate by code",
@@ -74,6 +79,8 @@ REQUIRED_PANELS = {
     "Missing values (worst features)",
     "Out of training range (worst features)",
     "Features that became constant",
+    "Rollout share",
+    "Rollout events",
 }
 # Grafana fills these in; any valid value will do for a parse and data check.
 SUBSTITUTIONS = {
@@ -157,6 +164,11 @@ class _Exposition:
         self.drift_detected.labels("digits", "1").set(0)
         self.prediction_drift.labels("digits", "1").set(0.02)
         self.accuracy.labels("digits", "1").set(0.97)
+        rollout = RolloutMetrics(self.registry)
+        rollout.show(
+            "digits", {"champion": 1, "candidate": 2, "state": "canary", "steps": [10, 100], "step": 0}
+        )
+        self.rollout_events = rollout.events
         self.lock = threading.Lock()
 
     def step(self) -> bytes:
@@ -167,6 +179,7 @@ class _Exposition:
             self.serving.observe_queue("digits", 1, 0.0004)
             self.feedback.labels("digits", "1", "team-a", "accepted").inc(2)
             self.retrain.labels("digits", "blessed").inc()
+            self.rollout_events.labels("digits", "step").inc()
             return generate_latest(self.registry)
 
 

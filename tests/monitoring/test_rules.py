@@ -27,6 +27,7 @@ ALERTS = {
     "ModelInputMissingValues",
     "ModelInputOutOfRange",
     "ModelInputFeatureConstant",
+    "ModelRolloutRolledBack",
 }
 RETRAIN_ALERTS = {"ModelDriftDetected", "ModelAccuracyBelowFloor"}
 
