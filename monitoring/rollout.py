@@ -1,6 +1,6 @@
 """Rollouts judged on live guardrails: the state in the store, promotion and rollback.
 
-:class:`RolloutController` is the :class:`~modelloop.serving.rollout.RolloutRouter` the
+:class:`RolloutController` is the :class:`~modelloop.serving.types.RolloutRouter` the
 composition root hands to serving. Serving asks it for each model's assignment (champion,
 candidate, share) and tells it how every model call of a rollout pair went; every
 ``rollout_interval_s`` the controller
@@ -70,8 +70,13 @@ from modelloop.errors import ErrorCode, ServiceError
 from modelloop.monitoring.drift import psi
 from modelloop.monitoring.rollout_store import RolloutDoc, RolloutTraffic
 from modelloop.monitoring.store import CLASSIFIER_TASKS, LabelledRow, PredictionStore, StoreUnavailable
-from modelloop.serving.rollout import RolloutAssignment, RolloutPolicy, resolve_policy
-from modelloop.serving.types import ModelCatalog, ModelState
+from modelloop.serving.types import (
+    ModelCatalog,
+    ModelState,
+    RolloutAssignment,
+    RolloutPolicy,
+    resolve_policy,
+)
 
 logger = logging.getLogger(__name__)
 

@@ -51,12 +51,13 @@ from modelloop.serving.ids import new_request_id
 from modelloop.serving.metrics import ServingMetrics
 from modelloop.serving.observer import InferenceObserver, NullObserver
 from modelloop.serving.registry import ModelRegistry, Servable
-from modelloop.serving.rollout import RolloutRouter, RouteChoice
+from modelloop.serving.rollout import RouteChoice
 from modelloop.serving.types import (
     InferRequest,
     InferResponse,
     ModelMetadata,
     Protocol,
+    RolloutRouter,
     TensorSpec,
     VersionConfig,
     VersionStatus,

@@ -24,7 +24,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from modelloop.serving.rollout import RolloutPolicy
+from modelloop.serving.types import RolloutPolicy
 from modelloop.tokens import read_token_file
 
 # TF Serving restricts label names to this alphabet (model_server_config docs).
@@ -175,7 +175,7 @@ class ModelConfig(BaseModel):
     retrain: dict[str, Any] = Field(default_factory=dict)
     """Free-form retrain gate settings (``epochs``, ``accuracy_floor``, ...), read by the retrain pipeline."""
     rollout: dict[str, Any] = Field(default_factory=dict)
-    """The rollout policy over the server's defaults (:class:`~modelloop.serving.rollout.RolloutPolicy`);
+    """The rollout policy over the server's defaults (:class:`~modelloop.serving.types.RolloutPolicy`);
     checked on its own, so that an invalid one is refused without failing the rest of the config."""
     refuse_nan: bool = False
     """Refuse requests whose float inputs hold NaN or ±Inf (400 / INVALID_ARGUMENT); by

@@ -5,17 +5,20 @@ from :class:`InferResponse`; the data plane and runtimes see nothing else. The r
 transport shares for what a client sends outside the tensors live here too: what a
 request id may be (:func:`valid_request_id`) and what a version is (:func:`parse_version`).
 :class:`ModelCatalog` is what a package outside serving (monitoring) may know of the
-served models.
+served models, and :class:`RolloutRouter` (with :class:`RolloutPolicy` and
+:class:`RolloutAssignment`) what serving reads of a rollout's state, which monitoring keeps.
 """
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import Any
+from typing import Any, Literal
 from typing import Protocol as TypingProtocol
 
 import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from modelloop.serving.errors import InvalidInput
 
@@ -214,4 +217,142 @@ class ModelCatalog(TypingProtocol):
 
     def model_options(self, name: str, key: str) -> dict[str, Any]:
         """One free-form section of the model's ``config.json`` (``"drift"``), or ``{}``."""
+        ...
+
+
+# -- rollout: the policy, and what serving reads of a rollout's state ------------------
+# (serving/rollout.py routes with them; monitoring/rollout.py implements RolloutRouter)
+
+RolloutMode = Literal["off", "canary", "shadow"]
+
+
+class RolloutPolicy(BaseModel):
+    """How a new version of one model is rolled out (the ``"rollout"`` section of ``config.json``).
+
+    Example:
+
+    ```json
+    {"rollout": {"mode": "canary", "steps": [10, 50, 100], "step_min_requests": 200,
+                 "min_labels": 100, "max_error_rate": 0.01, "max_accuracy_drop": 0.02,
+                 "max_latency_ratio": 2.0}}
+    ```
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    mode: RolloutMode = "off"
+    """``off`` (a new version takes all traffic once AVAILABLE), ``canary`` (a share of the
+    traffic goes to the candidate) or ``shadow`` (the candidate answers a copy of each
+    request off the request path; its answers are compared, never returned)."""
+    steps: list[float] = Field(default_factory=lambda: [10.0, 50.0, 100.0])
+    """The candidate's share of unpinned traffic at each step, in percent; strictly
+    increasing, ending at 100."""
+    step_min_requests: int = Field(default=200, ge=1)
+    """Requests the candidate must answer at a step before the step can be promoted."""
+    min_labels: int = Field(default=100, ge=0)
+    """Labelled rows the candidate needs before a promotion, where labels arrive."""
+    max_error_rate: float = Field(default=0.01, ge=0.0, le=1.0)
+    """Highest error rate (failed model calls) the candidate may have."""
+    max_accuracy_drop: float = Field(default=0.02, ge=0.0, le=1.0)
+    """Largest drop of accuracy from the champion's (classifiers), in absolute terms."""
+    max_mae_increase: float = Field(default=0.1, ge=0.0)
+    """Largest rise of MAE over the champion's (regressors), relative: 0.1 = 10 % worse."""
+    max_latency_ratio: float = Field(default=2.0, ge=1.0)
+    """Highest ratio of the candidate's p99 model latency to the champion's."""
+    confidence: float = Field(default=0.95, gt=0.5, lt=1.0)
+    """Confidence of the one-sided bounds the guardrails use."""
+
+    @field_validator("steps")
+    @classmethod
+    def _check_steps(cls, steps: list[float]) -> list[float]:
+        if not steps:
+            raise ValueError("steps must not be empty; end them at 100")
+        for step in steps:
+            if not (0.0 < step <= 100.0):
+                raise ValueError(f"step {step:g} is outside (0, 100]; steps are percentages of traffic")
+        for low, high in itertools.pairwise(steps):
+            if high <= low:
+                raise ValueError(f"steps must increase; {high:g} follows {low:g}")
+        if steps[-1] != 100.0:
+            raise ValueError(f"steps must end at 100, not {steps[-1]:g}")
+        return steps
+
+
+def resolve_policy(defaults: RolloutPolicy, raw: dict[str, Any]) -> tuple[RolloutPolicy | None, str]:
+    """A model's rollout policy: its ``config.json`` section over the server's defaults.
+
+    Args:
+        defaults: The server-wide defaults.
+        raw: The model's ``"rollout"`` section (``{}`` when it has none).
+
+    Returns:
+        ``(policy, "")``, or ``(None, reason)`` when the section is invalid; the reason
+        names each bad field.
+    """
+    if not raw:
+        return defaults, ""
+    if not isinstance(raw, dict):
+        return None, "rollout must be an object"
+    try:
+        return RolloutPolicy.model_validate({**defaults.model_dump(), **raw}), ""
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in err['loc']) or 'rollout'}: {err['msg']}" for err in exc.errors()
+        )
+        return None, f"invalid rollout config ({problems})"
+
+
+@dataclass(frozen=True, slots=True)
+class RolloutAssignment:
+    """What serving needs of one model's rollout state.
+
+    Attributes:
+        champion: The version that serves by default.
+        candidate: The version on trial, or None (promoted, or none yet).
+        mode: ``canary`` or ``shadow``.
+        share: The candidate's share of unpinned traffic, in percent (0 in shadow mode
+            and once the rollout ended).
+        state: ``canary``, ``shadow``, ``promoted`` or ``rolled_back``.
+        retired: Versions that were rolled back and are not loaded again.
+    """
+
+    champion: int
+    candidate: int | None
+    mode: str
+    share: float
+    state: str
+    retired: frozenset[int] = frozenset()
+
+    @property
+    def active(self) -> bool:
+        """Whether the candidate is on trial (canary or shadow)."""
+        return self.candidate is not None and self.state in ("canary", "shadow")
+
+
+class RolloutRouter(TypingProtocol):
+    """Serving's view of the rollout state (monitoring's controller implements it).
+
+    Every method is called on the event loop: it reads a snapshot in memory and never
+    blocks or raises.
+    """
+
+    def assignment(self, model: str) -> RolloutAssignment | None:
+        """The model's rollout state, or None when it never had one."""
+        ...
+
+    def record(self, model: str, version: int, *, ok: bool, seconds: float) -> None:
+        """Notes one model call of a version in a running rollout (champion or candidate).
+
+        Args:
+            model: Model name.
+            version: The version that ran the call.
+            ok: False when the model failed.
+            seconds: How long the model call took.
+        """
+        ...
+
+    def record_shadow(
+        self, model: str, version: int, *, ok: bool, seconds: float, rows: int, agreed: int
+    ) -> None:
+        """Notes one shadow call of the candidate, and how many of its rows agreed with the champion."""
         ...

@@ -130,7 +130,7 @@ def test_serving_never_imports_monitoring_training_or_export() -> None:
 
 
 def test_monitoring_reaches_serving_only_through_types_and_the_observer() -> None:
-    allowed = ("modelloop.serving.types", "modelloop.serving.observer", "modelloop.serving.rollout")
+    allowed = ("modelloop.serving.types", "modelloop.serving.observer")
     bad = [
         i
         for i in ALL

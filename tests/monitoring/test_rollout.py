@@ -20,8 +20,7 @@ from modelloop.monitoring.rollout import (
 )
 from modelloop.monitoring.rollout_http import RolloutSection
 from modelloop.monitoring.store import PredictionRecord, open_store
-from modelloop.serving.rollout import RolloutPolicy
-from modelloop.serving.types import ModelState, VersionStatus
+from modelloop.serving.types import ModelState, RolloutPolicy, VersionStatus
 
 POLICY = RolloutPolicy(
     mode="canary", steps=[10, 50, 100], step_min_requests=30, min_labels=20, max_accuracy_drop=0.1

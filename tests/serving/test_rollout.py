@@ -14,15 +14,9 @@ from modelloop.serving.dataplane import DataPlane
 from modelloop.serving.metrics import ServingMetrics
 from modelloop.serving.registry import ModelRegistry
 from modelloop.serving.repository import ModelRepository
-from modelloop.serving.rollout import (
-    RolloutAssignment,
-    RolloutCoordinator,
-    RolloutPolicy,
-    in_share,
-    resolve_policy,
-)
+from modelloop.serving.rollout import RolloutCoordinator, in_share
 from modelloop.serving.settings import ModelConfig, ServingSettings, VersionPolicy
-from modelloop.serving.types import InferRequest, Protocol
+from modelloop.serving.types import InferRequest, Protocol, RolloutAssignment, RolloutPolicy, resolve_policy
 from tests.serving.edge_support import RuntimeFactory, failing, write_config, write_digits
 
 LATEST = VersionPolicy().select
