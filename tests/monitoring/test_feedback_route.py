@@ -42,6 +42,9 @@ class StubDataPlane:
     def ready(self) -> bool:
         return True
 
+    def repository_error(self) -> str:
+        return ""
+
 
 @pytest.fixture
 def service(tmp_path: Path, digits_data: DigitsData) -> Iterator[MonitoringService]:

@@ -21,7 +21,7 @@ from typing import Any
 import keras
 import numpy as np
 
-from modelloop.training.spec import Dataset, PythonModel
+from modelloop.training.spec import Choice, Dataset, FloatRange, IntRange, PythonModel
 from modelloop.training.specs._layers import dense_block
 from modelloop.training.specs.text_topics_model import (
     LABEL_OUTPUT,
@@ -53,6 +53,14 @@ HPARAMS = {
     "units": 64,
     "layers": 1,
 }
+SEARCH_SPACE = {
+    "units": Choice(32, 64, 128),
+    "layers": IntRange(1, 2),
+    "dropout": FloatRange(0.0, 0.5),
+    "l2": FloatRange(1e-6, 1e-2, log=True),
+    "learning_rate": FloatRange(1e-4, 1e-2, log=True),
+}
+"""What ``modelloop train text-topics --tune`` searches (KerasTuner)."""
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[A-Z(\"'])")
 _LETTERS = re.compile(r"[A-Za-z]+")
 SAMPLES = (
