@@ -21,6 +21,7 @@ from fastapi import APIRouter, Request, Response
 
 from modelloop.errors import ErrorCode, ServiceError
 from modelloop.monitoring.rollout import ACTIONS, RolloutController, current_share
+from modelloop.monitoring.schemas import ROLLOUT_ACTION_RESPONSES, ROLLOUT_RESPONSES
 from modelloop.web import ADMIN_SECURITY, require_admin
 
 
@@ -51,7 +52,9 @@ def create_rollout_router(controller: RolloutController | None, admin_token: str
     router = APIRouter(tags=["monitoring"])
 
     @router.get(
-        "/monitoring/rollouts/{name}", summary="A model's rollout: versions, share, guardrails, history"
+        "/monitoring/rollouts/{name}",
+        summary="A model's rollout: versions, share, guardrails, history",
+        responses=ROLLOUT_RESPONSES,
     )
     async def rollout(name: str) -> Response:
         return _json(await asyncio.to_thread(_controller(controller).status, name))
@@ -60,6 +63,7 @@ def create_rollout_router(controller: RolloutController | None, admin_token: str
         "/monitoring/rollouts/{name}/{action}",
         summary="Promote, roll back or pause a model's rollout (admin)",
         openapi_extra={**ADMIN_SECURITY},
+        responses=ROLLOUT_ACTION_RESPONSES,
     )
     async def act(name: str, action: str, request: Request) -> Response:
         require_admin(request, admin_token)

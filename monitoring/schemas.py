@@ -212,3 +212,34 @@ HEALTH_RESPONSES: dict[int | str, dict[str, Any]] = {
         MonitoringError, 400, 501, 503, s400="Bad minutes", s501="Monitoring is off on this server"
     ),
 }
+
+
+ROLLOUT_RESPONSES: dict[int | str, dict[str, Any]] = {
+    200: _json_object(
+        "Champion, candidate, mode, step, share, per-version guardrails, state, reason and history"
+    ),
+    **error_responses(
+        MonitoringError,
+        404,
+        503,
+        s404="Unknown model, no rollout in progress or on record, or monitoring is off",
+        s503="The monitoring store is unavailable, or the rollout kept changing",
+    ),
+}
+
+ROLLOUT_ACTION_RESPONSES: dict[int | str, dict[str, Any]] = {
+    200: _json_object("The rollout after the action (as GET /monitoring/rollouts/{model})"),
+    **error_responses(
+        MonitoringError,
+        400,
+        401,
+        403,
+        404,
+        503,
+        s400="The action does not apply to the rollout's state (e.g. promoting a promoted rollout)",
+        s401="Missing or wrong bearer token",
+        s403="Admin routes are disabled (no MODELLOOP_ADMIN_TOKEN)",
+        s404="Unknown action or model, no rollout, or monitoring is off",
+        s503="The monitoring store is unavailable, or the rollout kept changing",
+    ),
+}
