@@ -238,8 +238,15 @@ def test_removed_version_unloads_and_pinned_requests_get_a_clean_404(server, rep
 
 
 def test_sigterm_under_load_answers_every_request_sent_before_it(repo, expected):
-    # A batch waits up to 300 ms for company, so requests are in flight whenever SIGTERM lands.
-    batching = {"enabled": True, "max_batch_size": 64, "batch_timeout_micros": 300_000}
+    # Under load a batch waits up to 300 ms for company, so requests are in flight whenever
+    # SIGTERM lands. The model runs on the batcher's thread (inline_max_micros 0): a model
+    # this small would otherwise run on the event loop, with no timeout, and answer at once.
+    batching = {
+        "enabled": True,
+        "max_batch_size": 64,
+        "batch_timeout_micros": 300_000,
+        "inline_max_micros": 0,
+    }
     (repo / "digits" / "config.json").write_text(json.dumps({"batching": batching}))
     server = start_server(repo, "--grace-period", "20")
     try:
