@@ -52,6 +52,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import random
 import sqlite3
 import threading
 import time
@@ -1218,10 +1219,31 @@ def _sqlite_on_connect(dbapi_connection: sqlite3.Connection, _record: Any) -> No
         # The busy timeout first: several worker processes open the file at once, and
         # switching it to WAL waits for the others' locks like any other statement.
         cursor.execute(f"PRAGMA busy_timeout={int(_SQLITE_BUSY_TIMEOUT_S * 1000)}")
-        cursor.execute("PRAGMA journal_mode=WAL")
+        _switch_to_wal(cursor)
         cursor.execute("PRAGMA synchronous=FULL")
     finally:
         cursor.close()
+
+
+def _switch_to_wal(cursor: sqlite3.Cursor) -> None:
+    """Sets WAL mode, retrying while another process holds the file's lock.
+
+    Two processes that open a new file together (the workers of ``serve --workers N``)
+    both switch it from the rollback journal to WAL. That takes an exclusive lock, and
+    SQLite answers "database is locked" at once, without its busy handler, when waiting
+    could deadlock two connections that both hold a shared lock; so the wait is here.
+    """
+    deadline = time.monotonic() + _SQLITE_BUSY_TIMEOUT_S
+    delay = 0.01
+    while True:
+        try:
+            cursor.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            if ("locked" not in str(exc) and "busy" not in str(exc)) or time.monotonic() + delay > deadline:
+                raise
+            time.sleep(delay * (0.5 + random.random()))
+            delay = min(delay * 2, 0.5)
 
 
 def _sqlite_on_begin(conn: Connection) -> None:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import contextlib
 import socket
 import sqlite3
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -22,6 +24,7 @@ from modelloop.monitoring.store import (
     PredictionStore,
     SQLitePredictionStore,
     StoreUnavailable,
+    _switch_to_wal,
     check_targets,
     open_store,
 )
@@ -594,3 +597,64 @@ def test_a_database_of_an_older_version_is_upgraded_in_place(store_url: str):
         assert sum(s.labels for s in store.source_stats("digits")) == 3
     finally:
         store.close()
+
+
+class _LockedCursor:
+    """A cursor whose WAL switch finds the file locked ``locked`` times (or forever)."""
+
+    def __init__(self, locked: int, message: str = "database is locked") -> None:
+        self.locked = locked
+        self.message = message
+        self.calls = 0
+
+    def execute(self, sql: str) -> None:
+        assert sql == "PRAGMA journal_mode=WAL"
+        self.calls += 1
+        if self.calls <= self.locked:
+            raise sqlite3.OperationalError(self.message)
+
+
+def test_the_wal_switch_waits_for_another_process_lock() -> None:
+    # Two workers that create the file together: SQLite says "locked" at once, without its
+    # busy handler, when waiting could deadlock them; the switch retries instead.
+    cursor = _LockedCursor(locked=3)
+    _switch_to_wal(cursor)  # type: ignore[arg-type]
+    assert cursor.calls == 4
+
+
+def test_the_wal_switch_gives_up_on_other_errors_and_after_the_busy_timeout(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    other = _LockedCursor(locked=1, message="disk I/O error")
+    with pytest.raises(sqlite3.OperationalError, match="disk I/O error"):
+        _switch_to_wal(other)  # type: ignore[arg-type]
+    assert other.calls == 1
+    monkeypatch.setattr("modelloop.monitoring.store._SQLITE_BUSY_TIMEOUT_S", 0.2)
+    forever = _LockedCursor(locked=10**6)
+    started = time.monotonic()
+    with pytest.raises(sqlite3.OperationalError, match="locked"):
+        _switch_to_wal(forever)  # type: ignore[arg-type]
+    assert forever.calls > 1 and time.monotonic() - started < 2
+
+
+def test_two_processes_create_one_store_together(tmp_path: Path) -> None:
+    # What `serve --workers 2` does at its first start: both open a file that does not exist.
+    script = (
+        "import sys, time\n"
+        "from modelloop.monitoring.store import open_store\n"
+        "start = float(sys.argv[2])\n"
+        "time.sleep(max(0.0, start - time.time()))\n"
+        "open_store('sqlite:///' + sys.argv[1]).close()\n"
+    )
+    for i in range(4):
+        db = tmp_path / f"s{i}" / "modelloop.db"
+        start = str(time.time() + 1.0)
+        procs = [
+            subprocess.Popen(
+                [sys.executable, "-c", script, str(db), start], stderr=subprocess.PIPE, text=True
+            )
+            for _ in range(2)
+        ]
+        for proc in procs:
+            _, err = proc.communicate(timeout=60)
+            assert proc.returncode == 0, err
