@@ -3,8 +3,9 @@
 The admin token and the labelers' feedback tokens are configured the same way: in an
 environment variable, or in a file that a variable names (``..._FILE``, for Kubernetes
 Secrets and Docker secrets). This module turns that configuration into a
-:class:`TokenMatcher` once, at start-up, and every request is matched against it. It is a
-leaf: it imports nothing of the project, so settings of every package may use it.
+:class:`TokenMatcher` once, at start-up, and every request is matched against it;
+:func:`authorize_admin` is the one admin check both edges (REST and gRPC) call. It is a
+leaf: it imports only :mod:`modelloop.errors`, so settings of every package may use it.
 
 Example:
 
@@ -24,6 +25,8 @@ import json
 import re
 from collections.abc import Mapping
 from pathlib import Path
+
+from modelloop.errors import ErrorCode, ServiceError
 
 ANONYMOUS_SOURCE = "anonymous"
 """The source of labels that arrive without authentication (no labeler token configured)."""
@@ -205,3 +208,32 @@ class TokenMatcher:
             if hmac.compare_digest(given, digest):
                 found = name
         return found
+
+
+ADMIN_DISABLED = "admin routes are disabled: set MODELLOOP_ADMIN_TOKEN"
+"""Why an admin call is refused on a server without an admin token."""
+
+
+def authorize_admin(authorization: str | None, token: str | None) -> None:
+    """The admin check of every admin route and RPC, REST and gRPC alike.
+
+    Args:
+        authorization: The request's ``Authorization`` header (the gRPC ``authorization``
+            metadata); None when absent.
+        token: The configured admin token; None turns the admin API off. Settings refuse
+            an empty or blank token at start-up, and an empty one is treated as off here
+            too, so no empty credential can ever match.
+
+    Raises:
+        ServiceError: PERMISSION_DENIED when no admin token is configured, UNAUTHENTICATED
+            when the bearer token is missing or is not the admin's. The comparison takes
+            constant time.
+    """
+    if not token:
+        raise ServiceError(ADMIN_DISABLED, ErrorCode.PERMISSION_DENIED)
+    given = bearer_token(authorization)
+    # Both sides are hashed, so compare_digest sees equal lengths whatever was sent.
+    if given is None or not hmac.compare_digest(_digest(given), _digest(token)):
+        raise ServiceError(
+            "missing or wrong bearer token (Authorization: Bearer <admin token>)", ErrorCode.UNAUTHENTICATED
+        )

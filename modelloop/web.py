@@ -9,7 +9,6 @@ project but the leaves :mod:`modelloop.errors` and :mod:`modelloop.tokens`. Ever
 
 from __future__ import annotations
 
-import hmac
 import zlib
 from collections.abc import Mapping, Sequence
 from http import HTTPStatus
@@ -19,7 +18,7 @@ from fastapi import Request
 from pydantic import BaseModel
 
 from modelloop.errors import ErrorCode, ServiceError
-from modelloop.tokens import ANONYMOUS_SOURCE, TokenMatcher, bearer_token
+from modelloop.tokens import ANONYMOUS_SOURCE, TokenMatcher, authorize_admin, bearer_token
 
 REQUEST_ID_HEADER = "x-request-id"
 MODEL_VERSION_HEADER = "x-model-version"
@@ -131,24 +130,17 @@ def _decompress(body: bytes, wbits: int, limit: int) -> bytes:
 def require_admin(request: Request, token: str | None) -> None:
     """Lets the request through only with ``Authorization: Bearer <admin token>``.
 
+    The REST face of :func:`modelloop.tokens.authorize_admin`, the check gRPC calls too.
+
     Args:
         request: The HTTP request.
-        token: The admin token; None or empty turns admin routes off.
+        token: The admin token; None turns admin routes off.
 
     Raises:
         ServiceError: PERMISSION_DENIED (403) when no admin token is configured,
             UNAUTHENTICATED (401) when the header is missing or the token is wrong.
     """
-    if not token:
-        raise ServiceError(
-            "admin routes are disabled: set MODELLOOP_ADMIN_TOKEN", ErrorCode.PERMISSION_DENIED
-        )
-    scheme, _, given = request.headers.get("authorization", "").partition(" ")
-    # compare_digest takes as long for a near miss as for a wild guess: no timing oracle.
-    if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), token.encode()):
-        raise ServiceError(
-            "missing or wrong bearer token (Authorization: Bearer <admin token>)", ErrorCode.UNAUTHENTICATED
-        )
+    authorize_admin(request.headers.get("authorization"), token)
 
 
 def require_labeler(request: Request, labelers: TokenMatcher) -> str:

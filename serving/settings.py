@@ -25,7 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, m
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from modelloop.serving.types import RolloutPolicy
-from modelloop.tokens import read_token_file
+from modelloop.tokens import check_token, read_token_file
 
 # TF Serving restricts label names to this alphabet (model_server_config docs).
 _LABEL = re.compile(r"^[A-Za-z0-9_]+$")
@@ -265,11 +265,15 @@ class ServingSettings(BaseSettings):
 
     @model_validator(mode="after")
     def _read_admin_token_file(self) -> ServingSettings:
+        if self.admin_token is not None:
+            # Set but empty or blank must not mean "the empty token": refuse to start.
+            check_token(self.admin_token.get_secret_value(), "MODELLOOP_ADMIN_TOKEN")
         if self.admin_token_file is None:
             return self
         if self.admin_token is not None:
             raise ValueError("set MODELLOOP_ADMIN_TOKEN or MODELLOOP_ADMIN_TOKEN_FILE, not both")
-        self.admin_token = SecretStr(read_token_file(self.admin_token_file, "MODELLOOP_ADMIN_TOKEN_FILE"))
+        what = "MODELLOOP_ADMIN_TOKEN_FILE"
+        self.admin_token = SecretStr(check_token(read_token_file(self.admin_token_file, what), what))
         return self
 
     @model_validator(mode="after")

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hmac
 from collections.abc import AsyncIterator, Iterable, Iterator
 from typing import TYPE_CHECKING
 
@@ -28,7 +27,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from modelloop.serving import tracing
 from modelloop.serving.codecs import tensor_proto, v2_grpc
-from modelloop.serving.errors import InvalidInput, Unauthenticated, Unimplemented
+from modelloop.serving.errors import InvalidInput, Unimplemented
 from modelloop.serving.grpc.errors import REQUEST_ID_KEY, translate_errors
 from modelloop.serving.protos import grpc_service_pb2 as pb
 from modelloop.serving.protos import grpc_service_pb2_grpc as pb_grpc
@@ -55,6 +54,7 @@ from modelloop.serving.protos.tfserving import (
 from modelloop.serving.protos.tfserving import tensorflow_serving_apis_regression_pb2 as regression_pb2
 from modelloop.serving.repository import refuse_load_parameters
 from modelloop.serving.types import InferRequest, ModelMetadata, ModelState, Protocol, parse_version
+from modelloop.tokens import authorize_admin
 
 if TYPE_CHECKING:
     from modelloop.serving.dataplane import DataPlane
@@ -261,9 +261,9 @@ class GRPCInferenceServiceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     Args:
         dataplane: The data plane.
-        admin_token: Bearer token that RepositoryModelLoad/Unload require in the
-            ``authorization`` metadata; None turns them off (UNIMPLEMENTED), as the
-            REST admin routes are off. Defaults to None.
+        admin_token: Bearer token that RepositoryIndex, RepositoryModelLoad and
+            RepositoryModelUnload require in the ``authorization`` metadata; None turns
+            them off (PERMISSION_DENIED), as on REST. Defaults to None.
     """
 
     def __init__(self, dataplane: DataPlane, admin_token: str | None = None) -> None:
@@ -349,7 +349,8 @@ class GRPCInferenceServiceServicer(pb_grpc.GRPCInferenceServiceServicer):
     async def RepositoryIndex(
         self, request: pb.RepositoryIndexRequest, context: grpc.aio.ServicerContext
     ) -> pb.RepositoryIndexResponse:
-        """Every model version in the repository with its state."""
+        """Every model version in the repository with its state; needs the admin bearer token, as on REST."""
+        self._authorize(context)
         return v2_grpc.encode_repository_index(self._dataplane.repository_index(), request.ready)
 
     @translate_errors
@@ -357,7 +358,7 @@ class GRPCInferenceServiceServicer(pb_grpc.GRPCInferenceServiceServicer):
         self, request: pb.RepositoryModelLoadRequest, context: grpc.aio.ServicerContext
     ) -> pb.RepositoryModelLoadResponse:
         """Loads or reloads a model; needs the admin bearer token."""
-        self._authorize(context, "RepositoryModelLoad")
+        self._authorize(context)
         refuse_load_parameters(request.parameters.keys())
         await self._dataplane.load_model(_require_name(request.model_name, "model_name"))
         return pb.RepositoryModelLoadResponse()
@@ -367,20 +368,16 @@ class GRPCInferenceServiceServicer(pb_grpc.GRPCInferenceServiceServicer):
         self, request: pb.RepositoryModelUnloadRequest, context: grpc.aio.ServicerContext
     ) -> pb.RepositoryModelUnloadResponse:
         """Unloads a model; needs the admin bearer token."""
-        self._authorize(context, "RepositoryModelUnload")
+        self._authorize(context)
         await self._dataplane.unload_model(_require_name(request.model_name, "model_name"))
         return pb.RepositoryModelUnloadResponse()
 
-    def _authorize(self, context: grpc.aio.ServicerContext, method: str) -> None:
-        if self._admin_token is None:
-            raise Unimplemented(f"{method} is off: the server has no admin token (MODELLOOP_ADMIN_TOKEN)")
-        supplied = ""
+    def _authorize(self, context: grpc.aio.ServicerContext) -> None:
+        supplied: str | None = None
         for key, value in context.invocation_metadata() or ():
             if key.lower() == "authorization" and isinstance(value, str):
                 supplied = value
-        expected = f"Bearer {self._admin_token}"
-        if not hmac.compare_digest(supplied.encode(), expected.encode()):
-            raise Unauthenticated(f"{method} needs 'authorization: Bearer <admin token>' metadata")
+        authorize_admin(supplied, self._admin_token)
 
 
 class HealthServicer(health_pb2_grpc.HealthServicer):
