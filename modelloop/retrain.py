@@ -83,8 +83,10 @@ class RetrainError(ModelloopError):
 class FeedbackSource(Protocol):
     """Where labelled feedback rows come from and gate reports go (the monitoring ``PredictionStore``)."""
 
-    def feedback_rows(self, model: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Inputs ``[n, features]``, targets ``[n]`` and sources ``[n]`` of labelled rows, oldest first."""
+    def feedback_rows(self, model: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """Inputs ``[n, features]``, targets ``[n]``, sources ``[n]`` and row keys ``[n]`` of
+        labelled rows, oldest first; a row labelled by several sources appears once per source,
+        under the same key."""
         ...
 
     def record_retrain(self, model: str, run_id: str, outcome: str, report: dict[str, Any]) -> None:
@@ -456,8 +458,9 @@ def _feedback(
     empty = part(np.zeros((0, width), np.float32), np.zeros((0,), data.y.dtype))
     if store is None or settings.max_feedback_rows == 0:
         return _Feedback(empty, empty, {})
-    x, y, sources = store.feedback_rows(name)
+    x, y, sources, keys = store.feedback_rows(name)
     x, y, sources = np.asarray(x, dtype=np.float32), np.asarray(y), np.asarray(sources, dtype=object)
+    keys = np.asarray(keys, dtype=object)
     if x.ndim != 2 or len(x) == 0:
         return _Feedback(empty, empty, {})
     if x.shape[1] != width:
@@ -489,6 +492,12 @@ def _feedback(
     blocked = np.isin(sources, sorted(quarantined)) if quarantined else np.zeros(len(y), bool)
     quarantined_rows = int((keep & blocked).sum())
     keep &= ~blocked
+    # One label per row: the oldest trusted one, when several sources labelled it.
+    seen: set[object] = set()
+    for i in np.flatnonzero(keep):
+        if keys[i] in seen:
+            keep[i] = False
+        seen.add(keys[i])
     x, y, sources = (a[keep][-settings.max_feedback_rows :] for a in (x, y, sources))
     y = y.astype(data.y.dtype)
     n_hold = math.ceil(len(y) * settings.holdout_fraction) if len(y) >= 2 else 0

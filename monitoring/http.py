@@ -18,14 +18,20 @@ numbers for regressors); ``target`` is the short form for a one-row request. The
 says what happened to each id:
 
 ```json
-{"accepted": ["3f2a..."], "unknown": [], "duplicate": [], "invalid": {"9c1b...": "expected 2 targets ..."}}
+{"accepted": ["3f2a..."], "unknown": [], "duplicate": [], "invalid": {"9c1b...": "expected 2 targets ..."},
+ "ambiguous": {}}
 ```
 
+Each source labels a prediction once (``duplicate`` when it tries again); several sources
+may label the same prediction, and each label is kept. An id that answered requests with
+different inputs is ``ambiguous``: no label is paired with either input.
+
 Status: 200 when at least one label was accepted. When none was: 400 if any item was
-invalid, else 404 if any id was unknown, else 409 (every id was already labelled); the
-body then also has ``"error"``. A malformed body is 400, an unknown model 404, and a store
-that cannot be reached 503 ``{"error": "feedback store unavailable: ..."}``: a label is
-never acknowledged unless it was committed.
+invalid, else 404 if any id was unknown, else 409 (ambiguous ids, or every id already
+labelled by this source); the body then also has ``"error"``. A malformed body is 400, an
+unknown model 404, and a store that cannot be reached 503
+``{"error": "feedback store unavailable: ..."}``: a label is never acknowledged unless it
+was committed.
 
 Labelers authenticate with ``Authorization: Bearer <token>`` when labeler tokens are
 configured (``MODELLOOP_FEEDBACK_TOKEN[S]``): 401 without a token, 403 with one that is no
@@ -152,7 +158,9 @@ def feedback_status(result: FeedbackResult) -> tuple[int, str]:
         return 400, "no label accepted: invalid targets"
     if result.unknown:
         return 404, "no label accepted: unknown request ids (no logged prediction of this model)"
-    return 409, "no label accepted: every request id is already labelled; the first label is kept"
+    if result.ambiguous:
+        return 409, "no label accepted: ambiguous request ids (each answered requests with different inputs)"
+    return 409, "no label accepted: this source already labelled every request id; its first label is kept"
 
 
 def _monitoring_on(monitoring: MonitoringService | None, name: str) -> MonitoringService:
@@ -477,11 +485,22 @@ def render_health_fragment(monitoring: MonitoringService, seconds: float, now: f
                 retrain_runs=monitoring.retrain_runs(name),
                 accuracy_floor=floor,
                 error=error,
+                retrain_note=_retrain_note(monitoring, name),
             )
         )
     # The axis starts at the oldest point shown (a young server's curves fill the width),
     # and spans at least a minute.
     return render_health(views, t0=max(t0, min(first_seen, t1 - 60.0)), t1=t1)
+
+
+def _retrain_note(monitoring: MonitoringService, model: str) -> str:
+    """Why the last drift alert of a model started no retrain, for the page ("" when none did)."""
+    gate = monitoring.retrain_gate
+    skip = gate.skipped.get(model) if gate is not None else None
+    if skip is None:
+        return ""
+    when = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(skip.at))
+    return f"{skip.reason} at {when} started no retrain: {skip.why}."
 
 
 class HealthSection:

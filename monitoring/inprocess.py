@@ -52,6 +52,8 @@ class InProcessRules:
         on_trigger_failed: Called with the model when the trigger cannot start a run.
             Defaults to None.
         clock: Monotonic clock. Defaults to ``time.monotonic``.
+        gate: ``(model, reason) -> why not`` (None to go on), asked before the policy.
+            Defaults to None.
     """
 
     def __init__(
@@ -63,7 +65,9 @@ class InProcessRules:
         accuracy_for_s: float = 120.0,
         on_trigger_failed: Callable[[str], None] | None = None,
         clock: Callable[[], float] = time.monotonic,
+        gate: Callable[[str, str], str | None] | None = None,
     ) -> None:
+        self._gate = gate
         self.policy = policy
         self.trigger = trigger
         self.drift_for_s = drift_for_s
@@ -108,6 +112,8 @@ class InProcessRules:
         return self._clock() - since >= hold_s
 
     def _fire(self, model: str, rule: str) -> None:
+        if self._gate is not None and self._gate(model, f"inprocess:{rule}"):
+            return
         decision = self.policy.should_retrain(model, f"inprocess:{rule}")
         if not decision:
             logger.debug("in-process rule %s for %s: %s", rule, model, decision.why)

@@ -36,7 +36,8 @@ class MonitoringMetrics:
         mean_absolute_error: ``{model,version}``: the same for regressors.
         feedback: ``{model,version,source,outcome}``: labelled rows this process took in,
             by labeler source and outcome: ``accepted``, ``quarantined`` (stored, from a
-            quarantined source), ``duplicate``, ``invalid`` or ``unknown`` (version "").
+            quarantined source), ``duplicate``, ``invalid``, ``ambiguous`` (the id answered
+            different inputs) or ``unknown`` (version "").
         source_quarantined: ``{model,source}``: 1 while a labeler source is quarantined.
         source_agreement: ``{model,source}``: share of a source's labels on the champion's
             confident predictions that agree with them.
@@ -123,6 +124,12 @@ class MonitoringMetrics:
             "modelloop_retrain_runs",
             "Retraining runs by outcome: blessed, rejected or failed.",
             ["model", "outcome"],
+            registry=registry,
+        )
+        self.retrain_skipped = Counter(
+            "modelloop_retrain_skipped",
+            "Drift alerts that started no retrain: no new trusted labels since the last retrain.",
+            ["model", "reason"],
             registry=registry,
         )
         self.dropped = Counter(

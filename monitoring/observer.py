@@ -32,6 +32,7 @@ observer.stop()
 from __future__ import annotations
 
 import collections
+import hashlib
 import logging
 import threading
 import time
@@ -83,6 +84,15 @@ def predicted_values(outputs: np.ndarray, task: str) -> np.ndarray:
     if outputs.shape[1] == 1:
         return (outputs[:, 0] >= 0.5).astype(np.int64)
     return outputs.argmax(axis=1).astype(np.int64)
+
+
+def input_digest(x: np.ndarray) -> str:
+    """A digest of one request's input rows: equal for a retry, different for another input."""
+    if x.dtype.kind in "iufb":
+        data = np.ascontiguousarray(x).tobytes()
+    else:
+        data = b"\x00".join(v if isinstance(v, bytes) else str(v).encode() for v in x.reshape(-1).tolist())
+    return hashlib.blake2b(data, digest_size=16).hexdigest()
 
 
 def write_span(batch: list[Any], traced: list[Any]) -> Any:
@@ -318,7 +328,7 @@ class MonitoringObserver:
 
     def _convert(self, model: str, version: int, items: list[Any]) -> list[PredictionRecord]:
         info = self.describe(model, version)
-        picked: list[tuple[str, float, np.ndarray, np.ndarray]] = []
+        picked: list[tuple[str, float, np.ndarray, np.ndarray, str]] = []
         for _, _, rid, created, inputs, outputs, _ in items:
             x = inputs.get(info.input_name) if info.input_name else None
             if x is None:
@@ -335,10 +345,10 @@ class MonitoringObserver:
             # String inputs (BYTES) have no features to bin: the prediction is logged with
             # no input columns, so accuracy, prediction drift and the estimate still work.
             rows = x.reshape(n, -1) if x.dtype.kind in "iufb" else np.zeros((n, 0))
-            picked.append((rid, created, rows, y.reshape(n, -1)))
+            picked.append((rid, created, rows, y.reshape(n, -1), input_digest(x)))
         if not picked:
             return []
-        widths = {(x.shape[1], y.shape[1]) for _, _, x, y in picked}
+        widths = {(x.shape[1], y.shape[1]) for _, _, x, y, _ in picked}
         if len(widths) > 1:
             # Variable-width inputs: the rows cannot share one array; convert each alone.
             records: list[PredictionRecord] = []
@@ -352,10 +362,10 @@ class MonitoringObserver:
         model: str,
         version: int,
         info: VersionInfo,
-        picked: list[tuple[str, float, np.ndarray, np.ndarray]],
+        picked: list[tuple[str, float, np.ndarray, np.ndarray, str]],
     ) -> list[PredictionRecord]:
-        rows = np.concatenate([x for _, _, x, _ in picked]).astype(np.float64)
-        out = np.concatenate([y for _, _, _, y in picked]).astype(np.float64)
+        rows = np.concatenate([x for _, _, x, _, _ in picked]).astype(np.float64)
+        out = np.concatenate([y for _, _, _, y, _ in picked]).astype(np.float64)
         predicted = predicted_values(out, info.task) if out.shape[1] else None
         self.windows.add(model, version, rows, predicted, out)
         # Contiguous, so that each record's slice serialises as an array (orjson needs C order).
@@ -363,7 +373,7 @@ class MonitoringObserver:
         empty = np.zeros(0, dtype=np.int64)
         records = []
         start = 0
-        for rid, created, x, _ in picked:
+        for rid, created, x, _, digest in picked:
             end = start + x.shape[0]
             records.append(
                 PredictionRecord(
@@ -376,6 +386,7 @@ class MonitoringObserver:
                     predicted=empty if predicted is None else predicted[start:end],
                     task=info.task,
                     classes=info.classes,
+                    input_hash=digest,
                 )
             )
             start = end

@@ -289,6 +289,7 @@ class ModelView:
         retrain_runs: Runs by outcome (blessed, rejected, failed) since the server started.
         accuracy_floor: The model's accuracy floor, drawn on the accuracy chart, or None.
         error: Why the history could not be read (store down), else "".
+        retrain_note: Why the last drift alert started no retrain, else "".
     """
 
     name: str
@@ -296,6 +297,7 @@ class ModelView:
     retrain_runs: dict[str, int] = field(default_factory=dict)
     accuracy_floor: float | None = None
     error: str = ""
+    retrain_note: str = ""
 
 
 def _latest_table(model: ModelView) -> str:
@@ -367,6 +369,8 @@ def render_model(model: ModelView, *, t0: float, t1: float) -> str:
         f'<section class="model" data-model="{name}"><h2>{name}</h2>',
         f"<p>Versions: {states}. Retrain runs since start: {runs}.</p>",
     ]
+    if model.retrain_note:
+        parts.append(f'<p class="retrain-skipped">{html.escape(model.retrain_note)}</p>')
     if model.error:
         parts.append(f"<p><strong>History unavailable:</strong> {html.escape(model.error)}</p>")
     parts.append(_latest_table(model))

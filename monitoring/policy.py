@@ -1,4 +1,5 @@
-"""When an alert may start a retrain: de-duplication, cooldown per model, resolved alerts.
+"""When an alert may start a retrain: de-duplication, cooldown per model, resolved alerts, and
+whether there is anything new to learn from (:class:`NewLabelsGate`).
 
 Alertmanager re-sends a firing group every ``repeat_interval`` with the same group key
 and start time, and several replicas or rules may call for the same model at once. The
@@ -17,12 +18,18 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import json
+import logging
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Hashable, Iterator
+from collections.abc import Callable, Collection, Hashable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
+
+from modelloop.errors import ServiceError
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -160,3 +167,84 @@ class RetrainPolicy:
         self._seen[key] = None
         while len(self._seen) > self._max_keys:
             self._seen.popitem(last=False)
+
+
+DRIFT_REASONS = ("ModelDriftDetected", "ModelPredictionDrift", "inprocess:ModelDriftDetected")
+"""Alerts (and in-process rules) about inputs or outputs, which labels alone can answer."""
+
+
+class TrustedLabels(Protocol):
+    """What :class:`NewLabelsGate` reads: trusted labels stored since a time, and the last retrain."""
+
+    def trusted_labels_since(self, model: str, since: float, exclude_sources: Collection[str]) -> int:
+        """Labelled rows of a model stored after ``since`` by sources not excluded."""
+        ...
+
+    def last_retrain_time(self, model: str) -> float | None:
+        """When the newest retrain report of a model was kept, or None without one."""
+        ...
+
+
+@dataclass(frozen=True)
+class Skip:
+    """The last drift alert a model's gate turned away: when and why (for the health page)."""
+
+    at: float
+    reason: str
+    why: str
+
+
+class NewLabelsGate:
+    """Lets a drift alert start a retrain only when trusted labels arrived since the last retrain.
+
+    Drift says the inputs changed; a retrain learns about the new inputs only from labels of
+    them. Without new trusted labels a retrain would train on what the last one had, so the
+    alert is turned away, logged, counted (``modelloop_retrain_skipped_total``) and shown on
+    the health page. Alerts on accuracy are let through: they come from labels.
+
+    Args:
+        store: Where labels and retrain reports are kept.
+        quarantined: The quarantined sources of a model (their labels do not count).
+        on_skip: Called with ``(model, reason)`` when an alert is turned away. Defaults to None.
+        clock: Wall-clock time. Defaults to ``time.time``.
+    """
+
+    def __init__(
+        self,
+        store: TrustedLabels,
+        quarantined: Callable[[str], Collection[str]],
+        *,
+        on_skip: Callable[[str, str], None] | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._store = store
+        self._quarantined = quarantined
+        self._on_skip = on_skip
+        self._clock = clock
+        self.skipped: dict[str, Skip] = {}
+
+    def check(self, model: str, reason: str) -> str | None:
+        """None to go on, or why this alert starts no retrain.
+
+        A store that cannot be read lets the alert through: the retrain reads the same
+        store and fails with a clear reason if it is still down.
+        """
+        if reason not in DRIFT_REASONS:
+            return None
+        try:
+            since = self._store.last_retrain_time(model) or 0.0
+            fresh = self._store.trusted_labels_since(model, since, sorted(self._quarantined(model)))
+        except ServiceError as exc:  # the store is down: the gate must not break the alert path
+            logger.warning(
+                "retrain gate for %s: cannot read the labels (%s); letting the alert through", model, exc
+            )
+            return None
+        if fresh > 0:
+            return None
+        when = "the last retrain" if since else "the model was first served"
+        why = f"no new trusted labels since {when}: a retrain could learn nothing about the drifted inputs"
+        self.skipped[model] = Skip(self._clock(), reason, why)
+        logger.info("%s for %s starts no retrain: %s", reason, model, why)
+        if self._on_skip is not None:
+            self._on_skip(model, reason)
+        return why

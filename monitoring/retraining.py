@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 from modelloop.errors import ServiceError
 from modelloop.monitoring.inprocess import InProcessRules
-from modelloop.monitoring.policy import RetrainPolicy
+from modelloop.monitoring.policy import NewLabelsGate, RetrainPolicy
 from modelloop.monitoring.settings import MonitoringSettings, resolve_model_settings
 from modelloop.monitoring.trigger import (
     DryRunTrigger,
@@ -139,10 +139,19 @@ def build_retraining(
         else RetrainPolicy(settings.retrain_cooldown_s, cooldown_for=cooldown_for)
     )
     trigger = _make_trigger(settings, repo, count)
-    alerts = AlertHandler(policy, trigger, service.has_model, on_trigger_failed=count_failed_launch)
+    skipped = service.metrics.retrain_skipped
+    gate = NewLabelsGate(
+        service.store,
+        service.quarantined_sources,
+        on_skip=lambda model, reason: skipped.labels(model=model, reason=reason).inc(),
+    )
+    service.retrain_gate = gate
+    alerts = AlertHandler(
+        policy, trigger, service.has_model, on_trigger_failed=count_failed_launch, gate=gate.check
+    )
     in_process: InProcessRules | None = None
     if settings.alertmanager_url is None and rules:
-        in_process = InProcessRules(policy, trigger, on_trigger_failed=count_failed_launch)
+        in_process = InProcessRules(policy, trigger, on_trigger_failed=count_failed_launch, gate=gate.check)
         service.add_listener(in_process)
     where = (
         f"Alertmanager at {settings.alertmanager_url}"

@@ -46,8 +46,12 @@ class FeedbackResponse(BaseModel):
     error: str | None = Field(None, description="Why no label was accepted (4xx only).")
     accepted: list[str] = Field(description="Stored: the ids whose labels now count.")
     unknown: list[str] = Field(description="No logged prediction of this model has this id.")
-    duplicate: list[str] = Field(description="Already labelled; the first label is kept.")
+    duplicate: list[str] = Field(description="Already labelled by this source; its first label is kept.")
     invalid: dict[str, str] = Field(description="Id to the reason its targets were refused.")
+    ambiguous: dict[str, str] = Field(
+        default_factory=dict,
+        description="Id to why its labels were refused: the id answered requests with different inputs.",
+    )
     source: str = Field(description="The labeler the token belongs to (``anonymous`` without tokens).")
     quarantined: bool = Field(
         description="The source is quarantined: its labels are stored and marked, not used."

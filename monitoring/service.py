@@ -58,6 +58,7 @@ from modelloop.monitoring.histogram import FeatureHistogram, feature_histograms
 from modelloop.monitoring.history import TrafficMeter, TrafficReport, history_point
 from modelloop.monitoring.metrics import MonitoringMetrics
 from modelloop.monitoring.observer import MonitoringObserver, VersionInfo
+from modelloop.monitoring.policy import NewLabelsGate
 from modelloop.monitoring.quality import QualityChecker, QualityReport
 from modelloop.monitoring.quarantine import SourceVerdict, assess_sources, champion_of
 from modelloop.monitoring.settings import (
@@ -236,6 +237,8 @@ class MonitoringService:
         self._verdicts: dict[str, dict[str, SourceVerdict]] = {}
         self._champions: dict[str, int] = {}
         self._task: asyncio.Task[None] | None = None
+        # The retraining half's label gate, when retraining is on (the health page shows its skips).
+        self.retrain_gate: NewLabelsGate | None = None
         self._last_prune = 0.0
         self.traffic = TrafficMeter(registry)
         self._traffic: dict[tuple[str, int], TrafficReport] = {}
@@ -642,7 +645,7 @@ class MonitoringService:
             source: The authenticated labeler. Defaults to ``anonymous``.
 
         Returns:
-            What was accepted, unknown, duplicate or invalid.
+            What was accepted, unknown, duplicate, ambiguous or invalid.
 
         Raises:
             StoreUnavailable: The store cannot be reached; nothing was stored.
@@ -666,6 +669,7 @@ class MonitoringService:
             result.accepted += retry.accepted
             result.duplicate += retry.duplicate
             result.invalid.update(retry.invalid)
+            result.ambiguous.update(retry.ambiguous)
             for version, count in retry.labels.items():
                 result.labels[version] = result.labels.get(version, 0) + count
             # Every first-round unknown was asked again: the retry's count replaces it.

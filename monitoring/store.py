@@ -131,7 +131,7 @@ _SCHEMA = tuple(
         targets TEXT NOT NULL,
         source TEXT NOT NULL DEFAULT 'anonymous',
         quarantined INTEGER NOT NULL DEFAULT 0,
-        PRIMARY KEY (model, request_id)
+        PRIMARY KEY (model, request_id, source)
     )""",
         "CREATE INDEX IF NOT EXISTS feedback_version ON feedback (model, version, created)",
     )
@@ -141,7 +141,25 @@ _SCHEMA = tuple(
 _ADDED_COLUMNS = (
     ("feedback", "source", "TEXT NOT NULL DEFAULT 'anonymous'"),
     ("feedback", "quarantined", "INTEGER NOT NULL DEFAULT 0"),
+    # A digest of the request's input rows: a repeated id with the same input is a retry,
+    # with another input the id is ambiguous and its labels are refused.
+    ("predictions", "input_hash", "TEXT NOT NULL DEFAULT ''"),
+    ("predictions", "ambiguous", "INTEGER NOT NULL DEFAULT 0"),
 )
+# The feedback table keeps one label per (prediction, source); older databases kept one per
+# prediction and are rebuilt with the wider key (their rows all fit it).
+_FEEDBACK_COLUMNS = "model, request_id, version, created, n_labels, targets, source, quarantined"
+_FEEDBACK_TABLE = """CREATE TABLE {name} (
+        model TEXT NOT NULL,
+        request_id TEXT NOT NULL,
+        version INTEGER NOT NULL,
+        created DOUBLE PRECISION NOT NULL,
+        n_labels INTEGER NOT NULL,
+        targets TEXT NOT NULL,
+        source TEXT NOT NULL DEFAULT 'anonymous',
+        quarantined INTEGER NOT NULL DEFAULT 0,
+        PRIMARY KEY (model, request_id, source)
+    )"""
 _STATS_TABLE = "feedback_stats"
 _SCHEMA_AFTER_COLUMNS = tuple(
     sa.text(statement)
@@ -173,24 +191,34 @@ _SCHEMA_AFTER_COLUMNS = tuple(
 # The prediction insert goes to the driver directly (``exec_driver_sql``): the log takes
 # thousands of rows a second, and building SQLAlchemy's bound-parameter dicts for each row
 # cost as much as SQLite's own insert. ``{p}`` becomes the driver's placeholder.
+#
+# A repeated (model, request_id) keeps the first row; when its input differs, both the first
+# row and the later request (logged under ``<id>#<digest>``) are marked ambiguous, in the
+# same statement, so that replicas writing one id at the same moment still mark it.
 _INSERT_PREDICTION_DRIVER = (
     "INSERT INTO predictions (model, request_id, version, created, task, classes, n_rows, "
-    "inputs, outputs, predicted) VALUES ({p}, {p}, {p}, {p}, {p}, {p}, {p}, {p}, {p}, {p}) "
-    "ON CONFLICT (model, request_id) DO NOTHING"
+    "inputs, outputs, predicted, input_hash, ambiguous) "
+    "VALUES ({p}, {p}, {p}, {p}, {p}, {p}, {p}, {p}, {p}, {p}, {p}, {p}) "
+    "ON CONFLICT (model, request_id) DO UPDATE SET ambiguous = CASE "
+    "WHEN predictions.input_hash <> '' AND excluded.input_hash <> '' "
+    "AND predictions.input_hash <> excluded.input_hash THEN 1 ELSE predictions.ambiguous END"
 )
+_SELECT_HASHES = sa.text(
+    "SELECT request_id, input_hash FROM predictions WHERE model = :model AND request_id IN :ids"
+).bindparams(sa.bindparam("ids", expanding=True))
 # The other statements are built once: a TextClause is immutable and safe to share between
 # threads, and the engine caches its compiled form per dialect.
 _SELECT_PREDICTED = sa.text(
-    "SELECT request_id, version, task, classes, n_rows, predicted, outputs FROM predictions "
+    "SELECT request_id, version, task, classes, n_rows, predicted, outputs, ambiguous FROM predictions "
     "WHERE model = :model AND request_id IN :ids"
 ).bindparams(sa.bindparam("ids", expanding=True))
 _SELECT_LABELLED = sa.text(
-    "SELECT request_id FROM feedback WHERE model = :model AND request_id IN :ids"
+    "SELECT request_id, source, targets FROM feedback WHERE model = :model AND request_id IN :ids"
 ).bindparams(sa.bindparam("ids", expanding=True))
 _INSERT_FEEDBACK = sa.text(
     "INSERT INTO feedback (model, request_id, version, created, n_labels, targets, source, quarantined) "
     "VALUES (:model, :request_id, :version, :created, :n_labels, :targets, :source, :quarantined) "
-    "ON CONFLICT (model, request_id) DO NOTHING"
+    "ON CONFLICT (model, request_id, source) DO NOTHING"
 )
 _ADD_STATS = sa.text(
     f"INSERT INTO {_STATS_TABLE} (model, version, source, predicted, target, confidence, labels) "
@@ -203,23 +231,32 @@ _SELECT_STATS = sa.text(
 )
 _SELECT_ALL_LABELLED = sa.text(
     "SELECT f.model, f.version, f.source, f.targets, p.task, p.predicted, p.outputs "
-    "FROM feedback f JOIN predictions p ON p.model = f.model AND p.request_id = f.request_id"
+    "FROM feedback f JOIN predictions p ON p.model = f.model AND p.request_id = f.request_id "
+    "WHERE p.ambiguous = 0"
 )
 _SELECT_SOURCES = sa.text(
     "SELECT source, COUNT(*), COALESCE(SUM(n_labels), 0), "
     "COALESCE(SUM(CASE WHEN quarantined = 1 THEN n_labels ELSE 0 END), 0) "
     "FROM feedback WHERE model = :model GROUP BY source"
 )
+# Accuracy takes one label per prediction: the first from a trusted source (several
+# labelers may label one prediction; a quarantined one never shuts the others out).
+_RANKED_LABELS = (
+    "SELECT model, request_id, version, created, targets, source, "
+    "ROW_NUMBER() OVER (PARTITION BY model, request_id ORDER BY created, source) AS rank "
+    "FROM feedback WHERE model = :model {trusted}"
+)
 _SELECT_RECENT = sa.text(
-    "SELECT p.predicted, f.targets, f.created FROM feedback f JOIN predictions p "
-    "ON p.model = f.model AND p.request_id = f.request_id "
-    "WHERE f.model = :model AND f.version = :version ORDER BY f.created DESC LIMIT :limit"
+    "SELECT p.predicted, f.targets, f.created FROM ("
+    + _RANKED_LABELS.format(trusted="")
+    + ") f JOIN predictions p ON p.model = f.model AND p.request_id = f.request_id "
+    "WHERE f.rank = 1 AND f.version = :version AND p.ambiguous = 0 ORDER BY f.created DESC LIMIT :limit"
 )
 _SELECT_RECENT_TRUSTED = sa.text(
-    "SELECT p.predicted, f.targets, f.created FROM feedback f JOIN predictions p "
-    "ON p.model = f.model AND p.request_id = f.request_id "
-    "WHERE f.model = :model AND f.version = :version AND f.source NOT IN :excluded "
-    "ORDER BY f.created DESC LIMIT :limit"
+    "SELECT p.predicted, f.targets, f.created FROM ("
+    + _RANKED_LABELS.format(trusted="AND source NOT IN :excluded")
+    + ") f JOIN predictions p ON p.model = f.model AND p.request_id = f.request_id "
+    "WHERE f.rank = 1 AND f.version = :version AND p.ambiguous = 0 ORDER BY f.created DESC LIMIT :limit"
 ).bindparams(sa.bindparam("excluded", expanding=True))
 _INSERT_REPORT = sa.text(
     "INSERT INTO retrain_reports (model, run_id, created, outcome, report) "
@@ -228,13 +265,18 @@ _INSERT_REPORT = sa.text(
 _SELECT_REPORTS = sa.text(
     "SELECT report FROM retrain_reports WHERE model = :model ORDER BY created DESC LIMIT :limit"
 )
+_COUNT_TRUSTED_SINCE = sa.text(
+    "SELECT COALESCE(SUM(n_labels), 0) FROM feedback "
+    "WHERE model = :model AND created > :since AND quarantined = 0 AND source NOT IN :excluded"
+).bindparams(sa.bindparam("excluded", expanding=True))
+_LAST_REPORT = sa.text("SELECT MAX(created) FROM retrain_reports WHERE model = :model")
 _COUNT_LABELS = sa.text(
     "SELECT COALESCE(SUM(n_labels), 0) FROM feedback WHERE model = :model AND version = :version"
 )
 _SELECT_DATASET = sa.text(
-    "SELECT p.inputs, f.targets, p.task, f.source FROM feedback f JOIN predictions p "
+    "SELECT p.inputs, f.targets, p.task, f.source, f.request_id FROM feedback f JOIN predictions p "
     "ON p.model = f.model AND p.request_id = f.request_id "
-    "WHERE f.model = :model ORDER BY f.created, f.request_id"
+    "WHERE f.model = :model AND p.ambiguous = 0 ORDER BY f.created, f.request_id, f.source"
 )
 _DELETE_OLDER = sa.text("DELETE FROM predictions WHERE created < :cutoff")
 _NTH_NEWEST = sa.text("SELECT created FROM predictions ORDER BY created DESC LIMIT 1 OFFSET :offset")
@@ -244,6 +286,12 @@ _DELETE_ORPHAN_FEEDBACK = sa.text(
     "WHERE p.model = feedback.model AND p.request_id = feedback.request_id)"
 )
 _SCHEMA_LOCK = sa.text("SELECT pg_advisory_xact_lock(:key)")
+
+
+AMBIGUOUS_ID = (
+    "this request id answered requests with different inputs, so a label cannot tell which one it "
+    "belongs to; give every request its own id (a retry may reuse it with the same input)"
+)
 
 
 class StoreUnavailable(ServiceError):
@@ -278,6 +326,8 @@ class PredictionRecord:
     predicted: list[int | float] | np.ndarray
     task: str = "multiclass"
     classes: int = 0
+    input_hash: str = ""
+    """A digest of the request's whole input rows ("" = unknown: never ambiguous)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -295,21 +345,25 @@ class FeedbackResult:
     Attributes:
         accepted: Ids whose labels were stored now.
         unknown: Ids with no logged prediction of this model.
-        duplicate: Ids already labelled (the first label is kept).
+        duplicate: Ids this source already labelled (its first label is kept; other
+            sources' labels of the same prediction are kept beside it).
+        ambiguous: Id -> why its labels were refused: the id answered requests with
+            different inputs, so no label can be paired with one of them.
         invalid: Id -> why its targets were refused (count, type, class range).
         labels: Version -> labelled rows accepted now.
         source: The labeler source the labels were stored under.
         quarantined: Whether that source was quarantined: its labels are stored and
             marked, and the label checks leave them out.
         rows: ``(version, outcome)`` -> rows, for ``modelloop_feedback_total``: outcome
-            ``accepted`` or ``quarantined`` for stored labels, ``duplicate``, ``invalid``
-            or ``unknown`` (version "") for refused ones.
+            ``accepted`` or ``quarantined`` for stored labels, ``duplicate``, ``invalid``,
+            ``ambiguous`` or ``unknown`` (version "") for refused ones.
     """
 
     accepted: list[str] = field(default_factory=list)
     unknown: list[str] = field(default_factory=list)
     duplicate: list[str] = field(default_factory=list)
     invalid: dict[str, str] = field(default_factory=dict)
+    ambiguous: dict[str, str] = field(default_factory=dict)
     labels: dict[int, int] = field(default_factory=dict)
     source: str = ANONYMOUS_SOURCE
     quarantined: bool = False
@@ -322,6 +376,7 @@ class FeedbackResult:
             "unknown": self.unknown,
             "duplicate": self.duplicate,
             "invalid": self.invalid,
+            "ambiguous": self.ambiguous,
             "source": self.source,
             "quarantined": self.quarantined,
         }
@@ -397,11 +452,17 @@ class PredictionStore(Protocol):
     def count_labels(self, model: str, version: int) -> int:
         """Labelled rows of one version."""
 
+    def trusted_labels_since(self, model: str, since: float, exclude_sources: Collection[str]) -> int:
+        """Labelled rows stored after ``since`` by trusted sources."""
+
+    def last_retrain_time(self, model: str) -> float | None:
+        """When the newest retrain report was kept, or None."""
+
     def feedback_dataset(self, model: str) -> tuple[np.ndarray, np.ndarray]:
         """Inputs ``[n, features]`` and targets ``[n]`` of every labelled row, oldest first."""
 
-    def feedback_rows(self, model: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """:meth:`feedback_dataset` plus each row's source, oldest first."""
+    def feedback_rows(self, model: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """:meth:`feedback_dataset` plus each row's source and request id, oldest first."""
 
     def source_stats(self, model: str) -> list[SourceStat]:
         """The per-source counts of predicted class, label and confidence (classifiers)."""
@@ -669,27 +730,52 @@ class SqlPredictionStore:
         """
         if not records:
             return
-        # Sorted by key: concurrent writers then lock the rows in one order (no deadlock).
-        ordered = sorted(records, key=lambda r: (r.model, r.request_id))
-        rows = [
-            (
-                r.model,
-                r.request_id,
-                r.version,
-                r.created,
-                r.task,
-                r.classes,
-                len(r.predicted),
-                _dumps(r.inputs),
-                _dumps(r.outputs),
-                _dumps(r.predicted),
-            )
-            for r in ordered
-        ]
-        # Positional tuples straight to the driver's executemany, in the same transaction
-        # handling as every other statement.
         statement = self._insert_prediction
-        self._run(lambda conn: conn.exec_driver_sql(statement, rows), write=True)
+
+        def work(conn: Connection) -> None:
+            # Ids already logged with another input: the later request is logged too, under
+            # `<id>#<digest>`, and both are marked ambiguous (the insert's ON CONFLICT marks
+            # the first). Every answered request is logged, whatever id it chose.
+            known: dict[tuple[str, str], str] = {}
+            by_model: dict[str, list[str]] = defaultdict(list)
+            for r in records:
+                by_model[r.model].append(r.request_id)
+            for model, ids in by_model.items():
+                for chunk in _chunks(list(dict.fromkeys(ids))):
+                    for rid, digest in conn.execute(_SELECT_HASHES, {"model": model, "ids": list(chunk)}):
+                        known[(model, rid)] = str(digest)
+            rows = []
+            for r in records:
+                key, rid, ambiguous = (r.model, r.request_id), r.request_id, 0
+                first = known.setdefault(key, r.input_hash)
+                if first != r.input_hash and first and r.input_hash:
+                    rid, ambiguous = f"{r.request_id}#{r.input_hash[:16]}", 1
+                rows.append(
+                    (
+                        r.model,
+                        rid,
+                        r.version,
+                        r.created,
+                        r.task,
+                        r.classes,
+                        len(r.predicted),
+                        _dumps(r.inputs),
+                        _dumps(r.outputs),
+                        _dumps(r.predicted),
+                        r.input_hash,
+                        ambiguous,
+                    )
+                )
+                if ambiguous:
+                    # The same row again under the first id: its ON CONFLICT marks the first.
+                    rows.append((*rows[-1][:1], r.request_id, *rows[-1][2:]))
+            # Sorted by key: concurrent writers then lock the rows in one order (no deadlock).
+            rows.sort(key=lambda row: (row[0], row[1]))
+            # Positional tuples straight to the driver's executemany, in the same transaction
+            # handling as every other statement.
+            conn.exec_driver_sql(statement, rows)
+
+        self._run(work, write=True)
 
     def add_feedback(
         self,
@@ -723,14 +809,18 @@ class SqlPredictionStore:
 
         def work(conn: Connection) -> FeedbackResult:
             known: dict[str, tuple[int, str, int, int, str, str]] = {}
+            ambiguous: set[str] = set()
             labelled: set[str] = set()
             for chunk in _chunks(ids):
                 params = {"model": model, "ids": list(chunk)}
-                for rid, version, task, classes, n_rows, predicted, outputs in conn.execute(
+                for rid, version, task, classes, n_rows, predicted, outputs, mixed in conn.execute(
                     _SELECT_PREDICTED, params
                 ):
                     known[rid] = (int(version), str(task), int(classes), int(n_rows), predicted, outputs)
-                labelled.update(row[0] for row in conn.execute(_SELECT_LABELLED, params))
+                    if mixed:
+                        ambiguous.add(rid)
+                # Each source labels a prediction once; other sources' labels do not block it.
+                labelled.update(rid for rid, by, _ in conn.execute(_SELECT_LABELLED, params) if by == source)
             result = FeedbackResult(source=source, quarantined=quarantined)
             rows: Counter[tuple[str, str]] = Counter()
             # The ids to insert, with their version and targets, and the fate of each
@@ -748,6 +838,10 @@ class SqlPredictionStore:
                     rows[("", "unknown")] += max(1, len(item.targets))
                     continue
                 version, task, classes, n_rows, _, _ = known[rid]
+                if rid in ambiguous:
+                    result.ambiguous[rid] = AMBIGUOUS_ID
+                    rows[(str(version), "ambiguous")] += n_rows
+                    continue
                 values, problem = check_targets(item.targets, n_rows, task, classes)
                 if problem:
                     result.invalid[rid] = problem
@@ -844,6 +938,34 @@ class SqlPredictionStore:
 
         return self._run(work, write=False)
 
+    def trusted_labels_since(self, model: str, since: float, exclude_sources: Collection[str]) -> int:
+        """Labelled rows of a model stored after ``since``, by sources not excluded nor marked quarantined.
+
+        Raises:
+            StoreUnavailable: The database cannot be reached.
+        """
+        # NOT IN () is not SQL: an impossible source name stands in for "none excluded".
+        excluded = sorted(exclude_sources) or [""]
+
+        def work(conn: Connection) -> int:
+            params = {"model": model, "since": since, "excluded": excluded}
+            return int(conn.execute(_COUNT_TRUSTED_SINCE, params).scalar_one())
+
+        return self._run(work, write=False)
+
+    def last_retrain_time(self, model: str) -> float | None:
+        """When the newest retrain report of a model was kept, or None.
+
+        Raises:
+            StoreUnavailable: The database cannot be reached.
+        """
+
+        def work(conn: Connection) -> float | None:
+            value = conn.execute(_LAST_REPORT, {"model": model}).scalar_one()
+            return None if value is None else float(value)
+
+        return self._run(work, write=False)
+
     def feedback_dataset(self, model: str) -> tuple[np.ndarray, np.ndarray]:
         """Inputs and targets of every labelled row of a model, oldest first, for retraining.
 
@@ -857,14 +979,18 @@ class SqlPredictionStore:
         Raises:
             StoreUnavailable: The database cannot be reached.
         """
-        x, y, _ = self.feedback_rows(model)
+        x, y, _, _ = self.feedback_rows(model)
         return x, y
 
-    def feedback_rows(self, model: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """:meth:`feedback_dataset` with each row's labeler source, oldest first.
+    def feedback_rows(self, model: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """:meth:`feedback_dataset` with each row's labeler source and request id, oldest first.
+
+        A prediction labelled by several sources has one row per source (the caller keeps
+        the trusted ones); predictions whose id is ambiguous have none.
 
         Returns:
-            ``(x, y, sources)``; ``sources`` is a ``[n]`` array of ``str``.
+            ``(x, y, sources, request_ids)``; ``sources`` and ``request_ids`` are ``[n]``
+            arrays of ``str``.
 
         Raises:
             StoreUnavailable: The database cannot be reached.
@@ -877,26 +1003,35 @@ class SqlPredictionStore:
         xs: list[list[float]] = []
         ys: list[int | float] = []
         sources: list[str] = []
+        rids: list[str] = []
         classifier = True
-        for inputs, targets, task, source in fetched:
+        for inputs, targets, task, source, rid in fetched:
             rows, values = orjson.loads(inputs), orjson.loads(targets)
             if len(rows) != len(values):
                 continue
             xs.extend(rows)
             ys.extend(values)
             sources.extend([str(source)] * len(rows))
+            # One key per labelled row: "<request id>/<row>", so one prediction's rows stay apart.
+            rids.extend(f"{rid}/{i}" for i in range(len(rows)))
             classifier = task in CLASSIFIER_TASKS
         if not xs:
             return (
                 np.zeros((0, 0), np.float32),
                 np.zeros((0,), np.int64 if classifier else np.float32),
                 np.zeros((0,), dtype=object),
+                np.zeros((0,), dtype=object),
             )
         width = len(xs[-1])
         keep = [i for i, row in enumerate(xs) if len(row) == width]
         x = np.asarray([xs[i] for i in keep], dtype=np.float32)
         y = np.asarray([ys[i] for i in keep], dtype=np.int64 if classifier else np.float32)
-        return x, y, np.asarray([sources[i] for i in keep], dtype=object)
+        return (
+            x,
+            y,
+            np.asarray([sources[i] for i in keep], dtype=object),
+            np.asarray([rids[i] for i in keep], dtype=object),
+        )
 
     def source_stats(self, model: str) -> list[SourceStat]:
         """Per source and champion version: how many labels named which class for which prediction.
@@ -1139,6 +1274,21 @@ def _upgrade(conn: Connection) -> None:
         if column not in {c["name"] for c in inspector.get_columns(table)}:
             logger.info("upgrading the store: adding %s.%s", table, column)
             conn.execute(sa.text(f"ALTER TABLE {table} ADD COLUMN {column} {definition}"))
+    if "source" not in inspector.get_pk_constraint("feedback").get("constrained_columns", []):
+        # One label per prediction before: rebuild with one per (prediction, source). Every
+        # stored row fits the wider key, so nothing is lost.
+        logger.info("upgrading the store: feedback keeps one label per source")
+        conn.execute(sa.text(_FEEDBACK_TABLE.format(name="feedback_upgrade")))
+        conn.execute(
+            sa.text(
+                f"INSERT INTO feedback_upgrade ({_FEEDBACK_COLUMNS}) SELECT {_FEEDBACK_COLUMNS} FROM feedback"
+            )
+        )
+        conn.execute(sa.text("DROP TABLE feedback"))
+        conn.execute(sa.text("ALTER TABLE feedback_upgrade RENAME TO feedback"))
+        conn.execute(
+            sa.text("CREATE INDEX IF NOT EXISTS feedback_version ON feedback (model, version, created)")
+        )
     had_stats = inspector.has_table(_STATS_TABLE)
     for statement in _SCHEMA_AFTER_COLUMNS:
         conn.execute(statement)

@@ -149,8 +149,8 @@ class AlertResult:
         alertname: The alert.
         model: The model it names, if any.
         result: ``started``, ``resolved``, ``duplicate``, ``cooldown (N s left)``,
-            ``not a retrain alert``, ``no model label``, ``unknown model`` or
-            ``trigger failed: <why>``.
+            ``not a retrain alert``, ``no model label``, ``unknown model``,
+            ``skipped: <why>`` (no new trusted labels) or ``trigger failed: <why>``.
     """
 
     alertname: str
@@ -171,6 +171,8 @@ class AlertHandler:
         model_exists: Whether the repository holds a model of that name.
         on_trigger_failed: Called with the model when the trigger cannot start a run
             (counted as a ``failed`` retrain by the composition root). Defaults to None.
+        gate: ``(model, alertname) -> why not`` (None to go on), asked before the policy:
+            a drift alert with no new trusted labels starts nothing. Defaults to None.
     """
 
     def __init__(
@@ -180,7 +182,9 @@ class AlertHandler:
         model_exists: Callable[[str], bool],
         *,
         on_trigger_failed: Callable[[str], None] | None = None,
+        gate: Callable[[str, str], str | None] | None = None,
     ) -> None:
+        self._gate = gate
         self.policy = policy
         self.trigger = trigger
         self._model_exists = model_exists
@@ -207,6 +211,8 @@ class AlertHandler:
         if not self._model_exists(alert.model):
             logger.warning("alert %s names unknown model %r: ignored", alert.alertname, alert.model)
             return "unknown model"
+        if self._gate is not None and (why := self._gate(alert.model, alert.alertname)):
+            return f"skipped: {why}"
         decision = self.policy.should_retrain(
             alert.model, alert.alertname, (alert.group_key, alert.starts_at)
         )

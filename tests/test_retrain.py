@@ -41,9 +41,9 @@ class FakeFeedback:
         self.calls: list[str] = []
         self.reports: list[tuple[str, str, str, dict]] = []
 
-    def feedback_rows(self, model: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def feedback_rows(self, model: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         self.calls.append(model)
-        return self.x, self.y, self.sources
+        return self.x, self.y, self.sources, np.asarray([f"r{i}/0" for i in range(len(self.y))], dtype=object)
 
     def record_retrain(self, model: str, run_id: str, outcome: str, report: dict) -> None:
         self.reports.append((model, run_id, outcome, report))

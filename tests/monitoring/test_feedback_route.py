@@ -273,6 +273,7 @@ async def test_a_quarantined_source_is_stored_marked_and_reported(
         "unknown": [],
         "duplicate": [],
         "invalid": {},
+        "ambiguous": {},
         "source": "team-a",
         "quarantined": True,
     }

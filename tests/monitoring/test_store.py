@@ -86,6 +86,67 @@ def test_feedback_joins_by_request_id(store: PredictionStore):
     assert store.add_feedback("other", [FeedbackItem("a", [0, 1, 5])]).unknown == ["a"]
 
 
+def test_every_source_keeps_its_own_label_and_the_first_trusted_one_counts(store: PredictionStore):
+    store.record([rec("a"), rec("b")])
+    # mallory labels first; alice's labels of the same predictions are still stored.
+    assert store.add_feedback(
+        "digits", [FeedbackItem("a", [8]), FeedbackItem("b", [8])], source="mallory"
+    ).accepted
+    later = store.add_feedback("digits", [FeedbackItem("a", [0]), FeedbackItem("b", [1])], source="alice")
+    assert later.accepted == ["a", "b"] and later.duplicate == []
+    again = store.add_feedback("digits", [FeedbackItem("a", [5])], source="alice")
+    assert again.accepted == [] and again.duplicate == ["a"]
+    assert set(store.label_sources("digits")) == {"mallory", "alice"}
+    # Accuracy: one label per prediction, the first from a source that is not excluded.
+    assert sorted(r.target for r in store.recent_labelled("digits", 1, 10)) == [8, 8]
+    trusted = store.recent_labelled("digits", 1, 10, exclude_sources={"mallory"})
+    assert sorted(r.target for r in trusted) == [0, 1]
+    # Training sees every label with its source and one key per labelled row.
+    _, y, sources, keys = store.feedback_rows("digits")
+    assert sorted(zip(sources.tolist(), y.tolist(), strict=True)) == [
+        ("alice", 0),
+        ("alice", 1),
+        ("mallory", 8),
+        ("mallory", 8),
+    ]
+    assert sorted(set(keys.tolist())) == ["a/0", "b/0"]
+
+
+def test_a_reused_request_id_is_logged_twice_and_its_labels_refused(store: PredictionStore):
+    first = PredictionRecord(
+        "order-18", "digits", 1, time.time(), [[16.0] * 2], [[0.1] * 10], [0], input_hash="aa" * 16
+    )
+    retry = PredictionRecord(
+        "order-18", "digits", 1, time.time(), [[16.0] * 2], [[0.1] * 10], [0], input_hash="aa" * 16
+    )
+    other = PredictionRecord(
+        "order-18", "digits", 1, time.time(), [[2.0] * 2], [[0.1] * 10], [1], input_hash="bb" * 16
+    )
+    fine = PredictionRecord(
+        "order-19", "digits", 1, time.time(), [[3.0] * 2], [[0.1] * 10], [3], input_hash="cc" * 16
+    )
+    store.record([first, fine])
+    store.record([retry])  # a retry with the same input stays one prediction
+    ok = store.add_feedback("digits", [FeedbackItem("order-19", [3])])
+    assert ok.accepted == ["order-19"]
+    store.record([other])  # the same id with another input: both logged, the id is ambiguous
+    result = store.add_feedback("digits", [FeedbackItem("order-18", [2])])
+    assert result.accepted == [] and "different inputs" in result.ambiguous["order-18"]
+    assert result.rows == {("1", "ambiguous"): 1}
+    # The later request was logged under a key of its own, and nothing joins to it either.
+    _, y, _, keys = store.feedback_rows("digits")
+    assert keys.tolist() == ["order-19/0"] and y.tolist() == [3]
+    # In one batch too: the first and the second are told apart.
+    a = PredictionRecord(
+        "dup", "digits", 1, time.time(), [[1.0] * 2], [[0.1] * 10], [1], input_hash="dd" * 16
+    )
+    b = PredictionRecord(
+        "dup", "digits", 1, time.time(), [[9.0] * 2], [[0.1] * 10], [9], input_hash="ee" * 16
+    )
+    store.record([a, b])
+    assert store.add_feedback("digits", [FeedbackItem("dup", [1])]).ambiguous
+
+
 def test_a_duplicate_label_never_overwrites_the_first(store: PredictionStore):
     store.record([rec("a")])
     assert store.add_feedback("digits", [FeedbackItem("a", [3])]).accepted == ["a"]
@@ -523,26 +584,37 @@ def test_labels_keep_their_source_and_per_source_counts(store: PredictionStore):
     assert first.rows == {("1", "accepted"): 2, ("", "unknown"): 1}
     marked = store.add_feedback("digits", [FeedbackItem("b", [5])], source="mallory", quarantined=True)
     assert marked.quarantined and marked.rows == {("1", "quarantined"): 1}
+    # Another source labels "a" too: its label is kept beside mallory's, not refused.
     again = store.add_feedback("digits", [FeedbackItem("c", [1]), FeedbackItem("a", [3, 3])])
-    assert again.source == "anonymous" and again.rows == {("1", "accepted"): 1, ("1", "duplicate"): 2}
+    assert again.source == "anonymous" and again.rows == {("1", "accepted"): 3}
     stats = sorted(
         (s.source, s.predicted, s.target, s.confidence, s.labels) for s in store.source_stats("digits")
     )
     # 0.9 in float32 must still read as 90 %.
     assert stats == [
         ("anonymous", 1, 1, 90, 1),
+        ("anonymous", 3, 3, 97, 2),
         ("mallory", 3, 3, 97, 1),
         ("mallory", 3, 8, 97, 1),
         ("mallory", 5, 5, 55, 1),
     ]
     sources = store.label_sources("digits")
     assert sources["mallory"].labels == 3 and sources["mallory"].quarantined_labels == 1
-    assert sources["mallory"].requests == 2 and sources["anonymous"].labels == 1
-    _, y, who = store.feedback_rows("digits")
-    assert y.tolist() == [8, 3, 5, 1] and who.tolist() == ["mallory", "mallory", "mallory", "anonymous"]
+    assert sources["mallory"].requests == 2 and sources["anonymous"].labels == 3
+    _, y, who, keys = store.feedback_rows("digits")
+    assert y.tolist() == [8, 3, 5, 3, 3, 1]
+    assert who.tolist() == ["mallory"] * 3 + ["anonymous"] * 3
+    assert keys.tolist() == ["a/0", "a/1", "b/0", "a/0", "a/1", "c/0"]
+    # With mallory left out, "a" counts with the anonymous labels, not mallory's first ones.
     trusted = store.recent_labelled("digits", 1, 10, exclude_sources={"mallory"})
-    assert [(r.predicted, r.target) for r in trusted] == [(1, 1)]
-    assert len(store.recent_labelled("digits", 1, 10)) == 4
+    assert sorted((r.predicted, r.target) for r in trusted) == [(1, 1), (3, 3), (3, 3)]
+    # Without exclusions, each prediction counts once, with its first label.
+    assert sorted((r.predicted, r.target) for r in store.recent_labelled("digits", 1, 10)) == [
+        (1, 1),
+        (3, 3),
+        (3, 8),
+        (5, 5),
+    ]
 
 
 def test_gate_reports_are_kept_newest_first(store: PredictionStore):
@@ -581,7 +653,7 @@ def test_a_database_of_an_older_version_is_upgraded_in_place(store_url: str):
     store = open_store(store_url)
     try:
         # The old label is there, under the source unauthenticated labels get, and counted.
-        _, y, sources = store.feedback_rows("digits")
+        _, y, sources, _ = store.feedback_rows("digits")
         assert y.tolist() == [0, 7] and sources.tolist() == ["anonymous", "anonymous"]
         stats = sorted((s.source, s.predicted, s.target, s.confidence) for s in store.source_stats("digits"))
         assert stats == [("anonymous", 0, 0, 99), ("anonymous", 1, 7, 99)]
@@ -589,12 +661,16 @@ def test_a_database_of_an_older_version_is_upgraded_in_place(store_url: str):
         store.record([rec("new")])
         assert store.add_feedback("digits", [FeedbackItem("new", [0])], source="team-a").accepted == ["new"]
         assert set(store.label_sources("digits")) == {"anonymous", "team-a"}
+        # The old prediction now takes a second source's label beside the first one.
+        assert store.add_feedback("digits", [FeedbackItem("old", [0, 1])], source="team-b").accepted == [
+            "old"
+        ]
     finally:
         store.close()
     # A second opening finds nothing left to upgrade and counts nothing twice.
     store = open_store(store_url)
     try:
-        assert sum(s.labels for s in store.source_stats("digits")) == 3
+        assert sum(s.labels for s in store.source_stats("digits")) == 5
     finally:
         store.close()
 

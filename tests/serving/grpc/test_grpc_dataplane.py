@@ -40,6 +40,8 @@ from ..edge_support import MIB, grpc_channel, model_infer_request, run_client_sc
 
 TESTDATA = Path(__file__).resolve().parents[2] / "testdata"
 TRITON_SCRIPT = Path(__file__).with_name("tritonclient_grpc_check.py")
+# The repository index is an admin RPC: tritonclient sends the token as a header.
+TRITON_ADMIN = "triton-admin-token"
 ROWS = np.array(
     json.loads((TESTDATA / "tfserving-predict-request.json").read_text())["instances"], np.float32
 )
@@ -64,7 +66,7 @@ async def served(digits_repo: Path) -> AsyncIterator[tuple[Served, DataPlane]]:
     # Large enough that a >4 MiB request is one legal batch.
     batching = {"max_batch_size": BIG_ROWS, "batch_timeout_micros": 0}
     async with (
-        serve(digits_repo, real_runtimes=True, batching=batching) as stack,
+        serve(digits_repo, real_runtimes=True, batching=batching, admin_token=TRITON_ADMIN) as stack,
         grpc_channel(stack) as (port, channel),
     ):
         yield Served(port, channel, stack.prometheus), stack.dataplane
@@ -339,6 +341,6 @@ async def test_tritonclient_grpc(served, tmp_path: Path, onnx_probabilities: np.
     s, _ = served
     pixels_path = tmp_path / "pixels.npy"
     np.save(pixels_path, ROWS)
-    await run_client_script(str(TRITON_SCRIPT), str(s.port), str(pixels_path))
+    await run_client_script(str(TRITON_SCRIPT), str(s.port), str(pixels_path), TRITON_ADMIN)
     got = np.load(str(pixels_path) + ".out.npy")
     np.testing.assert_allclose(got, onnx_probabilities, rtol=1e-5, atol=1e-6)

@@ -1,4 +1,4 @@
-"""Runs in .venv-clients (tritonclient 2.73): ``python tritonclient_grpc_check.py PORT PIXELS_NPY``.
+"""Runs in .venv-clients (tritonclient 2.73): ``python tritonclient_grpc_check.py PORT NPY TOKEN``.
 
 Talks to our gRPC server over the real DataPlane serving ``digits`` version 1, with
 tritonclient's own generated stubs (which is why it runs in another process: two copies
@@ -25,7 +25,7 @@ def expect_error(call: object, status: str, fragment: str) -> None:
     raise AssertionError(f"expected {status}")
 
 
-def main(port: str, pixels_path: str) -> None:
+def main(port: str, pixels_path: str, admin_token: str) -> None:
     client = grpcclient.InferenceServerClient(f"127.0.0.1:{port}")
     assert client.is_server_live() and client.is_server_ready()
     assert client.is_model_ready("digits") and client.is_model_ready("digits", "1")
@@ -36,13 +36,15 @@ def main(port: str, pixels_path: str) -> None:
     assert meta["versions"] == ["1"], meta
     config = client.get_model_config("digits", as_json=True)["config"]
     assert config["name"] == "digits" and config["input"][0]["data_type"] == "TYPE_FP32", config
-    index = client.get_model_repository_index(as_json=True)
+    expect_error(lambda: client.get_model_repository_index(as_json=True), "UNAUTHENTICATED", "admin token")
+    admin = {"authorization": f"Bearer {admin_token}"}
+    index = client.get_model_repository_index(headers=admin, as_json=True)
     entry = index["models"][0]
     assert (entry["name"], entry["version"], entry["state"]) in {
         ("digits", "1", "READY"),
         ("digits", "1", "AVAILABLE"),
     }, index
-    assert client.get_model_repository_index(as_json=True) == index
+    assert client.get_model_repository_index(headers=admin, as_json=True) == index
 
     x = np.load(pixels_path)
     pixels = grpcclient.InferInput("pixels", list(x.shape), "FP32")
@@ -76,4 +78,4 @@ def main(port: str, pixels_path: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2])
+    main(sys.argv[1], sys.argv[2], sys.argv[3])
