@@ -38,7 +38,9 @@ def _alert(starts_at: str, name: str = "ModelDriftDetected") -> Any:
 
 
 def _predict(store: PredictionStore, rid: str) -> None:
-    store.record([PredictionRecord(rid, "digits", 1, time.time(), [[1.0]], [[0.9, 0.1]], [0], input_hash=rid)])
+    store.record(
+        [PredictionRecord(rid, "digits", 1, time.time(), [[1.0]], [[0.9, 0.1]], [0], input_hash=rid)]
+    )
 
 
 async def test_a_drift_alert_without_new_trusted_labels_starts_no_retrain(store: PredictionStore) -> None:
