@@ -56,6 +56,7 @@ from modelloop.serving.grpc.server import bind_grpc_server, create_grpc_server, 
 from modelloop.serving.metrics import ServingMetrics, multiprocess_registry
 from modelloop.serving.mirror import MirroredRepository
 from modelloop.serving.observer import InferenceObserver
+from modelloop.serving.predlog import PredictionLogger, repository_columns
 from modelloop.serving.registry import ModelRegistry
 from modelloop.serving.repository import ModelRepository
 from modelloop.serving.rest.app import StatusColumns, create_app
@@ -201,6 +202,7 @@ class ModelServer:
         self.models = ModelRegistry(repository, settings, metrics=self.metrics, rollouts=self.rollouts)
         self.rollout_controller: RolloutController | None = None
         self.monitoring: MonitoringService | None = None
+        self.prediction_logger: PredictionLogger | None = None
         leader = role is None or role.leader
         if monitoring is not None and monitoring.enabled:
             try:
@@ -210,13 +212,24 @@ class ModelServer:
                     catalog=self.models,
                     registry=self.prometheus,
                     prune=leader,
-                    # The other workers' writers linger this long before they commit.
-                    peer_wait_s=0.0 if role is None else 0.25,
+                    # One reader of the log per store: the only process, or worker 0.
+                    reads_log=leader,
                 )
             except StoreUnavailable as exc:
                 raise ServerError(f"cannot open the monitoring store: {exc.message}") from exc
-            observer = observer if observer is not None else self.monitoring.observer
             service = self.monitoring
+            if service.log is not None:
+                # The request path only buffers; the log's reader converts and analyses.
+                dropped = service.metrics.dropped
+                self.prediction_logger = PredictionLogger(
+                    service.log,
+                    columns=repository_columns(settings.repo),
+                    sample=lambda model: self.models.model_config(model).log_sample,
+                    on_drop=lambda model, count: dropped.labels(model=model).inc(count),
+                    queue_size=monitoring.queue_size,
+                )
+                service.before_flush = self.prediction_logger.flush
+            observer = observer if observer is not None else (self.prediction_logger or service.observer)
             self.rollout_controller = RolloutController(
                 service.store,
                 self.models,
@@ -346,6 +359,8 @@ class ModelServer:
                 logger.warning(
                     "rollouts: cannot read their state (%s); new versions wait for it", exc.message
                 )
+        if self.prediction_logger is not None:
+            self.prediction_logger.start()
         await self.dataplane.start()
         if self.monitoring is not None:
             await self.monitoring.start()
@@ -391,8 +406,11 @@ class ModelServer:
             await self.retraining.close()
         if self.rollout_controller is not None:
             await self.rollout_controller.stop()
+        if self.prediction_logger is not None:
+            # After the drain: every answered request goes to the log...
+            await asyncio.to_thread(self.prediction_logger.stop)
         if self.monitoring is not None:
-            # After the drain: every answered request is logged before the store closes.
+            # ...and is read from it before the store closes.
             await self.monitoring.stop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(sig)

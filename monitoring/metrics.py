@@ -132,6 +132,11 @@ class MonitoringMetrics:
             ["model", "reason"],
             registry=registry,
         )
+        self.log_segments_skipped = Counter(
+            "modelloop_log_segments_skipped",
+            "Prediction log segments the control plane could not decode (another version wrote them).",
+            registry=registry,
+        )
         self.dropped = Counter(
             "modelloop_monitoring_dropped",
             "Answered requests that were not logged: queue full or store unavailable.",

@@ -32,7 +32,6 @@ observer.stop()
 from __future__ import annotations
 
 import collections
-import hashlib
 import logging
 import threading
 import time
@@ -46,6 +45,7 @@ import numpy as np
 from modelloop.monitoring.metrics import MonitoringMetrics
 from modelloop.monitoring.store import PredictionRecord, PredictionStore, StoreUnavailable
 from modelloop.monitoring.window import WindowSet
+from modelloop.serving.predlog import input_digest
 from modelloop.serving.types import InferRequest, InferResponse
 
 logger = logging.getLogger(__name__)
@@ -84,15 +84,6 @@ def predicted_values(outputs: np.ndarray, task: str) -> np.ndarray:
     if outputs.shape[1] == 1:
         return (outputs[:, 0] >= 0.5).astype(np.int64)
     return outputs.argmax(axis=1).astype(np.int64)
-
-
-def input_digest(x: np.ndarray) -> str:
-    """A digest of one request's input rows: equal for a retry, different for another input."""
-    if x.dtype.kind in "iufb":
-        data = np.ascontiguousarray(x).tobytes()
-    else:
-        data = b"\x00".join(v if isinstance(v, bytes) else str(v).encode() for v in x.reshape(-1).tolist())
-    return hashlib.blake2b(data, digest_size=16).hexdigest()
 
 
 def write_span(batch: list[Any], traced: list[Any]) -> Any:
@@ -300,7 +291,31 @@ class MonitoringObserver:
             if self._stopping:
                 return
 
-    def _process(self, batch: list[Any]) -> None:
+    def write(self, batch: list[Any]) -> int:
+        """Stores a batch of answered requests, then adds their rows to the drift windows.
+
+        The control plane's path (:class:`~modelloop.monitoring.ingest.LogIngest`): the
+        windows take the rows only once the store has them, so a batch that is retried
+        after an outage is not counted twice.
+
+        Args:
+            batch: ``(model, version, request_id, time, inputs, outputs, trace[, digest])``
+                tuples.
+
+        Returns:
+            Requests stored.
+
+        Raises:
+            StoreUnavailable: The store cannot be written; nothing was added.
+        """
+        records, windows = self._convert_all(batch)
+        if records:
+            self.store.record(records)
+        for model, version, rows, predicted, out in windows:
+            self.windows.add(model, version, rows, predicted, out)
+        return len(records)
+
+    def _convert_all(self, batch: list[Any]) -> tuple[list[PredictionRecord], list[tuple[Any, ...]]]:
         # One conversion per model version and batch, not per request: the rows of every
         # request of a version are stacked, cast and scored with a few array operations,
         # and the drift window takes them in one call.
@@ -308,11 +323,20 @@ class MonitoringObserver:
         for item in batch:
             groups.setdefault((item[0], item[1]), []).append(item)
         records: list[PredictionRecord] = []
+        windows: list[tuple[Any, ...]] = []
         for (model, version), items in groups.items():
             try:
-                records.extend(self._convert(model, version, items))
+                records.extend(self._convert(model, version, items, windows))
             except Exception:
                 logger.exception("cannot log %d requests of model %s version %s", len(items), model, version)
+        return records, windows
+
+    def _process(self, batch: list[Any]) -> None:
+        records, windows = self._convert_all(batch)
+        # The direct path fills the windows whatever the store does: drift keeps working
+        # while the database is down.
+        for model, version, rows, predicted, out in windows:
+            self.windows.add(model, version, rows, predicted, out)
         if not records:
             return
         try:
@@ -326,10 +350,13 @@ class MonitoringObserver:
                 self._last_warning = now
                 logger.warning("prediction log unavailable, %d requests not logged: %s", len(records), exc)
 
-    def _convert(self, model: str, version: int, items: list[Any]) -> list[PredictionRecord]:
+    def _convert(
+        self, model: str, version: int, items: list[Any], windows: list[tuple[Any, ...]]
+    ) -> list[PredictionRecord]:
         info = self.describe(model, version)
         picked: list[tuple[str, float, np.ndarray, np.ndarray, str]] = []
-        for _, _, rid, created, inputs, outputs, _ in items:
+        for item in items:
+            rid, created, inputs, outputs = item[2], item[3], item[4], item[5]
             x = inputs.get(info.input_name) if info.input_name else None
             if x is None:
                 x = next(iter(inputs.values()), None)
@@ -345,7 +372,8 @@ class MonitoringObserver:
             # String inputs (BYTES) have no features to bin: the prediction is logged with
             # no input columns, so accuracy, prediction drift and the estimate still work.
             rows = x.reshape(n, -1) if x.dtype.kind in "iufb" else np.zeros((n, 0))
-            picked.append((rid, created, rows, y.reshape(n, -1), input_digest(x)))
+            digest = item[7] if len(item) > 7 else input_digest(x)
+            picked.append((rid, created, rows, y.reshape(n, -1), digest))
         if not picked:
             return []
         widths = {(x.shape[1], y.shape[1]) for _, _, x, y, _ in picked}
@@ -353,9 +381,9 @@ class MonitoringObserver:
             # Variable-width inputs: the rows cannot share one array; convert each alone.
             records: list[PredictionRecord] = []
             for one in picked:
-                records.extend(self._records(model, version, info, [one]))
+                records.extend(self._records(model, version, info, [one], windows))
             return records
-        return self._records(model, version, info, picked)
+        return self._records(model, version, info, picked, windows)
 
     def _records(
         self,
@@ -363,11 +391,12 @@ class MonitoringObserver:
         version: int,
         info: VersionInfo,
         picked: list[tuple[str, float, np.ndarray, np.ndarray, str]],
+        windows: list[tuple[Any, ...]],
     ) -> list[PredictionRecord]:
         rows = np.concatenate([x for _, _, x, _, _ in picked]).astype(np.float64)
         out = np.concatenate([y for _, _, _, y, _ in picked]).astype(np.float64)
         predicted = predicted_values(out, info.task) if out.shape[1] else None
-        self.windows.add(model, version, rows, predicted, out)
+        windows.append((model, version, rows, predicted, out))
         # Contiguous, so that each record's slice serialises as an array (orjson needs C order).
         sample = np.ascontiguousarray(rows[:, : self.sample_features])
         empty = np.zeros(0, dtype=np.int64)

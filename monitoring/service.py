@@ -56,9 +56,11 @@ from modelloop.monitoring.drift import DriftDetector, DriftReport
 from modelloop.monitoring.estimation import AccuracyEstimator, EstimateReport
 from modelloop.monitoring.histogram import FeatureHistogram, feature_histograms
 from modelloop.monitoring.history import TrafficMeter, TrafficReport, history_point
+from modelloop.monitoring.ingest import LogIngest
 from modelloop.monitoring.metrics import MonitoringMetrics
 from modelloop.monitoring.observer import MonitoringObserver, VersionInfo
 from modelloop.monitoring.policy import NewLabelsGate
+from modelloop.monitoring.predlog_store import SqlPredictionLog
 from modelloop.monitoring.quality import QualityChecker, QualityReport
 from modelloop.monitoring.quarantine import SourceVerdict, assess_sources, champion_of
 from modelloop.monitoring.settings import (
@@ -72,6 +74,7 @@ from modelloop.monitoring.store import (
     FeedbackItem,
     FeedbackResult,
     PredictionStore,
+    SqlPredictionStore,
     StoreUnavailable,
     open_store,
 )
@@ -183,6 +186,9 @@ class MonitoringService:
         peer_wait_s: With several workers logging to one store, a label may arrive at one
             worker for a prediction another worker still holds in its buffer; such ids are
             looked up once more after this wait. Defaults to 0 (one process: no wait).
+        reads_log: Whether this service reads the prediction log (the control plane:
+            one process per store). Others only join labels to what it stored. Defaults
+            to False.
 
     Raises:
         StoreUnavailable: The default SQLite store cannot be opened.
@@ -204,6 +210,7 @@ class MonitoringService:
         store: PredictionStore | None = None,
         prune: bool = True,
         peer_wait_s: float = 0.0,
+        reads_log: bool = False,
     ) -> None:
         self.settings = settings
         self.prune = prune
@@ -229,6 +236,19 @@ class MonitoringService:
             queue_size=settings.queue_size,
             sample_features=settings.sample_features,
         )
+        # The prediction log the servers write (SQL stores): read here when this service
+        # is the control plane, and waited for before a label is joined.
+        self.log: SqlPredictionLog | None = (
+            SqlPredictionLog(self.store) if isinstance(self.store, SqlPredictionStore) else None
+        )
+        self.ingest: LogIngest | None = (
+            LogIngest(self.log, self.observer, self.metrics, prune=prune)
+            if reads_log and self.log is not None
+            else None
+        )
+        # Set by the composition root to the local logger's flush, so that a label posted
+        # right after its prediction finds it.
+        self.before_flush: Callable[[float], bool] | None = None
         self._versions: dict[tuple[str, int], _VersionState] = {}
         self._reports: dict[tuple[str, int], EvaluationReport] = {}
         self._listeners: list[Listener] = []
@@ -650,7 +670,7 @@ class MonitoringService:
         Raises:
             StoreUnavailable: The store cannot be reached; nothing was stored.
         """
-        if not self.observer.flush(timeout=5.0):
+        if not self.catch_up(timeout=5.0):
             logger.warning("feedback for %s: the prediction log is behind; recent ids may be unknown", model)
         quarantined = source in self.quarantined_sources(model)
         result = self.store.add_feedback(model, items, source=source, quarantined=quarantined)
@@ -680,6 +700,32 @@ class MonitoringService:
             self.metrics.feedback.labels(model, version, source, outcome).inc(rows)
         return result
 
+    def catch_up(self, timeout: float = 5.0) -> bool:
+        """Waits until every prediction answered before this call is stored (blocking).
+
+        The local logger writes what it holds, then the log is read up to its end (by this
+        service when it reads the log, else by the control plane: the cursor is watched).
+
+        Returns:
+            Whether it was, in time.
+        """
+        deadline = time.monotonic() + timeout
+        done = self.observer.flush(timeout=timeout)
+        if self.before_flush is not None:
+            done = self.before_flush(max(deadline - time.monotonic(), 0.0)) and done
+        if self.ingest is not None:
+            return self.ingest.catch_up(max(deadline - time.monotonic(), 0.0)) and done
+        if self.log is not None:
+            try:
+                target = self.log.last()
+                while self.log.cursor() < target:
+                    if time.monotonic() >= deadline:
+                        return False
+                    time.sleep(0.05)
+            except StoreUnavailable:
+                return False
+        return done
+
     async def submit_feedback(
         self, model: str, items: Sequence[FeedbackItem], source: str = ANONYMOUS_SOURCE
     ) -> FeedbackResult:
@@ -689,8 +735,10 @@ class MonitoringService:
     # -- lifecycle -------------------------------------------------------------------
 
     async def start(self) -> None:
-        """Starts the observer's worker thread and the evaluation loop."""
+        """Starts the observer's worker thread, the log reader and the evaluation loop."""
         self.observer.start()
+        if self.ingest is not None:
+            self.ingest.start()
         if self._task is None:
             self._task = asyncio.create_task(self._loop(), name="monitoring-evaluator")
 
@@ -712,4 +760,8 @@ class MonitoringService:
                 await self._task
             self._task = None
         await asyncio.to_thread(self.observer.stop)
+        if self.ingest is not None:
+            # What the servers logged before they stopped is stored before the store closes.
+            await asyncio.to_thread(self.ingest.catch_up, 5.0)
+            await asyncio.to_thread(self.ingest.stop)
         self.store.close()

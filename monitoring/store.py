@@ -4,8 +4,10 @@ Every answered request is logged with its request id, model, version, time, a bo
 sample of its inputs, its outputs and its predicted classes or values. Feedback labels are
 joined to those predictions by ``(model, request_id)``. A label is committed (and, on
 SQLite, fsynced: WAL with ``synchronous=FULL``) before :meth:`PredictionStore.add_feedback`
-returns, so a label acknowledged to a client survives ``kill -9``. The first label of a
-prediction is final: a duplicate never overwrites it.
+returns, so a label acknowledged to a client survives ``kill -9``. Each source labels a
+prediction once (a duplicate never overwrites its first label), and several sources'
+labels of one prediction are all kept; accuracy counts the first trusted one. A request id
+that answered two different inputs is ambiguous: both are logged, and no label joins them.
 
 Each label keeps its source (the labeler its token named, ``anonymous`` without
 authentication) and whether that source was quarantined when the label arrived. In the
@@ -688,6 +690,23 @@ class SqlPredictionStore:
                     conn.execute(statement)
                 _upgrade(conn)
             self._schema_ready = True
+
+    def transaction(self, work: Callable[[Connection], T], *, write: bool) -> T:
+        """Runs ``work(connection)`` in one transaction of this store's engine.
+
+        The engine every store of the control plane shares: each kind of data (the
+        prediction log, ...) keeps its own SQL in its own module and runs it here, with
+        the same pooling, SQLite locking and error mapping.
+
+        Raises:
+            StoreUnavailable: The store is closed, or the database failed.
+        """
+        return self._run(work, write=write)
+
+    @property
+    def dialect(self) -> str:
+        """The database: ``sqlite`` or ``postgresql``."""
+        return str(self._engine.dialect.name)
 
     def _run(self, work: Callable[[Connection], T], *, write: bool) -> T:
         """Runs ``work(connection)`` in one transaction, committed before it returns.

@@ -468,9 +468,9 @@ class DataPlane:
             self._leave()
             if tracing.TRACER is not None:
                 tracing.finished(decode, code)
-            self.metrics.observe_request(
-                self._model_label(model), version, decoder.protocol, code, time.perf_counter() - start
-            )
+            seconds = time.perf_counter() - start
+            self.metrics.observe_request(self._model_label(model), version, decoder.protocol, code, seconds)
+        response.seconds = seconds
         try:
             self.observer.observe(request, response)
         except Exception:  # monitoring must never fail a request that succeeded

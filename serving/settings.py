@@ -180,6 +180,8 @@ class ModelConfig(BaseModel):
     refuse_nan: bool = False
     """Refuse requests whose float inputs hold NaN or ±Inf (400 / INVALID_ARGUMENT); by
     default they are served, and monitoring counts them as missing values."""
+    log_sample: float = Field(default=1.0, ge=0.0, le=1.0)
+    """Share of answered requests written to the prediction log (1 = every one, 0 = none)."""
 
     @field_validator("version_labels")
     @classmethod

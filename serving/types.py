@@ -121,6 +121,7 @@ class InferResponse:
         outputs: Output tensors by name, in the model's output order.
         id: The request id.
         parameters: OIP response parameters.
+        seconds: How long the data plane took, from the decoded request to the answer.
     """
 
     model: str
@@ -128,6 +129,7 @@ class InferResponse:
     outputs: dict[str, np.ndarray]
     id: str = ""
     parameters: dict[str, Any] = field(default_factory=dict)
+    seconds: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)

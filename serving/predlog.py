@@ -1,0 +1,473 @@
+"""The prediction logger: what serving hands to the prediction log, and the log's record format.
+
+The serving process answers; whatever watches its answers (drift, accuracy, the label-free
+estimate, rollout judging, retraining) reads the prediction log elsewhere, in the control
+plane (``modelloop monitor``, see ARCHITECTURE.md). This module is serving's whole part:
+
+- :meth:`PredictionLogger.observe` runs on the request path, once per answered request. It
+  takes a per-model sample (``"log_sample"`` in ``config.json``), appends a reference to the
+  request's tensors to a bounded buffer and returns: no conversion, no lock, no I/O. A full
+  buffer drops the request and counts it (``modelloop_monitoring_dropped_total``).
+- One writer thread wakes every ``flush_interval_s`` and turns everything buffered into one
+  segment: an Arrow IPC stream holding one record batch per model version, one row per
+  predicted row (:data:`LOG_SCHEMA`), built with a few array operations per batch. The
+  segment goes to the sink (:class:`PredictionLogSink`: a SQL table, or objects in a
+  bucket). A sink that fails keeps the segments in memory up to ``max_pending_segments``
+  and retries; past that bound the oldest are dropped, counted, and logged once per
+  interval. Nothing blocks a request.
+
+The format is plain Arrow, so pandas, DuckDB and Spark read the log as it is; ``modelloop
+log export`` writes it as Parquet.
+
+Example:
+
+```python
+logger = PredictionLogger(sink, columns=lambda m, v: LogColumns("pixels", "probabilities"))
+logger.start()
+dataplane = DataPlane(registry, metrics, observer=logger)
+...
+logger.flush()  # every request observed so far is in the sink
+logger.stop()
+```
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import hashlib
+import json
+import logging
+import random
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import pyarrow as pa
+
+from modelloop import layout
+from modelloop.errors import ServiceError
+from modelloop.serving.types import InferRequest, InferResponse
+
+logger = logging.getLogger(__name__)
+
+LOG_SCHEMA = pa.schema(
+    [
+        pa.field("request_id", pa.string(), nullable=False),
+        pa.field("model", pa.string(), nullable=False),
+        pa.field("version", pa.int32(), nullable=False),
+        pa.field("time", pa.float64(), nullable=False),
+        pa.field("latency_s", pa.float32(), nullable=False),
+        pa.field("row", pa.int32(), nullable=False),
+        pa.field("input_digest", pa.string(), nullable=False),
+        pa.field("inputs", pa.list_(pa.float32()), nullable=False),
+        pa.field("outputs", pa.list_(pa.float32()), nullable=False),
+    ],
+    metadata={"modelloop.log": "1"},
+)
+"""One row per predicted row: the request it belongs to, its input columns and its outputs.
+
+``input_digest`` identifies the request's whole input (a retry has the same one);
+``inputs`` holds the logged input's columns (empty for a BYTES input), ``outputs`` the
+logged output's values.
+"""
+LOG_FORMAT = "1"
+"""The schema version written in the schema's metadata; a reader skips what it does not know."""
+
+# Seconds between two "sink unavailable" warnings.
+_WARN_EVERY_S = 30.0
+# Seconds a model's log_sample is cached before it is read again.
+_SAMPLE_TTL_S = 5.0
+
+
+@dataclass(frozen=True, slots=True)
+class LogColumns:
+    """Which tensors of a model version the log keeps.
+
+    Attributes:
+        input_name: The input whose columns are logged; None = the request's first input.
+        output_name: The output whose values are logged; None = the first numeric output.
+    """
+
+    input_name: str | None = None
+    output_name: str | None = None
+
+
+def repository_columns(repo: Path) -> Callable[[str, int], LogColumns]:
+    """Which tensors to log, read from a version's files: the input its baseline describes
+    (``baseline.json``'s ``"input"``) and the first output of its ``model.json``.
+
+    Args:
+        repo: The model repository root.
+
+    Returns:
+        ``(model, version) -> LogColumns``; unreadable files give the defaults.
+    """
+
+    def columns(model: str, version: int) -> LogColumns:
+        version_dir = repo / model / str(version)
+        output: str | None = None
+        with contextlib.suppress(layout.LayoutError, OSError):
+            output = layout.read_model_card(version_dir).outputs[0].name
+        field: str | None = None
+        with contextlib.suppress(OSError, ValueError):
+            baseline = json.loads((version_dir / layout.BASELINE_FILE).read_text(encoding="utf-8"))
+            value = baseline.get("input") if isinstance(baseline, dict) else None
+            field = value if isinstance(value, str) else None
+        return LogColumns(field, output)
+
+    return columns
+
+
+class PredictionLogSink(Protocol):
+    """Where segments go: :class:`~modelloop.monitoring.predlog_store.SqlPredictionLog` or object storage."""
+
+    def append(self, segment: bytes, *, rows: int) -> None:
+        """Stores one segment durably, or raises (the logger keeps it and retries).
+
+        Args:
+            segment: An Arrow IPC stream of :data:`LOG_SCHEMA` record batches.
+            rows: The rows it holds.
+        """
+        ...
+
+
+def input_digest(x: np.ndarray) -> str:
+    """A digest of one request's input: equal for a retry, different for another input."""
+    if x.dtype.kind in "iufb":
+        data = np.ascontiguousarray(x).tobytes()
+    else:
+        data = b"\x00".join(v if isinstance(v, bytes) else str(v).encode() for v in x.reshape(-1).tolist())
+    return hashlib.blake2b(data, digest_size=16).hexdigest()
+
+
+def _pick(tensors: dict[str, np.ndarray], name: str | None, numeric: bool) -> np.ndarray | None:
+    if name is not None and name in tensors:
+        return np.asarray(tensors[name])
+    for value in tensors.values():
+        array = np.asarray(value)
+        if not numeric or array.dtype.kind in "iufb":
+            return array
+    return None
+
+
+def _list_array(values: np.ndarray, width: int, rows: int) -> pa.ListArray:
+    offsets = pa.array(np.arange(0, (rows + 1) * width, width, dtype=np.int32)[: rows + 1])
+    return pa.ListArray.from_arrays(offsets, pa.array(values.reshape(-1), type=pa.float32()))
+
+
+def encode_batch(items: list[tuple[Any, ...]], columns: LogColumns) -> pa.RecordBatch | None:
+    """One record batch of :data:`LOG_SCHEMA` from buffered requests of one model version.
+
+    Args:
+        items: ``(model, version, request_id, time, seconds, inputs, outputs)`` tuples.
+        columns: Which input and output to keep.
+
+    Returns:
+        The batch, or None when no request had a numeric output to log.
+    """
+    ids: list[str] = []
+    times: list[float] = []
+    latencies: list[float] = []
+    digests: list[str] = []
+    counts: list[int] = []
+    xs: list[np.ndarray] = []
+    ys: list[np.ndarray] = []
+    for _, _, rid, created, seconds, inputs, outputs in items:
+        x = _pick(inputs, columns.input_name, numeric=False)
+        y = _pick(outputs, columns.output_name, numeric=True)
+        if x is None or y is None:
+            continue
+        n = x.shape[0] if x.ndim else 1
+        if (y.shape[0] if y.ndim else 1) != n or n == 0:
+            continue
+        ids.append(rid)
+        times.append(created)
+        latencies.append(seconds)
+        digests.append(input_digest(x))
+        counts.append(n)
+        xs.append(x.reshape(n, -1) if x.dtype.kind in "iufb" else np.zeros((n, 0), np.float32))
+        ys.append(y.reshape(n, -1))
+    if not ids:
+        return None
+    widths = {(x.shape[1], y.shape[1]) for x, y in zip(xs, ys, strict=True)}
+    model, version = items[0][0], items[0][1]
+    repeat = np.repeat(np.arange(len(ids)), counts)
+    rows = int(repeat.size)
+    row_index = np.concatenate([np.arange(n, dtype=np.int32) for n in counts])
+    if len(widths) == 1:
+        x_width, y_width = widths.pop()
+        inputs = _list_array(np.concatenate(xs).astype(np.float32, copy=False), x_width, rows)
+        outputs = _list_array(np.concatenate(ys).astype(np.float32, copy=False), y_width, rows)
+    else:  # requests of other widths in one batch (a model with variable input length)
+        inputs = pa.array([r.astype(np.float32) for x in xs for r in x], type=pa.list_(pa.float32()))
+        outputs = pa.array([r.astype(np.float32) for y in ys for r in y], type=pa.list_(pa.float32()))
+    taken = pa.array(repeat)
+    return pa.RecordBatch.from_arrays(
+        [
+            pa.array(ids, type=pa.string()).take(taken),
+            pa.array(np.full(rows, model, dtype=object), type=pa.string()),
+            pa.array(np.full(rows, version, dtype=np.int32)),
+            pa.array(np.asarray(times, dtype=np.float64)[repeat]),
+            pa.array(np.asarray(latencies, dtype=np.float32)[repeat]),
+            pa.array(row_index),
+            pa.array(digests, type=pa.string()).take(taken),
+            inputs,
+            outputs,
+        ],
+        schema=LOG_SCHEMA,
+    )
+
+
+def encode_segment(batches: list[pa.RecordBatch]) -> bytes:
+    """An Arrow IPC stream of record batches: one segment of the log."""
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_stream(sink, LOG_SCHEMA) as writer:
+        for batch in batches:
+            writer.write_batch(batch)
+    return sink.getvalue().to_pybytes()
+
+
+def decode_segment(segment: bytes) -> list[pa.RecordBatch]:
+    """The record batches of one segment.
+
+    Raises:
+        ValueError: The bytes are not an Arrow stream of this log's format (another
+            version wrote them, or they are corrupt).
+    """
+    try:
+        reader = pa.ipc.open_stream(segment)
+        schema = reader.schema
+        batches = list(reader)
+    except (pa.ArrowInvalid, pa.ArrowIOError, OSError) as exc:
+        raise ValueError(f"not an Arrow stream: {exc}") from None
+    found = (schema.metadata or {}).get(b"modelloop.log", b"").decode()
+    if found != LOG_FORMAT or not schema.equals(LOG_SCHEMA, check_metadata=False):
+        raise ValueError(f"log format {found or 'unknown'!r}, this reader knows {LOG_FORMAT!r}")
+    return batches
+
+
+class PredictionLogger:
+    """Hands answered requests to the prediction log, off the request path.
+
+    Args:
+        sink: Where segments go.
+        columns: ``(model, version) -> LogColumns``; called by the writer thread and
+            cached per version. Defaults to the first input and first numeric output.
+        sample: ``model -> share of requests to log`` (``"log_sample"``); cached a few
+            seconds per model. Defaults to logging every request.
+        on_drop: Called with ``(model, requests)`` for requests that will never be
+            logged. Defaults to None.
+        queue_size: Requests buffered before new ones are dropped. Defaults to 100000.
+        flush_interval_s: How often the writer turns the buffer into a segment.
+            Defaults to 0.25.
+        max_pending_segments: Segments kept while the sink fails. Defaults to 64.
+    """
+
+    def __init__(
+        self,
+        sink: PredictionLogSink,
+        *,
+        columns: Callable[[str, int], LogColumns] | None = None,
+        sample: Callable[[str], float] | None = None,
+        on_drop: Callable[[str, int], None] | None = None,
+        queue_size: int = 100_000,
+        flush_interval_s: float = 0.25,
+        max_pending_segments: int = 64,
+    ) -> None:
+        self.sink = sink
+        self._columns = columns
+        self._sample = sample
+        self._on_drop = on_drop
+        self.queue_size = queue_size
+        self.flush_interval_s = flush_interval_s
+        self.max_pending_segments = max_pending_segments
+        self._buffer: collections.deque[tuple[Any, ...]] = collections.deque()
+        self._pending: collections.deque[tuple[bytes, int, dict[str, int]]] = collections.deque()
+        self._column_cache: dict[tuple[str, int], LogColumns] = {}
+        self._sample_cache: dict[str, tuple[float, float]] = {}
+        self._wake = threading.Event()
+        self._progress = threading.Condition()
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+        self._enqueued = 0
+        self._written = 0
+        self._last_warning = 0.0
+        self.dropped = 0
+        self.segments = 0
+
+    # -- the request path ----------------------------------------------------------
+
+    def observe(self, request: InferRequest, response: InferResponse) -> None:
+        """Buffers one answered request; never blocks and never raises."""
+        if self._sample is not None:
+            rate = self._rate(response.model)
+            if rate < 1.0 and random.random() >= rate:
+                return
+        buffer = self._buffer
+        if len(buffer) >= self.queue_size:
+            self._drop(response.model, 1)
+            return
+        buffer.append(
+            (
+                response.model,
+                response.version,
+                response.id,
+                time.time(),
+                response.seconds,
+                request.inputs,
+                response.outputs,
+            )
+        )
+        self._enqueued += 1
+
+    def _rate(self, model: str) -> float:
+        cached = self._sample_cache.get(model)
+        now = time.monotonic()
+        if cached is not None and cached[1] > now:
+            return cached[0]
+        try:
+            rate = float(self._sample(model)) if self._sample is not None else 1.0
+        except (ServiceError, LookupError, ValueError, TypeError):  # a vanished model: log everything
+            rate = 1.0
+        self._sample_cache[model] = (rate, now + _SAMPLE_TTL_S)
+        return rate
+
+    def _drop(self, model: str, count: int) -> None:
+        self.dropped += count
+        if self._on_drop is not None:
+            try:
+                self._on_drop(model, count)
+            except Exception:  # counting must never fail the caller
+                logger.exception("counting dropped predictions failed")
+
+    # -- lifecycle -----------------------------------------------------------------
+
+    def start(self) -> None:
+        """Starts the writer thread (once)."""
+        if self._thread is None:
+            self._stopping = False
+            self._thread = threading.Thread(target=self._run, name="prediction-logger", daemon=True)
+            self._thread.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Writes what is buffered, then stops the writer thread.
+
+        Args:
+            timeout: Most seconds to wait. Defaults to 10.
+        """
+        if self._thread is None:
+            return
+        self._stopping = True
+        self._wake.set()
+        self._thread.join(timeout)
+        if self._thread.is_alive():
+            logger.warning(
+                "prediction logger still writing at shutdown; %d requests not logged", self.pending
+            )
+        self._thread = None
+
+    def flush(self, timeout: float = 5.0) -> bool:
+        """Waits until every request observed before this call is in the sink.
+
+        Returns:
+            Whether it was, in time (False while the sink fails).
+        """
+        target = self._enqueued
+        deadline = time.monotonic() + timeout
+        self._wake.set()
+        with self._progress:
+            while self._written < target:
+                left = deadline - time.monotonic()
+                if left <= 0 or self._thread is None:
+                    return False
+                self._progress.wait(min(left, self.flush_interval_s))
+                self._wake.set()
+        return True
+
+    @property
+    def pending(self) -> int:
+        """Requests not yet in the sink."""
+        return len(self._buffer) + sum(n for _, n, _ in self._pending)
+
+    # -- the writer ----------------------------------------------------------------
+
+    def _run(self) -> None:
+        while True:
+            self._wake.wait(self.flush_interval_s)
+            self._wake.clear()
+            stopping = self._stopping
+            try:
+                self._write_once()
+            except Exception:  # the writer must outlive any bad request or bug
+                logger.exception("prediction logger failed on a segment")
+            if stopping:
+                return
+
+    def _write_once(self) -> None:
+        buffer = self._buffer
+        taken = [buffer.popleft() for _ in range(len(buffer))]
+        if taken:
+            self._pending.append(self._encode(taken))
+            while len(self._pending) > self.max_pending_segments:
+                _, count, models = self._pending.popleft()
+                for model, n in models.items():
+                    self._drop(model, n)
+                self._mark_written(count)
+        while self._pending:
+            segment, count, models = self._pending[0]
+            if segment:
+                try:
+                    self.sink.append(segment, rows=count)
+                except (ServiceError, OSError) as exc:  # the sink is down: keep it, try again later
+                    now = time.monotonic()
+                    if now - self._last_warning >= _WARN_EVERY_S:
+                        self._last_warning = now
+                        logger.warning(
+                            "prediction log unavailable, %d requests waiting: %s", self.pending, exc
+                        )
+                    return
+                self.segments += 1
+            self._pending.popleft()
+            self._mark_written(count)
+
+    def _mark_written(self, count: int) -> None:
+        with self._progress:
+            self._written += count
+            self._progress.notify_all()
+
+    def _encode(self, items: list[tuple[Any, ...]]) -> tuple[bytes, int, dict[str, int]]:
+        groups: dict[tuple[str, int], list[tuple[Any, ...]]] = {}
+        for item in items:
+            groups.setdefault((item[0], item[1]), []).append(item)
+        batches: list[pa.RecordBatch] = []
+        models: dict[str, int] = collections.Counter()
+        for (model, version), members in groups.items():
+            models[model] += len(members)
+            try:
+                batch = encode_batch(members, self._columns_of(model, version))
+            except Exception:
+                logger.exception(
+                    "cannot log %d requests of model %s version %s", len(members), model, version
+                )
+                continue
+            if batch is not None:
+                batches.append(batch)
+        return (encode_segment(batches) if batches else b""), len(items), dict(models)
+
+    def _columns_of(self, model: str, version: int) -> LogColumns:
+        key = (model, version)
+        found = self._column_cache.get(key)
+        if found is None:
+            found = LogColumns()
+            if self._columns is not None:
+                try:
+                    found = self._columns(model, version)
+                except Exception:  # unreadable card or baseline: the defaults still log
+                    logger.exception("model %s version %d: cannot tell which columns to log", model, version)
+            self._column_cache[key] = found
+        return found
