@@ -129,7 +129,7 @@ def test_serving_never_imports_monitoring_training_or_export() -> None:
     assert not bad, violations("serving/ imports monitoring/, training/ or export/", bad)
 
 
-def test_monitoring_reaches_serving_only_through_types_the_observer_and_the_log_format() -> None:
+def test_monitoring_reaches_serving_only_through_types_observer_and_log_format() -> None:
     # serving.predlog is the prediction log's record format (LOG_SCHEMA): serving writes it,
     # the control plane reads it.
     allowed = ("modelloop.serving.types", "modelloop.serving.observer", "modelloop.serving.predlog")
@@ -270,7 +270,7 @@ def test_each_rule_catches_a_planted_import(
     found = imports()
     checks = {
         "serving_never_imports": test_serving_never_imports_monitoring_training_or_export,
-        "monitoring_reaches": test_monitoring_reaches_serving_only_through_types_the_observer_and_the_log_format,
+        "monitoring_reaches": test_monitoring_reaches_serving_only_through_types_observer_and_log_format,
         "training_imports_none": test_training_imports_none_of_the_other_packages,
         "serving_core": test_the_serving_core_imports_no_web_or_rpc_framework,
         "tensorflow": test_only_the_savedmodel_runtime_imports_tensorflow_in_serving,
