@@ -120,7 +120,47 @@ def build_parser() -> argparse.ArgumentParser:
     _add_retrain_parser(sub)
     _add_simulate_parser(sub)
     _add_rollout_parser(sub)
+    _add_monitor_parser(sub)
+    _add_log_parser(sub)
     return parser
+
+
+def _add_monitor_parser(sub: Any) -> None:
+    monitor = sub.add_parser(
+        "monitor", help="run the control plane: read the prediction log, watch drift and accuracy, retrain"
+    )
+    monitor.add_argument("--repo", required=True, metavar="REPO", help="model repository directory")
+    monitor.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1)")
+    monitor.add_argument("--port", type=_port, default=8502, help="HTTP port; 0 picks one (default: 8502)")
+    _add_store_arguments(monitor)
+    monitor.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+
+
+def _add_log_parser(sub: Any) -> None:
+    log = sub.add_parser("log", help="the prediction log")
+    actions = log.add_subparsers(dest="log_action", required=True, metavar="ACTION")
+    export = actions.add_parser("export", help="write a model's logged predictions as Parquet")
+    export.add_argument("--model", required=True, help="the model")
+    export.add_argument(
+        "--since",
+        default="0",
+        metavar="T",
+        help="logged at or after T: Unix seconds or ISO 8601 (default: everything kept)",
+    )
+    export.add_argument("--out", type=Path, required=True, metavar="FILE", help="the Parquet file to write")
+    _add_store_arguments(export)
+
+
+def _add_store_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--store",
+        default=None,
+        metavar="URL",
+        help="prediction and feedback store: sqlite:///PATH or postgresql://... (default: SQLite)",
+    )
+    parser.add_argument(
+        "--state-dir", type=Path, default=None, metavar="DIR", help="monitoring state (default: ./.modelloop)"
+    )
 
 
 def _add_retrain_parser(sub: Any) -> None:
@@ -195,6 +235,13 @@ def _add_server_arguments(parser: argparse.ArgumentParser) -> None:
         "--no-monitoring", action="store_true", help="no prediction log, feedback, drift or accuracy"
     )
     parser.add_argument(
+        "--control-plane",
+        default=None,
+        metavar="URL",
+        help="the control plane (modelloop monitor) that reads this server's log: feedback and "
+        "/monitoring routes are forwarded to it; without it the server reads its own log",
+    )
+    parser.add_argument(
         "--workers",
         default="1",
         metavar="N|auto",
@@ -237,6 +284,7 @@ def worker_argv(args: argparse.Namespace) -> list[str]:
         ("--tls-key", args.tls_key),
         ("--store", args.store),
         ("--state-dir", args.state_dir),
+        ("--control-plane", args.control_plane),
     ):
         if value is not None:
             argv += [flag, str(value)]
@@ -362,6 +410,8 @@ def _serving_settings(args: argparse.Namespace) -> tuple[Any, Any, Any]:
     if args.tls_key is not None:
         overrides["tls_key_file"] = args.tls_key
     overrides["workers"] = args.worker_count or worker_count(args.workers)
+    if args.control_plane is not None:
+        overrides["control_plane_url"] = args.control_plane
     monitoring: dict[str, Any] = {}
     if args.no_monitoring:
         monitoring["enabled"] = False
@@ -459,7 +509,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 def _cmd_up(args: argparse.Namespace) -> int:
     _quiet_tensorflow()
     _setup_logging(args.log_level)
-    from modelloop.up import ensure_default_model, print_welcome
+    from modelloop.up import ControlPlaneProcess, ensure_default_model, print_welcome
 
     worker_count(args.workers)  # a bad --workers fails before any training
     repo = parse_repository(args.repo).local_path("modelloop up")
@@ -481,12 +531,26 @@ def _cmd_up(args: argparse.Namespace) -> int:
             ) from None
         labelers = LabelerSettings(feedback_token_file=token_file)
 
-    def ready(addresses: Any) -> None:
-        print_welcome(addresses, feedback_token=token_file)
-
     # With --workers N the workers read the token file through the environment.
     env = {"MODELLOOP_FEEDBACK_TOKEN_FILE": str(token_file)} if token_file is not None else {}
-    return _serve(args, on_ready=ready, labelers=labelers, worker_env=env)
+    plane: ControlPlaneProcess | None = None
+    if monitoring.enabled and args.control_plane is None:
+        # The control plane reads the log, analyses and retrains; the server answers and logs.
+        argv = ["--repo", str(repo), "--host", args.host, "--log-level", args.log_level]
+        argv += ["--state-dir", str(monitoring.state_dir)]
+        if args.store is not None:
+            argv += ["--store", args.store]
+        plane = ControlPlaneProcess(argv, env={**os.environ, **env})
+        args.control_plane = plane.start()
+
+    def ready(addresses: Any) -> None:
+        print_welcome(addresses, feedback_token=token_file, control_plane=args.control_plane)
+
+    try:
+        return _serve(args, on_ready=ready, labelers=labelers, worker_env=env)
+    finally:
+        if plane is not None:
+            plane.stop()
 
 
 def _cmd_retrain(args: argparse.Namespace) -> int:
@@ -588,7 +652,86 @@ def _cmd_rollout(args: argparse.Namespace) -> int:
     return 0
 
 
+def _monitoring_settings(args: argparse.Namespace) -> Any:
+    from pydantic import ValidationError
+
+    from modelloop.monitoring.settings import MonitoringSettings
+
+    overrides = {k: v for k, v in (("store_url", args.store), ("state_dir", args.state_dir)) if v is not None}
+    try:
+        return MonitoringSettings(**overrides)
+    except ValidationError as exc:
+        raise _settings_error(exc) from None
+
+
+def _cmd_monitor(args: argparse.Namespace) -> int:
+    _quiet_tensorflow()
+    _setup_logging(args.log_level)
+    from pydantic import ValidationError
+
+    from modelloop.monitor import monitor
+    from modelloop.monitoring.settings import LabelerSettings
+    from modelloop.serving.settings import ServingSettings
+
+    repo = parse_repository(args.repo).local_path("modelloop monitor")
+    monitoring = _monitoring_settings(args)
+    try:
+        # The admin token (the alert webhook's) and the labelers' tokens, as `serve` reads them.
+        admin = ServingSettings(repo=repo).admin_token
+        labelers = LabelerSettings()
+    except ValidationError as exc:
+        raise _settings_error(exc) from None
+    plane = {
+        "repo": repo,
+        "monitoring": monitoring,
+        "labelers": labelers,
+        "admin_token": admin.get_secret_value() if admin is not None else None,
+        "host": args.host,
+        "port": args.port,
+    }
+    return monitor(plane)
+
+
+def _since(text: str) -> float:
+    from datetime import datetime
+
+    try:
+        return float(text)
+    except ValueError:
+        pass
+    try:
+        return datetime.fromisoformat(text).timestamp()
+    except ValueError:
+        raise ModelloopError(f"invalid --since {text!r}: give Unix seconds or an ISO 8601 time") from None
+
+
+def _cmd_log(args: argparse.Namespace) -> int:
+    from modelloop.monitoring.predlog_store import SqlPredictionLog, export_parquet
+    from modelloop.monitoring.store import SqlPredictionStore, StoreUnavailable, open_store
+
+    since = _since(args.since)
+    monitoring = _monitoring_settings(args)
+    try:
+        store = open_store(monitoring.resolved_store_url())
+    except StoreUnavailable as exc:
+        raise ModelloopError(f"cannot open the store: {exc.message}") from None
+    try:
+        if not isinstance(store, SqlPredictionStore):
+            raise ModelloopError("the prediction log lives in a SQL store")
+        rows = export_parquet(SqlPredictionLog(store), args.model, since, args.out)
+    except StoreUnavailable as exc:
+        raise ModelloopError(f"cannot read the prediction log: {exc.message}") from None
+    except OSError as exc:
+        raise ModelloopError(f"cannot write {str(args.out)!r}: {exc.strerror or exc}") from None
+    finally:
+        store.close()
+    print(f"modelloop: wrote {rows} logged predictions of {args.model} to {args.out}", flush=True)
+    return 0
+
+
 COMMANDS = {
+    "monitor": _cmd_monitor,
+    "log": _cmd_log,
     "train": _cmd_train,
     "export": _cmd_export,
     "serve": _cmd_serve,

@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
+import html
 import json
 import logging
 import os
@@ -35,8 +36,9 @@ from typing import Any, TextIO
 
 import uvloop
 from fastapi import APIRouter
-from prometheus_client import CollectorRegistry
+from prometheus_client import CollectorRegistry, Counter
 
+from modelloop import layout
 from modelloop.errors import ModelloopError, ServiceError
 from modelloop.monitoring.http import (
     HealthSection,
@@ -45,12 +47,13 @@ from modelloop.monitoring.http import (
     create_feedback_router,
     create_health_router,
 )
+from modelloop.monitoring.predlog_store import SqlPredictionLog
 from modelloop.monitoring.retraining import Retraining, build_retraining
 from modelloop.monitoring.rollout import RolloutController
 from modelloop.monitoring.rollout_http import RolloutSection, create_rollout_router
 from modelloop.monitoring.service import MonitoringService
 from modelloop.monitoring.settings import LabelerSettings, MonitoringSettings
-from modelloop.monitoring.store import StoreUnavailable
+from modelloop.monitoring.store import SqlPredictionStore, StoreUnavailable, open_store
 from modelloop.serving.dataplane import DataPlane
 from modelloop.serving.grpc.server import bind_grpc_server, create_grpc_server, server_credentials
 from modelloop.serving.metrics import ServingMetrics, multiprocess_registry
@@ -59,7 +62,8 @@ from modelloop.serving.observer import InferenceObserver
 from modelloop.serving.predlog import PredictionLogger, repository_columns
 from modelloop.serving.registry import ModelRegistry
 from modelloop.serving.repository import ModelRepository
-from modelloop.serving.rest.app import StatusColumns, create_app
+from modelloop.serving.rest.app import StatusColumns, StatusSection, create_app
+from modelloop.serving.rest.forward import create_forward_router
 from modelloop.serving.rest.server import bind_rest_socket, create_rest_server
 from modelloop.serving.rollout import RolloutCoordinator
 from modelloop.serving.settings import ServingSettings
@@ -67,6 +71,9 @@ from modelloop.storage import StorageError, parse_repository
 from modelloop.telemetry import setup_tracing, shutdown_tracing
 
 logger = logging.getLogger(__name__)
+
+PEER_WAIT_S = 0.6
+"""How long a label for an unknown id waits for other servers' log buffers (written every 0.25 s)."""
 
 
 @dataclass(frozen=True)
@@ -204,7 +211,36 @@ class ModelServer:
         self.monitoring: MonitoringService | None = None
         self.prediction_logger: PredictionLogger | None = None
         leader = role is None or role.leader
-        if monitoring is not None and monitoring.enabled:
+        self.log_store: SqlPredictionStore | None = None
+        split = settings.control_plane_url is not None
+        if monitoring is not None and monitoring.enabled and split:
+            # A control plane reads the log: this process only logs (and keeps routing its
+            # rollouts from the state in the store).
+            self.log_store = _open_log_store(monitoring)
+            dropped = Counter(
+                "modelloop_monitoring_dropped",
+                "Answered requests that were not logged: buffer full or the log unavailable.",
+                ["model"],
+                registry=self.prometheus,
+            )
+            self.prediction_logger = PredictionLogger(
+                SqlPredictionLog(self.log_store),
+                columns=repository_columns(settings.repo),
+                sample=lambda model: self.models.model_config(model).log_sample,
+                on_drop=lambda model, count: dropped.labels(model=model).inc(count),
+                queue_size=monitoring.queue_size,
+            )
+            observer = observer if observer is not None else self.prediction_logger
+            self.rollout_controller = RolloutController(
+                self.log_store,
+                self.models,
+                settings.rollout,
+                self.prometheus,
+                _task_from_card(settings.repo),
+                interval_s=monitoring.rollout_interval_s,
+            )
+            self.rollouts.router = self.rollout_controller
+        elif monitoring is not None and monitoring.enabled:
             try:
                 self.monitoring = MonitoringService(
                     monitoring,
@@ -214,6 +250,8 @@ class ModelServer:
                     prune=leader,
                     # One reader of the log per store: the only process, or worker 0.
                     reads_log=leader,
+                    # The other workers write their log buffers every 0.25 s.
+                    peer_wait_s=0.0 if role is None else PEER_WAIT_S,
                 )
             except StoreUnavailable as exc:
                 raise ServerError(f"cannot open the monitoring store: {exc.message}") from exc
@@ -261,7 +299,7 @@ class ModelServer:
         # feedback route (501 without monitoring) and the alert webhook (503 without it).
         admin_token = settings.admin_token.get_secret_value() if settings.admin_token is not None else None
         matcher = labelers.matcher() if labelers is not None else None
-        if self.monitoring is not None:
+        if self.monitoring is not None and not split:
             if matcher:
                 logger.info("feedback needs a labeler token; sources: %s", ", ".join(matcher.sources))
             else:
@@ -270,16 +308,31 @@ class ModelServer:
                     "predictions (source 'anonymous'); set MODELLOOP_FEEDBACK_TOKEN or "
                     "MODELLOOP_FEEDBACK_TOKENS"
                 )
-        routers: list[APIRouter] = [
-            create_feedback_router(self.monitoring, settings.max_body_bytes, matcher),
-            create_alerts_router(
-                self.retraining.alerts if self.retraining is not None else None,
-                admin_token,
-                settings.max_body_bytes,
-            ),
-            create_health_router(self.monitoring),
-            create_rollout_router(self.rollout_controller, admin_token),
-        ]
+        routers: list[APIRouter]
+        sections: list[StatusSection] = [RolloutSection(self.rollout_controller)]
+        if self.log_store is not None and settings.control_plane_url is not None:
+            logger_ = self.prediction_logger
+            routers = [
+                create_forward_router(
+                    settings.control_plane_url,
+                    before_feedback=logger_.flush if logger_ is not None else None,
+                    max_body_bytes=settings.max_body_bytes,
+                ),
+                create_rollout_router(self.rollout_controller, admin_token),
+            ]
+            sections.append(ControlPlaneSection(settings.control_plane_url))
+        else:
+            routers = [
+                create_feedback_router(self.monitoring, settings.max_body_bytes, matcher),
+                create_alerts_router(
+                    self.retraining.alerts if self.retraining is not None else None,
+                    admin_token,
+                    settings.max_body_bytes,
+                ),
+                create_health_router(self.monitoring),
+                create_rollout_router(self.rollout_controller, admin_token),
+            ]
+            sections.append(HealthSection(self.monitoring))
         columns: StatusColumns = MonitoringColumns(self.monitoring)
         self.app = create_app(
             self.dataplane,
@@ -287,7 +340,7 @@ class ModelServer:
             exposition,
             routers=routers,
             status_columns=columns,
-            status_sections=[RolloutSection(self.rollout_controller), HealthSection(self.monitoring)],
+            status_sections=sections,
         )
         self._stop = asyncio.Event()
         self.addresses: BoundAddresses | None = None
@@ -412,6 +465,8 @@ class ModelServer:
         if self.monitoring is not None:
             # ...and is read from it before the store closes.
             await self.monitoring.stop()
+        if self.log_store is not None:
+            self.log_store.close()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(sig)
         rest_sock.close()
@@ -419,6 +474,48 @@ class ModelServer:
             self.link.close()
         logger.info("stopped")
         return 0
+
+
+class ControlPlaneSection:
+    """The status page's pointer to the control plane that watches this server."""
+
+    def __init__(self, url: str) -> None:
+        self._url = url
+
+    def html(self) -> str:
+        """A link to the control plane's health page."""
+        url = html.escape(self._url, quote=True)
+        return (
+            f'<section id="health"><p>Drift, accuracy and the health charts: '
+            f'<a href="{url}/">the control plane at {url}</a>.</p></section>'
+        )
+
+
+def _open_log_store(monitoring: MonitoringSettings) -> SqlPredictionStore:
+    """The store this server appends its prediction log to.
+
+    Raises:
+        ServerError: It cannot be opened, or it is not a SQL store.
+    """
+    try:
+        store = open_store(monitoring.resolved_store_url())
+    except StoreUnavailable as exc:
+        raise ServerError(f"cannot open the prediction log's store: {exc.message}") from exc
+    if not isinstance(store, SqlPredictionStore):
+        raise ServerError("the prediction log needs a SQL store (sqlite:/// or postgresql://)")
+    return store
+
+
+def _task_from_card(repo: Path) -> Callable[[str, int], str]:
+    """A version's task from its ``model.json`` (``multiclass`` when it names none)."""
+
+    def task_of(model: str, version: int) -> str:
+        try:
+            return layout.read_model_card(repo / model / str(version)).task or "multiclass"
+        except layout.LayoutError:
+            return "multiclass"
+
+    return task_of
 
 
 def _open_repository(settings: ServingSettings) -> ModelRepository:

@@ -1,17 +1,36 @@
-"""``modelloop up``: the main job on embedded defaults."""
+"""``modelloop up``: the main job on embedded defaults.
+
+It trains and publishes digits into an empty repository, starts the control plane
+(``modelloop monitor``, a child process it restarts if it dies) and serves with
+``--control-plane`` pointing at it, so that the server only answers and logs while the
+control plane watches drift and accuracy and retrains.
+"""
 
 from __future__ import annotations
 
 import json
+import logging
+import signal
+import subprocess
+import sys
 import tempfile
+import threading
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from modelloop.server import BoundAddresses
 
+from modelloop.errors import ModelloopError
 from modelloop.export.publish import list_versions
 from modelloop.layout import CONFIG_FILE
+
+logger = logging.getLogger(__name__)
+
+_READY = "modelloop: control plane listening on "
+# Restarts of a control plane that keeps dying, before up gives it up (serving goes on).
+_MAX_RESTARTS = 5
 
 DEFAULT_SPEC = "digits"
 # The first image of scikit-learn's digits, a zero: what the printed curl line sends.
@@ -83,12 +102,104 @@ def ensure_default_model(
     return version_dir
 
 
-def print_welcome(addresses: BoundAddresses, feedback_token: Path | None = None) -> None:
+def _die_with_parent() -> None:
+    """In the child: SIGTERM when ``up`` dies, even by SIGKILL (Linux; elsewhere nothing)."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        pr_set_pdeathsig = 1
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
+
+
+class ControlPlaneProcess:
+    """``modelloop monitor`` as a child of ``up``: started, watched, restarted, stopped.
+
+    Args:
+        argv: The ``monitor`` arguments (``--repo``, ``--state-dir``, ...), without ``--port``.
+        port: The port to bind; 0 picks one at the first start, and restarts reuse it.
+        env: The child's environment. Defaults to this process's.
+    """
+
+    def __init__(self, argv: list[str], port: int = 0, env: dict[str, str] | None = None) -> None:
+        self.argv = argv
+        self.port = port
+        self.env = env
+        self.url = ""
+        self._proc: subprocess.Popen[str] | None = None
+        self._stopping = False
+        self._watcher: threading.Thread | None = None
+
+    def _spawn(self, timeout: float = 120.0) -> None:
+        cmd = [sys.executable, "-m", "modelloop", "monitor", *self.argv, "--port", str(self.port)]
+        proc = subprocess.Popen(
+            cmd, stdout=subprocess.PIPE, stderr=None, text=True, env=self.env, preexec_fn=_die_with_parent
+        )
+        self._proc = proc
+        deadline = time.monotonic() + timeout
+        for line in proc.stdout or ():
+            if line.startswith(_READY):
+                self.url = line[len(_READY) :].strip()
+                self.port = int(self.url.rsplit(":", 1)[1])
+                break
+            if time.monotonic() > deadline:
+                break
+        if not self.url or proc.poll() is not None:
+            self.stop()
+            raise ModelloopError("the control plane (modelloop monitor) did not start; see its log above")
+        # Keep draining its stdout so that it never blocks on a full pipe.
+        threading.Thread(target=lambda: [None for _ in proc.stdout or ()], daemon=True).start()
+
+    def start(self) -> str:
+        """Starts the control plane and a watcher that restarts it; returns its URL.
+
+        Raises:
+            ModelloopError: It did not start.
+        """
+        self._spawn()
+        self._watcher = threading.Thread(target=self._watch, name="control-plane-watch", daemon=True)
+        self._watcher.start()
+        return self.url
+
+    def _watch(self) -> None:
+        restarts = 0
+        while not self._stopping and self._proc is not None:
+            code = self._proc.wait()
+            if self._stopping:
+                return
+            restarts += 1
+            if restarts > _MAX_RESTARTS:
+                logger.error("the control plane keeps exiting (%d); serving goes on without it", code)
+                return
+            logger.warning("the control plane exited with %d; restarting it (%d)", code, restarts)
+            time.sleep(min(0.5 * 2**restarts, 10.0))
+            try:
+                self._spawn()
+            except ModelloopError as exc:
+                logger.error("%s", exc)
+
+    def stop(self, timeout: float = 15.0) -> None:
+        """Stops the control plane: SIGTERM, then SIGKILL after ``timeout``."""
+        self._stopping = True
+        proc = self._proc
+        if proc is None or proc.poll() is not None:
+            return
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def print_welcome(
+    addresses: BoundAddresses, feedback_token: Path | None = None, control_plane: str | None = None
+) -> None:
     """Prints the URLs of a running ``up`` and a ``curl`` line to paste.
 
     Args:
         addresses: Where the server listens.
         feedback_token: The file holding the labeler token ``up`` configured, if it did.
+        control_plane: The control plane's URL, if one runs.
     """
     from modelloop.server import print_addresses
 
@@ -107,6 +218,7 @@ def print_welcome(addresses: BoundAddresses, feedback_token: Path | None = None)
   metrics          {base}/metrics
   status page      {base}/
   feedback         {feedback}
+  control plane    {control_plane or "(none)"}  (health page, drift, accuracy, retraining)
 
   curl -s -X POST {base}/v1/models/{DEFAULT_SPEC}:predict -H 'content-type: application/json' \\
        -d '{row}'

@@ -29,12 +29,17 @@ from __future__ import annotations
 
 import threading
 import time
+from pathlib import Path
 from typing import Any
 
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
 from modelloop.monitoring.store import SqlPredictionStore
+from modelloop.serving.predlog import LOG_SCHEMA, decode_segment
 
 CURSOR = "monitor"
 """The control plane's cursor name."""
@@ -194,3 +199,41 @@ class SqlPredictionLog:
         return self.store.transaction(
             lambda conn: max(conn.execute(_PRUNE, {"upto": upto, "cutoff": cutoff}).rowcount, 0), write=True
         )
+
+
+def export_parquet(log: SqlPredictionLog, model: str, since: float, out: Path) -> int:
+    """Writes a model's logged predictions since a time as one Parquet file.
+
+    One row per logged prediction row, in the log's schema (:data:`LOG_SCHEMA`): pandas
+    (``pd.read_parquet``), DuckDB and Spark read it as it is. Segments another version
+    wrote are skipped. The file appears whole (written beside it, then renamed).
+
+    Args:
+        log: The prediction log.
+        model: The model.
+        since: Unix time: segments written at or after it.
+        out: The file.
+
+    Returns:
+        Rows written.
+    """
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp")
+    rows = 0
+    after = 0
+    with pq.ParquetWriter(tmp, LOG_SCHEMA) as writer:
+        while segments := log.since(since, after=after):
+            for seq, payload in segments:
+                after = seq
+                try:
+                    batches = decode_segment(payload)
+                except ValueError:
+                    continue
+                for batch in batches:
+                    mine = batch.filter(pc.equal(batch.column("model"), pa.scalar(model)))
+                    mine = mine.filter(pc.greater_equal(mine.column("time"), pa.scalar(since)))
+                    if mine.num_rows:
+                        writer.write_batch(mine)
+                        rows += mine.num_rows
+    tmp.replace(out)
+    return rows

@@ -183,9 +183,9 @@ class MonitoringService:
         store: The prediction store. Defaults to ``open_store(settings.resolved_store_url())``.
         prune: Whether this process applies the store's retention (one worker of several
             does). Defaults to True.
-        peer_wait_s: With several workers logging to one store, a label may arrive at one
-            worker for a prediction another worker still holds in its buffer; such ids are
-            looked up once more after this wait. Defaults to 0 (one process: no wait).
+        peer_wait_s: With several servers logging to one store, a label may arrive before
+            the server that answered has written its buffer to the log; such ids are looked
+            up once more after this wait. Defaults to 0 (one process: no wait).
         reads_log: Whether this service reads the prediction log (the control plane:
             one process per store). Others only join labels to what it stored. Defaults
             to False.
@@ -675,9 +675,10 @@ class MonitoringService:
         quarantined = source in self.quarantined_sources(model)
         result = self.store.add_feedback(model, items, source=source, quarantined=quarantined)
         if result.unknown and self.peer_wait_s > 0:
-            # Another worker may have logged the prediction but not written it yet: its
-            # writer lingers before each commit. Ask once more for those ids after that.
+            # Another server (a worker, a replica) may hold the prediction in its logger's
+            # buffer: it writes every fraction of a second. Read the log again after that.
             time.sleep(self.peer_wait_s)
+            self.catch_up(timeout=5.0)
             unknown = set(result.unknown)
             retry = self.store.add_feedback(
                 model,

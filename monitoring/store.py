@@ -121,6 +121,8 @@ _SCHEMA = tuple(
         inputs TEXT NOT NULL,
         outputs TEXT NOT NULL,
         predicted TEXT NOT NULL,
+        input_hash TEXT NOT NULL DEFAULT '',
+        ambiguous INTEGER NOT NULL DEFAULT 0,
         PRIMARY KEY (model, request_id)
     )""",
         "CREATE INDEX IF NOT EXISTS predictions_created ON predictions (created)",

@@ -156,7 +156,7 @@ def _pick(tensors: dict[str, np.ndarray], name: str | None, numeric: bool) -> np
 
 
 def _list_array(values: np.ndarray, width: int, rows: int) -> pa.ListArray:
-    offsets = pa.array(np.arange(0, (rows + 1) * width, width, dtype=np.int32)[: rows + 1])
+    offsets = pa.array(np.arange(rows + 1, dtype=np.int32) * width)
     return pa.ListArray.from_arrays(offsets, pa.array(values.reshape(-1), type=pa.float32()))
 
 

@@ -261,6 +261,10 @@ class ServingSettings(BaseSettings):
     """PEM certificate (chain) for TLS on both ports; None serves plaintext."""
     tls_key_file: Path | None = None
     """PEM private key of ``tls_cert_file``."""
+    control_plane_url: str | None = None
+    """The control plane (``modelloop monitor``) that reads this server's prediction log;
+    the feedback and ``/monitoring`` routes are forwarded to it. None: the server reads its
+    own log (one process, or worker 0 of several)."""
     rollout: RolloutPolicy = Field(default_factory=RolloutPolicy)
     """Rollout defaults of every model (``MODELLOOP_ROLLOUT__MODE=canary`` and so on); a
     model's ``"rollout"`` section in ``config.json`` overrides them field by field."""

@@ -128,3 +128,84 @@ def wait_for(predicate, timeout: float = 30, interval: float = 0.1) -> bool:
             return True
         time.sleep(interval)
     return bool(predicate())
+
+
+_PLANE = re.compile(r"control plane listening on (http://\S+)")
+
+
+@dataclass
+class MonitorProcess:
+    """A running control plane (``modelloop monitor``) and what it printed."""
+
+    proc: subprocess.Popen[str]
+    url: str = ""
+    lines: list[str] = field(default_factory=list)
+    _pump: threading.Thread = field(default_factory=lambda: threading.Thread())
+
+    def output(self) -> str:
+        return "\n".join(self.lines)
+
+    def metric(self, name: str, **labels: str) -> float:
+        """The value of one sample of its ``/metrics`` (0 when absent)."""
+        text = httpx.get(f"{self.url}/metrics", timeout=10).text
+        want = ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()))
+        for line in text.splitlines():
+            head, _, value = line.rpartition(" ")
+            if head == (f"{name}{{{want}}}" if want else name):
+                return float(value)
+        return 0.0
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30) -> int:
+        """Signals the process by its PID and waits; kills it if it does not exit."""
+        if self.proc.poll() is None:
+            os.kill(self.proc.pid, sig)
+            try:
+                self.proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                os.kill(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(timeout=10)
+        if self.proc.stdout is not None:
+            self._pump.join(timeout=5)
+            self.proc.stdout.close()
+        return self.proc.returncode
+
+
+def start_monitor(
+    repo: Path | str, *extra: str, env: dict[str, str] | None = None, timeout: float = 90, port: int = 0
+) -> MonitorProcess:
+    """Runs ``python -m modelloop monitor --repo REPO --port PORT`` and waits until it listens.
+
+    Raises:
+        RuntimeError: The process exited or did not listen in time (it is stopped).
+    """
+    cmd = [sys.executable, "-m", "modelloop", "monitor", "--repo", str(repo), "--port", str(port), *extra]
+    proc = subprocess.Popen(
+        cmd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", **(env or {})},
+    )
+    plane = MonitorProcess(proc)
+
+    def pump() -> None:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            plane.lines.append(line.rstrip("\n"))
+
+    plane._pump = threading.Thread(target=pump, daemon=True)
+    plane._pump.start()
+    deadline = time.monotonic() + timeout
+    try:
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                raise RuntimeError(f"control plane exited with {proc.returncode}:\n{plane.output()}")
+            found = _PLANE.search(plane.output())
+            if found:
+                plane.url = found.group(1)
+                return plane
+            time.sleep(0.1)
+        raise RuntimeError(f"control plane not listening after {timeout} s:\n{plane.output()}")
+    except BaseException:
+        plane.stop(signal.SIGKILL)
+        raise

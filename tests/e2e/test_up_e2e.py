@@ -86,6 +86,21 @@ def test_up_trains_exports_serves_and_prints_a_working_curl_line(tmp_path: Path)
             feedback.group(1), json=label, headers={"authorization": f"Bearer {token}"}, timeout=10
         )
         assert answer.status_code == 404 and answer.json()["source"] == "default"  # authenticated, id unknown
+        # The control plane up started reads the server's log: the prediction above is in its window.
+        plane = re.search(r"control plane\s+(http://\S+)", text)
+        assert plane, text
+
+        def window_rows() -> float:
+            metrics = httpx.get(f"{plane.group(1)}/metrics", timeout=10).text
+            rows = [
+                line for line in metrics.splitlines() if line.startswith("modelloop_monitoring_window_rows{")
+            ]
+            return float(rows[0].rsplit(" ", 1)[1]) if rows else 0.0
+
+        deadline = time.monotonic() + 60
+        while window_rows() < 1 and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert window_rows() >= 1
     finally:
         if proc.poll() is None:
             os.kill(proc.pid, signal.SIGTERM)

@@ -1,0 +1,255 @@
+"""``modelloop monitor``: the control plane, the composition root of everything that watches.
+
+One process per store (on Kubernetes its own Deployment, one replica, ``Recreate``). It
+reads the prediction log that every server writes (workers and replicas alike), from a
+persisted cursor, so its drift windows, data quality, label-free estimate, accuracy from
+feedback and history cover all of the traffic once. It runs the retrain triggers (the
+in-process rules and the Alertmanager webhook), takes the labels (servers forward their
+feedback route here), draws the health page, and exports every monitoring metric once on
+its own ``/metrics``.
+
+Nothing here loads a model: the catalog is the repository as it is on disk
+(:class:`RepositoryCatalog`). A server with no control plane running serves and logs; the
+log waits until one reads it.
+
+Routes of the control plane's port (default 8502):
+
+- ``POST /v1/models/{name}/feedback``, ``GET /v1/models/{name}/feedback/sources``
+- ``POST /monitoring/alerts`` (admin token), ``GET /monitoring/models/{name}/history``,
+  ``GET /monitoring/health``
+- ``GET /`` (the health page), ``GET /metrics``, ``GET /healthz``
+
+Example:
+
+```python
+plane = ControlPlane(Path("models"), MonitoringSettings(state_dir=Path("state")), LabelerSettings())
+asyncio.run(plane.run(lambda url: print(url)))  # until SIGTERM
+```
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import uvloop
+from fastapi import FastAPI, Request, Response
+from fastapi.responses import HTMLResponse
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+
+from modelloop.errors import ModelloopError, ServiceError
+from modelloop.monitoring.http import (
+    HealthSection,
+    create_alerts_router,
+    create_feedback_router,
+    create_health_router,
+)
+from modelloop.monitoring.retraining import Retraining, build_retraining
+from modelloop.monitoring.service import MonitoringService
+from modelloop.monitoring.settings import LabelerSettings, MonitoringSettings
+from modelloop.monitoring.store import StoreUnavailable
+from modelloop.server import PEER_WAIT_S
+from modelloop.serving.errors import ModelNotFound
+from modelloop.serving.repository import ModelRepository
+from modelloop.serving.rest.errors import install_error_handlers
+from modelloop.serving.rest.server import bind_rest_socket
+from modelloop.serving.settings import ModelConfig
+from modelloop.serving.types import ModelState, VersionStatus
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_PORT = 8502
+"""The control plane's HTTP port."""
+MAX_BODY_BYTES = 64 * 1024 * 1024
+
+
+class RepositoryCatalog:
+    """The models of a repository as the control plane sees them: on disk, none loaded.
+
+    Each model's wanted versions (its ``config.json`` version policy) are AVAILABLE.
+
+    Args:
+        repository: The repository.
+    """
+
+    def __init__(self, repository: ModelRepository) -> None:
+        self._repository = repository
+
+    def model_names(self) -> list[str]:
+        """Every model in the repository, sorted."""
+        return sorted(self._repository.model_names())
+
+    def has_model(self, name: str) -> bool:
+        """Whether the repository holds the model."""
+        return name in self._repository.model_names()
+
+    def _config(self, name: str) -> ModelConfig:
+        if not self.has_model(name):
+            raise ModelNotFound(f"model {name!r} is not in the repository")
+        try:
+            return self._repository.read_config(name)
+        except ServiceError:
+            return ModelConfig()
+
+    def statuses(self, name: str) -> list[VersionStatus]:
+        """The versions the servers load, AVAILABLE."""
+        wanted = self._repository.wanted_versions(name, self._config(name))
+        return [VersionStatus(v, ModelState.AVAILABLE) for v in sorted(wanted)]
+
+    def model_options(self, name: str, key: str) -> dict[str, Any]:
+        """A free-form section of the model's ``config.json``, or ``{}``."""
+        return dict(getattr(self._config(name), key, {}) or {})
+
+
+def _page(section: HealthSection) -> str:
+    return (
+        '<!doctype html><html lang="en"><head><meta charset="utf-8">'
+        '<meta name="viewport" content="width=device-width, initial-scale=1">'
+        "<title>modelloop control plane</title></head><body><h1>modelloop control plane</h1>"
+        '<div id="models"></div>'
+        f"{section.html()}</body></html>"
+    )
+
+
+class ControlPlane:
+    """The control plane: the log's reader, the analysis, retraining and their HTTP surface.
+
+    Args:
+        repo: The model repository (local directory).
+        monitoring: Monitoring settings (store, state directory, thresholds, trigger).
+        labelers: The labelers' tokens. Defaults to none (feedback is unauthenticated).
+        admin_token: The admin token of the alert webhook. Defaults to None (webhook off).
+        host: Interface to bind. Defaults to 127.0.0.1.
+        port: Port; 0 picks a free one. Defaults to 8502.
+
+    Raises:
+        ModelloopError: The repository is missing or the store cannot be opened.
+    """
+
+    def __init__(
+        self,
+        repo: Path,
+        monitoring: MonitoringSettings,
+        labelers: LabelerSettings | None = None,
+        *,
+        admin_token: str | None = None,
+        host: str = "127.0.0.1",
+        port: int = DEFAULT_PORT,
+    ) -> None:
+        if not repo.is_dir():
+            raise ModelloopError(f"model repository {str(repo)!r} does not exist or is not a directory")
+        self.repo = repo
+        self.host = host
+        self.port = port
+        self.prometheus = CollectorRegistry()
+        try:
+            self.service = MonitoringService(
+                monitoring,
+                repo=repo,
+                catalog=RepositoryCatalog(ModelRepository(repo)),
+                registry=self.prometheus,
+                reads_log=True,
+                # Labels may arrive before the server that answered wrote its log buffer.
+                peer_wait_s=PEER_WAIT_S,
+            )
+        except StoreUnavailable as exc:
+            raise ModelloopError(f"cannot open the monitoring store: {exc.message}") from exc
+        if self.service.ingest is None:
+            raise ModelloopError("the control plane needs a SQL store (sqlite:/// or postgresql://)")
+        self.retraining: Retraining = build_retraining(monitoring, repo, self.service)
+        matcher = labelers.matcher() if labelers is not None else None
+        if not matcher:
+            logger.warning(
+                "feedback is unauthenticated: set MODELLOOP_FEEDBACK_TOKEN or MODELLOOP_FEEDBACK_TOKENS"
+            )
+        self.app = self._build_app(matcher, admin_token)
+        self._stop = asyncio.Event()
+        self.url = ""
+
+    def _build_app(self, matcher: Any, admin_token: str | None) -> FastAPI:
+        app = FastAPI(title="modelloop control plane", docs_url=None, redoc_url=None)
+        install_error_handlers(app)
+        app.include_router(create_feedback_router(self.service, MAX_BODY_BYTES, matcher))
+        app.include_router(create_alerts_router(self.retraining.alerts, admin_token, MAX_BODY_BYTES))
+        app.include_router(create_health_router(self.service))
+        section = HealthSection(self.service)
+        registry = self.prometheus
+        ingest = self.service.ingest
+
+        @app.get("/", response_class=HTMLResponse, include_in_schema=False)
+        async def page() -> HTMLResponse:
+            return HTMLResponse(_page(section))
+
+        @app.get("/metrics", include_in_schema=False)
+        async def metrics() -> Response:
+            return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+
+        @app.get("/healthz", include_in_schema=False)
+        async def healthz(request: Request) -> Response:
+            cursor = ingest.cursor if ingest is not None else 0
+            return Response(f'{{"live": true, "cursor": {cursor}}}', media_type="application/json")
+
+        return app
+
+    def request_stop(self) -> None:
+        """Asks the running control plane to stop (what SIGTERM does)."""
+        self._stop.set()
+
+    async def run(self, on_ready: Callable[[str], None] | None = None) -> int:
+        """Serves until SIGTERM or SIGINT; returns 0 after a clean stop.
+
+        Raises:
+            ModelloopError: The port cannot be bound.
+        """
+        import uvicorn
+
+        try:
+            sock = bind_rest_socket(self.host, self.port)
+        except OSError as exc:
+            raise ModelloopError(str(exc)) from exc
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self.request_stop)
+        await self.service.start()
+        config = uvicorn.Config(self.app, log_level="warning", lifespan="off")
+        server = uvicorn.Server(config)
+        server.install_signal_handlers = lambda: None  # type: ignore[method-assign]
+        task = asyncio.create_task(server.serve(sockets=[sock]), name="control-plane")
+        while not server.started and not task.done():
+            await asyncio.sleep(0.01)
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        self.url = f"http://{host}:{sock.getsockname()[1]}"
+        if on_ready is not None:
+            on_ready(self.url)
+        stop = asyncio.create_task(self._stop.wait())
+        await asyncio.wait({stop, task}, return_when=asyncio.FIRST_COMPLETED)
+        server.should_exit = True
+        await asyncio.gather(task, return_exceptions=True)
+        stop.cancel()
+        await self.retraining.close()
+        await self.service.stop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)
+        sock.close()
+        return 0
+
+
+def print_ready(url: str) -> None:
+    """The line tests, ``up`` and users read."""
+    print(f"modelloop: control plane listening on {url}", file=sys.stdout, flush=True)
+
+
+def monitor(plane_args: dict[str, Any], on_ready: Callable[[str], None] | None = None) -> int:
+    """Builds a :class:`ControlPlane` from keyword arguments and runs it until SIGTERM."""
+
+    async def main() -> int:
+        plane = ControlPlane(**plane_args)
+        return await plane.run(on_ready or print_ready)
+
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        return runner.run(main())
