@@ -321,7 +321,20 @@ def test_gpu_overlay() -> None:
 
 def test_postgres_overlay_scales_out_on_a_shared_store() -> None:
     docs = render("overlays/postgres")
-    assert _one(docs, "Deployment")["spec"]["replicas"] > 1
+    assert _one(docs, "Deployment", "modelloop")["spec"]["replicas"] > 1
+    # One control plane reads every replica's log: one replica, never two side by side.
+    plane = _one(docs, "Deployment", "modelloop-monitor")
+    assert plane["spec"]["replicas"] == 1 and plane["spec"]["strategy"]["type"] == "Recreate"
+    (monitor,) = plane["spec"]["template"]["spec"]["containers"]
+    assert monitor["command"][:2] == ["modelloop", "monitor"] and monitor["image"] == _server(docs)["image"]
+    plane_env = {e["name"]: e for e in monitor["env"]}
+    assert (
+        plane_env["MODELLOOP_MONITORING_STORE_URL"]["valueFrom"]["secretKeyRef"]["name"] == "modelloop-store"
+    )
+    service = _one(docs, "Service", "modelloop-monitor")
+    assert service["spec"]["ports"][0]["port"] == 8502
+    server_env = {e["name"]: e for e in _server(docs)["env"]}
+    assert server_env["MODELLOOP_CONTROL_PLANE_URL"]["value"] == "http://modelloop-monitor:8502"
     hpa = _one(docs, "HorizontalPodAutoscaler")
     assert hpa["spec"]["minReplicas"] >= 2 and hpa["spec"]["maxReplicas"] > hpa["spec"]["minReplicas"]
     store = next(e for e in _server(docs)["env"] if e["name"] == "MODELLOOP_MONITORING_STORE_URL")
