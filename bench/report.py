@@ -58,6 +58,8 @@ class Target:
     minimum: float | None = None
     maximum: float | None = None
     metric: str = "rows_per_s"  # or "p50_ms", "p99_ms", "cpu_us", "ready_s", "rss_mib"
+    difference: bool = False
+    """The value is numerator - denominator (the logger's own CPU), not their ratio."""
 
 
 _REST32, _ASGI32 = "ours.tfserving_rest.c32", "asgi.tfserving_rest.c32"
@@ -88,6 +90,28 @@ TARGETS: tuple[Target, ...] = (
         maximum=3.0,
         metric="cpu_us",
     ),
+    Target(
+        "monitoring on (log to a control plane) / --no-monitoring, CPU per TF Serving REST request",
+        "split.tfserving_rest.c32",
+        "nomon.tfserving_rest.c32",
+        maximum=1.10,
+        metric="cpu_us",
+    ),
+    Target(
+        "monitoring on (log to a control plane) / --no-monitoring, CPU per OIP gRPC ModelInfer",
+        "split.v2_grpc.c32",
+        "nomon.v2_grpc.c32",
+        maximum=1.10,
+        metric="cpu_us",
+    ),
+    Target(
+        "the logger's serving CPU per logged prediction (µs, REST, one row per request)",
+        "split.tfserving_rest.c32",
+        "nomon.tfserving_rest.c32",
+        maximum=5.0,
+        metric="cpu_us",
+        difference=True,
+    ),
     Target("ONNX server RSS after load (MiB)", "ours", maximum=300.0, metric="rss_mib"),
     Target("ONNX server ready after launch (s)", "ours", maximum=5.0, metric="ready_s"),
     Target(
@@ -103,6 +127,12 @@ COMPARISONS: tuple[Target, ...] = (
     Target("TF Serving REST :predict / FastAPI no-op (32 conn)", _REST32, "ceiling.tfserving_rest.c32"),
     Target("FastAPI no-op / bare ASGI no-op (32 conn)", "ceiling.tfserving_rest.c32", _ASGI32),
     Target("ours TF Serving REST / tutorial baseline (32 conn)", _REST32, "tutorial.c32"),
+    Target(
+        "monitoring read in the server / logged to a control plane, CPU per REST request",
+        _REST32,
+        "split.tfserving_rest.c32",
+        metric="cpu_us",
+    ),
 )
 
 
@@ -155,7 +185,9 @@ class Report:
                 refs = [self._value(name, t.metric) for name in names]
                 a = self._value(t.numerator, t.metric)
                 b = min((r for r in refs if r is not None), default=None)
-                if a is not None and b and None not in refs:
+                if t.difference and a is not None and b is not None and None not in refs:
+                    value = a - b
+                elif a is not None and b and None not in refs:
                     value = a / b
             met: bool | None = None
             if value is not None and (t.minimum is not None or t.maximum is not None):

@@ -21,6 +21,7 @@ import datetime as dt
 import json
 import os
 import platform
+import re
 import shlex
 import shutil
 import subprocess
@@ -186,6 +187,23 @@ def state_env(name: str) -> dict[str, str]:
     path = Path(tempfile.gettempdir()) / f"modelloop-bench-state-{os.getpid()}" / name
     shutil.rmtree(path, ignore_errors=True)
     return {"MODELLOOP_MONITORING_STATE_DIR": str(path), "MODELLOOP_MONITORING_TRIGGER": "none"}
+
+
+def start_control_plane(repo: Path, env: dict[str, str]) -> Proc:
+    """``modelloop monitor`` on the load CPU (its CPU is not the server's), on ``env``'s state."""
+    argv = ["-m", "modelloop", "monitor", "--repo", str(repo), "--port", "0"]
+    proc = processes.start("monitor", argv, needs=(), ready_path=None, env=env, cpu=loadgen.LOAD_CPU)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        found = re.search(r"control plane listening on (http://\S+)", proc.output())
+        if found:
+            proc.rest_url = found.group(1)
+            return proc
+        if proc.popen.poll() is not None:
+            break
+        time.sleep(0.1)
+    proc.stop()
+    raise RuntimeError(f"the control plane did not start:\n{proc.output()[-4000:]}")
 
 
 def start_tree_server(tree: Path, repo: Path, site: Path) -> Proc:
@@ -411,6 +429,31 @@ def run_suite(args: argparse.Namespace, assets: Assets, bodies_dir: Path, report
                     sink = stack.enter_context(otlp_sink())
                     stack.callback(lambda: log(f"OTLP sink: {sink.posts} posts, {sink.bytes:,} bytes"))
                     traced = {"OTEL_TRACES_EXPORTER": "otlp", "OTEL_EXPORTER_OTLP_ENDPOINT": sink.url}
+                # Monitoring's cost on the serving CPU: the same server with no monitoring,
+                # and one that only logs while a control plane (on the load CPU, not
+                # counted) reads the log.
+                servers["nomon"] = stack.enter_context(
+                    running(
+                        lambda: processes.start(
+                            "nomon",
+                            [*serve_args(assets.digits_repo), "--no-monitoring"],
+                            env=state_env("nomon"),
+                        )
+                    )
+                )
+                split_env = state_env("split")
+                plane = stack.enter_context(
+                    running(lambda: start_control_plane(assets.digits_repo, split_env))
+                )
+                servers["split"] = stack.enter_context(
+                    running(
+                        lambda: processes.start(
+                            "split",
+                            [*serve_args(assets.digits_repo), "--control-plane", plane.rest_url],
+                            env=split_env,
+                        )
+                    )
+                )
                 for variant, extra in args.variant:
                     env = {**state_env(variant), **(traced if variant == "traced" else {})}
                     servers[variant] = stack.enter_context(
@@ -449,6 +492,7 @@ def run_suite(args: argparse.Namespace, assets: Assets, bodies_dir: Path, report
                 else:
                     order = [("ceiling_grpc", "ceiling", "reference")]
                 order.append(("ours", "ours", "ours"))
+                order += [("nomon", "nomon", "compare"), ("split", "split", "compare")]
                 order += [(tree_name, tree_name, "compare") for tree_name, _ in args.compare_tree]
                 order += [(variant, variant, "compare") for variant, _ in args.variant]
                 for name, _, _ in order:
