@@ -65,7 +65,9 @@ def fleet(digits_repo: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterat
                     timeout=180,
                 )
             )
-        yield Fleet(digits_repo, state, plane, replicas)
+        fleet = Fleet(digits_repo, state, plane, replicas)
+        yield fleet
+        plane = fleet.plane  # a test may have restarted it
     finally:
         for replica in replicas:
             replica.stop()
