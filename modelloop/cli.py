@@ -222,15 +222,7 @@ def _add_server_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     parser.add_argument("--tls-cert", type=Path, default=None, help="PEM certificate: TLS on both ports")
     parser.add_argument("--tls-key", type=Path, default=None, help="PEM private key of --tls-cert")
-    parser.add_argument(
-        "--store",
-        default=None,
-        metavar="URL",
-        help="prediction and feedback store: sqlite:///PATH or postgresql://... (default: SQLite)",
-    )
-    parser.add_argument(
-        "--state-dir", type=Path, default=None, metavar="DIR", help="monitoring state (default: ./.modelloop)"
-    )
+    _add_store_arguments(parser)
     parser.add_argument(
         "--no-monitoring", action="store_true", help="no prediction log, feedback, drift or accuracy"
     )

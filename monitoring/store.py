@@ -107,6 +107,21 @@ _WRITE_OPTION = "modelloop_write"
 # Key of the advisory lock that serialises schema creation across PostgreSQL replicas.
 _SCHEMA_LOCK_KEY = 7283740001
 
+# The feedback table keeps one label per (prediction, source); older databases kept one per
+# prediction and are rebuilt with the wider key (their rows all fit it).
+_FEEDBACK_COLUMNS = "model, request_id, version, created, n_labels, targets, source, quarantined"
+_FEEDBACK_TABLE = """CREATE TABLE {name} (
+        model TEXT NOT NULL,
+        request_id TEXT NOT NULL,
+        version INTEGER NOT NULL,
+        created DOUBLE PRECISION NOT NULL,
+        n_labels INTEGER NOT NULL,
+        targets TEXT NOT NULL,
+        source TEXT NOT NULL DEFAULT 'anonymous',
+        quarantined INTEGER NOT NULL DEFAULT 0,
+        PRIMARY KEY (model, request_id, source)
+    )"""
+
 _SCHEMA = tuple(
     sa.text(statement)
     for statement in (
@@ -126,17 +141,7 @@ _SCHEMA = tuple(
         PRIMARY KEY (model, request_id)
     )""",
         "CREATE INDEX IF NOT EXISTS predictions_created ON predictions (created)",
-        """CREATE TABLE IF NOT EXISTS feedback (
-        model TEXT NOT NULL,
-        request_id TEXT NOT NULL,
-        version INTEGER NOT NULL,
-        created DOUBLE PRECISION NOT NULL,
-        n_labels INTEGER NOT NULL,
-        targets TEXT NOT NULL,
-        source TEXT NOT NULL DEFAULT 'anonymous',
-        quarantined INTEGER NOT NULL DEFAULT 0,
-        PRIMARY KEY (model, request_id, source)
-    )""",
+        _FEEDBACK_TABLE.format(name="IF NOT EXISTS feedback"),
         "CREATE INDEX IF NOT EXISTS feedback_version ON feedback (model, version, created)",
     )
 )
@@ -150,20 +155,6 @@ _ADDED_COLUMNS = (
     ("predictions", "input_hash", "TEXT NOT NULL DEFAULT ''"),
     ("predictions", "ambiguous", "INTEGER NOT NULL DEFAULT 0"),
 )
-# The feedback table keeps one label per (prediction, source); older databases kept one per
-# prediction and are rebuilt with the wider key (their rows all fit it).
-_FEEDBACK_COLUMNS = "model, request_id, version, created, n_labels, targets, source, quarantined"
-_FEEDBACK_TABLE = """CREATE TABLE {name} (
-        model TEXT NOT NULL,
-        request_id TEXT NOT NULL,
-        version INTEGER NOT NULL,
-        created DOUBLE PRECISION NOT NULL,
-        n_labels INTEGER NOT NULL,
-        targets TEXT NOT NULL,
-        source TEXT NOT NULL DEFAULT 'anonymous',
-        quarantined INTEGER NOT NULL DEFAULT 0,
-        PRIMARY KEY (model, request_id, source)
-    )"""
 _STATS_TABLE = "feedback_stats"
 _SCHEMA_AFTER_COLUMNS = tuple(
     sa.text(statement)

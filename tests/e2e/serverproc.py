@@ -51,6 +51,19 @@ class ServerProcess:
         return self.proc.returncode
 
 
+def _pump(proc: subprocess.Popen[str], lines: list[str]) -> threading.Thread:
+    """Starts a thread that collects the process's output lines."""
+
+    def pump() -> None:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            lines.append(line.rstrip("\n"))
+
+    thread = threading.Thread(target=pump, daemon=True)
+    thread.start()
+    return thread
+
+
 def start_server(
     repo: Path | str,
     *extra: str,
@@ -88,14 +101,7 @@ def start_server(
         env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", **(env or {})},
     )
     server = ServerProcess(proc)
-
-    def pump() -> None:
-        assert proc.stdout is not None
-        for line in proc.stdout:
-            server.lines.append(line.rstrip("\n"))
-
-    server._pump = threading.Thread(target=pump, daemon=True)
-    server._pump.start()
+    server._pump = _pump(proc, server.lines)
     deadline = time.monotonic() + timeout
     try:
         while time.monotonic() < deadline:
@@ -187,14 +193,7 @@ def start_monitor(
         env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", **(env or {})},
     )
     plane = MonitorProcess(proc)
-
-    def pump() -> None:
-        assert proc.stdout is not None
-        for line in proc.stdout:
-            plane.lines.append(line.rstrip("\n"))
-
-    plane._pump = threading.Thread(target=pump, daemon=True)
-    plane._pump.start()
+    plane._pump = _pump(proc, plane.lines)
     deadline = time.monotonic() + timeout
     try:
         while time.monotonic() < deadline:
