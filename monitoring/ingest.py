@@ -194,8 +194,8 @@ class LogIngest:
             if self._cursor is None:
                 self._cursor = self.log.cursor()
             segments = self.log.read(self._cursor, self.batch_segments)
+            self._maybe_prune()
             if not segments:
-                self._maybe_prune()
                 return 0
             items: list[tuple[Any, ...]] = []
             for seq, payload in segments:

@@ -12,7 +12,8 @@ segments older than ``settle_s`` (a transaction of one INSERT commits well withi
 never moves its cursor past a gap younger than that.
 
 The cursor is a row of ``log_cursors (name, seq)``. Segments the cursor passed are pruned
-after ``retention_s``.
+after ``retention_s`` (a day), or sooner beyond ``max_segments``; segments not read yet are
+never pruned.
 
 Example:
 
@@ -68,6 +69,10 @@ _SET_CURSOR = sa.text(
 _LAST = sa.text("SELECT COALESCE(MAX(seq), 0) FROM prediction_log")
 _BACKLOG = sa.text("SELECT COUNT(*), COALESCE(SUM(rows), 0) FROM prediction_log WHERE seq > :after")
 _PRUNE = sa.text("DELETE FROM prediction_log WHERE seq <= :upto AND created < :cutoff")
+_NTH_READ = sa.text(
+    "SELECT seq FROM prediction_log WHERE seq <= :upto ORDER BY seq DESC LIMIT 1 OFFSET :keep"
+)
+_PRUNE_UPTO = sa.text("DELETE FROM prediction_log WHERE seq <= :upto")
 _SINCE = sa.text(
     "SELECT seq, payload FROM prediction_log WHERE created >= :since AND seq > :after "
     "ORDER BY seq LIMIT :limit"
@@ -82,15 +87,23 @@ class SqlPredictionLog:
         settle_s: On PostgreSQL, how old a segment must be before it is read (so that
             a writer that committed late is not skipped). Defaults to 1.0.
         retention_s: How long a read segment is kept (for ``modelloop log export``).
-            Defaults to 7 days.
+            Defaults to one day.
+        max_segments: Most read segments kept (a busy server writes four a second).
+            Defaults to 20000.
     """
 
     def __init__(
-        self, store: SqlPredictionStore, *, settle_s: float = 1.0, retention_s: float = 7 * 86400.0
+        self,
+        store: SqlPredictionStore,
+        *,
+        settle_s: float = 1.0,
+        retention_s: float = 86400.0,
+        max_segments: int = 20_000,
     ) -> None:
         self.store = store
         self.settle_s = settle_s if store.dialect == "postgresql" else 0.0
         self.retention_s = retention_s
+        self.max_segments = max_segments
         self._ready = False
         self._lock = threading.Lock()
 
@@ -189,16 +202,23 @@ class SqlPredictionLog:
         return [(int(seq), bytes(payload)) for seq, payload in self.store.transaction(work, write=False)]
 
     def prune(self, upto: int, now: float | None = None) -> int:
-        """Deletes segments at or before ``upto`` (read already) that are older than the retention.
+        """Deletes read segments (at or before ``upto``) older than the retention, or beyond ``max_segments``.
 
         Returns:
             Segments deleted.
         """
         self._ensure()
         cutoff = (time.time() if now is None else now) - self.retention_s
-        return self.store.transaction(
-            lambda conn: max(conn.execute(_PRUNE, {"upto": upto, "cutoff": cutoff}).rowcount, 0), write=True
-        )
+
+        def work(conn: Connection) -> int:
+            deleted = max(conn.execute(_PRUNE, {"upto": upto, "cutoff": cutoff}).rowcount, 0)
+            # Past the bound, the oldest read segments go whatever their age.
+            row = conn.execute(_NTH_READ, {"upto": upto, "keep": self.max_segments}).first()
+            if row is not None:
+                deleted += max(conn.execute(_PRUNE_UPTO, {"upto": int(row[0])}).rowcount, 0)
+            return deleted
+
+        return self.store.transaction(work, write=True)
 
 
 def export_parquet(log: SqlPredictionLog, model: str, since: float, out: Path) -> int:

@@ -125,3 +125,17 @@ def test_export_writes_parquet_one_row_per_logged_prediction(
     assert table.column("inputs").to_pylist()[2] == [2.0] * 4
     assert export_parquet(log, "digits", 0, out) == 5  # the segment times, then the row times
     assert export_parquet(log, "nope", 0, out) == 0 and pq.read_table(out).num_rows == 0
+
+
+def test_read_segments_are_pruned_by_age_and_count_unread_ones_never(store: SqlPredictionStore) -> None:
+    log = SqlPredictionLog(store, settle_s=0.0, retention_s=3600.0, max_segments=2)
+    for n in range(5):
+        log.append(_segment(f"p{n}-", 1), rows=1)
+    # Nothing read yet: nothing goes, however many there are.
+    assert log.prune(0) == 0 and log.last() == 5
+    # Read up to 4: 2 of them are kept, and the unread 5th.
+    assert log.prune(4) == 2
+    assert [seq for seq, _ in log.read(0)] == [3, 4, 5]
+    # A day later every read segment is past the retention.
+    assert log.prune(4, now=time.time() + 2 * 3600) == 2
+    assert [seq for seq, _ in log.read(0)] == [5]
