@@ -154,6 +154,7 @@ class ControlPlane:
                 catalog=RepositoryCatalog(ModelRepository(repo)),
                 registry=self.prometheus,
                 reads_log=True,
+                traffic_from_log=True,
                 # Labels may arrive before the server that answered wrote its log buffer.
                 peer_wait_s=PEER_WAIT_S,
             )

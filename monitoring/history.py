@@ -27,8 +27,9 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import sqlalchemy as sa
-from prometheus_client import CollectorRegistry
+from prometheus_client import CollectorRegistry, Counter, Histogram
 
 if TYPE_CHECKING:
     from modelloop.monitoring.service import EvaluationReport
@@ -141,6 +142,42 @@ def _quantile(q: float, buckets: dict[float, float]) -> float | None:
     return previous_bound
 
 
+_LOGGED_BUCKETS = (
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+)  # fmt: skip
+
+
+class LoggedTraffic:
+    """Request counts and latencies of the logged requests, for a control plane's history.
+
+    A control plane has no serving metrics of its own: it counts what it reads from the
+    prediction log (answered requests and their ``latency_s``) in a private registry, under
+    the serving metrics' names, so that :class:`TrafficMeter` reads it as it reads a
+    server's. Failed requests are not logged: their rate stays on the servers' ``/metrics``.
+    """
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self._requests = Counter(
+            _REQUESTS, "Logged requests.", ["model", "version", "code"], registry=self.registry
+        )
+        self._duration = Histogram(
+            _DURATION,
+            "Logged latencies.",
+            ["model", "version"],
+            buckets=_LOGGED_BUCKETS,
+            registry=self.registry,
+        )
+
+    def add(self, model: str, version: int, latencies: np.ndarray) -> None:
+        """Counts answered requests of one version with their latencies in seconds."""
+        v = str(version)
+        self._requests.labels(model, v, "OK").inc(len(latencies))
+        histogram = self._duration.labels(model, v)
+        for seconds in latencies.tolist():
+            histogram.observe(seconds)
+
+
 class TrafficMeter:
     """Request rate, error rate and p99 per version, from the server's Prometheus registry.
 
@@ -148,10 +185,13 @@ class TrafficMeter:
 
     Args:
         registry: The registry the serving metrics live on.
+        errors: Whether the registry counts failed requests (a control plane's logged
+            traffic does not: its error rate is unknown, not 0). Defaults to True.
     """
 
-    def __init__(self, registry: CollectorRegistry) -> None:
+    def __init__(self, registry: CollectorRegistry, *, errors: bool = True) -> None:
         self.registry = registry
+        self.errors = errors
         self._previous: dict[tuple[str, int], _Totals] = {}
         self._previous_t: float | None = None
 
@@ -206,7 +246,7 @@ class TrafficMeter:
                 )
             reports[key] = TrafficReport(
                 request_rate=requests / elapsed,
-                error_rate=errors / requests if requests > 0 else None,
+                error_rate=errors / requests if requests > 0 and self.errors else None,
                 p99_seconds=p99,
             )
         return reports

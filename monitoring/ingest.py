@@ -34,6 +34,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
+from modelloop.monitoring.history import LoggedTraffic
 from modelloop.monitoring.metrics import MonitoringMetrics
 from modelloop.monitoring.observer import MonitoringObserver
 from modelloop.monitoring.predlog_store import SqlPredictionLog
@@ -114,6 +115,8 @@ class LogIngest:
         batch_segments: Most segments read at a time. Defaults to 32.
         prune: Whether this reader prunes the segments it read (one reader does).
             Defaults to True.
+        traffic: Where the requests read are counted with their latencies (a control
+            plane's history). Defaults to None.
     """
 
     def __init__(
@@ -125,7 +128,9 @@ class LogIngest:
         interval_s: float = 0.2,
         batch_segments: int = 32,
         prune: bool = True,
+        traffic: LoggedTraffic | None = None,
     ) -> None:
+        self.traffic = traffic
         self.log = log
         self.observer = observer
         self.metrics = metrics
@@ -202,6 +207,8 @@ class LogIngest:
                 try:
                     for batch in decode_segment(payload):
                         items.extend(decode_requests(batch))
+                        if self.traffic is not None:
+                            self._count(batch)
                 except (ValueError, KeyError, pa.ArrowException) as exc:
                     self.skipped += 1
                     self.metrics.log_segments_skipped.inc()
@@ -212,6 +219,16 @@ class LogIngest:
             self.log.advance(last)
             self._cursor = last
             return len(segments)
+
+    def _count(self, batch: pa.RecordBatch) -> None:
+        assert self.traffic is not None  # noqa: S101 - the caller checked
+        first = batch.column("row").to_numpy() == 0
+        models = np.asarray(batch.column("model").to_pylist(), dtype=object)[first]
+        versions = batch.column("version").to_numpy()[first]
+        latencies = batch.column("latency_s").to_numpy()[first]
+        for model, version in {(str(m), int(v)) for m, v in zip(models, versions, strict=True)}:
+            mine = (models == model) & (versions == version)
+            self.traffic.add(model, version, latencies[mine])
 
     def catch_up(self, timeout: float = 5.0) -> bool:
         """Reads until the cursor reaches the log's newest segment as of this call.

@@ -55,7 +55,7 @@ from modelloop.monitoring.accuracy import AccuracyReport, score_labelled
 from modelloop.monitoring.drift import DriftDetector, DriftReport
 from modelloop.monitoring.estimation import AccuracyEstimator, EstimateReport
 from modelloop.monitoring.histogram import FeatureHistogram, feature_histograms
-from modelloop.monitoring.history import TrafficMeter, TrafficReport, history_point
+from modelloop.monitoring.history import LoggedTraffic, TrafficMeter, TrafficReport, history_point
 from modelloop.monitoring.ingest import LogIngest
 from modelloop.monitoring.metrics import MonitoringMetrics
 from modelloop.monitoring.observer import MonitoringObserver, VersionInfo
@@ -189,6 +189,9 @@ class MonitoringService:
         reads_log: Whether this service reads the prediction log (the control plane:
             one process per store). Others only join labels to what it stored. Defaults
             to False.
+        traffic_from_log: Whether request rates and latencies come from the log rather
+            than from serving metrics on ``registry`` (a control plane has none). Defaults
+            to False.
 
     Raises:
         StoreUnavailable: The default SQLite store cannot be opened.
@@ -211,6 +214,7 @@ class MonitoringService:
         prune: bool = True,
         peer_wait_s: float = 0.0,
         reads_log: bool = False,
+        traffic_from_log: bool = False,
     ) -> None:
         self.settings = settings
         self.prune = prune
@@ -241,8 +245,9 @@ class MonitoringService:
         self.log: SqlPredictionLog | None = (
             SqlPredictionLog(self.store) if isinstance(self.store, SqlPredictionStore) else None
         )
+        logged = LoggedTraffic() if traffic_from_log else None
         self.ingest: LogIngest | None = (
-            LogIngest(self.log, self.observer, self.metrics, prune=prune)
+            LogIngest(self.log, self.observer, self.metrics, prune=prune, traffic=logged)
             if reads_log and self.log is not None
             else None
         )
@@ -260,7 +265,9 @@ class MonitoringService:
         # The retraining half's label gate, when retraining is on (the health page shows its skips).
         self.retrain_gate: NewLabelsGate | None = None
         self._last_prune = 0.0
-        self.traffic = TrafficMeter(registry)
+        self.traffic = (
+            TrafficMeter(logged.registry, errors=False) if logged is not None else TrafficMeter(registry)
+        )
         self._traffic: dict[tuple[str, int], TrafficReport] = {}
 
     # -- listeners -------------------------------------------------------------------

@@ -139,3 +139,22 @@ def test_read_segments_are_pruned_by_age_and_count_unread_ones_never(store: SqlP
     # A day later every read segment is past the retention.
     assert log.prune(4, now=time.time() + 2 * 3600) == 2
     assert [seq for seq, _ in log.read(0)] == [5]
+
+
+def test_a_control_plane_counts_the_logged_traffic_for_its_history(store: SqlPredictionStore) -> None:
+    from modelloop.monitoring.history import LoggedTraffic, TrafficMeter
+
+    traffic = LoggedTraffic()
+    metrics = MonitoringMetrics(CollectorRegistry())
+    observer = MonitoringObserver(store, WindowSet(100), metrics, lambda m, v: VersionInfo("multiclass", 3))
+    log = SqlPredictionLog(store, settle_s=0.0)
+    ingest = LogIngest(log, observer, metrics, traffic=traffic)
+    meter = TrafficMeter(traffic.registry, errors=False)
+    assert meter.measure(now=0.0) == {}
+    log.append(_segment("t", 40), rows=40)
+    assert ingest.catch_up(timeout=10)
+    report = meter.measure(now=10.0)[("digits", 1)]
+    assert report.request_rate == pytest.approx(4.0)  # 40 requests in 10 s
+    assert report.error_rate is None  # failed requests are not logged: unknown, not 0
+    # 0.001 s as float32 is a hair above the 1 ms bound: the 2.5 ms bucket.
+    assert report.p99_seconds is not None and 0.001 <= report.p99_seconds <= 0.0025
