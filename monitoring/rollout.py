@@ -810,8 +810,10 @@ class RolloutController:
 
         Raises:
             ServiceError: NOT_FOUND for an unknown model, or one that never had a rollout.
+            RepositoryMismatch: The store describes another repository.
             StoreUnavailable: The store cannot be reached.
         """
+        self.bind()
         if not self.catalog.has_model(model):
             raise ServiceError(f"model {model!r} is not in the repository", ErrorCode.NOT_FOUND)
         self.policy(model)

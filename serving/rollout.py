@@ -219,12 +219,10 @@ class RolloutCoordinator:
 
     @staticmethod
     def _keep_out(model: str, state: _ModelRollout, kept: dict[int, str]) -> None:
-        """Notes the versions kept out; logs each one when it starts (or stops) being kept out."""
+        """Notes the versions kept out; logs each one when it starts being kept out (or why changes)."""
         for version, why in sorted(kept.items()):
             if state.kept_out.get(version) != why:
                 logger.warning("model %s: %s", model, why)
-        for version in sorted(set(state.kept_out) - set(kept)):
-            logger.info("model %s: version %s is no longer kept out by the rollout state", model, version)
         state.kept_out = kept
 
     def pair(self, model: str) -> tuple[int, int] | None:
