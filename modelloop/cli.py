@@ -15,7 +15,10 @@ from typing import Any
 
 from modelloop import __version__
 from modelloop.errors import ModelloopError
-from modelloop.storage import parse_repository
+from modelloop.storage import default_state_dir, parse_repository
+
+STATE_DIR_DEFAULT = "$XDG_STATE_HOME/modelloop/<repo name>-<hash of its path>, ~/.local/state/... without it"
+"""Where the state of a repository goes unless ``--state-dir`` says (see ``default_state_dir``)."""
 
 REPO_HELP = "model repository: a directory, file:///path or s3://bucket/prefix"
 
@@ -148,6 +151,12 @@ def _add_log_parser(sub: Any) -> None:
         help="logged at or after T: Unix seconds or ISO 8601 (default: everything kept)",
     )
     export.add_argument("--out", type=Path, required=True, metavar="FILE", help="the Parquet file to write")
+    export.add_argument(
+        "--repo",
+        default="models",
+        metavar="REPO",
+        help="the repository whose state holds the log (default: ./models)",
+    )
     _add_store_arguments(export)
 
 
@@ -159,7 +168,11 @@ def _add_store_arguments(parser: argparse.ArgumentParser) -> None:
         help="prediction and feedback store: sqlite:///PATH or postgresql://... (default: SQLite)",
     )
     parser.add_argument(
-        "--state-dir", type=Path, default=None, metavar="DIR", help="monitoring state (default: ./.modelloop)"
+        "--state-dir",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help=f"monitoring state (default: {STATE_DIR_DEFAULT})",
     )
 
 
@@ -173,7 +186,11 @@ def _add_retrain_parser(sub: Any) -> None:
         "--store", default=None, metavar="URL", help="feedback store (default: the monitoring store)"
     )
     retrain.add_argument(
-        "--state-dir", type=Path, default=None, metavar="DIR", help="run records (default: ./.modelloop)"
+        "--state-dir",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help=f"run records (default: {STATE_DIR_DEFAULT})",
     )
     retrain.add_argument("--epochs", type=_positive, default=None, help="most epochs (default: config.json)")
     retrain.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
@@ -194,14 +211,29 @@ def _add_simulate_parser(sub: Any) -> None:
         type=Path,
         default=None,
         metavar="PATH",
-        help="labeler token for the feedback (default: $MODELLOOP_FEEDBACK_TOKEN, else "
-        "./.modelloop/feedback.token when it exists)",
+        help="labeler token for the feedback (default: $MODELLOOP_FEEDBACK_TOKEN, else the "
+        "feedback.token `up` wrote in the state directory, when it exists)",
+    )
+    simulate.add_argument(
+        "--repo",
+        default="models",
+        metavar="REPO",
+        help="the repository the server serves, to find its state directory (default: ./models)",
+    )
+    simulate.add_argument(
+        "--state-dir",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help=f"the server's state directory (default: {STATE_DIR_DEFAULT})",
     )
 
 
 def _add_rollout_parser(sub: Any) -> None:
-    rollout = sub.add_parser("rollout", help="show, promote, roll back or pause a model's rollout")
-    rollout.add_argument("action", choices=["status", "promote", "rollback", "pause"])
+    rollout = sub.add_parser(
+        "rollout", help="show, promote, roll back or pause a model's rollout, or clear its state"
+    )
+    rollout.add_argument("action", choices=["status", "promote", "rollback", "pause", "clear"])
     rollout.add_argument("name", help="the model")
     rollout.add_argument("--url", required=True, help="REST base URL, e.g. http://127.0.0.1:8501")
     rollout.add_argument(
@@ -209,7 +241,7 @@ def _add_rollout_parser(sub: Any) -> None:
         type=Path,
         default=None,
         metavar="PATH",
-        help="admin token for promote, rollback, pause (default: $MODELLOOP_ADMIN_TOKEN)",
+        help="admin token for promote, rollback, pause, clear (default: $MODELLOOP_ADMIN_TOKEN)",
     )
 
 
@@ -412,9 +444,22 @@ def _serving_settings(args: argparse.Namespace) -> tuple[Any, Any, Any]:
     if args.state_dir is not None:
         monitoring["state_dir"] = args.state_dir
     try:
-        return ServingSettings(**overrides), MonitoringSettings(**monitoring), LabelerSettings()
+        settings = MonitoringSettings(**monitoring)
+        return ServingSettings(**overrides), with_default_state_dir(settings, location), LabelerSettings()
     except ValidationError as exc:
         raise _settings_error(exc) from None
+
+
+def with_default_state_dir(monitoring: Any, location: Any) -> Any:
+    """The monitoring settings with the repository's own state directory, unless one was given.
+
+    ``--state-dir`` or ``MODELLOOP_MONITORING_STATE_DIR`` win; otherwise the state goes
+    where :func:`modelloop.storage.default_state_dir` says, the same for every command
+    that names the repository, wherever it runs from.
+    """
+    if "state_dir" in monitoring.model_fields_set:
+        return monitoring
+    return monitoring.model_copy(update={"state_dir": default_state_dir(location)})
 
 
 def _repository_cache(location: Any) -> Path:
@@ -552,18 +597,20 @@ def _cmd_retrain(args: argparse.Namespace) -> int:
     from pydantic import ValidationError
 
     from modelloop import layout
+    from modelloop.monitoring.binding import RepositoryMismatch, repository_identity
     from modelloop.monitoring.quarantine import SourceQuarantine
     from modelloop.monitoring.settings import MonitoringSettings, resolve_quarantine
     from modelloop.monitoring.store import StoreUnavailable, open_store
     from modelloop.monitoring.trigger import EXIT_BLESSED, EXIT_FAILED, EXIT_REJECTED
     from modelloop.retrain import RetrainSettings, format_gate_report, retrain
 
-    repo = parse_repository(args.repo).local_path("modelloop retrain")
+    location = parse_repository(args.repo)
+    repo = location.local_path("modelloop retrain")
     _quiet_tensorflow()
     _setup_logging(args.log_level)
     overrides = {k: v for k, v in (("store_url", args.store), ("state_dir", args.state_dir)) if v is not None}
     try:
-        monitoring = MonitoringSettings(**overrides)
+        monitoring = with_default_state_dir(MonitoringSettings(**overrides), location)
     except ValidationError as exc:
         raise ModelloopError(f"invalid setting: {exc.errors()[0]['msg']}") from None
     settings = RetrainSettings.for_model(repo / args.name, epochs=args.epochs)
@@ -579,6 +626,15 @@ def _cmd_retrain(args: argparse.Namespace) -> int:
     try:
         store = open_store(monitoring.resolved_store_url())
     except StoreUnavailable as exc:
+        raise ModelloopError(f"cannot open the feedback store: {exc.message}") from None
+    try:
+        # Labels of another repository's versions must not train this one.
+        store.bind_repository(repository_identity(repo))
+    except RepositoryMismatch as exc:
+        store.close()
+        raise ModelloopError(exc.message) from None
+    except StoreUnavailable as exc:
+        store.close()
         raise ModelloopError(f"cannot open the feedback store: {exc.message}") from None
     try:
         result = retrain(
@@ -615,12 +671,20 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
         rate=args.rate,
         model=args.model,
         seed=args.seed,
-        token=_simulate_token(args.token_file),
+        token=_simulate_token(args.token_file, _simulate_state_dir(args)),
     )
     return 0
 
 
-def _simulate_token(token_file: Path | None) -> str | None:
+def _simulate_state_dir(args: argparse.Namespace) -> Path:
+    """The state directory ``simulate`` looks in: ``--state-dir``, the variable, or ``--repo``'s."""
+    if args.state_dir is not None:
+        return Path(args.state_dir)
+    configured = os.environ.get("MODELLOOP_MONITORING_STATE_DIR", "").strip()
+    return Path(configured) if configured else default_state_dir(parse_repository(args.repo))
+
+
+def _simulate_token(token_file: Path | None, state_dir: Path) -> str | None:
     """The labeler token ``simulate`` sends: the named file, the variable, or ``up``'s own token."""
     from modelloop.monitoring.settings import FEEDBACK_TOKEN_FILE
     from modelloop.tokens import read_token_file
@@ -628,7 +692,7 @@ def _simulate_token(token_file: Path | None) -> str | None:
     if token_file is None:
         if os.environ.get("MODELLOOP_FEEDBACK_TOKEN"):
             return os.environ["MODELLOOP_FEEDBACK_TOKEN"].strip()
-        token_file = Path(".modelloop") / FEEDBACK_TOKEN_FILE
+        token_file = state_dir / FEEDBACK_TOKEN_FILE
         if not token_file.is_file():
             return None
     try:
@@ -644,14 +708,15 @@ def _cmd_rollout(args: argparse.Namespace) -> int:
     return 0
 
 
-def _monitoring_settings(args: argparse.Namespace) -> Any:
+def _monitoring_settings(args: argparse.Namespace, repo: str) -> Any:
+    """The store and state directory of ``monitor`` and ``log``: the same defaults as ``serve``'s."""
     from pydantic import ValidationError
 
     from modelloop.monitoring.settings import MonitoringSettings
 
     overrides = {k: v for k, v in (("store_url", args.store), ("state_dir", args.state_dir)) if v is not None}
     try:
-        return MonitoringSettings(**overrides)
+        return with_default_state_dir(MonitoringSettings(**overrides), parse_repository(repo))
     except ValidationError as exc:
         raise _settings_error(exc) from None
 
@@ -666,7 +731,7 @@ def _cmd_monitor(args: argparse.Namespace) -> int:
     from modelloop.serving.settings import ServingSettings
 
     repo = parse_repository(args.repo).local_path("modelloop monitor")
-    monitoring = _monitoring_settings(args)
+    monitoring = _monitoring_settings(args, args.repo)
     try:
         # The admin token (the alert webhook's) and the labelers' tokens, as `serve` reads them.
         admin = ServingSettings(repo=repo).admin_token
@@ -702,7 +767,7 @@ def _cmd_log(args: argparse.Namespace) -> int:
     from modelloop.monitoring.store import SqlPredictionStore, StoreUnavailable, open_store
 
     since = _since(args.since)
-    monitoring = _monitoring_settings(args)
+    monitoring = _monitoring_settings(args, args.repo)
     try:
         store = open_store(monitoring.resolved_store_url())
     except StoreUnavailable as exc:

@@ -9,6 +9,7 @@ The model repository follows TF Serving's layout::
     <repo>/<model>/<version>/model.py     Python model code (served by the Python runtime when present)
     <repo>/<model>/<version>/baseline.json the drift reference
     <repo>/.staging/                      versions being built (hidden)
+    <repo>/.modelloop-repository-id       the repository's identity (hidden; see repository_id)
     <repo>/<model>/.publish.lock          serialises publishers of one model
     <repo>/<model>/<version>/.publish.claim in object storage: a publisher's claim on the number
 
@@ -32,6 +33,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -55,6 +57,9 @@ STAGING_DIR = ".staging"
 PUBLISH_LOCK_FILE = ".publish.lock"
 VERSION_CLAIM_FILE = ".publish.claim"
 """In object storage: created (create-only) in ``<model>/<version>/`` to claim the number."""
+REPOSITORY_ID_FILE = ".modelloop-repository-id"
+"""A random id written once into a local repository: the monitoring store records it, so a
+store never describes one repository's versions while serving another's."""
 VERSION_FILES = {"onnx": ONNX_FILE, "saved_model": SAVED_MODEL_DIR, "baseline": BASELINE_FILE}
 """The ``"files"`` entry of ``model.json``: what a version directory holds, by role."""
 PYTHON_VERSION_FILES = {
@@ -127,6 +132,46 @@ def model_names(repo: Path) -> list[str]:
     except FileNotFoundError:
         return []
     return sorted(e.name for e in entries if not e.name.startswith(".") and e.is_dir())
+
+
+def repository_id(repo: Path, *, create: bool = True) -> str | None:
+    """The identity of a local repository: the id in :data:`REPOSITORY_ID_FILE`.
+
+    The first caller that finds no id writes a random one, create-only (a temporary file
+    hard-linked into place), so processes starting together on one repository agree.
+
+    Args:
+        repo: The repository directory.
+        create: Whether to write an id when there is none. Defaults to True.
+
+    Returns:
+        The id, or None when there is none and it cannot be written (a read-only
+        repository), or ``create`` is False.
+    """
+    path = repo / REPOSITORY_ID_FILE
+    for _ in range(2):
+        try:
+            text = path.read_text(encoding="utf-8").strip()
+        except FileNotFoundError:
+            text = ""
+        except OSError:
+            return None
+        if text:
+            return text
+        if not create:
+            return None
+        temporary = repo / f"{REPOSITORY_ID_FILE}.{os.getpid()}.{secrets.token_hex(4)}"
+        try:
+            temporary.write_text(secrets.token_hex(16) + "\n", encoding="utf-8")
+            try:
+                os.link(temporary, path)
+            except FileExistsError:
+                pass  # another process wrote it first: read theirs
+            finally:
+                temporary.unlink(missing_ok=True)
+        except OSError:
+            return None
+    return None
 
 
 @dataclass(frozen=True, slots=True)

@@ -43,6 +43,7 @@ from fastapi.responses import HTMLResponse
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
 from modelloop.errors import ModelloopError, ServiceError
+from modelloop.monitoring.binding import RepositoryMismatch, repository_identity
 from modelloop.monitoring.http import (
     HealthSection,
     create_alerts_router,
@@ -162,6 +163,14 @@ class ControlPlane:
             raise ModelloopError(f"cannot open the monitoring store: {exc.message}") from exc
         if self.service.ingest is None:
             raise ModelloopError("the control plane needs a SQL store (sqlite:/// or postgresql://)")
+        # The store describes one repository: the control plane of another stops here.
+        try:
+            self.service.store.bind_repository(repository_identity(repo, None))
+        except RepositoryMismatch as exc:
+            self.service.store.close()
+            raise ModelloopError(exc.message) from exc
+        except StoreUnavailable as exc:
+            logger.warning("cannot check which repository the store describes yet: %s", exc.message)
         self.retraining: Retraining = build_retraining(monitoring, repo, self.service)
         matcher = labelers.matcher() if labelers is not None else None
         if not matcher:

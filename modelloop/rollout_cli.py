@@ -1,14 +1,18 @@
-"""``modelloop rollout status|promote|rollback|pause NAME --url URL``: a rollout from the shell.
+"""``modelloop rollout status|promote|rollback|pause|clear NAME --url URL``: a rollout from the shell.
 
 A thin client of the server's rollout routes (``GET /monitoring/rollouts/{name}`` and the
-admin ``POST .../{promote|rollback|pause}``). It prints a one-line summary, then the state
-as JSON; a refusal prints the server's reason on one line and exits 1.
+admin ``POST .../{promote|rollback|pause|clear}``). It prints a one-line summary, then the
+state as JSON; a refusal prints the server's reason on one line and exits 1. ``clear``
+forgets the model's rollout state, RETIRED versions included (state another repository
+left in the store, or a rollback to undo): the server then loads what the version policy
+wants.
 
 Example:
 
 ```sh
 modelloop rollout status digits --url http://127.0.0.1:8501
 MODELLOOP_ADMIN_TOKEN=... modelloop rollout promote digits --url http://127.0.0.1:8501
+MODELLOOP_ADMIN_TOKEN=... modelloop rollout clear digits --url http://127.0.0.1:8501
 ```
 """
 
@@ -25,7 +29,7 @@ import httpx
 from modelloop.errors import ModelloopError
 from modelloop.tokens import read_token_file
 
-ACTIONS = ("status", "promote", "rollback", "pause")
+ACTIONS = ("status", "promote", "rollback", "pause", "clear")
 """The subcommand's actions."""
 
 
@@ -41,7 +45,15 @@ def admin_token(token_file: Path | None) -> str | None:
 
 
 def summary(state: dict[str, Any]) -> str:
-    """One line: model, versions, state, share and reason."""
+    """One line: model, versions, state, share and reason (or what ``clear`` forgot)."""
+    if state.get("cleared"):
+        previous = state.get("previous") or {}
+        released = ", ".join(str(v) for v in state.get("retired_released") or []) or "none"
+        return (
+            f"{state.get('model')}: rollout state cleared (rollout {previous.get('id')}, "
+            f"{previous.get('state')}); RETIRED versions released: {released}; the server loads "
+            f"what the version policy wants"
+        )
     candidate = state.get("candidate")
     versions = f"champion {state.get('champion')}" + (
         f", candidate {candidate}" if candidate is not None else ""
@@ -65,7 +77,7 @@ def run_rollout(
     """Runs one action against a server and prints the result.
 
     Args:
-        action: ``status``, ``promote``, ``rollback`` or ``pause``.
+        action: ``status``, ``promote``, ``rollback``, ``pause`` or ``clear``.
         name: The model.
         url: The server's REST base URL.
         token: The admin token (the POST actions need it). Defaults to None.

@@ -40,6 +40,7 @@ from prometheus_client import CollectorRegistry, Counter
 
 from modelloop import layout
 from modelloop.errors import ModelloopError, ServiceError
+from modelloop.monitoring.binding import RepositoryMismatch, repository_identity
 from modelloop.monitoring.http import (
     HealthSection,
     MonitoringColumns,
@@ -238,8 +239,16 @@ class ModelServer:
                 self.prometheus,
                 _task_from_card(settings.repo),
                 interval_s=monitoring.rollout_interval_s,
+                repository=repository_identity(settings.repo, settings.repo_url),
             )
             self.rollouts.router = self.rollout_controller
+            try:
+                self.rollout_controller.bind()
+            except RepositoryMismatch as exc:
+                self.log_store.close()
+                raise ServerError(exc.message) from exc
+            except StoreUnavailable as exc:
+                logger.warning("cannot check which repository the store describes yet: %s", exc.message)
         elif monitoring is not None and monitoring.enabled:
             try:
                 self.monitoring = MonitoringService(
@@ -276,8 +285,18 @@ class ModelServer:
                 lambda model, version: service.version_info(model, version).task,
                 quarantined=service.quarantined_sources,
                 interval_s=monitoring.rollout_interval_s,
+                repository=repository_identity(settings.repo, settings.repo_url),
             )
             self.rollouts.router = self.rollout_controller
+            # The store describes one repository: another one stops here, before any port is
+            # bound. With the store down, the controller binds on its first pass instead.
+            try:
+                self.rollout_controller.bind()
+            except RepositoryMismatch as exc:
+                service.store.close()
+                raise ServerError(exc.message) from exc
+            except StoreUnavailable as exc:
+                logger.warning("cannot check which repository the store describes yet: %s", exc.message)
         on_change = self._relay_repository_change if self.link is not None else None
         self.dataplane = DataPlane(
             self.models, self.metrics, observer=observer, on_repository_change=on_change
@@ -408,6 +427,8 @@ class ModelServer:
             # Before the first load: a restart keeps the champion and the RETIRED versions.
             try:
                 await asyncio.to_thread(self.rollout_controller.refresh)
+            except RepositoryMismatch as exc:
+                raise ServerError(exc.message) from exc
             except StoreUnavailable as exc:
                 logger.warning(
                     "rollouts: cannot read their state (%s); new versions wait for it", exc.message

@@ -137,6 +137,39 @@ def parse_repository(text: str) -> RepositoryLocation:
     raise StorageError(f"unsupported repository URL scheme {scheme!r} in {text!r}: use {SUPPORTED}")
 
 
+def default_state_dir(location: RepositoryLocation) -> Path:
+    """Where a repository's monitoring state goes when no ``--state-dir`` is given.
+
+    The platform's per-user state directory, one folder per repository:
+    ``$XDG_STATE_HOME/modelloop/<name>-<hash>`` (``~/.local/state/modelloop/...`` by
+    default), where ``<name>`` is the repository folder's (or prefix's) last part and
+    ``<hash>`` the first 12 hex digits of the SHA-256 of its absolute path (or URL). Every
+    command that names the same repository (``up``, ``serve``, ``retrain``, ``simulate``)
+    finds the same state, wherever it runs from; another repository gets its own.
+
+    Example:
+
+    >>> default_state_dir(parse_repository("models")).parent.name
+    'modelloop'
+    """
+    import hashlib
+
+    key = location.url if location.remote else str(Path(location.local_path("state")).absolute())
+    configured = os.environ.get("XDG_STATE_HOME", "").strip()
+    if configured and Path(configured).is_absolute():
+        base = Path(configured)
+    else:
+        try:
+            base = Path.home() / ".local" / "state"
+        except RuntimeError:  # no home directory: fall back to a per-user temporary one
+            import tempfile
+
+            base = Path(tempfile.gettempdir()) / f"modelloop-state-{os.getuid()}"
+    tail = re.sub(r"[^A-Za-z0-9._-]", "_", posixpath.basename(os.path.normpath(key).rstrip("/")))
+    name = tail.lstrip(".")[:40] or "repository"
+    return base / "modelloop" / f"{name}-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
+
+
 def endpoint_url() -> str | None:
     """The S3 endpoint from ``AWS_ENDPOINT_URL_S3`` or ``AWS_ENDPOINT_URL``, if either is set."""
     for name in _ENDPOINT_VARIABLES:

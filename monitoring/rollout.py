@@ -67,6 +67,7 @@ import numpy as np
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from modelloop.errors import ErrorCode, ServiceError
+from modelloop.monitoring.binding import RepositoryIdentity, RepositoryMismatch
 from modelloop.monitoring.drift import psi
 from modelloop.monitoring.rollout_store import RolloutDoc, RolloutTraffic
 from modelloop.monitoring.store import CLASSIFIER_TASKS, LabelledRow, PredictionStore, StoreUnavailable
@@ -441,6 +442,8 @@ class RolloutController:
         quarantined: ``model -> sources`` whose labels the guardrails leave out. Defaults
             to none.
         interval_s: Seconds between two passes. Defaults to 1.
+        repository: The served repository's identity: the state is read only once the
+            store is bound to it (:meth:`bind`). Defaults to None (no check).
 
     Example:
         >>> controller = RolloutController(store, registry_of_models, RolloutPolicy(), prometheus, task_of)
@@ -458,6 +461,7 @@ class RolloutController:
         *,
         quarantined: Callable[[str], set[str]] | None = None,
         interval_s: float = 1.0,
+        repository: RepositoryIdentity | None = None,
     ) -> None:
         self.store = store
         self.catalog = catalog
@@ -476,6 +480,9 @@ class RolloutController:
         self._config_errors: dict[str, str] = {}
         self._task: asyncio.Task[None] | None = None
         self._act_lock = threading.Lock()
+        self.repository = repository
+        self._bound = repository is None
+        self._mismatch = ""
 
     # -- serving's side (RolloutRouter) ------------------------------------------------
 
@@ -527,6 +534,10 @@ class RolloutController:
                 logger.warning(
                     "rollouts: the store is unavailable (%s); routing stays as it was", exc.message
                 )
+            except RepositoryMismatch as exc:
+                if exc.message != self._mismatch:
+                    logger.error("rollouts are off: %s", exc.message)
+                self._mismatch = exc.message
             except Exception:
                 logger.exception("rollout pass failed")
 
@@ -577,8 +588,40 @@ class RolloutController:
                         p.latency[b] = p.latency.get(b, 0) + n
             raise
 
+    def bind(self) -> None:
+        """Binds the store to the served repository, once (see :mod:`~modelloop.monitoring.binding`).
+
+        A store with no repository recorded adopts this one; with rollout state written
+        before, a warning says that a rollout naming versions this repository lacks keeps
+        them out (each one is shown with why) until ``modelloop rollout clear NAME``.
+
+        Raises:
+            RepositoryMismatch: The store describes another repository (nothing is read).
+            StoreUnavailable: The store cannot be reached.
+        """
+        if self._bound or self.repository is None:
+            return
+        binding = self.store.bind_repository(self.repository)
+        self._bound = True
+        if binding.adopted:
+            logger.info("the monitoring store now describes the repository %s", self.repository.location)
+        if binding.had_rollouts:
+            logger.warning(
+                "the monitoring store held rollout state from before it recorded its repository; "
+                "it now describes %s. A version its rollouts RETIRED stays out, shown with why in "
+                "the model's status; if that state came from another repository, clear it with "
+                "`modelloop rollout clear NAME`",
+                self.repository.location,
+            )
+
     def refresh(self) -> None:
-        """Reads every model's rollout state from the store; serving routes by it."""
+        """Reads every model's rollout state from the store; serving routes by it.
+
+        Raises:
+            RepositoryMismatch: The store describes another repository (see :meth:`bind`).
+            StoreUnavailable: The store cannot be reached.
+        """
+        self.bind()
         docs = self.store.rollouts()
         self._docs = docs
         self._assignments = {model: _assignment(doc.state) for model, doc in docs.items()}
@@ -670,6 +713,8 @@ class RolloutController:
             "started": now,
             "step_started": now,
             "retired": dict(doc.state.get("retired", {})) if doc is not None else {},
+            "retired_at": dict(doc.state.get("retired_at", {})) if doc is not None else {},
+            "retired_by": dict(doc.state.get("retired_by", {})) if doc is not None else {},
             "history": [],
             "guardrails": {},
         }
@@ -765,8 +810,10 @@ class RolloutController:
 
         Raises:
             ServiceError: NOT_FOUND for an unknown model, or one that never had a rollout.
+            RepositoryMismatch: The store describes another repository.
             StoreUnavailable: The store cannot be reached.
         """
+        self.bind()
         if not self.catalog.has_model(model):
             raise ServiceError(f"model {model!r} is not in the repository", ErrorCode.NOT_FOUND)
         self.policy(model)
@@ -802,6 +849,66 @@ class RolloutController:
                     return describe(new, self._config_errors.get(model, ""))
         raise ServiceError(f"model {model!r}: the rollout kept changing; try again", ErrorCode.UNAVAILABLE)
 
+    def clear(self, model: str) -> dict[str, Any]:
+        """Forgets a model's rollout state, RETIRED versions included (blocking).
+
+        The registry then loads what the version policy wants; with a rollout mode on, a
+        new version beside a serving one starts a fresh rollout.
+
+        Returns:
+            ``{"model", "cleared": True, "retired_released", "previous"}``: the versions no
+            longer kept out, and the state that was forgotten.
+
+        Raises:
+            ServiceError: NOT_FOUND when the model has no rollout state.
+            RepositoryMismatch: The store describes another repository.
+            StoreUnavailable: The store cannot be reached.
+        """
+        self.bind()
+        with self._act_lock:
+            doc = self.store.delete_rollout(model)
+            if doc is None:
+                raise ServiceError(f"model {model!r} has no rollout state to clear", ErrorCode.NOT_FOUND)
+            self._docs.pop(model, None)
+            self._assignments.pop(model, None)
+            self.metrics.show(model, {})
+        released = sorted(int(v) for v in doc.state.get("retired", {}))
+        logger.warning(
+            "model %s: rollout state cleared by an operator (rollout %s, %s; RETIRED versions released: %s)",
+            model,
+            doc.state.get("id"),
+            doc.state.get("state"),
+            ", ".join(str(v) for v in released) or "none",
+        )
+        return {
+            "model": model,
+            "cleared": True,
+            "retired_released": released,
+            "previous": describe(doc.state),
+        }
+
+
+def _retired_why(state: dict[str, Any], version: str, reason: str) -> str:
+    """``RETIRED by rollout <id> (rolled back at <time>: <reason>)``."""
+    by = state.get("retired_by", {}).get(version) or state.get("id") or "?"
+    at = state.get("retired_at", {}).get(version)
+    if at is None:  # state written before the time was kept: the last rollback in the history
+        at = next(
+            (
+                entry.get("t")
+                for entry in reversed(state.get("history", []))
+                if entry.get("event") == "rolled_back"
+                and str(entry.get("reason", "")).startswith(f"version {version} ")
+            ),
+            None,
+        )
+    when = (
+        f"rolled back at {time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime(float(at)))}"
+        if isinstance(at, int | float)
+        else "rolled back"
+    )
+    return f"RETIRED by rollout {by} ({when}: {reason})"
+
 
 def _score(ev: VersionEvidence, rows: list[LabelledRow], task: str) -> None:
     ev.labelled = len(rows)
@@ -819,6 +926,9 @@ def _assignment(state: dict[str, Any]) -> RolloutAssignment:
         share=current_share(state),
         state=str(state.get("state", "")),
         retired=frozenset(int(v) for v in state.get("retired", {})),
+        retired_why={
+            int(v): _retired_why(state, str(v), str(reason)) for v, reason in state.get("retired", {}).items()
+        },
     )
 
 
@@ -845,6 +955,8 @@ def _rolled_back(state: dict[str, Any], reason: str, now: float) -> dict[str, An
     retired = dict(state.get("retired", {}))
     retired[str(candidate)] = reason
     state["retired"] = retired
+    state["retired_at"] = {**state.get("retired_at", {}), str(candidate): now}
+    state["retired_by"] = {**state.get("retired_by", {}), str(candidate): state.get("id")}
     _note(state, now, "rolled_back", f"version {candidate} RETIRED: {reason}")
     logger.warning("model %s: version %s rolled back: %s", state.get("model"), candidate, reason)
     return state
@@ -903,7 +1015,17 @@ def _apply(state: dict[str, Any], action: str, now: float) -> tuple[dict[str, An
         candidate = state["candidate"]
         retired = dict(state.get("retired", {}))
         retired.pop(str(candidate), None)
-        state.update(retired=retired, state="canary", step=0, paused=False, step_started=now)
+        retired_at = {v: t for v, t in state.get("retired_at", {}).items() if v != str(candidate)}
+        retired_by = {v: r for v, r in state.get("retired_by", {}).items() if v != str(candidate)}
+        state.update(
+            retired=retired,
+            retired_at=retired_at,
+            retired_by=retired_by,
+            state="canary",
+            step=0,
+            paused=False,
+            step_started=now,
+        )
         _note(
             state,
             now,

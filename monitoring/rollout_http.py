@@ -8,6 +8,9 @@
   candidate becomes the champion; a rolled-back candidate is restored as a new canary),
   rollback retires the candidate now, pause stops automatic promotion (a breach still rolls
   back). An action that does not apply to the rollout's state is a 400 that says why.
+- ``POST /monitoring/rollouts/{model}/clear`` (admin token): forgets the model's rollout
+  state, RETIRED versions included (state left by another repository, or a rollback an
+  operator wants undone); the registry then loads what the version policy wants.
 """
 
 from __future__ import annotations
@@ -21,7 +24,11 @@ from fastapi import APIRouter, Request, Response
 
 from modelloop.errors import ErrorCode, ServiceError
 from modelloop.monitoring.rollout import ACTIONS, RolloutController, current_share
-from modelloop.monitoring.schemas import ROLLOUT_ACTION_RESPONSES, ROLLOUT_RESPONSES
+from modelloop.monitoring.schemas import (
+    ROLLOUT_ACTION_RESPONSES,
+    ROLLOUT_CLEAR_RESPONSES,
+    ROLLOUT_RESPONSES,
+)
 from modelloop.web import ADMIN_SECURITY, require_admin
 
 
@@ -58,6 +65,16 @@ def create_rollout_router(controller: RolloutController | None, admin_token: str
     )
     async def rollout(name: str) -> Response:
         return _json(await asyncio.to_thread(_controller(controller).status, name))
+
+    @router.post(
+        "/monitoring/rollouts/{name}/clear",
+        summary="Forget a model's rollout state, RETIRED versions included (admin)",
+        openapi_extra={**ADMIN_SECURITY},
+        responses=ROLLOUT_CLEAR_RESPONSES,
+    )
+    async def clear(name: str, request: Request) -> Response:
+        require_admin(request, admin_token)
+        return _json(await asyncio.to_thread(_controller(controller).clear, name))
 
     @router.post(
         "/monitoring/rollouts/{name}/{action}",

@@ -60,6 +60,7 @@ _INSERT = sa.text(
 _UPDATE = sa.text(
     "UPDATE rollouts SET revision = revision + 1, doc = :doc WHERE model = :model AND revision = :revision"
 )
+_DELETE = sa.text("DELETE FROM rollouts WHERE model = :model")
 _ADD_TRAFFIC = sa.text(
     "INSERT INTO rollout_traffic (rollout, version, step, requests, errors, shadow_rows, shadow_agreed) "
     "VALUES (:rollout, :version, :step, :requests, :errors, :shadow_rows, :shadow_agreed) "
@@ -141,6 +142,17 @@ def save_rollout(conn: Connection, doc: RolloutDoc) -> bool:
         return conn.execute(_INSERT, {"model": doc.model, "doc": text}).rowcount == 1
     params = {"model": doc.model, "doc": text, "revision": doc.revision}
     return conn.execute(_UPDATE, params).rowcount == 1
+
+
+def delete_rollout(conn: Connection, model: str) -> RolloutDoc | None:
+    """Forgets a model's rollout state (its RETIRED versions included); returns what it was.
+
+    The traffic totals stay: they are keyed by rollout id, and a new rollout gets a new one.
+    """
+    found = read_rollouts(conn, model).get(model)
+    if found is not None:
+        conn.execute(_DELETE, {"model": model})
+    return found
 
 
 def add_rollout_traffic(conn: Connection, rows: Sequence[RolloutTraffic]) -> None:

@@ -247,3 +247,22 @@ ROLLOUT_ACTION_RESPONSES: dict[int | str, dict[str, Any]] = {
         s503="The monitoring store is unavailable, or the rollout kept changing",
     ),
 }
+
+ROLLOUT_CLEAR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    200: _json_object(
+        "The state was forgotten: `{model, cleared, retired_released, previous}`, where "
+        "`retired_released` lists the RETIRED versions no longer kept out and `previous` the "
+        "rollout as GET /monitoring/rollouts/{model} showed it"
+    ),
+    **error_responses(
+        MonitoringError,
+        401,
+        403,
+        404,
+        503,
+        s401="Missing or wrong bearer token",
+        s403="Admin routes are disabled (no MODELLOOP_ADMIN_TOKEN)",
+        s404="The model has no rollout state, or monitoring is off",
+        s503="The monitoring store is unavailable",
+    ),
+}

@@ -223,7 +223,10 @@ class MonitoringSettings(BaseSettings):
     enabled: bool = True
     """Log predictions, accept feedback and evaluate drift and accuracy."""
     state_dir: Path = Path(".modelloop")
-    """Directory of the embedded SQLite store."""
+    """Directory of the embedded SQLite store, the labeler token ``up`` makes and retrain records.
+    The CLI fills in the repository's own directory unless this is set
+    (:func:`modelloop.storage.default_state_dir`); ``.modelloop`` is only for code that builds
+    settings without a repository."""
     store_url: str | None = None
     """``sqlite:///path`` or ``postgresql://...``; None = SQLite under ``state_dir``."""
     queue_size: int = Field(default=10_000, ge=1)

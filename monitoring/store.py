@@ -73,12 +73,20 @@ from sqlalchemy.exc import ArgumentError, DBAPIError, SQLAlchemyError
 
 from modelloop.errors import ErrorCode, ServiceError
 from modelloop.monitoring import history as _history
+from modelloop.monitoring.binding import (
+    BINDING_SCHEMA,
+    Binding,
+    RepositoryIdentity,
+    RepositoryMismatch,
+    bind_repository,
+)
 from modelloop.monitoring.history import HISTORY_SCHEMA, HistoryPoint
 from modelloop.monitoring.rollout_store import (
     ROLLOUT_SCHEMA,
     RolloutDoc,
     RolloutTraffic,
     add_rollout_traffic,
+    delete_rollout,
     read_predicted,
     read_rollout_traffic,
     read_rollouts,
@@ -501,6 +509,12 @@ class PredictionStore(Protocol):
     def predicted_since(self, model: str, version: int, since: float, limit: int) -> list[float]:
         """The predicted classes (or values) of one version's newest requests since ``since``."""
 
+    def delete_rollout(self, model: str) -> RolloutDoc | None:
+        """Forgets a model's rollout state, RETIRED versions included; returns what it was."""
+
+    def bind_repository(self, current: RepositoryIdentity, now: float | None = None) -> Binding:
+        """Records the repository the store describes, or checks it is ``current``."""
+
 
 def check_targets(targets: Any, rows: int, task: str, classes: int) -> tuple[list[int | float], str]:
     """Checks the targets of one prediction.
@@ -679,7 +693,7 @@ class SqlPredictionStore:
                 return
             with self._unavailable_on_error(), self._writer(True), self._engine.begin() as conn:
                 self._lock_schema(conn)
-                for statement in (*_SCHEMA, *HISTORY_SCHEMA, *ROLLOUT_SCHEMA):
+                for statement in (*_SCHEMA, *HISTORY_SCHEMA, *ROLLOUT_SCHEMA, *BINDING_SCHEMA):
                     conn.execute(statement)
                 _upgrade(conn)
             self._schema_ready = True
@@ -1252,6 +1266,29 @@ class SqlPredictionStore:
             StoreUnavailable: The database cannot be reached.
         """
         return self._run(lambda conn: read_predicted(conn, model, version, since, limit), write=False)
+
+    def delete_rollout(self, model: str) -> RolloutDoc | None:
+        """Forgets a model's rollout state, RETIRED versions included; returns what it was.
+
+        Raises:
+            StoreUnavailable: The database cannot be reached or written.
+        """
+        return self._run(lambda conn: delete_rollout(conn, model), write=True)
+
+    def bind_repository(self, current: RepositoryIdentity, now: float | None = None) -> Binding:
+        """Records the repository this store describes, or checks that it is ``current``.
+
+        See :mod:`~modelloop.monitoring.binding`.
+
+        Raises:
+            RepositoryMismatch: The store describes another repository.
+            StoreUnavailable: The database cannot be reached or written.
+        """
+        t = time.time() if now is None else now
+        binding = self._run(lambda conn: bind_repository(conn, current, t), write=True)
+        if not binding.recorded.same_as(current):
+            raise RepositoryMismatch(binding.recorded, current, self._describe())
+        return binding
 
 
 def _add_stats(conn: Connection, model: str, stats: Counter[tuple[int, str, int, int, int]]) -> None:

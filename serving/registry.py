@@ -575,12 +575,19 @@ class ModelRegistry:
         return dict(getattr(config, key))
 
     def statuses(self, name: str) -> list[VersionStatus]:
-        """Every known version of the model with its state, ascending."""
+        """Every known version of the model with its state, ascending.
+
+        A version the rollout state keeps out is END with the reason as its message.
+        """
         model = self._model(name)
-        return [
-            VersionStatus(version=v, state=e.state, error_message=e.error)
-            for v, e in sorted(model.versions.items())
-        ]
+        found = {
+            v: VersionStatus(version=v, state=e.state, error_message=e.error)
+            for v, e in model.versions.items()
+        }
+        for v, why in self._kept_out(name).items():
+            if v not in found or (found[v].state is ModelState.END and not found[v].error_message):
+                found[v] = VersionStatus(version=v, state=ModelState.END, error_message=why)
+        return [found[v] for v in sorted(found)]
 
     def status(self, name: str, version: int) -> VersionStatus:
         """The state of one version.
@@ -588,10 +595,10 @@ class ModelRegistry:
         Raises:
             ModelNotFound: The model or version is unknown.
         """
-        entry = self._model(name).versions.get(version)
-        if entry is None:
-            raise ModelNotFound(f"model {name!r} has no version {version}")
-        return VersionStatus(version=version, state=entry.state, error_message=entry.error)
+        for status in self.statuses(name):
+            if status.version == version:
+                return status
+        raise ModelNotFound(f"model {name!r} has no version {version}")
 
     def index(self) -> list[dict[str, str]]:
         """The repository extension's index: one row per version, or per model without versions."""
@@ -607,14 +614,23 @@ class ModelRegistry:
                         "reason": model.config_error,
                     }
                 )
-            for v, entry in sorted(model.versions.items()):
+            for status in self.statuses(name):
                 rows.append(
-                    {"name": name, "version": str(v), "state": entry.state.value, "reason": entry.error}
+                    {
+                        "name": name,
+                        "version": str(status.version),
+                        "state": status.state.value,
+                        "reason": status.error_message,
+                    }
                 )
-            if not model.versions and not model.config_error:
+            if not model.versions and not model.config_error and not self._kept_out(name):
                 reason = "unloaded" if not model.enabled else "no version directories"
                 rows.append({"name": name, "version": "", "state": ModelState.END.value, "reason": reason})
         return rows
+
+    def _kept_out(self, name: str) -> dict[int, str]:
+        """Versions the rollout state keeps out, with why (none without rollouts)."""
+        return self.rollouts.kept_out(name) if self.rollouts is not None else {}
 
     def _model(self, name: str) -> _Model:
         model = self._models.get(name)
@@ -623,13 +639,14 @@ class ModelRegistry:
             raise ModelNotFound(f"model {name!r} not found (models: {known})")
         return model
 
-    @staticmethod
-    def _why_unavailable(model: _Model) -> str:
+    def _why_unavailable(self, model: _Model) -> str:
         if model.config_error:
             return model.config_error
         failed = [f"version {v} FAILED: {e.error}" for v, e in sorted(model.versions.items()) if e.error]
         if failed:
             return "; ".join(failed)
+        if not model.versions and self._kept_out(model.name):
+            return "; ".join(self._kept_out(model.name).values())
         if not model.versions:
             return "no version directories"
         return ", ".join(f"version {v} is {e.state.value}" for v, e in sorted(model.versions.items()))

@@ -13,7 +13,10 @@ and that interface live in :mod:`modelloop.serving.types`, the module monitoring
 :class:`RolloutCoordinator` is what the registry and the data plane call:
 
 - :meth:`RolloutCoordinator.plan` adds the champion to the versions the version policy
-  wants, and leaves out RETIRED versions (rolled back, not to be loaded again);
+  wants, and leaves out RETIRED versions (rolled back, not to be loaded again); each one
+  the version policy would have loaded is logged and shown, with why
+  (:meth:`RolloutCoordinator.kept_out`), until a newer version replaces it or an operator
+  clears the state (``modelloop rollout clear NAME``);
 - :meth:`RolloutCoordinator.default_version` is the version an unpinned request resolves to
   (the champion while a rollout runs);
 - :meth:`RolloutCoordinator.choose` splits unpinned requests by their request id: a stable
@@ -38,7 +41,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from modelloop.serving.types import RolloutPolicy, RolloutRouter, resolve_policy
+from modelloop.serving.types import RolloutAssignment, RolloutPolicy, RolloutRouter, resolve_policy
 
 logger = logging.getLogger(__name__)
 
@@ -58,6 +61,31 @@ def in_share(model: str, request_id: str, share: float) -> bool:
         return True
     digest = hashlib.blake2b(f"{model}\0{request_id}".encode(), digest_size=8).digest()
     return int.from_bytes(digest, "big") % _SPLIT_BUCKETS < share * (_SPLIT_BUCKETS / 100.0)
+
+
+def _kept_out(
+    model: str, assignment: RolloutAssignment, on_disk: Sequence[int], chosen: Sequence[int]
+) -> dict[int, str]:
+    """The versions the version policy chose that are RETIRED, each with a one-line reason."""
+    named = {assignment.champion, *assignment.retired}
+    if assignment.candidate is not None:
+        named.add(assignment.candidate)
+    missing = sorted(v for v in named if v > 0 and v not in on_disk)
+    foreign = (
+        f" (the rollout state also names version{'s' if len(missing) > 1 else ''} "
+        f"{', '.join(str(v) for v in missing)}, which this repository lacks: it may come from "
+        f"another repository)"
+        if missing
+        else ""
+    )
+    return {
+        v: (
+            f"version {v} is kept out: {assignment.retired_why.get(v) or 'RETIRED by a rollout'}"
+            f"{foreign}; clear with `modelloop rollout clear {model}`"
+        )
+        for v in chosen
+        if v in assignment.retired
+    }
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,6 +110,7 @@ class _ModelRollout:
     error: str = ""
     pair: tuple[int, int] | None = None
     notes: set[str] = field(default_factory=set)
+    kept_out: dict[int, str] = field(default_factory=dict)
 
 
 class RolloutCoordinator:
@@ -156,9 +185,14 @@ class RolloutCoordinator:
         assignment = self.router.assignment(model) if self.router is not None else None
         if policy.mode == "off" or self.router is None:
             state.pair = None
+            self._keep_out(model, state, {})
             return select(list(on_disk))
         retired = assignment.retired if assignment is not None else frozenset()
         wanted = select([v for v in on_disk if v not in retired])
+        if assignment is not None and retired:
+            self._keep_out(model, state, _kept_out(model, assignment, on_disk, select(list(on_disk))))
+        else:
+            self._keep_out(model, state, {})
         if not wanted:
             state.pair = None
             return wanted
@@ -177,6 +211,19 @@ class RolloutCoordinator:
             )
         state.pair = (champion, newest)
         return sorted({*wanted, champion})
+
+    def kept_out(self, model: str) -> dict[int, str]:
+        """Versions the version policy wants that the stored rollout state keeps out, with why."""
+        state = self._models.get(model)
+        return dict(state.kept_out) if state is not None else {}
+
+    @staticmethod
+    def _keep_out(model: str, state: _ModelRollout, kept: dict[int, str]) -> None:
+        """Notes the versions kept out; logs each one when it starts being kept out (or why changes)."""
+        for version, why in sorted(kept.items()):
+            if state.kept_out.get(version) != why:
+                logger.warning("model %s: %s", model, why)
+        state.kept_out = kept
 
     def pair(self, model: str) -> tuple[int, int] | None:
         """``(champion, candidate)`` while the model keeps both loaded, else None."""

@@ -12,6 +12,7 @@ served models, and :class:`RolloutRouter` (with :class:`RolloutPolicy` and
 from __future__ import annotations
 
 import itertools
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any, Literal
@@ -316,6 +317,7 @@ class RolloutAssignment:
             and once the rollout ended).
         state: ``canary``, ``shadow``, ``promoted`` or ``rolled_back``.
         retired: Versions that were rolled back and are not loaded again.
+        retired_why: Version -> why it is RETIRED, in words (which rollout, when, why).
     """
 
     champion: int
@@ -324,6 +326,7 @@ class RolloutAssignment:
     share: float
     state: str
     retired: frozenset[int] = frozenset()
+    retired_why: Mapping[int, str] = field(default_factory=dict)
 
     @property
     def active(self) -> bool:

@@ -9,7 +9,8 @@ and counts every failed request. The tests run in order and share the server:
 1. version 2 (the same model) walks 10 -> 50 -> 100 % and becomes the champion;
 2. versions 3, 4, 5 (classes permuted, raising on real inputs, slow) are each rolled back
    automatically at the first step, and no answer comes from them after it;
-3. after a restart the rollout state and the RETIRED versions are still there;
+3. after a restart the rollout state and the RETIRED versions are still there, and the newest
+   RETIRED version's status says why it is kept out;
 4. shadow mode (version 6, classes permuted): every answer still comes from the champion,
    the latency stays within noise, and the agreement rate is reported;
 5. an invalid policy is refused with its reason while the routing goes on; the POST routes
@@ -253,7 +254,11 @@ def test_retired_survives_restart(
     state = client.rollout()
     assert state["state"] == "rolled_back"
     assert set(state["retired"]) == {"3", "4", "5"}
-    assert loaded_versions(client) == {2: "AVAILABLE"}
+    # Only version 2 is loaded; version 5, the newest, is kept out and its status says why.
+    assert loaded_versions(client) == {2: "AVAILABLE", 5: "END"}
+    status = client.http.get(f"{client.url}/v1/models/digits/versions/5").json()["model_version_status"][0]
+    assert status["status"]["error_message"].startswith("version 5 is kept out: RETIRED by rollout digits-5-")
+    assert status["status"]["error_message"].endswith("clear with `modelloop rollout clear digits`")
     assert set(client.predict(40)) == {2}
     assert client.failures == []
 

@@ -28,6 +28,7 @@ REST_ADMIN_ROUTES = [
     "/monitoring/rollouts/digits/pause",
     "/monitoring/rollouts/digits/promote",
     "/monitoring/rollouts/digits/rollback",
+    "/monitoring/rollouts/digits/clear",
     # Last: with the admin's token it unloads the model, and the test loads it again.
     "/v2/repository/models/digits/unload",
 ]

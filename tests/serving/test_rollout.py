@@ -16,7 +16,14 @@ from modelloop.serving.registry import ModelRegistry
 from modelloop.serving.repository import ModelRepository
 from modelloop.serving.rollout import RolloutCoordinator, in_share
 from modelloop.serving.settings import ModelConfig, ServingSettings, VersionPolicy
-from modelloop.serving.types import InferRequest, Protocol, RolloutAssignment, RolloutPolicy, resolve_policy
+from modelloop.serving.types import (
+    InferRequest,
+    ModelState,
+    Protocol,
+    RolloutAssignment,
+    RolloutPolicy,
+    resolve_policy,
+)
 from tests.serving.edge_support import RuntimeFactory, failing, write_config, write_digits
 
 LATEST = VersionPolicy().select
@@ -169,3 +176,52 @@ async def test_the_data_plane_falls_back_to_the_champion_and_shadows_after_the_a
         assert router.calls == [("digits", 1, True), ("digits", 2, False)]
     finally:
         await dataplane.stop()
+
+
+async def test_a_version_kept_out_by_the_state_shows_why_in_every_status(tmp_path: Path) -> None:
+    write_digits(tmp_path, versions=(1, 2))
+    write_config(tmp_path, "digits", {"runtime": "onnx", "rollout": {"mode": "canary"}})
+    why = "RETIRED by rollout digits-2-1 (rolled back at 1970-01-01 00:00:01 UTC: error rate 0.5)"
+    router = StateRouter(
+        RolloutAssignment(
+            champion=3,
+            candidate=None,
+            mode="canary",
+            share=0.0,
+            state="rolled_back",
+            retired=frozenset({2}),
+            retired_why={2: why},
+        )
+    )
+    settings = ServingSettings(repo=tmp_path, poll_interval_s=3600, warmup=False)
+    coordinator = RolloutCoordinator(RolloutPolicy(), router)
+    registry = ModelRegistry(
+        ModelRepository(tmp_path),
+        settings,
+        metrics=ServingMetrics(CollectorRegistry()),
+        runtime_factory=RuntimeFactory(),
+        rollouts=coordinator,
+    )
+    await registry.poll()
+    try:
+        expected = (
+            f"version 2 is kept out: {why} (the rollout state also names version 3, which this "
+            "repository lacks: it may come from another repository); clear with "
+            "`modelloop rollout clear digits`"
+        )
+        statuses = registry.statuses("digits")
+        assert [(s.version, s.state) for s in statuses] == [(1, ModelState.AVAILABLE), (2, ModelState.END)]
+        assert statuses[1].error_message == expected
+        assert registry.status("digits", 2).error_message == expected
+        assert {"name": "digits", "version": "2", "state": "END", "reason": expected} in registry.index()
+        # Cleared: the state names nothing any more, and version 2 loads.
+        router.state = None
+        await registry.poll()
+        assert [(s.version, s.state, s.error_message) for s in registry.statuses("digits")][-1] == (
+            2,
+            ModelState.AVAILABLE,
+            "",
+        )
+        assert coordinator.kept_out("digits") == {}
+    finally:
+        await registry.stop()
