@@ -51,6 +51,7 @@ import pyarrow as pa
 
 from modelloop import layout
 from modelloop.errors import ServiceError
+from modelloop.serving import tracing
 from modelloop.serving.types import InferRequest, InferResponse
 
 logger = logging.getLogger(__name__)
@@ -164,7 +165,7 @@ def encode_batch(items: list[tuple[Any, ...]], columns: LogColumns) -> pa.Record
     """One record batch of :data:`LOG_SCHEMA` from buffered requests of one model version.
 
     Args:
-        items: ``(model, version, request_id, time, seconds, inputs, outputs)`` tuples.
+        items: ``(model, version, request_id, time, seconds, inputs, outputs[, trace])`` tuples.
         columns: Which input and output to keep.
 
     Returns:
@@ -177,7 +178,7 @@ def encode_batch(items: list[tuple[Any, ...]], columns: LogColumns) -> pa.Record
     counts: list[int] = []
     xs: list[np.ndarray] = []
     ys: list[np.ndarray] = []
-    for _, _, rid, created, seconds, inputs, outputs in items:
+    for _, _, rid, created, seconds, inputs, outputs, *_ in items:
         x = _pick(inputs, columns.input_name, numeric=False)
         y = _pick(outputs, columns.output_name, numeric=True)
         if x is None or y is None:
@@ -321,6 +322,7 @@ class PredictionLogger:
                 response.seconds,
                 request.inputs,
                 response.outputs,
+                request.trace,
             )
         )
         self._enqueued += 1
@@ -411,15 +413,28 @@ class PredictionLogger:
     def _write_once(self) -> None:
         buffer = self._buffer
         taken = [buffer.popleft() for _ in range(len(buffer))]
-        if taken:
-            self._pending.append(self._encode(taken))
-            while len(self._pending) > self.max_pending_segments:
-                _, count, models = self._pending.popleft()
-                for model, n in models.items():
-                    self._drop(model, n)
-                self._mark_written(count)
+        span = None
+        if taken and tracing.TRACER is not None:
+            traced = [item[7] for item in taken if item[7] is not None]
+            if traced:
+                models = sorted({(item[0], item[1]) for item in taken})
+                span = tracing.start_log_write(traced, len(taken), models)
+        try:
+            if taken:
+                self._pending.append(self._encode(taken))
+                while len(self._pending) > self.max_pending_segments:
+                    _, count, models_dropped = self._pending.popleft()
+                    for model, n in models_dropped.items():
+                        self._drop(model, n)
+                    self._mark_written(count)
+            self._append_pending()
+        finally:
+            if span is not None:
+                span.end()
+
+    def _append_pending(self) -> None:
         while self._pending:
-            segment, count, models = self._pending[0]
+            segment, count, _ = self._pending[0]
             if segment:
                 try:
                     self.sink.append(segment, rows=count)

@@ -324,6 +324,39 @@ def first_sampled(contexts: Iterable[SpanContext]) -> SpanContext:
     return next((c for c in found if c.trace_flags.sampled), found[0])
 
 
+LOG_WRITE = "modelloop.monitoring.write"
+"""The span of one prediction-log segment written, linked to every request it logs."""
+
+
+def start_log_write(
+    contexts: Sequence[SpanContext], requests: int, models: Sequence[tuple[str, int]]
+) -> Span:
+    """Starts the span of one segment the prediction logger writes.
+
+    Its parent is the first sampled request's span (so a lone request's trace shows its
+    write) and it links to every traced request in the segment. It uses the provider of the
+    request spans (the one :func:`enable` was given), so it is only called when tracing is on.
+
+    Args:
+        contexts: The span contexts of the segment's traced requests (not empty).
+        requests: Requests in the segment.
+        models: The ``(model, version)`` pairs it holds.
+
+    Returns:
+        The span; the caller ends it.
+    """
+    trace = _trace
+    attributes: dict[str, str | int] = {"modelloop.monitoring.requests": requests}
+    if len(models) == 1:
+        attributes[MODEL], attributes[VERSION] = models[0]
+    return _tracer().start_span(
+        LOG_WRITE,
+        context=trace.set_span_in_context(trace.NonRecordingSpan(first_sampled(contexts))),
+        links=[trace.Link(context) for context in contexts],
+        attributes=attributes,
+    )
+
+
 def end_batch(span: Span, error: BaseException | None = None) -> None:
     """Ends a batch span, recording the runtime's error if it failed."""
     if error is not None:

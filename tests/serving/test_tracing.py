@@ -23,13 +23,10 @@ from opentelemetry import trace
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
-from prometheus_client import CollectorRegistry
 
-from modelloop.monitoring.metrics import MonitoringMetrics
-from modelloop.monitoring.observer import MonitoringObserver, VersionInfo
-from modelloop.monitoring.window import WindowSet
 from modelloop.serving import tracing
 from modelloop.serving.dataplane import DataPlane
+from modelloop.serving.predlog import PredictionLogger, decode_segment
 from modelloop.serving.protos import grpc_service_pb2_grpc as pb_grpc
 from modelloop.serving.protos.tfserving import tensorflow_serving_apis_predict_pb2 as predict_pb2
 from modelloop.serving.protos.tfserving import (
@@ -299,32 +296,25 @@ async def test_a_model_error_marks_the_spans(spans: InMemorySpanExporter, repo: 
     assert (decodes[1].attributes or {})[tracing.CODE] == "INVALID_ARGUMENT"
 
 
-class ListStore:
-    """A prediction store that keeps what it is given."""
+class ListSink:
+    """A prediction log that keeps the segments it is given."""
 
     def __init__(self) -> None:
-        self.records: list[object] = []
+        self.segments: list[bytes] = []
 
-    def record(self, records: list[object]) -> None:
-        self.records.extend(records)
+    def append(self, segment: bytes, *, rows: int) -> None:
+        self.segments.append(segment)
 
 
-async def test_the_monitoring_write_links_the_requests_it_logs(
-    spans: InMemorySpanExporter, repo: Path
-) -> None:
-    store = ListStore()
-    observer = MonitoringObserver(
-        store,  # type: ignore[arg-type]
-        WindowSet(100),
-        MonitoringMetrics(CollectorRegistry()),
-        lambda m, v: VersionInfo(classes=10),
-        linger_s=5.0,  # the flush below cuts it short: all three go in one batch
-    )
-    observer.start()
+async def test_the_log_write_links_the_requests_it_logs(spans: InMemorySpanExporter, repo: Path) -> None:
+    sink = ListSink()
+    # The flush below cuts the interval short: all three go in one segment.
+    logger = PredictionLogger(sink, flush_interval_s=5.0)
+    logger.start()
     try:
         async with serve(repo) as stack:
-            # A second data plane over the started registry, with the monitoring observer.
-            dataplane = DataPlane(stack.dataplane.registry, stack.dataplane.metrics, observer=observer)
+            # A second data plane over the started registry, with the prediction logger.
+            dataplane = DataPlane(stack.dataplane.registry, stack.dataplane.metrics, observer=logger)
             async with client_for(dataplane, stack) as client:
                 for i in range(3):
                     headers = {"traceparent": f"00-{i + 1:032x}-{PARENT_ID}-01"}
@@ -332,10 +322,10 @@ async def test_the_monitoring_write_links_the_requests_it_logs(
                         "/v1/models/digits:predict", json={"instances": [ROW]}, headers=headers
                     )
                     assert response.status_code == 200
-            assert await asyncio.to_thread(observer.flush, 5)
+            assert await asyncio.to_thread(logger.flush, 5)
     finally:
-        observer.stop()
-    assert len(store.records) == 3
+        logger.stop()
+    assert sum(batch.num_rows for segment in sink.segments for batch in decode_segment(segment)) == 3
     finished = spans.get_finished_spans()
     requests = named(finished, "POST /v1/models/{model}:predict")
     (write,) = named(finished, "modelloop.monitoring.write")
