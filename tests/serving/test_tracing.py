@@ -4,8 +4,8 @@ The stack is the production one with fake runtimes (``edge_support``); the SDK's
 ``InMemorySpanExporter`` collects what the request path makes. The spans of one call
 are checked by name, parent, trace id, links and attributes: the request span under the
 client's ``traceparent``, decode, queue, batch and encode under it, one batch span linked
-to every request it ran, and the monitoring writer's span linked to the requests it
-logged. With tracing off nothing is made. The ``OTEL_*`` reading is tested here as a pure
+to every request it ran, and the prediction logger's write span linked to the requests
+it logged. With tracing off nothing is made. The ``OTEL_*`` reading is tested here as a pure
 function; a real server exporting over OTLP/HTTP is ``tests/e2e/test_tracing_e2e.py``.
 """
 
