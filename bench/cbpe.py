@@ -2,7 +2,7 @@
 
 ``python -m bench.cbpe [--folds 5] [--epochs N] [--windows 10]`` trains the built-in
 ``digits`` spec once per fold of a stratified K-fold split, through the project's own
-training job (which fits the calibrator on each run's validation split and stores it in
+training job (which fits the calibrator on each run's test split and stores it in
 ``baseline.json``). Each fold's held-out rows are answered by the model that never saw
 them and estimated with that run's calibrator, exactly as the server does
 (:class:`~modelloop.monitoring.estimation.AccuracyEstimator`). The pooled out-of-fold
@@ -85,8 +85,8 @@ def out_of_fold(folds: int, epochs: int | None, seed: int) -> dict[str, np.ndarr
             cal = baseline["calibration"]
             print(
                 f"fold {k}: {len(fit_rows)} rows to train on, {len(held)} held out; calibrator "
-                f"{cal['method']} (validation ECE {cal['validation']['ece_before']:.4f} -> "
-                f"{cal['validation']['ece_after']:.4f})",
+                f"{cal['method']} on {cal['rows']} rows of the {cal['fitted_on']} (held-out ECE "
+                f"{cal['held_out']['ece_before']:.4f} -> {cal['held_out']['ece_after']:.4f})",
                 flush=True,
             )
     return pooled

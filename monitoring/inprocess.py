@@ -5,6 +5,9 @@ They mirror the ``action: retrain`` rules of ``monitoring/rules/modelloop.rules.
 
 - ``ModelDriftDetected``: the version's window has drifted (``drift.drifted``) in every
   evaluation for at least ``drift_for_s`` (the rule's ``for: 1m``).
+- ``ModelPredictionDrift``: the PSI of the window's predictions is at least
+  :data:`~modelloop.monitoring.drift.PREDICTION_DRIFT_THRESHOLD` in every evaluation for
+  at least ``prediction_drift_for_s`` (the rule's ``for: 5m``).
 - ``ModelAccuracyBelowFloor``: a classifier's accuracy over its recent labels is below
   the model's ``accuracy_floor`` (``config.json`` ``"drift"`` key, or the server's), with
   at least ``min_labels`` labels, for at least ``accuracy_for_s`` (the rule's ``for: 2m``).
@@ -29,6 +32,7 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
+from modelloop.monitoring.drift import PREDICTION_DRIFT_THRESHOLD
 from modelloop.monitoring.policy import RetrainPolicy
 from modelloop.monitoring.trigger import RetrainTrigger, TriggerError
 
@@ -39,16 +43,21 @@ logger = logging.getLogger(__name__)
 
 DRIFT_RULE = "ModelDriftDetected"
 ACCURACY_RULE = "ModelAccuracyBelowFloor"
+PREDICTION_DRIFT_RULE = "ModelPredictionDrift"
 
 
 class InProcessRules:
     """A ``MonitoringService`` listener that starts retrains on sustained drift or low accuracy.
+
+    The rules are checked in the order drift, accuracy, prediction drift; the first that
+    holds names the retrain.
 
     Args:
         policy: Cooldown per model (shared with the webhook).
         trigger: Starts the retrain.
         drift_for_s: How long drift must last before the rule fires. Defaults to 60.
         accuracy_for_s: How long accuracy must stay below the floor. Defaults to 120.
+        prediction_drift_for_s: How long prediction drift must last. Defaults to 300.
         on_trigger_failed: Called with the model when the trigger cannot start a run.
             Defaults to None.
         clock: Monotonic clock. Defaults to ``time.monotonic``.
@@ -63,6 +72,7 @@ class InProcessRules:
         *,
         drift_for_s: float = 60.0,
         accuracy_for_s: float = 120.0,
+        prediction_drift_for_s: float = 300.0,
         on_trigger_failed: Callable[[str], None] | None = None,
         clock: Callable[[], float] = time.monotonic,
         gate: Callable[[str, str], str | None] | None = None,
@@ -72,6 +82,7 @@ class InProcessRules:
         self.trigger = trigger
         self.drift_for_s = drift_for_s
         self.accuracy_for_s = accuracy_for_s
+        self.prediction_drift_for_s = prediction_drift_for_s
         self._on_trigger_failed = on_trigger_failed
         self._clock = clock
         # (rule, model, version) -> when the condition was first seen true (the "pending" state).
@@ -79,8 +90,10 @@ class InProcessRules:
         self._tasks: set[asyncio.Task[None]] = set()
 
     def __call__(self, model: str, version: int, report: EvaluationReport) -> None:
-        """Evaluates both rules on one report; fires at most one retrain per call."""
+        """Evaluates the rules on one report; fires at most one retrain per call."""
         drifted = report.drift is not None and report.drift.drifted
+        psi = report.drift.prediction_psi if report.drift is not None else None
+        predictions_drifted = psi is not None and psi >= PREDICTION_DRIFT_THRESHOLD
         floor = report.settings.accuracy_floor
         accuracy = report.accuracy
         low = (
@@ -97,6 +110,7 @@ class InProcessRules:
             for rule, active, hold in (
                 (DRIFT_RULE, drifted, self.drift_for_s),
                 (ACCURACY_RULE, low, self.accuracy_for_s),
+                (PREDICTION_DRIFT_RULE, predictions_drifted, self.prediction_drift_for_s),
             )
             if self._holds(rule, model, version, active, hold)
         ]

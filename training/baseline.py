@@ -101,6 +101,9 @@ def build_baseline(
     sample_rows: int = DEFAULT_SAMPLE_ROWS,
     bins: int = DEFAULT_BINS,
     val_targets: np.ndarray | None = None,
+    calibration_outputs: np.ndarray | None = None,
+    calibration_targets: np.ndarray | None = None,
+    calibration_rows: str = "validation",
 ) -> dict[str, Any]:
     """Builds the content of ``baseline.json``.
 
@@ -115,10 +118,18 @@ def build_baseline(
         sample_rows: Most rows kept in the reference sample (for KS tests). Defaults
             to 1000.
         bins: Quantile bins per feature. Defaults to 10.
-        val_targets: True classes of the validation rows. When given for a classifier,
-            a calibrator is fitted on ``val_outputs`` and stored under ``"calibration"``
-            (see :mod:`modelloop.training.calibration`), for label-free accuracy
-            estimates at serving. Defaults to None (no calibrator).
+        val_targets: True classes of the validation rows. When given for a classifier
+            without ``calibration_outputs``, the calibrator is fitted on ``val_outputs``.
+            Defaults to None.
+        calibration_outputs: Model outputs on rows that neither the weights nor early
+            stopping saw. With ``calibration_targets``, a classifier's calibrator is
+            fitted on them and stored under ``"calibration"`` (see
+            :mod:`modelloop.training.calibration`), for label-free accuracy estimates
+            at serving. Defaults to None (``val_outputs`` when ``val_targets`` is given,
+            else no calibrator).
+        calibration_targets: True classes of those rows. Defaults to None.
+        calibration_rows: What the calibration rows are, recorded in the entry.
+            Defaults to ``validation``.
 
     Returns:
         A JSON-serialisable dict.
@@ -134,6 +145,16 @@ def build_baseline(
         "reference_sample": x_train[np.sort(take)].round(6).tolist(),
         "predictions": prediction_reference(task, val_outputs, class_labels),
     }
-    if val_targets is not None and task != "regression" and len(val_targets):
-        baseline["calibration"] = fit_calibration(val_outputs, val_targets, task=task, seed=seed)
+    if calibration_outputs is None and val_targets is not None:
+        calibration_outputs, calibration_targets = val_outputs, val_targets
+    has_rows = calibration_targets is not None and len(calibration_targets) > 0
+    if (
+        task != "regression"
+        and calibration_outputs is not None
+        and calibration_targets is not None
+        and has_rows
+    ):
+        baseline["calibration"] = fit_calibration(
+            calibration_outputs, calibration_targets, task=task, seed=seed, fitted_on=calibration_rows
+        )
     return baseline

@@ -144,40 +144,56 @@ def _cross_validate(
     seed: int,
     verbose: int,
     hparams: Mapping[str, Any],
-) -> dict[str, Any]:
+) -> tuple[dict[str, Any], np.ndarray]:
+    """K-fold scores and the out-of-fold outputs.
+
+    Early stopping watches a part of each fold's training rows, never the fold it is
+    scored on, so the score and the out-of-fold outputs come from rows that neither the
+    weights nor early stopping saw (the calibrator is fitted on them).
+    """
     import keras
+    from sklearn.model_selection import train_test_split
 
     metric = main_metric(spec.task)
     scores: list[float] = []
-    for k, (tr, va) in enumerate(
-        kfold_indices(y, folds=folds, classification=spec.task != "regression", seed=seed)
-    ):
+    outputs: np.ndarray | None = None
+    classification = spec.task != "regression"
+    for k, (tr, va) in enumerate(kfold_indices(y, folds=folds, classification=classification, seed=seed)):
         keras.utils.set_random_seed(seed + k)
-        model = build_compiled_model(spec, x[tr], y[tr], hparams)
+        strat = y[tr] if classification and np.bincount(y[tr].astype(np.int64)).min() >= 2 else None
+        fit, stop_rows = train_test_split(tr, test_size=0.15, random_state=seed + k, stratify=strat)
+        model = build_compiled_model(spec, x[fit], y[fit], hparams)
         stop = keras.callbacks.EarlyStopping(
             monitor="val_loss", patience=int(hparams["patience"]), restore_best_weights=True
         )
         model.fit(
-            x[tr],
-            y[tr],
-            validation_data=(x[va], y[va]),
+            x[fit],
+            y[fit],
+            validation_data=(x[stop_rows], y[stop_rows]),
             epochs=epochs,
             batch_size=int(hparams["batch_size"]),
             callbacks=[stop],
             verbose=0,
         )
-        fold_score = score(spec.task, y[va], model.predict(x[va], verbose=0))[metric]
+        fold_outputs = np.asarray(model.predict(x[va], verbose=0))
+        if outputs is None:
+            outputs = np.zeros((len(y), *fold_outputs.shape[1:]), dtype=np.float32)
+        outputs[va] = fold_outputs
+        fold_score = score(spec.task, y[va], fold_outputs)[metric]
         scores.append(fold_score)
         if verbose:
             print(f"fold {k + 1}/{folds} val_{metric}={fold_score:.4f}", flush=True)
         keras.backend.clear_session()
-    return {
+    report = {
         "folds": folds,
         "metric": metric,
         "scores": scores,
         "mean": float(np.mean(scores)),
         "std": float(np.std(scores)),
     }
+    if outputs is None:
+        raise ModelloopError(f"--folds must be at least 2, got {folds}")
+    return report, outputs
 
 
 def _plot_history(history: Mapping[str, list[float]], metric: str, path: Path) -> None:
@@ -317,9 +333,13 @@ def train(
         print(f"best trial: {search.objective}={search.best_score:.4f} {search.best_hparams}", flush=True)
 
     kfold: dict[str, Any] | None = None
+    # The calibrator's rows: the test split, which neither the weights nor early stopping
+    # saw, or with K folds every train and validation row, each answered by the fold
+    # model that did not see it (more rows, more errors to learn from).
+    fit_rows = np.concatenate([split.train, split.val])
+    oof_outputs: np.ndarray | None = None
     if folds >= 2:
-        fit_rows = np.concatenate([split.train, split.val])
-        kfold = _cross_validate(
+        kfold, oof_outputs = _cross_validate(
             spec,
             data.x[fit_rows],
             data.y[fit_rows],
@@ -445,7 +465,9 @@ def train(
         val_outputs=val_outputs,
         class_labels=data.class_labels,
         seed=seed,
-        val_targets=y_val,
+        calibration_outputs=test_outputs if oof_outputs is None else oof_outputs,
+        calibration_targets=y_test if oof_outputs is None else data.y[fit_rows],
+        calibration_rows="test split" if oof_outputs is None else f"out-of-fold ({folds} folds)",
     )
     baseline["scaling"] = scaling.describe(data.feature_names)
     floored = set(baseline["scaling"]["floored"])

@@ -3,11 +3,13 @@
 Every digit is answered by a model that never saw it: a 5-fold cross-fit of a small
 scikit-learn MLP (seconds, where the Keras job takes minutes per fold), each fold's
 calibrator fitted by :func:`~modelloop.training.calibration.fit_calibration` on a 15 %
-validation split of its training rows, as the training job does, and applied by the
-server's :class:`~modelloop.monitoring.estimation.AccuracyEstimator`. Windows of 500 rows
-are drawn without replacement from shifts that select rows on their inputs only. The
-same validation through the project's own Keras training job is ``python -m bench.cbpe``
-(figures in docs/monitoring.md).
+split of its training rows that the fit never saw (the training job uses its test split,
+for the same reason), and applied by the server's
+:class:`~modelloop.monitoring.estimation.AccuracyEstimator`. Windows of 500 rows are drawn
+without replacement from shifts that select rows on their inputs only. The same validation
+through the project's own Keras training job is ``python -m bench.cbpe``; the scenarios of
+``python -m bench.estimation_harness``, beside NannyML, have their figures in
+docs/monitoring.md.
 """
 
 from __future__ import annotations

@@ -1,8 +1,8 @@
-"""The label-free accuracy estimate (CBPE): a worked example by hand, and what it refuses.
+"""The label-free accuracy estimate (CBPE): a worked example by hand, the band, and what it refuses.
 
-NannyML's CBPE is the reference implementation; it does not install against this
-project's pinned numpy 2.4, scipy 1.17 and scikit-learn 1.9 (every nannyml release
-conflicts with them), so the cross-check is the worked example below, computed by hand.
+NannyML's CBPE is the reference implementation; ``python -m bench.estimation_harness``
+runs it beside this estimator on the same windows, from a virtualenv of its own. Here the
+cross-check is the worked example below, computed by hand.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import math
 import numpy as np
 import pytest
 
-from modelloop.monitoring.estimation import Z_95, AccuracyEstimator
+from modelloop.monitoring.estimation import Z_95, AccuracyEstimator, accuracy_band
 
 IDENTITY = {"method": "temperature", "temperature": 1.0}
 
@@ -93,3 +93,47 @@ def test_a_calibrator_for_other_classes_is_an_error() -> None:
     isotonic = {"method": "isotonic", "classes": [{"x": [0.0, 1.0], "y": [0.0, 1.0]}] * 3}
     with pytest.raises(ValueError, match="3 classes"):
         AccuracyEstimator(isotonic, "multiclass").estimate(np.array([[0.9, 0.1]]))
+
+
+def test_a_baseline_that_keeps_raw_probabilities_estimates_with_them() -> None:
+    calibration = {"method": "none", "held_out": {"ece_before": 0.01, "ece_after": 0.01}}
+    estimator = AccuracyEstimator.from_baseline({"calibration": calibration}, task="multiclass")
+    assert estimator.available and estimator.calibration_error == 0.01
+    report = estimator.estimate(np.array([[0.9, 0.1], [0.2, 0.8]]))
+    assert report is not None and report.method == "none"
+    assert report.value == pytest.approx(0.85)
+    half = Z_95 * math.sqrt((0.09 + 0.16) / 4 + 0.01**2)
+    assert (report.lower, report.upper) == pytest.approx((0.85 - half, min(1.0, 0.85 + half)))
+
+
+def test_an_old_baseline_without_held_out_errors_keeps_the_sampling_band() -> None:
+    assert AccuracyEstimator(IDENTITY, "multiclass").calibration_error == 0.0
+    q = np.full(100, 0.9)
+    assert accuracy_band(q) == pytest.approx((0.9 - Z_95 * 0.03, 0.9 + Z_95 * 0.03))
+
+
+def _coverage(bias: float, calibration_error: float, windows: int = 400, n: int = 400) -> float:
+    """Share of windows whose realized accuracy is inside the band.
+
+    The calibrated probabilities of digits-like traffic (most rows sure, a tail unsure)
+    overstate the true chance of being right by ``bias``: a calibrator as far off as its
+    held-out error says.
+    """
+    rng = np.random.default_rng(0)
+    inside = 0
+    for _ in range(windows):
+        q = np.where(rng.random(n) < 0.9, rng.uniform(0.97, 1.0, n), rng.uniform(0.5, 0.97, n))
+        realized = float(np.mean(rng.random(n) < np.clip(q - bias, 0.0, 1.0)))
+        lower, upper = accuracy_band(q, calibration_error)
+        inside += lower <= realized <= upper
+    return inside / windows
+
+
+def test_the_band_holds_when_it_counts_the_calibration_error() -> None:
+    # Exact probabilities: the sampling term alone covers about 95 %.
+    assert _coverage(bias=0.0, calibration_error=0.0) >= 0.9
+    # Probabilities 0.012 too high: the sampling band misses a third of the windows, the
+    # band that counts a held-out error of 0.012 holds (>= 17 of 20 windows, the target).
+    assert _coverage(bias=0.012, calibration_error=0.0) < 0.8
+    assert _coverage(bias=0.012, calibration_error=0.012) >= 0.9
+    assert _coverage(bias=-0.012, calibration_error=0.012) >= 0.9

@@ -19,13 +19,22 @@ class FakeClock:
         return self.now
 
 
-def report(*, drifted=False, accuracy=None, labels=0, floor=None, task="multiclass", min_labels=50):
+def report(
+    *,
+    drifted=False,
+    accuracy=None,
+    labels=0,
+    floor=None,
+    task="multiclass",
+    min_labels=50,
+    prediction_psi=None,
+):
     acc = None
     if accuracy is not None:
         acc = SimpleNamespace(metric="accuracy", value=accuracy, rows=labels, ready=labels >= min_labels)
     return SimpleNamespace(
         task=task,
-        drift=SimpleNamespace(drifted=drifted),
+        drift=SimpleNamespace(drifted=drifted, prediction_psi=prediction_psi),
         accuracy=acc,
         labels=labels,
         settings=MonitoringSettings(accuracy_floor=floor, min_labels=min_labels),
@@ -64,6 +73,32 @@ async def test_drift_fires_only_after_it_lasted_and_then_cools_down():
     r("digits", 1, report(drifted=True))  # still drifted, but within the cooldown
     await settle()
     assert len(trigger.calls) == 1
+
+
+async def test_prediction_drift_fires_after_five_minutes_at_or_above_the_threshold():
+    clock, trigger = FakeClock(), DryRunTrigger()
+    r = rules(clock, trigger)
+    r("digits", 1, report(prediction_psi=0.24))  # normal traffic: under 0.25, never pending
+    clock.now = 400
+    r("digits", 1, report(prediction_psi=4.0))  # a change in the mix of classes starts here
+    clock.now = 699
+    r("digits", 1, report(prediction_psi=0.25))
+    await settle()
+    assert trigger.calls == []
+    clock.now = 700
+    r("digits", 1, report(prediction_psi=3.9))
+    await settle()
+    assert trigger.calls == [("digits", "ModelPredictionDrift", "")]
+
+
+async def test_input_drift_names_the_retrain_when_both_drifts_hold():
+    clock, trigger = FakeClock(), DryRunTrigger()
+    r = rules(clock, trigger)
+    r("digits", 1, report(drifted=True, prediction_psi=4.0))
+    clock.now = 400
+    r("digits", 1, report(drifted=True, prediction_psi=4.0))
+    await settle()
+    assert trigger.calls == [("digits", "ModelDriftDetected", "")]
 
 
 async def test_a_quiet_evaluation_resets_the_pending_drift():

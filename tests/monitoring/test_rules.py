@@ -28,8 +28,9 @@ ALERTS = {
     "ModelInputOutOfRange",
     "ModelInputFeatureConstant",
     "ModelRolloutRolledBack",
+    "ModelPredictionDrift",
 }
-RETRAIN_ALERTS = {"ModelDriftDetected", "ModelAccuracyBelowFloor"}
+RETRAIN_ALERTS = {"ModelDriftDetected", "ModelAccuracyBelowFloor", "ModelPredictionDrift"}
 
 
 def promtool() -> str:

@@ -51,6 +51,17 @@ def test_breast_cancer_keeps_up_with_logistic_regression(train_run):
 
 
 @pytest.mark.slow
+def test_with_folds_the_calibrator_is_fitted_on_out_of_fold_rows(train_run):
+    # Every train and validation row, answered by the fold model that did not see it,
+    # whose early stopping watched a part of its own training rows.
+    run = train_run("breast-cancer", folds=5)
+    rows = _metrics(run)["rows"]
+    calibration = json.loads((run / "baseline.json").read_text())["calibration"]
+    assert calibration["fitted_on"] == "out-of-fold (5 folds)"
+    assert calibration["rows"] == rows["train"] + rows["validation"]
+
+
+@pytest.mark.slow
 def test_diabetes_keeps_up_with_ridge(train_run):
     metrics = _metrics(train_run("diabetes"))
     assert metrics["test"]["mae"] <= metrics["baselines"]["ridge"]["mae"] + 1.0
@@ -107,6 +118,16 @@ def test_metrics_record_best_epoch_and_history_agrees(digits_run):
     assert rows["train"] + rows["validation"] + rows["test"] == 1797  # every digit, once
     assert rows["test"] == 360
     assert metrics["kfold"] is None and metrics["tuning"] is None
+
+
+def test_the_calibrator_is_fitted_on_the_test_split_and_says_so(digits_run):
+    # Not the validation split: early stopping chose the weights on it.
+    calibration = json.loads((digits_run / "baseline.json").read_text())["calibration"]
+    assert calibration["fitted_on"] == "test split" and calibration["rows"] == 360
+    assert calibration["method"] in ("none", "temperature", "isotonic")
+    held_out = calibration["held_out"]
+    assert held_out["ece_before"] == held_out["ece"]["none"]
+    assert held_out["ece_after"] <= held_out["ece_before"]
 
 
 def test_restored_model_is_the_best_epoch(digits_run):
