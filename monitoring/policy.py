@@ -169,7 +169,12 @@ class RetrainPolicy:
             self._seen.popitem(last=False)
 
 
-DRIFT_REASONS = ("ModelDriftDetected", "ModelPredictionDrift", "inprocess:ModelDriftDetected")
+DRIFT_REASONS = (
+    "ModelDriftDetected",
+    "ModelPredictionDrift",
+    "inprocess:ModelDriftDetected",
+    "inprocess:ModelPredictionDrift",
+)
 """Alerts (and in-process rules) about inputs or outputs, which labels alone can answer."""
 
 

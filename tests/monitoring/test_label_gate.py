@@ -72,6 +72,15 @@ async def test_a_drift_alert_without_new_trusted_labels_starts_no_retrain(store:
     assert len(trigger.calls) == 1 and len(skipped) == 3
 
 
+def test_every_drift_rule_is_gated_in_process_too(store: PredictionStore) -> None:
+    from modelloop.monitoring.inprocess import DRIFT_RULE, PREDICTION_DRIFT_RULE
+
+    gate = NewLabelsGate(store, lambda model: set())
+    for rule in (DRIFT_RULE, PREDICTION_DRIFT_RULE):
+        assert gate.check("digits", f"inprocess:{rule}") is not None
+        assert gate.check("digits", rule) is not None
+
+
 async def test_an_accuracy_alert_is_never_held_back_by_the_label_gate(store: PredictionStore) -> None:
     gate = NewLabelsGate(store, lambda model: set())
     trigger = DryRunTrigger()
