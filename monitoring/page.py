@@ -22,6 +22,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from modelloop.monitoring.drift import PREDICTION_DRIFT_THRESHOLD
 from modelloop.monitoring.histogram import FeatureHistogram
 
 WIDTH = 470
@@ -412,7 +413,14 @@ def render_model(model: ModelView, *, t0: float, t1: float) -> str:
             "Share of drifted features", lines("drift_share", ""), t0=t0, t1=t1, y_max=1.0, events=events
         ),
         line_chart(
-            "Prediction drift (PSI)", lines("prediction_drift", ""), t0=t0, t1=t1, min_top=0.5, events=events
+            "Prediction drift (PSI)",
+            lines("prediction_drift", ""),
+            t0=t0,
+            t1=t1,
+            min_top=0.5,
+            # Where ModelPredictionDrift fires (after 5 minutes above it).
+            threshold=(PREDICTION_DRIFT_THRESHOLD, "alert"),
+            events=events,
         ),
         line_chart(
             "Data quality: worst feature",

@@ -271,6 +271,9 @@ def test_health_fragment_draws_every_series_with_text_labels(
         assert f'aria-label="{title}"' in fragment, title
     assert "v1 estimated" in fragment and "v1 out of range" in fragment  # labels, not colour alone
     assert "baseline (outlined) beside current (filled)" in fragment
+    # The prediction-drift chart marks where ModelPredictionDrift fires.
+    drift_chart = fragment.split('aria-label="Prediction drift (PSI)"', 1)[1].split("</svg>", 1)[0]
+    assert 'class="tick">alert</text>' in drift_chart
     assert "no calibrator" in fragment  # version 2 says why it has no estimate
     assert "<script" not in fragment and "http" not in fragment.replace(
         'xmlns="http://www.w3.org/2000/svg"', ""
