@@ -106,7 +106,7 @@ class PredictDecoder:
 
     async def read(self) -> None:
         """Checks the content type and reads the body (bounded)."""
-        check_content_type(self._request)
+        check_content_type(self._request, form=True)
         self._body = await read_body(self._request, self._max_body_bytes)
 
     def decode(self, metadata: ModelMetadata) -> InferRequest:

@@ -100,7 +100,7 @@ class InferDecoder:
 
     async def read(self) -> None:
         """Checks the content type and the JSON header's length, and reads the body (bounded)."""
-        check_content_type(self._request, binary=True)
+        check_content_type(self._request, binary=True, form=True)
         self._header_length = _header_length(self._request)
         self._body = await read_body(self._request, self._max_body_bytes)
 
@@ -304,6 +304,7 @@ def create_v2_router(dataplane: DataPlane, settings: ServingSettings) -> APIRout
     )
     async def repository_index(request: Request) -> Response:
         require_admin(request, admin_token)
+        check_content_type(request)
         ready_only = v2_json.decode_repository_index_request(
             await read_body(request, settings.max_body_bytes)
         )
@@ -318,6 +319,7 @@ def create_v2_router(dataplane: DataPlane, settings: ServingSettings) -> APIRout
     )
     async def load(request: Request, model: str) -> Response:
         require_admin(request, admin_token)
+        check_content_type(request)
         body = await read_body(request, settings.max_body_bytes)
         refuse_load_parameters(v2_json.decode_repository_load_request(body))
         await dataplane.load_model(model)
@@ -332,6 +334,7 @@ def create_v2_router(dataplane: DataPlane, settings: ServingSettings) -> APIRout
     )
     async def unload(request: Request, model: str) -> Response:
         require_admin(request, admin_token)
+        check_content_type(request)
         await dataplane.unload_model(model)
         return Response(status_code=200)
 
