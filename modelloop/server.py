@@ -258,7 +258,7 @@ class ModelServer:
                     "MODELLOOP_FEEDBACK_TOKENS"
                 )
         routers: list[APIRouter] = [
-            create_feedback_router(self.monitoring, settings.max_body_bytes, matcher),
+            create_feedback_router(self.monitoring, settings.max_body_bytes, matcher, admin_token),
             create_alerts_router(
                 self.retraining.alerts if self.retraining is not None else None,
                 admin_token,

@@ -181,6 +181,39 @@ def require_labeler(request: Request, labelers: TokenMatcher) -> str:
     return source
 
 
+def require_admin_or_labeler(request: Request, admin_token: str | None, labelers: TokenMatcher) -> None:
+    """Lets through the admin or any labeler: what labelers' names are is theirs to read.
+
+    Without any configured token (no admin token, no labeler tokens) every label's source
+    is ``anonymous`` and there is nothing to authenticate against, so every caller passes.
+
+    Args:
+        request: The HTTP request.
+        admin_token: The admin token; None when not configured.
+        labelers: The configured labeler tokens.
+
+    Raises:
+        ServiceError: UNAUTHENTICATED (401) without a bearer token, PERMISSION_DENIED (403)
+            with a token that is neither the admin's nor a labeler's.
+    """
+    if not admin_token and not labelers:
+        return
+    token = bearer_token(request.headers.get("authorization"))
+    if token is None:
+        raise ServiceError(
+            "this route needs the admin token or a labeler token: Authorization: Bearer <token>",
+            ErrorCode.UNAUTHENTICATED,
+        )
+    if labelers and labelers.match(token) is not None:
+        return
+    try:
+        authorize_admin(request.headers.get("authorization"), admin_token)
+    except ServiceError:
+        raise ServiceError(
+            "the bearer token is neither the admin token nor a labeler token", ErrorCode.PERMISSION_DENIED
+        ) from None
+
+
 # Routes that read their own bodies (see `openapi_body`) carry the JSON schemas of their models
 # under this operation key; `collect_openapi_schemas` moves them to `components/schemas`.
 OPENAPI_SCHEMAS_KEY = "x-modelloop-schemas"
