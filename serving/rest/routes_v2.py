@@ -14,6 +14,7 @@ from fastapi import APIRouter, Request, Response
 from modelloop.errors import ServiceError
 from modelloop.serving import tracing
 from modelloop.serving.codecs import v2_json
+from modelloop.serving.codecs.json_tensor import OFF_LOOP_DECODE_BYTES, check_value_count
 from modelloop.serving.errors import InvalidInput
 from modelloop.serving.repository import refuse_load_parameters
 from modelloop.serving.rest.errors import JsonResponse, error_response, service_error_response
@@ -103,6 +104,12 @@ class InferDecoder:
         check_content_type(self._request, binary=True, form=True)
         self._header_length = _header_length(self._request)
         self._body = await read_body(self._request, self._max_body_bytes)
+
+    def precheck(self, metadata: ModelMetadata, max_rows: int) -> bool:
+        """Refuses a body with more values than ``max_rows`` rows hold; True: decode on a thread."""
+        header = self._body if self._header_length is None else self._body[: self._header_length]
+        check_value_count(header, metadata.inputs, max_rows, metadata.name)
+        return len(self._body) >= OFF_LOOP_DECODE_BYTES
 
     def decode(self, metadata: ModelMetadata) -> InferRequest:
         """Decodes the JSON body, or the JSON header followed by binary tensors."""
