@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
-import ctypes.util
 import functools
 import logging
 from collections.abc import Awaitable, Callable, Sequence
@@ -157,21 +156,29 @@ class HeapTrimmer:
 
     def __init__(self, delay_s: float = 0.2) -> None:
         self.delay_s = delay_s
-        self._pending = False
+        self._pending: asyncio.AbstractEventLoop | None = None  # the loop a trim is due on
         self._wanted = False
         self._trim: Callable[[int], int] | None = None
-        with contextlib.suppress(OSError, AttributeError):
-            self._trim = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+        self._looked_up = False
+
+    def _function(self) -> Callable[[int], int] | None:
+        if not self._looked_up:
+            self._looked_up = True
+            # The process's own symbols: glibc's malloc_trim, without searching for a library.
+            with contextlib.suppress(OSError, AttributeError):
+                self._trim = ctypes.CDLL(None).malloc_trim
+        return self._trim
 
     def schedule(self) -> None:
         """Trims shortly (once the refused call's message is freed); calls meanwhile share it."""
-        if self._trim is None:
+        if self._function() is None:
             return
         self._wanted = True
-        if self._pending:
+        loop = asyncio.get_running_loop()
+        if self._pending is loop and not loop.is_closed():
             return  # the running trimmer trims again after its pause
-        self._pending = True
-        asyncio.get_running_loop().call_later(self.delay_s, self._start)
+        self._pending = loop
+        loop.call_later(self.delay_s, self._start)
 
     def _start(self) -> None:
         task = asyncio.get_running_loop().create_task(self._run())
@@ -185,7 +192,7 @@ class HeapTrimmer:
                 await asyncio.to_thread(self._trim, 0)  # ctypes lets the GIL go during the call
                 await asyncio.sleep(1.0)
         finally:
-            self._pending = False
+            self._pending = None
 
 
 _TRIMS: set[asyncio.Task[None]] = set()
