@@ -322,7 +322,7 @@ def create_v2_router(dataplane: DataPlane, settings: ServingSettings) -> APIRout
         summary="Load a model (admin)",
         response_class=Response,
         openapi_extra=ADMIN_SECURITY,
-        responses={200: {"description": "Loaded"}, **error_responses(ErrorBody, 404), **ADMIN_ERRORS},
+        responses={200: {"description": "Loaded"}, **error_responses(ErrorBody, 404, 415), **ADMIN_ERRORS},
     )
     async def load(request: Request, model: str) -> Response:
         require_admin(request, admin_token)
@@ -337,7 +337,7 @@ def create_v2_router(dataplane: DataPlane, settings: ServingSettings) -> APIRout
         summary="Unload a model (admin)",
         response_class=Response,
         openapi_extra=ADMIN_SECURITY,
-        responses={200: {"description": "Unloaded"}, **error_responses(ErrorBody, 404), **ADMIN_ERRORS},
+        responses={200: {"description": "Unloaded"}, **error_responses(ErrorBody, 404, 415), **ADMIN_ERRORS},
     )
     async def unload(request: Request, model: str) -> Response:
         require_admin(request, admin_token)
