@@ -734,7 +734,8 @@ def _cmd_monitor(args: argparse.Namespace) -> int:
     monitoring = _monitoring_settings(args, args.repo)
     try:
         # The admin token (the alert webhook's) and the labelers' tokens, as `serve` reads them.
-        admin = ServingSettings(repo=repo).admin_token
+        serving = ServingSettings(repo=repo)
+        admin = serving.admin_token
         labelers = LabelerSettings()
     except ValidationError as exc:
         raise _settings_error(exc) from None
@@ -745,6 +746,7 @@ def _cmd_monitor(args: argparse.Namespace) -> int:
         "admin_token": admin.get_secret_value() if admin is not None else None,
         "host": args.host,
         "port": args.port,
+        "cors_origins": list(serving.cors_origins),
     }
     return monitor(plane)
 

@@ -9,7 +9,9 @@ module imports nothing of the project, so every package may import it.
 
 from __future__ import annotations
 
+import re
 from enum import Enum
+from pathlib import Path
 
 
 class ModelloopError(Exception):
@@ -58,3 +60,44 @@ class ServiceError(Exception):
 
     def __str__(self) -> str:
         return self.message
+
+
+# `scheme://user:password@host` (and `scheme://token@host`): the part before `@` goes.
+_URL_CREDENTIALS = re.compile(r"(\b[A-Za-z][A-Za-z0-9+.-]*://)[^/\s@'\"]+@")
+# An absolute path of two or more segments that is not part of a URL (no word character,
+# `:`, `/` or `.` before it): only its last segment stays.
+_HOST_PATH = re.compile(r"(?<![\w:/.~-])/(?:[^/\s'\"():,;]+/)+([^/\s'\"():,;]+)")
+
+
+def hide_credentials(text: str) -> str:
+    """``text`` with every URL's user and password replaced by ``***`` (for logs too)."""
+    return _URL_CREDENTIALS.sub(r"\1***@", text)
+
+
+def redact(text: str, root: str | Path | None = None) -> str:
+    """A message fit for any caller: no credentials, no host paths.
+
+    Load and repository errors quote file paths (``/srv/models/other/2/model.onnx``) and
+    endpoint URLs (``http://user:secret@minio:9000``); the server's log keeps them whole,
+    answers get this. A path under ``root`` becomes relative to it (``other/2/model.onnx``);
+    any other absolute path becomes ``…/<last segment>``; a URL's user and password become
+    ``***``.
+
+    Args:
+        text: The message.
+        root: The model repository, whose paths are shown relative to it. Defaults to None.
+
+    Returns:
+        The message without credentials and host paths.
+
+    Example:
+
+    >>> redact("no file /srv/models/a/1/model.onnx at http://u:p@minio:9000", "/srv/models")
+    'no file a/1/model.onnx at http://***@minio:9000'
+    """
+    text = hide_credentials(text)
+    if root is not None:
+        prefix = str(root).rstrip("/") + "/"
+        if len(prefix) > 1:
+            text = text.replace(prefix, "")
+    return _HOST_PATH.sub(r"…/\1", text)

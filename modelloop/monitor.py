@@ -33,7 +33,7 @@ import asyncio
 import logging
 import signal
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +41,7 @@ import uvloop
 from fastapi import FastAPI, Request, Response
 from fastapi.responses import HTMLResponse
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from starlette.types import Receive, Scope, Send
 
 from modelloop.errors import ModelloopError, ServiceError
 from modelloop.monitoring.binding import RepositoryMismatch, repository_identity
@@ -58,6 +59,7 @@ from modelloop.server import PEER_WAIT_S
 from modelloop.serving.errors import ModelNotFound
 from modelloop.serving.repository import ModelRepository
 from modelloop.serving.rest.errors import install_error_handlers
+from modelloop.serving.rest.origin import OriginGuard
 from modelloop.serving.rest.server import bind_rest_socket
 from modelloop.serving.settings import ModelConfig
 from modelloop.serving.types import ModelState, VersionStatus
@@ -107,6 +109,22 @@ class RepositoryCatalog:
         return dict(getattr(self._config(name), key, {}) or {})
 
 
+class _OriginGuarded:
+    """The control plane's app behind the servers' cross-site write check (403 before any route)."""
+
+    def __init__(self, app: FastAPI, guard: OriginGuard) -> None:
+        self.app = app
+        self.guard = guard
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            refusal = self.guard.refusal(scope)
+            if refusal is not None:
+                await refusal(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
 def _page(section: HealthSection) -> str:
     return (
         '<!doctype html><html lang="en"><head><meta charset="utf-8">'
@@ -127,6 +145,8 @@ class ControlPlane:
         admin_token: The admin token of the alert webhook. Defaults to None (webhook off).
         host: Interface to bind. Defaults to 127.0.0.1.
         port: Port; 0 picks a free one. Defaults to 8502.
+        cors_origins: Origins whose pages may write here (``MODELLOOP_CORS_ORIGINS``);
+            other cross-site writes get 403, as on the servers. Defaults to none.
 
     Raises:
         ModelloopError: The repository is missing or the store cannot be opened.
@@ -141,6 +161,7 @@ class ControlPlane:
         admin_token: str | None = None,
         host: str = "127.0.0.1",
         port: int = DEFAULT_PORT,
+        cors_origins: Sequence[str] = (),
     ) -> None:
         if not repo.is_dir():
             raise ModelloopError(f"model repository {str(repo)!r} does not exist or is not a directory")
@@ -178,6 +199,7 @@ class ControlPlane:
                 "feedback is unauthenticated: set MODELLOOP_FEEDBACK_TOKEN or MODELLOOP_FEEDBACK_TOKENS"
             )
         self.app = self._build_app(matcher, admin_token)
+        self.guarded = _OriginGuarded(self.app, OriginGuard(cors_origins))
         self._stop = asyncio.Event()
         self.url = ""
 
@@ -226,7 +248,7 @@ class ControlPlane:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.request_stop)
         await self.service.start()
-        config = uvicorn.Config(self.app, log_level="warning", lifespan="off")
+        config = uvicorn.Config(self.guarded, log_level="warning", lifespan="off")
         server = uvicorn.Server(config)
         server.install_signal_handlers = lambda: None  # type: ignore[method-assign]
         task = asyncio.create_task(server.serve(sockets=[sock]), name="control-plane")

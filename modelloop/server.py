@@ -342,7 +342,7 @@ class ModelServer:
             sections.append(ControlPlaneSection(settings.control_plane_url))
         else:
             routers = [
-                create_feedback_router(self.monitoring, settings.max_body_bytes, matcher),
+                create_feedback_router(self.monitoring, settings.max_body_bytes, matcher, admin_token),
                 create_alerts_router(
                     self.retraining.alerts if self.retraining is not None else None,
                     admin_token,

@@ -25,14 +25,17 @@ MODEL_VERSION_HEADER = "x-model-version"
 """The version that answered, on every REST response a model answered (it may be a rollout's candidate)."""
 
 # `curl -d` sends application/x-www-form-urlencoded, and TF Serving's own REST examples use
-# `curl -d '{"instances": ...}'`; TF Serving ignores the content type, so these must work.
-_JSON_MEDIA_TYPES = frozenset({"application/json", "application/x-www-form-urlencoded"})
+# `curl -d '{"instances": ...}'`; TF Serving ignores the content type, so predict and infer
+# take it as JSON (`form=True`). Browsers send it cross-site without a preflight, so the
+# other routes (feedback, alerts, admin) refuse it; the REST app refuses cross-site writes
+# anyway (serving/rest/origin.py).
+FORM_MEDIA_TYPE = "application/x-www-form-urlencoded"
 BINARY_MEDIA_TYPE = "application/octet-stream"
 # zlib wbits: gzip wrapper and zlib wrapper (HTTP "deflate" is zlib-wrapped, RFC 9110 8.4.1.2).
 _DECODERS = {"gzip": 16 + zlib.MAX_WBITS, "x-gzip": 16 + zlib.MAX_WBITS, "deflate": zlib.MAX_WBITS}
 
 
-def check_content_type(request: Request, *, binary: bool = False) -> bool:
+def check_content_type(request: Request, *, binary: bool = False, form: bool = False) -> bool:
     """Accepts JSON bodies (and, when ``binary``, the octet-stream of Triton's extension).
 
     A missing content type is accepted: tritonclient and many scripts send none.
@@ -40,6 +43,8 @@ def check_content_type(request: Request, *, binary: bool = False) -> bool:
     Args:
         request: The HTTP request.
         binary: Whether ``application/octet-stream`` is allowed. Defaults to False.
+        form: Whether ``application/x-www-form-urlencoded`` is read as JSON (``curl -d``,
+            for predict and infer only). Defaults to False.
 
     Returns:
         Whether the body was declared binary.
@@ -51,7 +56,9 @@ def check_content_type(request: Request, *, binary: bool = False) -> bool:
     if raw is None:
         return False
     media = raw.split(";", 1)[0].strip().lower()
-    if not media or media in _JSON_MEDIA_TYPES or media.endswith("+json"):
+    if not media or media == "application/json" or media.endswith("+json"):
+        return False
+    if form and media == FORM_MEDIA_TYPE:
         return False
     if binary and media == BINARY_MEDIA_TYPE:
         return True
@@ -172,6 +179,39 @@ def require_labeler(request: Request, labelers: TokenMatcher) -> str:
     if source is None:
         raise ServiceError("the bearer token is not a labeler token", ErrorCode.PERMISSION_DENIED)
     return source
+
+
+def require_admin_or_labeler(request: Request, admin_token: str | None, labelers: TokenMatcher) -> None:
+    """Lets through the admin or any labeler: what labelers' names are is theirs to read.
+
+    Without any configured token (no admin token, no labeler tokens) every label's source
+    is ``anonymous`` and there is nothing to authenticate against, so every caller passes.
+
+    Args:
+        request: The HTTP request.
+        admin_token: The admin token; None when not configured.
+        labelers: The configured labeler tokens.
+
+    Raises:
+        ServiceError: UNAUTHENTICATED (401) without a bearer token, PERMISSION_DENIED (403)
+            with a token that is neither the admin's nor a labeler's.
+    """
+    if not admin_token and not labelers:
+        return
+    token = bearer_token(request.headers.get("authorization"))
+    if token is None:
+        raise ServiceError(
+            "this route needs the admin token or a labeler token: Authorization: Bearer <token>",
+            ErrorCode.UNAUTHENTICATED,
+        )
+    if labelers and labelers.match(token) is not None:
+        return
+    try:
+        authorize_admin(request.headers.get("authorization"), admin_token)
+    except ServiceError:
+        raise ServiceError(
+            "the bearer token is neither the admin token nor a labeler token", ErrorCode.PERMISSION_DENIED
+        ) from None
 
 
 # Routes that read their own bodies (see `openapi_body`) carry the JSON schemas of their models

@@ -83,7 +83,14 @@ from modelloop.monitoring.store import FeedbackItem, FeedbackResult, StoreUnavai
 from modelloop.monitoring.webhook import WebhookError, parse_alertmanager
 from modelloop.serving.types import valid_request_id
 from modelloop.tokens import TokenMatcher
-from modelloop.web import ADMIN_SECURITY, check_content_type, read_body, require_admin, require_labeler
+from modelloop.web import (
+    ADMIN_SECURITY,
+    check_content_type,
+    read_body,
+    require_admin,
+    require_admin_or_labeler,
+    require_labeler,
+)
 
 if TYPE_CHECKING:
     from modelloop.monitoring.service import EvaluationReport, MonitoringService
@@ -175,7 +182,10 @@ def _monitoring_on(monitoring: MonitoringService | None, name: str) -> Monitorin
 
 
 def create_feedback_router(
-    monitoring: MonitoringService | None, max_body_bytes: int, labelers: TokenMatcher | None = None
+    monitoring: MonitoringService | None,
+    max_body_bytes: int,
+    labelers: TokenMatcher | None = None,
+    admin_token: str | None = None,
 ) -> APIRouter:
     """The feedback routes, bound to the monitoring service.
 
@@ -184,6 +194,8 @@ def create_feedback_router(
         max_body_bytes: The body limit.
         labelers: The labelers' tokens; None or empty = feedback is unauthenticated and
             its source is ``anonymous``. Defaults to None.
+        admin_token: The admin token, which may read the sources report as the labelers
+            may (the report names the labelers). Defaults to None.
 
     Returns:
         A router to mount on the REST app.
@@ -220,7 +232,9 @@ def create_feedback_router(
         summary="Labeler sources of a model: labels, agreement, confusion, quarantine",
         responses=SOURCES_RESPONSES,
     )
-    async def sources(name: str) -> Response:
+    async def sources(name: str, request: Request) -> Response:
+        # The report names the labelers: only the admin and the labelers may read it.
+        require_admin_or_labeler(request, admin_token, tokens)
         service = _monitoring_on(monitoring, name)
         try:
             report = await asyncio.to_thread(service.source_report, name)

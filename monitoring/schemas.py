@@ -191,7 +191,17 @@ SOURCES_RESPONSES: dict[int | str, dict[str, Any]] = {
     200: _json_object(
         "Per labeler source: labels, agreement with confident predictions, relabels, quarantine"
     ),
-    **error_responses(MonitoringError, 404, 501, 503, s501="Monitoring is off on this server"),
+    **error_responses(
+        MonitoringError,
+        401,
+        403,
+        404,
+        501,
+        503,
+        s401="No bearer token, while an admin or labeler token is configured",
+        s403="The token is neither the admin's nor a labeler's",
+        s501="Monitoring is off on this server",
+    ),
 }
 
 HISTORY_RESPONSES: dict[int | str, dict[str, Any]] = {

@@ -17,6 +17,13 @@ on the event loop itself, because handing it to a thread and back costs more tha
 call (the digits model answers in about 10 µs; the hop costs tens of µs and a GIL
 handover).
 
+A batch that fails is retried request by request, on the same thread, before anyone is
+answered: only the requests that fail alone get an error, and each error names only its own
+request's rows, never another client's (a model's message often quotes the input it choked
+on). The cost falls on failing batches only: a batch of ``n`` requests that fails takes
+``n + 1`` runtime calls instead of one, and a model with side effects sees the good requests'
+rows twice.
+
 The queue is bounded in rows: at most ``max_enqueued_batches * max_batch_size`` rows may
 wait. Counting rows rather than requests keeps the bound meaningful whether clients send
 one row or ``max_batch_size`` rows per request. A request that would overflow it gets
@@ -80,6 +87,10 @@ class _Pending:
 # Calls timed per decision whether a model runs inline: the median of each window of this
 # many calls decides, so a call stretched by preemption or a page fault does not.
 _TIMING_WINDOW = 16
+
+
+def _first_error(outcomes: list[Tensors | Exception]) -> Exception | None:
+    return next((outcome for outcome in outcomes if isinstance(outcome, Exception)), None)
 
 
 def _rows(inputs: Tensors) -> int:
@@ -165,7 +176,8 @@ class DynamicBatcher:
         Raises:
             QueueFull: The queue cannot take these rows now.
             ModelNotReady: The batcher is closed (its version is unloading).
-            InferenceFailed: The runtime failed on the batch (every request in it sees this).
+            InferenceFailed: The runtime failed on these rows (a failed batch is retried request
+                by request, so this names only this request's rows).
         """
         if self._closed:
             raise ModelNotReady(f"model {self.model!r} version {self.version} is unloading")
@@ -385,13 +397,15 @@ class DynamicBatcher:
             if not live:
                 return
             span = self._start_span(live, rows, False) if tracing.TRACER is not None else None
-            future = asyncio.get_running_loop().run_in_executor(self._executor, self._timed, merged)
+            parts = [item.inputs for item in live]
+            future = asyncio.get_running_loop().run_in_executor(
+                self._executor, self._call_batch, merged, rows, parts
+            )
             # The thread stays taken until the call returns, even if close() cancels us.
             future.add_done_callback(lambda _: self._release(state))
             released = True
             try:
-                outputs = await future
-                self._check_rows(outputs, rows)
+                outcome = await future
             except BaseException as exc:
                 if span is not None:
                     tracing.end_batch(span, exc)
@@ -400,8 +414,8 @@ class DynamicBatcher:
                 self._fail(live, rows, exc)
                 return
             if span is not None:
-                tracing.end_batch(span)
-            self._answer(live, outputs)
+                tracing.end_batch(span, None if isinstance(outcome, dict) else _first_error(outcome))
+            self._settle(live, outcome)
         finally:
             if not released:
                 self._release(state)
@@ -431,9 +445,8 @@ class DynamicBatcher:
         span = self._start_span(live, rows, True) if tracing.TRACER is not None else None
         self._active += 1
         try:
-            outputs = self._timed(merged)
-            self._check_rows(outputs, rows)
-        except Exception as exc:  # noqa: BLE001 - fanned out to every waiter
+            outcome = self._call_batch(merged, rows, [item.inputs for item in live])
+        except Exception as exc:  # noqa: BLE001 - a single request's failure
             if span is not None:
                 tracing.end_batch(span, exc)
             self._fail(live, rows, exc)
@@ -441,13 +454,68 @@ class DynamicBatcher:
         finally:
             self._active -= 1
         if span is not None:
-            tracing.end_batch(span)
-        self._answer(live, outputs)
+            tracing.end_batch(span, None if isinstance(outcome, dict) else _first_error(outcome))
+        self._settle(live, outcome)
 
     def _start_span(self, live: list[_Pending], rows: int, inline: bool) -> Any:
         """The batch span of a queued batch, linked to its requests (tracing on)."""
         marks = [item.trace for item in live if item.trace is not None]
         return tracing.start_batch(marks, self.model, self.version, rows, inline)
+
+    def _call_batch(
+        self, merged: Tensors, rows: int, parts: list[Tensors]
+    ) -> Tensors | list[Tensors | Exception]:
+        """Runs a batch; if it fails and holds several requests, runs each request alone.
+
+        Returns the batch's outputs, or one outcome per request (its outputs or its own
+        error) after a failed batch. A batch of one request raises its error.
+        """
+        try:
+            outputs = self._timed(merged)
+            self._check_rows(outputs, rows)
+            return outputs
+        except Exception as exc:
+            if len(parts) == 1:
+                raise
+            batch_error = exc
+        outcomes: list[Tensors | Exception] = []
+        for inputs in parts:
+            try:
+                outputs = self._timed(inputs)
+                self._check_rows(outputs, _rows(inputs))
+                outcomes.append(outputs)
+            except Exception as exc:  # noqa: BLE001 - this request's own outcome
+                outcomes.append(exc)
+        failed = sum(isinstance(outcome, Exception) for outcome in outcomes)
+        logger.warning(
+            "model %s version %s failed on a batch of %d rows (%d requests): %s: %s; "
+            "retried each request alone: %d failed",
+            self.model,
+            self.version,
+            rows,
+            len(parts),
+            type(batch_error).__name__,
+            batch_error,
+            failed,
+        )
+        return outcomes
+
+    def _settle(self, live: list[_Pending], outcome: Tensors | list[Tensors | Exception]) -> None:
+        """Answers a batch's requests from :meth:`_call_batch`'s outcome."""
+        if isinstance(outcome, dict):
+            self._answer(live, outcome)
+            return
+        for item, result in zip(live, outcome, strict=True):
+            if item.future.done():
+                continue
+            if isinstance(result, Exception):
+                item.future.set_exception(self._error_for(item.rows, result))
+            else:
+                item.future.set_result(result)
+
+    def _error_for(self, rows: int, exc: Exception) -> Exception:
+        # One exception object per waiter: raising it appends to its traceback.
+        return copy.copy(exc) if isinstance(exc, ServingError) else self._failure(rows, exc)
 
     def _fail(self, live: list[_Pending], rows: int, exc: Exception) -> None:
         logger.warning(
@@ -455,9 +523,7 @@ class DynamicBatcher:
         )
         for item in live:
             if not item.future.done():
-                # One exception object per waiter: raising it appends to its traceback.
-                err = copy.copy(exc) if isinstance(exc, ServingError) else self._failure(rows, exc)
-                item.future.set_exception(err)
+                item.future.set_exception(self._error_for(rows, exc))
 
     @staticmethod
     def _answer(live: list[_Pending], outputs: Tensors) -> None:

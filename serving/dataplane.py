@@ -269,6 +269,11 @@ class RequestDecoder(TypingProtocol):
     ``decode`` is synchronous on purpose: nothing may await between resolving a version
     and holding it for the request, or an unload could slip in between.
 
+    A decoder of a body may also have ``precheck(metadata, max_rows) -> bool``, called
+    before ``decode``: it refuses a body that cannot fit ``max_rows`` rows without parsing
+    it, and says whether the body is large enough to decode on a thread (the data plane
+    then holds the version while it does).
+
     Attributes:
         protocol: The front end, a label of the request metrics.
     """
@@ -400,6 +405,7 @@ class DataPlane:
         request: InferRequest | None = None
         code = "OK"
         decode: Any = None  # the decode span while it is open (tracing on)
+        held = contextlib.ExitStack()  # the version, while a large body decodes on a thread
         self._enter()
         try:
             # Draining only turns readiness off: requests the transports still accept
@@ -417,7 +423,14 @@ class DataPlane:
             servable = self.registry.resolve(model, pinned, label)
             version = servable.version
             metadata = servable.metadata
-            request = decoder.decode(metadata)
+            precheck = getattr(decoder, "precheck", None)
+            if precheck is not None and precheck(metadata, servable.batcher.settings.max_batch_size):
+                # A large body (checked against the row limit first) is decoded on a thread,
+                # so the event loop, and the probes, keep going; the version is held meanwhile.
+                held.enter_context(servable.use())
+                request = await asyncio.to_thread(decoder.decode, metadata)
+            else:
+                request = decoder.decode(metadata)
             # The target is authoritative: the decoder need not repeat the path's fields.
             request.model, request.version, request.label = model, pinned, label
             request.id = choose_request_id(client_id, request.id)
@@ -465,6 +478,7 @@ class DataPlane:
             error.request_id = request.id if request is not None else choose_request_id(client_id, None)
             raise error from exc
         finally:
+            held.close()
             self._leave()
             if tracing.TRACER is not None:
                 tracing.finished(decode, code)

@@ -38,6 +38,7 @@ from typing import Any
 
 import numpy as np
 
+from modelloop.errors import hide_credentials, redact
 from modelloop.layout import ONNX_FILE, SAVED_MODEL_DIR
 from modelloop.serving.batching import DynamicBatcher
 from modelloop.serving.cpus import cpu_budget
@@ -301,14 +302,16 @@ class ModelRegistry:
         try:
             await asyncio.to_thread(self.repository.sync)
         except RepositoryUnavailable as exc:
-            if exc.message != self.repository_error:
+            # The reason reaches /v2/health/ready and the status page: no credentials, no paths.
+            reason = self._public(exc.message)
+            if reason != self.repository_error:
                 logger.error(
                     "repository %s is unavailable: %s; %s",
-                    self.repository.remote,
-                    exc.message,
+                    hide_credentials(str(self.repository.remote)),
+                    hide_credentials(exc.message),
                     "keeping what is loaded" if self.repository_synced else "not ready until it is read",
                 )
-            self.repository_error = exc.message
+            self.repository_error = reason
             self.metrics.count_repository_error()
             return self.repository_synced
         if self.repository_error:
@@ -316,15 +319,25 @@ class ModelRegistry:
         self.repository_synced, self.repository_error = True, ""
         return True
 
+    def _public(self, message: str) -> str:
+        """A load or repository error as answers show it: no credentials, no host paths."""
+        root = getattr(self.repository, "root", None)
+        if root is not None:
+            for prefix in {str(root), str(Path(root).resolve())}:
+                message = message.replace(prefix.rstrip("/") + "/", "")
+        return redact(message)
+
     async def _reconcile(self, model: _Model) -> None:
         if not model.enabled:
             return
         try:
             config = self.repository.read_config(model.name)
         except RepositoryError as exc:
-            if exc.message != model.config_error:
-                logger.error("model %s: %s; keeping its last good config", model.name, exc.message)
-                model.config_error = exc.message
+            if self._public(exc.message) != model.config_error:
+                logger.error(
+                    "model %s: %s; keeping its last good config", model.name, hide_credentials(exc.message)
+                )
+                model.config_error = self._public(exc.message)
             if model.config is None:
                 return  # no good config yet: load nothing rather than guess
             # Carry on with the last good config, so removed versions still unload.
@@ -399,8 +412,12 @@ class ModelRegistry:
             runtime = await asyncio.to_thread(self._build, model.name, version, path, config)
         except Exception as exc:  # noqa: BLE001 - every load failure is reported, not raised
             entry.state = ModelState.FAILED
-            entry.error = str(exc) if isinstance(exc, ServingError) else f"{type(exc).__name__}: {exc}"
-            logger.error("model %s version %s failed to load: %s", model.name, version, entry.error)
+            error = str(exc) if isinstance(exc, ServingError) else f"{type(exc).__name__}: {exc}"
+            logger.error(
+                "model %s version %s failed to load: %s", model.name, version, hide_credentials(error)
+            )
+            # Answers (status, index, 503s, the status page) show no host paths.
+            entry.error = self._public(error)
             self.metrics.count_load_failure(model.name)
             return
         batching = config.batching or self.settings.batching

@@ -10,13 +10,18 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import math
+from collections.abc import Sequence
 from itertools import chain
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import orjson
 
 from modelloop.serving.errors import InvalidInput
+
+if TYPE_CHECKING:
+    from modelloop.serving.types import TensorSpec
 
 _ORJSON_NUMPY = orjson.OPT_SERIALIZE_NUMPY
 # Dtypes orjson serialises straight from the array buffer (no Python objects per element).
@@ -267,3 +272,59 @@ def leaves_to_array(
                 raise InvalidInput(f"{where} expects {expected} (BYTES) but got {describe_value(v)}")
         return out.reshape(shape)
     raise InvalidInput(f"{where}: dtype {dtype.name} cannot be sent as JSON")
+
+
+OFF_LOOP_DECODE_BYTES = 1024 * 1024
+"""Bodies from this size up are decoded on a thread, not on the event loop."""
+# Bodies below this size are decoded as they are; the value count is checked from here up.
+COUNT_VALUES_FROM_BYTES = 64 * 1024
+# Commas a valid body may hold beyond its values: keys, shapes, parameters, outputs.
+_STRUCTURE_COMMAS = 256
+
+
+def values_per_row(specs: Sequence[TensorSpec]) -> int | None:
+    """How many JSON values one row of these inputs holds, or None when that is unbounded.
+
+    Unbounded: an input with a free dimension past the batch one, or a BYTES input (its
+    strings may hold commas, so commas do not count its values).
+    """
+    total = 0
+    for spec in specs:
+        if spec.dtype.kind in "OSU" or any(dim < 0 for dim in spec.shape[1:]):
+            return None
+        total += math.prod(spec.shape[1:])
+    return total
+
+
+def check_value_count(body: bytes, specs: Sequence[TensorSpec], max_rows: int, model: str) -> None:
+    """Refuses a JSON body that holds more values than ``max_rows`` rows of the inputs can.
+
+    Runs before the body is parsed: parsing builds a Python object per value, with the
+    GIL held for the whole parse (seconds for a 64 MiB body, during which the event loop
+    and every probe wait). Every value but the last of a JSON array is followed by a
+    comma, and a JSON string of a numeric input is invalid anyway, so a body with more
+    commas than ``max_rows`` rows of values (plus the structure's own) cannot be a valid
+    request: too many rows, or rows of the wrong shape. One ``bytes.count`` decides.
+
+    Args:
+        body: The JSON text (for the binary extension, its JSON header only).
+        specs: The version's inputs.
+        max_rows: The most rows a request may have (``max_batch_size``).
+        model: The model name, for the message.
+
+    Raises:
+        InvalidInput: The body holds more values than the limit allows.
+    """
+    if len(body) < COUNT_VALUES_FROM_BYTES:
+        return
+    per_row = values_per_row(specs)
+    if per_row is None:
+        return
+    bound = max_rows * (per_row + len(specs)) + _STRUCTURE_COMMAS * max(1, len(specs))
+    commas = body.count(b",")
+    if commas > bound:
+        raise InvalidInput(
+            f"the request holds more than {bound} values (it has {commas:,} commas), more than "
+            f"{max_rows} rows of model {model!r}'s inputs ({per_row} values a row) can: too many "
+            f"rows (max_batch_size is {max_rows}) or rows of the wrong shape; refused before decoding"
+        )

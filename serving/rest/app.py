@@ -31,6 +31,7 @@ from modelloop.errors import ServiceError
 from modelloop.serving.codecs.v2_json import HEADER_LENGTH
 from modelloop.serving.rest.errors import error_response, install_error_handlers
 from modelloop.serving.rest.fastpath import PredictFastPath
+from modelloop.serving.rest.origin import OriginGuard
 from modelloop.serving.rest.routes_tfserving import create_tfserving_router
 from modelloop.serving.rest.routes_v2 import create_v2_router
 from modelloop.web import ADMIN_SCHEME, MODEL_VERSION_HEADER, REQUEST_ID_HEADER, collect_openapi_schemas
@@ -108,17 +109,26 @@ class StatusColumns(Protocol):
 class RestApp(ServingAPI):
     """The app: predict and infer calls enter through the fast path in front of FastAPI (:mod:`.fastpath`).
 
-    Every request enters through ``front``; the fast path answers predict and infer
-    calls and hands the rest to FastAPI. Without a ``front`` it is plain FastAPI.
+    Every request enters through ``origins`` (a write from a foreign origin gets 403, see
+    :mod:`.origin`), then ``front``; the fast path answers predict and infer calls and hands
+    the rest to FastAPI. Without a ``front`` it is plain FastAPI.
 
     Attributes:
         front: The fast path, set by :func:`create_app`.
+        origins: The cross-site write check, set by :func:`create_app`.
     """
 
     front: PredictFastPath | None = None
+    origins: OriginGuard | None = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        """Enters through the fast path."""
+        """Refuses cross-site writes, then enters through the fast path."""
+        origins = self.origins
+        if origins is not None and scope["type"] == "http":
+            refusal = origins.refusal(scope)
+            if refusal is not None:
+                await refusal(scope, receive, send)
+                return
         front = self.front
         if front is None:
             await super().__call__(scope, receive, send)
@@ -179,6 +189,7 @@ def create_app(
         redoc_url=None,
     )
     install_error_handlers(app)
+    app.origins = OriginGuard(settings.cors_origins)
     cors = cors_options(settings)
     if cors is not None:
         app.add_middleware(CORSMiddleware, **cors)

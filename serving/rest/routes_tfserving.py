@@ -15,6 +15,7 @@ from fastapi import APIRouter, Request, Response
 from modelloop.errors import ErrorCode, ServiceError
 from modelloop.serving import tracing
 from modelloop.serving.codecs import tfserving_json
+from modelloop.serving.codecs.json_tensor import OFF_LOOP_DECODE_BYTES, check_value_count
 from modelloop.serving.errors import InvalidInput, Unimplemented
 from modelloop.serving.rest.errors import JsonResponse, service_error_response
 from modelloop.serving.rest.schemas import (
@@ -106,8 +107,13 @@ class PredictDecoder:
 
     async def read(self) -> None:
         """Checks the content type and reads the body (bounded)."""
-        check_content_type(self._request)
+        check_content_type(self._request, form=True)
         self._body = await read_body(self._request, self._max_body_bytes)
+
+    def precheck(self, metadata: ModelMetadata, max_rows: int) -> bool:
+        """Refuses a body with more values than ``max_rows`` rows hold; True: decode on a thread."""
+        check_value_count(self._body, metadata.inputs, max_rows, metadata.name)
+        return len(self._body) >= OFF_LOOP_DECODE_BYTES
 
     def decode(self, metadata: ModelMetadata) -> InferRequest:
         """Decodes the body (row or columnar format) against the version's inputs."""

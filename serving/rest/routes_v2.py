@@ -14,6 +14,7 @@ from fastapi import APIRouter, Request, Response
 from modelloop.errors import ServiceError
 from modelloop.serving import tracing
 from modelloop.serving.codecs import v2_json
+from modelloop.serving.codecs.json_tensor import OFF_LOOP_DECODE_BYTES, check_value_count
 from modelloop.serving.errors import InvalidInput
 from modelloop.serving.repository import refuse_load_parameters
 from modelloop.serving.rest.errors import JsonResponse, error_response, service_error_response
@@ -100,9 +101,15 @@ class InferDecoder:
 
     async def read(self) -> None:
         """Checks the content type and the JSON header's length, and reads the body (bounded)."""
-        check_content_type(self._request, binary=True)
+        check_content_type(self._request, binary=True, form=True)
         self._header_length = _header_length(self._request)
         self._body = await read_body(self._request, self._max_body_bytes)
+
+    def precheck(self, metadata: ModelMetadata, max_rows: int) -> bool:
+        """Refuses a body with more values than ``max_rows`` rows hold; True: decode on a thread."""
+        header = self._body if self._header_length is None else self._body[: self._header_length]
+        check_value_count(header, metadata.inputs, max_rows, metadata.name)
+        return len(self._body) >= OFF_LOOP_DECODE_BYTES
 
     def decode(self, metadata: ModelMetadata) -> InferRequest:
         """Decodes the JSON body, or the JSON header followed by binary tensors."""
@@ -304,6 +311,7 @@ def create_v2_router(dataplane: DataPlane, settings: ServingSettings) -> APIRout
     )
     async def repository_index(request: Request) -> Response:
         require_admin(request, admin_token)
+        check_content_type(request)
         ready_only = v2_json.decode_repository_index_request(
             await read_body(request, settings.max_body_bytes)
         )
@@ -314,10 +322,11 @@ def create_v2_router(dataplane: DataPlane, settings: ServingSettings) -> APIRout
         summary="Load a model (admin)",
         response_class=Response,
         openapi_extra=ADMIN_SECURITY,
-        responses={200: {"description": "Loaded"}, **error_responses(ErrorBody, 404), **ADMIN_ERRORS},
+        responses={200: {"description": "Loaded"}, **error_responses(ErrorBody, 404, 415), **ADMIN_ERRORS},
     )
     async def load(request: Request, model: str) -> Response:
         require_admin(request, admin_token)
+        check_content_type(request)
         body = await read_body(request, settings.max_body_bytes)
         refuse_load_parameters(v2_json.decode_repository_load_request(body))
         await dataplane.load_model(model)
@@ -328,10 +337,11 @@ def create_v2_router(dataplane: DataPlane, settings: ServingSettings) -> APIRout
         summary="Unload a model (admin)",
         response_class=Response,
         openapi_extra=ADMIN_SECURITY,
-        responses={200: {"description": "Unloaded"}, **error_responses(ErrorBody, 404), **ADMIN_ERRORS},
+        responses={200: {"description": "Unloaded"}, **error_responses(ErrorBody, 404, 415), **ADMIN_ERRORS},
     )
     async def unload(request: Request, model: str) -> Response:
         require_admin(request, admin_token)
+        check_content_type(request)
         await dataplane.unload_model(model)
         return Response(status_code=200)
 

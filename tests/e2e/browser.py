@@ -36,6 +36,8 @@ class Browser:
     ws: websocket.WebSocket
     console_errors: list[str] = field(default_factory=list)
     requests: list[str] = field(default_factory=list)
+    responses: list[tuple[str, int]] = field(default_factory=list)
+    """``(url, status)`` of every response the page received, opaque ones included."""
     _ids: itertools.count[int] = field(default_factory=lambda: itertools.count(1))
 
     def _handle(self, message: dict[str, Any]) -> None:
@@ -50,6 +52,8 @@ class Browser:
             self.console_errors.append(f"{entry.get('source')}: {entry.get('text')} {entry.get('url', '')}")
         elif method == "Network.requestWillBeSent":
             self.requests.append(params["request"]["url"])
+        elif method == "Network.responseReceived":
+            self.responses.append((params["response"]["url"], int(params["response"]["status"])))
 
     def call(self, method: str, timeout: float = 30.0, **params: Any) -> dict[str, Any]:
         """Sends one DevTools command and returns its result, recording events meanwhile."""

@@ -155,7 +155,10 @@ def _metric(loop: Loop, name: str, labels: dict[str, str]) -> float | None:
 
 
 def _sources(loop: Loop) -> dict[str, dict[str, Any]]:
-    r = httpx.get(f"{loop.server.rest_url}/v1/models/{MODEL}/feedback/sources", timeout=10)
+    url = f"{loop.server.rest_url}/v1/models/{MODEL}/feedback/sources"
+    # The report names the labelers: callers without the admin or a labeler token get 401.
+    assert httpx.get(url, timeout=10).status_code == 401
+    r = httpx.get(url, headers={"authorization": f"Bearer {ADMIN}"}, timeout=10)
     assert r.status_code == 200, r.text
     return {s["source"]: s for s in r.json()["sources"]}
 
@@ -300,7 +303,9 @@ def test_two_sources_the_honest_labels_are_blessed_the_poisoned_are_not(loop: Lo
     assert three["delta"] < -0.05 and not three["passed"]
     assert list_versions(loop.repo / MODEL) == versions
     with httpx.Client(timeout=10) as client:
-        stored = client.get(f"{loop.server.rest_url}/v1/models/{MODEL}/feedback/sources").json()
+        stored = client.get(
+            f"{loop.server.rest_url}/v1/models/{MODEL}/feedback/sources", headers=_auth("honest")
+        ).json()
     assert {s["source"] for s in stored["sources"]} == {"honest", "mallory"}
     print("\n" + "\n\n".join(f"[{k}]\n{format_gate_report(v)}" for k, v in loop.reports.items()))
 

@@ -105,9 +105,17 @@ def test_export_publishes_into_the_bucket_and_the_server_picks_it_up(
     assert wait_for(lambda: served_version(server) == version, timeout=30), server.output()
 
 
+SECRET_IN_URL = "endpoint-s3cret-7f3a"
+
+
 @pytest.mark.parametrize(
     ("case", "expected"),
-    [("wrong-secret", "access denied"), ("no-bucket", "does not exist"), ("unreachable", "cannot reach")],
+    [
+        ("wrong-secret", "access denied"),
+        ("no-bucket", "does not exist"),
+        ("unreachable", "cannot reach"),
+        ("credentials-in-endpoint", "cannot reach the object store at http://***@127.0.0.1:"),
+    ],
 )
 def test_a_store_that_cannot_be_read_at_start_leaves_the_server_not_ready_saying_why(
     s3: S3Server, tmp_path: Path, digits_repo: Path, case: str, expected: str
@@ -119,13 +127,22 @@ def test_a_store_that_cannot_be_read_at_start_leaves_the_server_not_ready_saying
         env["AWS_SECRET_ACCESS_KEY"] = "not-the-secret"
     elif case == "no-bucket":
         url = "s3://no-such-bucket/prod"
-    else:
+    elif case == "unreachable":
         env["AWS_ENDPOINT_URL"] = f"http://127.0.0.1:{free_port()}"
+    else:
+        env["AWS_ENDPOINT_URL"] = f"http://minio-user:{SECRET_IN_URL}@127.0.0.1:{free_port()}"
     proc = start_server(url, "--no-monitoring", env=env, wait_ready=False)
     try:
         ready = httpx.get(f"{proc.rest_url}/v2/health/ready", timeout=10)
         assert ready.status_code == 503
-        assert expected in ready.json()["error"]
+        assert expected in ready.json()["error"], ready.text
+        # No answer, and no log line, carries a password from the endpoint URL.
+        assert SECRET_IN_URL not in ready.text
+        assert SECRET_IN_URL not in httpx.get(f"{proc.rest_url}/", timeout=10).text
+        if case == "credentials-in-endpoint":
+            assert wait_for(lambda: "cannot reach" in proc.output(), timeout=10)
+            assert SECRET_IN_URL not in proc.output()
+            return
         line = f"repository {url} is unavailable: {url}: "
         assert wait_for(lambda: line in proc.output(), timeout=10), proc.output()
         assert expected in proc.output().split(line, 1)[1].splitlines()[0]

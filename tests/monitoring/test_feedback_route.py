@@ -277,7 +277,10 @@ async def test_a_quarantined_source_is_stored_marked_and_reported(
         "source": "team-a",
         "quarantined": True,
     }
-    report = (await guarded.get(f"{URL}/sources")).json()
+    # The report names the labelers: it is theirs (and the admin's) to read.
+    assert (await guarded.get(f"{URL}/sources")).status_code == 401
+    assert (await guarded.get(f"{URL}/sources", headers={"authorization": "Bearer nope"})).status_code == 403
+    report = (await guarded.get(f"{URL}/sources", headers=team_a)).json()
     (entry,) = report["sources"]
     assert report["model"] == "digits" and report["champion_version"] == 1
     assert entry["source"] == "team-a" and entry["quarantined"] is True
@@ -287,4 +290,18 @@ async def test_a_quarantined_source_is_stored_marked_and_reported(
     # Its labels no longer count towards accuracy.
     excluded = service.quarantined_sources("digits")
     assert service.store.recent_labelled("digits", 1, 100, exclude_sources=excluded) == []
-    assert (await guarded.get("/v1/models/nope/feedback/sources")).status_code == 404
+    assert (await guarded.get("/v1/models/nope/feedback/sources", headers=team_a)).status_code == 404
+
+
+async def test_the_admin_reads_the_sources_report_and_strangers_do_not(
+    service: MonitoringService, tmp_path: Path
+) -> None:
+    settings = ServingSettings(repo=tmp_path / "repo")
+    router = create_feedback_router(service, settings.max_body_bytes, TokenMatcher({}), "admin-token-0001")
+    app = create_app(StubDataPlane(service.catalog), settings, CollectorRegistry(), routers=[router])  # type: ignore[arg-type]
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as client:
+        assert (await client.get(f"{URL}/sources")).status_code == 401
+        wrong = await client.get(f"{URL}/sources", headers={"authorization": "Bearer admin-token-0002"})
+        assert wrong.status_code == 403 and "team" not in wrong.text
+        ok = await client.get(f"{URL}/sources", headers={"authorization": "Bearer admin-token-0001"})
+        assert ok.status_code == 200 and ok.json()["model"] == "digits"

@@ -151,7 +151,8 @@ async def test_error_fans_out_to_every_waiter() -> None:
     results = await pending
     with pytest.raises(InferenceFailed):
         await first
-    assert runtime.calls == [1, 3]
+    # The batch failed, so each request ran alone, and failed alone.
+    assert runtime.calls == [1, 3, 1, 1, 1]
     assert all(isinstance(r, InferenceFailed) for r in results)
     assert len({id(r) for r in results}) == 3
     assert "boom: the model exploded" in str(results[0])
@@ -176,7 +177,7 @@ async def test_batcher_keeps_serving_after_an_error() -> None:
     await batcher.close()
 
 
-async def test_wrong_output_rows_fail_the_batch() -> None:
+async def test_wrong_output_rows_fail_the_batch_and_each_request_runs_alone() -> None:
     gate = SlowRuntime()
 
     def bad(inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -190,9 +191,63 @@ async def test_wrong_output_rows_fail_the_batch() -> None:
     await asyncio.sleep(0)
     gate.release.set()
     results = await pending
-    assert all(isinstance(r, InferenceFailed) and "for a batch of 2 rows" in str(r) for r in results)
+    # One row in, one row out: alone, each request gets a well-formed answer.
+    assert [r["y"].shape for r in results] == [(1, 1), (1, 1)]
     with pytest.raises(InferenceFailed, match="for a batch of 2 rows"):
         await first
+    await batcher.close()
+
+
+class PoisonRowRuntime(SlowRuntime):
+    """Fails on any batch holding a row of -1, quoting the rows it saw (as models do)."""
+
+    def predict(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        if (inputs["x"] == -1).any():
+            self.calls.append(int(inputs["x"].shape[0]))
+            raise ValueError(f"could not use the rows {inputs['x'][:, 0].tolist()}")
+        return super().predict(inputs)
+
+
+async def test_a_failing_request_fails_alone_and_its_data_reaches_no_one_else() -> None:
+    runtime = PoisonRowRuntime()
+    batcher = DynamicBatcher(
+        runtime.predict, BatchingSettings(max_batch_size=8, batch_timeout_micros=30_000_000)
+    )
+    first = await under_load(batcher, runtime)
+    poison = {"x": np.full((1, 3), -1.0, np.float32)}
+    pending = asyncio.gather(
+        batcher.predict(rows(7)), batcher.predict(poison), batcher.predict(rows(9, 2)), return_exceptions=True
+    )
+    await asyncio.sleep(0)
+    runtime.release.set()
+    good, bad, other = await pending
+    await first
+    # The batch of four rows failed; each request then ran alone.
+    assert runtime.calls == [1, 4, 1, 1, 2]
+    np.testing.assert_array_equal(good["echo"], rows(7)["x"])
+    np.testing.assert_array_equal(other["echo"], rows(9, 2)["x"])
+    assert isinstance(bad, InferenceFailed)
+    assert "[-1.0]" in str(bad) and "7.0" not in str(bad) and "9.0" not in str(bad)
+    assert "batch of 1 rows" in str(bad)
+    await batcher.close()
+
+
+async def test_an_inline_batch_that_fails_is_retried_request_by_request() -> None:
+    runtime = PoisonRowRuntime()
+    runtime.release.set()
+    settings = BatchingSettings(max_batch_size=4, batch_timeout_micros=30_000_000, inline_max_micros=50_000)
+    batcher = DynamicBatcher(runtime.predict, settings)
+    for i in range(20):
+        await batcher.predict(rows(i))
+    assert batcher.runs_inline
+    runtime.calls.clear()
+    poison = {"x": np.full((1, 3), -1.0, np.float32)}
+    good, bad = await asyncio.gather(
+        batcher.predict(rows(5)), batcher.predict(poison), return_exceptions=True
+    )
+    assert runtime.calls == [2, 1, 1]  # the batch, then each request alone
+    np.testing.assert_array_equal(good["echo"], rows(5)["x"])
+    assert isinstance(bad, InferenceFailed) and "5.0" not in str(bad)
     await batcher.close()
 
 

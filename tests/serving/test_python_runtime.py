@@ -260,3 +260,55 @@ async def test_predict_runs_on_the_batchers_threads_in_merged_batches(tmp_path: 
         assert max(n for _, n in module.CALLS) > 1, module.CALLS
     finally:
         await plane.stop()
+
+
+# Reads each string as a number, as the issue's model did; b"hold" keeps the thread a while,
+# so that the requests behind it queue up and share a batch.
+PARSE = """
+import threading
+import time
+import numpy as np
+
+CALLS = []
+
+class Model:
+    def load(self, version_dir):
+        pass
+
+    def predict(self, inputs):
+        text = inputs["text"]
+        CALLS.append(len(text))
+        if text[0] == b"hold":
+            time.sleep(0.5)
+            return {"upper": list(text), "length": np.zeros(len(text))}
+        values = [float(t) for t in text]
+        return {"upper": list(text), "length": np.array(values)}
+"""
+
+
+async def test_one_clients_bad_row_reaches_neither_the_batch_nor_anothers_answer(tmp_path: Path) -> None:
+    write_python_version(tmp_path, 1, PARSE)
+    write_config(
+        tmp_path,
+        "m",
+        {"batching": BatchingSettings(max_batch_size=8, batch_timeout_micros=100_000).model_dump()},
+    )
+    registry, _ = make_registry(tmp_path, warmup=False)
+    plane = DataPlane(registry, registry.metrics)
+    await plane.start()
+    try:
+        module = sys.modules[registry.resolve("m").runtime.parameters["module"]]
+        held = asyncio.ensure_future(infer(plane, b"hold"))
+        await asyncio.sleep(0.2)  # the held call runs; the next two queue behind it
+        good, bad = await asyncio.gather(
+            infer(plane, b"2.0"), infer(plane, b"SSN 078-05-1120"), return_exceptions=True
+        )
+        await held
+    finally:
+        await plane.stop()
+    assert not isinstance(good, BaseException), good
+    assert good["length"].tolist() == [2.0]
+    assert isinstance(bad, InferenceFailed)
+    assert "SSN 078-05-1120" in str(bad) and "2.0" not in str(bad)
+    # The two requests shared a batch that failed; each then ran alone.
+    assert module.CALLS == [1, 2, 1, 1]
