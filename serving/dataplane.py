@@ -52,10 +52,12 @@ from modelloop.serving.metrics import ServingMetrics
 from modelloop.serving.observer import InferenceObserver, NullObserver
 from modelloop.serving.registry import ModelRegistry, Servable
 from modelloop.serving.rollout import RouteChoice
+from modelloop.serving.statistics import VersionStatistics
 from modelloop.serving.types import (
     InferRequest,
     InferResponse,
     ModelMetadata,
+    ModelState,
     Protocol,
     RolloutRouter,
     TensorSpec,
@@ -68,6 +70,9 @@ from modelloop.serving.types import (
 logger = logging.getLogger(__name__)
 
 SERVER_NAME = "modelloop"
+BASE_EXTENSIONS = ("binary_tensor_data", "model_configuration", "statistics")
+"""The OIP / Triton extensions every server serves, in Triton's names: binary tensors,
+``/v2/models/{m}/config`` (``ModelConfig``) and ``/v2/models/{m}/stats`` (``ModelStatistics``)."""
 # Shadow copies running at once; beyond this a copy is skipped rather than queued, so that
 # a slow candidate never builds up work behind the champion's answers.
 MAX_SHADOW_INFLIGHT = 64
@@ -334,7 +339,7 @@ class DataPlane:
         registry: Resolves models and holds their batchers.
         metrics: Where request counts and durations go.
         observer: Receives every answered request. Defaults to a no-op.
-        extensions: OIP server extensions to advertise. Defaults to ``binary_tensor_data``,
+        extensions: OIP server extensions to advertise. Defaults to :data:`BASE_EXTENSIONS`,
             plus ``model_repository`` when an admin token is set.
         on_repository_change: Called with ``("load" | "unload", model)`` after a
             repository extension call succeeded here (the workers of one server pass it
@@ -355,7 +360,7 @@ class DataPlane:
         self.metrics = metrics
         self.observer: InferenceObserver = observer or NullObserver()
         if extensions is None:
-            extensions = ["binary_tensor_data"]
+            extensions = list(BASE_EXTENSIONS)
             if registry.settings.admin_token is not None:
                 extensions.append("model_repository")
         self.extensions = list(extensions)
@@ -685,6 +690,29 @@ class DataPlane:
     def server_metadata(self) -> dict[str, Any]:
         """OIP server metadata: name, version and extensions."""
         return {"name": SERVER_NAME, "version": __version__, "extensions": list(self.extensions)}
+
+    def statistics(self, name: str | None = None, version: int | None = None) -> list[VersionStatistics]:
+        """The statistics extension: figures per version since the server started.
+
+        Args:
+            name: One model, or None for every model.
+            version: One version of ``name``, or None for its AVAILABLE versions and
+                those that served requests.
+
+        Raises:
+            ModelNotFound: Unknown model or version.
+        """
+        stats = self.metrics.statistics
+        if name is not None and version is not None:
+            self.registry.status(name, version)  # unknown: ModelNotFound
+            return [stats.snapshot(name, version)]
+        names = [name] if name is not None else self.registry.model_names()
+        result: list[VersionStatistics] = []
+        for model in names:
+            available = {s.version for s in self.registry.statuses(model) if s.state is ModelState.AVAILABLE}
+            for v in sorted(available.union(stats.versions(model))):
+                result.append(stats.snapshot(model, v))
+        return result
 
     def repository_index(self) -> list[dict[str, str]]:
         """The repository extension's index: ``[{"name", "version", "state", "reason"}]``."""

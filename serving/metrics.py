@@ -28,6 +28,8 @@ from typing import Any
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
+from modelloop.serving.statistics import InferenceStatistics
+
 WORKER_POOL_FILE = "workers.json"
 """The file in the multiprocess metrics directory where the supervisor keeps the pool's state."""
 
@@ -69,6 +71,8 @@ class ServingMetrics:
 
     def __init__(self, registry: CollectorRegistry) -> None:
         self.registry = registry
+        self.statistics = InferenceStatistics()
+        """The same observations, as the exact per-version sums of the statistics extension."""
         self.requests = Counter(
             "modelloop_requests",
             "Inference requests by model, version, protocol and outcome code (OK or an error code).",
@@ -142,6 +146,8 @@ class ServingMetrics:
             self._request_children[key] = children
         children[0].inc()
         children[1].observe(seconds)
+        if model and isinstance(version, int):
+            self.statistics.record_request(model, version, ok=key[3] == "OK", seconds=seconds)
 
     def observe_batch(self, model: str, version: int, rows: int) -> None:
         """Records the row count of one runtime call."""
@@ -156,6 +162,14 @@ class ServingMetrics:
         if child is None:
             child = self._queue_children[(model, version)] = self.queue_duration.labels(model, str(version))
         child.observe(seconds)
+        self.statistics.record_queue(model, version, seconds)
+
+    def observe_execution(self, model: str, version: int, rows: int, seconds: float, *, ok: bool) -> None:
+        """Records one runtime call: its rows, its wall time and whether it returned outputs.
+
+        Called from the batcher's threads; only the statistics extension keeps these.
+        """
+        self.statistics.record_execution(model, version, rows=rows, seconds=seconds, ok=ok)
 
     def set_versions_loaded(self, model: str, count: int) -> None:
         """Sets the number of AVAILABLE versions of ``model``."""

@@ -344,3 +344,33 @@ def encode_repository_index(
             reason=str(entry.get("reason", "") or ""),
         )
     return response
+
+
+def encode_model_statistics(entries: Iterable[Mapping[str, Any]]) -> pb.ModelStatisticsResponse:
+    """Encodes the statistics extension's entries (``VersionStatistics.as_dict()``).
+
+    Args:
+        entries: One dict per version, in Triton's schema.
+
+    Returns:
+        The ``ModelStatisticsResponse``.
+    """
+    response = pb.ModelStatisticsResponse()
+    for entry in entries:
+        stats = response.model_stats.add(
+            name=entry["name"],
+            version=entry["version"],
+            last_inference=entry["last_inference"],
+            inference_count=entry["inference_count"],
+            execution_count=entry["execution_count"],
+        )
+        for key, duration in entry["inference_stats"].items():
+            getattr(stats.inference_stats, key).CopyFrom(pb.StatisticDuration(**duration))
+        for batch in entry["batch_stats"]:
+            stats.batch_stats.add(
+                batch_size=batch["batch_size"],
+                compute_input=pb.StatisticDuration(**batch["compute_input"]),
+                compute_infer=pb.StatisticDuration(**batch["compute_infer"]),
+                compute_output=pb.StatisticDuration(**batch["compute_output"]),
+            )
+    return response

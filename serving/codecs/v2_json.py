@@ -45,7 +45,6 @@ from modelloop.serving.types import (
 HEADER_LENGTH = "Inference-Header-Content-Length"
 BINARY_CONTENT_TYPE = "application/octet-stream"
 JSON_CONTENT_TYPE = "application/json"
-SERVER_EXTENSIONS = ("binary_tensor_data", "model_repository")
 
 
 @dataclass(frozen=True, slots=True)
@@ -317,6 +316,15 @@ def encode_model_config(served: VersionConfig) -> bytes:
 def encode_server_metadata(metadata: dict[str, Any]) -> bytes:
     """Encodes OIP server metadata (``{"name", "version", "extensions"}``)."""
     return dumps_json(metadata)
+
+
+def encode_model_statistics(entries: list[dict[str, Any]]) -> bytes:
+    """Encodes the statistics extension's answer: ``{"model_stats": [...]}``.
+
+    Args:
+        entries: One dict per version in Triton's schema (``VersionStatistics.as_dict()``).
+    """
+    return dumps_json({"model_stats": entries})
 
 
 def encode_repository_index(entries: list[dict[str, Any]], ready_only: bool = False) -> bytes:

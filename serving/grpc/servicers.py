@@ -372,6 +372,17 @@ class GRPCInferenceServiceServicer(pb_grpc.GRPCInferenceServiceServicer):
         await self._dataplane.unload_model(_require_name(request.model_name, "model_name"))
         return pb.RepositoryModelUnloadResponse()
 
+    @translate_errors
+    async def ModelStatistics(
+        self, request: pb.ModelStatisticsRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ModelStatisticsResponse:
+        """Triton's statistics extension: every model (empty name), one model, or one version."""
+        version = parse_version(request.version)
+        if version is not None and not request.name:
+            raise InvalidInput("a statistics request with a version must name the model")
+        stats = self._dataplane.statistics(request.name or None, version)
+        return v2_grpc.encode_model_statistics([s.as_dict() for s in stats])
+
     def _authorize(self, context: grpc.aio.ServicerContext) -> None:
         supplied: str | None = None
         for key, value in context.invocation_metadata() or ():

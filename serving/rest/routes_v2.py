@@ -27,6 +27,7 @@ from modelloop.serving.rest.schemas import (
     V2Live,
     V2ModelMetadata,
     V2ModelReady,
+    V2ModelStatistics,
     V2Ready,
     V2ServerMetadata,
 )
@@ -222,6 +223,35 @@ def create_v2_router(dataplane: DataPlane, settings: ServingSettings) -> APIRout
             return _json(orjson.dumps({"name": model, "ready": True}))
         which = f'model "{model}"' + (f" version {version}" if version is not None else "")
         return error_response(f"{which} is not ready", 503)
+
+    def statistics(model: str | None, version: int | None) -> Response:
+        stats = dataplane.statistics(model, version)
+        return _json(v2_json.encode_model_statistics([s.as_dict() for s in stats]))
+
+    # Declared before /v2/models/{model}, which would take "stats" for a model name.
+    @router.get(
+        "/v2/models/stats",
+        summary="Inference statistics of every model (Triton's statistics extension)",
+        responses={200: {"model": V2ModelStatistics}},
+    )
+    async def statistics_all() -> Response:
+        return statistics(None, None)
+
+    @router.get(
+        "/v2/models/{model}/stats",
+        summary="Inference statistics of a model's versions",
+        responses={200: {"model": V2ModelStatistics}, **error_responses(ErrorBody, 404)},
+    )
+    async def statistics_model(model: str) -> Response:
+        return statistics(model, None)
+
+    @router.get(
+        "/v2/models/{model}/versions/{version}/stats",
+        summary="Inference statistics of one version",
+        responses={200: {"model": V2ModelStatistics}, **error_responses(ErrorBody, 400, 404)},
+    )
+    async def statistics_version(model: str, version: str) -> Response:
+        return statistics(model, parse_version(version))
 
     @router.get(
         "/v2/models/{model}",
