@@ -3,8 +3,9 @@
 It reconciles what the repository says should be loaded with what is in memory, on a
 poll loop (default every second) and on the repository extension's load/unload calls:
 
-- A new version is loaded and warmed up (one synthetic batch) on a worker thread, so the
-  event loop keeps serving; it takes traffic only once AVAILABLE.
+- A new version is loaded and warmed up (its own samples, else one synthetic batch; see
+  :mod:`~modelloop.serving.warmup`) on a worker thread, so the event loop keeps serving; it
+  takes traffic only once AVAILABLE.
 - An old version is unloaded only after the versions meant to replace it are AVAILABLE,
   and only after its in-flight requests have finished (a reference count per version).
 - A version that fails to load is FAILED (with the error, logged and counted); whatever
@@ -36,8 +37,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from modelloop.layout import ONNX_FILE, SAVED_MODEL_DIR
 from modelloop.serving.batching import DynamicBatcher
 from modelloop.serving.cpus import cpu_budget
@@ -54,6 +53,7 @@ from modelloop.serving.rollout import RolloutCoordinator
 from modelloop.serving.runtime import Runtime
 from modelloop.serving.settings import FREE_FORM_SECTIONS, ModelConfig, ServingSettings
 from modelloop.serving.types import ModelMetadata, ModelState, VersionStatus
+from modelloop.serving.warmup import warm_up
 
 logger = logging.getLogger(__name__)
 
@@ -122,15 +122,6 @@ def create_runtime(
     from modelloop.serving.runtimes.savedmodel import SavedModelRuntime
 
     return SavedModelRuntime(version_dir / SAVED_MODEL_DIR, metadata)
-
-
-def warmup_inputs(metadata: ModelMetadata, rows: int = 1) -> dict[str, np.ndarray]:
-    """A synthetic batch for ``metadata``: zeros, free dims set to 1, batch dim to ``rows``."""
-    batch: dict[str, np.ndarray] = {}
-    for spec in metadata.inputs:
-        shape = (rows, *(1 if d < 0 else d for d in spec.shape[1:]))
-        batch[spec.name] = np.zeros(shape, dtype=spec.dtype) if spec.dtype != object else np.full(shape, b"")
-    return batch
 
 
 class Servable:
@@ -425,22 +416,13 @@ class ModelRegistry:
         runtime.load()
         if self.settings.warmup:
             try:
-                self._warmup(runtime)
+                # The version's own samples when it ships them; else one synthetic row,
+                # except for a model's own code (its load is its warm-up).
+                warm_up(runtime, path, synthetic=kind != "python")
             except BaseException:
                 runtime.unload()
                 raise
         return runtime
-
-    @staticmethod
-    def _warmup(runtime: Runtime) -> None:
-        outputs = runtime.predict(warmup_inputs(runtime.metadata))
-        for spec in runtime.metadata.outputs:
-            if spec.name not in outputs:
-                raise ValueError(f"warmup: the model returned {sorted(outputs)}, not output {spec.name!r}")
-            if np.shape(outputs[spec.name])[:1] != (1,):
-                raise ValueError(
-                    f"warmup: output {spec.name!r} has shape {np.shape(outputs[spec.name])} for a batch of 1"
-                )
 
     def _schedule_unload(self, model: _Model, entry: _Version) -> None:
         servable = entry.servable

@@ -250,7 +250,9 @@ class ServingSettings(BaseSettings):
     worker_restart_backoff_s: float = Field(default=0.5, gt=0)
     """With several workers: the first restart delay of a crashed worker (it doubles)."""
     warmup: bool = True
-    """Run one synthetic batch through a new version before it takes traffic."""
+    """Warm a new version up before it takes traffic: the samples it ships (``warmup.json``,
+    ``assets.extra/tf_serving_warmup_requests``), else one synthetic row (a Python model:
+    nothing)."""
     max_header_bytes: int = Field(default=64 * 1024, gt=0)
     """Largest HTTP request head (request line and headers); beyond it the answer is 431."""
     header_timeout_s: float = Field(default=10.0, gt=0)
