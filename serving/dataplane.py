@@ -52,6 +52,7 @@ from modelloop.serving.metrics import ServingMetrics
 from modelloop.serving.observer import InferenceObserver, NullObserver
 from modelloop.serving.registry import ModelRegistry, Servable
 from modelloop.serving.rollout import RouteChoice
+from modelloop.serving.shared_memory import SystemSharedMemory
 from modelloop.serving.statistics import VersionStatistics
 from modelloop.serving.types import (
     InferRequest,
@@ -340,7 +341,8 @@ class DataPlane:
         metrics: Where request counts and durations go.
         observer: Receives every answered request. Defaults to a no-op.
         extensions: OIP server extensions to advertise. Defaults to :data:`BASE_EXTENSIONS`,
-            plus ``model_repository`` when an admin token is set.
+            plus ``model_repository`` and (with one worker) ``system_shared_memory`` when
+            an admin token is set.
         on_repository_change: Called with ``("load" | "unload", model)`` after a
             repository extension call succeeded here (the workers of one server pass it
             on to the others). Defaults to None.
@@ -359,10 +361,24 @@ class DataPlane:
         self.on_repository_change = on_repository_change
         self.metrics = metrics
         self.observer: InferenceObserver = observer or NullObserver()
+        # Regions registered on one worker are unknown to the others, and a client's
+        # register and infer calls may reach different workers.
+        workers = registry.settings.workers
+        self.shared_memory = SystemSharedMemory(
+            unavailable=(
+                f"system shared memory is off: this server runs {workers} worker processes, which "
+                "would each hold their own regions; run it with --workers 1"
+            )
+            if workers > 1
+            else None
+        )
+        """The system shared memory regions registered with this process."""
         if extensions is None:
             extensions = list(BASE_EXTENSIONS)
             if registry.settings.admin_token is not None:
                 extensions.append("model_repository")
+                if workers == 1:
+                    extensions.append("system_shared_memory")
         self.extensions = list(extensions)
         self.draining = False
         self._started = False
@@ -769,6 +785,7 @@ class DataPlane:
         self.draining = True
         self._stopped = True
         await self.registry.stop()
+        self.shared_memory.close()
 
     def _get_idle(self) -> asyncio.Event:
         if self._idle is None:

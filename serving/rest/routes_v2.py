@@ -54,6 +54,7 @@ from modelloop.web import (
 if TYPE_CHECKING:
     from modelloop.serving.dataplane import DataPlane
     from modelloop.serving.settings import ServingSettings
+    from modelloop.serving.shared_memory import SystemSharedMemory
 
 JSON = "application/json"
 _INDEX_BODY = openapi_body(
@@ -81,13 +82,32 @@ class InferDecoder:
         model: The model from the path.
         version: The version from the path, as written, or None.
         max_body_bytes: The body limit.
+        shared_memory: The system shared memory regions inputs and outputs may name.
+            Defaults to None (none).
     """
 
     protocol = Protocol.V2_REST
-    __slots__ = ("_body", "_header_length", "_max_body_bytes", "_model", "_request", "_version", "call")
+    __slots__ = (
+        "_body",
+        "_header_length",
+        "_max_body_bytes",
+        "_model",
+        "_request",
+        "_shared_memory",
+        "_version",
+        "call",
+    )
 
-    def __init__(self, request: Request, model: str, version: str | None, max_body_bytes: int) -> None:
+    def __init__(
+        self,
+        request: Request,
+        model: str,
+        version: str | None,
+        max_body_bytes: int,
+        shared_memory: SystemSharedMemory | None = None,
+    ) -> None:
         self._request = request
+        self._shared_memory = shared_memory
         self._model = model
         self._version = version
         self._max_body_bytes = max_body_bytes
@@ -108,7 +128,10 @@ class InferDecoder:
     def decode(self, metadata: ModelMetadata) -> InferRequest:
         """Decodes the JSON body, or the JSON header followed by binary tensors."""
         self.call = v2_json.decode_infer_request(
-            self._body, model=self._model, header_length=self._header_length
+            self._body,
+            model=self._model,
+            header_length=self._header_length,
+            shared_memory=self._shared_memory,
         )
         return self.call.request
 
@@ -120,7 +143,7 @@ class InferDecoder:
         """
         if self.call is None:
             raise InvalidInput("the response of an undecoded request cannot be encoded")
-        return v2_json.encode_infer_response(response, self.call)
+        return v2_json.encode_infer_response(response, self.call, self._shared_memory)
 
 
 def _json(payload: bytes, status: int = 200) -> Response:
@@ -311,7 +334,9 @@ def create_v2_router(dataplane: DataPlane, settings: ServingSettings) -> APIRout
         responses=INFER_RESPONSES,
     )
     async def infer_latest(request: Request, model: str) -> Response:
-        return await infer(request, InferDecoder(request, model, None, settings.max_body_bytes))
+        return await infer(
+            request, InferDecoder(request, model, None, settings.max_body_bytes, dataplane.shared_memory)
+        )
 
     @router.post(
         "/v2/models/{model}/versions/{version}/infer",
@@ -320,7 +345,9 @@ def create_v2_router(dataplane: DataPlane, settings: ServingSettings) -> APIRout
         responses=INFER_RESPONSES,
     )
     async def infer_version(request: Request, model: str, version: str) -> Response:
-        return await infer(request, InferDecoder(request, model, version, settings.max_body_bytes))
+        return await infer(
+            request, InferDecoder(request, model, version, settings.max_body_bytes, dataplane.shared_memory)
+        )
 
     @router.post(
         "/v2/repository/index",

@@ -329,6 +329,15 @@ class V2ModelStatistics(BaseModel):
     model_stats: list[V2VersionStatistics]
 
 
+class SharedMemoryRegion(BaseModel):
+    """A registered system shared memory region."""
+
+    name: str
+    key: str = Field(description="The POSIX shared memory object (shm_open's name).")
+    offset: int = Field(description="Where the region starts in the object, in bytes.")
+    byte_size: int
+
+
 class V2Live(BaseModel):
     """The OIP liveness answer."""
 

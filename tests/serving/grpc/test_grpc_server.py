@@ -566,7 +566,13 @@ async def test_server_and_model_health_and_metadata(edge: Edge) -> None:
     assert (meta.name, meta.version, list(meta.extensions)) == (
         "modelloop",
         __version__,
-        ["binary_tensor_data", "model_configuration", "statistics", "model_repository"],
+        [
+            "binary_tensor_data",
+            "model_configuration",
+            "statistics",
+            "model_repository",
+            "system_shared_memory",
+        ],
     )
     model = await oip.ModelMetadata(pb.ModelMetadataRequest(name="digits"))
     assert (model.name, list(model.versions), model.platform) == ("digits", ["1", "2"], "onnxruntime_onnx")

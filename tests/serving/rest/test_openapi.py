@@ -127,6 +127,11 @@ async def test_admin_routes_declare_the_bearer_token(document: dict[str, Any]) -
         ("post", "/v2/repository/models/{model}/load"),
         ("post", "/v2/repository/models/{model}/unload"),
         ("post", "/monitoring/alerts"),
+        ("get", "/v2/systemsharedmemory/status"),
+        ("get", "/v2/systemsharedmemory/region/{name}/status"),
+        ("post", "/v2/systemsharedmemory/region/{name}/register"),
+        ("post", "/v2/systemsharedmemory/region/{name}/unregister"),
+        ("post", "/v2/systemsharedmemory/unregister"),
     }
     for method, path in secured:
         assert {"401", "403"} <= set(document["paths"][path][method]["responses"])

@@ -423,6 +423,7 @@ async def test_v2_server_routes(client: httpx.AsyncClient, stack: EdgeStack) -> 
         "model_configuration",
         "statistics",
         "model_repository",
+        "system_shared_memory",
     ]
     assert (await client.get("/v2/health/live")).json() == {"live": True}
     assert (await client.get("/v2/health/ready")).json() == {"ready": True}
