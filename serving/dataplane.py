@@ -433,6 +433,8 @@ class DataPlane:
             if tracing.TRACER is not None:
                 decode = tracing.start_decode(decoder.protocol)
             await decoder.read()
+            # With --max-loaded-models: load the version now if it is not in memory.
+            await self.registry.ensure_loaded(model, pinned, label)
             # From here to servable.use() nothing awaits, so the version cannot start
             # unloading between resolving it and holding it for this request.
             servable = self.registry.resolve(model, pinned, label)
@@ -677,7 +679,9 @@ class DataPlane:
         try:
             self.registry.resolve(name, version, label)
         except ModelNotReady:
-            return False
+            # Not in memory but loads on the next request (--max-loaded-models): ready.
+            if label is not None or not self.registry.loads_on_request(name, version):
+                return False
         return not self.draining
 
     def live(self) -> bool:
@@ -696,7 +700,8 @@ class DataPlane:
             try:
                 self.registry.resolve(name)
             except ServiceError:
-                return False
+                if not self.registry.loads_on_request(name):
+                    return False
         return True
 
     def repository_error(self) -> str:

@@ -32,6 +32,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -160,6 +161,11 @@ class Servable:
             if self._inflight == 0:
                 self._idle.set()
 
+    @property
+    def idle(self) -> bool:
+        """Whether no request holds the version now."""
+        return self._inflight == 0
+
     async def wait_idle(self) -> None:
         """Returns once no request holds the version."""
         await self._idle.wait()
@@ -172,6 +178,8 @@ class _Version:
     error: str = ""
     servable: Servable | None = None
     fingerprint: tuple[float, ...] = ()
+    last_used: float = 0.0  # monotonic; the LRU order of --max-loaded-models
+    evicted: bool = False  # unloading to make room: back to UNLOADED, not END
 
 
 @dataclass(slots=True)
@@ -216,6 +224,8 @@ class ModelRegistry:
             lambda kind, path, meta, config: create_runtime(kind, path, meta, config, settings)
         )
         self._models: dict[str, _Model] = {}
+        # --max-loaded-models: loads started by requests, by (model, version).
+        self._cold_loads: dict[tuple[str, int], asyncio.Task[None]] = {}
         self._lock: asyncio.Lock | None = None
         self._poller: asyncio.Task[None] | None = None
         self._unloads: set[asyncio.Task[None]] = set()
@@ -345,6 +355,13 @@ class ModelRegistry:
             ):
                 logger.info("model %s version %s changed on disk; retrying its load", model.name, v)
                 to_load.append(v)
+        if self.settings.max_loaded_models is not None and not config.pinned:
+            # Bounded memory: a version loads on its first request (ensure_loaded).
+            for v in to_load:
+                entry = model.versions.setdefault(v, _Version(v))
+                entry.state, entry.error = ModelState.UNLOADED, ""
+                entry.fingerprint = self.repository.fingerprint(on_disk[v])
+            to_load = []
         await asyncio.gather(*(self._load(model, config, v, on_disk[v]) for v in to_load))
 
         # Availability first: versions that are not wanted stay until every wanted version
@@ -362,7 +379,7 @@ class ModelRegistry:
                     "directory removed" if gone else "policy",
                 )
                 self._schedule_unload(model, entry)
-            elif entry.state in (ModelState.FAILED, ModelState.START) or (
+            elif entry.state in (ModelState.FAILED, ModelState.START, ModelState.UNLOADED) or (
                 entry.state is ModelState.END and gone
             ):
                 del model.versions[v]
@@ -440,8 +457,9 @@ class ModelRegistry:
             except Exception:  # the version is gone from serving either way
                 logger.exception("model %s version %s: unload raised", model.name, entry.version)
             if entry.state is ModelState.UNLOADING:
-                entry.state = ModelState.END
+                entry.state = ModelState.UNLOADED if entry.evicted else ModelState.END
                 entry.servable = None
+                entry.evicted = False
             logger.info("model %s version %s unloaded", model.name, entry.version)
 
         task = asyncio.get_running_loop().create_task(unload(), name=f"unload-{model.name}-{entry.version}")
@@ -485,6 +503,132 @@ class ModelRegistry:
             self.metrics.set_versions_loaded(name, 0)
         await self.settle()
 
+    # -- bounded memory (--max-loaded-models) --------------------------------------------
+
+    async def ensure_loaded(self, name: str, version: int | None = None, label: str | None = None) -> None:
+        """Makes the version a request resolves to loaded, when a memory budget is set.
+
+        Without ``max_loaded_models`` this only returns. With it, the version the request
+        names (pinned, labelled, else the latest wanted one) is marked used now; when it is
+        UNLOADED it is loaded, after the least recently used idle, unpinned versions are
+        unloaded to make room. Concurrent requests for one version share one load. Nothing
+        is raised for unknown models or versions: :meth:`resolve` says what is wrong.
+
+        Raises:
+            ModelNotReady: The load (or room for it) took longer than ``load_wait_s``.
+        """
+        if self.settings.max_loaded_models is None:
+            return
+        model = self._models.get(name)
+        if model is None or not model.enabled:
+            return
+        if label is not None:
+            version = self.version_labels(name).get(label)
+            if version is None:
+                return
+        if version is None:
+            candidates = [
+                v
+                for v, e in model.versions.items()
+                if e.state in (ModelState.AVAILABLE, ModelState.UNLOADED, ModelState.LOADING)
+            ]
+            if not candidates:
+                return
+            version = max(candidates)
+        entry = model.versions.get(version)
+        if entry is None:
+            return
+        key = (name, version)
+        wait_s = self.settings.load_wait_s
+        deadline = time.monotonic() + wait_s
+        # A loop: the version may be on its way out (evicted) when the request comes, and
+        # in a crowd a freshly loaded version may go again before this request resumes.
+        while True:
+            entry.last_used = now = time.monotonic()
+            if entry.state is ModelState.AVAILABLE:
+                return
+            if now >= deadline:
+                raise ModelNotReady(
+                    f"model {name!r} version {version} is not loaded yet: it did not load within "
+                    f"{wait_s:g} s (--max-loaded-models {self.settings.max_loaded_models}); retry later"
+                )
+            task = self._cold_loads.get(key)
+            if task is None:
+                if entry.evicted and entry.state is ModelState.UNLOADING:
+                    await asyncio.sleep(0.005)  # evicted a moment ago: load it again once it is out
+                    continue
+                if entry.state is not ModelState.UNLOADED:
+                    return  # FAILED, END, loading at start: resolve says so
+                task = asyncio.get_running_loop().create_task(
+                    self._cold_load(model, entry), name=f"load-{name}-{version}"
+                )
+                self._cold_loads[key] = task
+                task.add_done_callback(lambda _: self._cold_loads.pop(key, None))
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(task), deadline - now)
+
+    async def _cold_load(self, model: _Model, entry: _Version) -> None:
+        start = time.perf_counter()
+        # UNLOADED until there is room (a second request joins through _cold_loads); _load
+        # makes it LOADING before its first await, so the room cannot go to another load.
+        try:
+            await self._make_room()
+            config = model.config or ModelConfig()
+            path = self.repository.versions(model.name).get(entry.version)
+            if path is None:
+                entry.state = ModelState.END
+                return
+            await self._load(model, config, entry.version, path)
+        except BaseException:
+            if entry.state is ModelState.LOADING:
+                entry.state = ModelState.UNLOADED
+            raise
+        finally:
+            self.metrics.observe_cold_load(model.name, time.perf_counter() - start)
+        entry.last_used = time.monotonic()
+        self.metrics.set_versions_loaded(model.name, len(model.available()))
+
+    def _resident(self) -> int:
+        """Versions in memory, loading, or on their way out (each holds its runtime's memory).
+
+        Cold loads still waiting for room are UNLOADED, so they do not count.
+        """
+        held = (ModelState.AVAILABLE, ModelState.LOADING, ModelState.UNLOADING)
+        return sum(1 for m in self._models.values() for e in m.versions.values() if e.state in held)
+
+    async def _make_room(self) -> None:
+        """Unloads least recently used idle, unpinned versions until one more fits the budget.
+
+        Waits while every loaded version is busy or pinned (bounded by the caller's wait).
+        """
+        budget = self.settings.max_loaded_models or 0
+        while self._resident() + 1 > budget:
+            victim: tuple[_Model, _Version] | None = None
+            for m in self._models.values():
+                if m.config is not None and m.config.pinned:
+                    continue
+                for e in m.versions.values():
+                    if (
+                        e.state is ModelState.AVAILABLE
+                        and e.servable is not None
+                        and e.servable.idle
+                        and (victim is None or e.last_used < victim[1].last_used)
+                    ):
+                        victim = (m, e)
+            if victim is None:
+                # Every loaded version is pinned or serving, or unloads are finishing.
+                await (self.settle() if self._unloads else asyncio.sleep(0.005))
+                continue
+            m, e = victim
+            logger.info(
+                "model %s version %s: unloading to make room (least recently used)", m.name, e.version
+            )
+            e.evicted = True
+            self._schedule_unload(m, e)
+            self.metrics.count_eviction(m.name)
+            self.metrics.set_versions_loaded(m.name, len(m.available()))
+            await self.settle()
+
     # -- lookups ---------------------------------------------------------------------
 
     def resolve(self, name: str, version: int | None = None, label: str | None = None) -> Servable:
@@ -522,6 +666,14 @@ class ModelRegistry:
         if servable is None:  # AVAILABLE always has a servable; this keeps the type checker honest
             raise ModelNotReady(f"model {name!r} has no available version")
         return servable
+
+    def loads_on_request(self, name: str, version: int | None = None) -> bool:
+        """Whether a request would load the model (or that version): it is UNLOADED, in bounded memory."""
+        model = self._models.get(name)
+        if model is None or not model.enabled or self.settings.max_loaded_models is None:
+            return False
+        entries = [model.versions.get(version)] if version is not None else list(model.versions.values())
+        return any(e is not None and e.state is ModelState.UNLOADED for e in entries)
 
     def model_names(self) -> list[str]:
         """Every model the registry knows (those in the repository at the last poll)."""
@@ -590,9 +742,10 @@ class ModelRegistry:
                     }
                 )
             for v, entry in sorted(model.versions.items()):
-                rows.append(
-                    {"name": name, "version": str(v), "state": entry.state.value, "reason": entry.error}
-                )
+                reason = entry.error
+                if entry.state is ModelState.UNLOADED:
+                    reason = "not in memory; available: loads on its first request (--max-loaded-models)"
+                rows.append({"name": name, "version": str(v), "state": entry.state.value, "reason": reason})
             if not model.versions and not model.config_error:
                 reason = "unloaded" if not model.enabled else "no version directories"
                 rows.append({"name": name, "version": "", "state": ModelState.END.value, "reason": reason})

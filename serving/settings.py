@@ -180,6 +180,8 @@ class ModelConfig(BaseModel):
     refuse_nan: bool = False
     """Refuse requests whose float inputs hold NaN or ±Inf (400 / INVALID_ARGUMENT); by
     default they are served, and monitoring counts them as missing values."""
+    pinned: bool = False
+    """With ``--max-loaded-models``: load this model's versions at start and never evict them."""
 
     @field_validator("version_labels")
     @classmethod
@@ -249,6 +251,13 @@ class ServingSettings(BaseSettings):
     """With several workers: crashes in a row after which a worker stops the server."""
     worker_restart_backoff_s: float = Field(default=0.5, gt=0)
     """With several workers: the first restart delay of a crashed worker (it doubles)."""
+    max_loaded_models: int | None = Field(default=None, ge=1)
+    """The most versions held in memory at once (``--max-loaded-models``); None loads every
+    version at start. With a budget, versions load on their first request and the least
+    recently used idle, unpinned one is unloaded to make room (:mod:`~modelloop.serving.residency`)."""
+    load_wait_s: float = Field(default=30.0, gt=0)
+    """With ``max_loaded_models``: how long a request waits for its version to load (or for
+    room to load it) before a 503 / UNAVAILABLE."""
     warmup: bool = True
     """Warm a new version up before it takes traffic: the samples it ships (``warmup.json``,
     ``assets.extra/tf_serving_warmup_requests``), else one synthetic row (a Python model:
