@@ -636,7 +636,14 @@ class DataPlane:
             ModelNotFound: Unknown model, version or label.
             ModelNotReady: The version is not AVAILABLE.
         """
-        return self.registry.resolve(name, version, label).metadata
+        try:
+            return self.registry.resolve(name, version, label).metadata
+        except ModelNotReady:
+            # Not in memory (--max-loaded-models): its model.json answers, without loading it.
+            unloaded = self.registry.unloaded_metadata(name, version) if label is None else None
+            if unloaded is None:
+                raise
+            return unloaded
 
     def model_config(self, name: str, version: int | None = None) -> VersionConfig:
         """How the resolved version is served: runtime set-up and batching, beside its metadata.

@@ -667,6 +667,29 @@ class ModelRegistry:
             raise ModelNotReady(f"model {name!r} has no available version")
         return servable
 
+    def unloaded_metadata(self, name: str, version: int | None = None) -> ModelMetadata | None:
+        """The metadata of the UNLOADED version a request would load, read from its ``model.json``.
+
+        None when the version is not UNLOADED (or a budget is not set), so that callers
+        fall back to :meth:`resolve` and its errors.
+        """
+        model = self._models.get(name)
+        if model is None or not self.loads_on_request(name, version):
+            return None
+        if version is None:
+            candidates = [v for v, e in model.versions.items() if e.state is not ModelState.FAILED]
+            version = max(candidates, default=None)
+        entry = model.versions.get(version) if version is not None else None
+        path = self.repository.versions(name).get(version) if version is not None else None
+        if entry is None or entry.state is not ModelState.UNLOADED or path is None or version is None:
+            return None
+        config = model.config or ModelConfig()
+        try:
+            kind = self.repository.runtime_kind(path, config)
+            return self.repository.read_metadata(path, name, version, PLATFORMS[kind])
+        except Exception:  # noqa: BLE001 - unreadable: the request's own load will say why
+            return None
+
     def loads_on_request(self, name: str, version: int | None = None) -> bool:
         """Whether a request would load the model (or that version): it is UNLOADED, in bounded memory."""
         model = self._models.get(name)

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from modelloop.serving.errors import ModelNotReady
+from modelloop.serving.errors import ModelNotFound, ModelNotReady
 from modelloop.serving.runtime import Runtime
 from modelloop.serving.settings import ModelConfig
 from modelloop.serving.types import InferRequest, ModelMetadata, ModelState, Protocol
@@ -122,6 +122,22 @@ async def test_a_repeated_model_stays_loaded(tmp_path: Path) -> None:
         await dp.infer(request([[1, 2, 3]], model="b"))  # loads again, evicting c
         assert prom.get_sample_value("modelloop_model_loads_total", {"model": "b"}) == 2
         assert {row["name"]: row["state"] for row in dp.repository_index()}["c"] == "UNLOADED"
+    finally:
+        await dp.stop()
+
+
+async def test_metadata_of_an_unloaded_version_comes_from_its_model_json(tmp_path: Path) -> None:
+    write_fake_version(tmp_path, "a", 1)
+    write_fake_version(tmp_path, "a", 2)
+    write_config(tmp_path, "a", {"version_policy": {"all": {}}})
+    factory = Factory()
+    dp, _, _ = await make_plane(tmp_path, factory, max_loaded_models=1)
+    try:
+        assert dp.metadata("a").version == 2 and dp.metadata("a", 1).version == 1
+        assert [spec.name for spec in dp.metadata("a").inputs] == ["x"]
+        assert factory.built == []  # nothing loaded to answer
+        with pytest.raises(ModelNotFound):
+            dp.metadata("a", 7)
     finally:
         await dp.stop()
 
