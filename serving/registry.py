@@ -548,10 +548,14 @@ class ModelRegistry:
             if entry.state is ModelState.AVAILABLE:
                 return
             if now >= deadline:
-                raise ModelNotReady(
-                    f"model {name!r} version {version} is not loaded yet: it did not load within "
-                    f"{wait_s:g} s (--max-loaded-models {self.settings.max_loaded_models}); retry later"
+                budget = self.settings.max_loaded_models
+                why = (
+                    f"no room to load it: all {budget} loaded versions (--max-loaded-models) are serving "
+                    "requests or pinned"
+                    if entry.state is ModelState.UNLOADED
+                    else f"it did not load within {wait_s:g} s (--max-loaded-models {budget})"
                 )
+                raise ModelNotReady(f"model {name!r} version {version} is not loaded yet: {why}; retry later")
             task = self._cold_loads.get(key)
             if task is None:
                 if entry.evicted and entry.state is ModelState.UNLOADING:
@@ -563,9 +567,26 @@ class ModelRegistry:
                     self._cold_load(model, entry), name=f"load-{name}-{version}"
                 )
                 self._cold_loads[key] = task
-                task.add_done_callback(lambda _: self._cold_loads.pop(key, None))
-            with contextlib.suppress(TimeoutError):
+                task.add_done_callback(self._cold_load_done)
+            try:
                 await asyncio.wait_for(asyncio.shield(task), deadline - now)
+            except TimeoutError:
+                continue
+            except ModelNotReady:
+                # A load this request joined late gave up waiting for room: try again with
+                # what is left of this request's own wait.
+                if self._cold_loads.get(key) is task:
+                    del self._cold_loads[key]
+                if time.monotonic() >= deadline or entry.state is not ModelState.UNLOADED:
+                    raise
+
+    def _cold_load_done(self, task: asyncio.Task[None]) -> None:
+        for key, known in list(self._cold_loads.items()):
+            if known is task:
+                del self._cold_loads[key]
+        # Read here, so that a load whose requests all gave up is not "never retrieved".
+        if not task.cancelled() and task.exception() is not None:
+            logger.warning("%s: %s", task.get_name(), task.exception())
 
     async def _cold_load(self, model: _Model, entry: _Version) -> None:
         start = time.perf_counter()
@@ -599,10 +620,16 @@ class ModelRegistry:
     async def _make_room(self) -> None:
         """Unloads least recently used idle, unpinned versions until one more fits the budget.
 
-        Waits while every loaded version is busy or pinned (bounded by the caller's wait).
+        Waits while every loaded version is busy or pinned, at most ``load_wait_s``.
         """
         budget = self.settings.max_loaded_models or 0
+        deadline = time.monotonic() + self.settings.load_wait_s
         while self._resident() + 1 > budget:
+            if time.monotonic() > deadline:
+                raise ModelNotReady(
+                    f"no room to load a model: all {budget} loaded versions (--max-loaded-models) are "
+                    "serving requests or pinned; retry later"
+                )
             victim: tuple[_Model, _Version] | None = None
             for m in self._models.values():
                 if m.config is not None and m.config.pinned:

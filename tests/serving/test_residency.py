@@ -159,6 +159,22 @@ async def test_pinned_models_load_at_start_and_stay(tmp_path: Path) -> None:
         await dp.stop()
 
 
+async def test_no_room_beside_pinned_models_is_a_bounded_wait(tmp_path: Path) -> None:
+    write_fake_version(tmp_path, "pinned", 1)
+    write_fake_version(tmp_path, "other", 1)
+    write_config(tmp_path, "pinned", {"pinned": True})
+    dp, _, _ = await make_plane(tmp_path, Factory(), max_loaded_models=1, load_wait_s=0.2)
+    try:
+        with pytest.raises(ModelNotReady, match=r"no room to load (a model|it): all 1 loaded versions"):
+            await dp.infer(request([[1, 2, 3]], model="other"))
+        await asyncio.sleep(0.05)
+        assert dp.registry._cold_loads == {}  # the load gave up too: nothing left polling
+        assert {row["name"]: row["state"] for row in dp.repository_index()}["other"] == "UNLOADED"
+        assert (await dp.infer(request([[1, 2, 3]], model="pinned"))).model == "pinned"
+    finally:
+        await dp.stop()
+
+
 async def test_a_version_with_requests_in_flight_is_never_evicted(tmp_path: Path) -> None:
     write_fake_version(tmp_path, "slow", 1)
     write_fake_version(tmp_path, "other", 1)
@@ -175,7 +191,8 @@ async def test_a_version_with_requests_in_flight_is_never_evicted(tmp_path: Path
     try:
         busy = asyncio.create_task(dp.infer(request([[1, 2, 3]], model="slow")))
         await asyncio.to_thread(slow.started.wait, 5)
-        with pytest.raises(ModelNotReady, match=r"model 'other' version 1 is not loaded yet.*within 0.3 s"):
+        no_room = r"model 'other' version 1 is not loaded yet: no room to load it: all 1 loaded versions"
+        with pytest.raises(ModelNotReady, match=no_room):
             await dp.infer(request([[1, 2, 3]], model="other"))
         assert {row["name"]: row["state"] for row in dp.repository_index()}["slow"] == "AVAILABLE"
         slow.release.set()
