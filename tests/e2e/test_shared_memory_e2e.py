@@ -58,7 +58,7 @@ def test_tritonclient_registers_and_infers_through_system_shared_memory(
     assert "Bearer" in result["http_register_without_token"]
     assert sorted(r["name"] for r in result["http_status"]) == ["in", "out"]
     assert result["grpc_status"] == ["in", "out"]
-    for key in ("http", "grpc", "http_aio", "grpc_aio"):
+    for key in ("http", "http_async", "grpc", "grpc_async", "http_aio", "grpc_aio"):
         np.testing.assert_allclose(np.array(result[key]), expected, atol=ATOL, err_msg=key)
     assert result["http_output_parameters"]["shared_memory_region"] == "out"
     mismatch = "shared_memory_byte_size is 2044 but a FP32 tensor of shape [8, 64] has 2048 bytes"

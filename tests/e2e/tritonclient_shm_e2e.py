@@ -12,6 +12,7 @@ import base64
 import json
 import os
 import sys
+import time
 
 import numpy as np
 import tritonclient.grpc as grpcclient
@@ -81,6 +82,10 @@ try:
         client.infer("digits", bad_inputs, outputs=bad_outputs)
     except Exception as exc:  # noqa: BLE001
         result["http_size_mismatch"] = str(exc)
+    # The sync client's async_infer (a thread pool) through the same regions.
+    inputs, outputs = http_inputs(httpclient)
+    client.async_infer("digits", inputs, outputs=outputs).get_result()
+    result["http_async"] = read_output()
     client.unregister_system_shared_memory(headers=headers)
     result["http_status_after"] = client.get_system_shared_memory_status(headers=headers)
 
@@ -92,6 +97,14 @@ try:
     inputs, outputs = grpc_inputs(grpcclient)
     gclient.infer("digits", inputs, outputs=outputs)
     result["grpc"] = read_output()
+    # The sync client's async_infer (a callback).
+    done = []
+    inputs, outputs = grpc_inputs(grpcclient)
+    gclient.async_infer("digits", inputs, lambda result, error: done.append(error), outputs=outputs)
+    while not done:
+        time.sleep(0.01)
+    assert done[0] is None, done[0]
+    result["grpc_async"] = read_output()
     gclient.unregister_system_shared_memory("in", headers=gheaders)
     try:
         gclient.infer("digits", *grpc_inputs(grpcclient)[:1], outputs=grpc_inputs(grpcclient)[1])
