@@ -367,6 +367,6 @@ def write_shared_tensor(
 
 
 CUDA_UNAVAILABLE = (
-    "CUDA shared memory is not available: this server runs its models on the CPU; use system "
-    "shared memory (/v2/systemsharedmemory) instead"
+    "CUDA shared memory is not available: this server takes no CUDA IPC handles (its runtimes "
+    "read tensors from host memory); use system shared memory (/v2/systemsharedmemory) instead"
 )

@@ -4,7 +4,7 @@ Registering a region makes the server read and write memory another process name
 every route here needs ``Authorization: Bearer <admin token>`` (the one admin check,
 :func:`modelloop.tokens.authorize_admin`) and is off without a token. Infer requests then
 name a registered region in their tensors' parameters (:mod:`modelloop.serving.shared_memory`).
-The CUDA routes answer 503: this server runs its models on the CPU.
+The CUDA routes answer 503: this server takes no CUDA IPC handles.
 """
 
 from __future__ import annotations
