@@ -45,6 +45,7 @@ test: system-test install
 
 bench: system-bench install
 	$(BIN)/python -m bench
+	$(BIN)/python -m bench.points
 
 lint: install
 	$(BIN)/ruff check .

@@ -18,6 +18,7 @@ from modelloop.export.onnx import MIN_OPSET, export_onnx
 from modelloop.export.publish import PublishError, publish_version, staging_dir, validate_model_name
 from modelloop.export.saved_model import export_saved_model
 from modelloop.export.verify import DEFAULT_ATOL, DEFAULT_RTOL, ParityReport, verify_export
+from modelloop.export.warmup import write_warmup_requests
 from modelloop.layout import (
     BASELINE_FILE,
     ONNX_FILE,
@@ -160,6 +161,9 @@ def stage_export(
     try:
         split = np.load(run_dir / RUN_SPLIT_FILE)
         rows = np.asarray(split["x_test"], dtype=np.float32)
+        # Warm-up samples come from the validation split (a run written before it was
+        # saved there has only the test split).
+        val_rows = np.asarray(split["x_val"] if "x_val" in split.files else rows, dtype=np.float32)
     except Exception as exc:
         raise ExportError(
             f"run file {str(run_dir / RUN_SPLIT_FILE)!r} is unreadable or corrupt: {exc}"
@@ -192,6 +196,7 @@ def stage_export(
         card = _stage_python_model(run_dir, staged, run_info, model, parity, atol=atol, rtol=rtol)
     else:
         shutil.copyfile(run_dir / BASELINE_FILE, staged / BASELINE_FILE)
+        write_warmup_requests(staged, {input_name: val_rows if len(val_rows) else rows})
     return StagedExport(
         path=staged, name=name, run_info=run_info, metrics=metrics, parity=parity, opset=opset, card=card
     )
@@ -234,6 +239,9 @@ def _stage_python_model(
             f"parity check of model.py failed, nothing published: max abs diff {python.max_abs_diff:.3g} "
             f"against Keras (atol {atol:g}, rtol {rtol:g})"
         )
+    # model.py takes what clients send, not the split's feature rows: it warms up on the
+    # spec's raw samples.
+    write_warmup_requests(staged, spec.python_model.sample_inputs()[0])
     # model.py runs model.onnx; the SavedModel was only the way to it.
     shutil.rmtree(staged / SAVED_MODEL_DIR)
     baseline = json.loads((run_dir / BASELINE_FILE).read_text())

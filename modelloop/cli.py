@@ -250,6 +250,12 @@ def _add_server_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--rest-port", type=_port, default=8501, help="REST port; 0 picks one")
     parser.add_argument("--grpc-port", type=_port, default=8500, help="gRPC port; 0 picks one")
     parser.add_argument("--poll-interval", type=float, default=None, help="seconds between repository polls")
+    parser.add_argument(
+        "--max-loaded-models",
+        type=_positive,
+        default=None,
+        help="most model versions in memory; others load on first request, least recently used unloaded",
+    )
     parser.add_argument("--grace-period", type=float, default=None, help="seconds to drain on SIGTERM")
     parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     parser.add_argument("--tls-cert", type=Path, default=None, help="PEM certificate: TLS on both ports")
@@ -303,6 +309,7 @@ def worker_argv(args: argparse.Namespace) -> list[str]:
     argv = ["--repo", str(args.repo), "--host", args.host, "--log-level", args.log_level]
     for flag, value in (
         ("--poll-interval", args.poll_interval),
+        ("--max-loaded-models", args.max_loaded_models),
         ("--grace-period", args.grace_period),
         ("--tls-cert", args.tls_cert),
         ("--tls-key", args.tls_key),
@@ -427,6 +434,8 @@ def _serving_settings(args: argparse.Namespace) -> tuple[Any, Any, Any]:
     overrides["repo_url"] = location.url if location.remote else None
     if args.poll_interval is not None:
         overrides["poll_interval_s"] = args.poll_interval
+    if args.max_loaded_models is not None:
+        overrides["max_loaded_models"] = args.max_loaded_models
     if args.grace_period is not None:
         overrides["grace_period_s"] = args.grace_period
     if args.tls_cert is not None:

@@ -154,11 +154,17 @@ class DynamicBatcher:
 
     def _timed(self, inputs: Tensors) -> Tensors:
         start = time.perf_counter()
+        ok = False
         try:
-            return self._predict(inputs)
+            outputs = self._predict(inputs)
+            ok = True
+            return outputs
         finally:
+            seconds = time.perf_counter() - start
+            if self._metrics is not None:
+                self._metrics.observe_execution(self.model, self.version, _rows(inputs), seconds, ok=ok)
             timings = self._timings
-            timings.append(time.perf_counter() - start)
+            timings.append(seconds)
             if len(timings) >= _TIMING_WINDOW:
                 median = sorted(timings)[len(timings) // 2]
                 self.runs_inline = median < self._inline_s

@@ -52,10 +52,13 @@ from modelloop.serving.metrics import ServingMetrics
 from modelloop.serving.observer import InferenceObserver, NullObserver
 from modelloop.serving.registry import ModelRegistry, Servable
 from modelloop.serving.rollout import RouteChoice
+from modelloop.serving.shared_memory import SystemSharedMemory
+from modelloop.serving.statistics import VersionStatistics
 from modelloop.serving.types import (
     InferRequest,
     InferResponse,
     ModelMetadata,
+    ModelState,
     Protocol,
     RolloutRouter,
     TensorSpec,
@@ -68,6 +71,9 @@ from modelloop.serving.types import (
 logger = logging.getLogger(__name__)
 
 SERVER_NAME = "modelloop"
+BASE_EXTENSIONS = ("binary_tensor_data", "model_configuration", "statistics")
+"""The OIP / Triton extensions every server serves, in Triton's names: binary tensors,
+``/v2/models/{m}/config`` (``ModelConfig``) and ``/v2/models/{m}/stats`` (``ModelStatistics``)."""
 # Shadow copies running at once; beyond this a copy is skipped rather than queued, so that
 # a slow candidate never builds up work behind the champion's answers.
 MAX_SHADOW_INFLIGHT = 64
@@ -339,8 +345,9 @@ class DataPlane:
         registry: Resolves models and holds their batchers.
         metrics: Where request counts and durations go.
         observer: Receives every answered request. Defaults to a no-op.
-        extensions: OIP server extensions to advertise. Defaults to ``binary_tensor_data``,
-            plus ``model_repository`` when an admin token is set.
+        extensions: OIP server extensions to advertise. Defaults to :data:`BASE_EXTENSIONS`,
+            plus ``model_repository`` and (with one worker) ``system_shared_memory`` when
+            an admin token is set.
         on_repository_change: Called with ``("load" | "unload", model)`` after a
             repository extension call succeeded here (the workers of one server pass it
             on to the others). Defaults to None.
@@ -359,10 +366,24 @@ class DataPlane:
         self.on_repository_change = on_repository_change
         self.metrics = metrics
         self.observer: InferenceObserver = observer or NullObserver()
+        # Regions registered on one worker are unknown to the others, and a client's
+        # register and infer calls may reach different workers.
+        workers = registry.settings.workers
+        self.shared_memory = SystemSharedMemory(
+            unavailable=(
+                f"system shared memory is off: this server runs {workers} worker processes, which "
+                "would each hold their own regions; run it with --workers 1"
+            )
+            if workers > 1
+            else None
+        )
+        """The system shared memory regions registered with this process."""
         if extensions is None:
-            extensions = ["binary_tensor_data"]
+            extensions = list(BASE_EXTENSIONS)
             if registry.settings.admin_token is not None:
                 extensions.append("model_repository")
+                if workers == 1:
+                    extensions.append("system_shared_memory")
         self.extensions = list(extensions)
         self.draining = False
         self._started = False
@@ -418,6 +439,8 @@ class DataPlane:
             if tracing.TRACER is not None:
                 decode = tracing.start_decode(decoder.protocol)
             await decoder.read()
+            # With --max-loaded-models: load the version now if it is not in memory.
+            await self.registry.ensure_loaded(model, pinned, label)
             # From here to servable.use() nothing awaits, so the version cannot start
             # unloading between resolving it and holding it for this request.
             servable = self.registry.resolve(model, pinned, label)
@@ -627,7 +650,14 @@ class DataPlane:
             ModelNotFound: Unknown model, version or label.
             ModelNotReady: The version is not AVAILABLE.
         """
-        return self.registry.resolve(name, version, label).metadata
+        try:
+            return self.registry.resolve(name, version, label).metadata
+        except ModelNotReady:
+            # Not in memory (--max-loaded-models): its model.json answers, without loading it.
+            unloaded = self.registry.unloaded_metadata(name, version) if label is None else None
+            if unloaded is None:
+                raise
+            return unloaded
 
     def model_config(self, name: str, version: int | None = None) -> VersionConfig:
         """How the resolved version is served: runtime set-up and batching, beside its metadata.
@@ -670,7 +700,9 @@ class DataPlane:
         try:
             self.registry.resolve(name, version, label)
         except ModelNotReady:
-            return False
+            # Not in memory but loads on the next request (--max-loaded-models): ready.
+            if label is not None or not self.registry.loads_on_request(name, version):
+                return False
         return not self.draining
 
     def live(self) -> bool:
@@ -689,7 +721,8 @@ class DataPlane:
             try:
                 self.registry.resolve(name)
             except ServiceError:
-                return False
+                if not self.registry.loads_on_request(name):
+                    return False
         return True
 
     def repository_error(self) -> str:
@@ -699,6 +732,29 @@ class DataPlane:
     def server_metadata(self) -> dict[str, Any]:
         """OIP server metadata: name, version and extensions."""
         return {"name": SERVER_NAME, "version": __version__, "extensions": list(self.extensions)}
+
+    def statistics(self, name: str | None = None, version: int | None = None) -> list[VersionStatistics]:
+        """The statistics extension: figures per version since the server started.
+
+        Args:
+            name: One model, or None for every model.
+            version: One version of ``name``, or None for its AVAILABLE versions and
+                those that served requests.
+
+        Raises:
+            ModelNotFound: Unknown model or version.
+        """
+        stats = self.metrics.statistics
+        if name is not None and version is not None:
+            self.registry.status(name, version)  # unknown: ModelNotFound
+            return [stats.snapshot(name, version)]
+        names = [name] if name is not None else self.registry.model_names()
+        result: list[VersionStatistics] = []
+        for model in names:
+            available = {s.version for s in self.registry.statuses(model) if s.state is ModelState.AVAILABLE}
+            for v in sorted(available.union(stats.versions(model))):
+                result.append(stats.snapshot(model, v))
+        return result
 
     def repository_index(self) -> list[dict[str, str]]:
         """The repository extension's index: ``[{"name", "version", "state", "reason"}]``."""
@@ -755,6 +811,7 @@ class DataPlane:
         self.draining = True
         self._stopped = True
         await self.registry.stop()
+        self.shared_memory.close()
 
     def _get_idle(self) -> asyncio.Event:
         if self._idle is None:

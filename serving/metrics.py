@@ -28,6 +28,8 @@ from typing import Any
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
+from modelloop.serving.statistics import InferenceStatistics
+
 WORKER_POOL_FILE = "workers.json"
 """The file in the multiprocess metrics directory where the supervisor keeps the pool's state."""
 
@@ -51,6 +53,7 @@ _QUEUE_BUCKETS = (
     1.0,
 )
 _BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+_LOAD_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 
 
 def _label(value: object) -> str:
@@ -69,6 +72,8 @@ class ServingMetrics:
 
     def __init__(self, registry: CollectorRegistry) -> None:
         self.registry = registry
+        self.statistics = InferenceStatistics()
+        """The same observations, as the exact per-version sums of the statistics extension."""
         self.requests = Counter(
             "modelloop_requests",
             "Inference requests by model, version, protocol and outcome code (OK or an error code).",
@@ -116,6 +121,25 @@ class ServingMetrics:
             ["model"],
             registry=registry,
         )
+        self.model_loads = Counter(
+            "modelloop_model_loads",
+            "Versions loaded on a request (--max-loaded-models), successful or not.",
+            ["model"],
+            registry=registry,
+        )
+        self.model_evictions = Counter(
+            "modelloop_model_evictions",
+            "Idle versions unloaded to make room for another (--max-loaded-models).",
+            ["model"],
+            registry=registry,
+        )
+        self.cold_load_duration = Histogram(
+            "modelloop_model_cold_load_seconds",
+            "Time from a request for a version not in memory to the version loaded, in seconds.",
+            ["model"],
+            buckets=_LOAD_BUCKETS,
+            registry=registry,
+        )
         self.repository_errors = Counter(
             "modelloop_repository_errors",
             "Polls of a remote model repository that failed (unreachable, denied, missing bucket).",
@@ -142,6 +166,8 @@ class ServingMetrics:
             self._request_children[key] = children
         children[0].inc()
         children[1].observe(seconds)
+        if model and isinstance(version, int):
+            self.statistics.record_request(model, version, ok=key[3] == "OK", seconds=seconds)
 
     def observe_batch(self, model: str, version: int, rows: int) -> None:
         """Records the row count of one runtime call."""
@@ -156,10 +182,27 @@ class ServingMetrics:
         if child is None:
             child = self._queue_children[(model, version)] = self.queue_duration.labels(model, str(version))
         child.observe(seconds)
+        self.statistics.record_queue(model, version, seconds)
+
+    def observe_execution(self, model: str, version: int, rows: int, seconds: float, *, ok: bool) -> None:
+        """Records one runtime call: its rows, its wall time and whether it returned outputs.
+
+        Called from the batcher's threads; only the statistics extension keeps these.
+        """
+        self.statistics.record_execution(model, version, rows=rows, seconds=seconds, ok=ok)
 
     def set_versions_loaded(self, model: str, count: int) -> None:
         """Sets the number of AVAILABLE versions of ``model``."""
         self.versions_loaded.labels(model).set(count)
+
+    def observe_cold_load(self, model: str, seconds: float) -> None:
+        """Counts one load on request and its latency (waiting for room included)."""
+        self.model_loads.labels(model).inc()
+        self.cold_load_duration.labels(model).observe(seconds)
+
+    def count_eviction(self, model: str) -> None:
+        """Counts one version of ``model`` unloaded to make room."""
+        self.model_evictions.labels(model).inc()
 
     def count_repository_error(self) -> None:
         """Counts one failed read of a remote repository."""

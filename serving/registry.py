@@ -3,8 +3,9 @@
 It reconciles what the repository says should be loaded with what is in memory, on a
 poll loop (default every second) and on the repository extension's load/unload calls:
 
-- A new version is loaded and warmed up (one synthetic batch) on a worker thread, so the
-  event loop keeps serving; it takes traffic only once AVAILABLE.
+- A new version is loaded and warmed up (its own samples, else one synthetic batch; see
+  :mod:`~modelloop.serving.warmup`) on a worker thread, so the event loop keeps serving; it
+  takes traffic only once AVAILABLE.
 - An old version is unloaded only after the versions meant to replace it are AVAILABLE,
   and only after its in-flight requests have finished (a reference count per version).
 - A version that fails to load is FAILED (with the error, logged and counted); whatever
@@ -31,12 +32,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-
-import numpy as np
 
 from modelloop.errors import hide_credentials, redact
 from modelloop.layout import ONNX_FILE, SAVED_MODEL_DIR
@@ -55,6 +55,7 @@ from modelloop.serving.rollout import RolloutCoordinator
 from modelloop.serving.runtime import Runtime
 from modelloop.serving.settings import FREE_FORM_SECTIONS, ModelConfig, ServingSettings
 from modelloop.serving.types import ModelMetadata, ModelState, VersionStatus
+from modelloop.serving.warmup import warm_up
 
 logger = logging.getLogger(__name__)
 
@@ -125,15 +126,6 @@ def create_runtime(
     return SavedModelRuntime(version_dir / SAVED_MODEL_DIR, metadata)
 
 
-def warmup_inputs(metadata: ModelMetadata, rows: int = 1) -> dict[str, np.ndarray]:
-    """A synthetic batch for ``metadata``: zeros, free dims set to 1, batch dim to ``rows``."""
-    batch: dict[str, np.ndarray] = {}
-    for spec in metadata.inputs:
-        shape = (rows, *(1 if d < 0 else d for d in spec.shape[1:]))
-        batch[spec.name] = np.zeros(shape, dtype=spec.dtype) if spec.dtype != object else np.full(shape, b"")
-    return batch
-
-
 class Servable:
     """One AVAILABLE model version: its runtime, its batcher and its in-flight count.
 
@@ -170,6 +162,11 @@ class Servable:
             if self._inflight == 0:
                 self._idle.set()
 
+    @property
+    def idle(self) -> bool:
+        """Whether no request holds the version now."""
+        return self._inflight == 0
+
     async def wait_idle(self) -> None:
         """Returns once no request holds the version."""
         await self._idle.wait()
@@ -182,6 +179,8 @@ class _Version:
     error: str = ""
     servable: Servable | None = None
     fingerprint: tuple[float, ...] = ()
+    last_used: float = 0.0  # monotonic; the LRU order of --max-loaded-models
+    evicted: bool = False  # unloading to make room: back to UNLOADED, not END
 
 
 @dataclass(slots=True)
@@ -226,6 +225,8 @@ class ModelRegistry:
             lambda kind, path, meta, config: create_runtime(kind, path, meta, config, settings)
         )
         self._models: dict[str, _Model] = {}
+        # --max-loaded-models: loads started by requests, by (model, version).
+        self._cold_loads: dict[tuple[str, int], asyncio.Task[None]] = {}
         self._lock: asyncio.Lock | None = None
         self._poller: asyncio.Task[None] | None = None
         self._unloads: set[asyncio.Task[None]] = set()
@@ -367,6 +368,13 @@ class ModelRegistry:
             ):
                 logger.info("model %s version %s changed on disk; retrying its load", model.name, v)
                 to_load.append(v)
+        if self.settings.max_loaded_models is not None and not config.pinned:
+            # Bounded memory: a version loads on its first request (ensure_loaded).
+            for v in to_load:
+                entry = model.versions.setdefault(v, _Version(v))
+                entry.state, entry.error = ModelState.UNLOADED, ""
+                entry.fingerprint = self.repository.fingerprint(on_disk[v])
+            to_load = []
         await asyncio.gather(*(self._load(model, config, v, on_disk[v]) for v in to_load))
 
         # Availability first: versions that are not wanted stay until every wanted version
@@ -384,7 +392,7 @@ class ModelRegistry:
                     "directory removed" if gone else "policy",
                 )
                 self._schedule_unload(model, entry)
-            elif entry.state in (ModelState.FAILED, ModelState.START) or (
+            elif entry.state in (ModelState.FAILED, ModelState.START, ModelState.UNLOADED) or (
                 entry.state is ModelState.END and gone
             ):
                 del model.versions[v]
@@ -442,22 +450,13 @@ class ModelRegistry:
         runtime.load()
         if self.settings.warmup:
             try:
-                self._warmup(runtime)
+                # The version's own samples when it ships them; else one synthetic row,
+                # except for a model's own code (its load is its warm-up).
+                warm_up(runtime, path, synthetic=kind != "python")
             except BaseException:
                 runtime.unload()
                 raise
         return runtime
-
-    @staticmethod
-    def _warmup(runtime: Runtime) -> None:
-        outputs = runtime.predict(warmup_inputs(runtime.metadata))
-        for spec in runtime.metadata.outputs:
-            if spec.name not in outputs:
-                raise ValueError(f"warmup: the model returned {sorted(outputs)}, not output {spec.name!r}")
-            if np.shape(outputs[spec.name])[:1] != (1,):
-                raise ValueError(
-                    f"warmup: output {spec.name!r} has shape {np.shape(outputs[spec.name])} for a batch of 1"
-                )
 
     def _schedule_unload(self, model: _Model, entry: _Version) -> None:
         servable = entry.servable
@@ -475,8 +474,9 @@ class ModelRegistry:
             except Exception:  # the version is gone from serving either way
                 logger.exception("model %s version %s: unload raised", model.name, entry.version)
             if entry.state is ModelState.UNLOADING:
-                entry.state = ModelState.END
+                entry.state = ModelState.UNLOADED if entry.evicted else ModelState.END
                 entry.servable = None
+                entry.evicted = False
             logger.info("model %s version %s unloaded", model.name, entry.version)
 
         task = asyncio.get_running_loop().create_task(unload(), name=f"unload-{model.name}-{entry.version}")
@@ -520,6 +520,159 @@ class ModelRegistry:
             self.metrics.set_versions_loaded(name, 0)
         await self.settle()
 
+    # -- bounded memory (--max-loaded-models) --------------------------------------------
+
+    async def ensure_loaded(self, name: str, version: int | None = None, label: str | None = None) -> None:
+        """Makes the version a request resolves to loaded, when a memory budget is set.
+
+        Without ``max_loaded_models`` this only returns. With it, the version the request
+        names (pinned, labelled, else the latest wanted one) is marked used now; when it is
+        UNLOADED it is loaded, after the least recently used idle, unpinned versions are
+        unloaded to make room. Concurrent requests for one version share one load. Nothing
+        is raised for unknown models or versions: :meth:`resolve` says what is wrong.
+
+        Raises:
+            ModelNotReady: The load (or room for it) took longer than ``load_wait_s``.
+        """
+        if self.settings.max_loaded_models is None:
+            return
+        model = self._models.get(name)
+        if model is None or not model.enabled:
+            return
+        if label is not None:
+            version = self.version_labels(name).get(label)
+            if version is None:
+                return
+        if version is None:
+            candidates = [
+                v
+                for v, e in model.versions.items()
+                if e.state in (ModelState.AVAILABLE, ModelState.UNLOADED, ModelState.LOADING)
+            ]
+            if not candidates:
+                return
+            version = max(candidates)
+        entry = model.versions.get(version)
+        if entry is None:
+            return
+        key = (name, version)
+        wait_s = self.settings.load_wait_s
+        deadline = time.monotonic() + wait_s
+        # A loop: the version may be on its way out (evicted) when the request comes, and
+        # in a crowd a freshly loaded version may go again before this request resumes.
+        while True:
+            entry.last_used = now = time.monotonic()
+            if entry.state is ModelState.AVAILABLE:
+                return
+            if now >= deadline:
+                budget = self.settings.max_loaded_models
+                why = (
+                    f"no room to load it: all {budget} loaded versions (--max-loaded-models) are serving "
+                    "requests or pinned"
+                    if entry.state is ModelState.UNLOADED
+                    else f"it did not load within {wait_s:g} s (--max-loaded-models {budget})"
+                )
+                raise ModelNotReady(f"model {name!r} version {version} is not loaded yet: {why}; retry later")
+            task = self._cold_loads.get(key)
+            if task is None:
+                if entry.evicted and entry.state is ModelState.UNLOADING:
+                    await asyncio.sleep(0.005)  # evicted a moment ago: load it again once it is out
+                    continue
+                if entry.state is not ModelState.UNLOADED:
+                    return  # FAILED, END, loading at start: resolve says so
+                task = asyncio.get_running_loop().create_task(
+                    self._cold_load(model, entry), name=f"load-{name}-{version}"
+                )
+                self._cold_loads[key] = task
+                task.add_done_callback(self._cold_load_done)
+            try:
+                await asyncio.wait_for(asyncio.shield(task), deadline - now)
+            except TimeoutError:
+                continue
+            except ModelNotReady:
+                # A load this request joined late gave up waiting for room: try again with
+                # what is left of this request's own wait.
+                if self._cold_loads.get(key) is task:
+                    del self._cold_loads[key]
+                if time.monotonic() >= deadline or entry.state is not ModelState.UNLOADED:
+                    raise
+
+    def _cold_load_done(self, task: asyncio.Task[None]) -> None:
+        for key, known in list(self._cold_loads.items()):
+            if known is task:
+                del self._cold_loads[key]
+        # Read here, so that a load whose requests all gave up is not "never retrieved".
+        if not task.cancelled() and task.exception() is not None:
+            logger.warning("%s: %s", task.get_name(), task.exception())
+
+    async def _cold_load(self, model: _Model, entry: _Version) -> None:
+        start = time.perf_counter()
+        # UNLOADED until there is room (a second request joins through _cold_loads); _load
+        # makes it LOADING before its first await, so the room cannot go to another load.
+        try:
+            await self._make_room()
+            config = model.config or ModelConfig()
+            path = self.repository.versions(model.name).get(entry.version)
+            if path is None:
+                entry.state = ModelState.END
+                return
+            await self._load(model, config, entry.version, path)
+        except BaseException:
+            if entry.state is ModelState.LOADING:
+                entry.state = ModelState.UNLOADED
+            raise
+        finally:
+            self.metrics.observe_cold_load(model.name, time.perf_counter() - start)
+        entry.last_used = time.monotonic()
+        self.metrics.set_versions_loaded(model.name, len(model.available()))
+
+    def _resident(self) -> int:
+        """Versions in memory, loading, or on their way out (each holds its runtime's memory).
+
+        Cold loads still waiting for room are UNLOADED, so they do not count.
+        """
+        held = (ModelState.AVAILABLE, ModelState.LOADING, ModelState.UNLOADING)
+        return sum(1 for m in self._models.values() for e in m.versions.values() if e.state in held)
+
+    async def _make_room(self) -> None:
+        """Unloads least recently used idle, unpinned versions until one more fits the budget.
+
+        Waits while every loaded version is busy or pinned, at most ``load_wait_s``.
+        """
+        budget = self.settings.max_loaded_models or 0
+        deadline = time.monotonic() + self.settings.load_wait_s
+        while self._resident() + 1 > budget:
+            if time.monotonic() > deadline:
+                raise ModelNotReady(
+                    f"no room to load a model: all {budget} loaded versions (--max-loaded-models) are "
+                    "serving requests or pinned; retry later"
+                )
+            victim: tuple[_Model, _Version] | None = None
+            for m in self._models.values():
+                if m.config is not None and m.config.pinned:
+                    continue
+                for e in m.versions.values():
+                    if (
+                        e.state is ModelState.AVAILABLE
+                        and e.servable is not None
+                        and e.servable.idle
+                        and (victim is None or e.last_used < victim[1].last_used)
+                    ):
+                        victim = (m, e)
+            if victim is None:
+                # Every loaded version is pinned or serving, or unloads are finishing.
+                await (self.settle() if self._unloads else asyncio.sleep(0.005))
+                continue
+            m, e = victim
+            logger.info(
+                "model %s version %s: unloading to make room (least recently used)", m.name, e.version
+            )
+            e.evicted = True
+            self._schedule_unload(m, e)
+            self.metrics.count_eviction(m.name)
+            self.metrics.set_versions_loaded(m.name, len(m.available()))
+            await self.settle()
+
     # -- lookups ---------------------------------------------------------------------
 
     def resolve(self, name: str, version: int | None = None, label: str | None = None) -> Servable:
@@ -557,6 +710,37 @@ class ModelRegistry:
         if servable is None:  # AVAILABLE always has a servable; this keeps the type checker honest
             raise ModelNotReady(f"model {name!r} has no available version")
         return servable
+
+    def unloaded_metadata(self, name: str, version: int | None = None) -> ModelMetadata | None:
+        """The metadata of the UNLOADED version a request would load, read from its ``model.json``.
+
+        None when the version is not UNLOADED (or a budget is not set), so that callers
+        fall back to :meth:`resolve` and its errors.
+        """
+        model = self._models.get(name)
+        if model is None or not self.loads_on_request(name, version):
+            return None
+        if version is None:
+            candidates = [v for v, e in model.versions.items() if e.state is not ModelState.FAILED]
+            version = max(candidates, default=None)
+        entry = model.versions.get(version) if version is not None else None
+        path = self.repository.versions(name).get(version) if version is not None else None
+        if entry is None or entry.state is not ModelState.UNLOADED or path is None or version is None:
+            return None
+        config = model.config or ModelConfig()
+        try:
+            kind = self.repository.runtime_kind(path, config)
+            return self.repository.read_metadata(path, name, version, PLATFORMS[kind])
+        except Exception:  # noqa: BLE001 - unreadable: the request's own load will say why
+            return None
+
+    def loads_on_request(self, name: str, version: int | None = None) -> bool:
+        """Whether a request would load the model (or that version): it is UNLOADED, in bounded memory."""
+        model = self._models.get(name)
+        if model is None or not model.enabled or self.settings.max_loaded_models is None:
+            return False
+        entries = [model.versions.get(version)] if version is not None else list(model.versions.values())
+        return any(e is not None and e.state is ModelState.UNLOADED for e in entries)
 
     def model_names(self) -> list[str]:
         """Every model the registry knows (those in the repository at the last poll)."""
@@ -632,12 +816,15 @@ class ModelRegistry:
                     }
                 )
             for status in self.statuses(name):
+                reason = status.error_message
+                if status.state is ModelState.UNLOADED and not reason:
+                    reason = "not in memory; available: loads on its first request (--max-loaded-models)"
                 rows.append(
                     {
                         "name": name,
                         "version": str(status.version),
                         "state": status.state.value,
-                        "reason": status.error_message,
+                        "reason": reason,
                     }
                 )
             if not model.versions and not model.config_error and not self._kept_out(name):

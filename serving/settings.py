@@ -182,6 +182,8 @@ class ModelConfig(BaseModel):
     default they are served, and monitoring counts them as missing values."""
     log_sample: float = Field(default=1.0, ge=0.0, le=1.0)
     """Share of answered requests written to the prediction log (1 = every one, 0 = none)."""
+    pinned: bool = False
+    """With ``--max-loaded-models``: load this model's versions at start and never evict them."""
 
     @field_validator("version_labels")
     @classmethod
@@ -251,8 +253,17 @@ class ServingSettings(BaseSettings):
     """With several workers: crashes in a row after which a worker stops the server."""
     worker_restart_backoff_s: float = Field(default=0.5, gt=0)
     """With several workers: the first restart delay of a crashed worker (it doubles)."""
+    max_loaded_models: int | None = Field(default=None, ge=1)
+    """The most versions held in memory at once (``--max-loaded-models``); None loads every
+    version at start. With a budget, versions load on their first request and the least
+    recently used idle, unpinned one is unloaded to make room (:mod:`~modelloop.serving.residency`)."""
+    load_wait_s: float = Field(default=30.0, gt=0)
+    """With ``max_loaded_models``: how long a request waits for its version to load (or for
+    room to load it) before a 503 / UNAVAILABLE."""
     warmup: bool = True
-    """Run one synthetic batch through a new version before it takes traffic."""
+    """Warm a new version up before it takes traffic: the samples it ships (``warmup.json``,
+    ``assets.extra/tf_serving_warmup_requests``), else one synthetic row (a Python model:
+    nothing)."""
     max_header_bytes: int = Field(default=64 * 1024, gt=0)
     """Largest HTTP request head (request line and headers); beyond it the answer is 431."""
     header_timeout_s: float = Field(default=10.0, gt=0)

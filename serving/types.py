@@ -44,6 +44,9 @@ class ModelState(StrEnum):
     UNLOADING = "UNLOADING"
     END = "END"
     FAILED = "FAILED"
+    UNLOADED = "UNLOADED"
+    """In the repository and wanted, not in memory (``--max-loaded-models``): the next
+    request for it loads it."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -175,11 +175,20 @@ def test_worker_arguments_round_trip():
     given = [
         "serve", "--repo", "models", "--host", "::1", "--poll-interval", "0.5", "--grace-period", "3",
         "--log-level", "DEBUG", "--store", "sqlite:///x.db", "--state-dir", "st", "--no-monitoring",
-        "--workers", "4",
+        "--workers", "4", "--max-loaded-models", "10",
     ]  # fmt: skip
     args = parser.parse_args(given)
     again = parser.parse_args(["serve", *worker_argv(args)])
-    names = ("repo", "host", "poll_interval", "grace_period", "log_level", "store", "state_dir")
+    names = (
+        "repo",
+        "host",
+        "poll_interval",
+        "grace_period",
+        "log_level",
+        "store",
+        "state_dir",
+        "max_loaded_models",
+    )
     for name in (*names, "no_monitoring", "tls_cert", "tls_key"):
         assert getattr(again, name) == getattr(args, name), name
     assert again.workers == "1"  # a worker is one process

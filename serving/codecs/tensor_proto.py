@@ -99,6 +99,8 @@ _STATE_TO_TF: dict[ModelState, int] = {
     ModelState.END: get_model_status_pb2.ModelVersionStatus.END,
     # TF Serving has no FAILED state: a version that failed to load ends, with an error status.
     ModelState.FAILED: get_model_status_pb2.ModelVersionStatus.END,
+    # Nor UNLOADED (loads on its first request): a version not loaded yet starts.
+    ModelState.UNLOADED: get_model_status_pb2.ModelVersionStatus.START,
 }
 # tensorflow.error.Code: OK = 0, UNKNOWN = 2.
 _TF_ERROR_OK = 0

@@ -292,7 +292,11 @@ def encode_model_status(statuses: list[VersionStatus]) -> bytes:
         entries.append(
             {
                 "version": str(status.version),
-                "state": ModelState.END.value if failed else status.state.value,
+                "state": ModelState.END.value
+                if failed
+                else ModelState.START.value
+                if status.state is ModelState.UNLOADED
+                else status.state.value,
                 "status": {
                     "error_code": "UNKNOWN" if failed else "OK",
                     "error_message": status.error_message,

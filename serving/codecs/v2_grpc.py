@@ -27,6 +27,13 @@ from modelloop.serving.codecs.binary_tensor import decode_binary_tensor, encode_
 from modelloop.serving.datatypes import to_numpy_dtype, to_oip_datatype
 from modelloop.serving.errors import InvalidInput
 from modelloop.serving.protos import grpc_service_pb2 as pb
+from modelloop.serving.shared_memory import (
+    SharedMemoryRef,
+    SystemSharedMemory,
+    read_shared_tensor,
+    shared_memory_ref,
+    write_shared_tensor,
+)
 from modelloop.serving.types import (
     InferRequest,
     InferResponse,
@@ -168,13 +175,33 @@ def _decode_contents(tensor: pb.ModelInferRequest.InferInputTensor) -> np.ndarra
     return flat.reshape(dims)
 
 
-def decode_infer_request(request: pb.ModelInferRequest, request_id: str = "") -> InferRequest:
+def requested_shared_memory(request: pb.ModelInferRequest) -> dict[str, SharedMemoryRef]:
+    """The requested outputs that go to a system shared memory region, by name.
+
+    Raises:
+        InvalidInput: A malformed ``shared_memory_*`` parameter.
+    """
+    refs: dict[str, SharedMemoryRef] = {}
+    for output in request.outputs:
+        if output.parameters:
+            ref = shared_memory_ref(decode_parameters(output.parameters), f"output {output.name!r}")
+            if ref is not None:
+                refs[output.name] = ref
+    return refs
+
+
+def decode_infer_request(
+    request: pb.ModelInferRequest, request_id: str = "", shared_memory: SystemSharedMemory | None = None
+) -> InferRequest:
     """Decodes a ``ModelInferRequest`` into an :class:`InferRequest`.
 
     Args:
         request: The gRPC request.
         request_id: The call's ``x-request-id`` metadata; when empty the OIP ``id`` is
             used, and when both are empty the data plane makes one. Defaults to ``""``.
+        shared_memory: The registered system shared memory regions inputs may name
+            (their ``shared_memory_region`` parameter); such inputs have no entry in
+            ``raw_input_contents``. None refuses them. Defaults to None.
 
     Returns:
         The transport-neutral request with inputs, requested outputs, id and parameters.
@@ -189,7 +216,15 @@ def decode_infer_request(request: pb.ModelInferRequest, request_id: str = "") ->
     version = parse_version(request.model_version)
     if not request.inputs:
         raise InvalidInput("ModelInferRequest has no inputs")
+    # Inputs in shared memory carry no data here; the others are raw or typed.
+    shared = {
+        index: ref
+        for index, tensor in enumerate(request.inputs)
+        if tensor.parameters
+        and (ref := shared_memory_ref(decode_parameters(tensor.parameters), f"input {tensor.name!r}"))
+    }
     raw = request.raw_input_contents
+    carried = len(request.inputs) - len(shared)
     if raw:
         typed = [t.name for t in request.inputs if t.HasField("contents")]
         if typed:
@@ -197,19 +232,33 @@ def decode_infer_request(request: pb.ModelInferRequest, request_id: str = "") ->
                 "raw_input_contents is set, so no input may set contents; "
                 f"found contents on {', '.join(repr(n) for n in typed)}"
             )
-        if len(raw) != len(request.inputs):
+        if len(raw) != carried:
             raise InvalidInput(
-                f"raw_input_contents has {len(raw)} entries for {len(request.inputs)} inputs; "
-                "send one per input, in input order"
+                f"raw_input_contents has {len(raw)} entries for {carried} inputs"
+                + (f" ({len(shared)} more in shared memory)" if shared else "")
+                + "; send one per input, in input order"
             )
     inputs: dict[str, np.ndarray] = {}
+    next_raw = 0
     for index, tensor in enumerate(request.inputs):
         if not tensor.name:
             raise InvalidInput(f"input {index} has no name")
         if tensor.name in inputs:
             raise InvalidInput(f"input {tensor.name!r} appears more than once")
-        if raw:
-            inputs[tensor.name] = decode_binary_tensor(raw[index], tensor.datatype, tensor.shape, tensor.name)
+        ref = shared.get(index)
+        if ref is not None:
+            if tensor.HasField("contents"):
+                raise InvalidInput(
+                    f"input {tensor.name!r} names a shared memory region and also sends contents; send one"
+                )
+            inputs[tensor.name] = read_shared_tensor(
+                shared_memory, ref, tensor.datatype, tensor.shape, tensor.name
+            )
+        elif raw:
+            inputs[tensor.name] = decode_binary_tensor(
+                raw[next_raw], tensor.datatype, tensor.shape, tensor.name
+            )
+            next_raw += 1
         else:
             inputs[tensor.name] = _decode_contents(tensor)
     return InferRequest(
@@ -223,16 +272,29 @@ def decode_infer_request(request: pb.ModelInferRequest, request_id: str = "") ->
     )
 
 
-def encode_infer_response(response: InferResponse, request_id: str | None = None) -> pb.ModelInferResponse:
+def encode_infer_response(
+    response: InferResponse,
+    request_id: str | None = None,
+    *,
+    shared_memory: SystemSharedMemory | None = None,
+    shared_memory_outputs: Mapping[str, SharedMemoryRef] | None = None,
+) -> pb.ModelInferResponse:
     """Encodes an :class:`InferResponse` as a ``ModelInferResponse``.
 
     Args:
         response: The data plane's result.
         request_id: The ``id`` to echo; the OIP says a response carries the request's
             own ``id``. None uses ``response.id``. Defaults to None.
+        shared_memory: The regions outputs may be written to. Defaults to None.
+        shared_memory_outputs: The outputs to write there (:func:`requested_shared_memory`).
+            Defaults to none.
 
     Returns:
-        The response, every output's data in ``raw_output_contents`` in output order.
+        The response, every output's data in ``raw_output_contents`` in output order (an
+        empty entry for an output written to shared memory, which keeps the order).
+
+    Raises:
+        InvalidInput: An output does not fit its shared memory region, or it is gone.
     """
     out = pb.ModelInferResponse(
         model_name=response.model,
@@ -244,8 +306,15 @@ def encode_infer_response(response: InferResponse, request_id: str | None = None
     for key, array in response.outputs.items():
         array = np.asarray(array)
         datatype = to_oip_datatype(array.dtype)
-        out.outputs.add(name=key, datatype=datatype, shape=array.shape)
-        out.raw_output_contents.append(encode_binary_tensor(array, datatype))
+        tensor = out.outputs.add(name=key, datatype=datatype, shape=array.shape)
+        ref = shared_memory_outputs.get(key) if shared_memory_outputs else None
+        if ref is not None:
+            written = write_shared_tensor(shared_memory, ref, array, datatype, key)
+            for name, value in written.items():
+                tensor.parameters[name].CopyFrom(encode_parameter(value))
+            out.raw_output_contents.append(b"")
+        else:
+            out.raw_output_contents.append(encode_binary_tensor(array, datatype))
     return out
 
 
@@ -343,4 +412,34 @@ def encode_repository_index(
             state=state,
             reason=str(entry.get("reason", "") or ""),
         )
+    return response
+
+
+def encode_model_statistics(entries: Iterable[Mapping[str, Any]]) -> pb.ModelStatisticsResponse:
+    """Encodes the statistics extension's entries (``VersionStatistics.as_dict()``).
+
+    Args:
+        entries: One dict per version, in Triton's schema.
+
+    Returns:
+        The ``ModelStatisticsResponse``.
+    """
+    response = pb.ModelStatisticsResponse()
+    for entry in entries:
+        stats = response.model_stats.add(
+            name=entry["name"],
+            version=entry["version"],
+            last_inference=entry["last_inference"],
+            inference_count=entry["inference_count"],
+            execution_count=entry["execution_count"],
+        )
+        for key, duration in entry["inference_stats"].items():
+            getattr(stats.inference_stats, key).CopyFrom(pb.StatisticDuration(**duration))
+        for batch in entry["batch_stats"]:
+            stats.batch_stats.add(
+                batch_size=batch["batch_size"],
+                compute_input=pb.StatisticDuration(**batch["compute_input"]),
+                compute_infer=pb.StatisticDuration(**batch["compute_infer"]),
+                compute_output=pb.StatisticDuration(**batch["compute_output"]),
+            )
     return response

@@ -33,6 +33,13 @@ from modelloop.serving.codecs.json_tensor import (
 )
 from modelloop.serving.datatypes import OIP_TO_NUMPY, to_numpy_dtype, to_oip_datatype
 from modelloop.serving.errors import InvalidInput
+from modelloop.serving.shared_memory import (
+    SharedMemoryRef,
+    SystemSharedMemory,
+    read_shared_tensor,
+    shared_memory_ref,
+    write_shared_tensor,
+)
 from modelloop.serving.types import (
     InferRequest,
     InferResponse,
@@ -45,7 +52,6 @@ from modelloop.serving.types import (
 HEADER_LENGTH = "Inference-Header-Content-Length"
 BINARY_CONTENT_TYPE = "application/octet-stream"
 JSON_CONTENT_TYPE = "application/json"
-SERVER_EXTENSIONS = ("binary_tensor_data", "model_repository")
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,12 +63,15 @@ class InferCall:
         body_id: The body's ``id``, echoed in the response as the protocol requires.
         binary_default: The request-level ``binary_data_output`` parameter.
         binary_outputs: Per requested output, its ``binary_data`` parameter when given.
+        shared_memory_outputs: Per requested output, the shared memory region it goes to.
     """
 
     request: InferRequest
     body_id: str | None = None
     binary_default: bool = False
     binary_outputs: dict[str, bool] = field(default_factory=dict)
+    shared_memory_outputs: dict[str, SharedMemoryRef] = field(default_factory=dict)
+    """Requested outputs to write to a system shared memory region instead of the body."""
 
     def wants_binary(self, name: str) -> bool:
         """Whether output ``name`` is sent as binary data."""
@@ -75,6 +84,7 @@ def decode_infer_request(
     model: str,
     version: int | None = None,
     header_length: int | None = None,
+    shared_memory: SystemSharedMemory | None = None,
 ) -> InferCall:
     """Decodes an OIP infer request, JSON or JSON followed by binary tensors.
 
@@ -84,6 +94,8 @@ def decode_infer_request(
         version: Version from the path, if any. Defaults to None.
         header_length: The ``Inference-Header-Content-Length`` header: the length of the
             JSON part, the rest being binary tensors. None means all JSON. Defaults to None.
+        shared_memory: The registered system shared memory regions that inputs may name
+            (``shared_memory_region``); None refuses such inputs. Defaults to None.
 
     Returns:
         The decoded call.
@@ -116,7 +128,7 @@ def decode_infer_request(
     inputs: dict[str, np.ndarray] = {}
     offset = 0
     for index, raw in enumerate(raw_inputs):
-        name, array, used = _decode_input(raw, index, binary, offset)
+        name, array, used = _decode_input(raw, index, binary, offset, shared_memory)
         if name in inputs:
             raise InvalidInput(f'input "{name}" appears twice in "inputs"')
         inputs[name] = array
@@ -127,7 +139,7 @@ def decode_infer_request(
             f"add up to {offset}"
         )
 
-    outputs, binary_outputs = _decode_outputs(document.get("outputs"))
+    outputs, binary_outputs, shm_outputs = _decode_outputs(document.get("outputs"))
     request = InferRequest(
         model=model,
         inputs=inputs,
@@ -138,7 +150,11 @@ def decode_infer_request(
         parameters=parameters,
     )
     return InferCall(
-        request=request, body_id=body_id, binary_default=binary_default, binary_outputs=binary_outputs
+        request=request,
+        body_id=body_id,
+        binary_default=binary_default,
+        binary_outputs=binary_outputs,
+        shared_memory_outputs=shm_outputs,
     )
 
 
@@ -150,7 +166,9 @@ def _parameters(value: Any, where: str) -> dict[str, Any]:
     return value
 
 
-def _decode_input(raw: Any, index: int, binary: memoryview, offset: int) -> tuple[str, np.ndarray, int]:
+def _decode_input(
+    raw: Any, index: int, binary: memoryview, offset: int, shared_memory: SystemSharedMemory | None
+) -> tuple[str, np.ndarray, int]:
     if not isinstance(raw, dict):
         raise InvalidInput(f"inputs[{index}] must be an object, got {describe_value(raw)}")
     name = raw.get("name")
@@ -169,6 +187,11 @@ def _decode_input(raw: Any, index: int, binary: memoryview, offset: int) -> tupl
         raise InvalidInput(f'{where} needs a "shape": a list of non-negative integers, got {shape!r}')
     count = math.prod(shape)
     parameters = _parameters(raw.get("parameters"), where)
+    ref = shared_memory_ref(parameters, where)
+    if ref is not None:
+        if "data" in raw or "binary_data_size" in parameters:
+            raise InvalidInput(f"{where} names a shared memory region and also sends data; send one")
+        return name, read_shared_tensor(shared_memory, ref, datatype, shape, name), 0
     size = parameters.get("binary_data_size")
     if size is not None:
         if type(size) is not int or size < 0:
@@ -193,13 +216,14 @@ def _decode_input(raw: Any, index: int, binary: memoryview, offset: int) -> tupl
     return name, leaves_to_array(leaves, tuple(shape), dtype, where), 0
 
 
-def _decode_outputs(raw: Any) -> tuple[list[str] | None, dict[str, bool]]:
+def _decode_outputs(raw: Any) -> tuple[list[str] | None, dict[str, bool], dict[str, SharedMemoryRef]]:
     if raw is None:
-        return None, {}
+        return None, {}, {}
     if not isinstance(raw, list):
         raise InvalidInput(f'"outputs" must be a list of requested outputs, got {describe_value(raw)}')
     names: list[str] = []
     binary: dict[str, bool] = {}
+    shared: dict[str, SharedMemoryRef] = {}
     for index, item in enumerate(raw):
         if not isinstance(item, dict) or not isinstance(item.get("name"), str):
             raise InvalidInput(f'outputs[{index}] must be an object with a "name" string')
@@ -212,15 +236,25 @@ def _decode_outputs(raw: Any) -> tuple[list[str] | None, dict[str, bool]]:
             if not isinstance(parameters["binary_data"], bool):
                 raise InvalidInput(f'output "{name}": "binary_data" must be a boolean')
             binary[name] = parameters["binary_data"]
-    return (names or None), binary
+        ref = shared_memory_ref(parameters, f'output "{name}"')
+        if ref is not None:
+            shared[name] = ref
+    return (names or None), binary, shared
 
 
-def encode_infer_response(response: InferResponse, call: InferCall) -> tuple[bytes, int | None]:
+def encode_infer_response(
+    response: InferResponse, call: InferCall, shared_memory: SystemSharedMemory | None = None
+) -> tuple[bytes, int | None]:
     """Encodes an OIP infer response, with binary outputs where the request asked for them.
 
     Args:
         response: The data plane's response.
-        call: The decoded request (its ``id`` and binary output choices).
+        call: The decoded request (its ``id``, binary and shared memory output choices).
+        shared_memory: The regions outputs may be written to. Defaults to None.
+
+    Raises:
+        InvalidInput: An output does not fit its shared memory region, or the region is
+            gone.
 
     Returns:
         The body and, when binary outputs follow the JSON, the JSON length for the
@@ -232,7 +266,10 @@ def encode_infer_response(response: InferResponse, call: InferCall) -> tuple[byt
     for name, array in response.outputs.items():
         datatype = to_oip_datatype(array.dtype)
         entry: dict[str, Any] = {"name": name, "datatype": datatype, "shape": list(array.shape)}
-        if call.wants_binary(name):
+        ref = call.shared_memory_outputs.get(name)
+        if ref is not None:
+            entry["parameters"] = write_shared_tensor(shared_memory, ref, array, datatype, name)
+        elif call.wants_binary(name):
             blob = encode_binary_tensor(array, datatype)
             entry["parameters"] = {"binary_data_size": len(blob)}
             blobs.append(blob)
@@ -317,6 +354,15 @@ def encode_model_config(served: VersionConfig) -> bytes:
 def encode_server_metadata(metadata: dict[str, Any]) -> bytes:
     """Encodes OIP server metadata (``{"name", "version", "extensions"}``)."""
     return dumps_json(metadata)
+
+
+def encode_model_statistics(entries: list[dict[str, Any]]) -> bytes:
+    """Encodes the statistics extension's answer: ``{"model_stats": [...]}``.
+
+    Args:
+        entries: One dict per version in Triton's schema (``VersionStatistics.as_dict()``).
+    """
+    return dumps_json({"model_stats": entries})
 
 
 def encode_repository_index(entries: list[dict[str, Any]], ready_only: bool = False) -> bytes:

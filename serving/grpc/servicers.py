@@ -53,11 +53,13 @@ from modelloop.serving.protos.tfserving import (
 )
 from modelloop.serving.protos.tfserving import tensorflow_serving_apis_regression_pb2 as regression_pb2
 from modelloop.serving.repository import refuse_load_parameters
+from modelloop.serving.shared_memory import CUDA_UNAVAILABLE, SharedMemoryUnavailable
 from modelloop.serving.types import InferRequest, ModelMetadata, ModelState, Protocol, parse_version
 from modelloop.tokens import authorize_admin
 
 if TYPE_CHECKING:
     from modelloop.serving.dataplane import DataPlane
+    from modelloop.serving.shared_memory import SystemSharedMemory
 
 
 def request_id_of(context: grpc.aio.ServicerContext) -> str | None:
@@ -101,10 +103,13 @@ class ModelInferDecoder:
     """
 
     protocol = Protocol.V2_GRPC
-    __slots__ = ("message",)
+    __slots__ = ("message", "shared_memory")
 
-    def __init__(self, message: pb.ModelInferRequest) -> None:
+    def __init__(
+        self, message: pb.ModelInferRequest, shared_memory: SystemSharedMemory | None = None
+    ) -> None:
         self.message = message
+        self.shared_memory = shared_memory
 
     def target(self) -> tuple[str, str | None, str | None]:
         """The model name and version (the OIP has no labels)."""
@@ -115,7 +120,7 @@ class ModelInferDecoder:
 
     def decode(self, metadata: ModelMetadata) -> InferRequest:
         """The inputs (typed or raw contents), wanted outputs, parameters and ``id``."""
-        return v2_grpc.decode_infer_request(self.message)
+        return v2_grpc.decode_infer_request(self.message, shared_memory=self.shared_memory)
 
 
 PREDICT_METHOD = "tensorflow.serving.PredictionService/Predict"
@@ -326,14 +331,25 @@ class GRPCInferenceServiceServicer(pb_grpc.GRPCInferenceServiceServicer):
     async def _model_infer(
         self, request: pb.ModelInferRequest, context: grpc.aio.ServicerContext
     ) -> pb.ModelInferResponse:
-        response = await self._dataplane.handle(ModelInferDecoder(request), client_id=request_id_of(context))
+        shared_memory = self._dataplane.shared_memory
+        response = await self._dataplane.handle(
+            ModelInferDecoder(request, shared_memory), client_id=request_id_of(context)
+        )
         # The OIP says the response echoes the request's own id, even when the
         # x-request-id header (used for monitoring) differs from it.
+        shm_outputs = v2_grpc.requested_shared_memory(request) if request.outputs else None
         if tracing.TRACER is not None:
             with tracing.encode_span(Protocol.V2_GRPC, response.model, response.version):
-                encoded = v2_grpc.encode_infer_response(response, request.id or None)
+                encoded = v2_grpc.encode_infer_response(
+                    response,
+                    request.id or None,
+                    shared_memory=shared_memory,
+                    shared_memory_outputs=shm_outputs,
+                )
         else:
-            encoded = v2_grpc.encode_infer_response(response, request.id or None)
+            encoded = v2_grpc.encode_infer_response(
+                response, request.id or None, shared_memory=shared_memory, shared_memory_outputs=shm_outputs
+            )
         context.set_trailing_metadata(_id_metadata(response.id))
         return encoded
 
@@ -371,6 +387,71 @@ class GRPCInferenceServiceServicer(pb_grpc.GRPCInferenceServiceServicer):
         self._authorize(context)
         await self._dataplane.unload_model(_require_name(request.model_name, "model_name"))
         return pb.RepositoryModelUnloadResponse()
+
+    @translate_errors
+    async def ModelStatistics(
+        self, request: pb.ModelStatisticsRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ModelStatisticsResponse:
+        """Triton's statistics extension: every model (empty name), one model, or one version."""
+        version = parse_version(request.version)
+        if version is not None and not request.name:
+            raise InvalidInput("a statistics request with a version must name the model")
+        stats = self._dataplane.statistics(request.name or None, version)
+        return v2_grpc.encode_model_statistics([s.as_dict() for s in stats])
+
+    @translate_errors
+    async def SystemSharedMemoryStatus(
+        self, request: pb.SystemSharedMemoryStatusRequest, context: grpc.aio.ServicerContext
+    ) -> pb.SystemSharedMemoryStatusResponse:
+        """The registered system shared memory regions (all, or the one named); admin only."""
+        self._authorize(context)
+        response = pb.SystemSharedMemoryStatusResponse()
+        for region in self._dataplane.shared_memory.status(request.name or None):
+            response.regions[region["name"]].CopyFrom(
+                pb.SystemSharedMemoryStatusResponse.RegionStatus(**region)
+            )
+        return response
+
+    @translate_errors
+    async def SystemSharedMemoryRegister(
+        self, request: pb.SystemSharedMemoryRegisterRequest, context: grpc.aio.ServicerContext
+    ) -> pb.SystemSharedMemoryRegisterResponse:
+        """Registers a region of a POSIX shared memory object; admin only."""
+        self._authorize(context)
+        self._dataplane.shared_memory.register(
+            _require_name(request.name), request.key, offset=request.offset, byte_size=request.byte_size
+        )
+        return pb.SystemSharedMemoryRegisterResponse()
+
+    @translate_errors
+    async def SystemSharedMemoryUnregister(
+        self, request: pb.SystemSharedMemoryUnregisterRequest, context: grpc.aio.ServicerContext
+    ) -> pb.SystemSharedMemoryUnregisterResponse:
+        """Unregisters one region (empty name: every region); admin only."""
+        self._authorize(context)
+        self._dataplane.shared_memory.unregister(request.name or None)
+        return pb.SystemSharedMemoryUnregisterResponse()
+
+    @translate_errors
+    async def CudaSharedMemoryStatus(
+        self, request: pb.CudaSharedMemoryStatusRequest, context: grpc.aio.ServicerContext
+    ) -> pb.CudaSharedMemoryStatusResponse:
+        """UNAVAILABLE: no CUDA shared memory on this server."""
+        raise SharedMemoryUnavailable(CUDA_UNAVAILABLE)
+
+    @translate_errors
+    async def CudaSharedMemoryRegister(
+        self, request: pb.CudaSharedMemoryRegisterRequest, context: grpc.aio.ServicerContext
+    ) -> pb.CudaSharedMemoryRegisterResponse:
+        """UNAVAILABLE: no CUDA shared memory on this server."""
+        raise SharedMemoryUnavailable(CUDA_UNAVAILABLE)
+
+    @translate_errors
+    async def CudaSharedMemoryUnregister(
+        self, request: pb.CudaSharedMemoryUnregisterRequest, context: grpc.aio.ServicerContext
+    ) -> pb.CudaSharedMemoryUnregisterResponse:
+        """UNAVAILABLE: no CUDA shared memory on this server."""
+        raise SharedMemoryUnavailable(CUDA_UNAVAILABLE)
 
     def _authorize(self, context: grpc.aio.ServicerContext) -> None:
         supplied: str | None = None

@@ -41,8 +41,10 @@ PACKAGE = "modelloop.serving.protos.tfserving"
 ROOTS = (
     "tensorflow_serving.apis.prediction_service_pb2",
     "tensorflow_serving.apis.model_service_pb2",
+    "tensorflow_serving.apis.prediction_log_pb2",
 )
-"""The service modules the server implements; everything they import comes along."""
+"""The service modules the server implements, and ``PredictionLog`` (the records of a
+version's ``assets.extra/tf_serving_warmup_requests``); everything they import comes along."""
 
 GRPC_FILES = (
     "tensorflow_serving/apis/prediction_service.proto",

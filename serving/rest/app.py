@@ -32,6 +32,7 @@ from modelloop.serving.codecs.v2_json import HEADER_LENGTH
 from modelloop.serving.rest.errors import error_response, install_error_handlers
 from modelloop.serving.rest.fastpath import PredictFastPath
 from modelloop.serving.rest.origin import OriginGuard
+from modelloop.serving.rest.routes_shm import create_shared_memory_router
 from modelloop.serving.rest.routes_tfserving import create_tfserving_router
 from modelloop.serving.rest.routes_v2 import create_v2_router
 from modelloop.web import ADMIN_SCHEME, MODEL_VERSION_HEADER, REQUEST_ID_HEADER, collect_openapi_schemas
@@ -201,6 +202,7 @@ def create_app(
     )
     app.include_router(create_tfserving_router(dataplane, settings))
     app.include_router(create_v2_router(dataplane, settings))
+    app.include_router(create_shared_memory_router(dataplane, settings))
     for router in routers:
         app.include_router(router)
 

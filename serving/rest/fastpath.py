@@ -120,7 +120,7 @@ class PredictFastPath:
                 decoder = PredictDecoder(request, a, b, c, self.max_body_bytes)
                 response = await answer_predict(self.dataplane, request, decoder)
             else:
-                infer = InferDecoder(request, a, b, self.max_body_bytes)
+                infer = InferDecoder(request, a, b, self.max_body_bytes, self.dataplane.shared_memory)
                 response = await answer_infer(self.dataplane, request, infer)
         except Exception:
             # The same answer FastAPI's catch-all handler gives: logged, no internals.

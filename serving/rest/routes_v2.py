@@ -28,6 +28,7 @@ from modelloop.serving.rest.schemas import (
     V2Live,
     V2ModelMetadata,
     V2ModelReady,
+    V2ModelStatistics,
     V2Ready,
     V2ServerMetadata,
 )
@@ -54,6 +55,7 @@ from modelloop.web import (
 if TYPE_CHECKING:
     from modelloop.serving.dataplane import DataPlane
     from modelloop.serving.settings import ServingSettings
+    from modelloop.serving.shared_memory import SystemSharedMemory
 
 JSON = "application/json"
 _INDEX_BODY = openapi_body(
@@ -81,13 +83,32 @@ class InferDecoder:
         model: The model from the path.
         version: The version from the path, as written, or None.
         max_body_bytes: The body limit.
+        shared_memory: The system shared memory regions inputs and outputs may name.
+            Defaults to None (none).
     """
 
     protocol = Protocol.V2_REST
-    __slots__ = ("_body", "_header_length", "_max_body_bytes", "_model", "_request", "_version", "call")
+    __slots__ = (
+        "_body",
+        "_header_length",
+        "_max_body_bytes",
+        "_model",
+        "_request",
+        "_shared_memory",
+        "_version",
+        "call",
+    )
 
-    def __init__(self, request: Request, model: str, version: str | None, max_body_bytes: int) -> None:
+    def __init__(
+        self,
+        request: Request,
+        model: str,
+        version: str | None,
+        max_body_bytes: int,
+        shared_memory: SystemSharedMemory | None = None,
+    ) -> None:
         self._request = request
+        self._shared_memory = shared_memory
         self._model = model
         self._version = version
         self._max_body_bytes = max_body_bytes
@@ -114,7 +135,10 @@ class InferDecoder:
     def decode(self, metadata: ModelMetadata) -> InferRequest:
         """Decodes the JSON body, or the JSON header followed by binary tensors."""
         self.call = v2_json.decode_infer_request(
-            self._body, model=self._model, header_length=self._header_length
+            self._body,
+            model=self._model,
+            header_length=self._header_length,
+            shared_memory=self._shared_memory,
         )
         return self.call.request
 
@@ -126,7 +150,7 @@ class InferDecoder:
         """
         if self.call is None:
             raise InvalidInput("the response of an undecoded request cannot be encoded")
-        return v2_json.encode_infer_response(response, self.call)
+        return v2_json.encode_infer_response(response, self.call, self._shared_memory)
 
 
 def _json(payload: bytes, status: int = 200) -> Response:
@@ -230,6 +254,35 @@ def create_v2_router(dataplane: DataPlane, settings: ServingSettings) -> APIRout
         which = f'model "{model}"' + (f" version {version}" if version is not None else "")
         return error_response(f"{which} is not ready", 503)
 
+    def statistics(model: str | None, version: int | None) -> Response:
+        stats = dataplane.statistics(model, version)
+        return _json(v2_json.encode_model_statistics([s.as_dict() for s in stats]))
+
+    # Declared before /v2/models/{model}, which would take "stats" for a model name.
+    @router.get(
+        "/v2/models/stats",
+        summary="Inference statistics of every model (Triton's statistics extension)",
+        responses={200: {"model": V2ModelStatistics}},
+    )
+    async def statistics_all() -> Response:
+        return statistics(None, None)
+
+    @router.get(
+        "/v2/models/{model}/stats",
+        summary="Inference statistics of a model's versions",
+        responses={200: {"model": V2ModelStatistics}, **error_responses(ErrorBody, 404)},
+    )
+    async def statistics_model(model: str) -> Response:
+        return statistics(model, None)
+
+    @router.get(
+        "/v2/models/{model}/versions/{version}/stats",
+        summary="Inference statistics of one version",
+        responses={200: {"model": V2ModelStatistics}, **error_responses(ErrorBody, 400, 404)},
+    )
+    async def statistics_version(model: str, version: str) -> Response:
+        return statistics(model, parse_version(version))
+
     @router.get(
         "/v2/models/{model}",
         summary="Model metadata (latest version)",
@@ -288,7 +341,9 @@ def create_v2_router(dataplane: DataPlane, settings: ServingSettings) -> APIRout
         responses=INFER_RESPONSES,
     )
     async def infer_latest(request: Request, model: str) -> Response:
-        return await infer(request, InferDecoder(request, model, None, settings.max_body_bytes))
+        return await infer(
+            request, InferDecoder(request, model, None, settings.max_body_bytes, dataplane.shared_memory)
+        )
 
     @router.post(
         "/v2/models/{model}/versions/{version}/infer",
@@ -297,7 +352,9 @@ def create_v2_router(dataplane: DataPlane, settings: ServingSettings) -> APIRout
         responses=INFER_RESPONSES,
     )
     async def infer_version(request: Request, model: str, version: str) -> Response:
-        return await infer(request, InferDecoder(request, model, version, settings.max_body_bytes))
+        return await infer(
+            request, InferDecoder(request, model, version, settings.max_body_bytes, dataplane.shared_memory)
+        )
 
     @router.post(
         "/v2/repository/index",

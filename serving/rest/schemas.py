@@ -281,6 +281,63 @@ class V2ServerMetadata(BaseModel):
     extensions: list[str]
 
 
+class V2Duration(BaseModel):
+    """A count of events and their total duration in nanoseconds."""
+
+    count: int
+    ns: int
+
+
+class V2InferStatistics(BaseModel):
+    """Requests (success, fail), queue waits and model runs of one version."""
+
+    success: V2Duration
+    fail: V2Duration
+    queue: V2Duration
+    compute_input: V2Duration
+    compute_infer: V2Duration
+    compute_output: V2Duration
+    cache_hit: V2Duration
+    cache_miss: V2Duration
+
+
+class V2BatchStatistics(BaseModel):
+    """Model runs of one batch size."""
+
+    batch_size: int
+    compute_input: V2Duration
+    compute_infer: V2Duration
+    compute_output: V2Duration
+
+
+class V2VersionStatistics(BaseModel):
+    """Triton's statistics of one model version."""
+
+    name: str
+    version: str
+    last_inference: int = Field(description="Milliseconds since the epoch; 0 before any request.")
+    inference_count: int = Field(description="Rows inferred.")
+    execution_count: int = Field(description="Runtime calls (batches).")
+    inference_stats: V2InferStatistics
+    batch_stats: list[V2BatchStatistics]
+    memory_usage: list[dict[str, Any]]
+
+
+class V2ModelStatistics(BaseModel):
+    """The statistics extension's answer."""
+
+    model_stats: list[V2VersionStatistics]
+
+
+class SharedMemoryRegion(BaseModel):
+    """A registered system shared memory region."""
+
+    name: str
+    key: str = Field(description="The POSIX shared memory object (shm_open's name).")
+    offset: int = Field(description="Where the region starts in the object, in bytes.")
+    byte_size: int
+
+
 class V2Live(BaseModel):
     """The OIP liveness answer."""
 

@@ -136,7 +136,11 @@ def _check(probabilities: object, labels: object, expected: np.ndarray) -> None:
 
 def test_the_version_is_served_by_its_model_py(server: ServerProcess, repo: Path) -> None:
     version = repo / MODEL / "1"
-    assert {"model.py", "model.onnx", "model.json", "baseline.json"} <= {p.name for p in version.iterdir()}
+    shipped = {p.name for p in version.iterdir()}
+    assert {"model.py", "model.onnx", "model.json", "baseline.json", "warmup.json"} <= shipped
+    # Its warm-up is the spec's raw texts (what model.py takes), and it passed: the version serves.
+    warmup = json.loads((version / "warmup.json").read_text())
+    assert warmup[0]["inputs"][0]["datatype"] == "BYTES"
     assert not (version / "saved_model").exists()
     card = json.loads((version / "model.json").read_text())
     assert card["parity"]["model_py"]["passed"] is True

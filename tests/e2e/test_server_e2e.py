@@ -263,6 +263,29 @@ def test_tritonclient_http_and_grpc_unchanged(server, rows, expected, tmp_path):
     assert result["grpc_metadata"]["outputs"][0]["name"] == "probabilities"
     assert "no-such-model" in result["http_unknown_model_error"]
     assert "64" in result["grpc_bad_shape_error"]
+    _check_statistics(result)
+
+
+def _check_statistics(result: dict) -> None:
+    """What tritonclient read from the statistics extension after its own requests."""
+    [http] = result["http_stats"]["model_stats"]
+    assert (http["name"], http["version"]) == ("digits", "1")
+    # Two HTTP infers (binary, JSON) of 8 rows, one gRPC infer; the bad-shape call failed.
+    assert http["inference_count"] >= 24 and http["execution_count"] >= 3
+    stats = http["inference_stats"]
+    assert stats["success"]["count"] >= 3 and stats["fail"]["count"] >= 1
+    assert stats["compute_infer"]["ns"] > 0 and http["last_inference"] > 0
+    assert any(batch["batch_size"] == 8 for batch in http["batch_stats"])
+    assert [s["name"] for s in result["http_stats_all"]["model_stats"]] == ["digits"]
+    [grpc_stats] = result["grpc_stats"]["model_stats"]
+    # protobuf's JSON writes uint64 as strings.
+    assert int(grpc_stats["inference_count"]) >= 24 and grpc_stats["version"] == "1"
+    assert int(grpc_stats["inference_stats"]["success"]["count"]) >= 3
+    for key in ("http_aio_stats", "grpc_aio_stats"):
+        [entry] = result[key]["model_stats"]
+        assert int(entry["inference_count"]) >= int(grpc_stats["inference_count"]), key
+    for key in ("server_extensions", "grpc_server_extensions"):
+        assert "statistics" in result[key] and "binary_tensor_data" in result[key], key
 
 
 def test_metrics_count_every_protocol(server):

@@ -7,6 +7,7 @@ older protobuf than TensorFlow needs.
 Usage: python tritonclient_e2e.py HTTP_HOST:PORT GRPC_HOST:PORT ROWS_JSON
 """
 
+import asyncio
 import json
 import sys
 
@@ -57,4 +58,27 @@ try:
     gclient.infer("digits", [bad])
 except Exception as exc:  # noqa: BLE001
     result["grpc_bad_shape_error"] = str(exc)
+
+# Statistics extension: sync clients, then the asyncio ones.
+result["http_stats"] = client.get_inference_statistics("digits")
+result["http_stats_all"] = client.get_inference_statistics()
+result["grpc_stats"] = gclient.get_inference_statistics("digits", "1", as_json=True)
+result["server_extensions"] = client.get_server_metadata()["extensions"]
+result["grpc_server_extensions"] = gclient.get_server_metadata(as_json=True)["extensions"]
+
+
+async def asyncio_clients() -> None:
+    import tritonclient.grpc.aio as agrpc
+    import tritonclient.http.aio as ahttp
+
+    aclient = ahttp.InferenceServerClient(url=http_url)
+    try:
+        result["http_aio_stats"] = await aclient.get_inference_statistics("digits")
+    finally:
+        await aclient.close()
+    async with agrpc.InferenceServerClient(url=grpc_url) as agclient:
+        result["grpc_aio_stats"] = await agclient.get_inference_statistics("digits", as_json=True)
+
+
+asyncio.run(asyncio_clients())
 print(json.dumps(result))

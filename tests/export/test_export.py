@@ -28,6 +28,15 @@ def test_published_version_holds_every_file(digits_repo):
     assert not any((digits_repo / ".staging").iterdir())
 
 
+def test_the_version_ships_warmup_requests_from_the_validation_split(digits_repo, digits_run):
+    requests = json.loads((digits_repo / "digits" / "1" / "warmup.json").read_text())
+    x_val = np.load(digits_run / "split.npz")["x_val"].astype(np.float32)
+    assert [r["inputs"][0]["shape"] for r in requests] == [[1, 64], [8, 64]]
+    batch = requests[1]["inputs"][0]
+    assert (batch["name"], batch["datatype"]) == ("pixels", "FP32")
+    np.testing.assert_array_equal(np.asarray(batch["data"], np.float32).reshape(8, 64), x_val[:8])
+
+
 def test_model_json_describes_the_version(digits_repo, digits_run):
     meta = json.loads((digits_repo / "digits" / "1" / "model.json").read_text())
     run = json.loads((digits_run / "run.json").read_text())

@@ -254,7 +254,11 @@ async def test_status_ready_and_index(plane: tuple[DataPlane, CollectorRegistry,
     assert dp.model_names() == ["m"]
     assert [r["version"] for r in dp.repository_index()] == ["1", "2"]
     meta = dp.server_metadata()
-    assert meta["name"] == "modelloop" and meta["extensions"] == ["binary_tensor_data"]
+    assert meta["name"] == "modelloop" and meta["extensions"] == [
+        "binary_tensor_data",
+        "model_configuration",
+        "statistics",
+    ]
     await dp.unload_model("m")
     assert dp.ready()  # unloaded models do not count against readiness
     assert not dp.model_ready("m")

@@ -16,11 +16,12 @@ from prometheus_client import CollectorRegistry
 
 from modelloop.serving.errors import ModelNotFound, ModelNotReady
 from modelloop.serving.metrics import ServingMetrics
-from modelloop.serving.registry import ModelRegistry, warmup_inputs
+from modelloop.serving.registry import ModelRegistry
 from modelloop.serving.repository import ModelRepository, RepositoryUnavailable
 from modelloop.serving.runtime import Runtime
 from modelloop.serving.settings import ModelConfig, ServingSettings
 from modelloop.serving.types import ModelMetadata, ModelState
+from modelloop.serving.warmup import synthetic_inputs as warmup_inputs
 
 from .fakes import FailingLoadRuntime, FakeRuntime, SlowRuntime, fake_metadata, write_fake_version
 

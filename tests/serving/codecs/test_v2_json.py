@@ -314,5 +314,5 @@ def test_repository_index_and_request() -> None:
 
 
 def test_server_metadata() -> None:
-    meta = {"name": "modelloop", "version": "0.1.0", "extensions": list(v2_json.SERVER_EXTENSIONS)}
+    meta = {"name": "modelloop", "version": "0.1.0", "extensions": ["binary_tensor_data", "statistics"]}
     assert json.loads(v2_json.encode_server_metadata(meta)) == meta

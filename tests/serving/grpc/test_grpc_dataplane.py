@@ -337,10 +337,14 @@ async def test_classify_is_unimplemented(served) -> None:
     assert error.code() == UNIMPLEMENTED and "Classify" in error.details()
 
 
-async def test_tritonclient_grpc(served, tmp_path: Path, onnx_probabilities: np.ndarray) -> None:
-    s, _ = served
+async def test_tritonclient_grpc(digits_repo: Path, tmp_path: Path, onnx_probabilities: np.ndarray) -> None:
     pixels_path = tmp_path / "pixels.npy"
     np.save(pixels_path, ROWS)
-    await run_client_script(str(TRITON_SCRIPT), str(s.port), str(pixels_path), TRITON_ADMIN)
+    # The repository index is an admin call: the script sends this token.
+    async with (
+        serve(digits_repo, real_runtimes=True, admin_token="triton-check-token") as stack,
+        grpc_channel(stack) as (port, _),
+    ):
+        await run_client_script(str(TRITON_SCRIPT), str(port), str(pixels_path), "triton-check-token")
     got = np.load(str(pixels_path) + ".out.npy")
     np.testing.assert_allclose(got, onnx_probabilities, rtol=1e-5, atol=1e-6)

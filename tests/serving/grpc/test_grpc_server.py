@@ -566,7 +566,13 @@ async def test_server_and_model_health_and_metadata(edge: Edge) -> None:
     assert (meta.name, meta.version, list(meta.extensions)) == (
         "modelloop",
         __version__,
-        ["binary_tensor_data", "model_repository"],
+        [
+            "binary_tensor_data",
+            "model_configuration",
+            "statistics",
+            "model_repository",
+            "system_shared_memory",
+        ],
     )
     model = await oip.ModelMetadata(pb.ModelMetadataRequest(name="digits"))
     assert (model.name, list(model.versions), model.platform) == ("digits", ["1", "2"], "onnxruntime_onnx")
@@ -595,18 +601,18 @@ async def test_model_config_and_repository(edge: Edge) -> None:
     assert list(config.input[0].dims) == [-1, 64] and config.output[1].data_type == pb.TYPE_STRING
     assert config.parameters["num_batch_threads"].string_value == "1"
     assert config.parameters["dynamic_batching"].string_value == "true"
-    admin = (("authorization", f"Bearer {ADMIN}"),)
+    auth = (("authorization", f"Bearer {ADMIN}"),)
     # The index needs the admin token, as REST's does.
     error = await _error(oip.RepositoryIndex(pb.RepositoryIndexRequest()))
     assert error.code() == grpc.StatusCode.UNAUTHENTICATED
-    index = await oip.RepositoryIndex(pb.RepositoryIndexRequest(), metadata=admin)
+    index = await oip.RepositoryIndex(pb.RepositoryIndexRequest(), metadata=auth)
     assert [(m.name, m.version, m.state) for m in index.models] == [
         ("digits", "1", "AVAILABLE"),
         ("digits", "2", "AVAILABLE"),
         ("digits", "3", "FAILED"),
     ]
     assert index.models[2].reason == "ValueError: corrupt model file"
-    ready = await oip.RepositoryIndex(pb.RepositoryIndexRequest(ready=True), metadata=admin)
+    ready = await oip.RepositoryIndex(pb.RepositoryIndexRequest(ready=True), metadata=auth)
     assert [m.version for m in ready.models] == ["1", "2"]
 
     load = pb.RepositoryModelLoadRequest(model_name="digits")
@@ -618,7 +624,6 @@ async def test_model_config_and_repository(edge: Edge) -> None:
     assert (await oip.ModelReady(pb.ModelReadyRequest(name="digits"))).ready  # refused: nothing changed
 
     first = edge.stack.factory.runtime("digits", 2)
-    auth = (("authorization", f"Bearer {ADMIN}"),)
     await oip.RepositoryModelUnload(unload, metadata=auth)
     assert first.unloaded
     assert not (await oip.ModelReady(pb.ModelReadyRequest(name="digits"))).ready
@@ -638,6 +643,30 @@ async def test_model_config_and_repository(edge: Edge) -> None:
     assert error.code() == INVALID and "model_name is required" in error.details()
 
 
+async def test_model_statistics(edge: Edge) -> None:
+    oip = edge.oip
+    await oip.ModelInfer(_infer_request(_pixels(3), model_version="1"))
+    bad = await _error(oip.ModelInfer(_infer_request(np.zeros((1, 3), np.float32), model_version="1")))
+    assert bad.code() == INVALID
+    every = await oip.ModelStatistics(pb.ModelStatisticsRequest())
+    assert [(s.name, s.version) for s in every.model_stats] == [("digits", "1"), ("digits", "2")]
+    [one] = (await oip.ModelStatistics(pb.ModelStatisticsRequest(name="digits", version="1"))).model_stats
+    assert (one.inference_count, one.execution_count) == (3, 1)
+    stats = one.inference_stats
+    assert (stats.success.count, stats.fail.count, stats.compute_infer.count) == (1, 1, 1)
+    assert stats.success.ns >= stats.compute_infer.ns > 0 and one.last_inference > 0
+    assert [(b.batch_size, b.compute_infer.count) for b in one.batch_stats] == [(3, 1)]
+    two = (await oip.ModelStatistics(pb.ModelStatisticsRequest(name="digits"))).model_stats
+    assert [s.version for s in two] == ["1", "2"] and two[1].inference_count == 0
+
+    error = await _error(oip.ModelStatistics(pb.ModelStatisticsRequest(name="nope")))
+    assert error.code() == NOT_FOUND and "'nope'" in error.details()
+    error = await _error(oip.ModelStatistics(pb.ModelStatisticsRequest(name="digits", version="7")))
+    assert error.code() == NOT_FOUND
+    error = await _error(oip.ModelStatistics(pb.ModelStatisticsRequest(version="1")))
+    assert error.code() == INVALID and "must name the model" in error.details()
+
+
 async def test_repository_load_is_off_without_an_admin_token(repo: Path) -> None:
     async with grpc_edge(repo, admin_token=None) as edge:
         built = len(edge.stack.factory.built)
@@ -652,16 +681,16 @@ async def test_repository_load_is_off_without_an_admin_token(repo: Path) -> None
         assert len(edge.stack.factory.built) == built
         assert (await edge.oip.ModelReady(pb.ModelReadyRequest(name="digits"))).ready
         meta = await edge.oip.ServerMetadata(pb.ServerMetadataRequest())
-        assert list(meta.extensions) == ["binary_tensor_data"]
+        assert list(meta.extensions) == ["binary_tensor_data", "model_configuration", "statistics"]
 
 
 async def test_unregistered_triton_rpcs_answer_unimplemented(edge: Edge) -> None:
-    stats = edge.channel.unary_unary(
-        "/inference.GRPCInferenceService/ModelStatistics",
+    trace = edge.channel.unary_unary(
+        "/inference.GRPCInferenceService/TraceSetting",
         request_serializer=lambda _: b"",
         response_deserializer=lambda data: data,
     )
-    error = await _error(stats(None))
+    error = await _error(trace(None))
     assert error.code() == grpc.StatusCode.UNIMPLEMENTED
 
 

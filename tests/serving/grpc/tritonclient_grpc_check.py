@@ -1,4 +1,4 @@
-"""Runs in .venv-clients (tritonclient 2.73): ``python tritonclient_grpc_check.py PORT NPY TOKEN``.
+"""Runs in .venv-clients (tritonclient 2.73): ``python tritonclient_grpc_check.py PORT PIXELS_NPY TOKEN``.
 
 Talks to our gRPC server over the real DataPlane serving ``digits`` version 1, with
 tritonclient's own generated stubs (which is why it runs in another process: two copies
@@ -25,7 +25,7 @@ def expect_error(call: object, status: str, fragment: str) -> None:
     raise AssertionError(f"expected {status}")
 
 
-def main(port: str, pixels_path: str, admin_token: str) -> None:
+def main(port: str, pixels_path: str, token: str) -> None:
     client = grpcclient.InferenceServerClient(f"127.0.0.1:{port}")
     assert client.is_server_live() and client.is_server_ready()
     assert client.is_model_ready("digits") and client.is_model_ready("digits", "1")
@@ -36,8 +36,8 @@ def main(port: str, pixels_path: str, admin_token: str) -> None:
     assert meta["versions"] == ["1"], meta
     config = client.get_model_config("digits", as_json=True)["config"]
     assert config["name"] == "digits" and config["input"][0]["data_type"] == "TYPE_FP32", config
-    expect_error(lambda: client.get_model_repository_index(as_json=True), "UNAUTHENTICATED", "admin token")
-    admin = {"authorization": f"Bearer {admin_token}"}
+    admin = {"authorization": f"Bearer {token}"}  # the index is an admin call
+    expect_error(lambda: client.get_model_repository_index(as_json=True), "UNAUTHENTICATED", "Bearer")
     index = client.get_model_repository_index(headers=admin, as_json=True)
     entry = index["models"][0]
     assert (entry["name"], entry["version"], entry["state"]) in {
@@ -72,7 +72,10 @@ def main(port: str, pixels_path: str, admin_token: str) -> None:
         "INVALID_ARGUMENT",
         "logits",
     )
-    expect_error(lambda: client.get_inference_statistics("digits"), "UNIMPLEMENTED", "")
+    [stats] = client.get_inference_statistics("digits", as_json=True)["model_stats"]
+    assert int(stats["inference_count"]) >= 2 * x.shape[0], stats  # the two answered infers
+    assert int(stats["inference_stats"]["fail"]["count"]) >= 3, stats  # the refused ones after them
+    expect_error(lambda: client.get_inference_statistics("nope"), "NOT_FOUND", "nope")
     assert client.is_server_ready(), "the server keeps serving after bad requests"
     print("ALL OK")
 

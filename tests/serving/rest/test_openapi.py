@@ -105,6 +105,7 @@ async def test_no_framework_422_and_no_private_keys_left(document: dict[str, Any
             # Every route documents how it fails, besides its success.
             assert any(code.startswith(("4", "5")) for code in operation["responses"]) or path in (
                 "/v2",
+                "/v2/models/stats",
                 "/metrics",
             ), (method, path)
 
@@ -126,6 +127,11 @@ async def test_admin_routes_declare_the_bearer_token(document: dict[str, Any]) -
         ("post", "/v2/repository/models/{model}/load"),
         ("post", "/v2/repository/models/{model}/unload"),
         ("post", "/monitoring/alerts"),
+        ("get", "/v2/systemsharedmemory/status"),
+        ("get", "/v2/systemsharedmemory/region/{name}/status"),
+        ("post", "/v2/systemsharedmemory/region/{name}/register"),
+        ("post", "/v2/systemsharedmemory/region/{name}/unregister"),
+        ("post", "/v2/systemsharedmemory/unregister"),
     }
     for method, path in secured:
         assert {"401", "403"} <= set(document["paths"][path][method]["responses"])

@@ -418,7 +418,13 @@ async def test_metadata_routes(client: httpx.AsyncClient) -> None:
 
 async def test_v2_server_routes(client: httpx.AsyncClient, stack: EdgeStack) -> None:
     meta = (await client.get("/v2")).json()
-    assert meta["name"] == "modelloop" and meta["extensions"] == ["binary_tensor_data", "model_repository"]
+    assert meta["name"] == "modelloop" and meta["extensions"] == [
+        "binary_tensor_data",
+        "model_configuration",
+        "statistics",
+        "model_repository",
+        "system_shared_memory",
+    ]
     assert (await client.get("/v2/health/live")).json() == {"live": True}
     assert (await client.get("/v2/health/ready")).json() == {"ready": True}
     await stack.dataplane.drain(grace_s=1)
@@ -426,6 +432,31 @@ async def test_v2_server_routes(client: httpx.AsyncClient, stack: EdgeStack) -> 
     assert (await client.get("/v2/health/live")).status_code == 200  # draining is still live
     await stack.dataplane.stop()
     assert_error(await client.get("/v2/health/live"), 503, "not live")
+
+
+async def test_v2_statistics(client: httpx.AsyncClient) -> None:
+    assert (await client.post("/v2/models/digits/versions/1/infer", json=V2_ROW)).status_code == 200
+    two_rows = {"inputs": [{"name": "pixels", "shape": [2, 64], "datatype": "FP32", "data": ROW * 2}]}
+    assert (await client.post("/v2/models/digits/infer", json=two_rows)).status_code == 200
+    bad = {"inputs": [{"name": "pixels", "shape": [1, 3], "datatype": "FP32", "data": [1, 2, 3]}]}
+    assert (await client.post("/v2/models/digits/infer", json=bad)).status_code == 400
+
+    every = (await client.get("/v2/models/stats")).json()["model_stats"]
+    assert [(s["name"], s["version"]) for s in every] == [("digits", "1"), ("digits", "2"), ("multi", "1")]
+    latest = (await client.get("/v2/models/digits/versions/2/stats")).json()["model_stats"]
+    [two] = latest
+    assert (two["inference_count"], two["execution_count"]) == (2, 1)
+    stats = two["inference_stats"]
+    assert (stats["success"]["count"], stats["fail"]["count"]) == (1, 1)
+    assert stats["compute_infer"]["count"] == 1 and stats["compute_infer"]["ns"] > 0
+    assert two["batch_stats"][0]["batch_size"] == 2 and two["last_inference"] > 0
+    by_model = (await client.get("/v2/models/digits/stats")).json()["model_stats"]
+    assert [s["version"] for s in by_model] == ["1", "2"]
+    assert by_model[0]["inference_count"] == 1
+
+    assert_error(await client.get("/v2/models/nope/stats"), 404, "'nope'")
+    assert_error(await client.get("/v2/models/digits/versions/9/stats"), 404, "no version 9")
+    assert_error(await client.get("/v2/models/digits/versions/x/stats"), 400, "non-negative integer")
 
 
 async def test_v2_not_ready_before_start(repo: Path) -> None:
