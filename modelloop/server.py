@@ -339,6 +339,8 @@ class ModelServer:
                 ),
                 create_rollout_router(self.rollout_controller, admin_token),
             ]
+            # The charts come from the control plane, through this server's forwarded route.
+            sections.append(HealthSection(None, forwarded=True))
             sections.append(ControlPlaneSection(settings.control_plane_url))
         else:
             routers = [
@@ -507,7 +509,7 @@ class ControlPlaneSection:
         """A link to the control plane's health page."""
         url = html.escape(self._url, quote=True)
         return (
-            f'<section id="health"><p>Drift, accuracy and the health charts: '
+            f'<section id="control-plane"><p>Drift, accuracy and retraining are watched by '
             f'<a href="{url}/">the control plane at {url}</a>.</p></section>'
         )
 

@@ -526,14 +526,18 @@ class HealthSection:
 
     Args:
         monitoring: The service; None when monitoring is off (the section says so).
+        forwarded: The server forwards ``/monitoring/health`` to its control plane: the
+            charts come from there through this server, with no service here. Defaults
+            to False.
     """
 
-    def __init__(self, monitoring: MonitoringService | None) -> None:
+    def __init__(self, monitoring: MonitoringService | None, *, forwarded: bool = False) -> None:
         self._monitoring = monitoring
+        self._forwarded = forwarded
 
     def html(self) -> str:
         """The section's HTML: styles, a placeholder and the refresh script."""
-        if self._monitoring is None:
+        if self._monitoring is None and not self._forwarded:
             return '<section id="health"><p>Monitoring is off: no health charts.</p></section>'
         return f"""<style>{STYLE}</style>
 <section id="health" aria-live="polite"><p>Loading the health charts…

@@ -141,6 +141,14 @@ def test_a_repository_unload_and_load_reach_every_worker(workers: ServerProcess)
 
 
 def test_an_alert_starts_one_retrain_whichever_worker_gets_it(workers: ServerProcess) -> None:
+    # A drift alert retrains only with trusted labels it has not trained on: give it one.
+    response = predict_rest(workers)
+    label = httpx.post(
+        f"{workers.rest_url}/v1/models/digits/feedback",
+        json={"feedback": [{"request_id": response.headers["x-request-id"], "target": 0}]},
+        timeout=10,
+    )
+    assert label.status_code == 200, label.text
     payload = json.loads((TESTDATA / "alertmanager-firing.json").read_text())
     payload["groupKey"] = f"workers-{time.monotonic_ns()}"
     answers = []

@@ -74,10 +74,13 @@ def test_postgres_outage_keeps_serving_and_loses_nothing_accepted(postgres_clust
         r = _feedback(server, before[5:])
         assert r.status_code == 503, r.text
         assert "feedback store unavailable" in r.json()["error"]
-        assert wait_for(lambda: _dropped(server) >= 10, timeout=20), "lost prediction logs must be counted"
-
         _restart(postgres_cluster)
         stopped = False
+        # The prediction logger kept what it answered during the outage (a bounded number of
+        # segments; past the bound it drops and counts, tests/serving/test_predlog.py) and
+        # writes it once the store is back: nothing answered was lost.
+        assert wait_for(lambda: _logged(url, during) == len(during), timeout=60)
+        assert _dropped(server) == 0
         assert wait_for(lambda: _feedback(server, before[5:]).status_code in (200, 409), timeout=30)
         r = _feedback(server, before)  # all ten now labelled once; nothing accepted before was lost
         assert r.status_code == 409, r.text
