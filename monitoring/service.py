@@ -221,6 +221,7 @@ class MonitoringService:
         self.peer_wait_s = peer_wait_s
         self.repo = Path(repo)
         self.catalog = catalog
+        self.registry = registry
         self.metrics = MonitoringMetrics(registry)
         self.store: PredictionStore = (
             store
@@ -645,7 +646,8 @@ class MonitoringService:
         """Retraining runs of a model by outcome, as this process counted them."""
         runs: dict[str, int] = {}
         for outcome in ("blessed", "rejected", "failed"):
-            value = self.traffic.registry.get_sample_value(
+            # The registry the monitoring metrics live on (the traffic meter may read another).
+            value = self.registry.get_sample_value(
                 "modelloop_retrain_runs_total", {"model": model, "outcome": outcome}
             )
             runs[outcome] = int(value or 0)

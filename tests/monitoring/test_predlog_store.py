@@ -158,3 +158,37 @@ def test_a_control_plane_counts_the_logged_traffic_for_its_history(store: SqlPre
     assert report.error_rate is None  # failed requests are not logged: unknown, not 0
     # 0.001 s as float32 is a hair above the 1 ms bound: the 2.5 ms bucket.
     assert report.p99_seconds is not None and 0.001 <= report.p99_seconds <= 0.0025
+
+
+def test_a_control_plane_counts_its_retrain_runs_where_the_page_reads_them(tmp_path: Path) -> None:
+    from modelloop.monitoring.service import MonitoringService
+    from modelloop.monitoring.settings import MonitoringSettings
+    from modelloop.serving.types import ModelState, VersionStatus
+
+    class Catalog:
+        def model_names(self) -> list[str]:
+            return ["digits"]
+
+        def has_model(self, name: str) -> bool:
+            return name == "digits"
+
+        def statuses(self, name: str) -> list[VersionStatus]:
+            return [VersionStatus(1, ModelState.AVAILABLE)]
+
+        def model_options(self, name: str, key: str) -> dict[str, object]:
+            return {}
+
+    registry = CollectorRegistry()
+    service = MonitoringService(
+        MonitoringSettings(state_dir=tmp_path / "state"),
+        repo=tmp_path,
+        catalog=Catalog(),
+        registry=registry,
+        reads_log=True,
+        traffic_from_log=True,
+    )
+    try:
+        service.metrics.retrain_runs.labels(model="digits", outcome="blessed").inc()
+        assert service.retrain_runs("digits") == {"blessed": 1, "rejected": 0, "failed": 0}
+    finally:
+        service.store.close()
