@@ -17,7 +17,8 @@ import pytest
 
 from modelloop.layout import MODEL_CARD_FILE
 from tests.e2e.serverproc import ServerProcess, start_server, wait_for
-from tests.s3server import S3Server, free_port
+from tests.s3server import S3Server
+from tests.tools import free_port
 
 BUCKET = "models"
 PREFIX = "prod"

@@ -28,7 +28,6 @@ from modelloop.monitoring.store import (
     check_targets,
     open_store,
 )
-from tests.monitoring.monhelpers import free_port
 
 
 def rec(rid: str, rows: int = 1, version: int = 1, task: str = "multiclass", created: float | None = None):
@@ -404,19 +403,33 @@ def test_postgres_bad_url_is_unavailable_and_hides_the_password():
 
 
 class _TcpProxy:
-    """Forwards a loopback port to the test cluster; stopping it is the database going away."""
+    """Forwards a loopback port to the test cluster; stopping it is the database going away.
 
-    def __init__(self, port: int, target: int) -> None:
-        self.port, self.target = port, target
+    The port is bound from the start and stays bound while the proxy is stopped (a bound
+    socket that does not listen refuses connections), so no other process can take it.
+    """
+
+    def __init__(self, target: int) -> None:
+        self.target = target
         self._stop = threading.Event()
         self._sockets: list[socket.socket] = []
         self._threads: list[threading.Thread] = []
-        self._listener: socket.socket | None = None
+        self._listener = self._bind(0)
+        self.port = int(self._listener.getsockname()[1])
+        self._listening = False
+
+    @staticmethod
+    def _bind(port: int) -> socket.socket:
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(("127.0.0.1", port))
+        return sock
 
     def start(self) -> _TcpProxy:
         self._stop.clear()
-        self._listener = socket.create_server(("127.0.0.1", self.port))
+        self._listener.listen()
         self._listener.settimeout(0.05)
+        self._listening = True
         self._spawn(self._accept)
         return self
 
@@ -429,9 +442,16 @@ class _TcpProxy:
             with contextlib.suppress(OSError):
                 sock.shutdown(socket.SHUT_RDWR)
             sock.close()
-        if self._listener is not None:
+        if self._listening:
+            # A listening socket cannot stop listening: a new one holds the port, unlistened.
             self._listener.close()
+            self._listener = self._bind(self.port)
+            self._listening = False
         self._sockets, self._threads = [], []
+
+    def close(self) -> None:
+        self.stop()
+        self._listener.close()
 
     def _spawn(self, target, *args) -> None:
         thread = threading.Thread(target=target, args=args, daemon=True)
@@ -439,7 +459,6 @@ class _TcpProxy:
         thread.start()
 
     def _accept(self) -> None:
-        assert self._listener is not None
         while not self._stop.is_set():
             try:
                 client, _ = self._listener.accept()
@@ -469,11 +488,11 @@ class _TcpProxy:
 
 
 def test_postgres_store_starts_while_the_database_is_down_and_recovers(postgres_cluster, postgres_url):
-    port = free_port()
+    proxy = _TcpProxy(postgres_cluster.port)
+    port = proxy.port
     name = postgres_url.rsplit("/", 1)[1]
     # Nothing listens on `port` yet: opening the store must not connect.
     store = open_store(f"postgresql://postgres:secret@127.0.0.1:{port}/{name}")
-    proxy = _TcpProxy(port, postgres_cluster.port)
     try:
         with pytest.raises(StoreUnavailable) as info:
             store.count_labels("digits", 1)
@@ -495,7 +514,7 @@ def test_postgres_store_starts_while_the_database_is_down_and_recovers(postgres_
         assert store.count_labels("digits", 1) == 2
     finally:
         store.close()
-        proxy.stop()
+        proxy.close()
 
 
 def probs(rows: int, cls: int, top: float) -> list[list[float]]:
