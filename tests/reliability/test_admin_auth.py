@@ -78,7 +78,9 @@ def _ready(server: ServerProcess) -> bool:
 
 
 @pytest.mark.parametrize("who", sorted(REFUSED))
-def test_every_admin_route_and_rpc_refuses_anything_but_the_admin_token(server: ServerProcess, who: str) -> None:
+def test_every_admin_route_and_rpc_refuses_anything_but_the_admin_token(
+    server: ServerProcess, who: str
+) -> None:
     authorization = REFUSED[who]
     headers = {} if authorization is None else {"authorization": authorization}
     for path in REST_ADMIN_ROUTES:
@@ -99,7 +101,9 @@ def test_the_admin_token_opens_every_admin_route_and_rpc(server: ServerProcess) 
         assert r.status_code not in (401, 403), (path, r.text)
         if path.endswith("/unload"):
             assert r.status_code == 200 and not _ready(server)
-            reload = httpx.post(f"{server.rest_url}/v2/repository/models/digits/load", headers=headers, timeout=60)
+            reload = httpx.post(
+                f"{server.rest_url}/v2/repository/models/digits/load", headers=headers, timeout=60
+            )
             assert reload.status_code == 200 and _ready(server)
     for rpc in GRPC_ADMIN_RPCS:
         assert _grpc_call(server, rpc, f"Bearer {ADMIN}") == grpc.StatusCode.OK, rpc
