@@ -7,10 +7,10 @@ adds the other ways a test can pass without running:
   each is reported as a failure of its own test, with the reason;
 - a deselection (``-k``, ``-m``, ``--deselect``, ``--last-failed``): the run fails and names
   how many tests were left out;
-- a whole-suite run (``pytest`` with no paths, or ``tests``) that collected fewer tests
-  than :data:`MIN_TESTS`: a module that stopped being collected, a parametrization that
-  lost its cases. Raise the floor when tests are added; lower it only with the tests removed
-  on purpose, in the same commit. A run of some modules or files has no floor.
+- a whole-suite run (``pytest`` with no paths, or ``tests``, nothing ignored) that
+  collected fewer tests than :data:`MIN_TESTS`: a module that stopped being collected, a
+  parametrization that lost its cases. Raise the floor when tests are added; lower it
+  only with the tests removed on purpose, in the same commit. A run of some modules or files has no floor.
 
 Outside CI all of it is only counted in the summary, so ``-k`` and ``-m`` stay usable while
 developing.
@@ -35,7 +35,10 @@ _PROBLEMS = pytest.StashKey[list[str]]()
 
 
 def whole_suite(config: pytest.Config) -> bool:
-    """Whether this run asked for the whole suite: no paths (``testpaths``), or ``tests`` itself."""
+    """Whether this run asked for the whole suite: no paths (``testpaths``), or ``tests`` itself,
+    and nothing ignored (``--ignore``, ``--ignore-glob``)."""
+    if config.getoption("ignore", None) or config.getoption("ignore_glob", None):
+        return False
     if config.args_source == pytest.Config.ArgsSource.TESTPATHS:
         return True
     paths = [arg.split("::")[0] for arg in config.args]

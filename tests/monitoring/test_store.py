@@ -650,10 +650,10 @@ def test_the_wal_switch_gives_up_on_other_errors_and_after_the_busy_timeout(
     assert other.calls == 1
     monkeypatch.setattr("modelloop.monitoring.store._SQLITE_BUSY_TIMEOUT_S", 0.2)
     forever = _LockedCursor(locked=10**6)
-    started = time.monotonic()
     with pytest.raises(sqlite3.OperationalError, match="locked"):
         _switch_to_wal(forever)  # type: ignore[arg-type]
-    assert forever.calls > 1 and time.monotonic() - started < 2
+    # It retried, and gave up long before the million locked answers ran out.
+    assert 1 < forever.calls < 10**6
 
 
 def test_two_processes_create_one_store_together(tmp_path: Path) -> None:
