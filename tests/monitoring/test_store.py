@@ -221,14 +221,15 @@ def test_unknown_scheme_is_refused():
 def test_unreachable_postgres_is_unavailable_and_hides_the_password():
     import socket
 
+    # Bound for the whole test and never listened on: connections to it are refused.
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    store = open_store(f"postgresql://u:secret@127.0.0.1:{port}/db")
-    with pytest.raises(StoreUnavailable) as info:
-        store.add_feedback("digits", [FeedbackItem("a", [1])])
-    assert "secret" not in info.value.message and f"127.0.0.1:{port}" in info.value.message
-    store.close()
+        store = open_store(f"postgresql://u:secret@127.0.0.1:{port}/db")
+        with pytest.raises(StoreUnavailable) as info:
+            store.add_feedback("digits", [FeedbackItem("a", [1])])
+        assert "secret" not in info.value.message and f"127.0.0.1:{port}" in info.value.message
+        store.close()
 
 
 def test_postgres_replicas_share_labels_and_race_safely(postgres_url: str):
