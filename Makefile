@@ -16,7 +16,7 @@ UP_ARGS ?=
 # settings are [tool.coverage.*] in pyproject.toml.
 COVERAGE_ARGS ?= --cov --cov-report=term:skip-covered
 
-.PHONY: install up test bench lint audit format clean system-up system-test system-bench
+.PHONY: install up test test-fast bench lint audit format clean system-up system-test system-bench
 
 install: $(STAMP) $(CLIENTS_STAMP)
 
@@ -42,6 +42,13 @@ up: system-up install
 
 test: system-test install
 	$(BIN)/python -m pytest $(COVERAGE_ARGS) $(PYTEST_ARGS)
+
+# The development loop: the unit and edge tests, no model trained (a test that needs a trained
+# model carries the `trains` marker, set in tests/conftest.py), no real-server end-to-end
+# modules, no coverage. A few minutes at most; `make test` before pushing.
+FAST_ARGS ?= tests --ignore=tests/e2e --ignore=tests/bench --ignore=tests/deploy -m "not slow and not trains"
+test-fast: install
+	$(BIN)/python -m pytest $(FAST_ARGS) $(PYTEST_ARGS)
 
 bench: system-bench install
 	$(BIN)/python -m bench

@@ -1,6 +1,8 @@
 """Shared fixtures (trained runs and published repositories, made once per session), and the
 skip accounting: the summary always gives the number of skipped tests, gathers the skips for a
 missing tool into one line per tool, and a CI run (``CI=true``) fails when anything skipped.
+``tests/ci_guard.py`` fails a CI run for the other ways of not running: xfail, xpass,
+deselection, and a whole suite below its floor of collected tests.
 """
 
 from __future__ import annotations
@@ -17,8 +19,20 @@ from tests.tools import MISSING, on_ci
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
 
+pytest_plugins = ["tests.ci_guard"]
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 TESTDATA = Path(__file__).resolve().parent / "testdata"
+
+
+TRAINING_FIXTURES = frozenset({"train_run", "digits_run", "digits_repo"})
+"""Fixtures that train a model: a test that uses one, however indirectly, is marked ``trains``."""
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        if TRAINING_FIXTURES.intersection(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.trains)
 
 
 def _skip_reasons(config: pytest.Config) -> list[str]:

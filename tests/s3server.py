@@ -19,7 +19,6 @@ import contextlib
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -30,16 +29,11 @@ from typing import Any
 
 import httpx
 
+from tests.tools import PortTaken, launch_on_free_port, port_taken
+
 SETUP_ACTIONS = 3
 """IAM calls moto lets through unauthenticated: create the user, its policy, its key."""
 REGION = "us-east-1"
-
-
-def free_port() -> int:
-    """A free TCP port on the loopback interface."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 @dataclass
@@ -68,8 +62,13 @@ class S3Server:
 
     @classmethod
     def launch(cls, log_dir: Path, port: int | None = None) -> S3Server:
-        """Starts the server, waits until it answers, and creates the IAM user (stopped on failure)."""
-        port = port or free_port()
+        """Starts the server, waits until it answers, and creates the IAM user (stopped on failure).
+
+        moto cannot report a port it picked itself: without ``port`` it gets one that was free
+        a moment ago, and another one when a different process took it before moto bound it.
+        """
+        if port is None:
+            return launch_on_free_port(lambda free: cls.launch(log_dir, free))
         log = log_dir / f"moto-{port}.log"
         env = {**os.environ, "INITIAL_NO_AUTH_ACTION_COUNT": str(SETUP_ACTIONS)}
         with log.open("ab") as out:
@@ -84,14 +83,17 @@ class S3Server:
             deadline = time.monotonic() + 30
             while True:
                 if proc.poll() is not None:
+                    if port_taken(log.read_text(errors="replace")):
+                        raise PortTaken(f"port {port}")
                     raise RuntimeError(f"moto server exited with {proc.returncode}:\n{log.read_text()}")
-                try:
-                    httpx.get(f"{server.endpoint}/moto-api/", timeout=1)
-                    break
-                except httpx.HTTPError:
-                    if time.monotonic() > deadline:
-                        raise RuntimeError(f"moto server not answering:\n{log.read_text()}") from None
-                    time.sleep(0.1)
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"moto server not answering:\n{log.read_text()}")
+                with contextlib.suppress(httpx.HTTPError):
+                    answer = httpx.get(f"{server.endpoint}/moto-api/", timeout=1)
+                    # Our moto, not another server on a port it took first (ours would exit).
+                    if answer.status_code == 200 and proc.poll() is None:
+                        break
+                time.sleep(0.1)
             server._create_user()
         except BaseException:
             server.stop()

@@ -17,13 +17,20 @@ from __future__ import annotations
 
 import glob
 import os
+import re
 import shutil
+import signal
+import socket
 import subprocess
 import tempfile
+import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import NoReturn
+from typing import Generic, NoReturn, TypeVar
 
 import pytest
+
+T = TypeVar("T")
 
 MISSING = "missing tool: "
 # Where the Chromium packages put the browser: Debian's `chromium`, Ubuntu's `chromium-browser`
@@ -169,3 +176,147 @@ def dump_dom(url: str, *, offline: bool = False, budget_ms: int = 5000, timeout:
             proc.kill()
             proc.wait(10)
         shutil.rmtree(profile, ignore_errors=True)
+
+
+def wait_for(predicate: Callable[[], object], timeout: float = 30, interval: float = 0.05) -> bool:
+    """Polls ``predicate`` until it is true or ``timeout`` seconds pass.
+
+    Tests wait on what they can observe (a status route, a log line, a metric, a file) with a
+    bound, never on a fixed sleep: the bound only matters on a machine too slow to pass.
+
+    Returns:
+        Whether the predicate held (its last call decides, after the deadline).
+    """
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(interval)
+    return bool(predicate())
+
+
+def free_port() -> int:
+    """A TCP port on loopback that was free a moment ago.
+
+    Another process may take it before the server that is handed it binds it: start such a
+    server through :func:`launch_on_free_port`, which tries another port when that happens.
+    """
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class PortTaken(RuntimeError):
+    """A server could not bind the port it was given (``address already in use``)."""
+
+
+def port_taken(output: str) -> bool:
+    """Whether a server's log says it could not bind its port."""
+    text = output.lower()
+    return "address already in use" in text or "is in use by another program" in text
+
+
+def launch_on_free_port(launch: Callable[[int], T], attempts: int = 5) -> T:
+    """Starts a server that needs its port on the command line, on a port free a moment ago.
+
+    For servers that cannot bind port 0 and report the port they got (PostgreSQL, Prometheus,
+    Alertmanager, moto): ``launch(port)`` raises :class:`PortTaken` when another process took
+    the port in between, and it is called again with another one.
+    """
+    for attempt in range(attempts):
+        try:
+            return launch(free_port())
+        except PortTaken:
+            if attempt == attempts - 1:
+                raise
+    raise AssertionError("unreachable")
+
+
+class Story(Generic[T]):
+    """The steps of one scenario, each building on the ones before it, run once each and in order.
+
+    A module whose tests are chapters of one story (a server that walks a rollout through its
+    states, labels that pile up) gives each test one step: ``story.through(step)`` first runs
+    every earlier step that has not run yet, so the tests pass in any order and alone. A step
+    that failed fails again in the test that asked for it, and every later step says which
+    earlier one failed.
+    """
+
+    def __init__(self, context: T, steps: Sequence[Callable[[T], object]]) -> None:
+        self.context = context
+        self.steps = list(steps)
+        self._done: set[int] = set()
+        self._failed: dict[int, BaseException] = {}
+
+    def through(self, step: Callable[[T], object]) -> None:
+        """Runs every step up to and including ``step`` that has not run yet."""
+        last = self.steps.index(step)
+        for i, each in enumerate(self.steps[: last + 1]):
+            if i in self._failed:
+                if i == last:
+                    raise self._failed[i]
+                pytest.fail(f"an earlier step of the story failed: {each.__name__}: {self._failed[i]!r}")
+            if i in self._done:
+                continue
+            try:
+                each(self.context)
+            except BaseException as exc:
+                self._failed[i] = exc
+                raise
+            self._done.add(i)
+
+
+_LISTENING = re.compile(r'msg="Listening on" address=127\.0\.0\.1:(\d+)')
+
+
+class Daemon:
+    """A Prometheus or Alertmanager that bound port 0 and logged the port it got.
+
+    Both log ``msg="Listening on" address=127.0.0.1:PORT`` once they listen, so no port is
+    picked beforehand and no other process can take it in between. Stopped by its PID.
+    """
+
+    def __init__(self, cmd: list[str], log: Path) -> None:
+        self.log = log
+        with log.open("wb") as out:
+            self.proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
+        self.port = 0
+
+    @classmethod
+    def start(cls, cmd: list[str], log: Path, timeout: float = 60) -> Daemon:
+        """Runs ``cmd`` (with ``--web.listen-address=127.0.0.1:0``) until it says where it listens.
+
+        Raises:
+            RuntimeError: It exited, or did not listen within ``timeout`` (it is stopped).
+        """
+        daemon = cls(cmd, log)
+        try:
+            deadline = time.monotonic() + timeout
+            while time.monotonic() < deadline:
+                match = _LISTENING.search(log.read_text(errors="replace"))
+                if match:
+                    daemon.port = int(match.group(1))
+                    return daemon
+                if daemon.proc.poll() is not None:
+                    raise RuntimeError(f"{cmd[0]} exited with {daemon.proc.returncode}:\n{daemon.tail()}")
+                time.sleep(0.05)
+            raise RuntimeError(f"{cmd[0]} did not listen within {timeout} s:\n{daemon.tail()}")
+        except BaseException:
+            daemon.stop()
+            raise
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def tail(self, chars: int = 3000) -> str:
+        return self.log.read_text(errors="replace")[-chars:]
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            os.kill(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                os.kill(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(timeout=10)

@@ -1,10 +1,12 @@
 """Headless Chromium driven over the DevTools protocol, with the network off but for loopback.
 
-Debian's ``chromium`` starts with ``--remote-debugging-port=0`` and a fresh profile; the
-test talks to it over the page's DevTools WebSocket (``websocket-client``). Host names
-other than 127.0.0.1 resolve to nothing (``--host-resolver-rules``), so a page that
-needed a CDN would fail to load it, and every request the page makes is recorded, as is
-every console message and uncaught exception. The browser is stopped by its PID.
+Chromium (``tests.tools.find_chromium``: Debian's ``chromium``, Ubuntu's
+``chromium-browser``, Google's builds, or ``$CHROMIUM``) starts with
+``--remote-debugging-port=0`` and a fresh profile; the test talks to it over the page's
+DevTools WebSocket (``websocket-client``). Host names other than 127.0.0.1 resolve to
+nothing (``--host-resolver-rules``), so a page that needed a CDN would fail to load it,
+and every request the page makes is recorded, as is every console message and uncaught
+exception. The browser is stopped by its PID.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from typing import Any
 import httpx
 import websocket
 
-CHROMIUM = "/usr/bin/chromium"
+from tests.tools import require_chromium
 
 
 @dataclass
@@ -113,11 +115,15 @@ class Browser:
 
 
 def open_browser(width: int = 1400, height: int = 1200) -> Browser:
-    """Starts headless Chromium with one blank page and the DevTools domains enabled."""
+    """Starts headless Chromium with one blank page and the DevTools domains enabled.
+
+    A missing Chromium fails the test under CI and skips it elsewhere (``require_chromium``).
+    """
+    chromium = require_chromium()
     profile = Path(tempfile.mkdtemp(prefix="modelloop-chromium-"))
     proc = subprocess.Popen(
         [
-            CHROMIUM,
+            chromium,
             "--headless=new",
             "--no-sandbox",
             "--disable-gpu",

@@ -27,19 +27,13 @@ import httpx
 import pytest
 
 from modelloop.monitoring.settings import FEEDBACK_TOKEN_FILE
-from tests.e2e.browser import CHROMIUM, open_browser
+from tests.e2e.browser import open_browser
+from tests.tools import require_chromium
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 ARTIFACTS = Path(os.environ.get("MODELLOOP_ARTIFACTS", REPO_ROOT / "tests" / "artifacts"))
 
 pytestmark = pytest.mark.slow
-
-
-def _require_chromium() -> None:
-    if not Path(CHROMIUM).exists():
-        if os.environ.get("CI", "").lower() in {"1", "true", "yes"}:
-            pytest.fail("chromium is not installed (Debian package chromium)")
-        pytest.skip("chromium is not installed (Debian package chromium)")
 
 
 def _wait(predicate: Callable[[], bool], timeout: float, what: str, interval: float = 0.5) -> None:
@@ -65,7 +59,7 @@ def _v2_available(url: str) -> bool:
 
 
 def test_make_up_simulate_drift_and_the_live_health_page(tmp_path: Path) -> None:
-    _require_chromium()
+    require_chromium()
     repo, state = tmp_path / "models", tmp_path / "state"
     env = {
         **os.environ,

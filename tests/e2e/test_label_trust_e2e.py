@@ -1,7 +1,8 @@
 """Trust in the loop, against a real ``modelloop serve`` and real ``modelloop retrain`` processes.
 
 The server runs with two labelers' tokens (``honest``, ``mallory``) and an admin token.
-The story, in order:
+The story, in order (each test is one step; a test run alone or early runs the steps before
+its own first, once each: ``tests.tools.Story``):
 
 1. Feedback without a token is 401, with a wrong one (or the admin token) 403, with a
    labeler's token 200, and the label is stored under that labeler's source.
@@ -39,6 +40,7 @@ import pytest
 from modelloop.export.publish import list_versions
 from modelloop.retrain import format_gate_report, predict_onnx
 from tests.e2e.serverproc import ServerProcess, start_server, wait_for
+from tests.tools import Story
 
 pytestmark = pytest.mark.slow
 
@@ -201,7 +203,7 @@ def _recalls(onnx: Path, x: np.ndarray, y: np.ndarray) -> np.ndarray:
     return np.array([np.mean(predicted[y == c] == c) for c in range(10)])
 
 
-def test_feedback_needs_a_labeler_token_and_records_its_source(loop: Loop):
+def feedback_needs_a_labeler_token_and_records_its_source(loop: Loop) -> None:
     url = f"{loop.server.rest_url}/v1/models/{MODEL}/feedback"
     rid = _predict(loop, loop.x[:1])
     body = {"feedback": [{"request_id": rid, "target": int(loop.y[0])}]}
@@ -224,7 +226,7 @@ def test_feedback_needs_a_labeler_token_and_records_its_source(loop: Loop):
     assert "feedback needs a labeler token; sources: honest, mallory" in loop.server.output()
 
 
-def test_targeted_attack_is_quarantined_and_its_later_labels_are_marked(loop: Loop):
+def targeted_attack_is_quarantined_and_its_later_labels_are_marked(loop: Loop) -> None:
     batches = _predicted_batches(loop, 800, seed=1, poison=True)
     first = {rid: t for b in batches[:8] for rid, t in b.items()}
     assert _label(loop, "mallory", first)["quarantined"] is False
@@ -245,7 +247,7 @@ def test_targeted_attack_is_quarantined_and_its_later_labels_are_marked(loop: Lo
     assert any("as '8'" in reason for reason in report["reasons"]), report
 
 
-def test_the_next_retrain_leaves_the_attack_out(loop: Loop):
+def the_next_retrain_leaves_the_attack_out(loop: Loop) -> None:
     code, result, summary = _retrain(loop)
     gate = result["gate"]
     loop.reports["single source"] = gate
@@ -269,7 +271,7 @@ def test_the_next_retrain_leaves_the_attack_out(loop: Loop):
         assert (code, result["outcome"]) == (3, "rejected")
 
 
-def test_two_sources_the_honest_labels_are_blessed_the_poisoned_are_not(loop: Loop):
+def two_sources_the_honest_labels_are_blessed_the_poisoned_are_not(loop: Loop) -> None:
     # Mallory sharpens the attack: 300 more 3s, every one labelled 8 (stored and marked, as
     # mallory is quarantined). About 80 relabelled 3s among some 200 clean ones shift a
     # retrain's recall of 3 by a few points only, too close to the gate's margin to show it.
@@ -310,7 +312,7 @@ def test_two_sources_the_honest_labels_are_blessed_the_poisoned_are_not(loop: Lo
     print("\n" + "\n\n".join(f"[{k}]\n{format_gate_report(v)}" for k, v in loop.reports.items()))
 
 
-def test_gate_reports_are_rows_in_the_store(loop: Loop):
+def gate_reports_are_rows_in_the_store(loop: Loop) -> None:
     from modelloop.monitoring.store import open_store
 
     store = open_store(loop.store_url)
@@ -321,3 +323,37 @@ def test_gate_reports_are_rows_in_the_store(loop: Loop):
     assert [r["outcome"] for r in reports][:1] == ["rejected"]
     assert len(reports) == 3
     assert {r["run_id"] for r in reports} >= {loop.reports["attacked"]["run_id"]}
+
+
+STORY = [
+    feedback_needs_a_labeler_token_and_records_its_source,
+    targeted_attack_is_quarantined_and_its_later_labels_are_marked,
+    the_next_retrain_leaves_the_attack_out,
+    two_sources_the_honest_labels_are_blessed_the_poisoned_are_not,
+    gate_reports_are_rows_in_the_store,
+]
+
+
+@pytest.fixture(scope="module")
+def story(loop: Loop) -> Story[Loop]:
+    return Story(loop, STORY)
+
+
+def test_feedback_needs_a_labeler_token_and_records_its_source(story: Story[Loop]) -> None:
+    story.through(feedback_needs_a_labeler_token_and_records_its_source)
+
+
+def test_targeted_attack_is_quarantined_and_its_later_labels_are_marked(story: Story[Loop]) -> None:
+    story.through(targeted_attack_is_quarantined_and_its_later_labels_are_marked)
+
+
+def test_the_next_retrain_leaves_the_attack_out(story: Story[Loop]) -> None:
+    story.through(the_next_retrain_leaves_the_attack_out)
+
+
+def test_two_sources_the_honest_labels_are_blessed_the_poisoned_are_not(story: Story[Loop]) -> None:
+    story.through(two_sources_the_honest_labels_are_blessed_the_poisoned_are_not)
+
+
+def test_gate_reports_are_rows_in_the_store(story: Story[Loop]) -> None:
+    story.through(gate_reports_are_rows_in_the_store)

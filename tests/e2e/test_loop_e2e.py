@@ -13,11 +13,7 @@ and after are printed (``pytest -s`` shows them).
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import signal
-import socket
-import subprocess
 import time
 from pathlib import Path
 from typing import Any
@@ -27,41 +23,13 @@ import pytest
 
 from modelloop.monitoring.simulate import simulate
 from tests.e2e.serverproc import ServerProcess, start_server, wait_for
-from tests.tools import require_tool
+from tests.tools import Daemon, require_tool
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 RULES = REPO_ROOT / "monitoring" / "rules" / "modelloop.rules.yml"
 TOKEN = "e2e-admin-token"
 
 pytestmark = pytest.mark.slow
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-class Daemon:
-    """A background binary whose output goes to a log file; stopped by PID."""
-
-    def __init__(self, cmd: list[str], log: Path) -> None:
-        self.log = log
-        self._out = log.open("wb")
-        self.proc = subprocess.Popen(cmd, stdout=self._out, stderr=subprocess.STDOUT)
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            os.kill(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                os.kill(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(timeout=10)
-        self._out.close()
-
-    def tail(self) -> str:
-        return self.log.read_text(errors="replace")[-3000:]
 
 
 def prometheus_config(path: Path, rest: str, am_port: int) -> None:
@@ -161,7 +129,8 @@ def test_drift_alert_retrains_and_serves_v2(tmp_path: Path, digits_repo: Path):
         "max_latency_ratio": 10.0,
     }
     (repo / "digits" / "config.json").write_text(json.dumps({"retrain": {"epochs": 5}, "rollout": rollout}))
-    am_port, prom_port = free_port(), free_port()
+    daemons: list[Daemon] = []
+    server: ServerProcess | None = None
     env = {
         "MODELLOOP_ADMIN_TOKEN": TOKEN,
         "MODELLOOP_MONITORING_STATE_DIR": str(tmp_path / "state"),
@@ -169,40 +138,40 @@ def test_drift_alert_retrains_and_serves_v2(tmp_path: Path, digits_repo: Path):
         "MODELLOOP_MONITORING_MIN_ROWS": "100",
         "MODELLOOP_MONITORING_WINDOW_SIZE": "300",
         "MODELLOOP_MONITORING_ROLLOUT_INTERVAL_S": "0.2",
-        # Alertmanager is in charge: the in-process rules stay off.
-        "MODELLOOP_MONITORING_ALERTMANAGER_URL": f"http://127.0.0.1:{am_port}",
     }
-    daemons: list[Daemon] = []
-    server: ServerProcess | None = None
     try:
-        server = start_server(repo, env=env)
-        rest = server.rest_url
-        prom = f"http://127.0.0.1:{prom_port}"
-        prometheus_config(tmp_path / "prometheus.yml", rest, am_port)
-        alertmanager_config(tmp_path / "alertmanager.yml", rest)
-        daemons.append(
-            Daemon(
-                [
-                    alertmanager,
-                    f"--config.file={tmp_path / 'alertmanager.yml'}",
-                    f"--storage.path={tmp_path / 'am-data'}",
-                    f"--web.listen-address=127.0.0.1:{am_port}",
-                    "--cluster.listen-address=",
-                ],
-                tmp_path / "alertmanager.log",
-            )
+        # Every daemon binds port 0 and logs its port. Alertmanager comes first, since the
+        # server is told where it is; it learns the server's webhook address by a reload.
+        alertmanager_config(tmp_path / "alertmanager.yml", "http://127.0.0.1:9")
+        am = Daemon.start(
+            [
+                alertmanager,
+                f"--config.file={tmp_path / 'alertmanager.yml'}",
+                f"--storage.path={tmp_path / 'am-data'}",
+                "--web.listen-address=127.0.0.1:0",
+                "--cluster.listen-address=",
+            ],
+            tmp_path / "alertmanager.log",
         )
+        daemons.append(am)
+        # Alertmanager is in charge: the in-process rules stay off.
+        server = start_server(repo, env={**env, "MODELLOOP_MONITORING_ALERTMANAGER_URL": am.url})
+        rest = server.rest_url
+        alertmanager_config(tmp_path / "alertmanager.yml", rest)
+        assert httpx.post(f"{am.url}/-/reload", timeout=30).status_code == 200, am.tail()
+        prometheus_config(tmp_path / "prometheus.yml", rest, am.port)
         daemons.append(
-            Daemon(
+            Daemon.start(
                 [
                     prometheus,
                     f"--config.file={tmp_path / 'prometheus.yml'}",
                     f"--storage.tsdb.path={tmp_path / 'prom-data'}",
-                    f"--web.listen-address=127.0.0.1:{prom_port}",
+                    "--web.listen-address=127.0.0.1:0",
                 ],
                 tmp_path / "prometheus.log",
             )
         )
+        prom = daemons[1].url
         assert wait_for(lambda: prom_value(prom, 'up{job="modelloop"}') == 1.0, timeout=30), daemons[1].tail()
 
         # Normal labelled traffic: drift evaluated, nothing fires.

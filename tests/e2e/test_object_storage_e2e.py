@@ -7,6 +7,7 @@ credentials are refused as by AWS. The last test kills the store under the runni
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -17,7 +18,7 @@ import pytest
 
 from modelloop.layout import MODEL_CARD_FILE
 from tests.e2e.serverproc import ServerProcess, start_server, wait_for
-from tests.s3server import S3Server, free_port
+from tests.s3server import S3Server
 
 BUCKET = "models"
 PREFIX = "prod"
@@ -72,15 +73,17 @@ def _versions(server: ServerProcess) -> dict[int, str]:
 def test_a_new_version_in_the_bucket_is_served_and_a_half_uploaded_one_is_ignored(
     s3: S3Server, server: ServerProcess, digits_repo: Path
 ) -> None:
-    assert served_version(server) == 1
+    # The latest version serves (1, or the export test's if that ran first).
+    before = served_version(server)
+    new = before + 1
     source = digits_repo / "digits" / "1"
-    # Version 2 without its commit marker: every file but model.json.
-    s3.upload_tree(source, BUCKET, f"{PREFIX}/digits/2", skip=(MODEL_CARD_FILE,))
-    assert not wait_for(lambda: 2 in _versions(server), timeout=2)  # ten polls at 0.2 s
-    assert served_version(server) == 1
-    # The marker lands: version 2 is copied into the cache, loaded, and takes the traffic.
-    s3.client().upload_file(str(source / MODEL_CARD_FILE), BUCKET, f"{PREFIX}/digits/2/{MODEL_CARD_FILE}")
-    assert wait_for(lambda: served_version(server) == 2, timeout=30), server.output()
+    # The next version without its commit marker: every file but model.json.
+    s3.upload_tree(source, BUCKET, f"{PREFIX}/digits/{new}", skip=(MODEL_CARD_FILE,))
+    assert not wait_for(lambda: new in _versions(server), timeout=2)  # ten polls at 0.2 s
+    assert served_version(server) == before
+    # The marker lands: the version is copied into the cache, loaded, and takes the traffic.
+    s3.client().upload_file(str(source / MODEL_CARD_FILE), BUCKET, f"{PREFIX}/digits/{new}/{MODEL_CARD_FILE}")
+    assert wait_for(lambda: served_version(server) == new, timeout=30), server.output()
     assert "copying from s3://models/prod" in server.output()
 
 
@@ -123,15 +126,22 @@ def test_a_store_that_cannot_be_read_at_start_leaves_the_server_not_ready_saying
     digits_version = digits_repo / "digits" / "1"
     env = s3.env(MODELLOOP_REPO_CACHE=str(tmp_path))
     url = URL
+    # A port bound for the test and never listened on: every connection to it is refused.
+    refusing = socket.socket()
+    refusing.bind(("127.0.0.1", 0))
     if case == "wrong-secret":
         env["AWS_SECRET_ACCESS_KEY"] = "not-the-secret"
     elif case == "no-bucket":
         url = "s3://no-such-bucket/prod"
     elif case == "unreachable":
-        env["AWS_ENDPOINT_URL"] = f"http://127.0.0.1:{free_port()}"
+        env["AWS_ENDPOINT_URL"] = f"http://127.0.0.1:{refusing.getsockname()[1]}"
     else:
-        env["AWS_ENDPOINT_URL"] = f"http://minio-user:{SECRET_IN_URL}@127.0.0.1:{free_port()}"
-    proc = start_server(url, "--no-monitoring", env=env, wait_ready=False)
+        env["AWS_ENDPOINT_URL"] = f"http://minio-user:{SECRET_IN_URL}@127.0.0.1:{refusing.getsockname()[1]}"
+    try:
+        proc = start_server(url, "--no-monitoring", env=env, wait_ready=False)
+    except BaseException:
+        refusing.close()
+        raise
     try:
         ready = httpx.get(f"{proc.rest_url}/v2/health/ready", timeout=10)
         assert ready.status_code == 503
@@ -159,11 +169,24 @@ def test_a_store_that_cannot_be_read_at_start_leaves_the_server_not_ready_saying
             assert f"repository {url} is available again" in proc.output()
     finally:
         proc.stop()
+        refusing.close()
 
 
-def test_when_the_store_goes_away_the_loaded_version_keeps_serving(
-    s3: S3Server, server: ServerProcess
-) -> None:
+def test_when_the_store_goes_away_the_loaded_version_keeps_serving(tmp_path: Path, digits_repo: Path) -> None:
+    # A store and a server of its own: the module's store serves the other tests, in any order.
+    with S3Server.start(tmp_path) as s3:
+        s3.client().create_bucket(Bucket=BUCKET)
+        s3.upload_tree(digits_repo / "digits" / "1", BUCKET, f"{PREFIX}/digits/1")
+        server = start_server(
+            URL, "--no-monitoring", env=s3.env(MODELLOOP_REPO_CACHE=str(tmp_path / "cache"))
+        )
+        try:
+            _keeps_serving_without_the_store(s3, server)
+        finally:
+            server.stop()
+
+
+def _keeps_serving_without_the_store(s3: S3Server, server: ServerProcess) -> None:
     version = served_version(server)
     s3.stop()
     assert wait_for(lambda: "cannot reach the object store" in server.output(), timeout=20), server.output()

@@ -288,7 +288,12 @@ def _check_statistics(result: dict) -> None:
         assert "statistics" in result[key] and "binary_tensor_data" in result[key], key
 
 
-def test_metrics_count_every_protocol(server):
+def test_metrics_count_every_protocol(server, channel, rows, expected):
+    # One request over each protocol here, whichever of the module's tests ran before.
+    test_tfserving_rest_row_format(server, rows, expected)
+    test_tfserving_grpc_predict(channel, rows, expected, typed=True)
+    test_oip_rest_infer(server, rows, expected)
+    test_oip_grpc_infer(channel, rows, expected, raw=False)
     text = httpx.get(f"{server.rest_url}/metrics", timeout=5).text
     for protocol in ("tfserving_rest", "tfserving_grpc", "v2_rest", "v2_grpc"):
         assert f'protocol="{protocol}"' in text, protocol

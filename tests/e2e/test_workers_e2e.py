@@ -104,6 +104,17 @@ def workers(
 def test_two_workers_serve_one_port_with_metrics_summed(workers: ServerProcess, metrics_dir: Path) -> None:
     pids = worker_pids(workers)
     assert sorted(pids) == [0, 1]
+    # The module's other tests may have run first: publish a version, unload and load the
+    # model. Once one version is loaded, count what this test sends on top of what was there.
+    assert wait_for(
+        lambda: scrape(workers)["modelloop_model_versions_loaded"].get((("model", "digits"),)) == 1,
+        timeout=60,
+    )
+    first = predict_rest(workers)
+    assert first.status_code == 200, first.text
+    version = str(first.json()["model_version"])
+    before_workers = {pid: served_by(metrics_dir, pid) for pid in pids.values()}
+    before = scrape(workers)["modelloop_requests_total"]
     sent = {"v2_rest": 0, "v2_grpc": 0}
 
     def both_served() -> bool:
@@ -111,17 +122,17 @@ def test_two_workers_serve_one_port_with_metrics_summed(workers: ServerProcess, 
         infer_grpc(workers)
         sent["v2_rest"] += 1
         sent["v2_grpc"] += 1
-        per_worker = [served_by(metrics_dir, pid) for pid in pids.values()]
-        return all(sum(c[(p, "1")] for p in sent) > 0 for c in per_worker)
+        per_worker = [served_by(metrics_dir, pid) - before_workers[pid] for pid in pids.values()]
+        return all(sum(c[(p, version)] for p in sent) > 0 for c in per_worker)
 
     assert wait_for(both_served, timeout=60, interval=0), "one worker got every connection"
-    per_worker = [served_by(metrics_dir, pid) for pid in pids.values()]
+    per_worker = [served_by(metrics_dir, pid) - before_workers[pid] for pid in pids.values()]
     samples = scrape(workers)
     for protocol, count in sent.items():
-        labels = (("code", "OK"), ("model", "digits"), ("protocol", protocol), ("version", "1"))
+        labels = (("code", "OK"), ("model", "digits"), ("protocol", protocol), ("version", version))
         # /metrics, from whichever worker answered it, is the sum over both workers.
-        assert samples["modelloop_requests_total"][labels] == count
-        assert sum(c[(protocol, "1")] for c in per_worker) == count
+        assert samples["modelloop_requests_total"][labels] - before.get(labels, 0.0) == count
+        assert sum(c[(protocol, version)] for c in per_worker) == count
     assert samples["modelloop_workers"][(("state", "running"),)] == 2
     assert samples["modelloop_model_versions_loaded"][(("model", "digits"),)] == 1
 

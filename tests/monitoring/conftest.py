@@ -1,6 +1,7 @@
 """Monitoring fixtures: a private PostgreSQL cluster, digits baselines, a fake model catalog.
 
-The cluster runs Debian's ``initdb``/``pg_ctl`` on 127.0.0.1 and a free port, as the
+The cluster runs Debian's ``initdb``/``pg_ctl`` on 127.0.0.1 and a free port (another one
+when that port was taken before the server bound it), as the
 ``postgres`` user when the tests run as root (PostgreSQL refuses root). It is stopped by
 ``pg_ctl`` and, failing that, by its postmaster PID, even when tests fail.
 """
@@ -22,8 +23,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.monitoring.monhelpers import DigitsData, free_port
-from tests.tools import postgres_bindir
+from tests.monitoring.monhelpers import DigitsData
+from tests.tools import PortTaken, launch_on_free_port, port_taken, postgres_bindir
 
 
 @dataclass
@@ -77,8 +78,7 @@ def postgres_cluster() -> Iterator[PostgresCluster]:
         entry = pwd.getpwnam(user)
         for path in (root, sock):
             os.chown(path, entry.pw_uid, entry.pw_gid)
-    port = free_port()
-    cluster = PostgresCluster(bindir, data, port, user, pid=0)
+    cluster = PostgresCluster(bindir, data, 0, user, pid=0)
     try:
         subprocess.run(
             cluster._as_owner(
@@ -96,8 +96,20 @@ def postgres_cluster() -> Iterator[PostgresCluster]:
             capture_output=True,
             timeout=120,
         )
-        options = f"-c listen_addresses=127.0.0.1 -p {port} -c unix_socket_directories={sock} -c fsync=on"
-        cluster.pg_ctl("-l", str(root / "server.log"), "-o", options, "-w", "-t", "60", "start")
+        log = root / "server.log"
+
+        def start(port: int) -> None:
+            options = f"-c listen_addresses=127.0.0.1 -p {port} -c unix_socket_directories={sock} -c fsync=on"
+            cluster.port = port
+            try:
+                cluster.pg_ctl("-l", str(log), "-o", options, "-w", "-t", "60", "start")
+            except subprocess.CalledProcessError:
+                if log.exists() and port_taken(log.read_text(errors="replace")):
+                    log.unlink()
+                    raise PortTaken(f"port {port}") from None
+                raise
+
+        launch_on_free_port(start)
         cluster.pid = cluster.read_pid()
         yield cluster
     finally:

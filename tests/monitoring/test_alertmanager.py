@@ -19,8 +19,7 @@ from typing import Any
 import pytest
 import yaml
 
-from tests.monitoring.monhelpers import free_port, stop_process
-from tests.tools import require_tool
+from tests.tools import Daemon, require_tool
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 CONFIG = REPO_ROOT / "monitoring" / "alertmanager" / "alertmanager.yml"
@@ -99,20 +98,17 @@ def test_only_retrain_alerts_reach_the_webhook_with_the_bearer_token(
     receiver["webhook_configs"][0]["http_config"]["authorization"]["credentials_file"] = str(token_file)
     (tmp_path / "alertmanager.yml").write_text(yaml.safe_dump(config))
 
-    port = free_port()
-    log = (tmp_path / "alertmanager.log").open("w")
-    proc = subprocess.Popen(
+    daemon = Daemon.start(
         [
             binary,
             f"--config.file={tmp_path / 'alertmanager.yml'}",
             f"--storage.path={tmp_path / 'data'}",
-            f"--web.listen-address=127.0.0.1:{port}",
+            "--web.listen-address=127.0.0.1:0",
             "--cluster.listen-address=",  # no gossip port: a single instance
         ],
-        stdout=log,
-        stderr=subprocess.STDOUT,
+        tmp_path / "alertmanager.log",
     )
-    am_url = f"http://127.0.0.1:{port}"
+    am_url, proc = daemon.url, daemon.proc
     try:
         _wait_ready(am_url, proc, tmp_path / "alertmanager.log")
         now = datetime.now(UTC).isoformat()
@@ -157,8 +153,7 @@ def test_only_retrain_alerts_reach_the_webhook_with_the_bearer_token(
         }
         assert calls.empty()
     finally:
-        stop_process(proc)
-        log.close()
+        daemon.stop()
 
 
 def _receivers(url: str) -> dict[str, list[str]]:

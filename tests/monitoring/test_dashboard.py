@@ -1,36 +1,37 @@
 """The Grafana dashboard: every PromQL expression parses in a real Prometheus, names only
-metrics we export, and returns data once Prometheus scrapes a server-shaped exposition.
+metrics we export, and returns data from what a real server exports after real traffic.
 
-A real ``prometheus`` (Debian package) runs on loopback and scrapes a tiny exporter that
-serves the serving metrics (the project's own ``ServingMetrics``) and the monitoring
-metrics with the label sets of DESIGN.md. Each expression goes to ``/api/v1/query`` with
-the dashboard variables substituted: a parse error is a 400, and an empty result means
-the expression's labels or aggregation do not fit what the server exports.
+A real ``modelloop serve`` (monitoring on, evaluations every second, a canary rollout
+policy, batching) serves a copy of the digits repository, and a thread sends it labelled
+digits traffic for as long as the module runs. Before the queries the server goes through
+what fills the dashboard's other panels: a model whose version fails to load, an alert
+that starts a real retrain (refused by its gate), a new version that starts a canary.
+Debian's Prometheus scrapes it every second. Each expression goes to ``/api/v1/query``
+with the dashboard variables substituted: a parse error is a 400, and an empty result
+means the expression's labels or aggregation do not fit what the server exports.
 """
 
 from __future__ import annotations
 
+import io
 import json
 import re
-import subprocess
+import shutil
 import threading
-import time
 import urllib.error
 import urllib.parse
 import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
-from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
 
-from modelloop.monitoring.rollout import RolloutMetrics
-from modelloop.serving.metrics import ServingMetrics
-from tests.monitoring.monhelpers import free_port, stop_process
-from tests.tools import require_tool
+from modelloop.monitoring.simulate import simulate
+from tests.e2e.serverproc import start_server
+from tests.tools import Daemon, require_tool, wait_for
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DASHBOARD = REPO_ROOT / "monitoring" / "dashboards" / "modelloop.json"
@@ -82,13 +83,14 @@ REQUIRED_PANELS = {
     "Rollout share",
     "Rollout events",
 }
-# Grafana fills these in; any valid value will do for a parse and data check.
+# Grafana fills these in; any valid value will do for a parse and data check. The model
+# variable is multi-valued: both models of the test's repository are selected.
 SUBSTITUTIONS = {
     "$__rate_interval": "1m",
     "$__interval": "15s",
     "$__range": "1h",
-    "${model}": "digits",
-    "$model": "digits",
+    "${model}": "(digits|broken)",
+    "$model": "(digits|broken)",
 }
 _METRIC = re.compile(r"\bmodelloop_[a-zA-Z0-9_]+")
 
@@ -126,128 +128,131 @@ def _substitute(expr: str) -> str:
     return expr
 
 
-class _Exposition:
-    """A registry shaped like a running server's, moving on at every scrape.
+TOKEN = "dashboard-admin-token"
+TESTDATA = Path(__file__).resolve().parents[1] / "testdata"
 
-    The counters and histograms grow between scrapes, so ``rate()`` and
-    ``histogram_quantile()`` have something to compute.
-    """
 
-    def __init__(self) -> None:
-        self.registry = CollectorRegistry()
-        self.serving = ServingMetrics(self.registry)
-        self.serving.set_versions_loaded("digits", 1)
-        self.serving.count_load_failure("digits")
-        # The monitoring metrics of DESIGN.md, with their contract label sets.
-        labels = ["model", "version"]
-        self.feature_drift = Gauge(
-            "modelloop_feature_drift", "", [*labels, "feature", "method"], registry=self.registry
-        )
-        self.drift_detected = Gauge("modelloop_drift_detected", "", labels, registry=self.registry)
-        self.prediction_drift = Gauge("modelloop_prediction_drift", "", labels, registry=self.registry)
-        self.accuracy = Gauge("modelloop_accuracy", "", labels, registry=self.registry)
-        self.feedback = Counter(
-            "modelloop_feedback", "", [*labels, "source", "outcome"], registry=self.registry
-        )
-        self.retrain = Counter("modelloop_retrain_runs", "", ["model", "outcome"], registry=self.registry)
-        for i in range(12):
-            self.feature_drift.labels("digits", "1", f"pixel_0_{i}", "psi").set(0.01 * i)
-        for name in ("estimated_accuracy", "estimated_accuracy_lower", "estimated_accuracy_upper"):
-            Gauge(f"modelloop_{name}", "", labels, registry=self.registry).labels("digits", "1").set(0.95)
-        for name in ("feature_missing_share", "feature_out_of_range_share"):
-            gauge = Gauge(f"modelloop_{name}", "", [*labels, "feature"], registry=self.registry)
-            for i in range(8):
-                gauge.labels("digits", "1", f"pixel_0_{i}").set(0.01 * i)
-        Gauge("modelloop_features_became_constant", "", labels, registry=self.registry).labels(
-            "digits", "1"
-        ).set(0)
-        self.drift_detected.labels("digits", "1").set(0)
-        self.prediction_drift.labels("digits", "1").set(0.02)
-        self.accuracy.labels("digits", "1").set(0.97)
-        rollout = RolloutMetrics(self.registry)
-        rollout.show(
-            "digits", {"champion": 1, "candidate": 2, "state": "canary", "steps": [10, 100], "step": 0}
-        )
-        self.rollout_events = rollout.events
-        self.lock = threading.Lock()
+def _metric_names(rest: str) -> set[str]:
+    """The names of the series the server exports now (a histogram's ``_bucket`` among them)."""
+    text = httpx.get(f"{rest}/metrics", timeout=10).text
+    lines = [line for line in text.splitlines() if line.startswith("modelloop_")]
+    return {line.split("{", 1)[0].split(" ", 1)[0] for line in lines}
 
-    def step(self) -> bytes:
-        with self.lock:
-            for code in ("OK", "OK", "OK", "INVALID_ARGUMENT"):
-                self.serving.observe_request("digits", 1, "v2_rest", code, 0.003)
-            self.serving.observe_batch("digits", 1, 4)
-            self.serving.observe_queue("digits", 1, 0.0004)
-            self.feedback.labels("digits", "1", "team-a", "accepted").inc(2)
-            self.retrain.labels("digits", "blessed").inc()
-            self.rollout_events.labels("digits", "step").inc()
-            return generate_latest(self.registry)
+
+def _dashboard_metrics() -> set[str]:
+    return {name for e in _expressions() for name in _METRIC.findall(e.expr)}
+
+
+class _Traffic(threading.Thread):
+    """Labelled digits traffic (``simulate``) until stopped."""
+
+    def __init__(self, rest: str) -> None:
+        super().__init__(daemon=True)
+        self.rest = rest
+        self.halt = threading.Event()
+        self.errors: list[str] = []
+
+    def run(self) -> None:
+        seed = 0
+        while not self.halt.is_set():
+            try:
+                simulate(self.rest, requests=20, batch=4, seed=seed, out=io.StringIO())
+            except Exception as exc:  # noqa: BLE001 - reported by the fixture, not lost in a thread
+                self.errors.append(repr(exc))
+                self.halt.wait(0.5)
+            seed += 1
+
+
+def _publish(repo: Path, name: str, version: int, *, broken: bool = False) -> None:
+    """Builds a copy of digits version 1 beside the repository and renames it in, as an export does."""
+    staging = repo / ".staging" / f"{name}-{version}"
+    shutil.copytree(repo / "digits" / "1", staging)
+    if broken:
+        (staging / "model.onnx").write_bytes(b"not an onnx model")
+        shutil.rmtree(staging / "saved_model", ignore_errors=True)
+    (repo / name).mkdir(exist_ok=True)
+    staging.rename(repo / name / str(version))
 
 
 @pytest.fixture(scope="module")
-def prometheus_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """A real Prometheus on loopback that has scraped the exposition a few times."""
+def prometheus_url(tmp_path_factory: pytest.TempPathFactory, digits_repo: Path) -> Iterator[str]:
+    """A real Prometheus that has scraped a real server's metrics, every panel's included."""
     binary = require_tool("prometheus", "Debian package prometheus")
-    exposition = _Exposition()
-
-    class Handler(BaseHTTPRequestHandler):
-        def do_GET(self) -> None:
-            body = exposition.step()
-            self.send_response(200)
-            self.send_header("Content-Type", "text/plain; version=0.0.4")
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, *args: object) -> None:  # keep pytest output clean
-            pass
-
-    exporter = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=exporter.serve_forever, daemon=True).start()
-    tmp = tmp_path_factory.mktemp("prometheus")
-    config = tmp / "prometheus.yml"
-    config.write_text(
-        "global: {scrape_interval: 1s, evaluation_interval: 1s}\n"
-        "scrape_configs:\n"
-        "  - job_name: modelloop\n"
-        f"    static_configs: [{{targets: ['127.0.0.1:{exporter.server_address[1]}']}}]\n"
-    )
-    port = free_port()
-    log = (tmp / "prometheus.log").open("w")
-    proc = subprocess.Popen(
-        [
-            binary,
-            f"--config.file={config}",
-            f"--storage.tsdb.path={tmp / 'data'}",
-            f"--web.listen-address=127.0.0.1:{port}",
-        ],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
-    url = f"http://127.0.0.1:{port}"
+    root = tmp_path_factory.mktemp("dashboard")
+    repo = root / "repo"
+    shutil.copytree(digits_repo, repo, ignore=shutil.ignore_patterns(".staging", ".publish.lock"))
+    rollout = {"mode": "canary", "steps": [10, 100], "step_min_requests": 1_000_000, "min_labels": 1_000_000}
+    # A one-epoch retrain its gate refuses: counted, and nothing published.
+    retrain = {"epochs": 1, "accuracy_floor": 0.999}
+    (repo / "digits" / "config.json").write_text(json.dumps({"rollout": rollout, "retrain": retrain}))
+    env = {
+        "MODELLOOP_ADMIN_TOKEN": TOKEN,
+        "MODELLOOP_MONITORING_STATE_DIR": str(root / "state"),
+        "MODELLOOP_MONITORING_EVAL_INTERVAL_S": "1",
+        "MODELLOOP_MONITORING_MIN_ROWS": "50",
+        "MODELLOOP_MONITORING_WINDOW_SIZE": "200",
+        "MODELLOOP_MONITORING_ROLLOUT_INTERVAL_S": "0.2",
+    }
+    server = start_server(repo, env=env)
+    traffic = _Traffic(server.rest_url)
+    daemon: Daemon | None = None
     try:
-        _wait_for_scrapes(url, proc, tmp / "prometheus.log")
+        rest = server.rest_url
+        traffic.start()
+        # A second model whose only version fails to load: modelloop_model_load_failures_total.
+        _publish(repo, "broken", 1, broken=True)
+        # An alert starts a real retrain: modelloop_retrain_runs_total once it ends.
+        alert = json.loads((TESTDATA / "alertmanager-firing.json").read_text())
+        r = httpx.post(
+            f"{rest}/monitoring/alerts", json=alert, headers={"authorization": f"Bearer {TOKEN}"}, timeout=30
+        )
+        assert r.status_code == 200 and "started" in r.text, r.text
+        assert wait_for(lambda: "modelloop_retrain_runs_total" in _metric_names(rest), timeout=600), (
+            server.output()[-3000:]
+        )
+        # A new version: a canary beside version 1 (its steps wait for more requests than come).
+        _publish(repo, "digits", 2)
+        wanted = _dashboard_metrics()
+        assert wait_for(lambda: wanted <= _metric_names(rest), timeout=120), (
+            sorted(wanted - _metric_names(rest)),
+            traffic.errors[-3:],
+            server.output()[-3000:],
+        )
+        config = root / "prometheus.yml"
+        config.write_text(
+            "global: {scrape_interval: 1s, evaluation_interval: 1s}\n"
+            "scrape_configs:\n"
+            "  - job_name: modelloop\n"
+            f"    static_configs: [{{targets: ['{rest.removeprefix('http://')}']}}]\n"
+        )
+        daemon = Daemon.start(
+            [
+                binary,
+                f"--config.file={config}",
+                f"--storage.tsdb.path={root / 'data'}",
+                "--web.listen-address=127.0.0.1:0",
+            ],
+            root / "prometheus.log",
+        )
+        url = daemon.url
+        scrapes = 'count_over_time(up{job="modelloop"}[1m])'
+
+        def scraped() -> bool:
+            try:
+                status, body = _query(url, scrapes)
+            except (urllib.error.URLError, ConnectionError, ValueError):  # not ready: 503, no JSON
+                return False
+            result = body["data"]["result"] if status == 200 else []
+            return bool(result) and float(result[0]["value"][1]) >= 4
+
+        assert wait_for(scraped, timeout=60), daemon.tail()
         yield url
     finally:
-        stop_process(proc)
-        log.close()
-        exporter.shutdown()
-        exporter.server_close()
-
-
-def _wait_for_scrapes(url: str, proc: subprocess.Popen[bytes], log: Path) -> None:
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            pytest.fail(f"prometheus exited with {proc.returncode}:\n{log.read_text()[-2000:]}")
-        try:
-            status, body = _query(url, 'count_over_time(up{job="modelloop"}[1m])')
-            result = body["data"]["result"] if status == 200 else []
-            if result and float(result[0]["value"][1]) >= 4:
-                return
-        except (urllib.error.URLError, ConnectionError):
-            pass
-        time.sleep(0.25)
-    pytest.fail(f"prometheus did not scrape the exporter within 30 s:\n{log.read_text()[-2000:]}")
+        traffic.halt.set()
+        traffic.join(timeout=60)
+        if daemon is not None:
+            daemon.stop()
+        server.stop()
 
 
 def _query(url: str, expr: str) -> tuple[int, dict[str, Any]]:

@@ -28,7 +28,6 @@ from modelloop.monitoring.store import (
     check_targets,
     open_store,
 )
-from tests.monitoring.monhelpers import free_port
 
 
 def rec(rid: str, rows: int = 1, version: int = 1, task: str = "multiclass", created: float | None = None):
@@ -283,14 +282,15 @@ def test_unknown_scheme_is_refused():
 def test_unreachable_postgres_is_unavailable_and_hides_the_password():
     import socket
 
+    # Bound for the whole test and never listened on: connections to it are refused.
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    store = open_store(f"postgresql://u:secret@127.0.0.1:{port}/db")
-    with pytest.raises(StoreUnavailable) as info:
-        store.add_feedback("digits", [FeedbackItem("a", [1])])
-    assert "secret" not in info.value.message and f"127.0.0.1:{port}" in info.value.message
-    store.close()
+        store = open_store(f"postgresql://u:secret@127.0.0.1:{port}/db")
+        with pytest.raises(StoreUnavailable) as info:
+            store.add_feedback("digits", [FeedbackItem("a", [1])])
+        assert "secret" not in info.value.message and f"127.0.0.1:{port}" in info.value.message
+        store.close()
 
 
 def test_postgres_replicas_share_labels_and_race_safely(postgres_url: str):
@@ -465,19 +465,33 @@ def test_postgres_bad_url_is_unavailable_and_hides_the_password():
 
 
 class _TcpProxy:
-    """Forwards a loopback port to the test cluster; stopping it is the database going away."""
+    """Forwards a loopback port to the test cluster; stopping it is the database going away.
 
-    def __init__(self, port: int, target: int) -> None:
-        self.port, self.target = port, target
+    The port is bound from the start and stays bound while the proxy is stopped (a bound
+    socket that does not listen refuses connections), so no other process can take it.
+    """
+
+    def __init__(self, target: int) -> None:
+        self.target = target
         self._stop = threading.Event()
         self._sockets: list[socket.socket] = []
         self._threads: list[threading.Thread] = []
-        self._listener: socket.socket | None = None
+        self._listener = self._bind(0)
+        self.port = int(self._listener.getsockname()[1])
+        self._listening = False
+
+    @staticmethod
+    def _bind(port: int) -> socket.socket:
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(("127.0.0.1", port))
+        return sock
 
     def start(self) -> _TcpProxy:
         self._stop.clear()
-        self._listener = socket.create_server(("127.0.0.1", self.port))
+        self._listener.listen()
         self._listener.settimeout(0.05)
+        self._listening = True
         self._spawn(self._accept)
         return self
 
@@ -490,9 +504,16 @@ class _TcpProxy:
             with contextlib.suppress(OSError):
                 sock.shutdown(socket.SHUT_RDWR)
             sock.close()
-        if self._listener is not None:
+        if self._listening:
+            # A listening socket cannot stop listening: a new one holds the port, unlistened.
             self._listener.close()
+            self._listener = self._bind(self.port)
+            self._listening = False
         self._sockets, self._threads = [], []
+
+    def close(self) -> None:
+        self.stop()
+        self._listener.close()
 
     def _spawn(self, target, *args) -> None:
         thread = threading.Thread(target=target, args=args, daemon=True)
@@ -500,7 +521,6 @@ class _TcpProxy:
         thread.start()
 
     def _accept(self) -> None:
-        assert self._listener is not None
         while not self._stop.is_set():
             try:
                 client, _ = self._listener.accept()
@@ -530,11 +550,11 @@ class _TcpProxy:
 
 
 def test_postgres_store_starts_while_the_database_is_down_and_recovers(postgres_cluster, postgres_url):
-    port = free_port()
+    proxy = _TcpProxy(postgres_cluster.port)
+    port = proxy.port
     name = postgres_url.rsplit("/", 1)[1]
     # Nothing listens on `port` yet: opening the store must not connect.
     store = open_store(f"postgresql://postgres:secret@127.0.0.1:{port}/{name}")
-    proxy = _TcpProxy(port, postgres_cluster.port)
     try:
         with pytest.raises(StoreUnavailable) as info:
             store.count_labels("digits", 1)
@@ -556,7 +576,7 @@ def test_postgres_store_starts_while_the_database_is_down_and_recovers(postgres_
         assert store.count_labels("digits", 1) == 2
     finally:
         store.close()
-        proxy.stop()
+        proxy.close()
 
 
 def probs(rows: int, cls: int, top: float) -> list[list[float]]:
@@ -707,10 +727,10 @@ def test_the_wal_switch_gives_up_on_other_errors_and_after_the_busy_timeout(
     assert other.calls == 1
     monkeypatch.setattr("modelloop.monitoring.store._SQLITE_BUSY_TIMEOUT_S", 0.2)
     forever = _LockedCursor(locked=10**6)
-    started = time.monotonic()
     with pytest.raises(sqlite3.OperationalError, match="locked"):
         _switch_to_wal(forever)  # type: ignore[arg-type]
-    assert forever.calls > 1 and time.monotonic() - started < 2
+    # It retried, and gave up long before the million locked answers ran out.
+    assert 1 < forever.calls < 10**6
 
 
 def test_two_processes_create_one_store_together(tmp_path: Path) -> None:

@@ -26,15 +26,19 @@ TEMPLATE = REPO_ROOT / "k8s" / "base" / "retrain-job-template.yaml"
 def fake_python(tmp_path: Path, body: str) -> str:
     """An executable that stands in for ``python -m modelloop retrain``: it logs its argv."""
     script = tmp_path / "fake-python"
-    script.write_text(f"#!{sys.executable}\nimport json, sys, time\n{body}\n")
+    script.write_text(f"#!{sys.executable}\nimport json, os, sys, time\n{body}\n")
     script.chmod(script.stat().st_mode | stat.S_IEXEC)
     return str(script)
 
 
 async def test_subprocess_trigger_reports_the_outcome_without_blocking(tmp_path: Path):
+    # The child finishes only once the test opens its gate, which the test does after start()
+    # returned: a start() that waited for the child would never return (the bound says so).
+    gate = tmp_path / "gate"
     python = fake_python(
         tmp_path,
-        "time.sleep(0.5)\n"
+        "deadline = time.monotonic() + 120\n"
+        f"while not os.path.exists({str(gate)!r}) and time.monotonic() < deadline: time.sleep(0.01)\n"
         "print('training...')\n"
         "print(json.dumps({'outcome': 'blessed', 'version': 2, 'argv': sys.argv[1:]}))\n"
         "sys.exit(0)",
@@ -47,14 +51,12 @@ async def test_subprocess_trigger_reports_the_outcome_without_blocking(tmp_path:
         python=python,
         on_finish=finished.append,
     )
-    loop = asyncio.get_running_loop()
-    t0 = loop.time()
-    await trigger.start("digits", reason="ModelDriftDetected")
-    assert loop.time() - t0 < 0.4  # start returns once the child is spawned
+    await asyncio.wait_for(trigger.start("digits", reason="ModelDriftDetected"), timeout=30)
     assert trigger.running() == ["digits"]
     with pytest.raises(TriggerError, match="already running"):
         await trigger.start("digits")
-    runs = await trigger.wait_idle(timeout=10)
+    gate.touch()
+    runs = await trigger.wait_idle(timeout=60)
     assert [r.outcome for r in runs] == ["blessed"] and finished == runs
     assert runs[0].result["argv"] == [
         "-m",

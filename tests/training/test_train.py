@@ -177,6 +177,7 @@ def test_kfold_reports_mean_and_std(train_run):
     assert 0.8 < kfold["mean"] <= 1.0
 
 
+@pytest.mark.trains
 def test_a_user_spec_s_constant_feature_is_floored_and_recorded(tmp_path):
     spec = load_spec(str(SPECS / "sequential_spec.py"))
     data = spec.load_data()
@@ -202,6 +203,7 @@ def test_each_keras_api_trains_from_a_user_spec(train_run, api):
     assert (run / "model.keras").is_file()
 
 
+@pytest.mark.trains
 def test_extra_rows_are_appended_to_training(tmp_path):
     spec = load_spec(str(SPECS / "sequential_spec.py"))
     extra = Dataset(np.full((7, 4), 100.0, dtype=np.float32), np.zeros(7, dtype=np.int64), list("abcd"))

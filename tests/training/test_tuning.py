@@ -78,6 +78,7 @@ def test_every_builtin_model_can_overfit_a_small_subset(name: str):
     assert capacity["train"] >= capacity["target"]
 
 
+@pytest.mark.trains
 def test_capacity_check_reports_a_model_that_cannot_fit():
     spec = load_spec(str(SPECS / "sequential_spec.py"))
     rng = np.random.default_rng(0)
