@@ -23,7 +23,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.e2e.browser import CHROMIUM, open_browser
+from tests.e2e.browser import open_browser
 from tests.e2e.serverproc import ServerProcess, start_server
 
 pytestmark = pytest.mark.slow
@@ -80,8 +80,6 @@ def _digits_requests(rest: str) -> float:
 
 
 def test_a_cross_site_page_can_neither_predict_nor_label(server: ServerProcess) -> None:
-    if not Path(CHROMIUM).exists():
-        pytest.skip("chromium is not installed (Debian package chromium)")
     rest = server.rest_url
     page = _page(rest)
 
