@@ -37,6 +37,8 @@ from tests.e2e.serverproc import ServerProcess, start_server
 TOKEN = "schema-token-0123456789"
 GENERATED_PER_OPERATION = 25
 CHECKS = [not_a_server_error, status_code_conformance, content_type_conformance, response_schema_conformance]
+CUDA_SHM = "/v2/cudasharedmemory"
+UNAVAILABLE_BY_DESIGN_CHECKS = [c for c in CHECKS if c is not not_a_server_error]
 # Path parameters that address the served model, so that generated bodies reach its decoder
 # and the examples get real answers. Admin routes keep generated names: unloading digits
 # would take it away from every other operation.
@@ -94,8 +96,10 @@ def test_every_answer_conforms_to_the_documented_schema(schema_server: ServerPro
         def exercise(case: schemathesis.Case) -> None:
             response = case.call(base_url=url, headers=headers, timeout=30)
             outcomes[(case.operation.label, response.status_code)] += 1
+            # CUDA shared memory answers 503 (documented) on every machine: UNAVAILABLE is its answer.
+            checks = UNAVAILABLE_BY_DESIGN_CHECKS if case.operation.path.startswith(CUDA_SHM) else CHECKS
             try:
-                case.validate_response(response, checks=CHECKS, headers=headers)
+                case.validate_response(response, checks=checks, headers=headers)
             except FailureGroup as failure:  # every check that failed, explained
                 failures.append(f"{case.method} {case.formatted_path} -> {response.status_code}: {failure}")
 
