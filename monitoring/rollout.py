@@ -22,10 +22,12 @@ The guardrails, over everything the rollout served so far (every worker's):
 - **latency**: the candidate's p99 model-call latency over the champion's, from histograms
   with 10 % buckets, leaving out each version's first 20 calls in each process (they
   run while a freshly loaded version settles). Judged once both have
-  ``step_min_requests`` calls, and at least 50. The candidate's p99 is above
-  ``max_latency_ratio`` x the champion's when more than 1 % of its calls are slower than
-  that: a breach when the one-sided Wilson lower bound of that share exceeds 1 %. A step
-  passes only once latency has been judged without a breach.
+  ``step_min_requests`` calls, and at least 50. A call is slow when it is slower than
+  ``max_latency_ratio`` x the champion's p99 and at least ``min_latency_difference_ms``
+  more; a breach when the one-sided Wilson lower bound of the candidate's slow share exceeds
+  the upper bound of the champion's slow share, over the same limit in the same window, by
+  more than 1 % (contention that slows both is no breach). A step passes only once latency
+  has been judged without a breach.
 - **accuracy** (classifiers), from the feedback labels on the requests each version
   answered during the rollout: the Newcombe hybrid score bound (Wilson intervals of both
   accuracies, combined, "method 10") on the difference candidate − champion, one-sided at
@@ -298,16 +300,28 @@ def judge(
         # The candidate's p99 is above max_latency_ratio x the champion's when more than
         # 1 % of its calls are slower than that: judged on the Wilson lower bound of that
         # share, so that a few slow calls in a small sample are not a breach.
-        limit = policy.max_latency_ratio * champ_p99
+        # Contention that slows every call of the process (a burst on a busy host) slows
+        # the champion's calls in the same window too: the candidate's share of slow calls
+        # is judged against the champion's share over the same limit, and a call is slow
+        # only when it is also min_latency_difference_ms slower than the champion's p99.
+        limit = max(
+            policy.max_latency_ratio * champ_p99, champ_p99 + policy.min_latency_difference_ms / 1000.0
+        )
+        calls = sum(candidate.latency.values())
         slower = sum(n for b, n in candidate.latency.items() if latency_floor(b) >= limit)
-        share_low, _ = wilson_interval(slower, sum(candidate.latency.values()), z)
+        champ_calls = sum(champion.latency.values())
+        champ_slower = sum(n for b, n in champion.latency.items() if latency_floor(b) >= limit)
+        share_low, _ = wilson_interval(slower, calls, z)
+        _, champ_high = wilson_interval(champ_slower, champ_calls, z)
         values["latency_slower_share_lower"] = share_low
-        if share_low > 0.01:
+        values["champion_slower_share_upper"] = champ_high
+        if share_low - champ_high > 0.01:
             breaches.append(
                 f"p99 latency {cand_p99 * 1000:.3f} ms, {ratio:.2f}x the champion's "
-                f"{champ_p99 * 1000:.3f} ms: {slower} of {sum(candidate.latency.values())} calls slower "
-                f"than max_latency_ratio {policy.max_latency_ratio:g} x its p99 "
-                f"(lower bound {share_low:.3f} > 0.01)"
+                f"{champ_p99 * 1000:.3f} ms: {slower} of {calls} calls slower than {limit * 1000:.3f} ms "
+                f"(max_latency_ratio {policy.max_latency_ratio:g} x its p99, at least "
+                f"{policy.min_latency_difference_ms:g} ms more), against {champ_slower} of {champ_calls} "
+                f"of the champion's (lower bound {share_low:.3f} - upper bound {champ_high:.3f} > 0.01)"
             )
     # Accuracy or MAE.
     accuracy_ok = not labels_expected

@@ -265,6 +265,9 @@ class RolloutPolicy(BaseModel):
     """Largest rise of MAE over the champion's (regressors), relative: 0.1 = 10 % worse."""
     max_latency_ratio: float = Field(default=2.0, ge=1.0)
     """Highest ratio of the candidate's p99 model latency to the champion's."""
+    min_latency_difference_ms: float = Field(default=2.0, ge=0.0)
+    """A call is slow only if it is also this much slower than the champion's p99: a few
+    milliseconds of scheduling noise never roll a candidate back."""
     confidence: float = Field(default=0.95, gt=0.5, lt=1.0)
     """Confidence of the one-sided bounds the guardrails use."""
 

@@ -75,6 +75,35 @@ def test_verdicts() -> None:
     assert shadow.action == "hold"
 
 
+def timed(calls: dict[float, int]) -> VersionEvidence:
+    """Evidence of calls that took these milliseconds (ms -> calls)."""
+    latency: dict[int, int] = {}
+    for ms, n in calls.items():
+        b = latency_bucket(ms / 1000)
+        latency[b] = latency.get(b, 0) + n
+    total = sum(calls.values())
+    return VersionEvidence(requests=total, errors=0, step_requests=total, latency=latency)
+
+
+def test_the_latency_guardrail_compares_slow_calls_with_the_champions_in_the_same_window() -> None:
+    policy = POLICY.model_copy(update={"max_latency_ratio": 3.0, "min_latency_difference_ms": 2.0})
+    # A burst on a busy host: 4 % of both versions' calls took 12 ms instead of 0.6 ms.
+    burst_champion = timed({0.6: 960, 12.0: 40})
+    burst_candidate = timed({0.6: 115, 12.0: 5})
+    both = judge(policy, "canary", burst_champion, burst_candidate, labels_expected=False)
+    assert both.action == "promote", both.reason
+    # The same few slow calls with a quiet champion: a breach (the candidate alone was slow).
+    quiet_champion = timed({0.6: 1000})
+    alone = judge(policy, "canary", quiet_champion, timed({0.6: 100, 12.0: 20}), labels_expected=False)
+    assert alone.action == "rollback" and "against 0 of 1000" in alone.reason
+    # A candidate truly over 3 x the champion's p99 (12 ms with the bursts) is rolled back.
+    slow = judge(policy, "canary", burst_champion, timed({40.0: 120}), labels_expected=False)
+    assert slow.action == "rollback" and "p99 latency" in slow.reason
+    # 3 x slower but by less than min_latency_difference_ms: scheduling noise, not a breach.
+    near = judge(policy, "canary", quiet_champion, timed({1.9: 120}), labels_expected=False)
+    assert near.action == "promote", near.reason
+
+
 class Catalog:
     """Two AVAILABLE versions of digits, and a config section that tests change."""
 
