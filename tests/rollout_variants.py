@@ -102,6 +102,10 @@ def publish_variant(repo: Path, kind: str, version: int, *, source: int = 1, mod
     staging.parent.mkdir(parents=True, exist_ok=True)
     shutil.copytree(repo / model / str(source), staging)
     onnx.save(variant_model(staging / "model.onnx", kind), str(staging / "model.onnx"))
+    if kind == "raises":
+        # A version whose shipped warm-up samples fail never loads (as in TF Serving): this
+        # variant must load and then fail under live traffic, so it ships none.
+        (staging / "warmup.json").unlink(missing_ok=True)
     target = repo / model / str(version)
     os.rename(staging, target)
     return target

@@ -201,7 +201,11 @@ def prometheus_url(tmp_path_factory: pytest.TempPathFactory, digits_repo: Path) 
         traffic.start()
         # A second model whose only version fails to load: modelloop_model_load_failures_total.
         _publish(repo, "broken", 1, broken=True)
-        # An alert starts a real retrain: modelloop_retrain_runs_total once it ends.
+        # An alert starts a real retrain (modelloop_retrain_runs_total once it ends), once the
+        # traffic's labels are in: a drift alert without new trusted labels retrains nothing.
+        assert wait_for(lambda: "modelloop_feedback_total" in _metric_names(rest), timeout=120), (
+            traffic.errors
+        )
         alert = json.loads((TESTDATA / "alertmanager-firing.json").read_text())
         r = httpx.post(
             f"{rest}/monitoring/alerts", json=alert, headers={"authorization": f"Bearer {TOKEN}"}, timeout=30

@@ -17,6 +17,7 @@ from modelloop.monitoring.settings import MonitoringSettings
 from modelloop.monitoring.store import FeedbackItem, FeedbackResult, StoreUnavailable
 from modelloop.serving.rest.app import create_app, render_status_page
 from modelloop.serving.settings import ServingSettings
+from modelloop.serving.shared_memory import SystemSharedMemory
 from modelloop.serving.types import InferRequest, InferResponse, ModelState, Protocol, VersionStatus
 from modelloop.tokens import TokenMatcher
 from tests.monitoring.monhelpers import DigitsData, FakeCatalog, write_version
@@ -29,6 +30,7 @@ class StubDataPlane:
 
     def __init__(self, catalog: FakeCatalog) -> None:
         self.catalog = catalog
+        self.shared_memory = SystemSharedMemory()
 
     def server_metadata(self) -> dict:
         return {"name": "modelloop", "version": "test", "extensions": []}
