@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import signal
 import sqlite3
 import threading
@@ -32,6 +33,7 @@ PLANE_ENV = {
     "MODELLOOP_MONITORING_MIN_ROWS": "100",
 }
 DRIFTED = 600
+UNION = "union"
 
 
 @dataclass
@@ -48,14 +50,19 @@ class Fleet:
 
 @pytest.fixture(scope="module")
 def fleet(digits_repo: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
-    state = tmp_path_factory.mktemp("fleet-state")
-    plane = start_monitor(digits_repo, "--state-dir", str(state), env=PLANE_ENV)
+    root = tmp_path_factory.mktemp("fleet")
+    state, repo = root / "state", root / "repo"
+    shutil.copytree(digits_repo, repo, ignore=shutil.ignore_patterns(".staging", ".publish.lock"))
+    # A model of its own for the drift test, so that the other tests' traffic (in any order)
+    # never reaches its window.
+    shutil.copytree(repo / "digits", repo / UNION)
+    plane = start_monitor(repo, "--state-dir", str(state), env=PLANE_ENV)
     replicas: list[ServerProcess] = []
     try:
         for _ in range(2):
             replicas.append(
                 start_server(
-                    digits_repo,
+                    repo,
                     "--state-dir",
                     str(state),
                     "--control-plane",
@@ -65,7 +72,7 @@ def fleet(digits_repo: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterat
                     timeout=180,
                 )
             )
-        fleet = Fleet(digits_repo, state, plane, replicas)
+        fleet = Fleet(repo, state, plane, replicas)
         yield fleet
         plane = fleet.plane  # a test may have restarted it
     finally:
@@ -82,9 +89,9 @@ def _drifted_rows() -> np.ndarray:
     return np.clip(rows * 1.6 + rng.normal(0, 2.0, rows.shape), 0, 16).astype(np.float32)
 
 
-def _predict(url: str, client: httpx.Client, rid: str, row: np.ndarray) -> list[float]:
+def _predict(url: str, client: httpx.Client, rid: str, row: np.ndarray, model: str = "digits") -> list[float]:
     r = client.post(
-        f"{url}/v1/models/digits:predict",
+        f"{url}/v1/models/{model}:predict",
         json={"instances": [row.tolist()]},
         headers={"x-request-id": rid},
         timeout=30,
@@ -102,17 +109,17 @@ def test_the_control_plane_sees_every_replicas_traffic_once(fleet: Fleet) -> Non
     try:
         for i, row in enumerate(rows):
             # Alternate replicas; each replica's kernel spreads connections over its workers.
-            outputs.append(_predict(fleet.replicas[i % 2].rest_url, clients[i % 2], f"d{i}", row))
+            outputs.append(_predict(fleet.replicas[i % 2].rest_url, clients[i % 2], f"d{i}", row, UNION))
     finally:
         for client in clients:
             client.close()
-    labels = {"model": "digits", "version": "1"}
+    labels = {"model": UNION, "version": "1"}
     assert wait_for(
         lambda: fleet.plane.metric("modelloop_monitoring_window_rows", **labels) >= DRIFTED, timeout=90
     ), fleet.plane.output()[-3000:]
     assert fleet.plane.metric("modelloop_monitoring_window_rows", **labels) == DRIFTED
     # The same traffic judged in one place, with the baseline the version shipped.
-    baseline = json.loads((fleet.repo / "digits" / "1" / "baseline.json").read_text())
+    baseline = json.loads((fleet.repo / UNION / "1" / "baseline.json").read_text())
     expected = DriftDetector(baseline).evaluate(rows.astype(np.float64), np.argmax(outputs, axis=1))
 
     def share() -> float:
