@@ -34,12 +34,12 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
+from modelloop.logformat import decode_segment
 from modelloop.monitoring.history import LoggedTraffic
 from modelloop.monitoring.metrics import MonitoringMetrics
 from modelloop.monitoring.observer import MonitoringObserver
 from modelloop.monitoring.predlog_store import SqlPredictionLog
 from modelloop.monitoring.store import StoreUnavailable
-from modelloop.serving.predlog import decode_segment
 
 logger = logging.getLogger(__name__)
 

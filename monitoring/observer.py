@@ -42,10 +42,10 @@ from typing import Any
 
 import numpy as np
 
+from modelloop.logformat import input_digest
 from modelloop.monitoring.metrics import MonitoringMetrics
 from modelloop.monitoring.store import PredictionRecord, PredictionStore, StoreUnavailable
 from modelloop.monitoring.window import WindowSet
-from modelloop.serving.predlog import input_digest
 from modelloop.serving.types import InferRequest, InferResponse
 
 logger = logging.getLogger(__name__)

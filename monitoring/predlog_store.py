@@ -39,8 +39,8 @@ import pyarrow.parquet as pq
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
+from modelloop.logformat import LOG_SCHEMA, decode_segment
 from modelloop.monitoring.store import SqlPredictionStore
-from modelloop.serving.predlog import LOG_SCHEMA, decode_segment
 
 CURSOR = "monitor"
 """The control plane's cursor name."""

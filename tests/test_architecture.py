@@ -18,6 +18,7 @@ PACKAGES = ("training", "export", "serving", "monitoring")
 LEAVES = (
     "modelloop.errors",
     "modelloop.layout",
+    "modelloop.logformat",
     "modelloop.storage",
     "modelloop.tokens",
     "modelloop.web",
@@ -130,9 +131,7 @@ def test_serving_never_imports_monitoring_training_or_export() -> None:
 
 
 def test_monitoring_reaches_serving_only_through_types_observer_and_log_format() -> None:
-    # serving.predlog is the prediction log's record format (LOG_SCHEMA): serving writes it,
-    # the control plane reads it.
-    allowed = ("modelloop.serving.types", "modelloop.serving.observer", "modelloop.serving.predlog")
+    allowed = ("modelloop.serving.types", "modelloop.serving.observer")
     bad = [
         i
         for i in ALL
