@@ -121,14 +121,17 @@ def test_drift_alert_retrains_and_serves_v2(tmp_path: Path, digits_repo: Path):
         "step_min_requests": 20,
         "min_labels": 10,
         "max_accuracy_drop": 0.2,
-        # The latency guardrail has its own test (a slow candidate, tests/e2e/test_rollout_e2e.py).
-        # Here the candidate has 20-50 calls per step on a machine busy with Prometheus,
-        # Alertmanager and a retrain that just ended; with 3 x, one CI run rolled this good
-        # candidate back (most likely on latency: that run did not keep the reason, which the
-        # assertion below now prints), so this walk allows 10 x.
-        "max_latency_ratio": 10.0,
+        # The default latency guardrail: a call counts as slow only when it is also 2 ms slower
+        # than the champion's p99, judged against the champion's slow share in the same window.
+        "max_latency_ratio": 3.0,
     }
-    (repo / "digits" / "config.json").write_text(json.dumps({"retrain": {"epochs": 5}, "rollout": rollout}))
+    (repo / "digits" / "config.json").write_text(
+        json.dumps(
+            # A 5-epoch retrain is judged on accuracy here; the per-class margin has its own tests
+            # (tests/test_retrain.py) and can reject a short retrain on one weak class.
+            {"retrain": {"epochs": 5, "class_margin": 1.0}, "rollout": rollout}
+        )
+    )
     daemons: list[Daemon] = []
     server: ServerProcess | None = None
     env = {
