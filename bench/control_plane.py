@@ -12,8 +12,13 @@ images makes them), the reader pinned to one CPU (``BENCH_SERVER_CPUS``, default
   ``--rate`` predictions per second, for ``--lag-duration`` seconds, while the reader runs
   as the control plane runs it (its thread, its interval). For each prediction, the time
   from its answer to its arrival in the drift window. Target: p99 within 5 s at 5,000/s.
+- **no drop** (``--no-drop SECONDS``, 180 for the issue's figure): ``modelloop serve`` with
+  its defaults on the server CPU, wrk at 32 connections on the load CPU for that long, then
+  the server's ``modelloop_monitoring_dropped_total`` and the predictions its log stored
+  against the requests it answered. Target: nothing dropped, every answer stored.
 
-Run: ``python -m bench.control_plane`` (about a minute); ``--json FILE`` keeps the figures.
+Run: ``python -m bench.control_plane`` (about a minute; ``--no-drop 180`` adds four);
+``--json FILE`` keeps the figures.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sqlite3
 import sys
 import tempfile
 import threading
@@ -32,6 +38,8 @@ from typing import Any
 import numpy as np
 from prometheus_client import CollectorRegistry
 
+from bench import loadgen, payloads, processes
+from bench.models import ensure_digits
 from modelloop.logformat import LogColumns, encode_batch, encode_segment
 from modelloop.monitoring.history import LoggedTraffic
 from modelloop.monitoring.ingest import LogIngest
@@ -64,6 +72,11 @@ class ControlPlaneFigures:
     lag_p50_s: float
     lag_p99_s: float
     lag_max_s: float
+    no_drop_s: float = 0.0
+    answered: int = 0
+    stored: int = 0
+    dropped: float = 0.0
+    no_drop_rps: float = 0.0
 
 
 def _segment(rng: np.random.Generator, first_id: int, n: int, t: float) -> bytes:
@@ -83,7 +96,7 @@ def _segment(rng: np.random.Generator, first_id: int, n: int, t: float) -> bytes
         for i in range(n)
     ]
     batch = encode_batch(items, LogColumns("pixels", "probabilities"))
-    assert batch is not None  # noqa: S101 - n > 0
+    assert batch is not None
     return encode_segment([batch])
 
 
@@ -173,11 +186,70 @@ def measure_lag(directory: Path, rate: float, duration: float) -> np.ndarray:
     return np.concatenate(lags) if lags else np.zeros(0)
 
 
-def run(requests: int, per_segment: int, rate: float, lag_duration: float) -> ControlPlaneFigures:
-    """Both points, in a temporary directory."""
+def _metric_sum(text: str, name: str) -> float:
+    """The sum of one metric's samples in a Prometheus text page."""
+    total = 0.0
+    for line in text.splitlines():
+        if line.startswith(name) and line[len(name)] in "{ ":
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+def measure_no_drop(directory: Path, seconds: float) -> tuple[int, int, float, float]:
+    """A default server at full speed for ``seconds``; what it answered, stored and dropped.
+
+    Returns:
+        ``(answered, stored, dropped, requests per second)``.
+    """
+    import httpx
+
+    _, repo = ensure_digits()
+    state = directory / "no-drop-state"
+    env = {"MODELLOOP_MONITORING_STATE_DIR": str(state), "MODELLOOP_MONITORING_TRIGGER": "none"}
+    argv = ["-m", "modelloop", "serve", "--repo", str(repo), "--rest-port", "0", "--grpc-port", "0"]
+    body = payloads.write_bodies(directory, "digits", "pixels", payloads.sample_row(payloads.DIGITS_FEATURES))
+    proc = processes.start("no-drop", argv, env=env)
+    try:
+        path = "/v1/models/digits:predict"
+        result = loadgen.run_wrk(
+            proc.rest_url, path, body["tfserving_rest"], connections=32, duration_s=seconds
+        )
+        page = httpx.get(f"{proc.rest_url}/metrics", timeout=10).text
+        answered = int(
+            sum(
+                float(line.rsplit(" ", 1)[1])
+                for line in page.splitlines()
+                if line.startswith("modelloop_requests_total{")
+                and 'code="OK"' in line
+                and 'model="digits"' in line
+            )
+        )
+        dropped = _metric_sum(page, "modelloop_monitoring_dropped_total")
+        # The server's own reader stores what its logger wrote; wait until it has all of it.
+        db = next(state.rglob("*.db"))
+        deadline = time.monotonic() + 120
+        stored = 0
+        while time.monotonic() < deadline:
+            with sqlite3.connect(db, timeout=30) as conn:
+                stored = int(
+                    conn.execute("SELECT count(*) FROM predictions WHERE model = 'digits'").fetchone()[0]
+                )
+            if stored >= answered:
+                break
+            time.sleep(1)
+        return answered, stored, dropped, result.requests / result.duration_s if result.duration_s else 0.0
+    finally:
+        proc.stop()
+
+
+def run(
+    requests: int, per_segment: int, rate: float, lag_duration: float, no_drop: float = 0.0
+) -> ControlPlaneFigures:
+    """The points, in a temporary directory."""
     with tempfile.TemporaryDirectory(prefix="modelloop-bench-cp-") as tmp:
         stored, wall, cpu = measure_throughput(Path(tmp), requests, per_segment)
         lags = measure_lag(Path(tmp), rate, lag_duration)
+        soak = measure_no_drop(Path(tmp), no_drop) if no_drop > 0 else (0, 0, 0.0, 0.0)
     return ControlPlaneFigures(
         predictions=stored,
         wall_s=wall,
@@ -189,6 +261,11 @@ def run(requests: int, per_segment: int, rate: float, lag_duration: float) -> Co
         lag_p50_s=float(np.percentile(lags, 50)) if lags.size else float("nan"),
         lag_p99_s=float(np.percentile(lags, 99)) if lags.size else float("nan"),
         lag_max_s=float(lags.max()) if lags.size else float("nan"),
+        no_drop_s=no_drop,
+        answered=soak[0],
+        stored=soak[1],
+        dropped=soak[2],
+        no_drop_rps=soak[3],
     )
 
 
@@ -196,6 +273,13 @@ def render(f: ControlPlaneFigures) -> str:
     """The figures and the two targets with verdicts, as Markdown."""
     ok = "met" if f.per_s_wall >= THROUGHPUT_TARGET else "NOT met"
     lag_ok = "met" if f.lag_p99_s <= LAG_TARGET_S else "NOT met"
+    soak: list[str] = []
+    if f.no_drop_s:
+        kept = "met" if f.dropped == 0 and f.stored >= f.answered else "NOT met"
+        soak = [
+            f"| {f.no_drop_s:g} s at 32 connections ({f.no_drop_rps:,.0f} req/s): dropped; stored/answered "
+            f"| {f.dropped:,.0f}; {f.stored:,} of {f.answered:,} | 0; all | {kept} |"
+        ]
     return "\n".join(
         [
             "| control plane (one core, SQLite) | value | target | verdict |",
@@ -205,6 +289,7 @@ def render(f: ControlPlaneFigures) -> str:
             f"| the same per s of the reader's CPU | {f.per_s_cpu:,.0f} | | |",
             f"| lag to the drift window at {f.lag_rate:,.0f}/s, p99 (p50, max) | {f.lag_p99_s:.2f} s "
             f"({f.lag_p50_s:.2f}, {f.lag_max_s:.2f}) | ≤ {LAG_TARGET_S:.0f} s | {lag_ok} |",
+            *soak,
         ]
     )
 
@@ -224,6 +309,9 @@ def main(argv: list[str] | None = None) -> int:
         "--rate", type=float, default=LAG_RATE, help="predictions per second of the lag point"
     )
     parser.add_argument("--lag-duration", type=float, default=30.0, help="seconds of the lag point")
+    parser.add_argument(
+        "--no-drop", type=float, default=0.0, help="seconds of a default server at full speed (0: skip)"
+    )
     parser.add_argument("--json", type=Path, default=None, help="write the figures here too")
     args = parser.parse_args(argv)
     cpus = os.environ.get("BENCH_SERVER_CPUS", "0")
@@ -231,7 +319,7 @@ def main(argv: list[str] | None = None) -> int:
         os.sched_setaffinity(0, {int(c) for c in cpus.split(",")})
     except (ValueError, OSError) as exc:
         print(f"cannot pin to CPU {cpus} ({exc}); running unpinned", file=sys.stderr)
-    figures = run(args.requests, args.per_segment, args.rate, args.lag_duration)
+    figures = run(args.requests, args.per_segment, args.rate, args.lag_duration, args.no_drop)
     print(render(figures))
     if args.json is not None:
         args.json.write_text(json.dumps(asdict(figures), indent=2) + "\n")
