@@ -33,8 +33,8 @@ def _hog(cpu: int) -> subprocess.Popen[bytes]:
     return subprocess.Popen(["taskset", "-c", str(cpu), sys.executable, "-c", "while True: pass"])
 
 
-def run_once(hog_cpus: list[int], junit: Path) -> dict[str, bool]:
-    """One pytest run of both tests under the hog; whether each passed."""
+def run_once(hog_cpus: list[int], junit: Path) -> dict[str, str]:
+    """One pytest run of both tests under the hog; "" for each test that passed, else why not."""
     hogs = [_hog(cpu) for cpu in hog_cpus]
     try:
         subprocess.run(
@@ -49,15 +49,16 @@ def run_once(hog_cpus: list[int], junit: Path) -> dict[str, bool]:
         for hog in hogs:
             hog.kill()
             hog.wait()
-    passed: dict[str, bool] = dict.fromkeys(TESTS, False)
+    outcome: dict[str, str] = dict.fromkeys(TESTS, "did not run")
     if not junit.is_file():
-        return passed
+        return outcome
     for case in ET.parse(junit).getroot().iter("testcase"):
         node = f"{case.get('classname', '').replace('.', '/')}.py::{case.get('name')}"
         for name, test in TESTS.items():
             if node == test:
-                passed[name] = not any(child.tag in ("failure", "error", "skipped") for child in case)
-    return passed
+                bad = [child for child in case if child.tag in ("failure", "error", "skipped")]
+                outcome[name] = (bad[0].get("message") or bad[0].tag)[:400] if bad else ""
+    return outcome
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -72,10 +73,12 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="modelloop-rollout-noise-") as tmp:
         for i in range(args.runs):
             started = time.monotonic()
-            passed = run_once(cpus, Path(tmp) / f"run-{i}.xml")
-            for name, ok in passed.items():
-                counts[name] += ok
-            verdicts = ", ".join(f"{name}: {'pass' if ok else 'FAIL'}" for name, ok in passed.items())
+            outcome = run_once(cpus, Path(tmp) / f"run-{i}.xml")
+            for name, why in outcome.items():
+                counts[name] += not why
+            verdicts = ", ".join(
+                f"{name}: {'FAIL (' + why + ')' if why else 'pass'}" for name, why in outcome.items()
+            )
             print(f"run {i + 1}/{args.runs} ({time.monotonic() - started:.0f} s): {verdicts}", flush=True)
     for name, n in counts.items():
         print(f"{name}: {n} of {args.runs} runs (CPU hog on CPU {args.hog_cpus}, {os.cpu_count()} CPUs)")

@@ -104,6 +104,21 @@ def test_the_latency_guardrail_compares_slow_calls_with_the_champions_in_the_sam
     assert near.action == "promote", near.reason
 
 
+def test_a_candidate_slow_on_most_calls_is_rolled_back_whatever_the_tail_does() -> None:
+    policy = POLICY.model_copy(update={"max_latency_ratio": 3.0, "min_latency_difference_ms": 2.0})
+    # A host so busy that a tenth of every version's calls wait 40 ms: the p99s are alike.
+    champion = timed({0.5: 900, 40.0: 100})
+    slow = judge(policy, "canary", champion, timed({5.0: 108, 40.0: 12}), labels_expected=False)
+    assert slow.action == "rollback" and "median latency" in slow.reason, slow.reason
+    assert "p99 latency" not in slow.reason
+    # The same host and a good candidate: the same median, the same tail.
+    good = judge(policy, "canary", champion, timed({0.5: 108, 40.0: 12}), labels_expected=False)
+    assert good.action == "promote", good.reason
+    # Half its calls slow is not "most of the time" beyond doubt.
+    half = judge(policy, "canary", champion, timed({0.5: 60, 5.0: 60}), labels_expected=False)
+    assert half.action == "promote", half.reason
+
+
 class Catalog:
     """Two AVAILABLE versions of digits, and a config section that tests change."""
 
