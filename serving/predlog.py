@@ -37,6 +37,7 @@ import collections
 import contextlib
 import json
 import logging
+import operator
 import random
 import threading
 import time
@@ -94,6 +95,9 @@ def repository_columns(repo: Path) -> Callable[[str, int], LogColumns]:
     return columns
 
 
+_version_key = operator.itemgetter(0, 1)
+
+
 class PredictionLogSink(Protocol):
     """Where segments go: :class:`~modelloop.monitoring.predlog_store.SqlPredictionLog` or object storage."""
 
@@ -145,12 +149,14 @@ class PredictionLogger:
         self._buffer: collections.deque[tuple[Any, ...]] = collections.deque()
         self._pending: collections.deque[tuple[bytes, int, dict[str, int]]] = collections.deque()
         self._column_cache: dict[tuple[str, int], LogColumns] = {}
-        self._sample_cache: dict[str, tuple[float, float]] = {}
+        self._rates: dict[str, float] = {}
+        self._rates_read = time.monotonic()
         self._wake = threading.Event()
         self._progress = threading.Condition()
         self._thread: threading.Thread | None = None
         self._stopping = False
-        self._enqueued = 0
+        # Requests taken from the buffer by the writer, and of those, in the sink or dropped.
+        self._taken = 0
         self._written = 0
         self._last_warning = 0.0
         self.dropped = 0
@@ -159,18 +165,26 @@ class PredictionLogger:
     # -- the request path ----------------------------------------------------------
 
     def observe(self, request: InferRequest, response: InferResponse) -> None:
-        """Buffers one answered request; never blocks and never raises."""
+        """Buffers one answered request; never blocks and never raises.
+
+        A few dictionary and deque operations: the sample rate comes from a dictionary the
+        writer thread empties every few seconds (so ``log_sample`` is read again), and the
+        tensors are kept by reference, for the writer to encode.
+        """
+        model = response.model
         if self._sample is not None:
-            rate = self._rate(response.model)
+            rate = self._rates.get(model)
+            if rate is None:
+                rate = self._rate(model)
             if rate < 1.0 and random.random() >= rate:
                 return
         buffer = self._buffer
         if len(buffer) >= self.queue_size:
-            self._drop(response.model, 1)
+            self._drop(model, 1)
             return
         buffer.append(
             (
-                response.model,
+                model,
                 response.version,
                 response.id,
                 time.time(),
@@ -180,18 +194,13 @@ class PredictionLogger:
                 request.trace,
             )
         )
-        self._enqueued += 1
 
     def _rate(self, model: str) -> float:
-        cached = self._sample_cache.get(model)
-        now = time.monotonic()
-        if cached is not None and cached[1] > now:
-            return cached[0]
         try:
             rate = float(self._sample(model)) if self._sample is not None else 1.0
         except (ServiceError, LookupError, ValueError, TypeError):  # a vanished model: log everything
             rate = 1.0
-        self._sample_cache[model] = (rate, now + _SAMPLE_TTL_S)
+        self._rates[model] = rate
         return rate
 
     def _drop(self, model: str, count: int) -> None:
@@ -234,7 +243,8 @@ class PredictionLogger:
         Returns:
             Whether it was, in time (False while the sink fails).
         """
-        target = self._enqueued
+        with self._progress:
+            target = self._taken + len(self._buffer)
         deadline = time.monotonic() + timeout
         self._wake.set()
         with self._progress:
@@ -266,8 +276,14 @@ class PredictionLogger:
                 return
 
     def _write_once(self) -> None:
+        now = time.monotonic()
+        if now - self._rates_read >= _SAMPLE_TTL_S:
+            self._rates_read = now
+            self._rates = {}  # observe reads each model's log_sample again
         buffer = self._buffer
-        taken = [buffer.popleft() for _ in range(len(buffer))]
+        with self._progress:  # flush() reads taken + buffered under the same lock
+            taken = [buffer.popleft() for _ in range(len(buffer))]
+            self._taken += len(taken)
         span = None
         if taken and tracing.TRACER is not None:
             traced = [item[7] for item in taken if item[7] is not None]
@@ -311,9 +327,15 @@ class PredictionLogger:
             self._progress.notify_all()
 
     def _encode(self, items: list[tuple[Any, ...]]) -> tuple[bytes, int, dict[str, int]]:
-        groups: dict[tuple[str, int], list[tuple[Any, ...]]] = {}
-        for item in items:
-            groups.setdefault((item[0], item[1]), []).append(item)
+        groups: dict[tuple[str, int], list[tuple[Any, ...]]]
+        first, last = items[0], items[-1]
+        keys = set(map(_version_key, items)) if (first[0], first[1]) == (last[0], last[1]) else None
+        if keys is not None and len(keys) == 1:  # one model version: the usual case
+            groups = {(first[0], first[1]): items}
+        else:
+            groups = {}
+            for item in items:
+                groups.setdefault((item[0], item[1]), []).append(item)
         batches: list[pa.RecordBatch] = []
         models: dict[str, int] = collections.Counter()
         for (model, version), members in groups.items():
