@@ -31,6 +31,7 @@ import socket
 import sys
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -48,6 +49,8 @@ from modelloop.monitoring.http import (
     create_feedback_router,
     create_health_router,
 )
+from modelloop.monitoring.predlog import PredictionLog
+from modelloop.monitoring.predlog_objects import ObjectPredictionLog
 from modelloop.monitoring.predlog_store import SqlPredictionLog
 from modelloop.monitoring.retraining import Retraining, build_retraining
 from modelloop.monitoring.rollout import RolloutController
@@ -224,12 +227,14 @@ class ModelServer:
                 ["model"],
                 registry=self.prometheus,
             )
+            sink = open_prediction_log(monitoring, self.log_store)
             self.prediction_logger = PredictionLogger(
-                SqlPredictionLog(self.log_store),
+                sink,
                 columns=repository_columns(settings.repo),
                 sample=lambda model: self.models.model_config(model).log_sample,
                 on_drop=lambda model, count: dropped.labels(model=model).inc(count),
                 queue_size=monitoring.queue_size,
+                **_segmenting(sink),
             )
             observer = observer if observer is not None else self.prediction_logger
             self.rollout_controller = RolloutController(
@@ -261,6 +266,7 @@ class ModelServer:
                     reads_log=leader,
                     # The other workers write their log buffers every 0.25 s.
                     peer_wait_s=0.0 if role is None else PEER_WAIT_S,
+                    open_log=partial(open_prediction_log, monitoring) if monitoring.log_url else None,
                 )
             except StoreUnavailable as exc:
                 raise ServerError(f"cannot open the monitoring store: {exc.message}") from exc
@@ -274,6 +280,7 @@ class ModelServer:
                     sample=lambda model: self.models.model_config(model).log_sample,
                     on_drop=lambda model, count: dropped.labels(model=model).inc(count),
                     queue_size=monitoring.queue_size,
+                    **_segmenting(service.log),
                 )
                 service.before_flush = self.prediction_logger.flush
             observer = observer if observer is not None else (self.prediction_logger or service.observer)
@@ -527,6 +534,28 @@ def _open_log_store(monitoring: MonitoringSettings) -> SqlPredictionStore:
     if not isinstance(store, SqlPredictionStore):
         raise ServerError("the prediction log needs a SQL store (sqlite:/// or postgresql://)")
     return store
+
+
+def open_prediction_log(monitoring: MonitoringSettings, store: SqlPredictionStore) -> PredictionLog[Any]:
+    """The prediction log: objects under ``log_url`` when set (the store keeps the reader's
+    position), else the store's own table.
+
+    Raises:
+        ServerError: ``log_url`` names an unsupported scheme.
+    """
+    if monitoring.log_url is None:
+        return SqlPredictionLog(store)
+    try:
+        return ObjectPredictionLog(monitoring.log_url, store=store)
+    except StorageError as exc:
+        raise ServerError(f"invalid prediction log URL: {exc}") from exc
+
+
+def _segmenting(log: object) -> dict[str, Any]:
+    """How long the logger gathers a segment: a few seconds per object in object storage."""
+    if isinstance(log, ObjectPredictionLog):
+        return {"segment_s": log.segment_s, "segment_bytes": log.segment_bytes}
+    return {}
 
 
 def _task_from_card(repo: Path) -> Callable[[str, int], str]:

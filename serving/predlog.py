@@ -126,6 +126,11 @@ class PredictionLogger:
         flush_interval_s: How often the writer turns the buffer into a segment.
             Defaults to 0.25.
         max_pending_segments: Segments kept while the sink fails. Defaults to 64.
+        segment_s: Seconds of traffic one segment may gather over several flushes (an
+            object log wants a few seconds per object); an explicit :meth:`flush` and
+            :meth:`stop` end the segment at once. Defaults to None: one segment per flush.
+        segment_bytes: With ``segment_s``, a segment also ends once its encoded batches
+            hold this many bytes. Defaults to 8 MiB.
     """
 
     def __init__(
@@ -138,6 +143,8 @@ class PredictionLogger:
         queue_size: int = 100_000,
         flush_interval_s: float = 0.25,
         max_pending_segments: int = 64,
+        segment_s: float | None = None,
+        segment_bytes: int = 8 << 20,
     ) -> None:
         self.sink = sink
         self._columns = columns
@@ -146,6 +153,15 @@ class PredictionLogger:
         self.queue_size = queue_size
         self.flush_interval_s = flush_interval_s
         self.max_pending_segments = max_pending_segments
+        self.segment_s = segment_s
+        self.segment_bytes = segment_bytes
+        # The segment being gathered: its batches, requests, requests per model, bytes, start.
+        self._open: list[pa.RecordBatch] = []
+        self._open_count = 0
+        self._open_models: collections.Counter[str] = collections.Counter()
+        self._open_bytes = 0
+        self._open_since = 0.0
+        self._flush_asked = False
         self._buffer: collections.deque[tuple[Any, ...]] = collections.deque()
         self._pending: collections.deque[tuple[bytes, int, dict[str, int]]] = collections.deque()
         self._column_cache: dict[tuple[str, int], LogColumns] = {}
@@ -246,6 +262,7 @@ class PredictionLogger:
         with self._progress:
             target = self._taken + len(self._buffer)
         deadline = time.monotonic() + timeout
+        self._flush_asked = True
         self._wake.set()
         with self._progress:
             while self._written < target:
@@ -253,13 +270,14 @@ class PredictionLogger:
                 if left <= 0 or self._thread is None:
                     return False
                 self._progress.wait(min(left, self.flush_interval_s))
+                self._flush_asked = True
                 self._wake.set()
         return True
 
     @property
     def pending(self) -> int:
         """Requests not yet in the sink."""
-        return len(self._buffer) + sum(n for _, n, _ in self._pending)
+        return len(self._buffer) + self._open_count + sum(n for _, n, _ in self._pending)
 
     # -- the writer ----------------------------------------------------------------
 
@@ -269,17 +287,18 @@ class PredictionLogger:
             self._wake.clear()
             stopping = self._stopping
             try:
-                self._write_once()
+                self._write_once(final=stopping)
             except Exception:  # the writer must outlive any bad request or bug
                 logger.exception("prediction logger failed on a segment")
             if stopping:
                 return
 
-    def _write_once(self) -> None:
+    def _write_once(self, final: bool = False) -> None:
         now = time.monotonic()
         if now - self._rates_read >= _SAMPLE_TTL_S:
             self._rates_read = now
             self._rates = {}  # observe reads each model's log_sample again
+        asked, self._flush_asked = self._flush_asked, False
         buffer = self._buffer
         with self._progress:  # flush() reads taken + buffered under the same lock
             taken = [buffer.popleft() for _ in range(len(buffer))]
@@ -292,16 +311,31 @@ class PredictionLogger:
                 span = tracing.start_log_write(traced, len(taken), models)
         try:
             if taken:
-                self._pending.append(self._encode(taken))
-                while len(self._pending) > self.max_pending_segments:
-                    _, count, models_dropped = self._pending.popleft()
-                    for model, n in models_dropped.items():
-                        self._drop(model, n)
-                    self._mark_written(count)
+                if not self._open_count:
+                    self._open_since = now
+                self._gather(taken)
+            if self._open_count and (final or asked or self._segment_full(now)):
+                self._close_segment()
             self._append_pending()
         finally:
             if span is not None:
                 span.end()
+
+    def _segment_full(self, now: float) -> bool:
+        if self.segment_s is None:
+            return True
+        return now - self._open_since >= self.segment_s or self._open_bytes >= self.segment_bytes
+
+    def _close_segment(self) -> None:
+        batches, count, models = self._open, self._open_count, dict(self._open_models)
+        self._open, self._open_count, self._open_bytes = [], 0, 0
+        self._open_models = collections.Counter()
+        self._pending.append(((encode_segment(batches) if batches else b""), count, models))
+        while len(self._pending) > self.max_pending_segments:
+            _, dropped, models_dropped = self._pending.popleft()
+            for model, n in models_dropped.items():
+                self._drop(model, n)
+            self._mark_written(dropped)
 
     def _append_pending(self) -> None:
         while self._pending:
@@ -326,7 +360,8 @@ class PredictionLogger:
             self._written += count
             self._progress.notify_all()
 
-    def _encode(self, items: list[tuple[Any, ...]]) -> tuple[bytes, int, dict[str, int]]:
+    def _gather(self, items: list[tuple[Any, ...]]) -> None:
+        """Encodes requests into record batches of the open segment (one per model version)."""
         groups: dict[tuple[str, int], list[tuple[Any, ...]]]
         first, last = items[0], items[-1]
         keys = set(map(_version_key, items)) if (first[0], first[1]) == (last[0], last[1]) else None
@@ -336,10 +371,9 @@ class PredictionLogger:
             groups = {}
             for item in items:
                 groups.setdefault((item[0], item[1]), []).append(item)
-        batches: list[pa.RecordBatch] = []
-        models: dict[str, int] = collections.Counter()
+        self._open_count += len(items)
         for (model, version), members in groups.items():
-            models[model] += len(members)
+            self._open_models[model] += len(members)
             try:
                 batch = encode_batch(members, self._columns_of(model, version))
             except Exception:
@@ -348,8 +382,8 @@ class PredictionLogger:
                 )
                 continue
             if batch is not None:
-                batches.append(batch)
-        return (encode_segment(batches) if batches else b""), len(items), dict(models)
+                self._open.append(batch)
+                self._open_bytes += batch.nbytes
 
     def _columns_of(self, model: str, version: int) -> LogColumns:
         key = (model, version)
