@@ -57,7 +57,7 @@ from modelloop.monitoring.retraining import Retraining, build_retraining
 from modelloop.monitoring.service import MonitoringService
 from modelloop.monitoring.settings import LabelerSettings, MonitoringSettings
 from modelloop.monitoring.store import StoreUnavailable
-from modelloop.server import PEER_WAIT_S, open_prediction_log
+from modelloop.server import open_prediction_log, peer_wait_s
 from modelloop.serving.errors import ModelNotFound
 from modelloop.serving.repository import ModelRepository
 from modelloop.serving.rest.errors import install_error_handlers
@@ -180,7 +180,7 @@ class ControlPlane:
                 reads_log=True,
                 traffic_from_log=True,
                 # Labels may arrive before the server that answered wrote its log buffer.
-                peer_wait_s=PEER_WAIT_S,
+                peer_wait_s=peer_wait_s(monitoring),
                 open_log=partial(open_prediction_log, monitoring) if monitoring.log_url else None,
             )
         except StoreUnavailable as exc:

@@ -50,7 +50,7 @@ from modelloop.monitoring.http import (
     create_health_router,
 )
 from modelloop.monitoring.predlog import PredictionLog
-from modelloop.monitoring.predlog_objects import ObjectPredictionLog
+from modelloop.monitoring.predlog_objects import SEGMENT_S, ObjectPredictionLog
 from modelloop.monitoring.predlog_store import SqlPredictionLog
 from modelloop.monitoring.retraining import Retraining, build_retraining
 from modelloop.monitoring.rollout import RolloutController
@@ -78,6 +78,11 @@ logger = logging.getLogger(__name__)
 
 PEER_WAIT_S = 0.6
 """How long a label for an unknown id waits for other servers' log buffers (written every 0.25 s)."""
+
+
+def peer_wait_s(monitoring: MonitoringSettings) -> float:
+    """:data:`PEER_WAIT_S`, plus the seconds a server gathers per object when the log is objects."""
+    return PEER_WAIT_S + (SEGMENT_S if monitoring.log_url else 0.0)
 
 
 @dataclass(frozen=True)
@@ -265,7 +270,7 @@ class ModelServer:
                     # One reader of the log per store: the only process, or worker 0.
                     reads_log=leader,
                     # The other workers write their log buffers every 0.25 s.
-                    peer_wait_s=0.0 if role is None else PEER_WAIT_S,
+                    peer_wait_s=0.0 if role is None else peer_wait_s(monitoring),
                     open_log=partial(open_prediction_log, monitoring) if monitoring.log_url else None,
                 )
             except StoreUnavailable as exc:

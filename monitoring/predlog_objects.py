@@ -63,6 +63,8 @@ from modelloop.storage import (
 
 SUFFIX = ".arrows"
 """An Arrow IPC stream (the log's segment format); pyarrow's ``ipc.open_stream`` and DuckDB read it."""
+SEGMENT_S = 2.0
+"""Seconds of traffic a writer gathers in one object (less when asked to flush)."""
 CURSOR = "monitor"
 """The control plane's cursor name (the log's URL is added to it)."""
 
@@ -154,7 +156,7 @@ class ObjectPredictionLog:
         filesystem: Any = None,
         grace_s: float = 60.0,
         retention_s: float = 86400.0,
-        segment_s: float = 2.0,
+        segment_s: float = SEGMENT_S,
         segment_bytes: int = 8 << 20,
     ) -> None:
         self.location: RepositoryLocation = parse_repository(url)
