@@ -112,7 +112,8 @@ class LogIngest:
             store's, or objects under a prefix.
         observer: Converts and stores the requests, and fills the drift windows.
         metrics: Where skipped segments and the backlog are exported.
-        interval_s: How often the thread looks for new segments. Defaults to 0.2.
+        interval_s: How often the thread looks for new segments. Defaults to None: the
+            log's ``poll_interval_s``.
         batch_segments: Most segments read at a time. Defaults to 32.
         prune: Whether this reader prunes the segments it read (one reader does).
             Defaults to True.
@@ -126,7 +127,7 @@ class LogIngest:
         observer: MonitoringObserver,
         metrics: MonitoringMetrics,
         *,
-        interval_s: float = 0.2,
+        interval_s: float | None = None,
         batch_segments: int = 32,
         prune: bool = True,
         traffic: LoggedTraffic | None = None,
@@ -135,7 +136,7 @@ class LogIngest:
         self.log = log
         self.observer = observer
         self.metrics = metrics
-        self.interval_s = interval_s
+        self.interval_s = log.poll_interval_s if interval_s is None else interval_s
         self.batch_segments = batch_segments
         self.prune = prune
         self._cursor: Any = None

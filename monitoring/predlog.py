@@ -24,6 +24,9 @@ class PredictionLog(Protocol[P]):
     """A prediction log: appended to by servers, read by the control plane. Every method may
     raise :class:`~modelloop.monitoring.store.StoreUnavailable`."""
 
+    poll_interval_s: float
+    """How often a reader looks for new segments (a listing of a bucket costs more than a query)."""
+
     def append(self, segment: bytes, *, rows: int) -> None:
         """Stores one segment durably (an Arrow IPC stream of ``rows`` rows), or raises."""
         ...

@@ -1,10 +1,10 @@
 """The prediction log in object storage: one object per segment under a prefix, for fleets.
 
 Each serving process writes its segments (Arrow IPC streams, :mod:`modelloop.logformat`) as
-objects under ``<prefix>/<yyyymmddHH>/``, named so that names sort by the time they were
+objects under ``<prefix>/<yyyymmddHH>/<MM>/``, named so that names sort by the time they were
 written and never collide::
 
-    <prefix>/2026120717/20261207T170512.123456Z-<host>-<pid>-<token>-000042.arrows
+    <prefix>/2026120717/05/20261207T170512.123456Z-<host>-<pid>-<token>-000042.arrows
 
 (UTC; ``<token>`` is random per process start, ``000042`` the process's sequence number). An
 object is never seen half-written: an S3 PUT is atomic, and on a local directory
@@ -12,10 +12,15 @@ object is never seen half-written: an S3 PUT is atomic, and on a local directory
 as big as the logger makes them (:class:`~modelloop.serving.predlog.PredictionLogger`'s
 ``segment_s`` and ``segment_bytes``: a few seconds or megabytes).
 
-The control plane reads the objects in name order. A slower writer's object can appear after
-newer ones were read (its PUT took longer, or its clock is behind), so a reader's position
-(:class:`ObjectCursor`) is the set of keys it read within ``grace_s`` of the newest one:
-each read lists the keys from that window on and takes those not in the set. The position
+The control plane reads the objects in name order. A read lists the hour prefixes, the minute
+prefixes of the hours from its position on, and the keys of those minutes: a few small
+listings, whatever the log holds, and it looks every ``poll_interval_s`` (1 s).
+
+A slower writer's object can appear after newer ones were read (its PUT took longer, or its
+clock is behind), so a reader's position (:class:`ObjectCursor`) is the set of keys it read
+within ``grace_s`` of the newest one (or of the reader's own clock, if that is earlier): each
+read lists the keys from that window on and takes those not in the set. Writers' clocks must
+agree with the reader's within ``grace_s``. The position
 is persisted in the store (``log_object_cursors``), so a restarted control plane reads each
 object once; what it stored twice after a crash keeps one row per ``(model, request_id)``.
 An object that arrives more than ``grace_s`` late is not read.
@@ -41,6 +46,7 @@ import os
 import posixpath
 import re
 import secrets
+import shutil
 import socket
 import threading
 import time
@@ -69,6 +75,8 @@ CURSOR = "monitor"
 """The control plane's cursor name (the log's URL is added to it)."""
 
 _HOUR = re.compile(r"^\d{10}$")
+_MINUTE = re.compile(r"^\d{2}$")
+_NAME = re.compile(r"^\d{8}T\d{6}\.\d{6}Z-.+" + re.escape(".arrows") + "$")
 _STAMP = "%Y%m%dT%H%M%S"
 _CURSORS = (
     "CREATE TABLE IF NOT EXISTS log_object_cursors "
@@ -86,6 +94,10 @@ def _hour(t: float) -> str:
     return datetime.fromtimestamp(t, UTC).strftime("%Y%m%d%H")
 
 
+def _folder(t: float) -> str:
+    return datetime.fromtimestamp(t, UTC).strftime("%Y%m%d%H/%M")
+
+
 def _stamp(t: float) -> str:
     moment = datetime.fromtimestamp(t, UTC)
     return f"{moment.strftime(_STAMP)}.{moment.microsecond:06d}Z"
@@ -93,7 +105,7 @@ def _stamp(t: float) -> str:
 
 def time_key(t: float) -> str:
     """The smallest key of an object written at or after the Unix time ``t``."""
-    return f"{_hour(t)}/{_stamp(t)}"
+    return f"{_folder(t)}/{_stamp(t)}"
 
 
 def key_time(key: str) -> float:
@@ -143,6 +155,8 @@ class ObjectPredictionLog:
             Defaults to one day.
         segment_s: Seconds of traffic a writer puts in one object. Defaults to 2.
         segment_bytes: Most bytes a writer puts in one object. Defaults to 8 MiB.
+        poll_interval_s: How often the control plane lists the prefix for new objects.
+            Defaults to 1.
 
     Raises:
         StorageError: The URL's scheme is not supported.
@@ -158,6 +172,7 @@ class ObjectPredictionLog:
         retention_s: float = 86400.0,
         segment_s: float = SEGMENT_S,
         segment_bytes: int = 8 << 20,
+        poll_interval_s: float = 1.0,
     ) -> None:
         self.location: RepositoryLocation = parse_repository(url)
         self.url = self.location.url if self.location.remote else f"file://{self._root_path()}"
@@ -166,6 +181,7 @@ class ObjectPredictionLog:
         self.retention_s = retention_s
         self.segment_s = segment_s
         self.segment_bytes = segment_bytes
+        self.poll_interval_s = poll_interval_s
         self._fs = filesystem
         self._writer = f"{_host()}-{os.getpid()}-{secrets.token_hex(3)}"
         self._seq = 0
@@ -228,8 +244,18 @@ class ObjectPredictionLog:
     def _hours(self, since: str = "") -> list[str]:
         return [h for h in self._names() if _HOUR.match(h) and h >= since[:10]]
 
-    def _keys(self, hour: str) -> list[str]:
-        return [f"{hour}/{n}" for n in self._names(hour) if n.endswith(SUFFIX)]
+    def _folders(self, since: str = "") -> Iterator[str]:
+        """The minute prefixes (``yyyymmddHH/MM``) from the one ``since`` falls in, in order."""
+        for hour in self._call("list", lambda: self._hours(since)):
+            minutes = self._call("list", lambda hour=hour: self._names(hour))
+            for minute in minutes:
+                folder = f"{hour}/{minute}"
+                if _MINUTE.match(minute) and folder >= since[:13]:
+                    yield folder
+
+    def _keys(self, folder: str) -> list[str]:
+        """The segment keys of one minute prefix (names of another shape are not the log's)."""
+        return [f"{folder}/{n}" for n in self._call("list", lambda: self._names(folder)) if _NAME.match(n)]
 
     # -- serving: the sink -------------------------------------------------------------
 
@@ -244,7 +270,7 @@ class ObjectPredictionLog:
             seq = self._seq
         # Named when written (each attempt anew), so a retry after an outage is not late.
         now = time.time()
-        key = f"{_hour(now)}/{_stamp(now)}-{self._writer}-{seq:06d}{SUFFIX}"
+        key = f"{time_key(now)}-{self._writer}-{seq:06d}{SUFFIX}"
         self._call("write", lambda: self._put(key, segment))
 
     # -- the control plane: the reader -------------------------------------------------
@@ -269,10 +295,12 @@ class ObjectPredictionLog:
         return ObjectCursor(frozenset(keys))
 
     def _floor(self, position: ObjectCursor) -> str:
-        """The oldest key a reader at ``position`` still looks at."""
+        """The oldest key a reader at ``position`` still looks at: ``grace_s`` before the newest
+        key read, or before this clock's time if that key is ahead (a writer whose clock runs
+        fast must not hide the others' objects)."""
         if not position.seen:
             return ""
-        return time_key(key_time(position.key) - self.grace_s)
+        return time_key(min(key_time(position.key), time.time()) - self.grace_s)
 
     def read(self, after: ObjectCursor, limit: int = 64) -> list[tuple[ObjectCursor, bytes]]:
         """Up to ``limit`` objects not read yet, oldest name first, each with the position after it.
@@ -282,9 +310,8 @@ class ObjectPredictionLog:
         """
         floor = self._floor(after)
         unread: list[str] = []
-        for hour in self._call("list", lambda: self._hours(floor)):
-            keys = self._call("list", lambda hour=hour: self._keys(hour))
-            unread.extend(k for k in keys if k >= floor and k not in after.seen)
+        for folder in self._folders(floor):
+            unread.extend(k for k in self._keys(folder) if k >= floor and k not in after.seen)
             if len(unread) >= limit:
                 break
         found: list[tuple[ObjectCursor, bytes]] = []
@@ -329,9 +356,10 @@ class ObjectPredictionLog:
             StoreUnavailable: The bucket or directory cannot be listed.
         """
         for hour in reversed(self._call("list", self._hours)):
-            keys = self._call("list", lambda hour=hour: self._keys(hour))
-            if keys:
-                return ObjectCursor(frozenset({keys[-1]}))
+            for minute in reversed(self._call("list", lambda hour=hour: self._names(hour))):
+                keys = self._keys(f"{hour}/{minute}") if _MINUTE.match(minute) else []
+                if keys:
+                    return ObjectCursor(frozenset({keys[-1]}))
         return ObjectCursor()
 
     def reached(self, position: ObjectCursor, target: ObjectCursor) -> bool:
@@ -351,7 +379,7 @@ class ObjectPredictionLog:
         for hour in self._call("list", self._hours):
             if hour >= floor[:10] or hour > cutoff:
                 break
-            deleted += len(self._call("list", lambda hour=hour: self._keys(hour)))
+            deleted += sum(len(self._keys(folder)) for folder in self._folders(hour) if folder[:10] == hour)
             self._call("prune", lambda hour=hour: self._remove(hour))
         return deleted
 
@@ -359,9 +387,7 @@ class ObjectPredictionLog:
         if self.location.remote:
             self.fs.rm(f"{self.location.root}/{hour}", recursive=True)
             return
-        for path in sorted((self._root_path() / hour).iterdir()):
-            path.unlink()
-        (self._root_path() / hour).rmdir()
+        shutil.rmtree(self._root_path() / hour)
 
     def segments_since(self, since: float) -> Iterator[bytes]:
         """Every kept object written at or after the Unix time ``since``, in name order (for export).
@@ -370,8 +396,8 @@ class ObjectPredictionLog:
             StoreUnavailable: The bucket or directory cannot be listed or read.
         """
         floor = time_key(since)
-        for hour in self._call("list", lambda: self._hours(floor)):
-            for key in self._call("list", lambda hour=hour: self._keys(hour)):
+        for folder in self._folders(floor):
+            for key in self._keys(folder):
                 if key >= floor:
                     try:
                         yield self._call("read", lambda key=key: self._get(key))

@@ -92,6 +92,7 @@ class SqlPredictionLog:
             Defaults to one day.
         max_segments: Most read segments kept (a busy server writes four a second).
             Defaults to 20000.
+        poll_interval_s: How often the control plane looks for new segments. Defaults to 0.2.
     """
 
     def __init__(
@@ -101,11 +102,13 @@ class SqlPredictionLog:
         settle_s: float = 1.0,
         retention_s: float = 86400.0,
         max_segments: int = 20_000,
+        poll_interval_s: float = 0.2,
     ) -> None:
         self.store = store
         self.settle_s = settle_s if store.dialect == "postgresql" else 0.0
         self.retention_s = retention_s
         self.max_segments = max_segments
+        self.poll_interval_s = poll_interval_s
         self._ready = False
         self._lock = threading.Lock()
 

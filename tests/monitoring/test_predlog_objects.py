@@ -102,7 +102,7 @@ def test_keys_sort_by_time_and_name_the_writer() -> None:
     t = 1_796_000_000.25
     assert time_key(t) < time_key(t + 0.000_001) < time_key(t + 3600)
     assert key_time(time_key(t) + "-host-1-abc-000001" + SUFFIX) == pytest.approx(t, abs=1e-6)
-    assert time_key(t) == "2026113000/20261130T005320.250000Z"  # the hour prefix, then the stamp (UTC)
+    assert time_key(t) == "2026113000/53/20261130T005320.250000Z"  # hour and minute prefixes (UTC)
 
 
 def test_segments_are_read_once_in_order_and_the_cursor_survives_a_restart(
@@ -136,13 +136,28 @@ def test_a_half_written_object_is_never_read_and_an_undecodable_one_is_skipped(
     root = tmp_path / "log"
     writer = ObjectPredictionLog(f"file://{root}")
     writer.append(_segment("a", 2), rows=2)
-    (hour,) = [p for p in root.iterdir()]
-    (hour / f".{time_key(time.time()).split('/')[1]}-other-1-x-000001{SUFFIX}.tmp").write_bytes(b"half")
-    (hour / f"{time_key(time.time()).split('/')[1]}-other-1-x-000002{SUFFIX}").write_bytes(b"garbage")
+    (folder,) = {p.parent for p in root.rglob(f"*{SUFFIX}")}
+    stamp = time_key(time.time()).rsplit("/", 1)[1]
+    (folder / f".{stamp}-other-1-x-000001{SUFFIX}.tmp").write_bytes(b"half")  # being written
+    (folder / f"{stamp}-other-1-x-000002{SUFFIX}").write_bytes(b"garbage")
+    (folder / f"notes-{stamp}{SUFFIX}").write_bytes(b"not a segment name")
     writer.append(_segment("b", 1), rows=1)
     ingest, _ = _reader(ObjectPredictionLog(f"file://{root}", store=store), store)
     assert ingest.catch_up(timeout=10)
     assert sorted(_stored_ids(store)) == ["a0", "a1", "b0"] and ingest.skipped == 1
+
+
+def test_read_hours_past_their_retention_are_deleted(log_url: str, store: SqlPredictionStore) -> None:
+    log = ObjectPredictionLog(log_url, store=store, retention_s=3600.0)
+    old = time.time() - 3 * 3600
+    log._put(f"{time_key(old)}-old-1-x-000001{SUFFIX}", _segment("old", 1))
+    log.append(_segment("new", 1), rows=1)
+    unread = log.cursor()
+    assert log.prune(unread) == 0  # nothing read yet: nothing goes
+    ingest, _ = _reader(log, store)
+    assert ingest.catch_up(timeout=10) and sorted(_stored_ids(store)) == ["new0", "old0"]
+    assert log.prune(ingest.cursor) == 1
+    assert [len(list(log.segments_since(0)))] == [1]
 
 
 def test_a_late_object_is_read_within_the_grace_window(log_url: str, store: SqlPredictionStore) -> None:
