@@ -8,13 +8,14 @@ plane (``modelloop monitor``, see ARCHITECTURE.md). This module is serving's who
   takes a per-model sample (``"log_sample"`` in ``config.json``), appends a reference to the
   request's tensors to a bounded buffer and returns: no conversion, no lock, no I/O. A full
   buffer drops the request and counts it (``modelloop_monitoring_dropped_total``).
-- One writer thread wakes every ``flush_interval_s`` and turns everything buffered into one
-  segment: an Arrow IPC stream holding one record batch per model version, one row per
-  predicted row (:data:`LOG_SCHEMA`), built with a few array operations per batch. The
-  segment goes to the sink (:class:`PredictionLogSink`: a SQL table, or objects in a
-  bucket). A sink that fails keeps the segments in memory up to ``max_pending_segments``
-  and retries; past that bound the oldest are dropped, counted, and logged once per
-  interval. Nothing blocks a request.
+- One writer thread wakes every ``flush_interval_s`` and encodes everything buffered: one
+  record batch per model version, one row per predicted row (:data:`LOG_SCHEMA`), built with
+  one concatenation per column for the whole batch (:func:`encode_batch`). The batches make
+  one segment, an Arrow IPC stream (with ``segment_s``, the batches of a few seconds, for an
+  object log that wants fewer, bigger objects). The segment goes to the sink
+  (:class:`PredictionLogSink`: a SQL table, or objects in a bucket). A sink that fails keeps
+  the segments in memory up to ``max_pending_segments`` and retries; past that bound the
+  oldest are dropped, counted, and logged once per interval. Nothing blocks a request.
 
 The format is plain Arrow, so pandas, DuckDB and Spark read the log as it is; ``modelloop
 log export`` writes it as Parquet.
