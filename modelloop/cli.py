@@ -770,6 +770,7 @@ def _cmd_monitor(args: argparse.Namespace) -> int:
         "host": args.host,
         "port": args.port,
         "cors_origins": list(serving.cors_origins),
+        "rollout": serving.rollout,
     }
     return monitor(plane)
 

@@ -223,8 +223,8 @@ class ModelServer:
         self.log_store: SqlPredictionStore | None = None
         split = settings.control_plane_url is not None
         if monitoring is not None and monitoring.enabled and split:
-            # A control plane reads the log: this process only logs (and keeps routing its
-            # rollouts from the state in the store).
+            # A control plane reads the log and judges rollouts: this process only logs,
+            # counts its rollout calls, and routes by the state in the store.
             self.log_store = _open_log_store(monitoring)
             dropped = Counter(
                 "modelloop_monitoring_dropped",
@@ -247,9 +247,12 @@ class ModelServer:
                 self.models,
                 settings.rollout,
                 self.prometheus,
-                _task_from_card(settings.repo),
+                task_from_card(settings.repo),
                 interval_s=monitoring.rollout_interval_s,
                 repository=repository_identity(settings.repo, settings.repo_url),
+                # The control plane starts and judges rollouts; this server counts its calls
+                # and routes by the decisions it reads.
+                judging=False,
             )
             self.rollouts.router = self.rollout_controller
             try:
@@ -563,7 +566,7 @@ def _segmenting(log: object) -> dict[str, Any]:
     return {}
 
 
-def _task_from_card(repo: Path) -> Callable[[str, int], str]:
+def task_from_card(repo: Path) -> Callable[[str, int], str]:
     """A version's task from its ``model.json`` (``multiclass`` when it names none)."""
 
     def task_of(model: str, version: int) -> str:

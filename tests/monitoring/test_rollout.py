@@ -174,6 +174,41 @@ def test_two_workers_share_one_state(store_url: str) -> None:
             store.close()
 
 
+def test_servers_count_and_route_while_one_judge_decides(store_url: str) -> None:
+    """Two servers of a control plane (``judging=False``) and the control plane's judge."""
+    catalog = Catalog()
+    stores = [open_store(store_url) for _ in range(3)]
+    servers = [
+        RolloutController(s, catalog, POLICY, CollectorRegistry(), lambda m, v: "multiclass", judging=False)
+        for s in stores[:2]
+    ]
+    judge_ = controller(stores[2], catalog)
+    try:
+        for server in servers:
+            server.tick(now=100.0)
+        # A server starts nothing on its own.
+        assert servers[0].assignment("digits") is None and stores[0].rollouts() == {}
+        judge_.tick(now=100.0)
+        for server in servers:
+            server.refresh()
+            assert server.assignment("digits") == judge_.assignment("digits")
+        assert (judge_.assignment("digits").candidate, judge_.assignment("digits").share) == (2, 10.0)
+        # Each server sees half the traffic and flushes it; only the judge moves the step.
+        for server in servers:
+            for _ in range(80):
+                server.record("digits", 2, ok=True, seconds=0.001)
+                server.record("digits", 1, ok=True, seconds=0.001)
+            server.tick(now=101.0)
+            assert server.assignment("digits").share == 10.0
+        judge_.tick(now=101.0)
+        servers[0].refresh()
+        assert servers[0].assignment("digits").share == 50.0
+        assert [e["event"] for e in judge_.status("digits")["history"]] == ["started", "step"]
+    finally:
+        for store in stores:
+            store.close()
+
+
 def test_invalid_config_is_refused_and_reported(tmp_path: Path) -> None:
     store = open_store(f"sqlite:///{tmp_path / 'state.db'}")
     catalog = Catalog()
