@@ -174,6 +174,13 @@ def _add_store_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="DIR",
         help=f"monitoring state (default: {STATE_DIR_DEFAULT})",
     )
+    parser.add_argument(
+        "--log-url",
+        default=None,
+        metavar="URL",
+        help="the prediction log as segment objects: s3://bucket/prefix or a directory (file://); "
+        "every server and the control plane name the same one (default: a table of the store)",
+    )
 
 
 def _add_retrain_parser(sub: Any) -> None:
@@ -315,6 +322,7 @@ def worker_argv(args: argparse.Namespace) -> list[str]:
         ("--tls-key", args.tls_key),
         ("--store", args.store),
         ("--state-dir", args.state_dir),
+        ("--log-url", args.log_url),
         ("--control-plane", args.control_plane),
     ):
         if value is not None:
@@ -450,6 +458,8 @@ def _serving_settings(args: argparse.Namespace) -> tuple[Any, Any, Any]:
         monitoring["enabled"] = False
     if args.store is not None:
         monitoring["store_url"] = args.store
+    if args.log_url is not None:
+        monitoring["log_url"] = args.log_url
     if args.state_dir is not None:
         monitoring["state_dir"] = args.state_dir
     try:
@@ -586,6 +596,8 @@ def _cmd_up(args: argparse.Namespace) -> int:
         argv += ["--state-dir", str(monitoring.state_dir)]
         if args.store is not None:
             argv += ["--store", args.store]
+        if args.log_url is not None:
+            argv += ["--log-url", args.log_url]
         plane = ControlPlaneProcess(argv, env={**os.environ, **env})
         args.control_plane = plane.start()
 
@@ -617,7 +629,8 @@ def _cmd_retrain(args: argparse.Namespace) -> int:
     repo = location.local_path("modelloop retrain")
     _quiet_tensorflow()
     _setup_logging(args.log_level)
-    overrides = {k: v for k, v in (("store_url", args.store), ("state_dir", args.state_dir)) if v is not None}
+    given = (("store_url", args.store), ("state_dir", args.state_dir), ("log_url", args.log_url))
+    overrides = {k: v for k, v in given if v is not None}
     try:
         monitoring = with_default_state_dir(MonitoringSettings(**overrides), location)
     except ValidationError as exc:
@@ -723,7 +736,8 @@ def _monitoring_settings(args: argparse.Namespace, repo: str) -> Any:
 
     from modelloop.monitoring.settings import MonitoringSettings
 
-    overrides = {k: v for k, v in (("store_url", args.store), ("state_dir", args.state_dir)) if v is not None}
+    given = (("store_url", args.store), ("state_dir", args.state_dir), ("log_url", args.log_url))
+    overrides = {k: v for k, v in given if v is not None}
     try:
         return with_default_state_dir(MonitoringSettings(**overrides), parse_repository(repo))
     except ValidationError as exc:
@@ -775,25 +789,34 @@ def _since(text: str) -> float:
 
 
 def _cmd_log(args: argparse.Namespace) -> int:
+    from modelloop.monitoring.predlog_objects import ObjectPredictionLog
     from modelloop.monitoring.predlog_store import SqlPredictionLog, export_parquet
     from modelloop.monitoring.store import SqlPredictionStore, StoreUnavailable, open_store
+    from modelloop.storage import StorageError
 
     since = _since(args.since)
     monitoring = _monitoring_settings(args, args.repo)
+    store: Any = None
     try:
-        store = open_store(monitoring.resolved_store_url())
-    except StoreUnavailable as exc:
-        raise ModelloopError(f"cannot open the store: {exc.message}") from None
-    try:
-        if not isinstance(store, SqlPredictionStore):
-            raise ModelloopError("the prediction log lives in a SQL store")
-        rows = export_parquet(SqlPredictionLog(store), args.model, since, args.out)
+        if monitoring.log_url is not None:
+            # Objects under a prefix: nothing of the store is needed to read them.
+            try:
+                log: Any = ObjectPredictionLog(monitoring.log_url)
+            except StorageError as exc:
+                raise ModelloopError(f"invalid --log-url: {exc}") from None
+        else:
+            store = open_store(monitoring.resolved_store_url())
+            if not isinstance(store, SqlPredictionStore):
+                raise ModelloopError("the prediction log lives in a SQL store")
+            log = SqlPredictionLog(store)
+        rows = export_parquet(log, args.model, since, args.out)
     except StoreUnavailable as exc:
         raise ModelloopError(f"cannot read the prediction log: {exc.message}") from None
     except OSError as exc:
         raise ModelloopError(f"cannot write {str(args.out)!r}: {exc.strerror or exc}") from None
     finally:
-        store.close()
+        if store is not None:
+            store.close()
     print(f"modelloop: wrote {rows} logged predictions of {args.model} to {args.out}", flush=True)
     return 0
 

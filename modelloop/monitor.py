@@ -30,10 +30,12 @@ asyncio.run(plane.run(lambda url: print(url)))  # until SIGTERM
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import signal
 import sys
 from collections.abc import Callable, Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -57,7 +59,7 @@ from modelloop.monitoring.rollout_http import create_rollout_router
 from modelloop.monitoring.service import MonitoringService
 from modelloop.monitoring.settings import LabelerSettings, MonitoringSettings
 from modelloop.monitoring.store import StoreUnavailable
-from modelloop.server import PEER_WAIT_S, task_from_card
+from modelloop.server import open_prediction_log, peer_wait_s, task_from_card
 from modelloop.serving.errors import ModelNotFound
 from modelloop.serving.repository import ModelRepository
 from modelloop.serving.rest.errors import install_error_handlers
@@ -205,7 +207,8 @@ class ControlPlane:
                 reads_log=True,
                 traffic_from_log=True,
                 # Labels may arrive before the server that answered wrote its log buffer.
-                peer_wait_s=PEER_WAIT_S,
+                peer_wait_s=peer_wait_s(monitoring),
+                open_log=partial(open_prediction_log, monitoring) if monitoring.log_url else None,
             )
         except StoreUnavailable as exc:
             raise ModelloopError(f"cannot open the monitoring store: {exc.message}") from exc
@@ -264,8 +267,10 @@ class ControlPlane:
 
         @app.get("/healthz", include_in_schema=False)
         async def healthz(request: Request) -> Response:
-            cursor = ingest.cursor if ingest is not None else 0
-            return Response(f'{{"live": true, "cursor": {cursor}}}', media_type="application/json")
+            cursor = ingest.cursor if ingest is not None else None
+            # A sequence number in SQL, the newest object key read in object storage.
+            shown = cursor if isinstance(cursor, int) else (str(cursor) if cursor is not None else 0)
+            return Response(json.dumps({"live": True, "cursor": shown}), media_type="application/json")
 
         return app
 

@@ -31,6 +31,7 @@ import socket
 import sys
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -48,6 +49,8 @@ from modelloop.monitoring.http import (
     create_feedback_router,
     create_health_router,
 )
+from modelloop.monitoring.predlog import PredictionLog
+from modelloop.monitoring.predlog_objects import SEGMENT_S, ObjectPredictionLog
 from modelloop.monitoring.predlog_store import SqlPredictionLog
 from modelloop.monitoring.retraining import Retraining, build_retraining
 from modelloop.monitoring.rollout import RolloutController
@@ -75,6 +78,11 @@ logger = logging.getLogger(__name__)
 
 PEER_WAIT_S = 0.6
 """How long a label for an unknown id waits for other servers' log buffers (written every 0.25 s)."""
+
+
+def peer_wait_s(monitoring: MonitoringSettings) -> float:
+    """:data:`PEER_WAIT_S`, plus the seconds a server gathers per object when the log is objects."""
+    return PEER_WAIT_S + (SEGMENT_S if monitoring.log_url else 0.0)
 
 
 @dataclass(frozen=True)
@@ -224,12 +232,14 @@ class ModelServer:
                 ["model"],
                 registry=self.prometheus,
             )
+            sink = open_prediction_log(monitoring, self.log_store)
             self.prediction_logger = PredictionLogger(
-                SqlPredictionLog(self.log_store),
+                sink,
                 columns=repository_columns(settings.repo),
                 sample=lambda model: self.models.model_config(model).log_sample,
                 on_drop=lambda model, count: dropped.labels(model=model).inc(count),
                 queue_size=monitoring.queue_size,
+                **_segmenting(sink),
             )
             observer = observer if observer is not None else self.prediction_logger
             self.rollout_controller = RolloutController(
@@ -263,7 +273,8 @@ class ModelServer:
                     # One reader of the log per store: the only process, or worker 0.
                     reads_log=leader,
                     # The other workers write their log buffers every 0.25 s.
-                    peer_wait_s=0.0 if role is None else PEER_WAIT_S,
+                    peer_wait_s=0.0 if role is None else peer_wait_s(monitoring),
+                    open_log=partial(open_prediction_log, monitoring) if monitoring.log_url else None,
                 )
             except StoreUnavailable as exc:
                 raise ServerError(f"cannot open the monitoring store: {exc.message}") from exc
@@ -277,6 +288,7 @@ class ModelServer:
                     sample=lambda model: self.models.model_config(model).log_sample,
                     on_drop=lambda model, count: dropped.labels(model=model).inc(count),
                     queue_size=monitoring.queue_size,
+                    **_segmenting(service.log),
                 )
                 service.before_flush = self.prediction_logger.flush
             observer = observer if observer is not None else (self.prediction_logger or service.observer)
@@ -530,6 +542,28 @@ def _open_log_store(monitoring: MonitoringSettings) -> SqlPredictionStore:
     if not isinstance(store, SqlPredictionStore):
         raise ServerError("the prediction log needs a SQL store (sqlite:/// or postgresql://)")
     return store
+
+
+def open_prediction_log(monitoring: MonitoringSettings, store: SqlPredictionStore) -> PredictionLog[Any]:
+    """The prediction log: objects under ``log_url`` when set (the store keeps the reader's
+    position), else the store's own table.
+
+    Raises:
+        ServerError: ``log_url`` names an unsupported scheme.
+    """
+    if monitoring.log_url is None:
+        return SqlPredictionLog(store)
+    try:
+        return ObjectPredictionLog(monitoring.log_url, store=store)
+    except StorageError as exc:
+        raise ServerError(f"invalid prediction log URL: {exc}") from exc
+
+
+def _segmenting(log: object) -> dict[str, Any]:
+    """How long the logger gathers a segment: a few seconds per object in object storage."""
+    if isinstance(log, ObjectPredictionLog):
+        return {"segment_s": log.segment_s, "segment_bytes": log.segment_bytes}
+    return {}
 
 
 def task_from_card(repo: Path) -> Callable[[str, int], str]:

@@ -60,6 +60,7 @@ from modelloop.monitoring.ingest import LogIngest
 from modelloop.monitoring.metrics import MonitoringMetrics
 from modelloop.monitoring.observer import MonitoringObserver, VersionInfo
 from modelloop.monitoring.policy import NewLabelsGate
+from modelloop.monitoring.predlog import PredictionLog
 from modelloop.monitoring.predlog_store import SqlPredictionLog
 from modelloop.monitoring.quality import QualityChecker, QualityReport
 from modelloop.monitoring.quarantine import SourceVerdict, assess_sources, champion_of
@@ -192,6 +193,8 @@ class MonitoringService:
         traffic_from_log: Whether request rates and latencies come from the log rather
             than from serving metrics on ``registry`` (a control plane has none). Defaults
             to False.
+        open_log: Opens the prediction log over the SQL store (which keeps its reader's
+            position), e.g. objects under a prefix. Defaults to None: the store's own table.
 
     Raises:
         StoreUnavailable: The default SQLite store cannot be opened.
@@ -215,6 +218,7 @@ class MonitoringService:
         peer_wait_s: float = 0.0,
         reads_log: bool = False,
         traffic_from_log: bool = False,
+        open_log: Callable[[SqlPredictionStore], PredictionLog[Any]] | None = None,
     ) -> None:
         self.settings = settings
         self.prune = prune
@@ -241,11 +245,12 @@ class MonitoringService:
             queue_size=settings.queue_size,
             sample_features=settings.sample_features,
         )
-        # The prediction log the servers write (SQL stores): read here when this service
-        # is the control plane, and waited for before a label is joined.
-        self.log: SqlPredictionLog | None = (
-            SqlPredictionLog(self.store) if isinstance(self.store, SqlPredictionStore) else None
-        )
+        # The prediction log the servers write (the SQL store's, or `open_log`'s over it):
+        # read here when this service is the control plane, and waited for before a label
+        # is joined.
+        self.log: PredictionLog[Any] | None = None
+        if isinstance(self.store, SqlPredictionStore):
+            self.log = open_log(self.store) if open_log is not None else SqlPredictionLog(self.store)
         logged = LoggedTraffic() if traffic_from_log else None
         self.ingest: LogIngest | None = (
             LogIngest(self.log, self.observer, self.metrics, prune=prune, traffic=logged)
@@ -728,7 +733,7 @@ class MonitoringService:
         if self.log is not None:
             try:
                 target = self.log.last()
-                while self.log.cursor() < target:
+                while not self.log.reached(self.log.cursor(), target):
                     if time.monotonic() >= deadline:
                         return False
                     time.sleep(0.05)
