@@ -57,7 +57,10 @@ def run_once(hog_cpus: list[int], junit: Path) -> dict[str, str]:
         for name, test in TESTS.items():
             if node == test:
                 bad = [child for child in case if child.tag in ("failure", "error", "skipped")]
-                outcome[name] = (bad[0].get("message") or bad[0].tag)[:400] if bad else ""
+                message = (bad[0].get("message") or bad[0].tag) if bad else ""
+                # A rollout's state names its reason: show that rather than the state's start.
+                at = message.find("'reason': ")
+                outcome[name] = (message[at:] if at >= 0 else message)[:400]
     return outcome
 
 
