@@ -21,6 +21,8 @@ STATE_DIR_DEFAULT = "$XDG_STATE_HOME/modelloop/<repo name>-<hash of its path>, ~
 """Where the state of a repository goes unless ``--state-dir`` says (see ``default_state_dir``)."""
 
 REPO_HELP = "model repository: a directory, file:///path or s3://bucket/prefix"
+DEFAULT_CONTROL_PLANE_URL = "http://127.0.0.1:8502"
+"""Where ``serve`` finds its control plane by default: ``modelloop monitor`` on this host."""
 
 
 def _port(value: str) -> int:
@@ -274,9 +276,11 @@ def _add_server_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--control-plane",
         default=None,
-        metavar="URL",
+        metavar="URL|in-process",
         help="the control plane (modelloop monitor) that reads this server's log: feedback and "
-        "/monitoring routes are forwarded to it; without it the server reads its own log",
+        "/monitoring routes are forwarded to it (serve's default: MODELLOOP_CONTROL_PLANE_URL, else "
+        f"{DEFAULT_CONTROL_PLANE_URL}; up starts its own); in-process: this server reads its own "
+        "log and runs the analysis itself, on its CPU (one process, or worker 0 of --workers N)",
     )
     parser.add_argument(
         "--workers",
@@ -559,6 +563,10 @@ def _serve(
 def _cmd_serve(args: argparse.Namespace) -> int:
     _quiet_tensorflow()
     _setup_logging(args.log_level, args.worker_index)
+    if args.control_plane is None and not os.environ.get("MODELLOOP_CONTROL_PLANE_URL"):
+        # A server answers and logs; the control plane on this host (modelloop monitor's
+        # default port) reads the log. Until one runs, the log waits for it.
+        args.control_plane = DEFAULT_CONTROL_PLANE_URL
     return _serve(args)
 
 
@@ -629,7 +637,8 @@ def _cmd_retrain(args: argparse.Namespace) -> int:
     repo = location.local_path("modelloop retrain")
     _quiet_tensorflow()
     _setup_logging(args.log_level)
-    given = (("store_url", args.store), ("state_dir", args.state_dir), ("log_url", args.log_url))
+    # A retrain reads feedback and writes its report: the store, not the prediction log.
+    given = (("store_url", args.store), ("state_dir", args.state_dir))
     overrides = {k: v for k, v in given if v is not None}
     try:
         monitoring = with_default_state_dir(MonitoringSettings(**overrides), location)

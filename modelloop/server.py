@@ -225,6 +225,12 @@ class ModelServer:
         if monitoring is not None and monitoring.enabled and split:
             # A control plane reads the log and judges rollouts: this process only logs,
             # counts its rollout calls, and routes by the state in the store.
+            if leader:
+                logger.info(
+                    "answering and logging; the control plane at %s reads the log, watches and "
+                    "judges rollouts (until it runs, the log waits for it)",
+                    settings.control_plane_url,
+                )
             self.log_store = _open_log_store(monitoring)
             dropped = Counter(
                 "modelloop_monitoring_dropped",

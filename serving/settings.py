@@ -274,8 +274,10 @@ class ServingSettings(BaseSettings):
     """PEM private key of ``tls_cert_file``."""
     control_plane_url: str | None = None
     """The control plane (``modelloop monitor``) that reads this server's prediction log;
-    the feedback and ``/monitoring`` routes are forwarded to it. None: the server reads its
-    own log (one process, or worker 0 of several)."""
+    the feedback and ``/monitoring`` routes are forwarded to it. None (or ``in-process``):
+    the server reads its own log and runs the analysis itself (one process, or worker 0 of
+    several). ``modelloop serve`` fills in ``http://127.0.0.1:8502`` when neither the flag
+    nor ``MODELLOOP_CONTROL_PLANE_URL`` names one."""
     rollout: RolloutPolicy = Field(default_factory=RolloutPolicy)
     """Rollout defaults of every model (``MODELLOOP_ROLLOUT__MODE=canary`` and so on); a
     model's ``"rollout"`` section in ``config.json`` overrides them field by field."""
@@ -291,6 +293,12 @@ class ServingSettings(BaseSettings):
             raise ValueError("set MODELLOOP_ADMIN_TOKEN or MODELLOOP_ADMIN_TOKEN_FILE, not both")
         what = "MODELLOOP_ADMIN_TOKEN_FILE"
         self.admin_token = SecretStr(check_token(read_token_file(self.admin_token_file, what), what))
+        return self
+
+    @model_validator(mode="after")
+    def _in_process_control_plane(self) -> ServingSettings:
+        if self.control_plane_url is not None and self.control_plane_url.strip() == "in-process":
+            self.control_plane_url = None
         return self
 
     @model_validator(mode="after")

@@ -71,9 +71,15 @@ def start_server(
     timeout: float = 90,
     verify: ssl.SSLContext | bool = True,
     wait_ready: bool = True,
+    control_plane: str | None = "in-process",
 ) -> ServerProcess:
     """Runs ``python -m modelloop serve --repo REPO`` on port 0 and waits until it is ready
     (or, with ``wait_ready=False``, until it listens).
+
+    Without ``--control-plane`` in ``extra``, the server gets ``--control-plane
+    control_plane``: by default ``in-process``, one process that answers, logs and watches,
+    as the end-to-end tests of monitoring, rollouts and retraining need; None gives no flag
+    (``serve``'s own default).
 
     Raises:
         RuntimeError: The process exited or did not become ready in time (it is stopped).
@@ -91,6 +97,7 @@ def start_server(
         "0",
         "--poll-interval",
         "0.2",
+        *(() if "--control-plane" in extra or control_plane is None else ("--control-plane", control_plane)),
         *extra,
     ]
     proc = subprocess.Popen(
