@@ -87,7 +87,10 @@ ENV PATH=/opt/modelloop/bin:$PATH \
     MPLCONFIGDIR=/tmp/matplotlib \
     KERAS_HOME=/var/lib/modelloop/.keras \
     TF_CPP_MIN_LOG_LEVEL=2 \
-    MODELLOOP_MONITORING_STATE_DIR=/var/lib/modelloop
+    MODELLOOP_MONITORING_STATE_DIR=/var/lib/modelloop \
+    MODELLOOP_CONTROL_PLANE_URL=in-process
+# A container alone watches itself (the control plane in its process); several replicas
+# set MODELLOOP_CONTROL_PLANE_URL to a `modelloop monitor` of their own (k8s/overlays/postgres).
 
 USER 1000:1000
 WORKDIR /var/lib/modelloop
