@@ -77,6 +77,20 @@ TARGETS: tuple[Target, ...] = (
     ),
     Target("OIP gRPC ModelInfer / grpc.aio no-op (32 conn)", "ours.v2_grpc.c32", "ceiling.v2_grpc.c32", 0.65),
     Target(
+        "TF Serving gRPC Predict CPU per request / grpc.aio no-op's (32 conn)",
+        "ours.tfserving_grpc.c32",
+        "ceiling.tfserving_grpc.c32",
+        maximum=1.5,
+        metric="cpu_us",
+    ),
+    Target(
+        "OIP gRPC ModelInfer CPU per request / grpc.aio no-op's (32 conn)",
+        "ours.v2_grpc.c32",
+        "ceiling.v2_grpc.c32",
+        maximum=1.5,
+        metric="cpu_us",
+    ),
+    Target(
         "TF Serving REST p50 / bare ASGI p50 (1 conn)",
         "ours.tfserving_rest.c1",
         "asgi.tfserving_rest.c1",
@@ -160,6 +174,8 @@ class Report:
     profile_notes: list[str] = field(default_factory=list)
     startup: dict[str, Any] | None = None
     """How the server under test started: ``ready_s`` after launch, ``rss_mib`` once loaded."""
+    budgets: list[dict[str, Any]] = field(default_factory=list)
+    """The per-request budgets of ``--profile`` (:meth:`bench.profile.Budget.to_dict`)."""
 
     def row(self, key: str) -> Row | None:
         """The row with ``key``, if measured."""
@@ -209,6 +225,7 @@ class Report:
             "rss": self.rss,
             "profile_notes": self.profile_notes,
             "startup": self.startup,
+            "budgets": self.budgets,
         }
 
     @classmethod
@@ -230,6 +247,7 @@ class Report:
             rss=data.get("rss"),
             profile_notes=list(data.get("profile_notes", [])),
             startup=data.get("startup"),
+            budgets=list(data.get("budgets", [])),
         )
 
 
@@ -288,6 +306,10 @@ def render_markdown(report: Report) -> str:
             f"{st['rss_mib']:.0f} MiB resident once loaded; TensorFlow loaded: "
             f"{'yes' if st.get('tensorflow') else 'no'}.",
         ]
+    if report.budgets:
+        lines += ["", "Per-request budget (`--profile`: py-spy samples x the server's CPU per request):", ""]
+        lines.append(_render_budgets(report.budgets))
+        lines += [f"- {note}" for note in report.profile_notes]
     if report.rss:
         rss = report.rss
         lines += [
@@ -299,6 +321,19 @@ def render_markdown(report: Report) -> str:
             f"{rss['launch_bytes'] / 2**20:.1f} MiB at launch.",
         ]
     return "\n".join(lines) + "\n"
+
+
+def _render_budgets(budgets: list[dict[str, Any]]) -> str:
+    # A column per profiled point, a row per stage, in the order of the first budget.
+    stages = list(budgets[0]["stage_us"])
+    lines = [
+        "| stage (µs per request) | " + " | ".join(str(b["point"]) for b in budgets) + " |",
+        "|---|" + "--:|" * len(budgets),
+    ]
+    for stage in stages:
+        lines.append(f"| {stage} | " + " | ".join(_num(b["stage_us"].get(stage)) for b in budgets) + " |")
+    lines.append("| **CPU per request** | " + " | ".join(f"**{_num(b['cpu_us'])}**" for b in budgets) + " |")
+    return "\n".join(lines)
 
 
 def _reference_for(report: Report) -> dict[str, str]:

@@ -35,7 +35,7 @@ from typing import Any
 
 import numpy as np
 
-from bench import loadgen, payloads, processes
+from bench import loadgen, payloads, processes, profile
 from bench.loadgen import GRPC_PATHS, LoadResult
 from bench.models import HEAVY_BATCHING, Assets, ensure_assets
 from bench.otlp_sink import otlp_sink
@@ -110,6 +110,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--gpu",
         action="store_true",
         help="heavy model on CUDA (server and in-process); see bench/gpu_check.sh",
+    )
+    parser.add_argument(
+        "--profile",
+        action="store_true",
+        help="after each point of ours (and the no-op references), a py-spy run: the per-request budget",
+    )
+    parser.add_argument(
+        "--flame", action="store_true", help="with --profile, also write a flame graph (SVG) per point"
     )
     parser.add_argument("--out", type=Path, default=RESULTS, help="where the JSON and PNG go")
     parser.add_argument("--cache", type=Path, default=None, help="model cache (default bench/.cache)")
@@ -314,6 +322,43 @@ def measure(
     return result
 
 
+PROFILED = ("ours", "nomon", "ceiling_asgi", "ceiling_grpc")
+"""The servers ``--profile`` samples (every compared tree too)."""
+
+
+def profile_point(
+    proc: Proc, protocol: str, body: Path, connections: int, duration_s: float, out: Path, flame: bool = False
+) -> profile.Budget:
+    """The per-request budget of one endpoint: py-spy on the load CPU while the load runs."""
+    out.mkdir(parents=True, exist_ok=True)
+    stem = out / f"{proc.name}-{protocol}-c{connections}"
+    results: list[LoadResult] = []
+
+    def load() -> None:
+        if protocol.endswith("_rest"):
+            results.append(
+                loadgen.run_wrk(
+                    proc.rest_url, rest_path(protocol, "digits"), body, connections=connections,
+                    duration_s=duration_s,
+                )
+            )  # fmt: skip
+        else:
+            results.append(
+                loadgen.run_h2load(
+                    proc.grpc_url, GRPC_PATHS[protocol], body, connections=connections, duration_s=duration_s
+                )
+            )
+
+    cpu_before = proc.cpu_seconds()
+    stacks = profile.record(
+        proc.pid, duration_s, stem.with_suffix(".txt"), load, cpu=loadgen.LOAD_CPU, flame=flame
+    )
+    cpu = proc.cpu_seconds() - cpu_before
+    requests = sum(r.requests for r in results)
+    cpu_us = cpu / requests * 1e6 if requests else 0.0
+    return profile.budget_from_stacks(f"{proc.name} {protocol}", stacks, cpu_us)
+
+
 def row_from(
     key: str, label: str, group: str, connections: int, result: LoadResult, note: str = "", rows: int = 1
 ) -> Row:
@@ -498,6 +543,10 @@ def run_suite(args: argparse.Namespace, assets: Assets, bodies_dir: Path, report
                 for name, _, _ in order:
                     if name in servers:
                         preflight(servers[name], protocol, bodies[protocol], "digits")
+
+                def profiled(name: str) -> bool:
+                    return name in PROFILED or any(name == tree for tree, _ in args.compare_tree)
+
                 for conns in args.connections:
                     # Side by side: each reference right next to the point it is compared with.
                     for name, prefix, group in order:
@@ -515,6 +564,13 @@ def run_suite(args: argparse.Namespace, assets: Assets, bodies_dir: Path, report
                         report.rows.append(
                             row_from(f"{prefix}.{protocol}.c{conns}", label, group, conns, result)
                         )
+                        if args.profile and conns == max(args.connections) and profiled(name):
+                            log(f"{name}: profiling {protocol} at {conns} connections")
+                            budget = profile_point(
+                                servers[name], protocol, bodies[protocol], conns, d,
+                                args.out / "profiles", flame=args.flame,
+                            )  # fmt: skip
+                            report.budgets.append(budget.to_dict())
             if args.soak and "ours" in servers:
                 soak(servers["ours"], bodies["tfserving_rest"], args, report)
 
