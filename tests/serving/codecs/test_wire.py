@@ -34,7 +34,9 @@ def test_predict_bytes_parse_to_the_encoded_message(
 
 @pytest.mark.parametrize("outputs", OUTPUTS)
 @pytest.mark.parametrize("request_id", [None, "", "client-7"])
-def test_infer_bytes_parse_to_the_encoded_message(outputs: dict[str, np.ndarray], request_id: str | None) -> None:
+def test_infer_bytes_parse_to_the_encoded_message(
+    outputs: dict[str, np.ndarray], request_id: str | None
+) -> None:
     response = InferResponse(model="digits", version=2, outputs=outputs, id="b" * 32)
     data = wire.encode_infer_bytes(response, request_id)
     assert data is not None
