@@ -35,7 +35,7 @@ from typing import Any
 
 import numpy as np
 
-from bench import loadgen, payloads, processes, profile
+from bench import loadgen, payloads, peers, processes, profile
 from bench.loadgen import GRPC_PATHS, LoadResult
 from bench.models import HEAVY_BATCHING, Assets, ensure_assets
 from bench.otlp_sink import otlp_sink
@@ -110,6 +110,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--gpu",
         action="store_true",
         help="heavy model on CUDA (server and in-process); see bench/gpu_check.sh",
+    )
+    parser.add_argument(
+        "--peers",
+        action="store_true",
+        help="also serve the digits model with KServe and MLServer (own virtualenvs, made on first use)",
     )
     parser.add_argument(
         "--profile",
@@ -309,7 +314,7 @@ def measure(
 
     if warmup_s > 0:
         run(warmup_s)
-    has_metrics = not proc.name.startswith(("ceiling", "tutorial"))
+    has_metrics = not proc.name.startswith(("ceiling", "tutorial", *(p.name for p in peers.PEERS)))
     before = server_errors(proc) if has_metrics else 0
     cpu_before = proc.cpu_seconds()
     result = run(duration_s)
@@ -508,6 +513,17 @@ def run_suite(args: argparse.Namespace, assets: Assets, bodies_dir: Path, report
                             )
                         )
                     )
+            if args.peers and "ours" in args.only:
+                for peer in peers.PEERS:
+                    log(f"starting {peer.name} (its virtualenv is made on first use)")
+                    python = peers.ensure_venv(peer)
+                    servers[peer.name] = stack.enter_context(
+                        running(
+                            lambda peer=peer, python=python: processes.start(
+                                peer.name, peers.server_args(peer, assets.digits_onnx), python=python
+                            )
+                        )
+                    )
             if "ceiling" in args.only:
                 log("starting the reference servers")
                 servers["ceiling_asgi"] = stack.enter_context(
@@ -540,6 +556,7 @@ def run_suite(args: argparse.Namespace, assets: Assets, bodies_dir: Path, report
                 order += [("nomon", "nomon", "compare"), ("split", "split", "compare")]
                 order += [(tree_name, tree_name, "compare") for tree_name, _ in args.compare_tree]
                 order += [(variant, variant, "compare") for variant, _ in args.variant]
+                order += [(p.name, p.name, "peer") for p in peers.PEERS if protocol in p.protocols]
                 for name, _, _ in order:
                     if name in servers:
                         preflight(servers[name], protocol, bodies[protocol], "digits")
