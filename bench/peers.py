@@ -10,7 +10,6 @@ model, and prints its addresses as ``modelloop serve`` does.
 
 from __future__ import annotations
 
-import importlib.metadata
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -32,7 +31,10 @@ class Peer:
 
 
 def _onnxruntime() -> str:
-    return f"onnxruntime=={importlib.metadata.version('onnxruntime')}"
+    # Ours may be the onnxruntime-gpu distribution; the peers get the CPU one of that version.
+    import onnxruntime
+
+    return f"onnxruntime=={onnxruntime.__version__}"
 
 
 PEERS: tuple[Peer, ...] = (
