@@ -10,6 +10,9 @@ CLIENTS := .venv-clients
 STAMP := $(VENV)/.installed
 CLIENTS_STAMP := $(CLIENTS)/.installed
 PYTEST_ARGS ?=
+# Extra arguments of `python -m bench`, e.g. make bench BENCH_ARGS=--profile (the per-request
+# budget, docs/performance.md) or BENCH_ARGS='--quick --only ours,ceiling --profile'.
+BENCH_ARGS ?=
 # Extra arguments of `modelloop up`, e.g. make up UP_ARGS='--repo /tmp/models --rest-port 0'.
 UP_ARGS ?=
 # Line and branch coverage of the packages, subprocesses (servers, retrains) included; the
@@ -51,7 +54,7 @@ test-fast: install
 	$(BIN)/python -m pytest $(FAST_ARGS) $(PYTEST_ARGS)
 
 bench: system-bench install
-	$(BIN)/python -m bench
+	$(BIN)/python -m bench $(BENCH_ARGS)
 	$(BIN)/python -m bench.points
 
 lint: install

@@ -134,8 +134,11 @@ def start(
     env: dict[str, str] | None = None,
     cpu: int | str = SERVER_CPU,
     cwd: Path = ROOT,
+    python: str | Path | None = None,
 ) -> Proc:
     """Starts ``python ARGS`` pinned to ``cpu`` and waits until it prints its addresses.
+
+    ``python`` is this interpreter unless given (a peer's own virtualenv).
 
     The process must print ``REST listening on http://...`` and/or ``gRPC listening on
     host:port`` (as ``modelloop serve`` does). With ``ready_path``, the REST URL must also
@@ -144,7 +147,7 @@ def start(
     Raises:
         RuntimeError: The process exited or was not ready in time (it is killed).
     """
-    cmd = ["taskset", "-c", str(cpu), sys.executable, *args]
+    cmd = ["taskset", "-c", str(cpu), str(python or sys.executable), *args]
     launched = time.monotonic()
     popen = subprocess.Popen(
         cmd,

@@ -60,6 +60,8 @@ class Target:
     metric: str = "rows_per_s"  # or "p50_ms", "p99_ms", "cpu_us", "ready_s", "rss_mib"
     difference: bool = False
     """The value is numerator - denominator (the logger's own CPU), not their ratio."""
+    best: bool = False
+    """Of several denominators, the reference is the largest (the best peer), not the smallest."""
 
 
 _REST32, _ASGI32 = "ours.tfserving_rest.c32", "asgi.tfserving_rest.c32"
@@ -76,6 +78,20 @@ TARGETS: tuple[Target, ...] = (
         0.65,
     ),
     Target("OIP gRPC ModelInfer / grpc.aio no-op (32 conn)", "ours.v2_grpc.c32", "ceiling.v2_grpc.c32", 0.65),
+    Target(
+        "TF Serving gRPC Predict CPU per request / grpc.aio no-op's (32 conn)",
+        "ours.tfserving_grpc.c32",
+        "ceiling.tfserving_grpc.c32",
+        maximum=1.5,
+        metric="cpu_us",
+    ),
+    Target(
+        "OIP gRPC ModelInfer CPU per request / grpc.aio no-op's (32 conn)",
+        "ours.v2_grpc.c32",
+        "ceiling.v2_grpc.c32",
+        maximum=1.5,
+        metric="cpu_us",
+    ),
     Target(
         "TF Serving REST p50 / bare ASGI p50 (1 conn)",
         "ours.tfserving_rest.c1",
@@ -112,6 +128,19 @@ TARGETS: tuple[Target, ...] = (
         metric="cpu_us",
         difference=True,
     ),
+    Target(
+        "TF Serving REST :predict / KServe V1 (32 conn, --peers)", _REST32, "kserve.tfserving_rest.c32", 3.0
+    ),
+    Target(
+        "OIP V2 REST infer / the best V2 REST peer (32 conn, --peers)",
+        "ours.v2_rest.c32",
+        ("kserve.v2_rest.c32", "mlserver.v2_rest.c32"),
+        3.0,
+        best=True,
+    ),
+    Target(
+        "OIP gRPC ModelInfer / KServe gRPC (32 conn, --peers)", "ours.v2_grpc.c32", "kserve.v2_grpc.c32", 1.9
+    ),
     Target("ONNX server RSS after load (MiB)", "ours", maximum=300.0, metric="rss_mib"),
     Target("ONNX server ready after launch (s)", "ours", maximum=5.0, metric="ready_s"),
     Target(
@@ -126,6 +155,15 @@ COMPARISONS: tuple[Target, ...] = (
     Target("heavy, batching / batching off (64 conn)", "heavy.batched.c64", "heavy.unbatched.c64"),
     Target("TF Serving REST :predict / FastAPI no-op (32 conn)", _REST32, "ceiling.tfserving_rest.c32"),
     Target("FastAPI no-op / bare ASGI no-op (32 conn)", "ceiling.tfserving_rest.c32", _ASGI32),
+    Target(
+        "OIP gRPC ModelInfer / MLServer gRPC (32 conn, --peers)", "ours.v2_grpc.c32", "mlserver.v2_grpc.c32"
+    ),
+    Target(
+        "OIP gRPC ModelInfer CPU per request / KServe gRPC's (32 conn, --peers)",
+        "ours.v2_grpc.c32",
+        "kserve.v2_grpc.c32",
+        metric="cpu_us",
+    ),
     Target("ours TF Serving REST / tutorial baseline (32 conn)", _REST32, "tutorial.c32"),
     Target(
         "monitoring read in the server / logged to a control plane, CPU per REST request",
@@ -160,6 +198,8 @@ class Report:
     profile_notes: list[str] = field(default_factory=list)
     startup: dict[str, Any] | None = None
     """How the server under test started: ``ready_s`` after launch, ``rss_mib`` once loaded."""
+    budgets: list[dict[str, Any]] = field(default_factory=list)
+    """The per-request budgets of ``--profile`` (:meth:`bench.profile.Budget.to_dict`)."""
 
     def row(self, key: str) -> Row | None:
         """The row with ``key``, if measured."""
@@ -184,7 +224,10 @@ class Report:
                 names = (t.denominator,) if isinstance(t.denominator, str) else t.denominator
                 refs = [self._value(name, t.metric) for name in names]
                 a = self._value(t.numerator, t.metric)
-                b = min((r for r in refs if r is not None), default=None)
+                pick = max if t.best else min
+                b = pick((r for r in refs if r is not None), default=None)
+                if t.best:
+                    refs = [r for r in refs if r is not None] or [None]  # the peers that ran
                 if t.difference and a is not None and b is not None and None not in refs:
                     value = a - b
                 elif a is not None and b and None not in refs:
@@ -209,6 +252,7 @@ class Report:
             "rss": self.rss,
             "profile_notes": self.profile_notes,
             "startup": self.startup,
+            "budgets": self.budgets,
         }
 
     @classmethod
@@ -230,6 +274,7 @@ class Report:
             rss=data.get("rss"),
             profile_notes=list(data.get("profile_notes", [])),
             startup=data.get("startup"),
+            budgets=list(data.get("budgets", [])),
         )
 
 
@@ -288,6 +333,10 @@ def render_markdown(report: Report) -> str:
             f"{st['rss_mib']:.0f} MiB resident once loaded; TensorFlow loaded: "
             f"{'yes' if st.get('tensorflow') else 'no'}.",
         ]
+    if report.budgets:
+        lines += ["", "Per-request budget (`--profile`: py-spy samples x the server's CPU per request):", ""]
+        lines.append(_render_budgets(report.budgets))
+        lines += [f"- {note}" for note in report.profile_notes]
     if report.rss:
         rss = report.rss
         lines += [
@@ -299,6 +348,19 @@ def render_markdown(report: Report) -> str:
             f"{rss['launch_bytes'] / 2**20:.1f} MiB at launch.",
         ]
     return "\n".join(lines) + "\n"
+
+
+def _render_budgets(budgets: list[dict[str, Any]]) -> str:
+    # A column per profiled point, a row per stage, in the order of the first budget.
+    stages = list(budgets[0]["stage_us"])
+    lines = [
+        "| stage (µs per request) | " + " | ".join(str(b["point"]) for b in budgets) + " |",
+        "|---|" + "--:|" * len(budgets),
+    ]
+    for stage in stages:
+        lines.append(f"| {stage} | " + " | ".join(_num(b["stage_us"].get(stage)) for b in budgets) + " |")
+    lines.append("| **CPU per request** | " + " | ".join(f"**{_num(b['cpu_us'])}**" for b in budgets) + " |")
+    return "\n".join(lines)
 
 
 def _reference_for(report: Report) -> dict[str, str]:

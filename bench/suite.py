@@ -35,7 +35,7 @@ from typing import Any
 
 import numpy as np
 
-from bench import loadgen, payloads, processes
+from bench import loadgen, payloads, peers, processes, profile
 from bench.loadgen import GRPC_PATHS, LoadResult
 from bench.models import HEAVY_BATCHING, Assets, ensure_assets
 from bench.otlp_sink import otlp_sink
@@ -110,6 +110,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--gpu",
         action="store_true",
         help="heavy model on CUDA (server and in-process); see bench/gpu_check.sh",
+    )
+    parser.add_argument(
+        "--peers",
+        action="store_true",
+        help="also serve the digits model with KServe and MLServer (own virtualenvs, made on first use)",
+    )
+    parser.add_argument(
+        "--profile",
+        action="store_true",
+        help="after each point of ours (and the no-op references), a py-spy run: the per-request budget",
+    )
+    parser.add_argument(
+        "--flame", action="store_true", help="with --profile, also write a flame graph (SVG) per point"
     )
     parser.add_argument("--out", type=Path, default=RESULTS, help="where the JSON and PNG go")
     parser.add_argument("--cache", type=Path, default=None, help="model cache (default bench/.cache)")
@@ -301,7 +314,7 @@ def measure(
 
     if warmup_s > 0:
         run(warmup_s)
-    has_metrics = not proc.name.startswith(("ceiling", "tutorial"))
+    has_metrics = not proc.name.startswith(("ceiling", "tutorial", *(p.name for p in peers.PEERS)))
     before = server_errors(proc) if has_metrics else 0
     cpu_before = proc.cpu_seconds()
     result = run(duration_s)
@@ -312,6 +325,43 @@ def measure(
     # (the /metrics scrape above is a handful of requests against thousands).
     result.cpu_us = cpu / result.requests * 1e6 if result.requests else None
     return result
+
+
+PROFILED = ("ours", "nomon", "ceiling_asgi", "ceiling_grpc")
+"""The servers ``--profile`` samples (every compared tree too)."""
+
+
+def profile_point(
+    proc: Proc, protocol: str, body: Path, connections: int, duration_s: float, out: Path, flame: bool = False
+) -> profile.Budget:
+    """The per-request budget of one endpoint: py-spy on the load CPU while the load runs."""
+    out.mkdir(parents=True, exist_ok=True)
+    stem = out / f"{proc.name}-{protocol}-c{connections}"
+    results: list[LoadResult] = []
+
+    def load() -> None:
+        if protocol.endswith("_rest"):
+            results.append(
+                loadgen.run_wrk(
+                    proc.rest_url, rest_path(protocol, "digits"), body, connections=connections,
+                    duration_s=duration_s,
+                )
+            )  # fmt: skip
+        else:
+            results.append(
+                loadgen.run_h2load(
+                    proc.grpc_url, GRPC_PATHS[protocol], body, connections=connections, duration_s=duration_s
+                )
+            )
+
+    cpu_before = proc.cpu_seconds()
+    stacks = profile.record(
+        proc.pid, duration_s, stem.with_suffix(".txt"), load, cpu=loadgen.LOAD_CPU, flame=flame
+    )
+    cpu = proc.cpu_seconds() - cpu_before
+    requests = sum(r.requests for r in results)
+    cpu_us = cpu / requests * 1e6 if requests else 0.0
+    return profile.budget_from_stacks(f"{proc.name} {protocol}", stacks, cpu_us)
 
 
 def row_from(
@@ -463,6 +513,17 @@ def run_suite(args: argparse.Namespace, assets: Assets, bodies_dir: Path, report
                             )
                         )
                     )
+            if args.peers and "ours" in args.only:
+                for peer in peers.PEERS:
+                    log(f"starting {peer.name} (its virtualenv is made on first use)")
+                    python = peers.ensure_venv(peer)
+                    servers[peer.name] = stack.enter_context(
+                        running(
+                            lambda peer=peer, python=python: processes.start(
+                                peer.name, peers.server_args(peer, assets.digits_onnx), python=python
+                            )
+                        )
+                    )
             if "ceiling" in args.only:
                 log("starting the reference servers")
                 servers["ceiling_asgi"] = stack.enter_context(
@@ -495,9 +556,14 @@ def run_suite(args: argparse.Namespace, assets: Assets, bodies_dir: Path, report
                 order += [("nomon", "nomon", "compare"), ("split", "split", "compare")]
                 order += [(tree_name, tree_name, "compare") for tree_name, _ in args.compare_tree]
                 order += [(variant, variant, "compare") for variant, _ in args.variant]
+                order += [(p.name, p.name, "peer") for p in peers.PEERS if protocol in p.protocols]
                 for name, _, _ in order:
                     if name in servers:
                         preflight(servers[name], protocol, bodies[protocol], "digits")
+
+                def profiled(name: str) -> bool:
+                    return name in PROFILED or any(name == tree for tree, _ in args.compare_tree)
+
                 for conns in args.connections:
                     # Side by side: each reference right next to the point it is compared with.
                     for name, prefix, group in order:
@@ -515,6 +581,13 @@ def run_suite(args: argparse.Namespace, assets: Assets, bodies_dir: Path, report
                         report.rows.append(
                             row_from(f"{prefix}.{protocol}.c{conns}", label, group, conns, result)
                         )
+                        if args.profile and conns == max(args.connections) and profiled(name):
+                            log(f"{name}: profiling {protocol} at {conns} connections")
+                            budget = profile_point(
+                                servers[name], protocol, bodies[protocol], conns, d,
+                                args.out / "profiles", flame=args.flame,
+                            )  # fmt: skip
+                            report.budgets.append(budget.to_dict())
             if args.soak and "ours" in servers:
                 soak(servers["ours"], bodies["tfserving_rest"], args, report)
 

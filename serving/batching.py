@@ -15,7 +15,9 @@ batcher owns, so the event loop never blocks on inference, except for tiny model
 batcher times every call, and while a call takes less than ``inline_max_micros`` it runs
 on the event loop itself, because handing it to a thread and back costs more than the
 call (the digits model answers in about 10 µs; the hop costs tens of µs and a GIL
-handover).
+handover). An inline batch is the requests of one loop turn, and under steady load it
+waits up to a millisecond for more (``_schedule_inline_flush``): grpc.aio hands the loop
+one call per turn, and each runtime call releases the GIL to grpc's threads.
 
 A batch that fails is retried request by request, on the same thread, before anyone is
 answered: only the requests that fail alone get an error, and each error names only its own
@@ -45,6 +47,7 @@ import collections
 import contextlib
 import copy
 import logging
+import math
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -87,6 +90,10 @@ class _Pending:
 # Calls timed per decision whether a model runs inline: the median of each window of this
 # many calls decides, so a call stretched by preemption or a page fault does not.
 _TIMING_WINDOW = 16
+INLINE_GATHER_MAX_S = 0.001
+"""The longest an inline batch waits for company under load (``batch_timeout_micros`` if shorter)."""
+INLINE_GATHER_BACKOFF = 64
+"""The most inline flushes that run at once after gather windows that caught nobody."""
 
 
 def _first_error(outcomes: list[Tensors | Exception]) -> Exception | None:
@@ -109,6 +116,8 @@ class DynamicBatcher:
         metrics: Where batch sizes and queue times go; None = not recorded.
         model: Model name, for metrics and messages. Defaults to "".
         version: Model version, for metrics and messages. Defaults to 0.
+        inline_gather_max_s: The longest an inline batch waits for company under load
+            (``batch_timeout_micros`` if shorter). Defaults to :data:`INLINE_GATHER_MAX_S`.
     """
 
     def __init__(
@@ -119,6 +128,7 @@ class DynamicBatcher:
         metrics: ServingMetrics | None = None,
         model: str = "",
         version: int = 0,
+        inline_gather_max_s: float = INLINE_GATHER_MAX_S,
     ) -> None:
         self._predict = predict
         self.settings = settings
@@ -146,6 +156,12 @@ class DynamicBatcher:
         """Whether calls run on the event loop now: the median of the last measured calls
         took under ``inline_max_micros``."""
         self._flush_scheduled = False
+        # The inline flush's gather window under load (see _schedule_inline_flush).
+        self._gather_s = min(settings.batch_timeout_micros / 1e6, inline_gather_max_s)
+        self._gather: asyncio.TimerHandle | None = None
+        self._gather_skip = 0
+        self._gather_misses = 0
+        self._last_flush = -math.inf
 
     @property
     def queued_rows(self) -> int:
@@ -216,6 +232,11 @@ class DynamicBatcher:
             # bytes arrived together), run once the turn's other callbacks have run.
             if not self._flush_scheduled:
                 self._flush_scheduled = True
+                self._schedule_inline_flush(loop)
+            elif self._gather is not None and self._queued_rows >= self.settings.max_batch_size:
+                # A full batch has nothing more to wait for.
+                self._gather.cancel()
+                self._gather = None
                 loop.call_soon(self._flush_inline)
         else:
             state.wakeup.set()
@@ -236,6 +257,10 @@ class DynamicBatcher:
         closes a batcher once its in-flight requests are done, so normally there are none.
         """
         self._closed = True
+        if self._gather is not None:
+            self._gather.cancel()
+            self._gather = None
+            self._flush_scheduled = False
         if self._state is not None and self._state.collector is not None:
             self._state.collector.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -310,8 +335,40 @@ class DynamicBatcher:
         if state is not None:
             state.wakeup.set()  # a thread is free: queued requests may go
 
+    def _schedule_inline_flush(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Runs the inline batch after this loop turn, or, under load, once company had time to come.
+
+        Requests that reach the batcher in one turn of the event loop batch by themselves.
+        Under steady load that is not enough on every front end: grpc.aio hands the loop
+        one new call at a time, so each turn holds one request, and each runtime call
+        costs a round of the GIL with grpc's own threads (ONNX Runtime releases it), which
+        is worth several requests' Python. So while calls keep coming (the last flush is
+        less than two gather windows old), the flush waits up to one window (the batch
+        timeout, at most :data:`INLINE_GATHER_MAX_S`) for the next requests. A window
+        that gathered nobody turns the wait off for 2, 4, ... flushes, up to
+        :data:`INLINE_GATHER_BACKOFF` (a lone client's requests run at once but for one
+        in that many); a window that gathered company resets it.
+        """
+        window = self._gather_s
+        if window and not self._gather_skip and time.monotonic() - self._last_flush < 2 * window:
+            self._gather = loop.call_later(window, self._flush_inline)
+        else:
+            loop.call_soon(self._flush_inline)
+
     def _flush_inline(self) -> None:
         self._flush_scheduled = False
+        if self._gather is not None:
+            self._gather = None
+            if len(self._pending) > 1:
+                self._gather_misses = 0
+            else:
+                # Nobody came: stop waiting for a while, the longer the more often it happens
+                # (a lone client: one request in INLINE_GATHER_BACKOFF waits).
+                self._gather_misses += 1
+                self._gather_skip = min(INLINE_GATHER_BACKOFF, 2**self._gather_misses)
+        elif self._gather_skip:
+            self._gather_skip -= 1
+        self._last_flush = time.monotonic()
         while self._pending:
             _, count = self._fitting()
             batch = [self._pending.popleft() for _ in range(count)]

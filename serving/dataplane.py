@@ -451,9 +451,10 @@ class DataPlane:
                 # A large body (checked against the row limit first) is decoded on a thread,
                 # so the event loop, and the probes, keep going; the version is held meanwhile.
                 held.enter_context(servable.use())
-                request = await asyncio.to_thread(decoder.decode, metadata)
+                decoded: InferRequest = await asyncio.to_thread(decoder.decode, metadata)
             else:
-                request = decoder.decode(metadata)
+                decoded = decoder.decode(metadata)
+            request = decoded
             # The target is authoritative: the decoder need not repeat the path's fields.
             request.model, request.version, request.label = model, pinned, label
             request.id = choose_request_id(client_id, request.id)

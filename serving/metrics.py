@@ -112,7 +112,7 @@ class ServingMetrics:
         # Children by label values: ``.labels()`` validates and joins its labels under a lock
         # on every call; a dict hit per request is a fraction of that. Label sets are bounded
         # (known models only), so the caches are too.
-        self._request_children: dict[tuple[str, str, str, str], tuple[Any, Any]] = {}
+        self._request_children: dict[tuple[str, object, object, object], tuple[Any, Any, bool]] = {}
         self._batch_children: dict[tuple[str, int], Any] = {}
         self._queue_children: dict[tuple[str, int], Any] = {}
         self.load_failures = Counter(
@@ -158,16 +158,17 @@ class ServingMetrics:
             code: ``"OK"``, an :class:`~modelloop.serving.errors.ErrorCode` or its value.
             seconds: Duration in seconds.
         """
-        key = (model, _label(version), _label(protocol), _label(code))
-        children = self._request_children.get(key)
+        # The children are bound once per label set and found again by the arguments as
+        # given (enums and ints hash without being turned into label text per call).
+        children = self._request_children.get((model, version, protocol, code))
         if children is None:
-            m, v, p, c = key
-            children = (self.requests.labels(m, v, p, c), self.request_duration.labels(m, v, p))
-            self._request_children[key] = children
+            m, v, p, c = model, _label(version), _label(protocol), _label(code)
+            children = (self.requests.labels(m, v, p, c), self.request_duration.labels(m, v, p), c == "OK")
+            self._request_children[(model, version, protocol, code)] = children
         children[0].inc()
         children[1].observe(seconds)
         if model and isinstance(version, int):
-            self.statistics.record_request(model, version, ok=key[3] == "OK", seconds=seconds)
+            self.statistics.record_request(model, version, ok=children[2], seconds=seconds)
 
     def observe_batch(self, model: str, version: int, rows: int) -> None:
         """Records the row count of one runtime call."""

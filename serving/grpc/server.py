@@ -17,6 +17,7 @@ from modelloop.serving.grpc.servicers import (
     HealthServicer,
     ModelServiceServicer,
     PredictionServiceServicer,
+    serialize_answer,
 )
 from modelloop.serving.protos import grpc_service_pb2, grpc_service_pb2_grpc
 from modelloop.serving.protos.tfserving import tensorflow_serving_apis_model_service_pb2 as model_service_pb2
@@ -80,17 +81,54 @@ def create_grpc_server(
         ]
     )
     admin_token = settings.admin_token.get_secret_value() if settings.admin_token is not None else None
+    answers = _AnswerBytes(server, {"Predict", "ModelInfer"})
     prediction_service_pb2_grpc.add_PredictionServiceServicer_to_server(
-        PredictionServiceServicer(dataplane), server
+        PredictionServiceServicer(dataplane), answers
     )
     model_service_pb2_grpc.add_ModelServiceServicer_to_server(ModelServiceServicer(dataplane), server)
     grpc_service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(
-        GRPCInferenceServiceServicer(dataplane, admin_token), server
+        GRPCInferenceServiceServicer(dataplane, admin_token), answers
     )
     services = (PREDICTION_SERVICE, MODEL_SERVICE, INFERENCE_SERVICE)
     health_pb2_grpc.add_HealthServicer_to_server(HealthServicer(dataplane, services), server)
     reflection.enable_server_reflection((*services, HEALTH_SERVICE, reflection.SERVICE_NAME), server)
     return server
+
+
+class _AnswerBytes:
+    """Registers a generated service on ``server`` with ``methods`` answering wire bytes.
+
+    The generated ``add_*_to_server`` functions serialize every answer with the
+    message's ``SerializeToString``; Predict and ModelInfer answer bytes written by
+    :mod:`~modelloop.serving.codecs.wire` (a message off its fast path), so their
+    handlers get :func:`~.servicers.serialize_answer` instead. Everything else about the
+    handlers (the servicer method, the request parser) is the generated one.
+
+    Args:
+        server: The server to register on.
+        methods: The method names whose answers may be bytes.
+    """
+
+    def __init__(self, server: grpc.aio.Server, methods: set[str]) -> None:
+        self._server = server
+        self._methods = methods
+        self._handlers: dict[str, dict[str, grpc.RpcMethodHandler]] = {}
+
+    def add_generic_rpc_handlers(self, handlers: tuple[grpc.GenericRpcHandler, ...]) -> None:
+        """The generic handler is the same table again: registered below, by method."""
+
+    def add_registered_method_handlers(
+        self, service: str, handlers: dict[str, grpc.RpcMethodHandler]
+    ) -> None:
+        """Registers the service's handlers, with bytes answers for the chosen methods."""
+        adapted = {
+            name: handler._replace(response_serializer=serialize_answer)  # type: ignore[attr-defined]
+            if name in self._methods
+            else handler
+            for name, handler in handlers.items()
+        }
+        self._server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service, adapted),))
+        self._server.add_registered_method_handlers(service, adapted)
 
 
 def bind_grpc_server(

@@ -19,14 +19,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Iterable, Iterator
+from collections.abc import AsyncIterator, Iterable, Iterator, Mapping
 from typing import TYPE_CHECKING
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from modelloop.serving import tracing
-from modelloop.serving.codecs import tensor_proto, v2_grpc
+from modelloop.serving.codecs import tensor_proto, v2_grpc, wire
 from modelloop.serving.errors import InvalidInput, Unimplemented
 from modelloop.serving.grpc.errors import REQUEST_ID_KEY, translate_errors
 from modelloop.serving.protos import grpc_service_pb2 as pb
@@ -54,12 +54,19 @@ from modelloop.serving.protos.tfserving import (
 from modelloop.serving.protos.tfserving import tensorflow_serving_apis_regression_pb2 as regression_pb2
 from modelloop.serving.repository import refuse_load_parameters
 from modelloop.serving.shared_memory import CUDA_UNAVAILABLE, SharedMemoryUnavailable
-from modelloop.serving.types import InferRequest, ModelMetadata, ModelState, Protocol, parse_version
+from modelloop.serving.types import (
+    InferRequest,
+    InferResponse,
+    ModelMetadata,
+    ModelState,
+    Protocol,
+    parse_version,
+)
 from modelloop.tokens import authorize_admin
 
 if TYPE_CHECKING:
     from modelloop.serving.dataplane import DataPlane
-    from modelloop.serving.shared_memory import SystemSharedMemory
+    from modelloop.serving.shared_memory import SharedMemoryRef, SystemSharedMemory
 
 
 def request_id_of(context: grpc.aio.ServicerContext) -> str | None:
@@ -147,6 +154,35 @@ def traced_rpc(method: str, protocol: Protocol, context: grpc.aio.ServicerContex
         yield
 
 
+def _predict_answer(response: InferResponse, signature: str) -> bytes | predict_pb2.PredictResponse:
+    """The Predict answer: wire bytes for numeric outputs, else the message (same content)."""
+    data = wire.encode_predict_bytes(response, signature)
+    return data if data is not None else tensor_proto.encode_predict_response(response, signature)
+
+
+def _infer_answer(
+    response: InferResponse,
+    request_id: str | None,
+    shared_memory: SystemSharedMemory,
+    shm_outputs: Mapping[str, SharedMemoryRef] | None,
+) -> bytes | pb.ModelInferResponse:
+    """The ModelInfer answer: wire bytes on the fast path, else the message (same content)."""
+    if not shm_outputs:
+        data = wire.encode_infer_bytes(response, request_id)
+        if data is not None:
+            return data
+    return v2_grpc.encode_infer_response(
+        response, request_id, shared_memory=shared_memory, shared_memory_outputs=shm_outputs
+    )
+
+
+def serialize_answer(answer: object) -> bytes:
+    """The response serializer of Predict and ModelInfer: wire bytes pass as they are."""
+    if type(answer) is bytes:
+        return answer
+    return answer.SerializeToString()  # type: ignore[attr-defined]
+
+
 def _id_metadata(request_id: str) -> tuple[tuple[str, str], ...]:
     return ((REQUEST_ID_KEY, request_id),) if request_id else ()
 
@@ -164,7 +200,7 @@ class PredictionServiceServicer(prediction_service_pb2_grpc.PredictionServiceSer
     @translate_errors
     async def Predict(
         self, request: predict_pb2.PredictRequest, context: grpc.aio.ServicerContext
-    ) -> predict_pb2.PredictResponse:
+    ) -> bytes | predict_pb2.PredictResponse:
         """Runs one prediction; ``output_filter`` selects outputs.
 
         With tracing on, the call runs inside its request span (parent: the
@@ -177,14 +213,14 @@ class PredictionServiceServicer(prediction_service_pb2_grpc.PredictionServiceSer
 
     async def _predict(
         self, request: predict_pb2.PredictRequest, context: grpc.aio.ServicerContext
-    ) -> predict_pb2.PredictResponse:
+    ) -> bytes | predict_pb2.PredictResponse:
         response = await self._dataplane.handle(PredictDecoder(request), client_id=request_id_of(context))
         signature = request.model_spec.signature_name or "serving_default"
         if tracing.TRACER is not None:
             with tracing.encode_span(Protocol.TFSERVING_GRPC, response.model, response.version):
-                encoded = tensor_proto.encode_predict_response(response, signature)
+                encoded = _predict_answer(response, signature)
         else:
-            encoded = tensor_proto.encode_predict_response(response, signature)
+            encoded = _predict_answer(response, signature)
         context.set_trailing_metadata(_id_metadata(response.id))
         return encoded
 
@@ -317,7 +353,7 @@ class GRPCInferenceServiceServicer(pb_grpc.GRPCInferenceServiceServicer):
     @translate_errors
     async def ModelInfer(
         self, request: pb.ModelInferRequest, context: grpc.aio.ServicerContext
-    ) -> pb.ModelInferResponse:
+    ) -> bytes | pb.ModelInferResponse:
         """Runs one inference; outputs come back in ``raw_output_contents``.
 
         With tracing on, the call runs inside its request span (parent: the
@@ -330,7 +366,7 @@ class GRPCInferenceServiceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     async def _model_infer(
         self, request: pb.ModelInferRequest, context: grpc.aio.ServicerContext
-    ) -> pb.ModelInferResponse:
+    ) -> bytes | pb.ModelInferResponse:
         shared_memory = self._dataplane.shared_memory
         response = await self._dataplane.handle(
             ModelInferDecoder(request, shared_memory), client_id=request_id_of(context)
@@ -340,16 +376,9 @@ class GRPCInferenceServiceServicer(pb_grpc.GRPCInferenceServiceServicer):
         shm_outputs = v2_grpc.requested_shared_memory(request) if request.outputs else None
         if tracing.TRACER is not None:
             with tracing.encode_span(Protocol.V2_GRPC, response.model, response.version):
-                encoded = v2_grpc.encode_infer_response(
-                    response,
-                    request.id or None,
-                    shared_memory=shared_memory,
-                    shared_memory_outputs=shm_outputs,
-                )
+                encoded = _infer_answer(response, request.id or None, shared_memory, shm_outputs)
         else:
-            encoded = v2_grpc.encode_infer_response(
-                response, request.id or None, shared_memory=shared_memory, shared_memory_outputs=shm_outputs
-            )
+            encoded = _infer_answer(response, request.id or None, shared_memory, shm_outputs)
         context.set_trailing_metadata(_id_metadata(response.id))
         return encoded
 

@@ -36,12 +36,13 @@ def _register_body(body: bytes) -> tuple[str, int, int]:
     key = document.get("key")
     if not isinstance(key, str) or not key:
         raise InvalidInput('the register request needs "key": the name of a POSIX shared memory object')
-    offset = document.get("offset", 0)
-    byte_size = document.get("byte_size")
-    for field, value in (("offset", offset), ("byte_size", byte_size)):
+    sizes: dict[str, int] = {}
+    for field, default in (("offset", 0), ("byte_size", None)):
+        value = document.get(field, default)
         if type(value) is not int or value < 0:
             raise InvalidInput(f'the register request needs "{field}": a non-negative integer, got {value!r}')
-    return key, offset, byte_size
+        sizes[field] = value
+    return key, sizes["offset"], sizes["byte_size"]
 
 
 def create_shared_memory_router(dataplane: DataPlane, settings: ServingSettings) -> APIRouter:

@@ -446,3 +446,47 @@ async def test_an_inline_error_is_an_inference_failure() -> None:
         await batcher.predict(rows(0))
     assert float((await batcher.predict(rows(1)))["sum"][0, 0]) == 3.0
     await batcher.close()
+
+
+async def _inline_after_one_call(batcher: DynamicBatcher) -> None:
+    """Measures the calls until the batcher runs inline, then makes one inline call (a recent flush)."""
+    i = 0
+    while not batcher.runs_inline:
+        await batcher.predict(rows(i))
+        i += 1
+    await batcher.predict(rows(0))
+
+
+async def test_under_load_an_inline_batch_waits_for_the_requests_of_the_next_turns() -> None:
+    runtime = ThreadRecorder()
+    # A window far beyond the test: the batch goes when it is full, never on the clock.
+    settings = BatchingSettings(max_batch_size=3, batch_timeout_micros=30_000_000, inline_max_micros=50_000)
+    batcher = DynamicBatcher(runtime.predict, settings, inline_gather_max_s=30.0)
+    await _inline_after_one_call(batcher)
+    runtime.calls.clear()
+    # Requests keep coming (the last flush is recent), one per loop turn, as grpc.aio
+    # delivers its calls: they wait for each other and run as one full batch.
+    first = asyncio.ensure_future(batcher.predict(rows(0)))
+    await asyncio.sleep(0)
+    second = asyncio.ensure_future(batcher.predict(rows(1)))
+    await asyncio.sleep(0)
+    await asyncio.sleep(0)
+    third = asyncio.ensure_future(batcher.predict(rows(2)))
+    results = await asyncio.gather(first, second, third)
+    assert runtime.calls == [3]
+    assert [float(r["sum"][0, 0]) for r in results] == [0.0, 3.0, 6.0]
+    await batcher.close()
+
+
+async def test_closing_an_inline_batcher_ends_a_gather_window() -> None:
+    runtime = ThreadRecorder()
+    settings = BatchingSettings(max_batch_size=3, batch_timeout_micros=30_000_000, inline_max_micros=50_000)
+    batcher = DynamicBatcher(runtime.predict, settings, inline_gather_max_s=30.0)
+    await _inline_after_one_call(batcher)
+    runtime.calls.clear()
+    waiting = asyncio.ensure_future(batcher.predict(rows(0)))
+    await asyncio.sleep(0)
+    await batcher.close()
+    with pytest.raises(ModelNotReady):
+        await waiting
+    assert runtime.calls == []
