@@ -13,9 +13,10 @@ images makes them), the reader pinned to one CPU (``BENCH_SERVER_CPUS``, default
   as the control plane runs it (its thread, its interval). For each prediction, the time
   from its answer to its arrival in the drift window. Target: p99 within 5 s at 5,000/s.
 - **no drop** (``--no-drop SECONDS``, 180 for the issue's figure): ``modelloop serve`` with
-  its defaults on the server CPU, wrk at 32 connections on the load CPU for that long, then
-  the server's ``modelloop_monitoring_dropped_total`` and the predictions its log stored
-  against the requests it answered. Target: nothing dropped, every answer stored.
+  its defaults (the SQLite store) on the server CPU and ``modelloop monitor`` on the load
+  CPU, wrk at 32 connections on the load CPU for that long, then the server's
+  ``modelloop_monitoring_dropped_total`` and the predictions the control plane stored
+  against the requests the server answered. Target: nothing dropped, every answer stored.
 
 Run: ``python -m bench.control_plane`` (about a minute; ``--no-drop 180`` adds four);
 ``--json FILE`` keeps the figures.
@@ -208,7 +209,15 @@ def measure_no_drop(directory: Path, seconds: float) -> tuple[int, int, float, f
     env = {"MODELLOOP_MONITORING_STATE_DIR": str(state), "MODELLOOP_MONITORING_TRIGGER": "none"}
     argv = ["-m", "modelloop", "serve", "--repo", str(repo), "--rest-port", "0", "--grpc-port", "0"]
     body = payloads.write_bodies(directory, "digits", "pixels", payloads.sample_row(payloads.DIGITS_FEATURES))
-    proc = processes.start("no-drop", argv, env=env)
+    from bench.suite import start_control_plane
+
+    plane = start_control_plane(repo, env)
+    argv += ["--control-plane", plane.rest_url]
+    try:
+        proc = processes.start("no-drop", argv, env=env)
+    except BaseException:
+        plane.stop()
+        raise
     try:
         path = "/v1/models/digits:predict"
         result = loadgen.run_wrk(
@@ -225,7 +234,7 @@ def measure_no_drop(directory: Path, seconds: float) -> tuple[int, int, float, f
             )
         )
         dropped = _metric_sum(page, "modelloop_monitoring_dropped_total")
-        # The server's own reader stores what its logger wrote; wait until it has all of it.
+        # The control plane stores what the server's logger wrote; wait until it has all of it.
         db = next(state.rglob("*.db"))
         deadline = time.monotonic() + 120
         stored = 0
@@ -240,6 +249,7 @@ def measure_no_drop(directory: Path, seconds: float) -> tuple[int, int, float, f
         return answered, stored, dropped, result.requests / result.duration_s if result.duration_s else 0.0
     finally:
         proc.stop()
+        plane.stop()
 
 
 def run(
