@@ -56,6 +56,7 @@ test-fast: install
 bench: system-bench install
 	$(BIN)/python -m bench $(BENCH_ARGS)
 	$(BIN)/python -m bench.points
+	$(BIN)/python -m bench.control_plane --no-drop 180
 
 lint: install
 	$(BIN)/ruff check .
