@@ -606,10 +606,10 @@ def _cmd_retrain(args: argparse.Namespace) -> int:
     from pydantic import ValidationError
 
     from modelloop import layout
-    from modelloop.monitoring.binding import RepositoryMismatch, repository_identity
     from modelloop.monitoring.quarantine import SourceQuarantine
     from modelloop.monitoring.settings import MonitoringSettings, resolve_quarantine
-    from modelloop.monitoring.store import StoreUnavailable, open_store
+    from modelloop.monitoring.stores import StoreUnavailable, open_stores
+    from modelloop.monitoring.stores.binding import RepositoryMismatch, repository_identity
     from modelloop.monitoring.trigger import EXIT_BLESSED, EXIT_FAILED, EXIT_REJECTED
     from modelloop.retrain import RetrainSettings, format_gate_report, retrain
 
@@ -633,29 +633,30 @@ def _cmd_retrain(args: argparse.Namespace) -> int:
     except (layout.LayoutError, ValueError) as exc:
         raise ModelloopError(str(exc)) from None
     try:
-        store = open_store(monitoring.resolved_store_url())
+        stores = open_stores(monitoring.resolved_store_url())
     except StoreUnavailable as exc:
         raise ModelloopError(f"cannot open the feedback store: {exc.message}") from None
     try:
         # Labels of another repository's versions must not train this one.
-        store.bind_repository(repository_identity(repo))
+        stores.binding.bind_repository(repository_identity(repo))
     except RepositoryMismatch as exc:
-        store.close()
+        stores.close()
         raise ModelloopError(exc.message) from None
     except StoreUnavailable as exc:
-        store.close()
+        stores.close()
         raise ModelloopError(f"cannot open the feedback store: {exc.message}") from None
     try:
         result = retrain(
             repo,
             args.name,
-            store,
+            stores.feedback,
+            reports=stores.retrains,
             state_dir=monitoring.state_dir,
             settings=settings,
-            screen=SourceQuarantine(store, checks),
+            screen=SourceQuarantine(stores.feedback, checks),
         )
     finally:
-        store.close()
+        stores.close()
     published = f"published {args.name} v{result.version}" if result.version else "nothing published"
     print(f"retrain {args.name}: {result.outcome}: {result.reason}; {published}", file=sys.stderr)
     if result.gate is not None:
@@ -775,24 +776,22 @@ def _since(text: str) -> float:
 
 def _cmd_log(args: argparse.Namespace) -> int:
     from modelloop.monitoring.predlog_store import SqlPredictionLog, export_parquet
-    from modelloop.monitoring.store import SqlPredictionStore, StoreUnavailable, open_store
+    from modelloop.monitoring.stores import StoreUnavailable, open_stores
 
     since = _since(args.since)
     monitoring = _monitoring_settings(args, args.repo)
     try:
-        store = open_store(monitoring.resolved_store_url())
+        stores = open_stores(monitoring.resolved_store_url())
     except StoreUnavailable as exc:
         raise ModelloopError(f"cannot open the store: {exc.message}") from None
     try:
-        if not isinstance(store, SqlPredictionStore):
-            raise ModelloopError("the prediction log lives in a SQL store")
-        rows = export_parquet(SqlPredictionLog(store), args.model, since, args.out)
+        rows = export_parquet(SqlPredictionLog(stores.engine), args.model, since, args.out)
     except StoreUnavailable as exc:
         raise ModelloopError(f"cannot read the prediction log: {exc.message}") from None
     except OSError as exc:
         raise ModelloopError(f"cannot write {str(args.out)!r}: {exc.strerror or exc}") from None
     finally:
-        store.close()
+        stores.close()
     print(f"modelloop: wrote {rows} logged predictions of {args.model} to {args.out}", flush=True)
     return 0
 

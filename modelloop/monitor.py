@@ -44,7 +44,6 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 from starlette.types import Receive, Scope, Send
 
 from modelloop.errors import ModelloopError, ServiceError
-from modelloop.monitoring.binding import RepositoryMismatch, repository_identity
 from modelloop.monitoring.http import (
     HealthSection,
     create_alerts_router,
@@ -54,7 +53,8 @@ from modelloop.monitoring.http import (
 from modelloop.monitoring.retraining import Retraining, build_retraining
 from modelloop.monitoring.service import MonitoringService
 from modelloop.monitoring.settings import LabelerSettings, MonitoringSettings
-from modelloop.monitoring.store import StoreUnavailable
+from modelloop.monitoring.stores import StoreUnavailable
+from modelloop.monitoring.stores.binding import RepositoryMismatch, repository_identity
 from modelloop.server import PEER_WAIT_S
 from modelloop.serving.errors import ModelNotFound
 from modelloop.serving.repository import ModelRepository
@@ -182,13 +182,11 @@ class ControlPlane:
             )
         except StoreUnavailable as exc:
             raise ModelloopError(f"cannot open the monitoring store: {exc.message}") from exc
-        if self.service.ingest is None:
-            raise ModelloopError("the control plane needs a SQL store (sqlite:/// or postgresql://)")
         # The store describes one repository: the control plane of another stops here.
         try:
-            self.service.store.bind_repository(repository_identity(repo, None))
+            self.service.stores.binding.bind_repository(repository_identity(repo, None))
         except RepositoryMismatch as exc:
-            self.service.store.close()
+            self.service.stores.close()
             raise ModelloopError(exc.message) from exc
         except StoreUnavailable as exc:
             logger.warning("cannot check which repository the store describes yet: %s", exc.message)

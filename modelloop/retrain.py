@@ -1,6 +1,6 @@
 """Feedback-augmented retraining with a TFX-style blessing gate that looks at every class.
 
-``retrain(repo, name, store, screen=...)`` closes the loop for one model:
+``retrain(repo, name, feedback, reports=..., screen=...)`` closes the loop for one model:
 
 1. Read the serving (latest) version's ``model.json``: which spec trained it, with which seed.
 2. Load the spec's data and the labelled feedback rows, each with its labeler source, from
@@ -37,7 +37,8 @@ row in the store; :func:`format_gate_report` renders it for people.
 Example:
 
 ```python
-result = retrain(Path("models"), "digits", store=open_store("sqlite:///.modelloop/modelloop.db"))
+stores = open_stores("sqlite:///.modelloop/modelloop.db")
+result = retrain(Path("models"), "digits", stores.feedback, reports=stores.retrains)
 print(result.outcome, result.version)
 ```
 """
@@ -81,13 +82,17 @@ class RetrainError(ModelloopError):
 
 
 class FeedbackSource(Protocol):
-    """Where labelled feedback rows come from and gate reports go (the monitoring ``PredictionStore``)."""
+    """Where labelled feedback rows come from (the monitoring ``FeedbackStore``)."""
 
     def feedback_rows(self, model: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """Inputs ``[n, features]``, targets ``[n]``, sources ``[n]`` and row keys ``[n]`` of
         labelled rows, oldest first; a row labelled by several sources appears once per source,
         under the same key."""
         ...
+
+
+class ReportSink(Protocol):
+    """Where gate reports go (the monitoring ``RetrainReportStore``)."""
 
     def record_retrain(self, model: str, run_id: str, outcome: str, report: dict[str, Any]) -> None:
         """Keeps one gate report."""
@@ -762,8 +767,9 @@ def _model_lock(state_dir: Path, name: str) -> Iterator[None]:
 def retrain(
     repo: Path,
     name: str,
-    store: FeedbackSource | None = None,
+    feedback: FeedbackSource | None = None,
     *,
+    reports: ReportSink | None = None,
     state_dir: Path = Path(".modelloop"),
     settings: RetrainSettings | None = None,
     runs_total: Counter | None = None,
@@ -774,8 +780,8 @@ def retrain(
     Args:
         repo: The model repository root.
         name: The model to retrain; its latest version is "serving".
-        store: Labelled feedback (``feedback_rows(name)``) and where the gate report goes.
-            Defaults to None (spec data only).
+        feedback: Labelled feedback (``feedback_rows(name)``). Defaults to None (spec data only).
+        reports: Where the gate report goes besides the run directory. Defaults to None.
         state_dir: Where run directories and JSON run records go. Defaults to ``.modelloop``.
         settings: Gate and training knobs. Defaults to ``config.json``'s ``"retrain"`` block.
         runs_total: ``modelloop_retrain_runs_total`` (labels ``model``, ``outcome``) to count
@@ -799,7 +805,7 @@ def retrain(
     result = RetrainResult(model=name, outcome="failed", reason="", serving_version=serving.version)
     with _model_lock(out_dir, name):
         try:
-            _run(repo, name, store, screen, serving, settings, out_dir / run_id, result)
+            _run(repo, name, feedback, screen, serving, settings, out_dir / run_id, result)
         except Exception as exc:
             # Any crash (training, export, parity, store) is a failed run: recorded and counted.
             logger.exception("retrain %s failed", name)
@@ -807,7 +813,7 @@ def retrain(
             result.outcome, result.version = "failed", None
             result.reason = f"{type(exc).__name__}: {first_line}".rstrip(": ")
         if result.gate is not None:
-            _keep_gate_report(store, name, run_id, result, result.gate)
+            _keep_gate_report(reports, name, run_id, result, result.gate)
         result.seconds = round(time.monotonic() - started, 2)
         result.record = out_dir / f"{run_id}.json"
         record = {"run_id": run_id, "finished": datetime.now(UTC).isoformat(timespec="seconds")}
@@ -830,7 +836,7 @@ def retrain(
 
 
 def _keep_gate_report(
-    store: FeedbackSource | None, name: str, run_id: str, result: RetrainResult, gate: dict[str, Any]
+    reports: ReportSink | None, name: str, run_id: str, result: RetrainResult, gate: dict[str, Any]
 ) -> None:
     """Writes the gate's report into the run directory and the store, with the run's final outcome."""
     gate.update(
@@ -839,9 +845,9 @@ def _keep_gate_report(
     if result.run_dir is not None and result.run_dir.is_dir():
         result.gate_report = result.run_dir / layout.RUN_GATE_FILE
         result.gate_report.write_text(json.dumps(gate, indent=2) + "\n")
-    if store is not None:
+    if reports is not None:
         try:
-            store.record_retrain(name, run_id, result.outcome, gate)
+            reports.record_retrain(name, run_id, result.outcome, gate)
         except ServiceError as exc:  # the store is down: the run's outcome stands, the file has it all
             logger.error("retrain %s: the gate report could not be stored: %s", name, exc)
 

@@ -40,7 +40,6 @@ from prometheus_client import CollectorRegistry, Counter
 
 from modelloop import layout
 from modelloop.errors import ModelloopError, ServiceError
-from modelloop.monitoring.binding import RepositoryMismatch, repository_identity
 from modelloop.monitoring.http import (
     HealthSection,
     MonitoringColumns,
@@ -54,7 +53,8 @@ from modelloop.monitoring.rollout import RolloutController
 from modelloop.monitoring.rollout_http import RolloutSection, create_rollout_router
 from modelloop.monitoring.service import MonitoringService
 from modelloop.monitoring.settings import LabelerSettings, MonitoringSettings
-from modelloop.monitoring.store import SqlPredictionStore, StoreUnavailable, open_store
+from modelloop.monitoring.stores import Stores, StoreUnavailable, open_stores
+from modelloop.monitoring.stores.binding import RepositoryMismatch, repository_identity
 from modelloop.serving.dataplane import DataPlane
 from modelloop.serving.grpc.server import bind_grpc_server, create_grpc_server, server_credentials
 from modelloop.serving.metrics import ServingMetrics, multiprocess_registry
@@ -212,12 +212,12 @@ class ModelServer:
         self.monitoring: MonitoringService | None = None
         self.prediction_logger: PredictionLogger | None = None
         leader = role is None or role.leader
-        self.log_store: SqlPredictionStore | None = None
+        self.log_stores: Stores | None = None
         split = settings.control_plane_url is not None
         if monitoring is not None and monitoring.enabled and split:
             # A control plane reads the log: this process only logs (and keeps routing its
             # rollouts from the state in the store).
-            self.log_store = _open_log_store(monitoring)
+            self.log_stores = _open_log_stores(monitoring)
             dropped = Counter(
                 "modelloop_monitoring_dropped",
                 "Answered requests that were not logged: buffer full or the log unavailable.",
@@ -225,7 +225,7 @@ class ModelServer:
                 registry=self.prometheus,
             )
             self.prediction_logger = PredictionLogger(
-                SqlPredictionLog(self.log_store),
+                SqlPredictionLog(self.log_stores.engine),
                 columns=repository_columns(settings.repo),
                 sample=lambda model: self.models.model_config(model).log_sample,
                 on_drop=lambda model, count: dropped.labels(model=model).inc(count),
@@ -233,7 +233,7 @@ class ModelServer:
             )
             observer = observer if observer is not None else self.prediction_logger
             self.rollout_controller = RolloutController(
-                self.log_store,
+                self.log_stores,
                 self.models,
                 settings.rollout,
                 self.prometheus,
@@ -245,7 +245,7 @@ class ModelServer:
             try:
                 self.rollout_controller.bind()
             except RepositoryMismatch as exc:
-                self.log_store.close()
+                self.log_stores.close()
                 raise ServerError(exc.message) from exc
             except StoreUnavailable as exc:
                 logger.warning("cannot check which repository the store describes yet: %s", exc.message)
@@ -265,20 +265,19 @@ class ModelServer:
             except StoreUnavailable as exc:
                 raise ServerError(f"cannot open the monitoring store: {exc.message}") from exc
             service = self.monitoring
-            if service.log is not None:
-                # The request path only buffers; the log's reader converts and analyses.
-                dropped = service.metrics.dropped
-                self.prediction_logger = PredictionLogger(
-                    service.log,
-                    columns=repository_columns(settings.repo),
-                    sample=lambda model: self.models.model_config(model).log_sample,
-                    on_drop=lambda model, count: dropped.labels(model=model).inc(count),
-                    queue_size=monitoring.queue_size,
-                )
-                service.before_flush = self.prediction_logger.flush
-            observer = observer if observer is not None else (self.prediction_logger or service.observer)
+            # The request path only buffers; the log's reader converts and analyses.
+            dropped = service.metrics.dropped
+            self.prediction_logger = PredictionLogger(
+                service.log,
+                columns=repository_columns(settings.repo),
+                sample=lambda model: self.models.model_config(model).log_sample,
+                on_drop=lambda model, count: dropped.labels(model=model).inc(count),
+                queue_size=monitoring.queue_size,
+            )
+            service.before_flush = self.prediction_logger.flush
+            observer = observer if observer is not None else self.prediction_logger
             self.rollout_controller = RolloutController(
-                service.store,
+                service.stores,
                 self.models,
                 settings.rollout,
                 self.prometheus,
@@ -293,7 +292,7 @@ class ModelServer:
             try:
                 self.rollout_controller.bind()
             except RepositoryMismatch as exc:
-                service.store.close()
+                service.stores.close()
                 raise ServerError(exc.message) from exc
             except StoreUnavailable as exc:
                 logger.warning("cannot check which repository the store describes yet: %s", exc.message)
@@ -329,7 +328,7 @@ class ModelServer:
                 )
         routers: list[APIRouter]
         sections: list[StatusSection] = [RolloutSection(self.rollout_controller)]
-        if self.log_store is not None and settings.control_plane_url is not None:
+        if self.log_stores is not None and settings.control_plane_url is not None:
             logger_ = self.prediction_logger
             routers = [
                 create_forward_router(
@@ -488,8 +487,8 @@ class ModelServer:
         if self.monitoring is not None:
             # ...and is read from it before the store closes.
             await self.monitoring.stop()
-        if self.log_store is not None:
-            self.log_store.close()
+        if self.log_stores is not None:
+            self.log_stores.close()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(sig)
         rest_sock.close()
@@ -514,19 +513,16 @@ class ControlPlaneSection:
         )
 
 
-def _open_log_store(monitoring: MonitoringSettings) -> SqlPredictionStore:
-    """The store this server appends its prediction log to.
+def _open_log_stores(monitoring: MonitoringSettings) -> Stores:
+    """The stores this server appends its prediction log to and routes its rollouts from.
 
     Raises:
-        ServerError: It cannot be opened, or it is not a SQL store.
+        ServerError: They cannot be opened.
     """
     try:
-        store = open_store(monitoring.resolved_store_url())
+        return open_stores(monitoring.resolved_store_url())
     except StoreUnavailable as exc:
         raise ServerError(f"cannot open the prediction log's store: {exc.message}") from exc
-    if not isinstance(store, SqlPredictionStore):
-        raise ServerError("the prediction log needs a SQL store (sqlite:/// or postgresql://)")
-    return store
 
 
 def _task_from_card(repo: Path) -> Callable[[str, int], str]:

@@ -79,7 +79,8 @@ from modelloop.monitoring.schemas import (
     HISTORY_RESPONSES,
     SOURCES_RESPONSES,
 )
-from modelloop.monitoring.store import FeedbackItem, FeedbackResult, StoreUnavailable
+from modelloop.monitoring.stores.engine import StoreUnavailable
+from modelloop.monitoring.stores.records import FeedbackItem, FeedbackResult
 from modelloop.monitoring.webhook import WebhookError, parse_alertmanager
 from modelloop.serving.types import valid_request_id
 from modelloop.tokens import TokenMatcher

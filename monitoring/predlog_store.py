@@ -40,7 +40,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
 from modelloop.logformat import LOG_SCHEMA, decode_segment
-from modelloop.monitoring.store import SqlPredictionStore
+from modelloop.monitoring.stores.engine import StoreEngine as SqlPredictionStore
 
 CURSOR = "monitor"
 """The control plane's cursor name."""

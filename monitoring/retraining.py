@@ -141,7 +141,8 @@ def build_retraining(
     trigger = _make_trigger(settings, repo, count)
     skipped = service.metrics.retrain_skipped
     gate = NewLabelsGate(
-        service.store,
+        service.stores.feedback,
+        service.stores.retrains,
         service.quarantined_sources,
         on_skip=lambda model, reason: skipped.labels(model=model, reason=reason).inc(),
     )

@@ -69,10 +69,11 @@ import numpy as np
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from modelloop.errors import ErrorCode, ServiceError
-from modelloop.monitoring.binding import RepositoryIdentity, RepositoryMismatch
 from modelloop.monitoring.drift import psi
-from modelloop.monitoring.rollout_store import RolloutDoc, RolloutTraffic
-from modelloop.monitoring.store import CLASSIFIER_TASKS, LabelledRow, PredictionStore, StoreUnavailable
+from modelloop.monitoring.stores import Stores, StoreUnavailable
+from modelloop.monitoring.stores.binding import RepositoryIdentity, RepositoryMismatch
+from modelloop.monitoring.stores.records import CLASSIFIER_TASKS, LabelledRow
+from modelloop.monitoring.stores.rollouts import RolloutDoc, RolloutTraffic
 from modelloop.serving.types import (
     ModelCatalog,
     ModelState,
@@ -448,7 +449,8 @@ class RolloutController:
     """The rollout state of every model: routes for serving, judges on guardrails, acts for operators.
 
     Args:
-        store: Where the state and the traffic totals live (shared by workers and replicas).
+        stores: Where the state and the traffic totals live (shared by workers and replicas), and
+            the labels and predictions the guardrails read.
         catalog: The served models and their versions (the registry).
         defaults: The server-wide rollout policy.
         registry: The server's Prometheus registry.
@@ -460,14 +462,14 @@ class RolloutController:
             store is bound to it (:meth:`bind`). Defaults to None (no check).
 
     Example:
-        >>> controller = RolloutController(store, registry_of_models, RolloutPolicy(), prometheus, task_of)
+        >>> controller = RolloutController(stores, registry_of_models, RolloutPolicy(), prometheus, task_of)
         >>> controller.refresh()  # before the models load: a restart routes as before
         >>> await controller.start()
     """
 
     def __init__(
         self,
-        store: PredictionStore,
+        stores: Stores,
         catalog: ModelCatalog,
         defaults: RolloutPolicy,
         registry: CollectorRegistry,
@@ -477,7 +479,7 @@ class RolloutController:
         interval_s: float = 1.0,
         repository: RepositoryIdentity | None = None,
     ) -> None:
-        self.store = store
+        self.stores = stores
         self.catalog = catalog
         self.defaults = defaults
         self.metrics = RolloutMetrics(registry)
@@ -588,7 +590,7 @@ class RolloutController:
             for (rollout, version, step), p in pending.items()
         ]
         try:
-            self.store.add_rollout_traffic(rows)
+            self.stores.rollouts.add_rollout_traffic(rows)
         except StoreUnavailable:
             with self._lock:  # keep them for the next pass
                 for row in rows:
@@ -603,7 +605,7 @@ class RolloutController:
             raise
 
     def bind(self) -> None:
-        """Binds the store to the served repository, once (see :mod:`~modelloop.monitoring.binding`).
+        """Binds the store to the served repository, once (see :mod:`~modelloop.monitoring.stores.binding`).
 
         A store with no repository recorded adopts this one; with rollout state written
         before, a warning says that a rollout naming versions this repository lacks keeps
@@ -615,7 +617,7 @@ class RolloutController:
         """
         if self._bound or self.repository is None:
             return
-        binding = self.store.bind_repository(self.repository)
+        binding = self.stores.binding.bind_repository(self.repository)
         self._bound = True
         if binding.adopted:
             logger.info("the monitoring store now describes the repository %s", self.repository.location)
@@ -636,7 +638,7 @@ class RolloutController:
             StoreUnavailable: The store cannot be reached.
         """
         self.bind()
-        docs = self.store.rollouts()
+        docs = self.stores.rollouts.rollouts()
         self._docs = docs
         self._assignments = {model: _assignment(doc.state) for model, doc in docs.items()}
         for model, doc in docs.items():
@@ -677,7 +679,7 @@ class RolloutController:
             return
         evidence = self._evidence(model, doc.state)
         champion, candidate = doc.state["champion"], doc.state["candidate"]
-        labels_expected = self.store.count_labels(model, champion) > 0
+        labels_expected = self.stores.feedback.count_labels(model, champion) > 0
         verdict = judge(
             policy,
             doc.state["state"],
@@ -755,7 +757,7 @@ class RolloutController:
     ) -> RolloutDoc | None:
         """Compare-and-set; on success counts ``event`` (and "step"/"promoted" ones the state notes)."""
         new = RolloutDoc(model, doc.revision if doc is not None else 0, state)
-        if not self.store.save_rollout(new):
+        if not self.stores.rollouts.save_rollout(new):
             self.refresh()  # another worker or replica wrote first: follow it
             return None
         new.revision += 1
@@ -778,7 +780,7 @@ class RolloutController:
     def _evidence(self, model: str, state: dict[str, Any]) -> dict[int, VersionEvidence]:
         evidence: dict[int, VersionEvidence] = {}
         step = int(state.get("step", 0))
-        for row in self.store.rollout_traffic(state["id"]):
+        for row in self.stores.rollouts.rollout_traffic(state["id"]):
             ev = evidence.setdefault(row.version, VersionEvidence())
             ev.requests += row.requests
             ev.errors += row.errors
@@ -793,7 +795,9 @@ class RolloutController:
             ev = evidence.setdefault(version, VersionEvidence())
             rows = [
                 r
-                for r in self.store.recent_labelled(model, version, LABEL_LIMIT, exclude_sources=excluded)
+                for r in self.stores.feedback.recent_labelled(
+                    model, version, LABEL_LIMIT, exclude_sources=excluded
+                )
                 if r.created >= state["started"]
             ]
             _score(ev, rows, self.task_of(model, version))
@@ -801,8 +805,8 @@ class RolloutController:
 
     def _prediction_drift(self, model: str, champion: int, candidate: int, since: float) -> float | None:
         """PSI of the candidate's predictions against the champion's during the rollout."""
-        ours = self.store.predicted_since(model, candidate, since, PREDICTION_LIMIT)
-        theirs = self.store.predicted_since(model, champion, since, PREDICTION_LIMIT)
+        ours = self.stores.predictions.predicted_since(model, candidate, since, PREDICTION_LIMIT)
+        theirs = self.stores.predictions.predicted_since(model, champion, since, PREDICTION_LIMIT)
         if len(ours) < MIN_BREACH_SAMPLES or len(theirs) < MIN_BREACH_SAMPLES:
             return None
         if self.task_of(model, candidate) in CLASSIFIER_TASKS:
@@ -831,7 +835,7 @@ class RolloutController:
         if not self.catalog.has_model(model):
             raise ServiceError(f"model {model!r} is not in the repository", ErrorCode.NOT_FOUND)
         self.policy(model)
-        doc = self.store.rollouts(model).get(model)
+        doc = self.stores.rollouts.rollouts(model).get(model)
         error = self._config_errors.get(model, "")
         if doc is None or not doc.state.get("id"):
             why = f"; {error}" if error else ""
@@ -855,7 +859,7 @@ class RolloutController:
         with self._act_lock:
             for _ in range(5):
                 self.status(model)  # 404s first
-                doc = self.store.rollouts(model)[model]
+                doc = self.stores.rollouts.rollouts(model)[model]
                 state = dict(doc.state)
                 new, event = _apply(state, action, t)
                 if self._write(model, doc, new, event) is not None:
@@ -880,7 +884,7 @@ class RolloutController:
         """
         self.bind()
         with self._act_lock:
-            doc = self.store.delete_rollout(model)
+            doc = self.stores.rollouts.delete_rollout(model)
             if doc is None:
                 raise ServiceError(f"model {model!r} has no rollout state to clear", ErrorCode.NOT_FOUND)
             self._docs.pop(model, None)

@@ -69,15 +69,8 @@ from modelloop.monitoring.settings import (
     resolve_model_settings,
     resolve_quarantine,
 )
-from modelloop.monitoring.store import (
-    CLASSIFIER_TASKS,
-    FeedbackItem,
-    FeedbackResult,
-    PredictionStore,
-    SqlPredictionStore,
-    StoreUnavailable,
-    open_store,
-)
+from modelloop.monitoring.stores import Stores, StoreUnavailable, open_stores
+from modelloop.monitoring.stores.records import CLASSIFIER_TASKS, FeedbackItem, FeedbackResult
 from modelloop.monitoring.window import WindowSet
 from modelloop.serving.types import ModelCatalog, ModelState
 from modelloop.tokens import ANONYMOUS_SOURCE
@@ -180,7 +173,7 @@ class MonitoringService:
         catalog: Which models and versions are loaded (the serving ``ModelRegistry``, seen
             through :class:`~modelloop.serving.types.ModelCatalog`).
         registry: The server's Prometheus registry.
-        store: The prediction store. Defaults to ``open_store(settings.resolved_store_url())``.
+        stores: The stores. Defaults to ``open_stores(settings.resolved_store_url())``.
         prune: Whether this process applies the store's retention (one worker of several
             does). Defaults to True.
         peer_wait_s: With several servers logging to one store, a label may arrive before
@@ -210,7 +203,7 @@ class MonitoringService:
         repo: Path,
         catalog: ModelCatalog,
         registry: CollectorRegistry,
-        store: PredictionStore | None = None,
+        stores: Stores | None = None,
         prune: bool = True,
         peer_wait_s: float = 0.0,
         reads_log: bool = False,
@@ -223,10 +216,10 @@ class MonitoringService:
         self.catalog = catalog
         self.registry = registry
         self.metrics = MonitoringMetrics(registry)
-        self.store: PredictionStore = (
-            store
-            if store is not None
-            else open_store(
+        self.stores: Stores = (
+            stores
+            if stores is not None
+            else open_stores(
                 settings.resolved_store_url(),
                 retention_rows=settings.retention_rows,
                 retention_days=settings.retention_days,
@@ -234,22 +227,20 @@ class MonitoringService:
         )
         self.windows = WindowSet(settings.window_size)
         self.observer = MonitoringObserver(
-            self.store,
+            self.stores.predictions,
             self.windows,
             self.metrics,
             self.version_info,
             queue_size=settings.queue_size,
             sample_features=settings.sample_features,
         )
-        # The prediction log the servers write (SQL stores): read here when this service
-        # is the control plane, and waited for before a label is joined.
-        self.log: SqlPredictionLog | None = (
-            SqlPredictionLog(self.store) if isinstance(self.store, SqlPredictionStore) else None
-        )
+        # The prediction log the servers write: read here when this service is the
+        # control plane, and waited for before a label is joined.
+        self.log = SqlPredictionLog(self.stores.engine)
         logged = LoggedTraffic() if traffic_from_log else None
         self.ingest: LogIngest | None = (
             LogIngest(self.log, self.observer, self.metrics, prune=prune, traffic=logged)
-            if reads_log and self.log is not None
+            if reads_log
             else None
         )
         # Set by the composition root to the local logger's flush, so that a label posted
@@ -373,7 +364,7 @@ class MonitoringService:
             return {}
         settings = self._quarantine_for(model)
         try:
-            stats = self.store.source_stats(model)
+            stats = self.stores.feedback.source_stats(model)
         except StoreUnavailable as exc:
             logger.warning("label checks of %s skipped: %s", model, exc.message)
             return self._verdicts.get(model, {})
@@ -404,7 +395,7 @@ class MonitoringService:
         Raises:
             StoreUnavailable: The store cannot be reached.
         """
-        counts = self.store.label_sources(model)
+        counts = self.stores.feedback.label_sources(model)
         verdicts = self._verdicts.get(model, {})
         sources = []
         for source in sorted(set(counts) | set(verdicts)):
@@ -470,10 +461,10 @@ class MonitoringService:
         labels: int | None = None
         store_error = ""
         try:
-            recent = self.store.recent_labelled(
+            recent = self.stores.feedback.recent_labelled(
                 model, version, settings.accuracy_window, exclude_sources=self.quarantined_sources(model)
             )
-            labels = self.store.count_labels(model, version)
+            labels = self.stores.feedback.count_labels(model, version)
             accuracy = score_labelled(recent, task=state.info.task, min_labels=settings.min_labels)
         except StoreUnavailable as exc:
             store_error = exc.message
@@ -535,10 +526,10 @@ class MonitoringService:
         if self.prune and now - self._last_prune >= self.settings.prune_interval_s:
             self._last_prune = now
             try:
-                pruned = self.store.prune()
+                pruned = self.stores.predictions.prune()
                 if pruned:
                     logger.info("pruned %d logged predictions beyond retention", pruned)
-                self.store.prune_history(
+                self.stores.history.prune_history(
                     retention_days=self.settings.history_retention_days,
                     max_points=self.settings.history_max_points,
                 )
@@ -619,7 +610,7 @@ class MonitoringService:
         """Stores one history point per evaluation; a store outage loses points, not evaluations."""
         points = [history_point(r, r.traffic) for r in reports]
         try:
-            self.store.record_history(points)
+            self.stores.history.record_history(points)
         except StoreUnavailable as exc:
             logger.warning("history not recorded (%d points): %s", len(points), exc.message)
 
@@ -639,7 +630,7 @@ class MonitoringService:
         """
         return {
             v: [p.as_dict() for p in points]
-            for v, points in self.store.history(model, since=since, limit=limit).items()
+            for v, points in self.stores.history.history(model, since=since, limit=limit).items()
         }
 
     def retrain_runs(self, model: str) -> dict[str, int]:
@@ -682,14 +673,14 @@ class MonitoringService:
         if not self.catch_up(timeout=5.0):
             logger.warning("feedback for %s: the prediction log is behind; recent ids may be unknown", model)
         quarantined = source in self.quarantined_sources(model)
-        result = self.store.add_feedback(model, items, source=source, quarantined=quarantined)
+        result = self.stores.feedback.add_feedback(model, items, source=source, quarantined=quarantined)
         if result.unknown and self.peer_wait_s > 0:
             # Another server (a worker, a replica) may hold the prediction in its logger's
             # buffer: it writes every fraction of a second. Read the log again after that.
             time.sleep(self.peer_wait_s)
             self.catch_up(timeout=5.0)
             unknown = set(result.unknown)
-            retry = self.store.add_feedback(
+            retry = self.stores.feedback.add_feedback(
                 model,
                 [item for item in items if item.request_id in unknown],
                 source=source,
@@ -725,15 +716,14 @@ class MonitoringService:
             done = self.before_flush(max(deadline - time.monotonic(), 0.0)) and done
         if self.ingest is not None:
             return self.ingest.catch_up(max(deadline - time.monotonic(), 0.0)) and done
-        if self.log is not None:
-            try:
-                target = self.log.last()
-                while self.log.cursor() < target:
-                    if time.monotonic() >= deadline:
-                        return False
-                    time.sleep(0.05)
-            except StoreUnavailable:
-                return False
+        try:
+            target = self.log.last()
+            while self.log.cursor() < target:
+                if time.monotonic() >= deadline:
+                    return False
+                time.sleep(0.05)
+        except StoreUnavailable:
+            return False
         return done
 
     async def submit_feedback(
@@ -774,4 +764,4 @@ class MonitoringService:
             # What the servers logged before they stopped is stored before the store closes.
             await asyncio.to_thread(self.ingest.catch_up, 5.0)
             await asyncio.to_thread(self.ingest.stop)
-        self.store.close()
+        self.stores.close()

@@ -144,6 +144,23 @@ def test_monitoring_reaches_serving_only_through_types_observer_and_log_format()
     assert not bad, violations("monitoring/ imports serving/ beyond types, observer and the log format", bad)
 
 
+def test_the_stores_hold_data_and_sql_only() -> None:
+    # monitoring/stores/: one small store per kind of data on one engine. Of our code it
+    # imports its own modules, the history point it keeps, and the leaves; no analysis, no
+    # serving, no control plane.
+    allowed = ("modelloop.monitoring.stores", "modelloop.monitoring.history.HistoryPoint")
+    bad = [
+        i
+        for i in ALL
+        if i.source.startswith("monitoring/stores/")
+        and ours(i.target, "modelloop")
+        and not any(ours(i.target, leaf) for leaf in LEAVES)
+        and not any(ours(i.target, a) for a in allowed)
+        and i.target not in ("modelloop", "modelloop.monitoring", "modelloop.monitoring.history")
+    ]
+    assert not bad, violations("monitoring/stores/ imports beyond its own modules and the leaves", bad)
+
+
 def test_training_imports_none_of_the_other_packages() -> None:
     bad = [
         i
@@ -255,6 +272,8 @@ def test_repository_and_run_file_names_are_spelled_in_the_layout_module_only() -
         ("training/train.py", "from modelloop.export import publish", "training_imports_none"),
         ("serving/batching.py", "import fastapi", "serving_core"),
         ("serving/grpc/servicers.py", "from tensorflow_serving.apis import predict_pb2", "tensorflow"),
+        ("monitoring/stores/feedback.py", "from modelloop.monitoring.drift import psi", "stores"),
+        ("monitoring/stores/engine.py", "from modelloop.serving import types", "stores"),
     ],
 )
 def test_each_rule_catches_a_planted_import(
@@ -276,6 +295,7 @@ def test_each_rule_catches_a_planted_import(
         "training_imports_none": test_training_imports_none_of_the_other_packages,
         "serving_core": test_the_serving_core_imports_no_web_or_rpc_framework,
         "tensorflow": test_only_the_savedmodel_runtime_imports_tensorflow_in_serving,
+        "stores": test_the_stores_hold_data_and_sql_only,
     }
     monkeypatch.setattr(f"{__name__}.ALL", found)
     with pytest.raises(AssertionError, match=source.replace(".", r"\.")):

@@ -94,7 +94,7 @@ def test_blessed_candidate_is_published_as_next_version(repo: Path, tmp_path: Pa
     y = np.concatenate([y, [7.0, np.nan, 1.0]])
     x[-1, 0] = np.nan
     store = FakeFeedback(x, y)
-    result = retrain(repo, NAME, store, state_dir=tmp_path / "state", runs_total=runs_total)
+    result = retrain(repo, NAME, store, reports=store, state_dir=tmp_path / "state", runs_total=runs_total)
 
     assert result.outcome == "blessed", result.reason
     assert result.version == 2 and list_versions(repo / NAME) == [1, 2]
@@ -300,6 +300,7 @@ def test_quarantined_sources_are_left_out_and_one_source_is_capped(repo: Path, t
         repo,
         NAME,
         store,
+        reports=store,
         state_dir=tmp_path / "state",
         settings=RetrainSettings(max_source_share=0.25, holdout_fraction=0.2, accuracy_floor=0.0),
         screen=screen,

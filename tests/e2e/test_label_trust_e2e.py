@@ -313,11 +313,11 @@ def two_sources_the_honest_labels_are_blessed_the_poisoned_are_not(loop: Loop) -
 
 
 def gate_reports_are_rows_in_the_store(loop: Loop) -> None:
-    from modelloop.monitoring.store import open_store
+    from modelloop.monitoring.stores import open_stores
 
-    store = open_store(loop.store_url)
+    store = open_stores(loop.store_url)
     try:
-        reports = store.retrain_reports(MODEL, limit=10)
+        reports = store.retrains.retrain_reports(MODEL, limit=10)
     finally:
         store.close()
     assert [r["outcome"] for r in reports][:1] == ["rejected"]

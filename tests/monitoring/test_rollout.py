@@ -19,7 +19,8 @@ from modelloop.monitoring.rollout import (
     wilson_interval,
 )
 from modelloop.monitoring.rollout_http import RolloutSection
-from modelloop.monitoring.store import PredictionRecord, open_store
+from modelloop.monitoring.stores import open_stores
+from modelloop.monitoring.stores.records import PredictionRecord
 from modelloop.serving.types import ModelState, RolloutPolicy, VersionStatus
 
 POLICY = RolloutPolicy(
@@ -138,7 +139,7 @@ def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
 def test_two_workers_share_one_state(store_url: str) -> None:
     """Two workers on one SQLite file, or two replicas on one PostgreSQL database."""
     url = store_url
-    stores = [open_store(url), open_store(url)]
+    stores = [open_stores(url), open_stores(url)]
     catalog = Catalog()
     a, b = controller(stores[0], catalog), controller(stores[1], catalog)
     try:
@@ -163,19 +164,19 @@ def test_two_workers_share_one_state(store_url: str) -> None:
         a.refresh()
         assert a.assignment("digits").retired == frozenset({2})
         # A restarted worker reads the same state back.
-        c = controller(open_store(url), catalog)
+        c = controller(open_stores(url), catalog)
         c.refresh()
         assert (
             c.assignment("digits").retired == frozenset({2}) and c.assignment("digits").state == "rolled_back"
         )
-        c.store.close()
+        c.stores.close()
     finally:
         for store in stores:
             store.close()
 
 
 def test_invalid_config_is_refused_and_reported(tmp_path: Path) -> None:
-    store = open_store(f"sqlite:///{tmp_path / 'state.db'}")
+    store = open_stores(f"sqlite:///{tmp_path / 'state.db'}")
     catalog = Catalog()
     worker = controller(store, catalog)
     try:
@@ -197,7 +198,7 @@ def test_invalid_config_is_refused_and_reported(tmp_path: Path) -> None:
 
 
 def test_the_status_page_lists_rollouts_escaped(tmp_path: Path) -> None:
-    store = open_store(f"sqlite:///{tmp_path / 'state.db'}")
+    store = open_stores(f"sqlite:///{tmp_path / 'state.db'}")
     catalog = Catalog()
     worker = controller(store, catalog)
     try:
@@ -212,7 +213,7 @@ def test_the_status_page_lists_rollouts_escaped(tmp_path: Path) -> None:
 
 
 def test_prediction_drift_between_the_versions(tmp_path: Path) -> None:
-    store = open_store(f"sqlite:///{tmp_path / 'state.db'}")
+    store = open_stores(f"sqlite:///{tmp_path / 'state.db'}")
     worker = controller(store, Catalog())
     try:
         worker.tick(now=100.0)
@@ -223,7 +224,7 @@ def test_prediction_drift_between_the_versions(tmp_path: Path) -> None:
             PredictionRecord(f"b{i}", "digits", 2, 200.0, [[0.0]], [[0.1] * 10], [3], classes=10)
             for i in range(50)
         ]
-        store.record(records)
+        store.predictions.record(records)
         worker.tick(now=101.0)
         drift = worker.status("digits")["guardrails"]["2"]["prediction_drift"]
         assert drift is not None and drift > 1.0  # one class against ten
