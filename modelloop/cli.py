@@ -606,12 +606,14 @@ def _cmd_retrain(args: argparse.Namespace) -> int:
     from pydantic import ValidationError
 
     from modelloop import layout
+    from modelloop.control.retraining.gate import format_gate_report
+    from modelloop.control.retraining.job import retrain
+    from modelloop.control.retraining.settings import RetrainSettings
+    from modelloop.control.retraining.trigger import EXIT_BLESSED, EXIT_FAILED, EXIT_REJECTED
     from modelloop.monitoring.quarantine import SourceQuarantine
     from modelloop.monitoring.settings import MonitoringSettings, resolve_quarantine
     from modelloop.monitoring.stores import StoreUnavailable, open_stores
     from modelloop.monitoring.stores.binding import RepositoryMismatch, repository_identity
-    from modelloop.monitoring.trigger import EXIT_BLESSED, EXIT_FAILED, EXIT_REJECTED
-    from modelloop.retrain import RetrainSettings, format_gate_report, retrain
 
     location = parse_repository(args.repo)
     repo = location.local_path("modelloop retrain")
@@ -712,7 +714,7 @@ def _simulate_token(token_file: Path | None, state_dir: Path) -> str | None:
 
 
 def _cmd_rollout(args: argparse.Namespace) -> int:
-    from modelloop.rollout_cli import admin_token, run_rollout
+    from modelloop.control.rollout.cli import admin_token, run_rollout
 
     run_rollout(args.action, args.name, args.url, token=admin_token(args.token_file))
     return 0

@@ -43,15 +43,15 @@ from fastapi.responses import HTMLResponse
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from starlette.types import Receive, Scope, Send
 
-from modelloop.errors import ModelloopError, ServiceError
-from modelloop.monitoring.http import (
+from modelloop.control.http import (
     HealthSection,
     create_alerts_router,
     create_feedback_router,
     create_health_router,
 )
-from modelloop.monitoring.retraining import Retraining, build_retraining
-from modelloop.monitoring.service import MonitoringService
+from modelloop.control.retraining.wiring import Retraining, build_retraining
+from modelloop.control.service import MonitoringService
+from modelloop.errors import ModelloopError, ServiceError
 from modelloop.monitoring.settings import LabelerSettings, MonitoringSettings
 from modelloop.monitoring.stores import StoreUnavailable
 from modelloop.monitoring.stores.binding import RepositoryMismatch, repository_identity

@@ -39,19 +39,19 @@ from fastapi import APIRouter
 from prometheus_client import CollectorRegistry, Counter
 
 from modelloop import layout
-from modelloop.errors import ModelloopError, ServiceError
-from modelloop.monitoring.http import (
+from modelloop.control.http import (
     HealthSection,
     MonitoringColumns,
     create_alerts_router,
     create_feedback_router,
     create_health_router,
 )
+from modelloop.control.retraining.wiring import Retraining, build_retraining
+from modelloop.control.rollout.controller import RolloutController
+from modelloop.control.rollout.http import RolloutSection, create_rollout_router
+from modelloop.control.service import MonitoringService
+from modelloop.errors import ModelloopError, ServiceError
 from modelloop.monitoring.predlog_store import SqlPredictionLog
-from modelloop.monitoring.retraining import Retraining, build_retraining
-from modelloop.monitoring.rollout import RolloutController
-from modelloop.monitoring.rollout_http import RolloutSection, create_rollout_router
-from modelloop.monitoring.service import MonitoringService
 from modelloop.monitoring.settings import LabelerSettings, MonitoringSettings
 from modelloop.monitoring.stores import Stores, StoreUnavailable, open_stores
 from modelloop.monitoring.stores.binding import RepositoryMismatch, repository_identity
@@ -173,7 +173,7 @@ class ModelServer:
         observer: Receives every answered request (monitoring). Defaults to a no-op.
         registry: Prometheus registry for ``/metrics``. Defaults to a fresh one.
         monitoring: Monitoring settings; when given and enabled, a
-            :class:`~modelloop.monitoring.service.MonitoringService` logs predictions,
+            :class:`~modelloop.control.service.MonitoringService` logs predictions,
             takes feedback and exports drift and accuracy on the same registry.
             Defaults to None (no monitoring).
         labelers: The labelers' feedback tokens. Defaults to None: feedback is

@@ -31,7 +31,7 @@ import numpy as np
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
 if TYPE_CHECKING:
-    from modelloop.monitoring.service import EvaluationReport
+    from modelloop.monitoring.report import EvaluationReport
 
 
 # The codes the ModelHighErrorRate rule counts: failures on the server's side.

@@ -12,19 +12,17 @@ import numpy as np
 import pytest
 from prometheus_client import CollectorRegistry, Counter
 
-from modelloop.export.publish import list_versions
-from modelloop.retrain import (
-    RetrainError,
-    RetrainSettings,
+from modelloop.control.retraining.gate import (
     bless,
     check_robustness,
     format_gate_report,
     much_worse,
-    retrain,
     slice_table,
     slice_verdict,
-    source_caps,
 )
+from modelloop.control.retraining.job import retrain, source_caps
+from modelloop.control.retraining.settings import RetrainError, RetrainSettings
+from modelloop.export.publish import list_versions
 
 TESTDATA = Path(__file__).resolve().parent / "testdata"
 SPEC = TESTDATA / "specs" / "functional_spec.py"

@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 
 from modelloop.cli import _serving_settings, _simulate_state_dir, _simulate_token, build_parser
+from modelloop.control.rollout.cli import summary
 from modelloop.monitoring.settings import FEEDBACK_TOKEN_FILE, ensure_feedback_token_file
 from modelloop.monitoring.stores import open_stores
 from modelloop.monitoring.stores.binding import RepositoryIdentity
-from modelloop.rollout_cli import summary
 from modelloop.storage import default_state_dir, parse_repository
 from tests.test_cli import assert_one_line_error, run_cli
 

@@ -1,6 +1,6 @@
 """The ``retrain_reports`` table: each retrain gate's report, one row per run.
 
-:func:`~modelloop.retrain.retrain` keeps its gate's report here (and in the run
+:func:`~modelloop.control.retraining.job.retrain` keeps its gate's report here (and in the run
 directory); the health page lists the newest, and the new-labels gate of the retrain
 policy asks when the last one was kept.
 """

@@ -92,7 +92,7 @@ class RolloutDoc:
     Attributes:
         model: Model name.
         revision: The stored revision this was read at (0: not stored yet).
-        state: The state document (see :mod:`~modelloop.monitoring.rollout`).
+        state: The state document (see :mod:`~modelloop.control.rollout.controller`).
     """
 
     model: str
@@ -112,7 +112,7 @@ class RolloutTraffic:
         errors: Calls the model failed.
         shadow_rows: Rows of shadow copies compared with the champion's answer.
         shadow_agreed: Of those, rows whose answers agreed.
-        latency: Latency bucket -> calls (:func:`~modelloop.monitoring.rollout.latency_bucket`).
+        latency: Latency bucket -> calls (:func:`~modelloop.control.rollout.controller.latency_bucket`).
     """
 
     rollout: str

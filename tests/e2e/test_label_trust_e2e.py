@@ -37,8 +37,8 @@ import httpx
 import numpy as np
 import pytest
 
+from modelloop.control.retraining.gate import format_gate_report, predict_onnx
 from modelloop.export.publish import list_versions
-from modelloop.retrain import format_gate_report, predict_onnx
 from tests.e2e.serverproc import ServerProcess, start_server, wait_for
 from tests.tools import Story
 

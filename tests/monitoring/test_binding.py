@@ -9,9 +9,9 @@ from typing import Any
 import pytest
 from prometheus_client import CollectorRegistry
 
+from modelloop.control.rollout.controller import RolloutController
 from modelloop.errors import ErrorCode, ServiceError
 from modelloop.layout import REPOSITORY_ID_FILE, repository_id
-from modelloop.monitoring.rollout import RolloutController
 from modelloop.monitoring.stores import open_stores
 from modelloop.monitoring.stores.binding import RepositoryIdentity, RepositoryMismatch, repository_identity
 from modelloop.monitoring.stores.rollouts import RolloutDoc

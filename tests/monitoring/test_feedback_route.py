@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 from prometheus_client import CollectorRegistry
 
-from modelloop.monitoring.http import MonitoringColumns, create_feedback_router
-from modelloop.monitoring.service import MonitoringService
+from modelloop.control.http import MonitoringColumns, create_feedback_router
+from modelloop.control.service import MonitoringService
 from modelloop.monitoring.settings import MonitoringSettings
 from modelloop.monitoring.stores.engine import StoreUnavailable
 from modelloop.monitoring.stores.records import FeedbackItem, FeedbackResult

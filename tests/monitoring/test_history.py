@@ -12,9 +12,9 @@ import pytest
 from fastapi import FastAPI
 from prometheus_client import CollectorRegistry
 
+from modelloop.control.http import create_health_router, render_health_fragment
+from modelloop.control.service import MonitoringService
 from modelloop.monitoring.history import HistoryPoint, TrafficMeter, _quantile
-from modelloop.monitoring.http import create_health_router, render_health_fragment
-from modelloop.monitoring.service import MonitoringService
 from modelloop.monitoring.settings import MonitoringSettings
 from modelloop.monitoring.stores import Stores, open_stores
 from modelloop.monitoring.stores.engine import StoreUnavailable

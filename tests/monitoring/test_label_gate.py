@@ -11,11 +11,11 @@ from typing import Any
 
 import pytest
 
-from modelloop.monitoring.policy import NewLabelsGate, RetrainPolicy
+from modelloop.control.retraining.policy import NewLabelsGate, RetrainPolicy
+from modelloop.control.retraining.trigger import DryRunTrigger
+from modelloop.control.retraining.webhook import AlertHandler, parse_alertmanager
 from modelloop.monitoring.stores import Stores, open_stores
 from modelloop.monitoring.stores.records import FeedbackItem, PredictionRecord
-from modelloop.monitoring.trigger import DryRunTrigger
-from modelloop.monitoring.webhook import AlertHandler, parse_alertmanager
 
 TESTDATA = Path(__file__).resolve().parents[1] / "testdata"
 
@@ -76,7 +76,7 @@ async def test_a_drift_alert_without_new_trusted_labels_starts_no_retrain(store:
 
 
 def test_every_drift_rule_is_gated_in_process_too(store: Stores) -> None:
-    from modelloop.monitoring.inprocess import DRIFT_RULE, PREDICTION_DRIFT_RULE
+    from modelloop.control.retraining.inprocess import DRIFT_RULE, PREDICTION_DRIFT_RULE
 
     gate = NewLabelsGate(store.feedback, store.retrains, lambda model: set())
     for rule in (DRIFT_RULE, PREDICTION_DRIFT_RULE):

@@ -165,7 +165,7 @@ def test_a_control_plane_counts_the_logged_traffic_for_its_history(store: Stores
 
 
 def test_a_control_plane_counts_its_retrain_runs_where_the_page_reads_them(tmp_path: Path) -> None:
-    from modelloop.monitoring.service import MonitoringService
+    from modelloop.control.service import MonitoringService
     from modelloop.monitoring.settings import MonitoringSettings
     from modelloop.serving.types import ModelState, VersionStatus
 

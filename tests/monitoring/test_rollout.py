@@ -8,9 +8,8 @@ from typing import Any
 import pytest
 from prometheus_client import CollectorRegistry
 
-from modelloop.errors import ErrorCode, ServiceError
-from modelloop.monitoring.rollout import (
-    RolloutController,
+from modelloop.control.rollout.controller import RolloutController
+from modelloop.control.rollout.guardrails import (
     VersionEvidence,
     difference_bounds,
     judge,
@@ -18,7 +17,8 @@ from modelloop.monitoring.rollout import (
     latency_quantile,
     wilson_interval,
 )
-from modelloop.monitoring.rollout_http import RolloutSection
+from modelloop.control.rollout.http import RolloutSection
+from modelloop.errors import ErrorCode, ServiceError
 from modelloop.monitoring.stores import open_stores
 from modelloop.monitoring.stores.records import PredictionRecord
 from modelloop.serving.types import ModelState, RolloutPolicy, VersionStatus

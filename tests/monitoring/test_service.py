@@ -11,9 +11,10 @@ import numpy as np
 import pytest
 from prometheus_client import CollectorRegistry
 
+from modelloop.control.service import MonitoringService
 from modelloop.monitoring.metrics import MonitoringMetrics
 from modelloop.monitoring.observer import MonitoringObserver, VersionInfo, predicted_values
-from modelloop.monitoring.service import EvaluationReport, MonitoringService
+from modelloop.monitoring.report import EvaluationReport
 from modelloop.monitoring.settings import MonitoringSettings, resolve_model_settings
 from modelloop.monitoring.stores import open_stores
 from modelloop.monitoring.stores.engine import StoreUnavailable

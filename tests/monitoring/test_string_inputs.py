@@ -13,8 +13,8 @@ from pathlib import Path
 import numpy as np
 from prometheus_client import CollectorRegistry
 
+from modelloop.control.service import MonitoringService
 from modelloop.monitoring.drift import DriftDetector
-from modelloop.monitoring.service import MonitoringService
 from modelloop.monitoring.settings import MonitoringSettings
 from modelloop.monitoring.stores.records import FeedbackItem
 from modelloop.serving.types import InferRequest, InferResponse, ModelState, Protocol

@@ -10,41 +10,13 @@ candidate, share) and tells it how every model call of a rollout pair went; ever
 2. reads every model's rollout state from the store, so every worker and replica routes
    alike (the store is the one source of truth; a restart reads it back);
 3. starts a rollout when a new version is AVAILABLE beside an older one, and judges each
-   running rollout on the guardrails below, on the same footing for both versions; a
+   running rollout on the guardrails, on the same footing for both versions; a
    transition is a compare-and-set write, so when several processes judge at once one
    write wins and the others follow it.
 
-The guardrails, over everything the rollout served so far (every worker's):
-
-- **error rate**: failed model calls / calls. A breach when the one-sided Wilson lower bound
-  of the candidate's rate exceeds ``max_error_rate`` (after 10 calls); a step passes when the
-  observed rate is at most ``max_error_rate``.
-- **latency**: the candidate's p99 model-call latency over the champion's, from histograms
-  with 10 % buckets, leaving out each version's first 20 calls in each process (they
-  run while a freshly loaded version settles). Judged once both have
-  ``step_min_requests`` calls, and at least 50. A call is slow when it is slower than
-  ``max_latency_ratio`` x the champion's p99 and at least ``min_latency_difference_ms``
-  more; a breach when the one-sided Wilson lower bound of the candidate's slow share exceeds
-  the upper bound of the champion's slow share, over the same limit in the same window, by
-  more than 1 % (contention that slows both is no breach). A step passes only once latency
-  has been judged without a breach.
-- **accuracy** (classifiers), from the feedback labels on the requests each version
-  answered during the rollout: the Newcombe hybrid score bound (Wilson intervals of both
-  accuracies, combined, "method 10") on the difference candidate − champion, one-sided at
-  ``confidence``. A breach when its *upper* bound is below ``-max_accuracy_drop`` (the
-  candidate is worse beyond doubt, after 10 labels); a step passes only when its *lower*
-  bound is at least ``-max_accuracy_drop`` (the candidate is not worse beyond the allowed
-  drop) with ``min_labels`` labels. **MAE** (regressors) uses a normal-approximation bound
-  on the difference of the mean absolute errors against ``max_mae_increase`` x champion MAE.
-- **prediction drift** between the versions: the PSI of the candidate's predicted classes
-  (or, for regressors, of its predictions over the champion's deciles) against the
-  champion's, on the requests each answered during the rollout (reported, not a gate: a
-  better model may well predict differently);
-- **shadow agreement**: the share of rows where the candidate's answer to a copy agreed
-  with the champion's (reported; shadow mode never promotes by itself).
-
-Labels are expected once the champion has any; without them a step passes on requests,
-error rate and latency alone.
+The guardrails are :mod:`~modelloop.control.rollout.guardrails`'s, judged over everything the
+rollout served so far (every worker's); the state document and its transitions are
+:mod:`~modelloop.control.rollout.state`'s.
 
 A step is promoted once the candidate has ``step_min_requests`` calls at it and the
 guardrails pass; after the last step (100 %) the candidate becomes the champion. Any breach
@@ -57,22 +29,40 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import math
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from statistics import NormalDist
 from typing import Any
 
 import numpy as np
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
+from modelloop.control.rollout.guardrails import (
+    MIN_BREACH_SAMPLES,
+    VersionEvidence,
+    guardrail_values,
+    judge,
+    latency_bucket,
+    score_labels,
+)
+from modelloop.control.rollout.state import (
+    ACTIONS,
+    EVENTS,
+    STATES,
+    advanced,
+    apply_action,
+    assignment_of,
+    current_share,
+    describe,
+    note,
+    rolled_back,
+)
 from modelloop.errors import ErrorCode, ServiceError
 from modelloop.monitoring.drift import psi
 from modelloop.monitoring.stores import Stores, StoreUnavailable
 from modelloop.monitoring.stores.binding import RepositoryIdentity, RepositoryMismatch
-from modelloop.monitoring.stores.records import CLASSIFIER_TASKS, LabelledRow
+from modelloop.monitoring.stores.records import CLASSIFIER_TASKS
 from modelloop.monitoring.stores.rollouts import RolloutDoc, RolloutTraffic
 from modelloop.serving.types import (
     ModelCatalog,
@@ -84,18 +74,6 @@ from modelloop.serving.types import (
 
 logger = logging.getLogger(__name__)
 
-STATES = ("canary", "shadow", "promoted", "rolled_back")
-"""The states of a rollout."""
-EVENTS = ("started", "step", "promoted", "rolled_back", "paused")
-"""The events ``modelloop_rollout_events_total`` counts."""
-ACTIONS = ("promote", "rollback", "pause")
-"""What an operator may ask of a rollout."""
-# Observations a breach needs before it is judged at all (errors, labels): a handful of
-# unlucky draws must not roll a good candidate back.
-MIN_BREACH_SAMPLES = 10
-# Latency is judged once both versions have this many calls (or step_min_requests, if
-# more): a p99 over fewer calls is little more than their maximum.
-LATENCY_MIN_SAMPLES = 50
 # The first calls of each version in each process are left out of its latency: a version
 # that has just loaded runs them while its thread pool and its batcher settle.
 LATENCY_WARMUP_CALLS = 20
@@ -103,274 +81,6 @@ LATENCY_WARMUP_CALLS = 20
 PREDICTION_LIMIT = 5_000
 # Labelled rows read per version; a rollout is judged on at most this many of its newest.
 LABEL_LIMIT = 20_000
-# Latency histogram: bucket i holds calls up to 1 µs x 1.1^(i+1).
-_LATENCY_BASE_S = 1e-6
-_LATENCY_GROWTH = 1.1
-_LATENCY_BUCKETS = 250
-# History entries kept in a rollout's document.
-_HISTORY_LIMIT = 100
-
-
-def latency_bucket(seconds: float) -> int:
-    """The histogram bucket of one call's latency (10 % wide)."""
-    if seconds <= _LATENCY_BASE_S:
-        return 0
-    index = int(math.log(seconds / _LATENCY_BASE_S) / math.log(_LATENCY_GROWTH))
-    return min(max(index, 0), _LATENCY_BUCKETS - 1)
-
-
-def latency_floor(bucket: int) -> float:
-    """The lower edge of a latency bucket, in seconds."""
-    return 0.0 if bucket == 0 else _LATENCY_BASE_S * _LATENCY_GROWTH**bucket
-
-
-def latency_quantile(buckets: dict[int, int], q: float) -> float | None:
-    """The ``q`` quantile of a latency histogram (the bucket's upper edge), or None when empty."""
-    total = sum(buckets.values())
-    if total == 0:
-        return None
-    rank = q * total
-    seen = 0
-    for bucket in sorted(buckets):
-        seen += buckets[bucket]
-        if seen >= rank:
-            return _LATENCY_BASE_S * _LATENCY_GROWTH ** (bucket + 1)
-    return _LATENCY_BASE_S * _LATENCY_GROWTH ** (max(buckets) + 1)
-
-
-def wilson_interval(successes: int, n: int, z: float) -> tuple[float, float]:
-    """Wilson's score interval of a proportion; ``(0, 1)`` without observations."""
-    if n == 0:
-        return 0.0, 1.0
-    p = successes / n
-    denominator = 1.0 + z * z / n
-    centre = (p + z * z / (2 * n)) / denominator
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denominator
-    return max(0.0, centre - half), min(1.0, centre + half)
-
-
-def difference_bounds(k1: int, n1: int, k2: int, n2: int, confidence: float) -> tuple[float, float]:
-    """Newcombe's hybrid score bounds on ``p1 - p2``, each one-sided at ``confidence``.
-
-    Args:
-        k1: Successes of the first sample (the candidate's correct rows).
-        n1: Its size.
-        k2: Successes of the second sample (the champion's).
-        n2: Its size.
-        confidence: One-sided confidence of each bound (0.95: z = 1.645).
-
-    Returns:
-        ``(lower, upper)``: ``p1 - p2`` is above ``lower`` (and below ``upper``) with the
-        given confidence.
-    """
-    z = NormalDist().inv_cdf(confidence)
-    l1, u1 = wilson_interval(k1, n1, z)
-    l2, u2 = wilson_interval(k2, n2, z)
-    p1 = k1 / n1 if n1 else 0.0
-    p2 = k2 / n2 if n2 else 0.0
-    d = p1 - p2
-    return d - math.sqrt((p1 - l1) ** 2 + (u2 - p2) ** 2), d + math.sqrt((u1 - p1) ** 2 + (p2 - l2) ** 2)
-
-
-@dataclass(slots=True)
-class VersionEvidence:
-    """What one version of a rollout did so far: the guardrails' inputs.
-
-    Attributes:
-        requests: Model calls (shadow copies for a shadow candidate).
-        errors: Failed calls.
-        step_requests: Calls at the current step.
-        latency: Latency histogram (bucket -> calls).
-        labelled: Labelled rows of requests it answered during the rollout.
-        correct: Of those, rows it got right (classifiers).
-        abs_errors: Absolute errors per labelled row (regressors).
-        shadow_rows: Rows of shadow copies compared.
-        shadow_agreed: Of those, rows that agreed with the champion.
-    """
-
-    requests: int = 0
-    errors: int = 0
-    step_requests: int = 0
-    latency: dict[int, int] = field(default_factory=dict)
-    labelled: int = 0
-    correct: int = 0
-    abs_errors: list[float] = field(default_factory=list)
-    shadow_rows: int = 0
-    shadow_agreed: int = 0
-
-    @property
-    def error_rate(self) -> float | None:
-        """Failed calls / calls, or None before any call."""
-        return self.errors / self.requests if self.requests else None
-
-    @property
-    def p99_s(self) -> float | None:
-        """p99 model-call latency in seconds, or None before any call."""
-        return latency_quantile(self.latency, 0.99)
-
-    @property
-    def accuracy(self) -> float | None:
-        """Share of labelled rows right (classifiers), or None without labels."""
-        return self.correct / self.labelled if self.labelled and not self.abs_errors else None
-
-    @property
-    def mae(self) -> float | None:
-        """Mean absolute error (regressors), or None without labels."""
-        return sum(self.abs_errors) / len(self.abs_errors) if self.abs_errors else None
-
-    @property
-    def agreement(self) -> float | None:
-        """Share of shadow rows that agreed with the champion, or None before any."""
-        return self.shadow_agreed / self.shadow_rows if self.shadow_rows else None
-
-
-@dataclass(frozen=True, slots=True)
-class Verdict:
-    """What the guardrails say of a rollout now.
-
-    Attributes:
-        action: ``rollback`` (a breach), ``promote`` (the step passed) or ``hold``.
-        reason: Why, in words.
-        values: The guardrail values, for the status route.
-    """
-
-    action: str
-    reason: str
-    values: dict[str, Any]
-
-
-def _mae_bounds(candidate: list[float], champion: list[float], confidence: float) -> tuple[float, float]:
-    """Normal-approximation bounds on ``MAE(candidate) - MAE(champion)``, each one-sided."""
-    z = NormalDist().inv_cdf(confidence)
-
-    def mean_var(xs: list[float]) -> tuple[float, float]:
-        mean = sum(xs) / len(xs)
-        var = sum((x - mean) ** 2 for x in xs) / max(len(xs) - 1, 1)
-        return mean, var
-
-    m1, v1 = mean_var(candidate)
-    m2, v2 = mean_var(champion)
-    se = math.sqrt(v1 / len(candidate) + v2 / len(champion))
-    return m1 - m2 - z * se, m1 - m2 + z * se
-
-
-def judge(
-    policy: RolloutPolicy,
-    mode: str,
-    champion: VersionEvidence,
-    candidate: VersionEvidence,
-    *,
-    labels_expected: bool,
-    paused: bool = False,
-) -> Verdict:
-    """Applies the guardrails to a rollout's evidence (see the module docstring).
-
-    Args:
-        policy: The model's rollout policy.
-        mode: ``canary`` or ``shadow`` (shadow never promotes by itself).
-        champion: The champion's evidence.
-        candidate: The candidate's evidence.
-        labels_expected: Whether labels arrive for this model (the champion has some).
-        paused: An operator paused the rollout: breaches still roll back; no promotion.
-
-    Returns:
-        The verdict, with the guardrail values.
-    """
-    values: dict[str, Any] = {}
-    breaches: list[str] = []
-    waiting: list[str] = []
-    # Error rate.
-    z = NormalDist().inv_cdf(policy.confidence)
-    rate = candidate.error_rate
-    values["error_rate"] = rate
-    if candidate.requests >= MIN_BREACH_SAMPLES:
-        low, _ = wilson_interval(candidate.errors, candidate.requests, z)
-        values["error_rate_lower"] = low
-        if low > policy.max_error_rate:
-            breaches.append(
-                f"error rate {rate:.3f} ({candidate.errors}/{candidate.requests} calls failed; lower bound "
-                f"{low:.3f} > max_error_rate {policy.max_error_rate:g})"
-            )
-    # Latency.
-    cand_p99, champ_p99 = candidate.p99_s, champion.p99_s
-    ratio = cand_p99 / champ_p99 if cand_p99 is not None and champ_p99 else None
-    values["latency_ratio"] = ratio
-    samples = min(sum(candidate.latency.values()), sum(champion.latency.values()))
-    judged = samples >= max(policy.step_min_requests, LATENCY_MIN_SAMPLES)
-    if judged and cand_p99 is not None and champ_p99:
-        # The candidate's p99 is above max_latency_ratio x the champion's when more than
-        # 1 % of its calls are slower than that: judged on the Wilson lower bound of that
-        # share, so that a few slow calls in a small sample are not a breach.
-        # Contention that slows every call of the process (a burst on a busy host) slows
-        # the champion's calls in the same window too: the candidate's share of slow calls
-        # is judged against the champion's share over the same limit, and a call is slow
-        # only when it is also min_latency_difference_ms slower than the champion's p99.
-        limit = max(
-            policy.max_latency_ratio * champ_p99, champ_p99 + policy.min_latency_difference_ms / 1000.0
-        )
-        calls = sum(candidate.latency.values())
-        slower = sum(n for b, n in candidate.latency.items() if latency_floor(b) >= limit)
-        champ_calls = sum(champion.latency.values())
-        champ_slower = sum(n for b, n in champion.latency.items() if latency_floor(b) >= limit)
-        share_low, _ = wilson_interval(slower, calls, z)
-        _, champ_high = wilson_interval(champ_slower, champ_calls, z)
-        values["latency_slower_share_lower"] = share_low
-        values["champion_slower_share_upper"] = champ_high
-        if share_low - champ_high > 0.01:
-            breaches.append(
-                f"p99 latency {cand_p99 * 1000:.3f} ms, {ratio:.2f}x the champion's "
-                f"{champ_p99 * 1000:.3f} ms: {slower} of {calls} calls slower than {limit * 1000:.3f} ms "
-                f"(max_latency_ratio {policy.max_latency_ratio:g} x its p99, at least "
-                f"{policy.min_latency_difference_ms:g} ms more), against {champ_slower} of {champ_calls} "
-                f"of the champion's (lower bound {share_low:.3f} - upper bound {champ_high:.3f} > 0.01)"
-            )
-    # Accuracy or MAE.
-    accuracy_ok = not labels_expected
-    if candidate.abs_errors and champion.abs_errors:
-        cand_mae, champ_mae = candidate.mae or 0.0, champion.mae or 0.0
-        allowed = policy.max_mae_increase * champ_mae
-        low, high = _mae_bounds(candidate.abs_errors, champion.abs_errors, policy.confidence)
-        values.update(mae_difference_lower=low, mae_difference_upper=high)
-        if len(candidate.abs_errors) >= MIN_BREACH_SAMPLES and low > allowed:
-            breaches.append(
-                f"MAE {cand_mae:.4g} vs the champion's {champ_mae:.4g}: the rise is above {allowed:.4g} "
-                f"beyond doubt (lower bound {low:.4g})"
-            )
-        accuracy_ok = len(candidate.abs_errors) >= policy.min_labels and high <= allowed
-    elif candidate.labelled and champion.labelled and not candidate.abs_errors:
-        low, high = difference_bounds(
-            candidate.correct, candidate.labelled, champion.correct, champion.labelled, policy.confidence
-        )
-        values.update(accuracy_difference_lower=low, accuracy_difference_upper=high)
-        if candidate.labelled >= MIN_BREACH_SAMPLES and high < -policy.max_accuracy_drop:
-            breaches.append(
-                f"accuracy {candidate.accuracy:.3f} vs the champion's {champion.accuracy:.3f}: worse by more "
-                f"than max_accuracy_drop {policy.max_accuracy_drop:g} beyond doubt (upper bound of the "
-                f"difference {high:.3f})"
-            )
-        accuracy_ok = candidate.labelled >= policy.min_labels and low >= -policy.max_accuracy_drop
-    if labels_expected and not accuracy_ok:
-        waiting.append(
-            f"labels: {candidate.labelled}/{policy.min_labels}, or the accuracy bound is not yet within "
-            f"max_accuracy_drop"
-        )
-    if breaches:
-        return Verdict("rollback", "; ".join(breaches), values)
-    if mode == "shadow":
-        return Verdict(
-            "hold", "shadow mode: the candidate answers copies; promote it to start a canary", values
-        )
-    if paused:
-        return Verdict("hold", "paused by an operator", values)
-    if candidate.step_requests < policy.step_min_requests:
-        waiting.insert(0, f"requests at this step: {candidate.step_requests}/{policy.step_min_requests}")
-    if not judged:
-        waiting.append(f"latency samples: {samples}/{max(policy.step_min_requests, LATENCY_MIN_SAMPLES)}")
-    if rate is not None and rate > policy.max_error_rate:
-        waiting.append(f"error rate {rate:.3f} > {policy.max_error_rate:g}")
-    if waiting:
-        return Verdict("hold", "waiting for " + "; ".join(waiting), values)
-    return Verdict("promote", "the guardrails pass", values)
 
 
 class RolloutMetrics:
@@ -426,14 +136,6 @@ class RolloutMetrics:
                 self.state.labels(model=model, version=str(subject), state=name).set(
                     1.0 if state.get("state") == name else 0.0
                 )
-
-
-def current_share(state: dict[str, Any]) -> float:
-    """The candidate's share of unpinned traffic, in percent, in a rollout state."""
-    if state.get("state") != "canary" or state.get("candidate") is None:
-        return 0.0
-    steps = state.get("steps") or [100.0]
-    return float(steps[min(int(state.get("step", 0)), len(steps) - 1)])
 
 
 @dataclass(slots=True)
@@ -640,7 +342,7 @@ class RolloutController:
         self.bind()
         docs = self.stores.rollouts.rollouts()
         self._docs = docs
-        self._assignments = {model: _assignment(doc.state) for model, doc in docs.items()}
+        self._assignments = {model: assignment_of(doc.state) for model, doc in docs.items()}
         for model, doc in docs.items():
             self.metrics.show(model, doc.state)
 
@@ -689,15 +391,15 @@ class RolloutController:
             paused=bool(doc.state.get("paused")),
         )
         state = dict(doc.state)
-        state["guardrails"] = _guardrail_values(evidence, champion, candidate, verdict)
+        state["guardrails"] = guardrail_values(evidence, champion, candidate, verdict)
         state["guardrails"][str(candidate)]["prediction_drift"] = self._prediction_drift(
             model, champion, candidate, float(doc.state["started"])
         )
         state["evaluated"] = now
         if verdict.action == "rollback":
-            self._write(model, doc, _rolled_back(state, verdict.reason, now), "rolled_back")
+            self._write(model, doc, rolled_back(state, verdict.reason, now), "rolled_back")
         elif verdict.action == "promote":
-            self._write(model, doc, _advanced(state, now, "the guardrails passed"), None)
+            self._write(model, doc, advanced(state, now, "the guardrails passed"), None)
         else:
             state["reason"] = verdict.reason
             self._write(model, doc, state, None)
@@ -735,7 +437,7 @@ class RolloutController:
             "guardrails": {},
         }
         share = current_share(state)
-        _note(
+        note(
             state,
             now,
             "started",
@@ -762,7 +464,7 @@ class RolloutController:
             return None
         new.revision += 1
         self._docs[model] = new
-        self._assignments[model] = _assignment(state)
+        self._assignments[model] = assignment_of(state)
         self.metrics.show(model, state)
         previous = (
             len(doc.state.get("history", []))
@@ -800,7 +502,7 @@ class RolloutController:
                 )
                 if r.created >= state["started"]
             ]
-            _score(ev, rows, self.task_of(model, version))
+            score_labels(ev, rows, self.task_of(model, version))
         return evidence
 
     def _prediction_drift(self, model: str, champion: int, candidate: int, since: float) -> float | None:
@@ -861,7 +563,7 @@ class RolloutController:
                 self.status(model)  # 404s first
                 doc = self.stores.rollouts.rollouts(model)[model]
                 state = dict(doc.state)
-                new, event = _apply(state, action, t)
+                new, event = apply_action(state, action, t)
                 if self._write(model, doc, new, event) is not None:
                     logger.info("model %s: operator %s -> %s", model, action, new["state"])
                     return describe(new, self._config_errors.get(model, ""))
@@ -904,203 +606,3 @@ class RolloutController:
             "retired_released": released,
             "previous": describe(doc.state),
         }
-
-
-def _retired_why(state: dict[str, Any], version: str, reason: str) -> str:
-    """``RETIRED by rollout <id> (rolled back at <time>: <reason>)``."""
-    by = state.get("retired_by", {}).get(version) or state.get("id") or "?"
-    at = state.get("retired_at", {}).get(version)
-    if at is None:  # state written before the time was kept: the last rollback in the history
-        at = next(
-            (
-                entry.get("t")
-                for entry in reversed(state.get("history", []))
-                if entry.get("event") == "rolled_back"
-                and str(entry.get("reason", "")).startswith(f"version {version} ")
-            ),
-            None,
-        )
-    when = (
-        f"rolled back at {time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime(float(at)))}"
-        if isinstance(at, int | float)
-        else "rolled back"
-    )
-    return f"RETIRED by rollout {by} ({when}: {reason})"
-
-
-def _score(ev: VersionEvidence, rows: list[LabelledRow], task: str) -> None:
-    ev.labelled = len(rows)
-    if task in CLASSIFIER_TASKS:
-        ev.correct = sum(1 for r in rows if int(r.predicted) == int(r.target))
-    else:
-        ev.abs_errors = [abs(float(r.predicted) - float(r.target)) for r in rows]
-
-
-def _assignment(state: dict[str, Any]) -> RolloutAssignment:
-    return RolloutAssignment(
-        champion=int(state.get("champion", 0)),
-        candidate=state.get("candidate"),
-        mode=str(state.get("mode", "canary")),
-        share=current_share(state),
-        state=str(state.get("state", "")),
-        retired=frozenset(int(v) for v in state.get("retired", {})),
-        retired_why={
-            int(v): _retired_why(state, str(v), str(reason)) for v, reason in state.get("retired", {}).items()
-        },
-    )
-
-
-def _note(state: dict[str, Any], now: float, event: str, reason: str) -> None:
-    history = list(state.get("history", []))
-    history.append(
-        {
-            "t": now,
-            "event": event,
-            "step": state.get("step", 0),
-            "share": current_share(state),
-            "reason": reason,
-        }
-    )
-    state["history"] = history[-_HISTORY_LIMIT:]
-    state["reason"] = reason
-    state["updated"] = now
-
-
-def _rolled_back(state: dict[str, Any], reason: str, now: float) -> dict[str, Any]:
-    candidate = state["candidate"]
-    state["state"] = "rolled_back"
-    state["paused"] = False
-    retired = dict(state.get("retired", {}))
-    retired[str(candidate)] = reason
-    state["retired"] = retired
-    state["retired_at"] = {**state.get("retired_at", {}), str(candidate): now}
-    state["retired_by"] = {**state.get("retired_by", {}), str(candidate): state.get("id")}
-    _note(state, now, "rolled_back", f"version {candidate} RETIRED: {reason}")
-    logger.warning("model %s: version %s rolled back: %s", state.get("model"), candidate, reason)
-    return state
-
-
-def _advanced(state: dict[str, Any], now: float, why: str) -> dict[str, Any]:
-    steps = state.get("steps") or [100.0]
-    if state["state"] == "shadow":
-        state["state"], state["step"] = "canary", 0
-    elif int(state["step"]) + 1 < len(steps):
-        state["step"] = int(state["step"]) + 1
-    else:
-        old, new = state["champion"], state["candidate"]
-        state["state"], state["champion"], state["candidate"] = "promoted", new, None
-        state["previous_champion"] = old
-        _note(state, now, "promoted", f"version {new} is the champion ({why}); version {old} unloads")
-        logger.info("model %s: version %s promoted over %s", state.get("model"), new, old)
-        return state
-    state["step_started"] = now
-    state["paused"] = False
-    _note(
-        state,
-        now,
-        "step",
-        f"step {int(state['step']) + 1}: {current_share(state):g} % to version {state['candidate']} ({why})",
-    )
-    return state
-
-
-def _apply(state: dict[str, Any], action: str, now: float) -> tuple[dict[str, Any], str | None]:
-    current = state.get("state")
-    if action == "rollback":
-        if current not in ("canary", "shadow"):
-            raise ServiceError(
-                f"the rollout is {current}; only a running one can be rolled back",
-                ErrorCode.FAILED_PRECONDITION,
-            )
-        return _rolled_back(state, "rolled back by an operator", now), "rolled_back"
-    if action == "pause":
-        if current not in ("canary", "shadow"):
-            raise ServiceError(
-                f"the rollout is {current}; only a running one can be paused", ErrorCode.FAILED_PRECONDITION
-            )
-        state["paused"] = True
-        _note(
-            state,
-            now,
-            "paused",
-            "paused by an operator: no promotion until promote; breaches still roll back",
-        )
-        return state, "paused"
-    if current == "promoted":
-        raise ServiceError("the rollout is already promoted", ErrorCode.FAILED_PRECONDITION)
-    if current == "rolled_back":
-        # An operator asks for the retired version again: it comes back as a fresh canary.
-        candidate = state["candidate"]
-        retired = dict(state.get("retired", {}))
-        retired.pop(str(candidate), None)
-        retired_at = {v: t for v, t in state.get("retired_at", {}).items() if v != str(candidate)}
-        retired_by = {v: r for v, r in state.get("retired_by", {}).items() if v != str(candidate)}
-        state.update(
-            retired=retired,
-            retired_at=retired_at,
-            retired_by=retired_by,
-            state="canary",
-            step=0,
-            paused=False,
-            step_started=now,
-        )
-        _note(
-            state,
-            now,
-            "step",
-            f"version {candidate} restored by an operator: canary at {current_share(state):g} %",
-        )
-        return state, None
-    return _advanced(state, now, "promoted by an operator"), None
-
-
-def _guardrail_values(
-    evidence: dict[int, VersionEvidence], champion: int, candidate: int, verdict: Verdict
-) -> dict[str, Any]:
-    def version_values(version: int, role: str) -> dict[str, Any]:
-        ev = evidence.get(version, VersionEvidence())
-        return {
-            "role": role,
-            "requests": ev.requests,
-            "step_requests": ev.step_requests,
-            "errors": ev.errors,
-            "error_rate": ev.error_rate,
-            "p99_latency_s": ev.p99_s,
-            "labels": ev.labelled,
-            "accuracy": ev.accuracy,
-            "mae": ev.mae,
-            "shadow_rows": ev.shadow_rows,
-            "agreement": ev.agreement,
-        }
-
-    values = {
-        str(champion): version_values(champion, "champion"),
-        str(candidate): version_values(candidate, "candidate"),
-    }
-    values[str(candidate)].update({k: v for k, v in verdict.values.items() if k != "error_rate"})
-    values[str(candidate)]["verdict"] = verdict.action
-    return values
-
-
-def describe(state: dict[str, Any], config_error: str = "") -> dict[str, Any]:
-    """The JSON of ``GET /monitoring/rollouts/{model}``."""
-    steps = state.get("steps") or [100.0]
-    return {
-        "model": state.get("model"),
-        "id": state.get("id"),
-        "champion": state.get("champion"),
-        "candidate": state.get("candidate"),
-        "mode": state.get("mode"),
-        "step": int(state.get("step", 0)) + 1,
-        "steps": steps,
-        "share": current_share(state),
-        "state": state.get("state"),
-        "paused": bool(state.get("paused")),
-        "reason": state.get("reason", ""),
-        "guardrails": state.get("guardrails", {}),
-        "retired": state.get("retired", {}),
-        "history": state.get("history", []),
-        "started": state.get("started"),
-        "updated": state.get("updated"),
-        "config_error": config_error,
-    }
