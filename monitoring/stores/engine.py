@@ -228,7 +228,7 @@ class StoreEngine:
 
 
 class SQLiteEngine(StoreEngine):
-    """The embedded store: one SQLite file in WAL mode with ``synchronous=FULL``.
+    """The embedded database: one SQLite file in WAL mode with ``synchronous=FULL``.
 
     WAL lets the evaluator read while the observer writes; ``synchronous=FULL`` fsyncs
     the WAL at every commit, which is what makes an acknowledged label survive a crash.
@@ -326,7 +326,7 @@ def _sqlite_on_begin(conn: Connection) -> None:
 
 
 class PostgresEngine(StoreEngine):
-    """The shared store for several replicas, through psycopg 3 and a connection pool.
+    """The database several replicas share, through psycopg 3 and a connection pool.
 
     The engine's ``QueuePool`` opens connections lazily (at most 5 kept, 5 more under
     load) and pings each one before use (``pool_pre_ping``), replacing it and the rest of
