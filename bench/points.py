@@ -1,4 +1,5 @@
-"""Two points beside the suite: tensors through shared memory, and cold loads in bounded memory.
+"""Three points beside the suite: tensors through shared memory, cold loads in bounded memory,
+and the prediction logger's own CPU.
 
 - ``shared_memory``: a 4 MiB float32 input (16384 digits rows) per request to ``digits``,
   sent by tritonclient's HTTP client through a registered system shared memory region
@@ -8,6 +9,8 @@
   alternate between them, so every request loads its model (after unloading the other).
   Client-side latency p50/p99 of those cold requests, next to warm ones, and the server's
   ``modelloop_model_cold_load_seconds`` mean.
+- ``prediction_logger``: the logger's CPU per logged prediction, in process, logging on
+  against a null observer over the same requests (``bench/predlog.py``; target 5 µs).
 
 Run ``python -m bench.points [--requests N] [--repo REPO]`` (``make bench`` runs it after the
 suite); it prints a table and writes ``bench/results/points-<stamp>.json``.
@@ -29,6 +32,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+from bench import predlog
 from bench.models import ensure_digits
 from bench.processes import ROOT, start
 
@@ -145,11 +149,14 @@ def cold_load_point(repo: Path, tmp: Path, requests: int) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Runs both points; prints them and writes the JSON."""
+    """Runs the points; prints them and writes the JSON."""
     parser = argparse.ArgumentParser(prog="python -m bench.points", description=__doc__.splitlines()[0])
     parser.add_argument("--requests", type=int, default=40, help="requests per point (default 40)")
     parser.add_argument(
         "--repo", type=Path, default=None, help="a repository with digits (default: bench cache)"
+    )
+    parser.add_argument(
+        "--log-requests", type=int, default=50_000, help="requests per round of the logger point"
     )
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
     args = parser.parse_args(argv)
@@ -157,6 +164,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="modelloop-points-") as tmp:
         shm = shared_memory_point(repo, Path(tmp), args.requests)
         cold = cold_load_point(repo, Path(tmp), args.requests)
+    logged = predlog.measure(args.log_requests, "sql")
     for row in shm:
         print(
             f"{row['point']:<45} {row['req_per_s']:8.1f} req/s  "
@@ -168,11 +176,26 @@ def main(argv: list[str] | None = None) -> int:
         f"(warm p50 {cold['warm_p50_ms']:.2f} ms, p99 {cold['warm_p99_ms']:.2f} ms; "
         f"{cold['server_cold_loads']:.0f} loads, server mean {cold['server_cold_load_mean_ms']:.1f} ms)"
     )
+    verdict = "met" if logged["logger_us_per_prediction"] <= logged["target_us"] else "NOT met"
+    print(
+        f"{logged['point']}: {logged['logger_us_per_prediction']:.2f} µs CPU per logged prediction "
+        f"(on {logged['on_us_per_prediction']:.2f}, off {logged['off_us_per_prediction']:.2f}; "
+        f"target ≤ {logged['target_us']:.0f} µs: {verdict})"
+    )
     stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%SZ")
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / f"points-{stamp}.json"
     path.write_text(
-        json.dumps({"timestamp": stamp, "shared_memory": shm, "cold_load": cold}, indent=2) + "\n"
+        json.dumps(
+            {
+                "timestamp": stamp,
+                "shared_memory": shm,
+                "cold_load": cold,
+                "prediction_logger": logged,
+            },
+            indent=2,
+        )
+        + "\n"
     )
     print(f"wrote {path}")
     return 0

@@ -60,6 +60,7 @@ from modelloop.monitoring.history import LoggedTraffic, TrafficMeter, TrafficRep
 from modelloop.monitoring.ingest import LogIngest
 from modelloop.monitoring.metrics import MonitoringMetrics
 from modelloop.monitoring.observer import MonitoringObserver, VersionInfo
+from modelloop.monitoring.predlog import PredictionLog
 from modelloop.monitoring.predlog_store import SqlPredictionLog
 from modelloop.monitoring.quality import QualityChecker, QualityReport
 from modelloop.monitoring.quarantine import SourceVerdict, assess_sources, champion_of
@@ -70,7 +71,7 @@ from modelloop.monitoring.settings import (
     resolve_model_settings,
     resolve_quarantine,
 )
-from modelloop.monitoring.stores import Stores, StoreUnavailable, open_stores
+from modelloop.monitoring.stores import StoreEngine, Stores, StoreUnavailable, open_stores
 from modelloop.monitoring.stores.records import CLASSIFIER_TASKS, FeedbackItem, FeedbackResult
 from modelloop.monitoring.window import WindowSet
 from modelloop.serving.types import ModelCatalog, ModelState
@@ -141,6 +142,8 @@ class MonitoringService:
         traffic_from_log: Whether request rates and latencies come from the log rather
             than from serving metrics on ``registry`` (a control plane has none). Defaults
             to False.
+        open_log: Opens the prediction log over the SQL store (which keeps its reader's
+            position), e.g. objects under a prefix. Defaults to None: the store's own table.
 
     Raises:
         StoreUnavailable: The default SQLite store cannot be opened.
@@ -164,6 +167,7 @@ class MonitoringService:
         peer_wait_s: float = 0.0,
         reads_log: bool = False,
         traffic_from_log: bool = False,
+        open_log: Callable[[StoreEngine], PredictionLog[Any]] | None = None,
     ) -> None:
         self.settings = settings
         self.prune = prune
@@ -190,9 +194,11 @@ class MonitoringService:
             queue_size=settings.queue_size,
             sample_features=settings.sample_features,
         )
-        # The prediction log the servers write: read here when this service is the
-        # control plane, and waited for before a label is joined.
-        self.log = SqlPredictionLog(self.stores.engine)
+        # The prediction log the servers write (the SQL store's, or `open_log`'s over it):
+        # read here when this service is the control plane, and waited for before a label
+        # is joined.
+        engine = self.stores.engine
+        self.log: PredictionLog[Any] = open_log(engine) if open_log is not None else SqlPredictionLog(engine)
         logged = LoggedTraffic() if traffic_from_log else None
         self.ingest: LogIngest | None = (
             LogIngest(self.log, self.observer, self.metrics, prune=prune, traffic=logged)
@@ -674,7 +680,7 @@ class MonitoringService:
             return self.ingest.catch_up(max(deadline - time.monotonic(), 0.0)) and done
         try:
             target = self.log.last()
-            while self.log.cursor() < target:
+            while not self.log.reached(self.log.cursor(), target):
                 if time.monotonic() >= deadline:
                     return False
                 time.sleep(0.05)

@@ -174,6 +174,13 @@ def _add_store_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="DIR",
         help=f"monitoring state (default: {STATE_DIR_DEFAULT})",
     )
+    parser.add_argument(
+        "--log-url",
+        default=None,
+        metavar="URL",
+        help="the prediction log as segment objects: s3://bucket/prefix or a directory (file://); "
+        "every server and the control plane name the same one (default: a table of the store)",
+    )
 
 
 def _add_retrain_parser(sub: Any) -> None:
@@ -315,6 +322,7 @@ def worker_argv(args: argparse.Namespace) -> list[str]:
         ("--tls-key", args.tls_key),
         ("--store", args.store),
         ("--state-dir", args.state_dir),
+        ("--log-url", args.log_url),
         ("--control-plane", args.control_plane),
     ):
         if value is not None:
@@ -450,6 +458,8 @@ def _serving_settings(args: argparse.Namespace) -> tuple[Any, Any, Any]:
         monitoring["enabled"] = False
     if args.store is not None:
         monitoring["store_url"] = args.store
+    if args.log_url is not None:
+        monitoring["log_url"] = args.log_url
     if args.state_dir is not None:
         monitoring["state_dir"] = args.state_dir
     try:
@@ -586,6 +596,8 @@ def _cmd_up(args: argparse.Namespace) -> int:
         argv += ["--state-dir", str(monitoring.state_dir)]
         if args.store is not None:
             argv += ["--store", args.store]
+        if args.log_url is not None:
+            argv += ["--log-url", args.log_url]
         plane = ControlPlaneProcess(argv, env={**os.environ, **env})
         args.control_plane = plane.start()
 
@@ -619,7 +631,8 @@ def _cmd_retrain(args: argparse.Namespace) -> int:
     repo = location.local_path("modelloop retrain")
     _quiet_tensorflow()
     _setup_logging(args.log_level)
-    overrides = {k: v for k, v in (("store_url", args.store), ("state_dir", args.state_dir)) if v is not None}
+    given = (("store_url", args.store), ("state_dir", args.state_dir), ("log_url", args.log_url))
+    overrides = {k: v for k, v in given if v is not None}
     try:
         monitoring = with_default_state_dir(MonitoringSettings(**overrides), location)
     except ValidationError as exc:
@@ -726,7 +739,8 @@ def _monitoring_settings(args: argparse.Namespace, repo: str) -> Any:
 
     from modelloop.monitoring.settings import MonitoringSettings
 
-    overrides = {k: v for k, v in (("store_url", args.store), ("state_dir", args.state_dir)) if v is not None}
+    given = (("store_url", args.store), ("state_dir", args.state_dir), ("log_url", args.log_url))
+    overrides = {k: v for k, v in given if v is not None}
     try:
         return with_default_state_dir(MonitoringSettings(**overrides), parse_repository(repo))
     except ValidationError as exc:
@@ -759,6 +773,7 @@ def _cmd_monitor(args: argparse.Namespace) -> int:
         "host": args.host,
         "port": args.port,
         "cors_origins": list(serving.cors_origins),
+        "rollout": serving.rollout,
     }
     return monitor(plane)
 
@@ -777,23 +792,32 @@ def _since(text: str) -> float:
 
 
 def _cmd_log(args: argparse.Namespace) -> int:
+    from modelloop.monitoring.predlog_objects import ObjectPredictionLog
     from modelloop.monitoring.predlog_store import SqlPredictionLog, export_parquet
-    from modelloop.monitoring.stores import StoreUnavailable, open_stores
+    from modelloop.monitoring.stores import Stores, StoreUnavailable, open_stores
+    from modelloop.storage import StorageError
 
     since = _since(args.since)
     monitoring = _monitoring_settings(args, args.repo)
+    stores: Stores | None = None
     try:
-        stores = open_stores(monitoring.resolved_store_url())
-    except StoreUnavailable as exc:
-        raise ModelloopError(f"cannot open the store: {exc.message}") from None
-    try:
-        rows = export_parquet(SqlPredictionLog(stores.engine), args.model, since, args.out)
+        if monitoring.log_url is not None:
+            # Objects under a prefix: nothing of the store is needed to read them.
+            try:
+                log: Any = ObjectPredictionLog(monitoring.log_url)
+            except StorageError as exc:
+                raise ModelloopError(f"invalid --log-url: {exc}") from None
+        else:
+            stores = open_stores(monitoring.resolved_store_url())
+            log = SqlPredictionLog(stores.engine)
+        rows = export_parquet(log, args.model, since, args.out)
     except StoreUnavailable as exc:
         raise ModelloopError(f"cannot read the prediction log: {exc.message}") from None
     except OSError as exc:
         raise ModelloopError(f"cannot write {str(args.out)!r}: {exc.strerror or exc}") from None
     finally:
-        stores.close()
+        if stores is not None:
+            stores.close()
     print(f"modelloop: wrote {rows} logged predictions of {args.model} to {args.out}", flush=True)
     return 0
 

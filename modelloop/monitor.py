@@ -30,10 +30,12 @@ asyncio.run(plane.run(lambda url: print(url)))  # until SIGTERM
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import signal
 import sys
 from collections.abc import Callable, Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -50,19 +52,21 @@ from modelloop.control.http import (
     create_health_router,
 )
 from modelloop.control.retraining.wiring import Retraining, build_retraining
+from modelloop.control.rollout.controller import RolloutController
+from modelloop.control.rollout.http import create_rollout_router
 from modelloop.control.service import MonitoringService
 from modelloop.errors import ModelloopError, ServiceError
 from modelloop.monitoring.settings import LabelerSettings, MonitoringSettings
 from modelloop.monitoring.stores import StoreUnavailable
 from modelloop.monitoring.stores.binding import RepositoryMismatch, repository_identity
-from modelloop.server import PEER_WAIT_S
+from modelloop.server import open_prediction_log, peer_wait_s, task_from_card
 from modelloop.serving.errors import ModelNotFound
 from modelloop.serving.repository import ModelRepository
 from modelloop.serving.rest.errors import install_error_handlers
 from modelloop.serving.rest.origin import OriginGuard
 from modelloop.serving.rest.server import bind_rest_socket
 from modelloop.serving.settings import ModelConfig
-from modelloop.serving.types import ModelState, VersionStatus
+from modelloop.serving.types import ModelState, RolloutPolicy, VersionStatus
 
 logger = logging.getLogger(__name__)
 
@@ -109,6 +113,26 @@ class RepositoryCatalog:
         return dict(getattr(self._config(name), key, {}) or {})
 
 
+class RolloutCatalog(RepositoryCatalog):
+    """The repository as the control plane's rollout judge sees it.
+
+    A server in a rollout keeps the champion loaded beside the newest version its version
+    policy wants (:meth:`RolloutCoordinator.plan
+    <modelloop.serving.rollout.RolloutCoordinator.plan>`), so every version on disk up to
+    that newest one is AVAILABLE here: the judge starts a rollout when a new version
+    appears, and the servers load the pair its decision names.
+    """
+
+    def statuses(self, name: str) -> list[VersionStatus]:
+        """The versions on disk up to the newest one the version policy wants, AVAILABLE."""
+        wanted = self._repository.wanted_versions(name, self._config(name))
+        if not wanted:
+            return []
+        newest = max(wanted)
+        on_disk = sorted(v for v in self._repository.versions(name) if v <= newest)
+        return [VersionStatus(v, ModelState.AVAILABLE) for v in on_disk]
+
+
 class _OriginGuarded:
     """The control plane's app behind the servers' cross-site write check (403 before any route)."""
 
@@ -142,11 +166,15 @@ class ControlPlane:
         repo: The model repository (local directory).
         monitoring: Monitoring settings (store, state directory, thresholds, trigger).
         labelers: The labelers' tokens. Defaults to none (feedback is unauthenticated).
-        admin_token: The admin token of the alert webhook. Defaults to None (webhook off).
+        admin_token: The admin token of the alert webhook and the rollout actions.
+            Defaults to None (both off).
         host: Interface to bind. Defaults to 127.0.0.1.
         port: Port; 0 picks a free one. Defaults to 8502.
         cors_origins: Origins whose pages may write here (``MODELLOOP_CORS_ORIGINS``);
             other cross-site writes get 403, as on the servers. Defaults to none.
+        rollout: The rollout defaults of every model (``MODELLOOP_ROLLOUT__*``, as for
+            ``serve``). Defaults to ``RolloutPolicy()`` (mode off unless a model's
+            ``config.json`` says otherwise).
 
     Raises:
         ModelloopError: The repository is missing or the store cannot be opened.
@@ -162,6 +190,7 @@ class ControlPlane:
         host: str = "127.0.0.1",
         port: int = DEFAULT_PORT,
         cors_origins: Sequence[str] = (),
+        rollout: RolloutPolicy | None = None,
     ) -> None:
         if not repo.is_dir():
             raise ModelloopError(f"model repository {str(repo)!r} does not exist or is not a directory")
@@ -178,7 +207,8 @@ class ControlPlane:
                 reads_log=True,
                 traffic_from_log=True,
                 # Labels may arrive before the server that answered wrote its log buffer.
-                peer_wait_s=PEER_WAIT_S,
+                peer_wait_s=peer_wait_s(monitoring),
+                open_log=partial(open_prediction_log, monitoring) if monitoring.log_url else None,
             )
         except StoreUnavailable as exc:
             raise ModelloopError(f"cannot open the monitoring store: {exc.message}") from exc
@@ -190,6 +220,19 @@ class ControlPlane:
             raise ModelloopError(exc.message) from exc
         except StoreUnavailable as exc:
             logger.warning("cannot check which repository the store describes yet: %s", exc.message)
+        # The rollout judge: it starts, judges, promotes and rolls back on the traffic every
+        # server flushes to the store; the servers route by the decisions it writes.
+        service = self.service
+        self.rollouts = RolloutController(
+            service.stores,
+            RolloutCatalog(ModelRepository(repo)),
+            rollout if rollout is not None else RolloutPolicy(),
+            self.prometheus,
+            task_from_card(repo),
+            quarantined=service.quarantined_sources,
+            interval_s=monitoring.rollout_interval_s,
+            repository=repository_identity(repo, None),
+        )
         self.retraining: Retraining = build_retraining(monitoring, repo, self.service)
         matcher = labelers.matcher() if labelers is not None else None
         if not matcher:
@@ -207,6 +250,7 @@ class ControlPlane:
         app.include_router(create_feedback_router(self.service, MAX_BODY_BYTES, matcher))
         app.include_router(create_alerts_router(self.retraining.alerts, admin_token, MAX_BODY_BYTES))
         app.include_router(create_health_router(self.service))
+        app.include_router(create_rollout_router(self.rollouts, admin_token))
         section = HealthSection(self.service)
         registry = self.prometheus
         ingest = self.service.ingest
@@ -221,8 +265,10 @@ class ControlPlane:
 
         @app.get("/healthz", include_in_schema=False)
         async def healthz(request: Request) -> Response:
-            cursor = ingest.cursor if ingest is not None else 0
-            return Response(f'{{"live": true, "cursor": {cursor}}}', media_type="application/json")
+            cursor = ingest.cursor if ingest is not None else None
+            # A sequence number in SQL, the newest object key read in object storage.
+            shown = cursor if isinstance(cursor, int) else (str(cursor) if cursor is not None else 0)
+            return Response(json.dumps({"live": True, "cursor": shown}), media_type="application/json")
 
         return app
 
@@ -246,6 +292,7 @@ class ControlPlane:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.request_stop)
         await self.service.start()
+        await self.rollouts.start()
         config = uvicorn.Config(self.guarded, log_level="warning", lifespan="off")
         server = uvicorn.Server(config)
         server.install_signal_handlers = lambda: None  # type: ignore[method-assign]
@@ -261,6 +308,7 @@ class ControlPlane:
         server.should_exit = True
         await asyncio.gather(task, return_exceptions=True)
         stop.cancel()
+        await self.rollouts.stop()
         await self.retraining.close()
         await self.service.stop()
         for sig in (signal.SIGTERM, signal.SIGINT):

@@ -31,6 +31,7 @@ import socket
 import sys
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -51,9 +52,11 @@ from modelloop.control.rollout.controller import RolloutController
 from modelloop.control.rollout.http import RolloutSection, create_rollout_router
 from modelloop.control.service import MonitoringService
 from modelloop.errors import ModelloopError, ServiceError
+from modelloop.monitoring.predlog import PredictionLog
+from modelloop.monitoring.predlog_objects import SEGMENT_S, ObjectPredictionLog
 from modelloop.monitoring.predlog_store import SqlPredictionLog
 from modelloop.monitoring.settings import LabelerSettings, MonitoringSettings
-from modelloop.monitoring.stores import Stores, StoreUnavailable, open_stores
+from modelloop.monitoring.stores import StoreEngine, Stores, StoreUnavailable, open_stores
 from modelloop.monitoring.stores.binding import RepositoryMismatch, repository_identity
 from modelloop.serving.dataplane import DataPlane
 from modelloop.serving.grpc.server import bind_grpc_server, create_grpc_server, server_credentials
@@ -75,6 +78,11 @@ logger = logging.getLogger(__name__)
 
 PEER_WAIT_S = 0.6
 """How long a label for an unknown id waits for other servers' log buffers (written every 0.25 s)."""
+
+
+def peer_wait_s(monitoring: MonitoringSettings) -> float:
+    """:data:`PEER_WAIT_S`, plus the seconds a server gathers per object when the log is objects."""
+    return PEER_WAIT_S + (SEGMENT_S if monitoring.log_url else 0.0)
 
 
 @dataclass(frozen=True)
@@ -215,8 +223,8 @@ class ModelServer:
         self.log_stores: Stores | None = None
         split = settings.control_plane_url is not None
         if monitoring is not None and monitoring.enabled and split:
-            # A control plane reads the log: this process only logs (and keeps routing its
-            # rollouts from the state in the store).
+            # A control plane reads the log and judges rollouts: this process only logs,
+            # counts its rollout calls, and routes by the state in the store.
             self.log_stores = _open_log_stores(monitoring)
             dropped = Counter(
                 "modelloop_monitoring_dropped",
@@ -224,12 +232,14 @@ class ModelServer:
                 ["model"],
                 registry=self.prometheus,
             )
+            sink = open_prediction_log(monitoring, self.log_stores.engine)
             self.prediction_logger = PredictionLogger(
-                SqlPredictionLog(self.log_stores.engine),
+                sink,
                 columns=repository_columns(settings.repo),
                 sample=lambda model: self.models.model_config(model).log_sample,
                 on_drop=lambda model, count: dropped.labels(model=model).inc(count),
                 queue_size=monitoring.queue_size,
+                **_segmenting(sink),
             )
             observer = observer if observer is not None else self.prediction_logger
             self.rollout_controller = RolloutController(
@@ -237,9 +247,12 @@ class ModelServer:
                 self.models,
                 settings.rollout,
                 self.prometheus,
-                _task_from_card(settings.repo),
+                task_from_card(settings.repo),
                 interval_s=monitoring.rollout_interval_s,
                 repository=repository_identity(settings.repo, settings.repo_url),
+                # The control plane starts and judges rollouts; this server counts its calls
+                # and routes by the decisions it reads.
+                judging=False,
             )
             self.rollouts.router = self.rollout_controller
             try:
@@ -260,7 +273,8 @@ class ModelServer:
                     # One reader of the log per store: the only process, or worker 0.
                     reads_log=leader,
                     # The other workers write their log buffers every 0.25 s.
-                    peer_wait_s=0.0 if role is None else PEER_WAIT_S,
+                    peer_wait_s=0.0 if role is None else peer_wait_s(monitoring),
+                    open_log=partial(open_prediction_log, monitoring) if monitoring.log_url else None,
                 )
             except StoreUnavailable as exc:
                 raise ServerError(f"cannot open the monitoring store: {exc.message}") from exc
@@ -273,6 +287,7 @@ class ModelServer:
                 sample=lambda model: self.models.model_config(model).log_sample,
                 on_drop=lambda model, count: dropped.labels(model=model).inc(count),
                 queue_size=monitoring.queue_size,
+                **_segmenting(service.log),
             )
             service.before_flush = self.prediction_logger.flush
             observer = observer if observer is not None else self.prediction_logger
@@ -525,7 +540,29 @@ def _open_log_stores(monitoring: MonitoringSettings) -> Stores:
         raise ServerError(f"cannot open the prediction log's store: {exc.message}") from exc
 
 
-def _task_from_card(repo: Path) -> Callable[[str, int], str]:
+def open_prediction_log(monitoring: MonitoringSettings, store: StoreEngine) -> PredictionLog[Any]:
+    """The prediction log: objects under ``log_url`` when set (the store keeps the reader's
+    position), else the store's own table.
+
+    Raises:
+        ServerError: ``log_url`` names an unsupported scheme.
+    """
+    if monitoring.log_url is None:
+        return SqlPredictionLog(store)
+    try:
+        return ObjectPredictionLog(monitoring.log_url, store=store)
+    except StorageError as exc:
+        raise ServerError(f"invalid prediction log URL: {exc}") from exc
+
+
+def _segmenting(log: object) -> dict[str, Any]:
+    """How long the logger gathers a segment: a few seconds per object in object storage."""
+    if isinstance(log, ObjectPredictionLog):
+        return {"segment_s": log.segment_s, "segment_bytes": log.segment_bytes}
+    return {}
+
+
+def task_from_card(repo: Path) -> Callable[[str, int], str]:
     """A version's task from its ``model.json`` (``multiclass`` when it names none)."""
 
     def task_of(model: str, version: int) -> str:

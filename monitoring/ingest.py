@@ -16,7 +16,7 @@ servers write meanwhile.
 Example:
 
 ```python
-ingest = LogIngest(SqlPredictionLog(store), observer, metrics)
+ingest = LogIngest(SqlPredictionLog(store), observer, metrics)  # or ObjectPredictionLog(url, store=store)
 ingest.start()
 ingest.catch_up(timeout=2)  # everything logged so far is stored
 ingest.stop()
@@ -38,7 +38,7 @@ from modelloop.logformat import decode_segment
 from modelloop.monitoring.history import LoggedTraffic
 from modelloop.monitoring.metrics import MonitoringMetrics
 from modelloop.monitoring.observer import MonitoringObserver
-from modelloop.monitoring.predlog_store import SqlPredictionLog
+from modelloop.monitoring.predlog import PredictionLog
 from modelloop.monitoring.stores.engine import StoreUnavailable
 
 logger = logging.getLogger(__name__)
@@ -108,10 +108,12 @@ class LogIngest:
     """Reads the prediction log from the cursor and stores what it reads.
 
     Args:
-        log: The prediction log.
+        log: The prediction log, through its port (:class:`PredictionLog`): the SQL
+            store's, or objects under a prefix.
         observer: Converts and stores the requests, and fills the drift windows.
         metrics: Where skipped segments and the backlog are exported.
-        interval_s: How often the thread looks for new segments. Defaults to 0.2.
+        interval_s: How often the thread looks for new segments. Defaults to None: the
+            log's ``poll_interval_s``.
         batch_segments: Most segments read at a time. Defaults to 32.
         prune: Whether this reader prunes the segments it read (one reader does).
             Defaults to True.
@@ -121,11 +123,11 @@ class LogIngest:
 
     def __init__(
         self,
-        log: SqlPredictionLog,
+        log: PredictionLog[Any],
         observer: MonitoringObserver,
         metrics: MonitoringMetrics,
         *,
-        interval_s: float = 0.2,
+        interval_s: float | None = None,
         batch_segments: int = 32,
         prune: bool = True,
         traffic: LoggedTraffic | None = None,
@@ -134,10 +136,10 @@ class LogIngest:
         self.log = log
         self.observer = observer
         self.metrics = metrics
-        self.interval_s = interval_s
+        self.interval_s = log.poll_interval_s if interval_s is None else interval_s
         self.batch_segments = batch_segments
         self.prune = prune
-        self._cursor: int | None = None
+        self._cursor: Any = None
         self._lock = threading.Lock()
         self._wake = threading.Event()
         self._stopping = False
@@ -148,9 +150,10 @@ class LogIngest:
         self.skipped = 0
 
     @property
-    def cursor(self) -> int:
-        """The last segment stored (as this process knows it)."""
-        return self._cursor or 0
+    def cursor(self) -> Any:
+        """The position after the last segment stored, as this process knows it (None before
+        the first read): a sequence number in SQL, the keys read recently in object storage."""
+        return self._cursor
 
     def start(self) -> None:
         """Starts the reading thread (once)."""
@@ -212,7 +215,7 @@ class LogIngest:
                 except (ValueError, KeyError, pa.ArrowException) as exc:
                     self.skipped += 1
                     self.metrics.log_segments_skipped.inc()
-                    logger.error("prediction log segment %d skipped: %s", seq, exc)
+                    logger.error("prediction log segment %s skipped: %s", seq, exc)
             if items:
                 self.stored += self.observer.write(items)
             last = segments[-1][0]
@@ -233,22 +236,25 @@ class LogIngest:
     def catch_up(self, timeout: float = 5.0) -> bool:
         """Reads until the cursor reaches the log's newest segment as of this call.
 
+        At least one read runs, so a segment that arrived late (a slower writer's object,
+        listed before newer ones) is read too: reads take the oldest unread segments first.
+
         Returns:
             Whether it did in time.
         """
         deadline = time.monotonic() + timeout
         try:
             target = self.log.last()
-            while self.cursor < target:
-                if not self.step():
-                    if time.monotonic() >= deadline:
-                        return False
-                    time.sleep(0.02)
+            while True:
+                read = self.step()
+                if self.log.reached(self._cursor, target):
+                    return True
                 if time.monotonic() >= deadline:
-                    return self.cursor >= target
+                    return self.log.reached(self._cursor, target)
+                if not read:
+                    time.sleep(0.02)
         except StoreUnavailable:
             return False
-        return True
 
     def _maybe_prune(self) -> None:
         now = time.monotonic()

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +41,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
 from modelloop.logformat import LOG_SCHEMA, decode_segment
+from modelloop.monitoring.predlog import PredictionLog
 from modelloop.monitoring.stores.engine import StoreEngine as SqlPredictionStore
 
 CURSOR = "monitor"
@@ -90,6 +92,7 @@ class SqlPredictionLog:
             Defaults to one day.
         max_segments: Most read segments kept (a busy server writes four a second).
             Defaults to 20000.
+        poll_interval_s: How often the control plane looks for new segments. Defaults to 0.2.
     """
 
     def __init__(
@@ -99,11 +102,13 @@ class SqlPredictionLog:
         settle_s: float = 1.0,
         retention_s: float = 86400.0,
         max_segments: int = 20_000,
+        poll_interval_s: float = 0.2,
     ) -> None:
         self.store = store
         self.settle_s = settle_s if store.dialect == "postgresql" else 0.0
         self.retention_s = retention_s
         self.max_segments = max_segments
+        self.poll_interval_s = poll_interval_s
         self._ready = False
         self._lock = threading.Lock()
 
@@ -182,6 +187,18 @@ class SqlPredictionLog:
         self._ensure()
         return self.store.transaction(lambda conn: int(conn.execute(_LAST).scalar_one()), write=False)
 
+    def reached(self, position: int, target: int) -> bool:
+        """Whether a reader at ``position`` has read every segment up to ``target``."""
+        return position >= target
+
+    def segments_since(self, since: float) -> Iterator[bytes]:
+        """Every kept segment written at or after the Unix time ``since``, in order (for export)."""
+        after = 0
+        while segments := self.since(since, after=after):
+            for seq, payload in segments:
+                after = seq
+                yield payload
+
     def backlog(self, after: int) -> tuple[int, int]:
         """Segments and rows after ``after``: what a reader still has to read."""
         self._ensure()
@@ -221,7 +238,7 @@ class SqlPredictionLog:
         return self.store.transaction(work, write=True)
 
 
-def export_parquet(log: SqlPredictionLog, model: str, since: float, out: Path) -> int:
+def export_parquet(log: PredictionLog[Any], model: str, since: float, out: Path) -> int:
     """Writes a model's logged predictions since a time as one Parquet file.
 
     One row per logged prediction row, in the log's schema (:data:`LOG_SCHEMA`): pandas
@@ -229,7 +246,7 @@ def export_parquet(log: SqlPredictionLog, model: str, since: float, out: Path) -
     wrote are skipped. The file appears whole (written beside it, then renamed).
 
     Args:
-        log: The prediction log.
+        log: The prediction log (the SQL store's, or objects under a prefix).
         model: The model.
         since: Unix time: segments written at or after it.
         out: The file.
@@ -240,20 +257,17 @@ def export_parquet(log: SqlPredictionLog, model: str, since: float, out: Path) -
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp")
     rows = 0
-    after = 0
     with pq.ParquetWriter(tmp, LOG_SCHEMA) as writer:
-        while segments := log.since(since, after=after):
-            for seq, payload in segments:
-                after = seq
-                try:
-                    batches = decode_segment(payload)
-                except ValueError:
-                    continue
-                for batch in batches:
-                    mine = batch.filter(pc.equal(batch.column("model"), pa.scalar(model)))
-                    mine = mine.filter(pc.greater_equal(mine.column("time"), pa.scalar(since)))
-                    if mine.num_rows:
-                        writer.write_batch(mine)
-                        rows += mine.num_rows
+        for payload in log.segments_since(since):
+            try:
+                batches = decode_segment(payload)
+            except ValueError:
+                continue
+            for batch in batches:
+                mine = batch.filter(pc.equal(batch.column("model"), pa.scalar(model)))
+                mine = mine.filter(pc.greater_equal(mine.column("time"), pa.scalar(since)))
+                if mine.num_rows:
+                    writer.write_batch(mine)
+                    rows += mine.num_rows
     tmp.replace(out)
     return rows

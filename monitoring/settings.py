@@ -229,6 +229,9 @@ class MonitoringSettings(BaseSettings):
     settings without a repository."""
     store_url: str | None = None
     """``sqlite:///path`` or ``postgresql://...``; None = SQLite under ``state_dir``."""
+    log_url: str | None = None
+    """Where the prediction log goes: ``s3://bucket/prefix`` or a directory (``file://``), one
+    object per segment; None = the store's ``prediction_log`` table."""
     queue_size: int = Field(default=10_000, ge=1)
     """Answered requests waiting to be logged; more are dropped and counted."""
     sample_features: int = Field(default=64, ge=1)

@@ -8,13 +8,14 @@ plane (``modelloop monitor``, see ARCHITECTURE.md). This module is serving's who
   takes a per-model sample (``"log_sample"`` in ``config.json``), appends a reference to the
   request's tensors to a bounded buffer and returns: no conversion, no lock, no I/O. A full
   buffer drops the request and counts it (``modelloop_monitoring_dropped_total``).
-- One writer thread wakes every ``flush_interval_s`` and turns everything buffered into one
-  segment: an Arrow IPC stream holding one record batch per model version, one row per
-  predicted row (:data:`LOG_SCHEMA`), built with a few array operations per batch. The
-  segment goes to the sink (:class:`PredictionLogSink`: a SQL table, or objects in a
-  bucket). A sink that fails keeps the segments in memory up to ``max_pending_segments``
-  and retries; past that bound the oldest are dropped, counted, and logged once per
-  interval. Nothing blocks a request.
+- One writer thread wakes every ``flush_interval_s`` and encodes everything buffered: one
+  record batch per model version, one row per predicted row (:data:`LOG_SCHEMA`), built with
+  one concatenation per column for the whole batch (:func:`encode_batch`). The batches make
+  one segment, an Arrow IPC stream (with ``segment_s``, the batches of a few seconds, for an
+  object log that wants fewer, bigger objects). The segment goes to the sink
+  (:class:`PredictionLogSink`: a SQL table, or objects in a bucket). A sink that fails keeps
+  the segments in memory up to ``max_pending_segments`` and retries; past that bound the
+  oldest are dropped, counted, and logged once per interval. Nothing blocks a request.
 
 The format is plain Arrow, so pandas, DuckDB and Spark read the log as it is; ``modelloop
 log export`` writes it as Parquet.
@@ -37,6 +38,7 @@ import collections
 import contextlib
 import json
 import logging
+import operator
 import random
 import threading
 import time
@@ -94,6 +96,9 @@ def repository_columns(repo: Path) -> Callable[[str, int], LogColumns]:
     return columns
 
 
+_version_key = operator.itemgetter(0, 1)
+
+
 class PredictionLogSink(Protocol):
     """Where segments go: :class:`~modelloop.monitoring.predlog_store.SqlPredictionLog` or object storage."""
 
@@ -122,6 +127,11 @@ class PredictionLogger:
         flush_interval_s: How often the writer turns the buffer into a segment.
             Defaults to 0.25.
         max_pending_segments: Segments kept while the sink fails. Defaults to 64.
+        segment_s: Seconds of traffic one segment may gather over several flushes (an
+            object log wants a few seconds per object); an explicit :meth:`flush` and
+            :meth:`stop` end the segment at once. Defaults to None: one segment per flush.
+        segment_bytes: With ``segment_s``, a segment also ends once its encoded batches
+            hold this many bytes. Defaults to 8 MiB.
     """
 
     def __init__(
@@ -134,6 +144,8 @@ class PredictionLogger:
         queue_size: int = 100_000,
         flush_interval_s: float = 0.25,
         max_pending_segments: int = 64,
+        segment_s: float | None = None,
+        segment_bytes: int = 8 << 20,
     ) -> None:
         self.sink = sink
         self._columns = columns
@@ -142,15 +154,26 @@ class PredictionLogger:
         self.queue_size = queue_size
         self.flush_interval_s = flush_interval_s
         self.max_pending_segments = max_pending_segments
+        self.segment_s = segment_s
+        self.segment_bytes = segment_bytes
+        # The segment being gathered: its batches, requests, requests per model, bytes, start.
+        self._open: list[pa.RecordBatch] = []
+        self._open_count = 0
+        self._open_models: collections.Counter[str] = collections.Counter()
+        self._open_bytes = 0
+        self._open_since = 0.0
+        self._flush_asked = False
         self._buffer: collections.deque[tuple[Any, ...]] = collections.deque()
         self._pending: collections.deque[tuple[bytes, int, dict[str, int]]] = collections.deque()
         self._column_cache: dict[tuple[str, int], LogColumns] = {}
-        self._sample_cache: dict[str, tuple[float, float]] = {}
+        self._rates: dict[str, float] = {}
+        self._rates_read = time.monotonic()
         self._wake = threading.Event()
         self._progress = threading.Condition()
         self._thread: threading.Thread | None = None
         self._stopping = False
-        self._enqueued = 0
+        # Requests taken from the buffer by the writer, and of those, in the sink or dropped.
+        self._taken = 0
         self._written = 0
         self._last_warning = 0.0
         self.dropped = 0
@@ -159,18 +182,26 @@ class PredictionLogger:
     # -- the request path ----------------------------------------------------------
 
     def observe(self, request: InferRequest, response: InferResponse) -> None:
-        """Buffers one answered request; never blocks and never raises."""
+        """Buffers one answered request; never blocks and never raises.
+
+        A few dictionary and deque operations: the sample rate comes from a dictionary the
+        writer thread empties every few seconds (so ``log_sample`` is read again), and the
+        tensors are kept by reference, for the writer to encode.
+        """
+        model = response.model
         if self._sample is not None:
-            rate = self._rate(response.model)
+            rate = self._rates.get(model)
+            if rate is None:
+                rate = self._rate(model)
             if rate < 1.0 and random.random() >= rate:
                 return
         buffer = self._buffer
         if len(buffer) >= self.queue_size:
-            self._drop(response.model, 1)
+            self._drop(model, 1)
             return
         buffer.append(
             (
-                response.model,
+                model,
                 response.version,
                 response.id,
                 time.time(),
@@ -180,18 +211,13 @@ class PredictionLogger:
                 request.trace,
             )
         )
-        self._enqueued += 1
 
     def _rate(self, model: str) -> float:
-        cached = self._sample_cache.get(model)
-        now = time.monotonic()
-        if cached is not None and cached[1] > now:
-            return cached[0]
         try:
             rate = float(self._sample(model)) if self._sample is not None else 1.0
         except (ServiceError, LookupError, ValueError, TypeError):  # a vanished model: log everything
             rate = 1.0
-        self._sample_cache[model] = (rate, now + _SAMPLE_TTL_S)
+        self._rates[model] = rate
         return rate
 
     def _drop(self, model: str, count: int) -> None:
@@ -234,8 +260,10 @@ class PredictionLogger:
         Returns:
             Whether it was, in time (False while the sink fails).
         """
-        target = self._enqueued
+        with self._progress:
+            target = self._taken + len(self._buffer)
         deadline = time.monotonic() + timeout
+        self._flush_asked = True
         self._wake.set()
         with self._progress:
             while self._written < target:
@@ -243,13 +271,14 @@ class PredictionLogger:
                 if left <= 0 or self._thread is None:
                     return False
                 self._progress.wait(min(left, self.flush_interval_s))
+                self._flush_asked = True
                 self._wake.set()
         return True
 
     @property
     def pending(self) -> int:
         """Requests not yet in the sink."""
-        return len(self._buffer) + sum(n for _, n, _ in self._pending)
+        return len(self._buffer) + self._open_count + sum(n for _, n, _ in self._pending)
 
     # -- the writer ----------------------------------------------------------------
 
@@ -259,15 +288,22 @@ class PredictionLogger:
             self._wake.clear()
             stopping = self._stopping
             try:
-                self._write_once()
+                self._write_once(final=stopping)
             except Exception:  # the writer must outlive any bad request or bug
                 logger.exception("prediction logger failed on a segment")
             if stopping:
                 return
 
-    def _write_once(self) -> None:
+    def _write_once(self, final: bool = False) -> None:
+        now = time.monotonic()
+        if now - self._rates_read >= _SAMPLE_TTL_S:
+            self._rates_read = now
+            self._rates = {}  # observe reads each model's log_sample again
+        asked, self._flush_asked = self._flush_asked, False
         buffer = self._buffer
-        taken = [buffer.popleft() for _ in range(len(buffer))]
+        with self._progress:  # flush() reads taken + buffered under the same lock
+            taken = [buffer.popleft() for _ in range(len(buffer))]
+            self._taken += len(taken)
         span = None
         if taken and tracing.TRACER is not None:
             traced = [item[7] for item in taken if item[7] is not None]
@@ -276,16 +312,31 @@ class PredictionLogger:
                 span = tracing.start_log_write(traced, len(taken), models)
         try:
             if taken:
-                self._pending.append(self._encode(taken))
-                while len(self._pending) > self.max_pending_segments:
-                    _, count, models_dropped = self._pending.popleft()
-                    for model, n in models_dropped.items():
-                        self._drop(model, n)
-                    self._mark_written(count)
+                if not self._open_count:
+                    self._open_since = now
+                self._gather(taken)
+            if self._open_count and (final or asked or self._segment_full(now)):
+                self._close_segment()
             self._append_pending()
         finally:
             if span is not None:
                 span.end()
+
+    def _segment_full(self, now: float) -> bool:
+        if self.segment_s is None:
+            return True
+        return now - self._open_since >= self.segment_s or self._open_bytes >= self.segment_bytes
+
+    def _close_segment(self) -> None:
+        batches, count, models = self._open, self._open_count, dict(self._open_models)
+        self._open, self._open_count, self._open_bytes = [], 0, 0
+        self._open_models = collections.Counter()
+        self._pending.append(((encode_segment(batches) if batches else b""), count, models))
+        while len(self._pending) > self.max_pending_segments:
+            _, dropped, models_dropped = self._pending.popleft()
+            for model, n in models_dropped.items():
+                self._drop(model, n)
+            self._mark_written(dropped)
 
     def _append_pending(self) -> None:
         while self._pending:
@@ -310,14 +361,20 @@ class PredictionLogger:
             self._written += count
             self._progress.notify_all()
 
-    def _encode(self, items: list[tuple[Any, ...]]) -> tuple[bytes, int, dict[str, int]]:
-        groups: dict[tuple[str, int], list[tuple[Any, ...]]] = {}
-        for item in items:
-            groups.setdefault((item[0], item[1]), []).append(item)
-        batches: list[pa.RecordBatch] = []
-        models: dict[str, int] = collections.Counter()
+    def _gather(self, items: list[tuple[Any, ...]]) -> None:
+        """Encodes requests into record batches of the open segment (one per model version)."""
+        groups: dict[tuple[str, int], list[tuple[Any, ...]]]
+        first, last = items[0], items[-1]
+        keys = set(map(_version_key, items)) if (first[0], first[1]) == (last[0], last[1]) else None
+        if keys is not None and len(keys) == 1:  # one model version: the usual case
+            groups = {(first[0], first[1]): items}
+        else:
+            groups = {}
+            for item in items:
+                groups.setdefault((item[0], item[1]), []).append(item)
+        self._open_count += len(items)
         for (model, version), members in groups.items():
-            models[model] += len(members)
+            self._open_models[model] += len(members)
             try:
                 batch = encode_batch(members, self._columns_of(model, version))
             except Exception:
@@ -326,8 +383,8 @@ class PredictionLogger:
                 )
                 continue
             if batch is not None:
-                batches.append(batch)
-        return (encode_segment(batches) if batches else b""), len(items), dict(models)
+                self._open.append(batch)
+                self._open_bytes += batch.nbytes
 
     def _columns_of(self, model: str, version: int) -> LogColumns:
         key = (model, version)

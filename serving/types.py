@@ -264,7 +264,8 @@ class RolloutPolicy(BaseModel):
     max_mae_increase: float = Field(default=0.1, ge=0.0)
     """Largest rise of MAE over the champion's (regressors), relative: 0.1 = 10 % worse."""
     max_latency_ratio: float = Field(default=2.0, ge=1.0)
-    """Highest ratio of the candidate's p99 model latency to the champion's."""
+    """Highest ratio of the candidate's model latency to the champion's, at the p99 and at the
+    median (judged as the guardrails' module describes)."""
     min_latency_difference_ms: float = Field(default=2.0, ge=0.0)
     """A call is slow only if it is also this much slower than the champion's p99: a few
     milliseconds of scheduling noise never roll a candidate back."""

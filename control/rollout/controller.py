@@ -162,6 +162,9 @@ class RolloutController:
         interval_s: Seconds between two passes. Defaults to 1.
         repository: The served repository's identity: the state is read only once the
             store is bound to it (:meth:`bind`). Defaults to None (no check).
+        judging: Whether this process starts, judges, promotes and rolls back rollouts.
+            A server whose control plane judges (``serve --control-plane``) only counts its
+            calls, flushes them and routes by the state it reads. Defaults to True.
 
     Example:
         >>> controller = RolloutController(stores, registry_of_models, RolloutPolicy(), prometheus, task_of)
@@ -180,7 +183,9 @@ class RolloutController:
         quarantined: Callable[[str], set[str]] | None = None,
         interval_s: float = 1.0,
         repository: RepositoryIdentity | None = None,
+        judging: bool = True,
     ) -> None:
+        self.judging = judging
         self.stores = stores
         self.catalog = catalog
         self.defaults = defaults
@@ -273,6 +278,8 @@ class RolloutController:
         """One pass: flush the counts, read the state, start and judge rollouts (blocking)."""
         self.flush()
         self.refresh()
+        if not self.judging:
+            return
         for model in self.catalog.model_names():
             try:
                 self._pass(model, time.time() if now is None else now)

@@ -151,6 +151,11 @@ class VersionEvidence:
         return latency_quantile(self.latency, 0.99)
 
     @property
+    def p50_s(self) -> float | None:
+        """Median model-call latency in seconds, or None before any call."""
+        return latency_quantile(self.latency, 0.5)
+
+    @property
     def accuracy(self) -> float | None:
         """Share of labelled rows right (classifiers), or None without labels."""
         return self.correct / self.labelled if self.labelled and not self.abs_errors else None
@@ -265,6 +270,31 @@ def judge(
                 f"(max_latency_ratio {policy.max_latency_ratio:g} x its p99, at least "
                 f"{policy.min_latency_difference_ms:g} ms more), against {champ_slower} of {champ_calls} "
                 f"of the champion's (lower bound {share_low:.3f} - upper bound {champ_high:.3f} > 0.01)"
+            )
+    # The typical call. A busy host slows the tail of both versions (a p99 over a few
+    # hundred calls is a handful of them), but not the median: a candidate whose calls are
+    # slower most of the time is slow whatever the host does. Breach: more than half of
+    # its calls beyond doubt, and a quarter more than the champion's share, are slower
+    # than max_latency_ratio x the champion's median (and min_latency_difference_ms more).
+    cand_p50, champ_p50 = candidate.p50_s, champion.p50_s
+    values["median_latency_ratio"] = cand_p50 / champ_p50 if cand_p50 is not None and champ_p50 else None
+    if judged and cand_p50 is not None and champ_p50:
+        limit50 = max(
+            policy.max_latency_ratio * champ_p50, champ_p50 + policy.min_latency_difference_ms / 1000.0
+        )
+        calls = sum(candidate.latency.values())
+        slower = sum(n for b, n in candidate.latency.items() if latency_floor(b) >= limit50)
+        champ_calls = sum(champion.latency.values())
+        champ_slower = sum(n for b, n in champion.latency.items() if latency_floor(b) >= limit50)
+        share_low, _ = wilson_interval(slower, calls, z)
+        _, champ_high = wilson_interval(champ_slower, champ_calls, z)
+        if share_low > 0.5 and share_low - champ_high > 0.25:
+            breaches.append(
+                f"median latency {cand_p50 * 1000:.3f} ms, {cand_p50 / champ_p50:.2f}x the champion's "
+                f"{champ_p50 * 1000:.3f} ms: {slower} of {calls} calls slower than {limit50 * 1000:.3f} ms "
+                f"(max_latency_ratio {policy.max_latency_ratio:g} x its median, at least "
+                f"{policy.min_latency_difference_ms:g} ms more), against {champ_slower} of {champ_calls} "
+                f"of the champion's"
             )
     # Accuracy or MAE.
     accuracy_ok = not labels_expected

@@ -24,3 +24,11 @@ def test_copies_are_renamed_and_configured(tmp_path: Path) -> None:
     assert json.loads((out / "b" / "1" / "model.json").read_text())["name"] == "b"
     assert json.loads((out / "a" / "config.json").read_text()) == {"batching": {"max_batch_size": 4}}
     assert (out / "a" / "1" / "model.onnx").read_bytes() == b"onnx"
+
+
+def test_the_logger_point_logs_every_request_it_measures() -> None:
+    from bench.predlog import measure
+
+    result = measure(300, "null")
+    assert result["dropped"] == 0 and result["segments"] >= 1
+    assert result["requests"] == 300 and result["on_us_per_prediction"] > 0

@@ -93,6 +93,13 @@ def test_a_drift_alert_retrains_in_the_control_plane_and_the_server_rolls_the_ne
             state_now.get("reason"),
             state_now,
         )
+        # The control plane judged: it started the rollout and promoted the candidate; the
+        # server only counted its calls and followed the decisions.
+        promoted = {"model": "digits", "event": "promoted"}
+        assert plane.metric("modelloop_rollout_events_total", **promoted) == 1.0, plane.output()[-3000:]
+        assert 'modelloop_rollout_events_total{event="promoted"' not in httpx.get(f"{rest}/metrics").text
+        assert "rollout of version 2 against 1 started" in plane.output()
+        assert "rollout of version 2 against 1 started" not in server.output()
         after = simulate(rest, drift=True, normal=False, requests=25, batch=4, seed=3)["phases"]["drifted"]
         print(
             f"\nsplit loop: drifted accuracy on v1 {drifted['accuracy']:.3f}, on v2 {after['accuracy']:.3f}"

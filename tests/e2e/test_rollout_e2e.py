@@ -270,7 +270,7 @@ BAD = {
     for kind, version, guardrail in [
         ("permuted", 3, "accuracy"),
         ("raises", 4, "error rate"),
-        ("slow", 5, "p99 latency"),
+        ("slow", 5, "latency"),
     ]
 }
 

@@ -105,6 +105,21 @@ def test_the_latency_guardrail_compares_slow_calls_with_the_champions_in_the_sam
     assert near.action == "promote", near.reason
 
 
+def test_a_candidate_slow_on_most_calls_is_rolled_back_whatever_the_tail_does() -> None:
+    policy = POLICY.model_copy(update={"max_latency_ratio": 3.0, "min_latency_difference_ms": 2.0})
+    # A host so busy that a tenth of every version's calls wait 40 ms: the p99s are alike.
+    champion = timed({0.5: 900, 40.0: 100})
+    slow = judge(policy, "canary", champion, timed({5.0: 108, 40.0: 12}), labels_expected=False)
+    assert slow.action == "rollback" and "median latency" in slow.reason, slow.reason
+    assert "p99 latency" not in slow.reason
+    # The same host and a good candidate: the same median, the same tail.
+    good = judge(policy, "canary", champion, timed({0.5: 108, 40.0: 12}), labels_expected=False)
+    assert good.action == "promote", good.reason
+    # Half its calls slow is not "most of the time" beyond doubt.
+    half = judge(policy, "canary", champion, timed({0.5: 60, 5.0: 60}), labels_expected=False)
+    assert half.action == "promote", half.reason
+
+
 class Catalog:
     """Two AVAILABLE versions of digits, and a config section that tests change."""
 
@@ -170,6 +185,41 @@ def test_two_workers_share_one_state(store_url: str) -> None:
             c.assignment("digits").retired == frozenset({2}) and c.assignment("digits").state == "rolled_back"
         )
         c.stores.close()
+    finally:
+        for store in stores:
+            store.close()
+
+
+def test_servers_count_and_route_while_one_judge_decides(store_url: str) -> None:
+    """Two servers of a control plane (``judging=False``) and the control plane's judge."""
+    catalog = Catalog()
+    stores = [open_stores(store_url) for _ in range(3)]
+    servers = [
+        RolloutController(s, catalog, POLICY, CollectorRegistry(), lambda m, v: "multiclass", judging=False)
+        for s in stores[:2]
+    ]
+    judge_ = controller(stores[2], catalog)
+    try:
+        for server in servers:
+            server.tick(now=100.0)
+        # A server starts nothing on its own.
+        assert servers[0].assignment("digits") is None and stores[0].rollouts.rollouts() == {}
+        judge_.tick(now=100.0)
+        for server in servers:
+            server.refresh()
+            assert server.assignment("digits") == judge_.assignment("digits")
+        assert (judge_.assignment("digits").candidate, judge_.assignment("digits").share) == (2, 10.0)
+        # Each server sees half the traffic and flushes it; only the judge moves the step.
+        for server in servers:
+            for _ in range(80):
+                server.record("digits", 2, ok=True, seconds=0.001)
+                server.record("digits", 1, ok=True, seconds=0.001)
+            server.tick(now=101.0)
+            assert server.assignment("digits").share == 10.0
+        judge_.tick(now=101.0)
+        servers[0].refresh()
+        assert servers[0].assignment("digits").share == 50.0
+        assert [e["event"] for e in judge_.status("digits")["history"]] == ["started", "step"]
     finally:
         for store in stores:
             store.close()

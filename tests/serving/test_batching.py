@@ -210,8 +210,10 @@ class PoisonRowRuntime(SlowRuntime):
 
 async def test_a_failing_request_fails_alone_and_its_data_reaches_no_one_else() -> None:
     runtime = PoisonRowRuntime()
+    # The three requests fill a batch of 4 rows, which runs when the thread is free (the
+    # long timeout never has to pass).
     batcher = DynamicBatcher(
-        runtime.predict, BatchingSettings(max_batch_size=8, batch_timeout_micros=30_000_000)
+        runtime.predict, BatchingSettings(max_batch_size=4, batch_timeout_micros=30_000_000)
     )
     first = await under_load(batcher, runtime)
     poison = {"x": np.full((1, 3), -1.0, np.float32)}

@@ -163,3 +163,64 @@ def test_a_failing_sink_keeps_segments_retries_and_then_drops_the_oldest() -> No
         logger.stop()
     logged = pa.Table.from_batches(sink.batches()).column("request_id").to_pylist()
     assert len(set(logged)) + logger.dropped == 4 and "r3" in logged
+
+
+def _item(rid: str, x: np.ndarray, y: np.ndarray, model: str = "digits") -> tuple[object, ...]:
+    return (model, 1, rid, 1.0, 0.001, {"pixels": x}, {"probabilities": y})
+
+
+def test_a_float32_digest_is_left_to_the_reader_and_is_the_writers_digest() -> None:
+    x1 = np.arange(8, dtype=np.float32).reshape(2, 4)
+    x2 = np.ones((1, 4), np.float32)
+    y = np.full((2, 3), 0.5, np.float32)
+    batch = encode_batch([_item("a", x1, y), _item("b", x2, y[:1])], LogColumns("pixels", "probabilities"))
+    assert batch is not None
+    assert batch.column("input_digest").to_pylist() == ["", "", ""]  # nothing hashed on the serving CPU
+    (decoded,) = decode_segment(encode_segment([batch]))
+    assert decoded.column("input_digest").to_pylist() == [input_digest(x1)] * 2 + [input_digest(x2)]
+    assert decoded.column("row").to_pylist() == [0, 1, 0]
+    assert decoded.column("request_id").to_pylist() == ["a", "a", "b"]
+
+
+def test_other_dtypes_are_digested_by_the_writer_on_both_paths() -> None:
+    x = np.arange(4, dtype=np.float64).reshape(1, 4) + 0.1  # float32 would lose the digits
+    y = np.ones((1, 3), np.float32)
+    columns = LogColumns("pixels", "probabilities")
+    uniform = encode_batch([_item("a", x, y), _item("b", x + 1, y)], columns)
+    ragged = encode_batch([_item("a", x, y), _item("c", np.ones((1, 2)), y)], columns)  # per request
+    assert uniform is not None and ragged is not None
+    assert uniform.column("input_digest").to_pylist() == [input_digest(x), input_digest(x + 1)]
+    assert ragged.column("input_digest").to_pylist()[0] == input_digest(x)
+    assert ragged.column("inputs").to_pylist()[1] == [1.0, 1.0]
+
+
+def test_the_vectorised_and_per_request_paths_write_the_same_rows() -> None:
+    rng = np.random.default_rng(1)
+    items = [
+        _item(f"r{i}", rng.random((n, 4), dtype=np.float32), rng.random((n, 3), dtype=np.float32))
+        for i, n in enumerate([1, 3, 2, 1])
+    ]
+    fast = encode_batch(items, LogColumns("pixels", "probabilities"))
+    # An extra string output makes "the first numeric output" a per-request pick.
+    slow_items = [(*item[:6], {"label": np.array([b"x"]), **item[6]}) for item in items]
+    slow = encode_batch(slow_items, LogColumns("pixels", None))
+    assert fast is not None and slow is not None
+    assert pa.Table.from_batches([fast]).equals(pa.Table.from_batches([slow]))
+    (decoded,) = decode_segment(encode_segment([fast]))
+    digests = decoded.column("input_digest").to_pylist()
+    assert digests[1:4] == [input_digest(items[1][5]["pixels"])] * 3
+
+
+def test_a_segment_of_format_1_is_still_read() -> None:
+    x = np.ones((1, 4), np.float32)
+    y = np.ones((1, 3), np.float32)
+    batch = encode_batch([_item("old", x, y)], LogColumns("pixels", "probabilities"))
+    assert batch is not None
+    written = batch.set_column(6, LOG_SCHEMA.field(6), pa.array(["0" * 32]))  # v1 wrote every digest
+    old = LOG_SCHEMA.with_metadata({"modelloop.log": "1"})
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_stream(sink, old) as writer:
+        writer.write_batch(written.replace_schema_metadata(old.metadata))
+    (decoded,) = decode_segment(sink.getvalue().to_pybytes())
+    assert decoded.column("input_digest").to_pylist() == ["0" * 32]
+    assert decoded.column("request_id").to_pylist() == ["old"]
