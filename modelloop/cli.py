@@ -631,7 +631,8 @@ def _cmd_retrain(args: argparse.Namespace) -> int:
     repo = location.local_path("modelloop retrain")
     _quiet_tensorflow()
     _setup_logging(args.log_level)
-    given = (("store_url", args.store), ("state_dir", args.state_dir), ("log_url", args.log_url))
+    # A retrain reads feedback and writes its report: the store, not the prediction log.
+    given = (("store_url", args.store), ("state_dir", args.state_dir))
     overrides = {k: v for k, v in given if v is not None}
     try:
         monitoring = with_default_state_dir(MonitoringSettings(**overrides), location)
