@@ -36,6 +36,7 @@ COPY training/ training/
 COPY serving/ serving/
 COPY export/ export/
 COPY monitoring/ monitoring/
+COPY control/ control/
 # A non-editable install: the runtime image holds no source tree. The lock constrains
 # every transitive dependency; the gpu variant adds the [gpu] extra (CUDA and cuDNN
 # wheels for onnxruntime-gpu). Bytecode is compiled here, because the runtime's root

@@ -61,7 +61,7 @@ bench: system-bench install
 lint: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	$(BIN)/mypy training export serving monitoring modelloop
+	$(BIN)/mypy training export serving monitoring control modelloop
 	$(MAKE) audit
 
 # Known vulnerabilities of the locked dependencies (PyPI's advisory data; needs network).

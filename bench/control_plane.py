@@ -47,7 +47,7 @@ from modelloop.monitoring.ingest import LogIngest
 from modelloop.monitoring.metrics import MonitoringMetrics
 from modelloop.monitoring.observer import MonitoringObserver, VersionInfo
 from modelloop.monitoring.predlog_store import SqlPredictionLog
-from modelloop.monitoring.store import open_store
+from modelloop.monitoring.stores import open_stores
 from modelloop.monitoring.window import WindowSet
 
 FEATURES = 64
@@ -105,19 +105,22 @@ class _Reader:
     """A control plane's reading side over one store: the log, the observer, the windows."""
 
     def __init__(self, url: str, *, window: int) -> None:
-        self.store = open_store(url)
-        self.log = SqlPredictionLog(self.store, settle_s=0.0)
+        self.stores = open_stores(url)
+        self.log = SqlPredictionLog(self.stores.engine, settle_s=0.0)
         self.metrics = MonitoringMetrics(CollectorRegistry())
         self.windows = WindowSet(window)
         self.observer = MonitoringObserver(
-            self.store, self.windows, self.metrics, lambda m, v: VersionInfo("multiclass", CLASSES)
+            self.stores.predictions,
+            self.windows,
+            self.metrics,
+            lambda m, v: VersionInfo("multiclass", CLASSES),
         )
         self.traffic = LoggedTraffic()
         self.ingest = LogIngest(self.log, self.observer, self.metrics, traffic=self.traffic, prune=False)
 
     def close(self) -> None:
         self.ingest.stop()
-        self.store.close()
+        self.stores.close()
 
 
 def measure_throughput(directory: Path, requests: int, per_segment: int) -> tuple[int, float, float]:

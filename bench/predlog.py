@@ -66,11 +66,10 @@ def _open_sink(kind: str, tmp: Path) -> tuple[PredictionLogSink, Any]:
         log = ObjectPredictionLog(f"file://{tmp / 'log'}")
         return log, None
     from modelloop.monitoring.predlog_store import SqlPredictionLog
-    from modelloop.monitoring.store import SqlPredictionStore, open_store
+    from modelloop.monitoring.stores import open_stores
 
-    store = open_store(f"sqlite:///{tmp / 'log.db'}")
-    assert isinstance(store, SqlPredictionStore)
-    return SqlPredictionLog(store), store
+    stores = open_stores(f"sqlite:///{tmp / 'log.db'}")
+    return SqlPredictionLog(stores.engine), stores
 
 
 def _cpu_of(observe: Any, pairs: list[tuple[InferRequest, InferResponse]], segment: int, flush: Any) -> float:

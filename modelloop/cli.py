@@ -626,12 +626,14 @@ def _cmd_retrain(args: argparse.Namespace) -> int:
     from pydantic import ValidationError
 
     from modelloop import layout
-    from modelloop.monitoring.binding import RepositoryMismatch, repository_identity
+    from modelloop.control.retraining.gate import format_gate_report
+    from modelloop.control.retraining.job import retrain
+    from modelloop.control.retraining.settings import RetrainSettings
+    from modelloop.control.retraining.trigger import EXIT_BLESSED, EXIT_FAILED, EXIT_REJECTED
     from modelloop.monitoring.quarantine import SourceQuarantine
     from modelloop.monitoring.settings import MonitoringSettings, resolve_quarantine
-    from modelloop.monitoring.store import StoreUnavailable, open_store
-    from modelloop.monitoring.trigger import EXIT_BLESSED, EXIT_FAILED, EXIT_REJECTED
-    from modelloop.retrain import RetrainSettings, format_gate_report, retrain
+    from modelloop.monitoring.stores import StoreUnavailable, open_stores
+    from modelloop.monitoring.stores.binding import RepositoryMismatch, repository_identity
 
     location = parse_repository(args.repo)
     repo = location.local_path("modelloop retrain")
@@ -655,29 +657,30 @@ def _cmd_retrain(args: argparse.Namespace) -> int:
     except (layout.LayoutError, ValueError) as exc:
         raise ModelloopError(str(exc)) from None
     try:
-        store = open_store(monitoring.resolved_store_url())
+        stores = open_stores(monitoring.resolved_store_url())
     except StoreUnavailable as exc:
         raise ModelloopError(f"cannot open the feedback store: {exc.message}") from None
     try:
         # Labels of another repository's versions must not train this one.
-        store.bind_repository(repository_identity(repo))
+        stores.binding.bind_repository(repository_identity(repo))
     except RepositoryMismatch as exc:
-        store.close()
+        stores.close()
         raise ModelloopError(exc.message) from None
     except StoreUnavailable as exc:
-        store.close()
+        stores.close()
         raise ModelloopError(f"cannot open the feedback store: {exc.message}") from None
     try:
         result = retrain(
             repo,
             args.name,
-            store,
+            stores.feedback,
+            reports=stores.retrains,
             state_dir=monitoring.state_dir,
             settings=settings,
-            screen=SourceQuarantine(store, checks),
+            screen=SourceQuarantine(stores.feedback, checks),
         )
     finally:
-        store.close()
+        stores.close()
     published = f"published {args.name} v{result.version}" if result.version else "nothing published"
     print(f"retrain {args.name}: {result.outcome}: {result.reason}; {published}", file=sys.stderr)
     if result.gate is not None:
@@ -733,7 +736,7 @@ def _simulate_token(token_file: Path | None, state_dir: Path) -> str | None:
 
 
 def _cmd_rollout(args: argparse.Namespace) -> int:
-    from modelloop.rollout_cli import admin_token, run_rollout
+    from modelloop.control.rollout.cli import admin_token, run_rollout
 
     run_rollout(args.action, args.name, args.url, token=admin_token(args.token_file))
     return 0
@@ -800,12 +803,12 @@ def _since(text: str) -> float:
 def _cmd_log(args: argparse.Namespace) -> int:
     from modelloop.monitoring.predlog_objects import ObjectPredictionLog
     from modelloop.monitoring.predlog_store import SqlPredictionLog, export_parquet
-    from modelloop.monitoring.store import SqlPredictionStore, StoreUnavailable, open_store
+    from modelloop.monitoring.stores import Stores, StoreUnavailable, open_stores
     from modelloop.storage import StorageError
 
     since = _since(args.since)
     monitoring = _monitoring_settings(args, args.repo)
-    store: Any = None
+    stores: Stores | None = None
     try:
         if monitoring.log_url is not None:
             # Objects under a prefix: nothing of the store is needed to read them.
@@ -814,18 +817,16 @@ def _cmd_log(args: argparse.Namespace) -> int:
             except StorageError as exc:
                 raise ModelloopError(f"invalid --log-url: {exc}") from None
         else:
-            store = open_store(monitoring.resolved_store_url())
-            if not isinstance(store, SqlPredictionStore):
-                raise ModelloopError("the prediction log lives in a SQL store")
-            log = SqlPredictionLog(store)
+            stores = open_stores(monitoring.resolved_store_url())
+            log = SqlPredictionLog(stores.engine)
         rows = export_parquet(log, args.model, since, args.out)
     except StoreUnavailable as exc:
         raise ModelloopError(f"cannot read the prediction log: {exc.message}") from None
     except OSError as exc:
         raise ModelloopError(f"cannot write {str(args.out)!r}: {exc.strerror or exc}") from None
     finally:
-        if store is not None:
-            store.close()
+        if stores is not None:
+            stores.close()
     print(f"modelloop: wrote {rows} logged predictions of {args.model} to {args.out}", flush=True)
     return 0
 

@@ -45,20 +45,20 @@ from fastapi.responses import HTMLResponse
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from starlette.types import Receive, Scope, Send
 
-from modelloop.errors import ModelloopError, ServiceError
-from modelloop.monitoring.binding import RepositoryMismatch, repository_identity
-from modelloop.monitoring.http import (
+from modelloop.control.http import (
     HealthSection,
     create_alerts_router,
     create_feedback_router,
     create_health_router,
 )
-from modelloop.monitoring.retraining import Retraining, build_retraining
-from modelloop.monitoring.rollout import RolloutController
-from modelloop.monitoring.rollout_http import create_rollout_router
-from modelloop.monitoring.service import MonitoringService
+from modelloop.control.retraining.wiring import Retraining, build_retraining
+from modelloop.control.rollout.controller import RolloutController
+from modelloop.control.rollout.http import create_rollout_router
+from modelloop.control.service import MonitoringService
+from modelloop.errors import ModelloopError, ServiceError
 from modelloop.monitoring.settings import LabelerSettings, MonitoringSettings
-from modelloop.monitoring.store import StoreUnavailable
+from modelloop.monitoring.stores import StoreUnavailable
+from modelloop.monitoring.stores.binding import RepositoryMismatch, repository_identity
 from modelloop.server import open_prediction_log, peer_wait_s, task_from_card
 from modelloop.serving.errors import ModelNotFound
 from modelloop.serving.repository import ModelRepository
@@ -212,13 +212,11 @@ class ControlPlane:
             )
         except StoreUnavailable as exc:
             raise ModelloopError(f"cannot open the monitoring store: {exc.message}") from exc
-        if self.service.ingest is None:
-            raise ModelloopError("the control plane needs a SQL store (sqlite:/// or postgresql://)")
         # The store describes one repository: the control plane of another stops here.
         try:
-            self.service.store.bind_repository(repository_identity(repo, None))
+            self.service.stores.binding.bind_repository(repository_identity(repo, None))
         except RepositoryMismatch as exc:
-            self.service.store.close()
+            self.service.stores.close()
             raise ModelloopError(exc.message) from exc
         except StoreUnavailable as exc:
             logger.warning("cannot check which repository the store describes yet: %s", exc.message)
@@ -226,7 +224,7 @@ class ControlPlane:
         # server flushes to the store; the servers route by the decisions it writes.
         service = self.service
         self.rollouts = RolloutController(
-            service.store,
+            service.stores,
             RolloutCatalog(ModelRepository(repo)),
             rollout if rollout is not None else RolloutPolicy(),
             self.prometheus,

@@ -40,24 +40,24 @@ from fastapi import APIRouter
 from prometheus_client import CollectorRegistry, Counter
 
 from modelloop import layout
-from modelloop.errors import ModelloopError, ServiceError
-from modelloop.monitoring.binding import RepositoryMismatch, repository_identity
-from modelloop.monitoring.http import (
+from modelloop.control.http import (
     HealthSection,
     MonitoringColumns,
     create_alerts_router,
     create_feedback_router,
     create_health_router,
 )
+from modelloop.control.retraining.wiring import Retraining, build_retraining
+from modelloop.control.rollout.controller import RolloutController
+from modelloop.control.rollout.http import RolloutSection, create_rollout_router
+from modelloop.control.service import MonitoringService
+from modelloop.errors import ModelloopError, ServiceError
 from modelloop.monitoring.predlog import PredictionLog
 from modelloop.monitoring.predlog_objects import SEGMENT_S, ObjectPredictionLog
 from modelloop.monitoring.predlog_store import SqlPredictionLog
-from modelloop.monitoring.retraining import Retraining, build_retraining
-from modelloop.monitoring.rollout import RolloutController
-from modelloop.monitoring.rollout_http import RolloutSection, create_rollout_router
-from modelloop.monitoring.service import MonitoringService
 from modelloop.monitoring.settings import LabelerSettings, MonitoringSettings
-from modelloop.monitoring.store import SqlPredictionStore, StoreUnavailable, open_store
+from modelloop.monitoring.stores import StoreEngine, Stores, StoreUnavailable, open_stores
+from modelloop.monitoring.stores.binding import RepositoryMismatch, repository_identity
 from modelloop.serving.dataplane import DataPlane
 from modelloop.serving.grpc.server import bind_grpc_server, create_grpc_server, server_credentials
 from modelloop.serving.metrics import ServingMetrics, multiprocess_registry
@@ -181,7 +181,7 @@ class ModelServer:
         observer: Receives every answered request (monitoring). Defaults to a no-op.
         registry: Prometheus registry for ``/metrics``. Defaults to a fresh one.
         monitoring: Monitoring settings; when given and enabled, a
-            :class:`~modelloop.monitoring.service.MonitoringService` logs predictions,
+            :class:`~modelloop.control.service.MonitoringService` logs predictions,
             takes feedback and exports drift and accuracy on the same registry.
             Defaults to None (no monitoring).
         labelers: The labelers' feedback tokens. Defaults to None: feedback is
@@ -220,7 +220,7 @@ class ModelServer:
         self.monitoring: MonitoringService | None = None
         self.prediction_logger: PredictionLogger | None = None
         leader = role is None or role.leader
-        self.log_store: SqlPredictionStore | None = None
+        self.log_stores: Stores | None = None
         split = settings.control_plane_url is not None
         if monitoring is not None and monitoring.enabled and split:
             # A control plane reads the log and judges rollouts: this process only logs,
@@ -231,14 +231,14 @@ class ModelServer:
                     "judges rollouts (until it runs, the log waits for it)",
                     settings.control_plane_url,
                 )
-            self.log_store = _open_log_store(monitoring)
+            self.log_stores = _open_log_stores(monitoring)
             dropped = Counter(
                 "modelloop_monitoring_dropped",
                 "Answered requests that were not logged: buffer full or the log unavailable.",
                 ["model"],
                 registry=self.prometheus,
             )
-            sink = open_prediction_log(monitoring, self.log_store)
+            sink = open_prediction_log(monitoring, self.log_stores.engine)
             self.prediction_logger = PredictionLogger(
                 sink,
                 columns=repository_columns(settings.repo),
@@ -249,7 +249,7 @@ class ModelServer:
             )
             observer = observer if observer is not None else self.prediction_logger
             self.rollout_controller = RolloutController(
-                self.log_store,
+                self.log_stores,
                 self.models,
                 settings.rollout,
                 self.prometheus,
@@ -264,7 +264,7 @@ class ModelServer:
             try:
                 self.rollout_controller.bind()
             except RepositoryMismatch as exc:
-                self.log_store.close()
+                self.log_stores.close()
                 raise ServerError(exc.message) from exc
             except StoreUnavailable as exc:
                 logger.warning("cannot check which repository the store describes yet: %s", exc.message)
@@ -285,21 +285,20 @@ class ModelServer:
             except StoreUnavailable as exc:
                 raise ServerError(f"cannot open the monitoring store: {exc.message}") from exc
             service = self.monitoring
-            if service.log is not None:
-                # The request path only buffers; the log's reader converts and analyses.
-                dropped = service.metrics.dropped
-                self.prediction_logger = PredictionLogger(
-                    service.log,
-                    columns=repository_columns(settings.repo),
-                    sample=lambda model: self.models.model_config(model).log_sample,
-                    on_drop=lambda model, count: dropped.labels(model=model).inc(count),
-                    queue_size=monitoring.queue_size,
-                    **_segmenting(service.log),
-                )
-                service.before_flush = self.prediction_logger.flush
-            observer = observer if observer is not None else (self.prediction_logger or service.observer)
+            # The request path only buffers; the log's reader converts and analyses.
+            dropped = service.metrics.dropped
+            self.prediction_logger = PredictionLogger(
+                service.log,
+                columns=repository_columns(settings.repo),
+                sample=lambda model: self.models.model_config(model).log_sample,
+                on_drop=lambda model, count: dropped.labels(model=model).inc(count),
+                queue_size=monitoring.queue_size,
+                **_segmenting(service.log),
+            )
+            service.before_flush = self.prediction_logger.flush
+            observer = observer if observer is not None else self.prediction_logger
             self.rollout_controller = RolloutController(
-                service.store,
+                service.stores,
                 self.models,
                 settings.rollout,
                 self.prometheus,
@@ -314,7 +313,7 @@ class ModelServer:
             try:
                 self.rollout_controller.bind()
             except RepositoryMismatch as exc:
-                service.store.close()
+                service.stores.close()
                 raise ServerError(exc.message) from exc
             except StoreUnavailable as exc:
                 logger.warning("cannot check which repository the store describes yet: %s", exc.message)
@@ -350,7 +349,7 @@ class ModelServer:
                 )
         routers: list[APIRouter]
         sections: list[StatusSection] = [RolloutSection(self.rollout_controller)]
-        if self.log_store is not None and settings.control_plane_url is not None:
+        if self.log_stores is not None and settings.control_plane_url is not None:
             logger_ = self.prediction_logger
             routers = [
                 create_forward_router(
@@ -509,8 +508,8 @@ class ModelServer:
         if self.monitoring is not None:
             # ...and is read from it before the store closes.
             await self.monitoring.stop()
-        if self.log_store is not None:
-            self.log_store.close()
+        if self.log_stores is not None:
+            self.log_stores.close()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(sig)
         rest_sock.close()
@@ -535,22 +534,19 @@ class ControlPlaneSection:
         )
 
 
-def _open_log_store(monitoring: MonitoringSettings) -> SqlPredictionStore:
-    """The store this server appends its prediction log to.
+def _open_log_stores(monitoring: MonitoringSettings) -> Stores:
+    """The stores this server appends its prediction log to and routes its rollouts from.
 
     Raises:
-        ServerError: It cannot be opened, or it is not a SQL store.
+        ServerError: They cannot be opened.
     """
     try:
-        store = open_store(monitoring.resolved_store_url())
+        return open_stores(monitoring.resolved_store_url())
     except StoreUnavailable as exc:
         raise ServerError(f"cannot open the prediction log's store: {exc.message}") from exc
-    if not isinstance(store, SqlPredictionStore):
-        raise ServerError("the prediction log needs a SQL store (sqlite:/// or postgresql://)")
-    return store
 
 
-def open_prediction_log(monitoring: MonitoringSettings, store: SqlPredictionStore) -> PredictionLog[Any]:
+def open_prediction_log(monitoring: MonitoringSettings, store: StoreEngine) -> PredictionLog[Any]:
     """The prediction log: objects under ``log_url`` when set (the store keeps the reader's
     position), else the store's own table.
 

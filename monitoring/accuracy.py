@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from modelloop.monitoring.store import CLASSIFIER_TASKS, LabelledRow
+from modelloop.monitoring.stores.records import CLASSIFIER_TASKS, LabelledRow
 
 
 @dataclass(frozen=True, slots=True)

@@ -3,8 +3,8 @@
 Every evaluation of a version (every ``eval_interval_s``) becomes one point: accuracy
 and the label-free estimate, drift share, the top drifted features and prediction drift,
 data quality, and the request rate, error rate and p99 latency since the previous
-evaluation. The store keeps the points in a ``history`` table (SQLite or PostgreSQL,
-the same SQL), bounded by age and by a number of points per version, and
+evaluation. The history store (:mod:`~modelloop.monitoring.stores.history`) keeps the points
+in a ``history`` table, bounded by age and by a number of points per version, and
 ``GET /monitoring/models/{model}/history?since=UNIX_SECONDS`` serves them.
 
 Traffic comes from the server's own Prometheus registry (the ``modelloop_requests_total``
@@ -15,8 +15,8 @@ Example:
 
 ```python
 point = history_point(report, traffic=meter.measure().get(("digits", 1)))
-store.record_history([point])
-store.history("digits", since=time.time() - 3600, limit=2000)  # {1: [HistoryPoint, ...]}
+stores.history.record_history([point])
+stores.history.history("digits", since=time.time() - 3600, limit=2000)  # {1: [HistoryPoint, ...]}
 ```
 """
 
@@ -28,42 +28,11 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import sqlalchemy as sa
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
 if TYPE_CHECKING:
-    from modelloop.monitoring.service import EvaluationReport
+    from modelloop.monitoring.report import EvaluationReport
 
-HISTORY_SCHEMA = tuple(
-    sa.text(statement)
-    for statement in (
-        """CREATE TABLE IF NOT EXISTS history (
-        model TEXT NOT NULL,
-        version INTEGER NOT NULL,
-        t DOUBLE PRECISION NOT NULL,
-        point TEXT NOT NULL,
-        PRIMARY KEY (model, version, t)
-    )""",
-        "CREATE INDEX IF NOT EXISTS history_t ON history (t)",
-    )
-)
-"""The ``history`` table; created with the store's other tables."""
-
-INSERT_POINT = sa.text(
-    "INSERT INTO history (model, version, t, point) VALUES (:model, :version, :t, :point) "
-    "ON CONFLICT (model, version, t) DO NOTHING"
-)
-SELECT_VERSIONS = sa.text("SELECT DISTINCT version FROM history WHERE model = :model AND t >= :since")
-SELECT_POINTS = sa.text(
-    "SELECT t, point FROM history WHERE model = :model AND version = :version AND t >= :since "
-    "ORDER BY t DESC LIMIT :limit"
-)
-DELETE_OLDER = sa.text("DELETE FROM history WHERE t < :cutoff")
-SELECT_SERIES = sa.text("SELECT DISTINCT model, version FROM history")
-NTH_NEWEST = sa.text(
-    "SELECT t FROM history WHERE model = :model AND version = :version ORDER BY t DESC LIMIT 1 OFFSET :offset"
-)
-DELETE_UP_TO = sa.text("DELETE FROM history WHERE model = :model AND version = :version AND t <= :t")
 
 # The codes the ModelHighErrorRate rule counts: failures on the server's side.
 SERVER_ERROR_CODES = frozenset(

@@ -39,7 +39,7 @@ from modelloop.monitoring.history import LoggedTraffic
 from modelloop.monitoring.metrics import MonitoringMetrics
 from modelloop.monitoring.observer import MonitoringObserver
 from modelloop.monitoring.predlog import PredictionLog
-from modelloop.monitoring.store import StoreUnavailable
+from modelloop.monitoring.stores.engine import StoreUnavailable
 
 logger = logging.getLogger(__name__)
 

@@ -44,7 +44,9 @@ import numpy as np
 
 from modelloop.logformat import input_digest
 from modelloop.monitoring.metrics import MonitoringMetrics
-from modelloop.monitoring.store import PredictionRecord, PredictionStore, StoreUnavailable
+from modelloop.monitoring.stores.engine import StoreUnavailable
+from modelloop.monitoring.stores.predictions import PredictionWriter
+from modelloop.monitoring.stores.records import PredictionRecord
 from modelloop.monitoring.window import WindowSet
 from modelloop.serving.types import InferRequest, InferResponse
 
@@ -136,7 +138,7 @@ class MonitoringObserver:
 
     def __init__(
         self,
-        store: PredictionStore,
+        store: PredictionWriter,
         windows: WindowSet,
         metrics: MonitoringMetrics,
         describe: Callable[[str, int], VersionInfo],

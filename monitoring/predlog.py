@@ -22,7 +22,7 @@ P = TypeVar("P")
 
 class PredictionLog(Protocol[P]):
     """A prediction log: appended to by servers, read by the control plane. Every method may
-    raise :class:`~modelloop.monitoring.store.StoreUnavailable`."""
+    raise :class:`~modelloop.monitoring.stores.engine.StoreUnavailable`."""
 
     poll_interval_s: float
     """How often a reader looks for new segments (a listing of a bucket costs more than a query)."""

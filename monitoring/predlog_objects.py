@@ -59,7 +59,8 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
-from modelloop.monitoring.store import SqlPredictionStore, StoreUnavailable
+from modelloop.monitoring.stores.engine import StoreEngine as SqlPredictionStore
+from modelloop.monitoring.stores.engine import StoreUnavailable
 from modelloop.storage import (
     RepositoryLocation,
     describe_error,

@@ -42,7 +42,7 @@ from sqlalchemy.engine import Connection
 
 from modelloop.logformat import LOG_SCHEMA, decode_segment
 from modelloop.monitoring.predlog import PredictionLog
-from modelloop.monitoring.store import SqlPredictionStore
+from modelloop.monitoring.stores.engine import StoreEngine as SqlPredictionStore
 
 CURSOR = "monitor"
 """The control plane's cursor name."""

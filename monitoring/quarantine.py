@@ -4,7 +4,7 @@ A label that contradicts a prediction the champion made with high confidence is 
 when the labeler is honest and the inputs look like the training data: the champion is
 almost never confidently wrong there. So, per source, the store counts which class the
 champion predicted, how confident it was and which class the label named
-(:class:`~modelloop.monitoring.store.SourceStat`), and :func:`assess_sources` turns those
+(:class:`~modelloop.monitoring.stores.records.SourceStat`), and :func:`assess_sources` turns those
 counts into a :class:`SourceVerdict`: the source's agreement with the confident
 predictions, its confusion (which class it relabelled as which) and, when the
 :class:`~modelloop.monitoring.settings.QuarantineSettings` say so, a quarantine with its
@@ -38,7 +38,8 @@ import numpy as np
 from modelloop import layout
 from modelloop.monitoring.drift import psi
 from modelloop.monitoring.settings import QuarantineSettings
-from modelloop.monitoring.store import PredictionStore, SourceStat
+from modelloop.monitoring.stores.feedback import SourceCounts
+from modelloop.monitoring.stores.records import SourceStat
 
 logger = logging.getLogger(__name__)
 
@@ -309,7 +310,7 @@ class SourceQuarantine:
     """The label checks for ``modelloop retrain``: the same assessment as the server, from the store.
 
     Args:
-        store: The prediction store (its ``source_stats``).
+        store: The feedback store (its ``source_stats``).
         settings: The thresholds of this model.
 
     Example:
@@ -318,7 +319,7 @@ class SourceQuarantine:
         True
     """
 
-    def __init__(self, store: PredictionStore, settings: QuarantineSettings) -> None:
+    def __init__(self, store: SourceCounts, settings: QuarantineSettings) -> None:
         self.store = store
         self.settings = settings
 

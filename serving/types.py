@@ -227,7 +227,7 @@ class ModelCatalog(TypingProtocol):
 
 
 # -- rollout: the policy, and what serving reads of a rollout's state ------------------
-# (serving/rollout.py routes with them; monitoring/rollout.py implements RolloutRouter)
+# (serving/rollout.py routes with them; control/rollout/controller.py implements RolloutRouter)
 
 RolloutMode = Literal["off", "canary", "shadow"]
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-PACKAGES = ("training", "export", "serving", "monitoring")
+PACKAGES = ("training", "export", "serving", "monitoring", "control")
 LEAVES = (
     "modelloop.errors",
     "modelloop.layout",
@@ -120,14 +120,14 @@ def test_the_checks_see_lazy_and_type_checking_imports() -> None:
     assert ("serving/rest/app.py", "modelloop.serving.dataplane") in targets
 
 
-def test_serving_never_imports_monitoring_training_or_export() -> None:
+def test_serving_never_imports_monitoring_control_training_or_export() -> None:
     bad = [
         i
         for i in ALL
         if i.package == "serving"
-        and any(ours(i.target, f"modelloop.{p}") for p in ("monitoring", "training", "export"))
+        and any(ours(i.target, f"modelloop.{p}") for p in ("monitoring", "control", "training", "export"))
     ]
-    assert not bad, violations("serving/ imports monitoring/, training/ or export/", bad)
+    assert not bad, violations("serving/ imports monitoring/, control/, training/ or export/", bad)
 
 
 def test_monitoring_reaches_serving_only_through_types_observer_and_log_format() -> None:
@@ -144,12 +144,64 @@ def test_monitoring_reaches_serving_only_through_types_observer_and_log_format()
     assert not bad, violations("monitoring/ imports serving/ beyond types, observer and the log format", bad)
 
 
+def test_the_stores_hold_data_and_sql_only() -> None:
+    # monitoring/stores/: one small store per kind of data on one engine. Of our code it
+    # imports its own modules, the history point it keeps, and the leaves; no analysis, no
+    # serving, no control plane.
+    allowed = ("modelloop.monitoring.stores", "modelloop.monitoring.history.HistoryPoint")
+    bad = [
+        i
+        for i in ALL
+        if i.source.startswith("monitoring/stores/")
+        and ours(i.target, "modelloop")
+        and not any(ours(i.target, leaf) for leaf in LEAVES)
+        and not any(ours(i.target, a) for a in allowed)
+        and i.target not in ("modelloop", "modelloop.monitoring", "modelloop.monitoring.history")
+    ]
+    assert not bad, violations("monitoring/stores/ imports beyond its own modules and the leaves", bad)
+
+
+def test_monitoring_never_imports_the_control_plane() -> None:
+    # monitoring/ is the analysis and the stores; control/ (the monitor loop, rollout judging,
+    # retraining, their HTTP surface) is built on it, never the other way round.
+    bad = [i for i in ALL if i.package == "monitoring" and ours(i.target, "modelloop.control")]
+    assert not bad, violations("monitoring/ imports control/", bad)
+
+
+def test_the_control_plane_reaches_serving_only_through_types_and_observer() -> None:
+    allowed = ("modelloop.serving.types", "modelloop.serving.observer")
+    bad = [
+        i
+        for i in ALL
+        if i.package == "control"
+        and ours(i.target, "modelloop.serving")
+        and not any(ours(i.target, a) for a in allowed)
+    ]
+    assert not bad, violations("control/ imports serving/ beyond types and observer", bad)
+
+
+def test_only_the_retrain_job_uses_training_and_export_together() -> None:
+    # The job (train, export, gate, publish) and its gate; the rest of the control plane, which
+    # every server without --control-plane loads, reads training and export as monitoring does.
+    job = ("control/retraining/job.py", "control/retraining/gate.py", "control/retraining/settings.py")
+    light = ("modelloop.training.baseline", "modelloop.training.calibration", "modelloop.export.publish")
+    bad = [
+        i
+        for i in ALL
+        if i.package == "control"
+        and i.source not in job
+        and any(ours(i.target, f"modelloop.{p}") for p in ("training", "export"))
+        and not any(ours(i.target, a) for a in light)
+    ]
+    assert not bad, violations("control/ imports training or export outside the retrain job", bad)
+
+
 def test_training_imports_none_of_the_other_packages() -> None:
     bad = [
         i
         for i in ALL
         if i.package == "training"
-        and any(ours(i.target, f"modelloop.{p}") for p in ("export", "serving", "monitoring"))
+        and any(ours(i.target, f"modelloop.{p}") for p in ("export", "serving", "monitoring", "control"))
     ]
     bad += [i for i in ALL if i.package == "training" and ours(i.target, "modelloop.server")]
     assert not bad, violations("training/ imports export/, serving/ or monitoring/", bad)
@@ -159,9 +211,10 @@ def test_export_imports_only_training_and_the_leaves() -> None:
     bad = [
         i
         for i in ALL
-        if i.package == "export" and any(ours(i.target, f"modelloop.{p}") for p in ("serving", "monitoring"))
+        if i.package == "export"
+        and any(ours(i.target, f"modelloop.{p}") for p in ("serving", "monitoring", "control"))
     ]
-    assert not bad, violations("export/ imports serving/ or monitoring/", bad)
+    assert not bad, violations("export/ imports serving/, monitoring/ or control/", bad)
 
 
 def test_the_leaves_import_nothing_of_ours_but_each_other() -> None:
@@ -183,14 +236,13 @@ def test_only_the_roots_wire_serving_with_monitoring() -> None:
         i.package
         for i in ALL
         if i.package.startswith("modelloop.")
-        and ours(i.target, "modelloop.monitoring")
+        and (ours(i.target, "modelloop.monitoring") or ours(i.target, "modelloop.control"))
         and i.package not in ("modelloop.cli",)
     }
     roots = {"modelloop.server", "modelloop.monitor"}
-    assert wiring <= roots, f"modules other than the roots import monitoring: {wiring}"
-    retrain_serving = [
-        i for i in ALL if i.package == "modelloop.retrain" and ours(i.target, "modelloop.serving")
-    ]
+    assert wiring <= roots, f"modules other than the roots import monitoring or control: {wiring}"
+    job = ("control/retraining/job.py", "control/retraining/gate.py", "control/retraining/settings.py")
+    retrain_serving = [i for i in ALL if i.source in job and ours(i.target, "modelloop.serving")]
     assert not retrain_serving, violations("the retrain pipeline imports serving", retrain_serving)
 
 
@@ -215,7 +267,9 @@ def test_only_the_savedmodel_runtime_imports_tensorflow_in_serving() -> None:
         and i.source != "serving/runtimes/savedmodel.py"
     ]
     bad += [
-        i for i in ALL if i.package in ("modelloop.server", "monitoring") and i.target.split(".")[0] in heavy
+        i
+        for i in ALL
+        if i.package in ("modelloop.server", "monitoring", "control") and i.target.split(".")[0] in heavy
     ]
     assert not bad, violations("serving imports TensorFlow outside the SavedModel runtime", bad)
 
@@ -255,6 +309,19 @@ def test_repository_and_run_file_names_are_spelled_in_the_layout_module_only() -
         ("training/train.py", "from modelloop.export import publish", "training_imports_none"),
         ("serving/batching.py", "import fastapi", "serving_core"),
         ("serving/grpc/servicers.py", "from tensorflow_serving.apis import predict_pb2", "tensorflow"),
+        ("monitoring/stores/feedback.py", "from modelloop.monitoring.drift import psi", "stores"),
+        ("monitoring/stores/engine.py", "from modelloop.serving import types", "stores"),
+        (
+            "monitoring/drift.py",
+            "from modelloop.control.service import MonitoringService",
+            "monitoring_control",
+        ),
+        (
+            "control/rollout/controller.py",
+            "from modelloop.serving.registry import ModelRegistry",
+            "control_serving",
+        ),
+        ("control/retraining/policy.py", "from modelloop.training.train import train", "control_training"),
     ],
 )
 def test_each_rule_catches_a_planted_import(
@@ -271,11 +338,15 @@ def test_each_rule_catches_a_planted_import(
     monkeypatch.setattr(ast, "parse", planted)
     found = imports()
     checks = {
-        "serving_never_imports": test_serving_never_imports_monitoring_training_or_export,
+        "serving_never_imports": test_serving_never_imports_monitoring_control_training_or_export,
         "monitoring_reaches": test_monitoring_reaches_serving_only_through_types_observer_and_log_format,
         "training_imports_none": test_training_imports_none_of_the_other_packages,
         "serving_core": test_the_serving_core_imports_no_web_or_rpc_framework,
         "tensorflow": test_only_the_savedmodel_runtime_imports_tensorflow_in_serving,
+        "stores": test_the_stores_hold_data_and_sql_only,
+        "monitoring_control": test_monitoring_never_imports_the_control_plane,
+        "control_serving": test_the_control_plane_reaches_serving_only_through_types_and_observer,
+        "control_training": test_only_the_retrain_job_uses_training_and_export_together,
     }
     monkeypatch.setattr(f"{__name__}.ALL", found)
     with pytest.raises(AssertionError, match=source.replace(".", r"\.")):

@@ -162,7 +162,7 @@ def test_a_server_without_labeler_tokens_warns_at_start(tmp_path: Path, caplog: 
     assert any("sources: team-a" in r.getMessage() for r in caplog.records)
     for server in (open_server, guarded):
         assert server.monitoring is not None
-        server.monitoring.store.close()
+        server.monitoring.stores.close()
 
 
 def test_up_creates_its_own_labeler_token_once(tmp_path: Path):

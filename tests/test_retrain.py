@@ -12,19 +12,17 @@ import numpy as np
 import pytest
 from prometheus_client import CollectorRegistry, Counter
 
-from modelloop.export.publish import list_versions
-from modelloop.retrain import (
-    RetrainError,
-    RetrainSettings,
+from modelloop.control.retraining.gate import (
     bless,
     check_robustness,
     format_gate_report,
     much_worse,
-    retrain,
     slice_table,
     slice_verdict,
-    source_caps,
 )
+from modelloop.control.retraining.job import retrain, source_caps
+from modelloop.control.retraining.settings import RetrainError, RetrainSettings
+from modelloop.export.publish import list_versions
 
 TESTDATA = Path(__file__).resolve().parent / "testdata"
 SPEC = TESTDATA / "specs" / "functional_spec.py"
@@ -94,7 +92,7 @@ def test_blessed_candidate_is_published_as_next_version(repo: Path, tmp_path: Pa
     y = np.concatenate([y, [7.0, np.nan, 1.0]])
     x[-1, 0] = np.nan
     store = FakeFeedback(x, y)
-    result = retrain(repo, NAME, store, state_dir=tmp_path / "state", runs_total=runs_total)
+    result = retrain(repo, NAME, store, reports=store, state_dir=tmp_path / "state", runs_total=runs_total)
 
     assert result.outcome == "blessed", result.reason
     assert result.version == 2 and list_versions(repo / NAME) == [1, 2]
@@ -300,6 +298,7 @@ def test_quarantined_sources_are_left_out_and_one_source_is_capped(repo: Path, t
         repo,
         NAME,
         store,
+        reports=store,
         state_dir=tmp_path / "state",
         settings=RetrainSettings(max_source_share=0.25, holdout_fraction=0.2, accuracy_floor=0.0),
         screen=screen,

@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 
 from modelloop.cli import _serving_settings, _simulate_state_dir, _simulate_token, build_parser
-from modelloop.monitoring.binding import RepositoryIdentity
+from modelloop.control.rollout.cli import summary
 from modelloop.monitoring.settings import FEEDBACK_TOKEN_FILE, ensure_feedback_token_file
-from modelloop.monitoring.store import open_store
-from modelloop.rollout_cli import summary
+from modelloop.monitoring.stores import open_stores
+from modelloop.monitoring.stores.binding import RepositoryIdentity
 from modelloop.storage import default_state_dir, parse_repository
 from tests.test_cli import assert_one_line_error, run_cli
 
@@ -95,9 +95,9 @@ def test_the_clear_summary_says_what_was_released() -> None:
 def test_retrain_refuses_a_store_that_describes_another_repository(tmp_path: Path, digits_repo: Path) -> None:
     repo = tmp_path / "models"
     shutil.copytree(digits_repo / "digits" / "1", repo / "digits" / "1")
-    store = open_store(f"sqlite:///{tmp_path / 'state' / 'modelloop.db'}")
+    store = open_stores(f"sqlite:///{tmp_path / 'state' / 'modelloop.db'}")
     try:
-        store.bind_repository(RepositoryIdentity("another", "/srv/another"))
+        store.binding.bind_repository(RepositoryIdentity("another", "/srv/another"))
     finally:
         store.close()
     state = str(tmp_path / "state")

@@ -37,8 +37,8 @@ import httpx
 import numpy as np
 import pytest
 
+from modelloop.control.retraining.gate import format_gate_report, predict_onnx
 from modelloop.export.publish import list_versions
-from modelloop.retrain import format_gate_report, predict_onnx
 from tests.e2e.serverproc import ServerProcess, start_server, wait_for
 from tests.tools import Story
 
@@ -313,11 +313,11 @@ def two_sources_the_honest_labels_are_blessed_the_poisoned_are_not(loop: Loop) -
 
 
 def gate_reports_are_rows_in_the_store(loop: Loop) -> None:
-    from modelloop.monitoring.store import open_store
+    from modelloop.monitoring.stores import open_stores
 
-    store = open_store(loop.store_url)
+    store = open_stores(loop.store_url)
     try:
-        reports = store.retrain_reports(MODEL, limit=10)
+        reports = store.retrains.retrain_reports(MODEL, limit=10)
     finally:
         store.close()
     assert [r["outcome"] for r in reports][:1] == ["rejected"]

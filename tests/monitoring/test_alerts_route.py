@@ -12,10 +12,10 @@ import pytest
 from prometheus_client import CollectorRegistry
 from pydantic import SecretStr
 
-from modelloop.monitoring.http import create_alerts_router
-from modelloop.monitoring.policy import RetrainPolicy
-from modelloop.monitoring.trigger import DryRunTrigger
-from modelloop.monitoring.webhook import AlertHandler
+from modelloop.control.http import create_alerts_router
+from modelloop.control.retraining.policy import RetrainPolicy
+from modelloop.control.retraining.trigger import DryRunTrigger
+from modelloop.control.retraining.webhook import AlertHandler
 from modelloop.serving.dataplane import DataPlane
 from modelloop.serving.metrics import ServingMetrics
 from modelloop.serving.registry import ModelRegistry

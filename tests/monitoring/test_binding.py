@@ -9,12 +9,12 @@ from typing import Any
 import pytest
 from prometheus_client import CollectorRegistry
 
+from modelloop.control.rollout.controller import RolloutController
 from modelloop.errors import ErrorCode, ServiceError
 from modelloop.layout import REPOSITORY_ID_FILE, repository_id
-from modelloop.monitoring.binding import RepositoryIdentity, RepositoryMismatch, repository_identity
-from modelloop.monitoring.rollout import RolloutController
-from modelloop.monitoring.rollout_store import RolloutDoc
-from modelloop.monitoring.store import open_store
+from modelloop.monitoring.stores import open_stores
+from modelloop.monitoring.stores.binding import RepositoryIdentity, RepositoryMismatch, repository_identity
+from modelloop.monitoring.stores.rollouts import RolloutDoc
 from modelloop.serving.rollout import RolloutCoordinator
 from modelloop.serving.types import RolloutPolicy
 from tests.monitoring.test_rollout import POLICY, Catalog
@@ -61,14 +61,14 @@ def test_without_create_nothing_is_written(tmp_path: Path) -> None:
 def test_the_store_adopts_one_repository_and_refuses_another(store_url: str) -> None:
     a = RepositoryIdentity("aaaa", "/srv/a")
     b = RepositoryIdentity("bbbb", "/tmp/b")
-    store = open_store(store_url)
+    store = open_stores(store_url)
     try:
-        first = store.bind_repository(a)
+        first = store.binding.bind_repository(a)
         assert first.adopted and not first.had_rollouts and first.recorded == a
-        again = store.bind_repository(a)
+        again = store.binding.bind_repository(a)
         assert not again.adopted and again.recorded == a
         with pytest.raises(RepositoryMismatch) as caught:
-            store.bind_repository(b)
+            store.binding.bind_repository(b)
         message = caught.value.message
         assert caught.value.code is ErrorCode.FAILED_PRECONDITION and "\n" not in message
         for part in ("/srv/a", "/tmp/b", "--state-dir", "--store"):
@@ -78,15 +78,15 @@ def test_the_store_adopts_one_repository_and_refuses_another(store_url: str) -> 
 
 
 def test_a_path_identity_gives_way_to_the_id_of_the_same_repository(store_url: str) -> None:
-    store = open_store(store_url)
+    store = open_stores(store_url)
     try:
-        store.bind_repository(RepositoryIdentity("path:/models", "/models"))  # mounted read-only
-        assert store.bind_repository(RepositoryIdentity("cafe", "/models")).recorded.id == "cafe"
+        store.binding.bind_repository(RepositoryIdentity("path:/models", "/models"))  # mounted read-only
+        assert store.binding.bind_repository(RepositoryIdentity("cafe", "/models")).recorded.id == "cafe"
         # From then on the id is what counts: a server that still reads no id file agrees ...
-        store.bind_repository(RepositoryIdentity("path:/models", "/models"))
+        store.binding.bind_repository(RepositoryIdentity("path:/models", "/models"))
         # ... and another repository at the same path does not.
         with pytest.raises(RepositoryMismatch):
-            store.bind_repository(RepositoryIdentity("beef", "/models"))
+            store.binding.bind_repository(RepositoryIdentity("beef", "/models"))
     finally:
         store.close()
 
@@ -112,9 +112,9 @@ def _retired_state(now: float) -> dict[str, Any]:
 def test_a_pre_identity_store_adopts_and_shows_what_it_keeps_out(
     store_url: str, caplog: pytest.LogCaptureFixture
 ) -> None:
-    store = open_store(store_url)
+    store = open_stores(store_url)
     try:
-        assert store.save_rollout(RolloutDoc("digits", 0, _retired_state(1_700_000_000.0)))
+        assert store.rollouts.save_rollout(RolloutDoc("digits", 0, _retired_state(1_700_000_000.0)))
         catalog = Catalog()
         catalog.available = [1]
         controller = RolloutController(
@@ -142,7 +142,7 @@ def test_a_pre_identity_store_adopts_and_shows_what_it_keeps_out(
         cleared = controller.clear("digits")
         assert cleared["cleared"] and cleared["retired_released"] == [2]
         assert cleared["previous"]["id"] == "digits-2-1000"
-        assert store.rollouts() == {}
+        assert store.rollouts.rollouts() == {}
         assert coordinator.plan("digits", {}, [1, 2], LATEST, [1]) == [1, 2]
         assert coordinator.kept_out("digits") == {}
         with pytest.raises(ServiceError) as caught:
@@ -153,7 +153,7 @@ def test_a_pre_identity_store_adopts_and_shows_what_it_keeps_out(
 
 
 def test_a_rollback_records_when_and_by_which_rollout(tmp_path: Path) -> None:
-    store = open_store(f"sqlite:///{tmp_path / 'state.db'}")
+    store = open_stores(f"sqlite:///{tmp_path / 'state.db'}")
     try:
         catalog = Catalog()
         controller = RolloutController(
@@ -164,7 +164,7 @@ def test_a_rollback_records_when_and_by_which_rollout(tmp_path: Path) -> None:
         controller.act("digits", "rollback", now=2_000.0)
         assignment = controller.assignment("digits")
         assert assignment is not None and assignment.retired == frozenset({2})
-        state = store.rollouts()["digits"].state
+        state = store.rollouts.rollouts()["digits"].state
         assert state["retired_at"] == {"2": 2_000.0} and state["retired_by"] == {"2": state["id"]}
         assert assignment.retired_why[2] == (
             f"RETIRED by rollout {state['id']} (rolled back at 1970-01-01 00:33:20 UTC: "
@@ -172,17 +172,17 @@ def test_a_rollback_records_when_and_by_which_rollout(tmp_path: Path) -> None:
         )
         # Restored by an operator: no longer RETIRED, nor dated.
         controller.act("digits", "promote", now=3_000.0)
-        state = store.rollouts()["digits"].state
+        state = store.rollouts.rollouts()["digits"].state
         assert state["retired"] == {} and state["retired_at"] == {} and state["retired_by"] == {}
     finally:
         store.close()
 
 
 def test_a_controller_bound_elsewhere_reads_nothing(tmp_path: Path) -> None:
-    store = open_store(f"sqlite:///{tmp_path / 'state.db'}")
+    store = open_stores(f"sqlite:///{tmp_path / 'state.db'}")
     try:
-        store.bind_repository(RepositoryIdentity("old", "/srv/old"))
-        assert store.save_rollout(RolloutDoc("digits", 0, _retired_state(1.0)))
+        store.binding.bind_repository(RepositoryIdentity("old", "/srv/old"))
+        assert store.rollouts.save_rollout(RolloutDoc("digits", 0, _retired_state(1.0)))
         controller = RolloutController(
             store,
             Catalog(),

@@ -11,10 +11,11 @@ import numpy as np
 import pytest
 from prometheus_client import CollectorRegistry
 
-from modelloop.monitoring.http import MonitoringColumns, create_feedback_router
-from modelloop.monitoring.service import MonitoringService
+from modelloop.control.http import MonitoringColumns, create_feedback_router
+from modelloop.control.service import MonitoringService
 from modelloop.monitoring.settings import MonitoringSettings
-from modelloop.monitoring.store import FeedbackItem, FeedbackResult, StoreUnavailable
+from modelloop.monitoring.stores.engine import StoreUnavailable
+from modelloop.monitoring.stores.records import FeedbackItem, FeedbackResult
 from modelloop.serving.rest.app import create_app, render_status_page
 from modelloop.serving.settings import ServingSettings
 from modelloop.serving.shared_memory import SystemSharedMemory
@@ -72,7 +73,7 @@ def service(tmp_path: Path, digits_data: DigitsData) -> Iterator[MonitoringServi
         yield svc
     finally:
         svc.observer.stop()
-        svc.store.close()
+        svc.stores.close()
 
 
 @pytest.fixture
@@ -90,7 +91,7 @@ async def client(service: MonitoringService, tmp_path: Path) -> AsyncIterator[ht
 
 
 def labels(service: MonitoringService) -> list[tuple[int | float, int | float]]:
-    return sorted((r.predicted, r.target) for r in service.store.recent_labelled("digits", 1, 100))
+    return sorted((r.predicted, r.target) for r in service.stores.feedback.recent_labelled("digits", 1, 100))
 
 
 async def test_accepts_targets_and_the_one_row_form(client: httpx.AsyncClient, service: MonitoringService):
@@ -187,7 +188,7 @@ async def test_store_down_is_503_and_nothing_is_acknowledged(
     def down(model: str, items: list[FeedbackItem], **_: object) -> FeedbackResult:
         raise StoreUnavailable("postgresql 127.0.0.1:5432/modelloop: connection refused")
 
-    service.store.add_feedback = down  # type: ignore[method-assign]
+    service.stores.feedback.add_feedback = down  # type: ignore[method-assign]
     r = await client.post(URL, json={"feedback": [{"request_id": "one", "target": 1}]})
     assert r.status_code == 503
     assert r.json() == {
@@ -249,7 +250,7 @@ async def test_labelers_authenticate_and_their_source_is_stored(
         assert r.status_code == (403 if header.startswith("Bearer") else 401), header
     ok = await guarded.post(URL, json=body, headers={"authorization": "Bearer token-b"})
     assert ok.status_code == 200 and ok.json()["source"] == "team-b" and ok.json()["quarantined"] is False
-    assert service.store.label_sources("digits")["team-b"].labels == 1
+    assert service.stores.feedback.label_sources("digits")["team-b"].labels == 1
 
 
 async def test_a_quarantined_source_is_stored_marked_and_reported(
@@ -291,7 +292,7 @@ async def test_a_quarantined_source_is_stored_marked_and_reported(
     assert entry["relabels"][0] == {"predicted": "0", "target": "1", "labels": 60, "rate": 1.0}
     # Its labels no longer count towards accuracy.
     excluded = service.quarantined_sources("digits")
-    assert service.store.recent_labelled("digits", 1, 100, exclude_sources=excluded) == []
+    assert service.stores.feedback.recent_labelled("digits", 1, 100, exclude_sources=excluded) == []
     assert (await guarded.get("/v1/models/nope/feedback/sources", headers=team_a)).status_code == 404
 
 

@@ -12,11 +12,12 @@ import pytest
 from fastapi import FastAPI
 from prometheus_client import CollectorRegistry
 
+from modelloop.control.http import create_health_router, render_health_fragment
+from modelloop.control.service import MonitoringService
 from modelloop.monitoring.history import HistoryPoint, TrafficMeter, _quantile
-from modelloop.monitoring.http import create_health_router, render_health_fragment
-from modelloop.monitoring.service import MonitoringService
 from modelloop.monitoring.settings import MonitoringSettings
-from modelloop.monitoring.store import PredictionStore, StoreUnavailable, open_store
+from modelloop.monitoring.stores import Stores, open_stores
+from modelloop.monitoring.stores.engine import StoreUnavailable
 from modelloop.serving.metrics import ServingMetrics
 from modelloop.serving.rest.errors import install_error_handlers
 from modelloop.serving.types import ModelState
@@ -26,12 +27,12 @@ from tests.monitoring.test_service import pair
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
-def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[PredictionStore]:
+def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Stores]:
     if request.param == "sqlite":
         url = f"sqlite:///{tmp_path / 'history.db'}"
     else:
         url = request.getfixturevalue("postgres_url")
-    opened = open_store(url)
+    opened = open_stores(url)
     try:
         yield opened
     finally:
@@ -42,36 +43,36 @@ def _point(model: str, version: int, t: float, accuracy: float) -> HistoryPoint:
     return HistoryPoint(model, version, t, {"accuracy": accuracy, "top_drifted_features": [{"feature": "a"}]})
 
 
-def test_points_round_trip_per_version_oldest_first(store: PredictionStore) -> None:
-    store.record_history([_point("digits", v, 100.0 + i, i / 10) for v in (1, 2) for i in range(5)])
-    store.record_history(
+def test_points_round_trip_per_version_oldest_first(store: Stores) -> None:
+    store.history.record_history([_point("digits", v, 100.0 + i, i / 10) for v in (1, 2) for i in range(5)])
+    store.history.record_history(
         [_point("other", 1, 100.0, 0.5), _point("digits", 1, 100.0, 0.99)]
     )  # repeat kept first
-    found = store.history("digits", since=101.0, limit=3)
+    found = store.history.history("digits", since=101.0, limit=3)
     assert sorted(found) == [1, 2]
     assert [p.t for p in found[1]] == [102.0, 103.0, 104.0]  # the newest 3, oldest first
     assert found[1][-1].values == {"accuracy": 0.4, "top_drifted_features": [{"feature": "a"}]}
-    assert store.history("digits", since=0.0, limit=10)[1][0].values["accuracy"] == 0.0
-    assert store.history("nothing", since=0.0, limit=10) == {}
+    assert store.history.history("digits", since=0.0, limit=10)[1][0].values["accuracy"] == 0.0
+    assert store.history.history("nothing", since=0.0, limit=10) == {}
 
 
-def test_retention_bounds_age_and_points_per_version(store: PredictionStore) -> None:
+def test_retention_bounds_age_and_points_per_version(store: Stores) -> None:
     now = 1_000_000.0
-    store.record_history([_point("digits", 1, now - 86400 * 3, 0.1)])
-    store.record_history([_point("digits", 1, now - i, 0.5) for i in range(10)])
-    store.record_history([_point("digits", 2, now - i, 0.5) for i in range(3)])
-    deleted = store.prune_history(retention_days=2, max_points=4, now=now)
+    store.history.record_history([_point("digits", 1, now - 86400 * 3, 0.1)])
+    store.history.record_history([_point("digits", 1, now - i, 0.5) for i in range(10)])
+    store.history.record_history([_point("digits", 2, now - i, 0.5) for i in range(3)])
+    deleted = store.history.prune_history(retention_days=2, max_points=4, now=now)
     assert deleted == 1 + 6
-    found = store.history("digits", since=0.0, limit=100)
+    found = store.history.history("digits", since=0.0, limit=100)
     assert [p.t for p in found[1]] == [now - 3, now - 2, now - 1, now]
     assert len(found[2]) == 3
 
 
 def test_a_closed_store_is_unavailable_for_history(tmp_path: Path) -> None:
-    closed = open_store(f"sqlite:///{tmp_path / 'h.db'}")
+    closed = open_stores(f"sqlite:///{tmp_path / 'h.db'}")
     closed.close()
     with pytest.raises(StoreUnavailable):
-        closed.history("digits", since=0.0, limit=1)
+        closed.history.history("digits", since=0.0, limit=1)
 
 
 def test_quantile_as_prometheus_computes_it() -> None:
@@ -134,7 +135,7 @@ def service(tmp_path: Path, calibrated: dict, digits_data: DigitsData) -> Iterat
         yield svc
     finally:
         svc.observer.stop()
-        svc.store.close()
+        svc.stores.close()
 
 
 def _send(svc: MonitoringService, rows: np.ndarray, version: int, prefix: str) -> None:
@@ -246,7 +247,7 @@ async def test_routes_without_monitoring_or_store() -> None:
 
 
 async def test_a_store_outage_is_a_503(service: MonitoringService) -> None:
-    service.store.close()
+    service.stores.close()
     r = await _get(service, "/monitoring/models/digits/history")
     assert r.status_code == 503 and r.json()["error"].startswith("history store unavailable")
 

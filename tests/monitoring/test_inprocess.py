@@ -5,10 +5,10 @@ from __future__ import annotations
 import asyncio
 from types import SimpleNamespace
 
-from modelloop.monitoring.inprocess import InProcessRules
-from modelloop.monitoring.policy import RetrainPolicy
+from modelloop.control.retraining.inprocess import InProcessRules
+from modelloop.control.retraining.policy import RetrainPolicy
+from modelloop.control.retraining.trigger import DryRunTrigger
 from modelloop.monitoring.settings import MonitoringSettings
-from modelloop.monitoring.trigger import DryRunTrigger
 
 
 class FakeClock:

@@ -11,17 +11,18 @@ from typing import Any
 
 import pytest
 
-from modelloop.monitoring.policy import NewLabelsGate, RetrainPolicy
-from modelloop.monitoring.store import FeedbackItem, PredictionRecord, PredictionStore, open_store
-from modelloop.monitoring.trigger import DryRunTrigger
-from modelloop.monitoring.webhook import AlertHandler, parse_alertmanager
+from modelloop.control.retraining.policy import NewLabelsGate, RetrainPolicy
+from modelloop.control.retraining.trigger import DryRunTrigger
+from modelloop.control.retraining.webhook import AlertHandler, parse_alertmanager
+from modelloop.monitoring.stores import Stores, open_stores
+from modelloop.monitoring.stores.records import FeedbackItem, PredictionRecord
 
 TESTDATA = Path(__file__).resolve().parents[1] / "testdata"
 
 
 @pytest.fixture
-def store(tmp_path: Path) -> Iterator[PredictionStore]:
-    s = open_store(f"sqlite:///{tmp_path / 'state' / 'modelloop.db'}")
+def store(tmp_path: Path) -> Iterator[Stores]:
+    s = open_stores(f"sqlite:///{tmp_path / 'state' / 'modelloop.db'}")
     try:
         yield s
     finally:
@@ -37,16 +38,18 @@ def _alert(starts_at: str, name: str = "ModelDriftDetected") -> Any:
     return parse_alertmanager(payload)
 
 
-def _predict(store: PredictionStore, rid: str) -> None:
-    store.record(
+def _predict(store: Stores, rid: str) -> None:
+    store.predictions.record(
         [PredictionRecord(rid, "digits", 1, time.time(), [[1.0]], [[0.9, 0.1]], [0], input_hash=rid)]
     )
 
 
-async def test_a_drift_alert_without_new_trusted_labels_starts_no_retrain(store: PredictionStore) -> None:
+async def test_a_drift_alert_without_new_trusted_labels_starts_no_retrain(store: Stores) -> None:
     skipped: list[tuple[str, str]] = []
     quarantined = {"mallory"}
-    gate = NewLabelsGate(store, lambda model: quarantined, on_skip=lambda m, r: skipped.append((m, r)))
+    gate = NewLabelsGate(
+        store.feedback, store.retrains, lambda model: quarantined, on_skip=lambda m, r: skipped.append((m, r))
+    )
     trigger = DryRunTrigger()
     handler = AlertHandler(RetrainPolicy(0), trigger, lambda m: m == "digits", gate=gate.check)
 
@@ -57,32 +60,32 @@ async def test_a_drift_alert_without_new_trusted_labels_starts_no_retrain(store:
     assert skipped == [("digits", "ModelDriftDetected")]
     assert "no new trusted labels" in gate.skipped["digits"].why
     # A quarantined source's labels are not new trusted labels either.
-    store.add_feedback("digits", [FeedbackItem("a", [1])], source="mallory", quarantined=True)
+    store.feedback.add_feedback("digits", [FeedbackItem("a", [1])], source="mallory", quarantined=True)
     results = await handler.handle(_alert("2026-01-01T00:01:00Z"))
     assert results[0].result.startswith("skipped:") and trigger.calls == []
     # A trusted label arrives: the next drift alert retrains.
     _predict(store, "b")
-    store.add_feedback("digits", [FeedbackItem("b", [0])], source="alice")
+    store.feedback.add_feedback("digits", [FeedbackItem("b", [0])], source="alice")
     results = await handler.handle(_alert("2026-01-01T00:02:00Z"))
     assert results[0].result == "started" and len(trigger.calls) == 1
     # The retrain kept its report: labels before it are no longer new.
-    store.record_retrain("digits", "run-1", "blessed", {"run_id": "run-1"})
+    store.retrains.record_retrain("digits", "run-1", "blessed", {"run_id": "run-1"})
     results = await handler.handle(_alert("2026-01-01T00:03:00Z", "ModelPredictionDrift"))
     assert results[0].result.startswith("skipped: no new trusted labels since the last retrain")
     assert len(trigger.calls) == 1 and len(skipped) == 3
 
 
-def test_every_drift_rule_is_gated_in_process_too(store: PredictionStore) -> None:
-    from modelloop.monitoring.inprocess import DRIFT_RULE, PREDICTION_DRIFT_RULE
+def test_every_drift_rule_is_gated_in_process_too(store: Stores) -> None:
+    from modelloop.control.retraining.inprocess import DRIFT_RULE, PREDICTION_DRIFT_RULE
 
-    gate = NewLabelsGate(store, lambda model: set())
+    gate = NewLabelsGate(store.feedback, store.retrains, lambda model: set())
     for rule in (DRIFT_RULE, PREDICTION_DRIFT_RULE):
         assert gate.check("digits", f"inprocess:{rule}") is not None
         assert gate.check("digits", rule) is not None
 
 
-async def test_an_accuracy_alert_is_never_held_back_by_the_label_gate(store: PredictionStore) -> None:
-    gate = NewLabelsGate(store, lambda model: set())
+async def test_an_accuracy_alert_is_never_held_back_by_the_label_gate(store: Stores) -> None:
+    gate = NewLabelsGate(store.feedback, store.retrains, lambda model: set())
     trigger = DryRunTrigger()
     handler = AlertHandler(RetrainPolicy(0), trigger, lambda m: m == "digits", gate=gate.check)
     results = await handler.handle(_alert("2026-01-01T00:00:00Z", "ModelAccuracyBelowFloor"))

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from modelloop.monitoring.store import open_store
+from modelloop.monitoring.stores import open_stores
 from tests.e2e.serverproc import ServerProcess, start_server, wait_for
 from tests.monitoring.monhelpers import drifted_digits
 from tests.tools import dump_dom, require_chromium
@@ -95,10 +95,10 @@ def test_acknowledged_labels_survive_kill_9(
     servers.append(again)
     r = httpx.post(f"{again.rest_url}/v1/models/digits/feedback", json={"feedback": feedback}, timeout=10)
     assert r.status_code == 409 and sorted(r.json()["duplicate"]) == sorted(f["request_id"] for f in feedback)
-    store = open_store(url)
+    store = open_stores(url)
     try:
-        assert store.count_labels("digits", 1) == 60
-        _, targets = store.feedback_dataset("digits")
+        assert store.feedback.count_labels("digits", 1) == 60
+        _, targets = store.feedback.feedback_dataset("digits")
         assert sorted(targets.tolist()) == sorted(y[:60].tolist())
     finally:
         store.close()

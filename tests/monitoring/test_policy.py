@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from modelloop.monitoring.policy import RetrainPolicy
+from modelloop.control.retraining.policy import RetrainPolicy
 
 
 class FakeClock:

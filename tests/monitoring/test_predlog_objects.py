@@ -20,7 +20,7 @@ from modelloop.monitoring.metrics import MonitoringMetrics
 from modelloop.monitoring.observer import MonitoringObserver, VersionInfo
 from modelloop.monitoring.predlog_objects import SUFFIX, ObjectCursor, ObjectPredictionLog, key_time, time_key
 from modelloop.monitoring.predlog_store import export_parquet
-from modelloop.monitoring.store import SqlPredictionStore, StoreUnavailable, open_store
+from modelloop.monitoring.stores import Stores, StoreUnavailable, open_stores
 from modelloop.monitoring.window import WindowSet
 from modelloop.serving.predlog import LogColumns, PredictionLogger, encode_batch, encode_segment
 from modelloop.serving.types import InferRequest, InferResponse, Protocol
@@ -48,9 +48,8 @@ def log_url(request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.
 
 
 @pytest.fixture
-def store(tmp_path: Path) -> Iterator[SqlPredictionStore]:
-    s = open_store(f"sqlite:///{tmp_path / 'state' / 'modelloop.db'}")
-    assert isinstance(s, SqlPredictionStore)
+def store(tmp_path: Path) -> Iterator[Stores]:
+    s = open_stores(f"sqlite:///{tmp_path / 'state' / 'modelloop.db'}")
     try:
         yield s
     finally:
@@ -75,15 +74,17 @@ def _segment(prefix: str, n: int, *, t: float | None = None, model: str = "digit
     return encode_segment([batch])
 
 
-def _reader(log: ObjectPredictionLog, store: SqlPredictionStore) -> tuple[LogIngest, WindowSet]:
+def _reader(log: ObjectPredictionLog, store: Stores) -> tuple[LogIngest, WindowSet]:
     metrics = MonitoringMetrics(CollectorRegistry())
     windows = WindowSet(100_000)
-    observer = MonitoringObserver(store, windows, metrics, lambda m, v: VersionInfo("multiclass", 3))
+    observer = MonitoringObserver(
+        store.predictions, windows, metrics, lambda m, v: VersionInfo("multiclass", 3)
+    )
     return LogIngest(log, observer, metrics), windows
 
 
-def _stored_ids(store: SqlPredictionStore) -> list[str]:
-    return store.transaction(
+def _stored_ids(store: Stores) -> list[str]:
+    return store.engine.transaction(
         lambda conn: [str(r) for (r,) in conn.exec_driver_sql("SELECT request_id FROM predictions")],
         write=False,
     )
@@ -106,32 +107,32 @@ def test_keys_sort_by_time_and_name_the_writer() -> None:
 
 
 def test_segments_are_read_once_in_order_and_the_cursor_survives_a_restart(
-    log_url: str, store: SqlPredictionStore
+    log_url: str, store: Stores
 ) -> None:
     writer = ObjectPredictionLog(log_url)
     for n in range(3):
         writer.append(_segment(f"s{n}-", 2), rows=2)
-    log = ObjectPredictionLog(log_url, store=store)
+    log = ObjectPredictionLog(log_url, store=store.engine)
     assert log.cursor() == ObjectCursor() and log.last().key.endswith(f"-000003{SUFFIX}")
     first = log.read(log.cursor(), limit=2)
     assert [p.key.rsplit("-", 1)[1] for p, _ in first] == [f"000001{SUFFIX}", f"000002{SUFFIX}"]
     log.advance(first[-1][0])
     # A new process (a restarted control plane) continues from the persisted keys.
-    again = ObjectPredictionLog(log_url, store=store)
+    again = ObjectPredictionLog(log_url, store=store.engine)
     rest = again.read(again.cursor())
     assert len(rest) == 1 and rest[0][0].key.endswith(f"-000003{SUFFIX}")
     assert again.reached(rest[0][0], again.last()) and not again.reached(first[-1][0], again.last())
 
-    ingest, windows = _reader(ObjectPredictionLog(log_url, store=store), store)
+    ingest, windows = _reader(ObjectPredictionLog(log_url, store=store.engine), store)
     assert ingest.catch_up(timeout=10)
     assert sorted(_stored_ids(store)) == ["s2-0", "s2-1"]  # s0 and s1 were read before
     assert ingest.stored == 2 and len(windows.get("digits", 1).snapshot()[0]) == 2
-    restarted, _ = _reader(ObjectPredictionLog(log_url, store=store), store)
+    restarted, _ = _reader(ObjectPredictionLog(log_url, store=store.engine), store)
     assert restarted.catch_up(timeout=10) and restarted.stored == 0
 
 
 def test_a_half_written_object_is_never_read_and_an_undecodable_one_is_skipped(
-    tmp_path: Path, store: SqlPredictionStore
+    tmp_path: Path, store: Stores
 ) -> None:
     root = tmp_path / "log"
     writer = ObjectPredictionLog(f"file://{root}")
@@ -142,13 +143,13 @@ def test_a_half_written_object_is_never_read_and_an_undecodable_one_is_skipped(
     (folder / f"{stamp}-other-1-x-000002{SUFFIX}").write_bytes(b"garbage")
     (folder / f"notes-{stamp}{SUFFIX}").write_bytes(b"not a segment name")
     writer.append(_segment("b", 1), rows=1)
-    ingest, _ = _reader(ObjectPredictionLog(f"file://{root}", store=store), store)
+    ingest, _ = _reader(ObjectPredictionLog(f"file://{root}", store=store.engine), store)
     assert ingest.catch_up(timeout=10)
     assert sorted(_stored_ids(store)) == ["a0", "a1", "b0"] and ingest.skipped == 1
 
 
-def test_read_hours_past_their_retention_are_deleted(log_url: str, store: SqlPredictionStore) -> None:
-    log = ObjectPredictionLog(log_url, store=store, retention_s=3600.0)
+def test_read_hours_past_their_retention_are_deleted(log_url: str, store: Stores) -> None:
+    log = ObjectPredictionLog(log_url, store=store.engine, retention_s=3600.0)
     old = time.time() - 3 * 3600
     log._put(f"{time_key(old)}-old-1-x-000001{SUFFIX}", _segment("old", 1))
     log.append(_segment("new", 1), rows=1)
@@ -160,9 +161,9 @@ def test_read_hours_past_their_retention_are_deleted(log_url: str, store: SqlPre
     assert [len(list(log.segments_since(0)))] == [1]
 
 
-def test_a_late_object_is_read_within_the_grace_window(log_url: str, store: SqlPredictionStore) -> None:
+def test_a_late_object_is_read_within_the_grace_window(log_url: str, store: Stores) -> None:
     now = time.time()
-    log = ObjectPredictionLog(log_url, store=store, grace_s=60.0)
+    log = ObjectPredictionLog(log_url, store=store.engine, grace_s=60.0)
     early, late = _segment("early", 1), _segment("late", 1)
     log.append(_segment("new", 1), rows=1)
     ingest, _ = _reader(log, store)
@@ -175,15 +176,13 @@ def test_a_late_object_is_read_within_the_grace_window(log_url: str, store: SqlP
     assert sorted(_stored_ids(store)) == ["early0", "new0"]  # past the grace window: not read
 
 
-def test_two_writers_and_one_reader_lose_nothing_and_count_nothing_twice(
-    log_url: str, store: SqlPredictionStore
-) -> None:
+def test_two_writers_and_one_reader_lose_nothing_and_count_nothing_twice(log_url: str, store: Stores) -> None:
     per_writer = 400
     loggers = [
         PredictionLogger(ObjectPredictionLog(log_url), columns=lambda m, v: COLUMNS, flush_interval_s=0.02)
         for _ in range(2)
     ]
-    ingest, windows = _reader(ObjectPredictionLog(log_url, store=store), store)
+    ingest, windows = _reader(ObjectPredictionLog(log_url, store=store.engine), store)
     for logger in loggers:
         logger.start()
     ingest.interval_s = 0.01
@@ -245,7 +244,7 @@ def test_the_logger_gathers_seconds_of_traffic_per_object_and_flush_ends_one(tmp
 
 
 def test_an_unreachable_bucket_buffers_to_a_bound_drops_counted_and_resumes(
-    s3: S3Server, store: SqlPredictionStore, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+    s3: S3Server, store: Stores, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     for name, value in s3.env().items():
         monkeypatch.setenv(name, value)
@@ -276,18 +275,18 @@ def test_an_unreachable_bucket_buffers_to_a_bound_drops_counted_and_resumes(
         assert logger.flush(timeout=30)  # the bucket is back: what was kept is written
     finally:
         logger.stop()
-    ingest, _ = _reader(ObjectPredictionLog(url, store=store), store)
+    ingest, _ = _reader(ObjectPredictionLog(url, store=store.engine), store)
     assert ingest.catch_up(timeout=10)
     ids = _stored_ids(store)
     assert "after" in ids and len(ids) + logger.dropped == 6
 
 
 def test_a_reader_of_an_unreachable_bucket_raises_store_unavailable(
-    s3: S3Server, store: SqlPredictionStore, monkeypatch: pytest.MonkeyPatch
+    s3: S3Server, store: Stores, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     for name, value in s3.env(AWS_SECRET_ACCESS_KEY="wrong").items():
         monkeypatch.setenv(name, value)
-    log = ObjectPredictionLog(f"s3://{BUCKET}/refused", store=store)
+    log = ObjectPredictionLog(f"s3://{BUCKET}/refused", store=store.engine)
     with pytest.raises(StoreUnavailable, match="cannot list"):
         log.read(log.cursor())
     ingest, _ = _reader(log, store)

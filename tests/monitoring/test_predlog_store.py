@@ -16,19 +16,19 @@ from modelloop.monitoring.ingest import LogIngest
 from modelloop.monitoring.metrics import MonitoringMetrics
 from modelloop.monitoring.observer import MonitoringObserver, VersionInfo
 from modelloop.monitoring.predlog_store import SqlPredictionLog, export_parquet
-from modelloop.monitoring.store import FeedbackItem, SqlPredictionStore, open_store
+from modelloop.monitoring.stores import Stores, open_stores
+from modelloop.monitoring.stores.records import FeedbackItem
 from modelloop.monitoring.window import WindowSet
 from modelloop.serving.predlog import LogColumns, encode_batch, encode_segment
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
-def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[SqlPredictionStore]:
+def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Stores]:
     if request.param == "sqlite":
         url = f"sqlite:///{tmp_path / 'state' / 'modelloop.db'}"
     else:
         url = request.getfixturevalue("postgres_url")
-    s = open_store(url)
-    assert isinstance(s, SqlPredictionStore)
+    s = open_stores(url)
     try:
         yield s
     finally:
@@ -53,16 +53,18 @@ def _segment(prefix: str, n: int, *, model: str = "digits", t: float | None = No
     return encode_segment([batch])
 
 
-def _reader(store: SqlPredictionStore, registry: CollectorRegistry) -> tuple[LogIngest, WindowSet]:
+def _reader(store: Stores, registry: CollectorRegistry) -> tuple[LogIngest, WindowSet]:
     metrics = MonitoringMetrics(registry)
     windows = WindowSet(1000)
-    observer = MonitoringObserver(store, windows, metrics, lambda m, v: VersionInfo("multiclass", 3))
-    log = SqlPredictionLog(store, settle_s=0.0)
+    observer = MonitoringObserver(
+        store.predictions, windows, metrics, lambda m, v: VersionInfo("multiclass", 3)
+    )
+    log = SqlPredictionLog(store.engine, settle_s=0.0)
     return LogIngest(log, observer, metrics), windows
 
 
-def test_segments_are_read_in_order_from_the_cursor(store: SqlPredictionStore) -> None:
-    log = SqlPredictionLog(store, settle_s=0.0)
+def test_segments_are_read_in_order_from_the_cursor(store: Stores) -> None:
+    log = SqlPredictionLog(store.engine, settle_s=0.0)
     for n in range(3):
         log.append(_segment(f"s{n}-", 2), rows=2)
     assert log.cursor() == 0 and log.last() == 3
@@ -76,9 +78,9 @@ def test_segments_are_read_in_order_from_the_cursor(store: SqlPredictionStore) -
 
 
 def test_the_reader_stores_once_across_a_restart_and_skips_what_it_cannot_decode(
-    store: SqlPredictionStore,
+    store: Stores,
 ) -> None:
-    log = SqlPredictionLog(store, settle_s=0.0)
+    log = SqlPredictionLog(store.engine, settle_s=0.0)
     log.append(_segment("a", 5), rows=5)
     log.append(b"written by another version", rows=1)
     log.append(_segment("b", 3), rows=3)
@@ -90,7 +92,9 @@ def test_the_reader_stores_once_across_a_restart_and_skips_what_it_cannot_decode
     rows, predicted = windows.get("digits", 1).snapshot()
     assert len(rows) == 8 and sorted(predicted.tolist()) == sorted([i % 3 for i in range(5)] + [0, 1, 2])
     # Labels join what the reader stored.
-    assert store.add_feedback("digits", [FeedbackItem("a4", [1]), FeedbackItem("b0", [0])]).accepted == [
+    assert store.feedback.add_feedback(
+        "digits", [FeedbackItem("a4", [1]), FeedbackItem("b0", [0])]
+    ).accepted == [
         "a4",
         "b0",
     ]
@@ -100,20 +104,18 @@ def test_the_reader_stores_once_across_a_restart_and_skips_what_it_cannot_decode
     assert again.catch_up(timeout=10)
     assert again.stored == 2 and len(windows2.get("digits", 1).snapshot()[0]) == 2
     # ...and one that re-reads from the start stores nothing twice.
-    store.transaction(lambda conn: conn.exec_driver_sql("UPDATE log_cursors SET seq = 0"), write=True)
+    store.engine.transaction(lambda conn: conn.exec_driver_sql("UPDATE log_cursors SET seq = 0"), write=True)
     replay, _ = _reader(store, CollectorRegistry())
     assert replay.catch_up(timeout=10)
-    count = store.transaction(
+    count = store.engine.transaction(
         lambda conn: conn.exec_driver_sql("SELECT COUNT(*) FROM predictions").scalar_one(), write=False
     )
     assert count == 10
-    assert store.add_feedback("digits", [FeedbackItem("a4", [2])]).duplicate == ["a4"]
+    assert store.feedback.add_feedback("digits", [FeedbackItem("a4", [2])]).duplicate == ["a4"]
 
 
-def test_export_writes_parquet_one_row_per_logged_prediction(
-    store: SqlPredictionStore, tmp_path: Path
-) -> None:
-    log = SqlPredictionLog(store, settle_s=0.0)
+def test_export_writes_parquet_one_row_per_logged_prediction(store: Stores, tmp_path: Path) -> None:
+    log = SqlPredictionLog(store.engine, settle_s=0.0)
     log.append(_segment("old", 2, t=1000.0), rows=2)
     log.append(_segment("new", 3), rows=3)
     log.append(_segment("x", 4, model="other"), rows=4)
@@ -127,8 +129,8 @@ def test_export_writes_parquet_one_row_per_logged_prediction(
     assert export_parquet(log, "nope", 0, out) == 0 and pq.read_table(out).num_rows == 0
 
 
-def test_read_segments_are_pruned_by_age_and_count_unread_ones_never(store: SqlPredictionStore) -> None:
-    log = SqlPredictionLog(store, settle_s=0.0, retention_s=3600.0, max_segments=2)
+def test_read_segments_are_pruned_by_age_and_count_unread_ones_never(store: Stores) -> None:
+    log = SqlPredictionLog(store.engine, settle_s=0.0, retention_s=3600.0, max_segments=2)
     for n in range(5):
         log.append(_segment(f"p{n}-", 1), rows=1)
     # Nothing read yet: nothing goes, however many there are.
@@ -141,13 +143,15 @@ def test_read_segments_are_pruned_by_age_and_count_unread_ones_never(store: SqlP
     assert [seq for seq, _ in log.read(0)] == [5]
 
 
-def test_a_control_plane_counts_the_logged_traffic_for_its_history(store: SqlPredictionStore) -> None:
+def test_a_control_plane_counts_the_logged_traffic_for_its_history(store: Stores) -> None:
     from modelloop.monitoring.history import LoggedTraffic, TrafficMeter
 
     traffic = LoggedTraffic()
     metrics = MonitoringMetrics(CollectorRegistry())
-    observer = MonitoringObserver(store, WindowSet(100), metrics, lambda m, v: VersionInfo("multiclass", 3))
-    log = SqlPredictionLog(store, settle_s=0.0)
+    observer = MonitoringObserver(
+        store.predictions, WindowSet(100), metrics, lambda m, v: VersionInfo("multiclass", 3)
+    )
+    log = SqlPredictionLog(store.engine, settle_s=0.0)
     ingest = LogIngest(log, observer, metrics, traffic=traffic)
     meter = TrafficMeter(traffic.registry, errors=False)
     assert meter.measure(now=0.0) == {}
@@ -161,7 +165,7 @@ def test_a_control_plane_counts_the_logged_traffic_for_its_history(store: SqlPre
 
 
 def test_a_control_plane_counts_its_retrain_runs_where_the_page_reads_them(tmp_path: Path) -> None:
-    from modelloop.monitoring.service import MonitoringService
+    from modelloop.control.service import MonitoringService
     from modelloop.monitoring.settings import MonitoringSettings
     from modelloop.serving.types import ModelState, VersionStatus
 
@@ -191,4 +195,4 @@ def test_a_control_plane_counts_its_retrain_runs_where_the_page_reads_them(tmp_p
         service.metrics.retrain_runs.labels(model="digits", outcome="blessed").inc()
         assert service.retrain_runs("digits") == {"blessed": 1, "rejected": 0, "failed": 0}
     finally:
-        service.store.close()
+        service.stores.close()

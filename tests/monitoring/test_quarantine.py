@@ -7,7 +7,7 @@ import pytest
 
 from modelloop.monitoring.quarantine import Champion, assess_sources, wilson_lower
 from modelloop.monitoring.settings import QuarantineSettings, resolve_quarantine
-from modelloop.monitoring.store import SourceStat
+from modelloop.monitoring.stores.records import SourceStat
 
 # A digits champion: 2.2 % test error, a flat prediction mix.
 CHAMPION = Champion(1, error=0.022, prediction_proportions=np.full(10, 0.1), labels=tuple("0123456789"))

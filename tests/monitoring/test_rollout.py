@@ -8,9 +8,8 @@ from typing import Any
 import pytest
 from prometheus_client import CollectorRegistry
 
-from modelloop.errors import ErrorCode, ServiceError
-from modelloop.monitoring.rollout import (
-    RolloutController,
+from modelloop.control.rollout.controller import RolloutController
+from modelloop.control.rollout.guardrails import (
     VersionEvidence,
     difference_bounds,
     judge,
@@ -18,8 +17,10 @@ from modelloop.monitoring.rollout import (
     latency_quantile,
     wilson_interval,
 )
-from modelloop.monitoring.rollout_http import RolloutSection
-from modelloop.monitoring.store import PredictionRecord, open_store
+from modelloop.control.rollout.http import RolloutSection
+from modelloop.errors import ErrorCode, ServiceError
+from modelloop.monitoring.stores import open_stores
+from modelloop.monitoring.stores.records import PredictionRecord
 from modelloop.serving.types import ModelState, RolloutPolicy, VersionStatus
 
 POLICY = RolloutPolicy(
@@ -153,7 +154,7 @@ def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
 def test_two_workers_share_one_state(store_url: str) -> None:
     """Two workers on one SQLite file, or two replicas on one PostgreSQL database."""
     url = store_url
-    stores = [open_store(url), open_store(url)]
+    stores = [open_stores(url), open_stores(url)]
     catalog = Catalog()
     a, b = controller(stores[0], catalog), controller(stores[1], catalog)
     try:
@@ -178,12 +179,12 @@ def test_two_workers_share_one_state(store_url: str) -> None:
         a.refresh()
         assert a.assignment("digits").retired == frozenset({2})
         # A restarted worker reads the same state back.
-        c = controller(open_store(url), catalog)
+        c = controller(open_stores(url), catalog)
         c.refresh()
         assert (
             c.assignment("digits").retired == frozenset({2}) and c.assignment("digits").state == "rolled_back"
         )
-        c.store.close()
+        c.stores.close()
     finally:
         for store in stores:
             store.close()
@@ -192,7 +193,7 @@ def test_two_workers_share_one_state(store_url: str) -> None:
 def test_servers_count_and_route_while_one_judge_decides(store_url: str) -> None:
     """Two servers of a control plane (``judging=False``) and the control plane's judge."""
     catalog = Catalog()
-    stores = [open_store(store_url) for _ in range(3)]
+    stores = [open_stores(store_url) for _ in range(3)]
     servers = [
         RolloutController(s, catalog, POLICY, CollectorRegistry(), lambda m, v: "multiclass", judging=False)
         for s in stores[:2]
@@ -202,7 +203,7 @@ def test_servers_count_and_route_while_one_judge_decides(store_url: str) -> None
         for server in servers:
             server.tick(now=100.0)
         # A server starts nothing on its own.
-        assert servers[0].assignment("digits") is None and stores[0].rollouts() == {}
+        assert servers[0].assignment("digits") is None and stores[0].rollouts.rollouts() == {}
         judge_.tick(now=100.0)
         for server in servers:
             server.refresh()
@@ -225,7 +226,7 @@ def test_servers_count_and_route_while_one_judge_decides(store_url: str) -> None
 
 
 def test_invalid_config_is_refused_and_reported(tmp_path: Path) -> None:
-    store = open_store(f"sqlite:///{tmp_path / 'state.db'}")
+    store = open_stores(f"sqlite:///{tmp_path / 'state.db'}")
     catalog = Catalog()
     worker = controller(store, catalog)
     try:
@@ -247,7 +248,7 @@ def test_invalid_config_is_refused_and_reported(tmp_path: Path) -> None:
 
 
 def test_the_status_page_lists_rollouts_escaped(tmp_path: Path) -> None:
-    store = open_store(f"sqlite:///{tmp_path / 'state.db'}")
+    store = open_stores(f"sqlite:///{tmp_path / 'state.db'}")
     catalog = Catalog()
     worker = controller(store, catalog)
     try:
@@ -262,7 +263,7 @@ def test_the_status_page_lists_rollouts_escaped(tmp_path: Path) -> None:
 
 
 def test_prediction_drift_between_the_versions(tmp_path: Path) -> None:
-    store = open_store(f"sqlite:///{tmp_path / 'state.db'}")
+    store = open_stores(f"sqlite:///{tmp_path / 'state.db'}")
     worker = controller(store, Catalog())
     try:
         worker.tick(now=100.0)
@@ -273,7 +274,7 @@ def test_prediction_drift_between_the_versions(tmp_path: Path) -> None:
             PredictionRecord(f"b{i}", "digits", 2, 200.0, [[0.0]], [[0.1] * 10], [3], classes=10)
             for i in range(50)
         ]
-        store.record(records)
+        store.predictions.record(records)
         worker.tick(now=101.0)
         drift = worker.status("digits")["guardrails"]["2"]["prediction_drift"]
         assert drift is not None and drift > 1.0  # one class against ten

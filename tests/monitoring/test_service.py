@@ -11,11 +11,14 @@ import numpy as np
 import pytest
 from prometheus_client import CollectorRegistry
 
+from modelloop.control.service import MonitoringService
 from modelloop.monitoring.metrics import MonitoringMetrics
 from modelloop.monitoring.observer import MonitoringObserver, VersionInfo, predicted_values
-from modelloop.monitoring.service import EvaluationReport, MonitoringService
+from modelloop.monitoring.report import EvaluationReport
 from modelloop.monitoring.settings import MonitoringSettings, resolve_model_settings
-from modelloop.monitoring.store import FeedbackItem, PredictionRecord, StoreUnavailable, open_store
+from modelloop.monitoring.stores import open_stores
+from modelloop.monitoring.stores.engine import StoreUnavailable
+from modelloop.monitoring.stores.records import FeedbackItem, PredictionRecord
 from modelloop.monitoring.window import WindowSet
 from modelloop.serving.settings import ModelConfig
 from modelloop.serving.types import InferRequest, InferResponse, ModelState, Protocol
@@ -129,9 +132,12 @@ def test_a_batch_is_converted_per_version_and_logs_what_each_request_sent():
 
 
 def test_wide_multi_row_requests_round_trip_through_the_store(tmp_path: Path):
-    store = open_store(f"sqlite:///{tmp_path / 'log.db'}")
+    store = open_stores(f"sqlite:///{tmp_path / 'log.db'}")
     observer = MonitoringObserver(
-        store, WindowSet(100), MonitoringMetrics(CollectorRegistry()), lambda m, v: VersionInfo(classes=10)
+        store.predictions,
+        WindowSet(100),
+        MonitoringMetrics(CollectorRegistry()),
+        lambda m, v: VersionInfo(classes=10),
     )
     rows = np.arange(3 * 70, dtype=np.float32).reshape(3, 70)
     observer.start()
@@ -139,8 +145,8 @@ def test_wide_multi_row_requests_round_trip_through_the_store(tmp_path: Path):
         observer.observe(*pair(np.zeros((1, 70)), "first"))
         observer.observe(*pair(rows, "wide", classes=np.array([1, 2, 3])))
         assert observer.flush(5)
-        assert store.add_feedback("digits", [FeedbackItem("wide", [1, 2, 3])]).accepted == ["wide"]
-        inputs, targets = store.feedback_dataset("digits")
+        assert store.feedback.add_feedback("digits", [FeedbackItem("wide", [1, 2, 3])]).accepted == ["wide"]
+        inputs, targets = store.feedback.feedback_dataset("digits")
     finally:
         observer.stop()
         store.close()
@@ -173,7 +179,7 @@ def setup(
         yield service, catalog, registry
     finally:
         service.observer.stop()
-        service.store.close()
+        service.stores.close()
 
 
 def _send(
@@ -290,13 +296,13 @@ def test_regressors_export_mae(tmp_path: Path, digits_data: DigitsData):
     repo = tmp_path / "repo"
     write_version(repo, "diabetes", 1, None, task="regression")
     registry = CollectorRegistry()
-    store = open_store(f"sqlite:///{tmp_path / 'm.db'}")
+    store = open_stores(f"sqlite:///{tmp_path / 'm.db'}")
     service = MonitoringService(
         MonitoringSettings(min_labels=2),
         repo=repo,
         catalog=FakeCatalog({"diabetes": {1: ModelState.AVAILABLE}}),
         registry=registry,
-        store=store,
+        stores=store,
     )
     service.observer.start()
     try:
@@ -343,5 +349,5 @@ async def test_the_loop_runs_and_stops(tmp_path: Path, digits_data: DigitsData):
         await service.stop()
     # stop() wrote the queue and closed the store.
     with pytest.raises(StoreUnavailable):
-        service.store.count_labels("digits", 1)
+        service.stores.feedback.count_labels("digits", 1)
     assert wait_until(lambda: service.observer.pending == 0, 1)

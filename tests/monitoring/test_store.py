@@ -16,18 +16,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from modelloop.monitoring.store import (
-    FeedbackItem,
-    FeedbackResult,
-    PostgresPredictionStore,
-    PredictionRecord,
-    PredictionStore,
-    SQLitePredictionStore,
-    StoreUnavailable,
-    _switch_to_wal,
-    check_targets,
-    open_store,
-)
+from modelloop.monitoring.stores import Stores, open_stores
+from modelloop.monitoring.stores.engine import PostgresEngine, StoreUnavailable, _switch_to_wal
+from modelloop.monitoring.stores.feedback import check_targets
+from modelloop.monitoring.stores.records import FeedbackItem, FeedbackResult, PredictionRecord
 
 
 def rec(rid: str, rows: int = 1, version: int = 1, task: str = "multiclass", created: float | None = None):
@@ -55,17 +47,17 @@ def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
 
 
 @pytest.fixture
-def store(store_url: str) -> Iterator[PredictionStore]:
-    s = open_store(store_url)
+def store(store_url: str) -> Iterator[Stores]:
+    s = open_stores(store_url)
     try:
         yield s
     finally:
         s.close()
 
 
-def test_feedback_joins_by_request_id(store: PredictionStore):
-    store.record([rec("a", rows=3), rec("b"), rec("c", rows=2, version=2)])
-    result = store.add_feedback(
+def test_feedback_joins_by_request_id(store: Stores):
+    store.predictions.record([rec("a", rows=3), rec("b"), rec("c", rows=2, version=2)])
+    result = store.feedback.add_feedback(
         "digits",
         [
             FeedbackItem("a", [0, 1, 5]),
@@ -77,31 +69,33 @@ def test_feedback_joins_by_request_id(store: PredictionStore):
     assert result.accepted == ["a", "b", "c"]
     assert result.unknown == ["x"] and result.duplicate == [] and result.invalid == {}
     assert result.labels == {1: 4, 2: 2}
-    assert store.count_labels("digits", 1) == 4 and store.count_labels("digits", 2) == 2
-    rows = store.recent_labelled("digits", 1, 10)
+    assert store.feedback.count_labels("digits", 1) == 4 and store.feedback.count_labels("digits", 2) == 2
+    rows = store.feedback.recent_labelled("digits", 1, 10)
     assert sorted((r.predicted, r.target) for r in rows) == [(0, 0), (0, 0), (1, 1), (2, 5)]
-    assert len(store.recent_labelled("digits", 1, 2)) == 2
+    assert len(store.feedback.recent_labelled("digits", 1, 2)) == 2
     # Feedback for another model never sees these predictions.
-    assert store.add_feedback("other", [FeedbackItem("a", [0, 1, 5])]).unknown == ["a"]
+    assert store.feedback.add_feedback("other", [FeedbackItem("a", [0, 1, 5])]).unknown == ["a"]
 
 
-def test_every_source_keeps_its_own_label_and_the_first_trusted_one_counts(store: PredictionStore):
-    store.record([rec("a"), rec("b")])
+def test_every_source_keeps_its_own_label_and_the_first_trusted_one_counts(store: Stores):
+    store.predictions.record([rec("a"), rec("b")])
     # mallory labels first; alice's labels of the same predictions are still stored.
-    assert store.add_feedback(
+    assert store.feedback.add_feedback(
         "digits", [FeedbackItem("a", [8]), FeedbackItem("b", [8])], source="mallory"
     ).accepted
-    later = store.add_feedback("digits", [FeedbackItem("a", [0]), FeedbackItem("b", [1])], source="alice")
+    later = store.feedback.add_feedback(
+        "digits", [FeedbackItem("a", [0]), FeedbackItem("b", [1])], source="alice"
+    )
     assert later.accepted == ["a", "b"] and later.duplicate == []
-    again = store.add_feedback("digits", [FeedbackItem("a", [5])], source="alice")
+    again = store.feedback.add_feedback("digits", [FeedbackItem("a", [5])], source="alice")
     assert again.accepted == [] and again.duplicate == ["a"]
-    assert set(store.label_sources("digits")) == {"mallory", "alice"}
+    assert set(store.feedback.label_sources("digits")) == {"mallory", "alice"}
     # Accuracy: one label per prediction, the first from a source that is not excluded.
-    assert sorted(r.target for r in store.recent_labelled("digits", 1, 10)) == [8, 8]
-    trusted = store.recent_labelled("digits", 1, 10, exclude_sources={"mallory"})
+    assert sorted(r.target for r in store.feedback.recent_labelled("digits", 1, 10)) == [8, 8]
+    trusted = store.feedback.recent_labelled("digits", 1, 10, exclude_sources={"mallory"})
     assert sorted(r.target for r in trusted) == [0, 1]
     # Training sees every label with its source and one key per labelled row.
-    _, y, sources, keys = store.feedback_rows("digits")
+    _, y, sources, keys = store.feedback.feedback_rows("digits")
     assert sorted(zip(sources.tolist(), y.tolist(), strict=True)) == [
         ("alice", 0),
         ("alice", 1),
@@ -111,7 +105,7 @@ def test_every_source_keeps_its_own_label_and_the_first_trusted_one_counts(store
     assert sorted(set(keys.tolist())) == ["a/0", "b/0"]
 
 
-def test_a_reused_request_id_is_logged_twice_and_its_labels_refused(store: PredictionStore):
+def test_a_reused_request_id_is_logged_twice_and_its_labels_refused(store: Stores):
     first = PredictionRecord(
         "order-18", "digits", 1, time.time(), [[16.0] * 2], [[0.1] * 10], [0], input_hash="aa" * 16
     )
@@ -124,16 +118,16 @@ def test_a_reused_request_id_is_logged_twice_and_its_labels_refused(store: Predi
     fine = PredictionRecord(
         "order-19", "digits", 1, time.time(), [[3.0] * 2], [[0.1] * 10], [3], input_hash="cc" * 16
     )
-    store.record([first, fine])
-    store.record([retry])  # a retry with the same input stays one prediction
-    ok = store.add_feedback("digits", [FeedbackItem("order-19", [3])])
+    store.predictions.record([first, fine])
+    store.predictions.record([retry])  # a retry with the same input stays one prediction
+    ok = store.feedback.add_feedback("digits", [FeedbackItem("order-19", [3])])
     assert ok.accepted == ["order-19"]
-    store.record([other])  # the same id with another input: both logged, the id is ambiguous
-    result = store.add_feedback("digits", [FeedbackItem("order-18", [2])])
+    store.predictions.record([other])  # the same id with another input: both logged, the id is ambiguous
+    result = store.feedback.add_feedback("digits", [FeedbackItem("order-18", [2])])
     assert result.accepted == [] and "different inputs" in result.ambiguous["order-18"]
     assert result.rows == {("1", "ambiguous"): 1}
     # The later request was logged under a key of its own, and nothing joins to it either.
-    _, y, _, keys = store.feedback_rows("digits")
+    _, y, _, keys = store.feedback.feedback_rows("digits")
     assert keys.tolist() == ["order-19/0"] and y.tolist() == [3]
     # In one batch too: the first and the second are told apart.
     a = PredictionRecord(
@@ -142,21 +136,21 @@ def test_a_reused_request_id_is_logged_twice_and_its_labels_refused(store: Predi
     b = PredictionRecord(
         "dup", "digits", 1, time.time(), [[9.0] * 2], [[0.1] * 10], [9], input_hash="ee" * 16
     )
-    store.record([a, b])
-    assert store.add_feedback("digits", [FeedbackItem("dup", [1])]).ambiguous
+    store.predictions.record([a, b])
+    assert store.feedback.add_feedback("digits", [FeedbackItem("dup", [1])]).ambiguous
 
 
-def test_a_duplicate_label_never_overwrites_the_first(store: PredictionStore):
-    store.record([rec("a")])
-    assert store.add_feedback("digits", [FeedbackItem("a", [3])]).accepted == ["a"]
-    again = store.add_feedback("digits", [FeedbackItem("a", [7]), FeedbackItem("a", [8])])
+def test_a_duplicate_label_never_overwrites_the_first(store: Stores):
+    store.predictions.record([rec("a")])
+    assert store.feedback.add_feedback("digits", [FeedbackItem("a", [3])]).accepted == ["a"]
+    again = store.feedback.add_feedback("digits", [FeedbackItem("a", [7]), FeedbackItem("a", [8])])
     assert again.accepted == [] and again.duplicate == ["a", "a"]
-    assert [r.target for r in store.recent_labelled("digits", 1, 5)] == [3]
+    assert [r.target for r in store.feedback.recent_labelled("digits", 1, 5)] == [3]
     # Within one batch the first is accepted, the second is a duplicate.
-    store.record([rec("b")])
-    batch = store.add_feedback("digits", [FeedbackItem("b", [1]), FeedbackItem("b", [2])])
+    store.predictions.record([rec("b")])
+    batch = store.feedback.add_feedback("digits", [FeedbackItem("b", [1]), FeedbackItem("b", [2])])
     assert batch.accepted == ["b"] and batch.duplicate == ["b"]
-    assert store.count_labels("digits", 1) == 2
+    assert store.feedback.count_labels("digits", 1) == 2
 
 
 @pytest.mark.parametrize(
@@ -173,14 +167,14 @@ def test_a_duplicate_label_never_overwrites_the_first(store: PredictionStore):
         ([1, [2], 3], "target 1 is list"),
     ],
 )
-def test_invalid_targets_are_refused_and_change_nothing(store: PredictionStore, targets, problem):
-    store.record([rec("a", rows=3), rec("ok")])
-    result = store.add_feedback("digits", [FeedbackItem("a", targets), FeedbackItem("ok", [4])])
+def test_invalid_targets_are_refused_and_change_nothing(store: Stores, targets, problem):
+    store.predictions.record([rec("a", rows=3), rec("ok")])
+    result = store.feedback.add_feedback("digits", [FeedbackItem("a", targets), FeedbackItem("ok", [4])])
     assert result.accepted == ["ok"]
     assert problem in result.invalid["a"]
-    assert store.count_labels("digits", 1) == 1
+    assert store.feedback.count_labels("digits", 1) == 1
     # The id can still be labelled correctly afterwards.
-    assert store.add_feedback("digits", [FeedbackItem("a", [1, 2, 3.0])]).accepted == ["a"]
+    assert store.feedback.add_feedback("digits", [FeedbackItem("a", [1, 2, 3.0])]).accepted == ["a"]
 
 
 def test_check_targets_per_task():
@@ -192,72 +186,72 @@ def test_check_targets_per_task():
     assert check_targets([3.0], 1, "multiclass", 10) == ([3], "")
 
 
-def test_regression_labels_and_dataset(store: PredictionStore):
-    store.record([rec("r1", rows=2, task="regression"), rec("r2", task="regression")])
-    assert store.add_feedback(
+def test_regression_labels_and_dataset(store: Stores):
+    store.predictions.record([rec("r1", rows=2, task="regression"), rec("r2", task="regression")])
+    assert store.feedback.add_feedback(
         "digits", [FeedbackItem("r1", [1.0, 2.5]), FeedbackItem("r2", [-3])]
     ).accepted == [
         "r1",
         "r2",
     ]
-    x, y = store.feedback_dataset("digits")
+    x, y = store.feedback.feedback_dataset("digits")
     assert x.shape == (3, 2) and x.dtype == np.float32
     assert y.dtype == np.float32 and sorted(y.tolist()) == [-3.0, 1.0, 2.5]
 
 
-def test_feedback_dataset_for_retraining(store: PredictionStore):
-    x, y = store.feedback_dataset("digits")
+def test_feedback_dataset_for_retraining(store: Stores):
+    x, y = store.feedback.feedback_dataset("digits")
     assert x.shape == (0, 0) and y.shape == (0,)
-    store.record([rec("a", rows=2), rec("b"), rec("unlabelled")])
-    store.add_feedback("digits", [FeedbackItem("a", [4, 5])])
-    store.add_feedback("digits", [FeedbackItem("b", [6])])
-    x, y = store.feedback_dataset("digits")
+    store.predictions.record([rec("a", rows=2), rec("b"), rec("unlabelled")])
+    store.feedback.add_feedback("digits", [FeedbackItem("a", [4, 5])])
+    store.feedback.add_feedback("digits", [FeedbackItem("b", [6])])
+    x, y = store.feedback.feedback_dataset("digits")
     assert x.tolist() == [[0.0, 1.0], [1.0, 2.0], [0.0, 1.0]]
     assert y.tolist() == [4, 5, 6] and y.dtype == np.int64
 
 
-def test_a_repeated_request_id_keeps_the_first_prediction(store: PredictionStore):
+def test_a_repeated_request_id_keeps_the_first_prediction(store: Stores):
     first = rec("a", rows=1)
     second = PredictionRecord("a", "digits", 2, time.time(), [[9.0, 9.0]], [[0.0] * 10], [9, 9], classes=10)
-    store.record([first])
-    store.record([second])
-    result = store.add_feedback("digits", [FeedbackItem("a", [0])])
+    store.predictions.record([first])
+    store.predictions.record([second])
+    result = store.feedback.add_feedback("digits", [FeedbackItem("a", [0])])
     assert result.accepted == ["a"] and result.labels == {1: 1}
 
 
 def test_retention_by_age_and_rows(store_url: str):
-    store = open_store(store_url, retention_rows=3, retention_days=1)
+    store = open_stores(store_url, retention_rows=3, retention_days=1)
     try:
         now = time.time()
-        store.record(
+        store.predictions.record(
             [rec("old", created=now - 2 * 86400)] + [rec(f"r{i}", created=now - 100 + i) for i in range(5)]
         )
-        store.add_feedback(
+        store.feedback.add_feedback(
             "digits", [FeedbackItem("old", [0]), FeedbackItem("r0", [0]), FeedbackItem("r4", [0])]
         )
-        assert store.prune(now) == 3  # "old" by age, r0 and r1 by rows
-        assert store.count_labels("digits", 1) == 1  # the labels of pruned predictions go too
-        assert store.add_feedback("digits", [FeedbackItem("r1", [0])]).unknown == ["r1"]
-        assert store.add_feedback("digits", [FeedbackItem("r2", [0])]).accepted == ["r2"]
-        assert store.prune(now) == 0
+        assert store.predictions.prune(now) == 3  # "old" by age, r0 and r1 by rows
+        assert store.feedback.count_labels("digits", 1) == 1  # the labels of pruned predictions go too
+        assert store.feedback.add_feedback("digits", [FeedbackItem("r1", [0])]).unknown == ["r1"]
+        assert store.feedback.add_feedback("digits", [FeedbackItem("r2", [0])]).accepted == ["r2"]
+        assert store.predictions.prune(now) == 0
     finally:
         store.close()
 
 
-def test_closed_store_is_unavailable(store: PredictionStore):
+def test_closed_store_is_unavailable(store: Stores):
     store.close()
     with pytest.raises(StoreUnavailable, match="closed"):
-        store.add_feedback("digits", [FeedbackItem("a", [1])])
+        store.feedback.add_feedback("digits", [FeedbackItem("a", [1])])
     with pytest.raises(StoreUnavailable):
-        store.record([rec("a")])
+        store.predictions.record([rec("a")])
 
 
 def test_sqlite_is_wal_with_full_sync(tmp_path: Path):
-    store = SQLitePredictionStore(tmp_path / "m.db")
+    store = open_stores(f"sqlite:///{tmp_path / 'm.db'}")
     try:
-        store.record([rec("a")])
+        store.predictions.record([rec("a")])
         # Any connection of the store's pool: each one is set up when it is opened.
-        with store._engine.connect() as conn:
+        with store.engine._engine.connect() as conn:
             assert conn.exec_driver_sql("PRAGMA journal_mode").fetchone()[0] == "wal"
             assert conn.exec_driver_sql("PRAGMA synchronous").fetchone()[0] == 2  # FULL
     finally:
@@ -271,12 +265,12 @@ def test_sqlite_unwritable_location_is_unavailable(tmp_path: Path):
     blocker = tmp_path / "file"
     blocker.write_text("not a directory")
     with pytest.raises(StoreUnavailable, match="sqlite"):
-        open_store(f"sqlite:///{blocker / 'sub' / 'm.db'}")
+        open_stores(f"sqlite:///{blocker / 'sub' / 'm.db'}")
 
 
 def test_unknown_scheme_is_refused():
     with pytest.raises(StoreUnavailable, match="unknown store URL"):
-        open_store("mysql://localhost/x")
+        open_stores("mysql://localhost/x")
 
 
 def test_unreachable_postgres_is_unavailable_and_hides_the_password():
@@ -286,21 +280,23 @@ def test_unreachable_postgres_is_unavailable_and_hides_the_password():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-        store = open_store(f"postgresql://u:secret@127.0.0.1:{port}/db")
+        store = open_stores(f"postgresql://u:secret@127.0.0.1:{port}/db")
         with pytest.raises(StoreUnavailable) as info:
-            store.add_feedback("digits", [FeedbackItem("a", [1])])
+            store.feedback.add_feedback("digits", [FeedbackItem("a", [1])])
         assert "secret" not in info.value.message and f"127.0.0.1:{port}" in info.value.message
         store.close()
 
 
 def test_postgres_replicas_share_labels_and_race_safely(postgres_url: str):
-    a, b = open_store(postgres_url), open_store(postgres_url)
+    a, b = open_stores(postgres_url), open_stores(postgres_url)
     try:
-        a.record([rec(f"r{i}") for i in range(20)])
+        a.predictions.record([rec(f"r{i}") for i in range(20)])
         results = []
 
-        def label(store: PredictionStore) -> None:
-            results.append(store.add_feedback("digits", [FeedbackItem(f"r{i}", [1]) for i in range(20)]))
+        def label(store: Stores) -> None:
+            results.append(
+                store.feedback.add_feedback("digits", [FeedbackItem(f"r{i}", [1]) for i in range(20)])
+            )
 
         threads = [threading.Thread(target=label, args=(s,)) for s in (a, b)]
         for t in threads:
@@ -311,7 +307,7 @@ def test_postgres_replicas_share_labels_and_race_safely(postgres_url: str):
         duplicate = results[0].duplicate + results[1].duplicate
         assert sorted(accepted) == sorted(f"r{i}" for i in range(20))
         assert sorted(duplicate) == sorted(accepted)
-        assert b.count_labels("digits", 1) == 20
+        assert b.feedback.count_labels("digits", 1) == 20
     finally:
         a.close()
         b.close()
@@ -320,10 +316,10 @@ def test_postgres_replicas_share_labels_and_race_safely(postgres_url: str):
 def test_postgres_lost_connection_reconnects(postgres_url: str):
     import psycopg
 
-    store = open_store(postgres_url)
+    store = open_stores(postgres_url)
     try:
-        store.record([rec("a"), rec("b")])
-        store.add_feedback("digits", [FeedbackItem("a", [1])])
+        store.predictions.record([rec("a"), rec("b")])
+        store.feedback.add_feedback("digits", [FeedbackItem("a", [1])])
         # The server ends the session (a restart or failover looks the same to the client).
         dbname = postgres_url.rsplit("/", 1)[1]
         with psycopg.connect(postgres_url, autocommit=True) as admin:
@@ -334,16 +330,16 @@ def test_postgres_lost_connection_reconnects(postgres_url: str):
             )
         # At most one call fails, with StoreUnavailable; the next one reconnects.
         try:
-            result = store.add_feedback("digits", [FeedbackItem("b", [2])])
+            result = store.feedback.add_feedback("digits", [FeedbackItem("b", [2])])
         except StoreUnavailable:
-            result = store.add_feedback("digits", [FeedbackItem("b", [2])])
+            result = store.feedback.add_feedback("digits", [FeedbackItem("b", [2])])
         assert result.accepted == ["b"]
-        assert store.count_labels("digits", 1) == 2
+        assert store.feedback.count_labels("digits", 1) == 2
     finally:
         store.close()
 
 
-def test_concurrent_calls_from_several_threads(store: PredictionStore):
+def test_concurrent_calls_from_several_threads(store: Stores):
     """The observer, feedback calls and the evaluator share one store, all at once; on
     PostgreSQL the calls run on several pooled connections and race for the same ids."""
     writers, per_writer = 6, 15
@@ -352,18 +348,18 @@ def test_concurrent_calls_from_several_threads(store: PredictionStore):
     def observe_and_label(w: int) -> FeedbackResult:
         ids = [f"w{w}-{i}" for i in range(per_writer)]
         for rid in ids:
-            store.record([rec(rid)])
+            store.predictions.record([rec(rid)])
         # Every writer labels its own ids and races the next writer for its ids.
         mine = [FeedbackItem(rid, [1]) for rid in ids]
         theirs = [FeedbackItem(f"w{(w + 1) % writers}-{i}", [2]) for i in range(per_writer)]
-        return store.add_feedback("digits", mine + theirs)
+        return store.feedback.add_feedback("digits", mine + theirs)
 
     def evaluate() -> int:
         rounds = 0
         while not done.is_set():
-            store.count_labels("digits", 1)
-            store.recent_labelled("digits", 1, 50)
-            store.feedback_dataset("digits")
+            store.feedback.count_labels("digits", 1)
+            store.feedback.recent_labelled("digits", 1, 50)
+            store.feedback.feedback_dataset("digits")
             rounds += 1
         return rounds
 
@@ -385,37 +381,37 @@ def test_concurrent_calls_from_several_threads(store: PredictionStore):
     # it ran before the owner had logged the prediction.
     assert sorted(accepted) == sorted(set(accepted)) and len(accepted) == total
     assert len(accepted) + len(unknown) + len(duplicate) == 2 * total
-    assert store.count_labels("digits", 1) == total
-    assert len(store.feedback_dataset("digits")[1]) == total
+    assert store.feedback.count_labels("digits", 1) == total
+    assert len(store.feedback.feedback_dataset("digits")[1]) == total
 
 
-def test_feedback_for_more_ids_than_one_in_list(store: PredictionStore):
+def test_feedback_for_more_ids_than_one_in_list(store: Stores):
     """The IN lists are expanding bind parameters, sent in chunks of 500 ids."""
     ids = [f"r{i}" for i in range(1203)]
-    store.record([rec(rid) for rid in ids[:1100]])
-    result = store.add_feedback("digits", [FeedbackItem(rid, [0]) for rid in ids])
+    store.predictions.record([rec(rid) for rid in ids[:1100]])
+    result = store.feedback.add_feedback("digits", [FeedbackItem(rid, [0]) for rid in ids])
     assert result.accepted == ids[:1100] and result.unknown == ids[1100:]
-    again = store.add_feedback("digits", [FeedbackItem(rid, [1]) for rid in ids[::100]])
+    again = store.feedback.add_feedback("digits", [FeedbackItem(rid, [1]) for rid in ids[::100]])
     assert again.duplicate == ids[:1100:100] and again.unknown == ids[1100::100]
-    assert store.count_labels("digits", 1) == 1100
+    assert store.feedback.count_labels("digits", 1) == 1100
 
 
 def test_sqlite_reads_run_beside_a_writer_and_writes_wait_for_its_lock(tmp_path: Path):
-    store = SQLitePredictionStore(tmp_path / "m.db")
+    store = open_stores(f"sqlite:///{tmp_path / 'm.db'}")
     other = sqlite3.connect(tmp_path / "m.db", isolation_level=None)
     try:
-        store.record([rec("a")])
-        store.add_feedback("digits", [FeedbackItem("a", [1])])
+        store.predictions.record([rec("a")])
+        store.feedback.add_feedback("digits", [FeedbackItem("a", [1])])
         # Another process holds the write lock: reads (deferred BEGIN, WAL snapshot) go on.
         # A read that waited for the lock would fail "database is locked" after the busy
         # timeout, since the lock is held until the ROLLBACK below.
         other.execute("BEGIN IMMEDIATE")
-        assert store.count_labels("digits", 1) == 1
+        assert store.feedback.count_labels("digits", 1) == 1
         # A write (BEGIN IMMEDIATE) waits in the busy timeout until the lock is released.
         written = threading.Event()
 
         def write() -> None:
-            store.record([rec("b")])
+            store.predictions.record([rec("b")])
             written.set()
 
         writer = threading.Thread(target=write)
@@ -424,7 +420,7 @@ def test_sqlite_reads_run_beside_a_writer_and_writes_wait_for_its_lock(tmp_path:
         other.execute("ROLLBACK")
         assert written.wait(10)
         writer.join()
-        assert store.add_feedback("digits", [FeedbackItem("b", [2])]).accepted == ["b"]
+        assert store.feedback.add_feedback("digits", [FeedbackItem("b", [2])]).accepted == ["b"]
     finally:
         other.close()
         store.close()
@@ -433,23 +429,25 @@ def test_sqlite_reads_run_beside_a_writer_and_writes_wait_for_its_lock(tmp_path:
 def test_postgres_store_uses_a_bounded_pool_through_psycopg(postgres_url: str):
     from sqlalchemy.pool import QueuePool
 
-    store = open_store(postgres_url.replace("postgresql://", "postgres://", 1))
+    store = open_stores(postgres_url.replace("postgresql://", "postgres://", 1))
     try:
-        assert isinstance(store, PostgresPredictionStore)
-        engine = store._engine
+        assert isinstance(store.engine, PostgresEngine)
+        engine = store.engine._engine
         assert engine.dialect.name == "postgresql" and engine.dialect.driver == "psycopg"
         assert isinstance(engine.pool, QueuePool) and engine.pool._pre_ping
         assert engine.pool.size() == 5 and engine.pool._max_overflow == 5
-        store.record([rec(f"r{i}") for i in range(10)])
+        store.predictions.record([rec(f"r{i}") for i in range(10)])
         threads = [
-            threading.Thread(target=store.add_feedback, args=("digits", [FeedbackItem(f"r{i}", [0])]))
+            threading.Thread(
+                target=store.feedback.add_feedback, args=("digits", [FeedbackItem(f"r{i}", [0])])
+            )
             for i in range(10)
         ]
         for t in threads:
             t.start()
         for t in threads:
             t.join()
-        assert store.count_labels("digits", 1) == 10
+        assert store.feedback.count_labels("digits", 1) == 10
         assert engine.pool.checkedin() <= 10
     finally:
         store.close()
@@ -457,10 +455,10 @@ def test_postgres_store_uses_a_bounded_pool_through_psycopg(postgres_url: str):
 
 def test_postgres_bad_url_is_unavailable_and_hides_the_password():
     with pytest.raises(StoreUnavailable) as info:
-        open_store("postgresql://u:secret@127.0.0.1:notaport/db")
+        open_stores("postgresql://u:secret@127.0.0.1:notaport/db")
     assert "secret" not in info.value.message
     with pytest.raises(StoreUnavailable) as info:
-        open_store("mysql://u:secret@127.0.0.1/db")
+        open_stores("mysql://u:secret@127.0.0.1/db")
     assert "secret" not in info.value.message
 
 
@@ -554,26 +552,26 @@ def test_postgres_store_starts_while_the_database_is_down_and_recovers(postgres_
     port = proxy.port
     name = postgres_url.rsplit("/", 1)[1]
     # Nothing listens on `port` yet: opening the store must not connect.
-    store = open_store(f"postgresql://postgres:secret@127.0.0.1:{port}/{name}")
+    store = open_stores(f"postgresql://postgres:secret@127.0.0.1:{port}/{name}")
     try:
         with pytest.raises(StoreUnavailable) as info:
-            store.count_labels("digits", 1)
+            store.feedback.count_labels("digits", 1)
         assert "\n" not in info.value.message and "secret" not in info.value.message
         assert f"127.0.0.1:{port}/{name}" in info.value.message
 
         proxy.start()  # the database comes up: the schema is created on the first call
-        store.record([rec("a"), rec("b"), rec("c")])
-        assert store.add_feedback("digits", [FeedbackItem("a", [1])]).accepted == ["a"]
+        store.predictions.record([rec("a"), rec("b"), rec("c")])
+        assert store.feedback.add_feedback("digits", [FeedbackItem("a", [1])]).accepted == ["a"]
 
         proxy.stop()  # it goes away, pooled connections and all
         with pytest.raises(StoreUnavailable) as info:
-            store.add_feedback("digits", [FeedbackItem("b", [2])])
+            store.feedback.add_feedback("digits", [FeedbackItem("b", [2])])
         assert "\n" not in info.value.message and "secret" not in info.value.message
 
         proxy.start()  # and comes back: the pool pings, drops the dead connections, reconnects
-        assert store.add_feedback("digits", [FeedbackItem("b", [2])]).accepted == ["b"]
-        assert store.add_feedback("digits", [FeedbackItem("a", [3])]).duplicate == ["a"]
-        assert store.count_labels("digits", 1) == 2
+        assert store.feedback.add_feedback("digits", [FeedbackItem("b", [2])]).accepted == ["b"]
+        assert store.feedback.add_feedback("digits", [FeedbackItem("a", [3])]).duplicate == ["a"]
+        assert store.feedback.count_labels("digits", 1) == 2
     finally:
         store.close()
         proxy.close()
@@ -587,8 +585,8 @@ def probs(rows: int, cls: int, top: float) -> list[list[float]]:
     return out
 
 
-def test_labels_keep_their_source_and_per_source_counts(store: PredictionStore):
-    store.record(
+def test_labels_keep_their_source_and_per_source_counts(store: Stores):
+    store.predictions.record(
         [
             PredictionRecord(
                 "a", "digits", 1, time.time(), [[0.0]] * 2, probs(2, 3, 0.97), [3, 3], classes=10
@@ -597,18 +595,21 @@ def test_labels_keep_their_source_and_per_source_counts(store: PredictionStore):
             PredictionRecord("c", "digits", 1, time.time(), [[2.0]], probs(1, 1, 0.9), [1], classes=10),
         ]
     )
-    first = store.add_feedback(
+    first = store.feedback.add_feedback(
         "digits", [FeedbackItem("a", [8, 3]), FeedbackItem("x", [1])], source="mallory"
     )
     assert first.as_dict()["source"] == "mallory" and first.as_dict()["quarantined"] is False
     assert first.rows == {("1", "accepted"): 2, ("", "unknown"): 1}
-    marked = store.add_feedback("digits", [FeedbackItem("b", [5])], source="mallory", quarantined=True)
+    marked = store.feedback.add_feedback(
+        "digits", [FeedbackItem("b", [5])], source="mallory", quarantined=True
+    )
     assert marked.quarantined and marked.rows == {("1", "quarantined"): 1}
     # Another source labels "a" too: its label is kept beside mallory's, not refused.
-    again = store.add_feedback("digits", [FeedbackItem("c", [1]), FeedbackItem("a", [3, 3])])
+    again = store.feedback.add_feedback("digits", [FeedbackItem("c", [1]), FeedbackItem("a", [3, 3])])
     assert again.source == "anonymous" and again.rows == {("1", "accepted"): 3}
     stats = sorted(
-        (s.source, s.predicted, s.target, s.confidence, s.labels) for s in store.source_stats("digits")
+        (s.source, s.predicted, s.target, s.confidence, s.labels)
+        for s in store.feedback.source_stats("digits")
     )
     # 0.9 in float32 must still read as 90 %.
     assert stats == [
@@ -618,18 +619,18 @@ def test_labels_keep_their_source_and_per_source_counts(store: PredictionStore):
         ("mallory", 3, 8, 97, 1),
         ("mallory", 5, 5, 55, 1),
     ]
-    sources = store.label_sources("digits")
+    sources = store.feedback.label_sources("digits")
     assert sources["mallory"].labels == 3 and sources["mallory"].quarantined_labels == 1
     assert sources["mallory"].requests == 2 and sources["anonymous"].labels == 3
-    _, y, who, keys = store.feedback_rows("digits")
+    _, y, who, keys = store.feedback.feedback_rows("digits")
     assert y.tolist() == [8, 3, 5, 3, 3, 1]
     assert who.tolist() == ["mallory"] * 3 + ["anonymous"] * 3
     assert keys.tolist() == ["a/0", "a/1", "b/0", "a/0", "a/1", "c/0"]
     # With mallory left out, "a" counts with the anonymous labels, not mallory's first ones.
-    trusted = store.recent_labelled("digits", 1, 10, exclude_sources={"mallory"})
+    trusted = store.feedback.recent_labelled("digits", 1, 10, exclude_sources={"mallory"})
     assert sorted((r.predicted, r.target) for r in trusted) == [(1, 1), (3, 3), (3, 3)]
     # Without exclusions, each prediction counts once, with its first label.
-    assert sorted((r.predicted, r.target) for r in store.recent_labelled("digits", 1, 10)) == [
+    assert sorted((r.predicted, r.target) for r in store.feedback.recent_labelled("digits", 1, 10)) == [
         (1, 1),
         (3, 3),
         (3, 8),
@@ -637,12 +638,12 @@ def test_labels_keep_their_source_and_per_source_counts(store: PredictionStore):
     ]
 
 
-def test_gate_reports_are_kept_newest_first(store: PredictionStore):
-    store.record_retrain("digits", "run-1", "rejected", {"run_id": "run-1", "slices": {"rows": []}})
-    store.record_retrain("digits", "run-2", "blessed", {"run_id": "run-2"})
-    store.record_retrain("digits", "run-2", "blessed", {"run_id": "ignored"})
-    assert [r["run_id"] for r in store.retrain_reports("digits")] == ["run-2", "run-1"]
-    assert store.retrain_reports("other") == []
+def test_gate_reports_are_kept_newest_first(store: Stores):
+    store.retrains.record_retrain("digits", "run-1", "rejected", {"run_id": "run-1", "slices": {"rows": []}})
+    store.retrains.record_retrain("digits", "run-2", "blessed", {"run_id": "run-2"})
+    store.retrains.record_retrain("digits", "run-2", "blessed", {"run_id": "ignored"})
+    assert [r["run_id"] for r in store.retrains.retrain_reports("digits")] == ["run-2", "run-1"]
+    assert store.retrains.retrain_reports("other") == []
 
 
 _OLD_SCHEMA = (
@@ -670,27 +671,31 @@ def test_a_database_of_an_older_version_is_upgraded_in_place(store_url: str):
         for statement in _OLD_SCHEMA:
             conn.execute(sa.text(statement))
     engine.dispose()
-    store = open_store(store_url)
+    store = open_stores(store_url)
     try:
         # The old label is there, under the source unauthenticated labels get, and counted.
-        _, y, sources, _ = store.feedback_rows("digits")
+        _, y, sources, _ = store.feedback.feedback_rows("digits")
         assert y.tolist() == [0, 7] and sources.tolist() == ["anonymous", "anonymous"]
-        stats = sorted((s.source, s.predicted, s.target, s.confidence) for s in store.source_stats("digits"))
+        stats = sorted(
+            (s.source, s.predicted, s.target, s.confidence) for s in store.feedback.source_stats("digits")
+        )
         assert stats == [("anonymous", 0, 0, 99), ("anonymous", 1, 7, 99)]
         # And new labels go in beside it.
-        store.record([rec("new")])
-        assert store.add_feedback("digits", [FeedbackItem("new", [0])], source="team-a").accepted == ["new"]
-        assert set(store.label_sources("digits")) == {"anonymous", "team-a"}
+        store.predictions.record([rec("new")])
+        assert store.feedback.add_feedback(
+            "digits", [FeedbackItem("new", [0])], source="team-a"
+        ).accepted == ["new"]
+        assert set(store.feedback.label_sources("digits")) == {"anonymous", "team-a"}
         # The old prediction now takes a second source's label beside the first one.
-        assert store.add_feedback("digits", [FeedbackItem("old", [0, 1])], source="team-b").accepted == [
-            "old"
-        ]
+        assert store.feedback.add_feedback(
+            "digits", [FeedbackItem("old", [0, 1])], source="team-b"
+        ).accepted == ["old"]
     finally:
         store.close()
     # A second opening finds nothing left to upgrade and counts nothing twice.
-    store = open_store(store_url)
+    store = open_stores(store_url)
     try:
-        assert sum(s.labels for s in store.source_stats("digits")) == 5
+        assert sum(s.labels for s in store.feedback.source_stats("digits")) == 5
     finally:
         store.close()
 
@@ -725,7 +730,7 @@ def test_the_wal_switch_gives_up_on_other_errors_and_after_the_busy_timeout(
     with pytest.raises(sqlite3.OperationalError, match="disk I/O error"):
         _switch_to_wal(other)  # type: ignore[arg-type]
     assert other.calls == 1
-    monkeypatch.setattr("modelloop.monitoring.store._SQLITE_BUSY_TIMEOUT_S", 0.2)
+    monkeypatch.setattr("modelloop.monitoring.stores.engine._SQLITE_BUSY_TIMEOUT_S", 0.2)
     forever = _LockedCursor(locked=10**6)
     with pytest.raises(sqlite3.OperationalError, match="locked"):
         _switch_to_wal(forever)  # type: ignore[arg-type]
@@ -737,10 +742,10 @@ def test_two_processes_create_one_store_together(tmp_path: Path) -> None:
     # What `serve --workers 2` does at its first start: both open a file that does not exist.
     script = (
         "import sys, time\n"
-        "from modelloop.monitoring.store import open_store\n"
+        "from modelloop.monitoring.stores import open_stores\n"
         "start = float(sys.argv[2])\n"
         "time.sleep(max(0.0, start - time.time()))\n"
-        "open_store('sqlite:///' + sys.argv[1]).close()\n"
+        "open_stores('sqlite:///' + sys.argv[1]).close()\n"
     )
     for i in range(4):
         db = tmp_path / f"s{i}" / "modelloop.db"

@@ -13,10 +13,10 @@ from pathlib import Path
 import numpy as np
 from prometheus_client import CollectorRegistry
 
+from modelloop.control.service import MonitoringService
 from modelloop.monitoring.drift import DriftDetector
-from modelloop.monitoring.service import MonitoringService
 from modelloop.monitoring.settings import MonitoringSettings
-from modelloop.monitoring.store import FeedbackItem
+from modelloop.monitoring.stores.records import FeedbackItem
 from modelloop.serving.types import InferRequest, InferResponse, ModelState, Protocol
 from tests.monitoring.monhelpers import FakeCatalog
 
@@ -98,7 +98,7 @@ def test_string_requests_are_logged_and_give_prediction_drift_and_accuracy(tmp_p
         assert abs(registry.get_sample_value("modelloop_accuracy", labels) - 2 / 3) < 1e-9
     finally:
         service.observer.stop()
-        service.store.close()
+        service.stores.close()
 
 
 def test_a_baseline_without_features_measures_prediction_drift_only() -> None:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from modelloop.monitoring.trigger import (
+from modelloop.control.retraining.trigger import (
     DryRunTrigger,
     KubernetesJobTrigger,
     RetrainRun,

@@ -9,9 +9,9 @@ from typing import Any
 
 import pytest
 
-from modelloop.monitoring.policy import RetrainPolicy
-from modelloop.monitoring.trigger import DryRunTrigger
-from modelloop.monitoring.webhook import AlertHandler, WebhookError, parse_alertmanager
+from modelloop.control.retraining.policy import RetrainPolicy
+from modelloop.control.retraining.trigger import DryRunTrigger
+from modelloop.control.retraining.webhook import AlertHandler, WebhookError, parse_alertmanager
 
 TESTDATA = Path(__file__).resolve().parents[1] / "testdata"
 

@@ -2,7 +2,7 @@
 
 Schemathesis generates path parameters, headers and bodies from the schema (the request
 bodies of predict, infer, feedback and the alert webhook come from the pydantic models in
-``serving/rest/schemas.py`` and ``monitoring/schemas.py``) and sends the documented
+``serving/rest/schemas.py`` and ``control/schemas.py``) and sends the documented
 examples too. Each answer is checked, not only for "no 5xx": its status must be one the
 operation documents, its content type one documented for that status, and its body must
 validate against that status's schema. The whole run is made twice: without the admin

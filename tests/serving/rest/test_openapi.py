@@ -13,7 +13,7 @@ import pytest
 from referencing import Registry, Resource
 from referencing.jsonschema import DRAFT202012
 
-from modelloop.monitoring.http import create_alerts_router, create_feedback_router
+from modelloop.control.http import create_alerts_router, create_feedback_router
 from modelloop.serving.rest.app import create_app
 
 from ..edge_support import EdgeStack, serve, write_digits

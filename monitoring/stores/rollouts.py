@@ -7,8 +7,8 @@ replica may judge a rollout and exactly one transition wins. ``rollout_traffic``
 shadow agreement and a latency histogram; each process adds what it served since its last
 flush, so the totals are every worker's and every replica's.
 
-The SQL is SQLAlchemy Core text with named parameters, valid on SQLite and PostgreSQL; the
-store (:mod:`~modelloop.monitoring.store`) runs it in its transactions.
+The SQL is SQLAlchemy Core text with named parameters, valid on SQLite and PostgreSQL;
+:class:`RolloutStore` runs it in the shared engine's transactions.
 """
 
 from __future__ import annotations
@@ -21,6 +21,8 @@ from typing import Any
 import orjson
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
+
+from modelloop.monitoring.stores.engine import StoreEngine
 
 ROLLOUT_SCHEMA = tuple(
     sa.text(statement)
@@ -83,12 +85,6 @@ _SELECT_TRAFFIC = sa.text(
 _SELECT_LATENCY = sa.text("SELECT version, step, bucket, calls FROM rollout_latency WHERE rollout = :rollout")
 
 
-_SELECT_PREDICTED = sa.text(
-    "SELECT predicted FROM predictions WHERE model = :model AND version = :version AND created >= :since "
-    "ORDER BY created DESC LIMIT :limit"
-)
-
-
 @dataclass(slots=True)
 class RolloutDoc:
     """One model's stored rollout state.
@@ -96,7 +92,7 @@ class RolloutDoc:
     Attributes:
         model: Model name.
         revision: The stored revision this was read at (0: not stored yet).
-        state: The state document (see :mod:`~modelloop.monitoring.rollout`).
+        state: The state document (see :mod:`~modelloop.control.rollout.controller`).
     """
 
     model: str
@@ -116,7 +112,7 @@ class RolloutTraffic:
         errors: Calls the model failed.
         shadow_rows: Rows of shadow copies compared with the champion's answer.
         shadow_agreed: Of those, rows whose answers agreed.
-        latency: Latency bucket -> calls (:func:`~modelloop.monitoring.rollout.latency_bucket`).
+        latency: Latency bucket -> calls (:func:`~modelloop.control.rollout.controller.latency_bucket`).
     """
 
     rollout: str
@@ -205,9 +201,56 @@ def read_rollout_traffic(conn: Connection, rollout_id: str) -> list[RolloutTraff
     return [found[key] for key in sorted(found)]
 
 
-def read_predicted(conn: Connection, model: str, version: int, since: float, limit: int) -> list[float]:
-    """The predicted classes (or values) of one version's newest logged requests since ``since``."""
-    rows = conn.execute(
-        _SELECT_PREDICTED, {"model": model, "version": version, "since": since, "limit": limit}
-    )
-    return [float(value) for (predicted,) in rows for value in orjson.loads(predicted)]
+class RolloutStore:
+    """Each model's rollout state and each rollout's traffic, on the shared engine.
+
+    Args:
+        engine: The database.
+    """
+
+    def __init__(self, engine: StoreEngine) -> None:
+        self.engine = engine
+
+    def rollouts(self, model: str | None = None) -> dict[str, RolloutDoc]:
+        """The stored rollout state of every model (or of one), by model.
+
+        Raises:
+            StoreUnavailable: The database cannot be reached.
+        """
+        return self.engine.transaction(lambda conn: read_rollouts(conn, model), write=False)
+
+    def save_rollout(self, doc: RolloutDoc) -> bool:
+        """Writes a rollout state if its stored revision is still ``doc.revision`` (0: none stored).
+
+        Every worker and replica may decide a transition; the first write wins and the
+        others see the new state on their next read.
+
+        Raises:
+            StoreUnavailable: The database cannot be reached or written.
+        """
+        return self.engine.transaction(lambda conn: save_rollout(conn, doc), write=True)
+
+    def add_rollout_traffic(self, rows: Sequence[RolloutTraffic]) -> None:
+        """Adds request counts and latency buckets to the rollouts' totals, in one transaction.
+
+        Raises:
+            StoreUnavailable: The database cannot be reached or written.
+        """
+        if rows:
+            self.engine.transaction(lambda conn: add_rollout_traffic(conn, rows), write=True)
+
+    def rollout_traffic(self, rollout_id: str) -> list[RolloutTraffic]:
+        """The totals of one rollout, one row per version and step.
+
+        Raises:
+            StoreUnavailable: The database cannot be reached.
+        """
+        return self.engine.transaction(lambda conn: read_rollout_traffic(conn, rollout_id), write=False)
+
+    def delete_rollout(self, model: str) -> RolloutDoc | None:
+        """Forgets a model's rollout state, RETIRED versions included; returns what it was.
+
+        Raises:
+            StoreUnavailable: The database cannot be reached or written.
+        """
+        return self.engine.transaction(lambda conn: delete_rollout(conn, model), write=True)

@@ -12,8 +12,8 @@ They mirror the ``action: retrain`` rules of ``monitoring/rules/modelloop.rules.
   the model's ``accuracy_floor`` (``config.json`` ``"drift"`` key, or the server's), with
   at least ``min_labels`` labels, for at least ``accuracy_for_s`` (the rule's ``for: 2m``).
 
-A firing rule goes through the same :class:`~modelloop.monitoring.policy.RetrainPolicy`
-(cooldown per model) and :class:`~modelloop.monitoring.trigger.RetrainTrigger` as the
+A firing rule goes through the same :class:`~modelloop.control.retraining.policy.RetrainPolicy`
+(cooldown per model) and :class:`~modelloop.control.retraining.trigger.RetrainTrigger` as the
 webhook. Register an instance with ``MonitoringService.add_listener``.
 
 Example:
@@ -32,12 +32,12 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
+from modelloop.control.retraining.policy import RetrainPolicy
+from modelloop.control.retraining.trigger import RetrainTrigger, TriggerError
 from modelloop.monitoring.drift import PREDICTION_DRIFT_THRESHOLD
-from modelloop.monitoring.policy import RetrainPolicy
-from modelloop.monitoring.trigger import RetrainTrigger, TriggerError
 
 if TYPE_CHECKING:
-    from modelloop.monitoring.service import EvaluationReport
+    from modelloop.monitoring.report import EvaluationReport
 
 logger = logging.getLogger(__name__)
 

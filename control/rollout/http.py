@@ -22,13 +22,14 @@ from typing import Any
 import orjson
 from fastapi import APIRouter, Request, Response
 
-from modelloop.errors import ErrorCode, ServiceError
-from modelloop.monitoring.rollout import ACTIONS, RolloutController, current_share
-from modelloop.monitoring.schemas import (
+from modelloop.control.rollout.controller import RolloutController
+from modelloop.control.rollout.state import ACTIONS, current_share
+from modelloop.control.schemas import (
     ROLLOUT_ACTION_RESPONSES,
     ROLLOUT_CLEAR_RESPONSES,
     ROLLOUT_RESPONSES,
 )
+from modelloop.errors import ErrorCode, ServiceError
 from modelloop.web import ADMIN_SECURITY, require_admin
 
 

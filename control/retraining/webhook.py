@@ -13,7 +13,7 @@ Alertmanager POSTs one JSON document per notification
 ```
 
 :func:`parse_alertmanager` checks the shape and returns every alert; :class:`AlertHandler`
-applies the :class:`~modelloop.monitoring.policy.RetrainPolicy` and starts the trigger.
+applies the :class:`~modelloop.control.retraining.policy.RetrainPolicy` and starts the trigger.
 Only alerts labelled ``action="retrain"`` start a retrain, so a latency alert routed here
 by mistake never does.
 """
@@ -25,9 +25,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from modelloop.control.retraining.policy import RetrainPolicy
+from modelloop.control.retraining.trigger import RetrainTrigger, TriggerError
 from modelloop.errors import ModelloopError
-from modelloop.monitoring.policy import RetrainPolicy
-from modelloop.monitoring.trigger import RetrainTrigger, TriggerError
 
 logger = logging.getLogger(__name__)
 

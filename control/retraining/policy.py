@@ -179,11 +179,15 @@ DRIFT_REASONS = (
 
 
 class TrustedLabels(Protocol):
-    """What :class:`NewLabelsGate` reads: trusted labels stored since a time, and the last retrain."""
+    """What :class:`NewLabelsGate` reads of the labels (the feedback store)."""
 
     def trusted_labels_since(self, model: str, since: float, exclude_sources: Collection[str]) -> int:
         """Labelled rows of a model stored after ``since`` by sources not excluded."""
         ...
+
+
+class RetrainTimes(Protocol):
+    """What :class:`NewLabelsGate` reads of the retrain reports (the retrain report store)."""
 
     def last_retrain_time(self, model: str) -> float | None:
         """When the newest retrain report of a model was kept, or None without one."""
@@ -208,7 +212,8 @@ class NewLabelsGate:
     the health page. Alerts on accuracy are let through: they come from labels.
 
     Args:
-        store: Where labels and retrain reports are kept.
+        labels: Where labels are kept.
+        reports: Where retrain reports are kept.
         quarantined: The quarantined sources of a model (their labels do not count).
         on_skip: Called with ``(model, reason)`` when an alert is turned away. Defaults to None.
         clock: Wall-clock time. Defaults to ``time.time``.
@@ -216,13 +221,15 @@ class NewLabelsGate:
 
     def __init__(
         self,
-        store: TrustedLabels,
+        labels: TrustedLabels,
+        reports: RetrainTimes,
         quarantined: Callable[[str], Collection[str]],
         *,
         on_skip: Callable[[str, str], None] | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
-        self._store = store
+        self._labels = labels
+        self._reports = reports
         self._quarantined = quarantined
         self._on_skip = on_skip
         self._clock = clock
@@ -237,8 +244,8 @@ class NewLabelsGate:
         if reason not in DRIFT_REASONS:
             return None
         try:
-            since = self._store.last_retrain_time(model) or 0.0
-            fresh = self._store.trusted_labels_since(model, since, sorted(self._quarantined(model)))
+            since = self._reports.last_retrain_time(model) or 0.0
+            fresh = self._labels.trusted_labels_since(model, since, sorted(self._quarantined(model)))
         except ServiceError as exc:  # the store is down: the gate must not break the alert path
             logger.warning(
                 "retrain gate for %s: cannot read the labels (%s); letting the alert through", model, exc

@@ -50,6 +50,7 @@ import numpy as np
 from prometheus_client import CollectorRegistry
 
 from modelloop import layout
+from modelloop.control.retraining.policy import NewLabelsGate
 from modelloop.errors import ServiceError
 from modelloop.monitoring.accuracy import AccuracyReport, score_labelled
 from modelloop.monitoring.drift import DriftDetector, DriftReport
@@ -59,76 +60,24 @@ from modelloop.monitoring.history import LoggedTraffic, TrafficMeter, TrafficRep
 from modelloop.monitoring.ingest import LogIngest
 from modelloop.monitoring.metrics import MonitoringMetrics
 from modelloop.monitoring.observer import MonitoringObserver, VersionInfo
-from modelloop.monitoring.policy import NewLabelsGate
 from modelloop.monitoring.predlog import PredictionLog
 from modelloop.monitoring.predlog_store import SqlPredictionLog
 from modelloop.monitoring.quality import QualityChecker, QualityReport
 from modelloop.monitoring.quarantine import SourceVerdict, assess_sources, champion_of
+from modelloop.monitoring.report import EvaluationReport
 from modelloop.monitoring.settings import (
     MonitoringSettings,
     QuarantineSettings,
     resolve_model_settings,
     resolve_quarantine,
 )
-from modelloop.monitoring.store import (
-    CLASSIFIER_TASKS,
-    FeedbackItem,
-    FeedbackResult,
-    PredictionStore,
-    SqlPredictionStore,
-    StoreUnavailable,
-    open_store,
-)
+from modelloop.monitoring.stores import StoreEngine, Stores, StoreUnavailable, open_stores
+from modelloop.monitoring.stores.records import CLASSIFIER_TASKS, FeedbackItem, FeedbackResult
 from modelloop.monitoring.window import WindowSet
 from modelloop.serving.types import ModelCatalog, ModelState
 from modelloop.tokens import ANONYMOUS_SOURCE
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True, slots=True)
-class EvaluationReport:
-    """One evaluation of one model version.
-
-    Attributes:
-        model: Model name.
-        version: Version.
-        task: ``multiclass``, ``binary`` or ``regression``.
-        evaluated_at: Unix time.
-        window_rows: Rows in the drift window.
-        min_rows: Rows needed before a drift verdict.
-        drift: The drift report, or None before ``min_rows`` or without a baseline.
-        drift_error: Why there is no drift report when there should be one (no
-            baseline, wrong width), else "".
-        accuracy: Accuracy or MAE over recent labels, or None when the store failed.
-        labels: Labelled rows of this version in the store, or None when it failed.
-        store_error: The store's error, else "".
-        settings: The model's resolved settings (thresholds, ``accuracy_floor``, cooldown).
-        estimate: The label-free accuracy estimate, or None (see ``estimate_note``).
-        estimate_note: Why there is no estimate ("no label-free estimate for
-            regressors", no calibrator, too few rows), else "".
-        quality: Data quality of the window, or None before ``min_rows`` or without a baseline.
-        histograms: Baseline and current histograms of the top drifted features.
-        traffic: Requests since the previous evaluation, or None before the second one.
-    """
-
-    model: str
-    version: int
-    task: str
-    evaluated_at: float
-    window_rows: int
-    min_rows: int
-    drift: DriftReport | None
-    drift_error: str
-    accuracy: AccuracyReport | None
-    labels: int | None
-    store_error: str
-    settings: MonitoringSettings = field(repr=False)
-    estimate: EstimateReport | None = None
-    estimate_note: str = ""
-    quality: QualityReport | None = None
-    histograms: tuple[FeatureHistogram, ...] = field(default=(), repr=False)
-    traffic: TrafficReport | None = None
 
 
 Listener = Callable[[str, int, EvaluationReport], None]
@@ -181,7 +130,7 @@ class MonitoringService:
         catalog: Which models and versions are loaded (the serving ``ModelRegistry``, seen
             through :class:`~modelloop.serving.types.ModelCatalog`).
         registry: The server's Prometheus registry.
-        store: The prediction store. Defaults to ``open_store(settings.resolved_store_url())``.
+        stores: The stores. Defaults to ``open_stores(settings.resolved_store_url())``.
         prune: Whether this process applies the store's retention (one worker of several
             does). Defaults to True.
         peer_wait_s: With several servers logging to one store, a label may arrive before
@@ -213,12 +162,12 @@ class MonitoringService:
         repo: Path,
         catalog: ModelCatalog,
         registry: CollectorRegistry,
-        store: PredictionStore | None = None,
+        stores: Stores | None = None,
         prune: bool = True,
         peer_wait_s: float = 0.0,
         reads_log: bool = False,
         traffic_from_log: bool = False,
-        open_log: Callable[[SqlPredictionStore], PredictionLog[Any]] | None = None,
+        open_log: Callable[[StoreEngine], PredictionLog[Any]] | None = None,
     ) -> None:
         self.settings = settings
         self.prune = prune
@@ -227,10 +176,10 @@ class MonitoringService:
         self.catalog = catalog
         self.registry = registry
         self.metrics = MonitoringMetrics(registry)
-        self.store: PredictionStore = (
-            store
-            if store is not None
-            else open_store(
+        self.stores: Stores = (
+            stores
+            if stores is not None
+            else open_stores(
                 settings.resolved_store_url(),
                 retention_rows=settings.retention_rows,
                 retention_days=settings.retention_days,
@@ -238,7 +187,7 @@ class MonitoringService:
         )
         self.windows = WindowSet(settings.window_size)
         self.observer = MonitoringObserver(
-            self.store,
+            self.stores.predictions,
             self.windows,
             self.metrics,
             self.version_info,
@@ -248,13 +197,12 @@ class MonitoringService:
         # The prediction log the servers write (the SQL store's, or `open_log`'s over it):
         # read here when this service is the control plane, and waited for before a label
         # is joined.
-        self.log: PredictionLog[Any] | None = None
-        if isinstance(self.store, SqlPredictionStore):
-            self.log = open_log(self.store) if open_log is not None else SqlPredictionLog(self.store)
+        engine = self.stores.engine
+        self.log: PredictionLog[Any] = open_log(engine) if open_log is not None else SqlPredictionLog(engine)
         logged = LoggedTraffic() if traffic_from_log else None
         self.ingest: LogIngest | None = (
             LogIngest(self.log, self.observer, self.metrics, prune=prune, traffic=logged)
-            if reads_log and self.log is not None
+            if reads_log
             else None
         )
         # Set by the composition root to the local logger's flush, so that a label posted
@@ -378,7 +326,7 @@ class MonitoringService:
             return {}
         settings = self._quarantine_for(model)
         try:
-            stats = self.store.source_stats(model)
+            stats = self.stores.feedback.source_stats(model)
         except StoreUnavailable as exc:
             logger.warning("label checks of %s skipped: %s", model, exc.message)
             return self._verdicts.get(model, {})
@@ -409,7 +357,7 @@ class MonitoringService:
         Raises:
             StoreUnavailable: The store cannot be reached.
         """
-        counts = self.store.label_sources(model)
+        counts = self.stores.feedback.label_sources(model)
         verdicts = self._verdicts.get(model, {})
         sources = []
         for source in sorted(set(counts) | set(verdicts)):
@@ -475,10 +423,10 @@ class MonitoringService:
         labels: int | None = None
         store_error = ""
         try:
-            recent = self.store.recent_labelled(
+            recent = self.stores.feedback.recent_labelled(
                 model, version, settings.accuracy_window, exclude_sources=self.quarantined_sources(model)
             )
-            labels = self.store.count_labels(model, version)
+            labels = self.stores.feedback.count_labels(model, version)
             accuracy = score_labelled(recent, task=state.info.task, min_labels=settings.min_labels)
         except StoreUnavailable as exc:
             store_error = exc.message
@@ -540,10 +488,10 @@ class MonitoringService:
         if self.prune and now - self._last_prune >= self.settings.prune_interval_s:
             self._last_prune = now
             try:
-                pruned = self.store.prune()
+                pruned = self.stores.predictions.prune()
                 if pruned:
                     logger.info("pruned %d logged predictions beyond retention", pruned)
-                self.store.prune_history(
+                self.stores.history.prune_history(
                     retention_days=self.settings.history_retention_days,
                     max_points=self.settings.history_max_points,
                 )
@@ -624,7 +572,7 @@ class MonitoringService:
         """Stores one history point per evaluation; a store outage loses points, not evaluations."""
         points = [history_point(r, r.traffic) for r in reports]
         try:
-            self.store.record_history(points)
+            self.stores.history.record_history(points)
         except StoreUnavailable as exc:
             logger.warning("history not recorded (%d points): %s", len(points), exc.message)
 
@@ -644,7 +592,7 @@ class MonitoringService:
         """
         return {
             v: [p.as_dict() for p in points]
-            for v, points in self.store.history(model, since=since, limit=limit).items()
+            for v, points in self.stores.history.history(model, since=since, limit=limit).items()
         }
 
     def retrain_runs(self, model: str) -> dict[str, int]:
@@ -687,14 +635,14 @@ class MonitoringService:
         if not self.catch_up(timeout=5.0):
             logger.warning("feedback for %s: the prediction log is behind; recent ids may be unknown", model)
         quarantined = source in self.quarantined_sources(model)
-        result = self.store.add_feedback(model, items, source=source, quarantined=quarantined)
+        result = self.stores.feedback.add_feedback(model, items, source=source, quarantined=quarantined)
         if result.unknown and self.peer_wait_s > 0:
             # Another server (a worker, a replica) may hold the prediction in its logger's
             # buffer: it writes every fraction of a second. Read the log again after that.
             time.sleep(self.peer_wait_s)
             self.catch_up(timeout=5.0)
             unknown = set(result.unknown)
-            retry = self.store.add_feedback(
+            retry = self.stores.feedback.add_feedback(
                 model,
                 [item for item in items if item.request_id in unknown],
                 source=source,
@@ -730,15 +678,14 @@ class MonitoringService:
             done = self.before_flush(max(deadline - time.monotonic(), 0.0)) and done
         if self.ingest is not None:
             return self.ingest.catch_up(max(deadline - time.monotonic(), 0.0)) and done
-        if self.log is not None:
-            try:
-                target = self.log.last()
-                while not self.log.reached(self.log.cursor(), target):
-                    if time.monotonic() >= deadline:
-                        return False
-                    time.sleep(0.05)
-            except StoreUnavailable:
-                return False
+        try:
+            target = self.log.last()
+            while not self.log.reached(self.log.cursor(), target):
+                if time.monotonic() >= deadline:
+                    return False
+                time.sleep(0.05)
+        except StoreUnavailable:
+            return False
         return done
 
     async def submit_feedback(
@@ -779,4 +726,4 @@ class MonitoringService:
             # What the servers logged before they stopped is stored before the store closes.
             await asyncio.to_thread(self.ingest.catch_up, 5.0)
             await asyncio.to_thread(self.ingest.stop)
-        self.store.close()
+        self.stores.close()

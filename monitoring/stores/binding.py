@@ -27,6 +27,7 @@ that later gains an id file keeps its store.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,6 +36,7 @@ from sqlalchemy.engine import Connection
 
 from modelloop import layout
 from modelloop.errors import ErrorCode, ServiceError
+from modelloop.monitoring.stores.engine import StoreEngine
 
 BINDING_SCHEMA = (
     sa.text(
@@ -145,3 +147,27 @@ def bind_repository(conn: Connection, current: RepositoryIdentity, now: float) -
         conn.execute(_UPDATE, {"id": current.id, "location": current.location})
         return Binding(current)
     return Binding(recorded)
+
+
+class BindingStore:
+    """The ``repository`` table, on the shared engine.
+
+    Args:
+        engine: The database.
+    """
+
+    def __init__(self, engine: StoreEngine) -> None:
+        self.engine = engine
+
+    def bind_repository(self, current: RepositoryIdentity, now: float | None = None) -> Binding:
+        """Records the repository the store describes, or checks that it is ``current``.
+
+        Raises:
+            RepositoryMismatch: The store describes another repository.
+            StoreUnavailable: The database cannot be reached or written.
+        """
+        t = time.time() if now is None else now
+        binding = self.engine.transaction(lambda conn: bind_repository(conn, current, t), write=True)
+        if not binding.recorded.same_as(current):
+            raise RepositoryMismatch(binding.recorded, current, self.engine.describe())
+        return binding

@@ -67,10 +67,8 @@ import orjson
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import HTMLResponse
 
-from modelloop.errors import ErrorCode, ServiceError
-from modelloop.monitoring.history import history_point
-from modelloop.monitoring.page import STYLE, ModelView, VersionView, render_health
-from modelloop.monitoring.schemas import (
+from modelloop.control.retraining.webhook import WebhookError, parse_alertmanager
+from modelloop.control.schemas import (
     ALERTS_BODY,
     ALERTS_RESPONSES,
     FEEDBACK_BODY,
@@ -79,8 +77,11 @@ from modelloop.monitoring.schemas import (
     HISTORY_RESPONSES,
     SOURCES_RESPONSES,
 )
-from modelloop.monitoring.store import FeedbackItem, FeedbackResult, StoreUnavailable
-from modelloop.monitoring.webhook import WebhookError, parse_alertmanager
+from modelloop.errors import ErrorCode, ServiceError
+from modelloop.monitoring.history import history_point
+from modelloop.monitoring.page import STYLE, ModelView, VersionView, render_health
+from modelloop.monitoring.stores.engine import StoreUnavailable
+from modelloop.monitoring.stores.records import FeedbackItem, FeedbackResult
 from modelloop.serving.types import valid_request_id
 from modelloop.tokens import TokenMatcher
 from modelloop.web import (
@@ -93,8 +94,9 @@ from modelloop.web import (
 )
 
 if TYPE_CHECKING:
-    from modelloop.monitoring.service import EvaluationReport, MonitoringService
-    from modelloop.monitoring.webhook import AlertHandler
+    from modelloop.control.retraining.webhook import AlertHandler
+    from modelloop.control.service import MonitoringService
+    from modelloop.monitoring.report import EvaluationReport
 
 logger = logging.getLogger(__name__)
 

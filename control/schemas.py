@@ -2,8 +2,8 @@
 
 Like serving's (``serving/rest/schemas.py``), these models describe the bodies in
 ``/docs`` and ``/openapi.json`` and the schema tests check the answers against them; the
-routes keep decoding with their own checks (:func:`~modelloop.monitoring.http.parse_feedback`,
-:func:`~modelloop.monitoring.webhook.parse_alertmanager`), whose messages name the field at
+routes keep decoding with their own checks (:func:`~modelloop.control.http.parse_feedback`,
+:func:`~modelloop.control.retraining.webhook.parse_alertmanager`), whose messages name the field at
 fault.
 """
 

@@ -24,11 +24,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from modelloop.errors import ServiceError
-from modelloop.monitoring.inprocess import InProcessRules
-from modelloop.monitoring.policy import NewLabelsGate, RetrainPolicy
-from modelloop.monitoring.settings import MonitoringSettings, resolve_model_settings
-from modelloop.monitoring.trigger import (
+from modelloop.control.retraining.inprocess import InProcessRules
+from modelloop.control.retraining.policy import NewLabelsGate, RetrainPolicy
+from modelloop.control.retraining.trigger import (
     DryRunTrigger,
     KubernetesJobSettings,
     KubernetesJobTrigger,
@@ -36,10 +34,12 @@ from modelloop.monitoring.trigger import (
     RetrainTrigger,
     SubprocessTrigger,
 )
-from modelloop.monitoring.webhook import AlertHandler
+from modelloop.control.retraining.webhook import AlertHandler
+from modelloop.errors import ServiceError
+from modelloop.monitoring.settings import MonitoringSettings, resolve_model_settings
 
 if TYPE_CHECKING:
-    from modelloop.monitoring.service import MonitoringService
+    from modelloop.control.service import MonitoringService
 
 logger = logging.getLogger(__name__)
 
@@ -141,7 +141,8 @@ def build_retraining(
     trigger = _make_trigger(settings, repo, count)
     skipped = service.metrics.retrain_skipped
     gate = NewLabelsGate(
-        service.store,
+        service.stores.feedback,
+        service.stores.retrains,
         service.quarantined_sources,
         on_skip=lambda model, reason: skipped.labels(model=model, reason=reason).inc(),
     )

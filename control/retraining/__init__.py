@@ -1,0 +1,1 @@
+"""Retraining: the policy and its triggers (alert webhook, in-process rules), and the retrain job."""
