@@ -64,7 +64,7 @@ from modelloop.serving.errors import ModelNotFound
 from modelloop.serving.repository import ModelRepository
 from modelloop.serving.rest.errors import install_error_handlers
 from modelloop.serving.rest.origin import OriginGuard
-from modelloop.serving.rest.server import bind_rest_socket
+from modelloop.serving.rest.server import RestServer, bind_rest_socket
 from modelloop.serving.settings import ModelConfig
 from modelloop.serving.types import ModelState, RolloutPolicy, VersionStatus
 
@@ -294,8 +294,9 @@ class ControlPlane:
         await self.service.start()
         await self.rollouts.start()
         config = uvicorn.Config(self.guarded, log_level="warning", lifespan="off")
-        server = uvicorn.Server(config)
-        server.install_signal_handlers = lambda: None  # type: ignore[method-assign]
+        # uvicorn's own handlers would re-raise SIGTERM after its shutdown and kill the
+        # process before the log reader and the store are closed: this loop owns the signals.
+        server = RestServer(config)
         task = asyncio.create_task(server.serve(sockets=[sock]), name="control-plane")
         while not server.started and not task.done():
             await asyncio.sleep(0.01)

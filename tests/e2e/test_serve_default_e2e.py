@@ -60,6 +60,8 @@ def test_serve_alone_logs_and_a_later_control_plane_reads_the_backlog(
         plane = start_monitor(repo, "--state-dir", str(state))
         ids = "SELECT count(*) FROM predictions WHERE request_id LIKE 'alone-%'"
         assert wait_for(lambda: _count(db, ids) == REQUESTS, 30), plane.output()
+        # SIGTERM stops the control plane cleanly (its loop owns the signal, not uvicorn).
+        assert plane.stop() == 0, plane.output()
     finally:
         if server is not None:
             server.stop()
