@@ -45,8 +45,8 @@ from modelloop.logformat import LogColumns, encode_batch, encode_segment
 from modelloop.monitoring.history import LoggedTraffic
 from modelloop.monitoring.ingest import LogIngest
 from modelloop.monitoring.metrics import MonitoringMetrics
-from modelloop.monitoring.observer import MonitoringObserver, VersionInfo
 from modelloop.monitoring.predlog_store import SqlPredictionLog
+from modelloop.monitoring.recorder import LogRecorder, VersionInfo
 from modelloop.monitoring.stores import open_stores
 from modelloop.monitoring.window import WindowSet
 
@@ -102,21 +102,18 @@ def _segment(rng: np.random.Generator, first_id: int, n: int, t: float) -> bytes
 
 
 class _Reader:
-    """A control plane's reading side over one store: the log, the observer, the windows."""
+    """A control plane's reading side over one store: the log, the recorder, the windows."""
 
     def __init__(self, url: str, *, window: int) -> None:
         self.stores = open_stores(url)
         self.log = SqlPredictionLog(self.stores.engine, settle_s=0.0)
         self.metrics = MonitoringMetrics(CollectorRegistry())
         self.windows = WindowSet(window)
-        self.observer = MonitoringObserver(
-            self.stores.predictions,
-            self.windows,
-            self.metrics,
-            lambda m, v: VersionInfo("multiclass", CLASSES),
+        self.recorder = LogRecorder(
+            self.stores.predictions, self.windows, lambda m, v: VersionInfo("multiclass", CLASSES)
         )
         self.traffic = LoggedTraffic()
-        self.ingest = LogIngest(self.log, self.observer, self.metrics, traffic=self.traffic, prune=False)
+        self.ingest = LogIngest(self.log, self.recorder, self.metrics, traffic=self.traffic, prune=False)
 
     def close(self) -> None:
         self.ingest.stop()
@@ -153,7 +150,7 @@ def measure_lag(directory: Path, rate: float, duration: float) -> np.ndarray:
     """
     reader = _Reader(f"sqlite:///{directory / 'lag.db'}", window=5000)
     lags: list[np.ndarray] = []
-    write = reader.observer.write
+    write = reader.recorder.write
 
     def timed_write(batch: list[Any]) -> int:
         stored = write(batch)
@@ -161,7 +158,7 @@ def measure_lag(directory: Path, rate: float, duration: float) -> np.ndarray:
         lags.append(arrived - np.array([item[3] for item in batch]))
         return stored
 
-    reader.observer.write = timed_write  # type: ignore[method-assign]
+    reader.recorder.write = timed_write  # type: ignore[method-assign]
     stop = threading.Event()
 
     def writer() -> None:

@@ -1,8 +1,9 @@
 """The monitoring service: the prediction log, feedback, and the evaluation loop.
 
-Built by the composition root with the server's ``CollectorRegistry``. Its
-:attr:`MonitoringService.observer` goes to the data plane; the REST edge calls
-:meth:`MonitoringService.submit_feedback` and :meth:`MonitoringService.status`.
+Built by the composition root with the server's ``CollectorRegistry``. Answered requests
+reach it only through the prediction log: its :attr:`MonitoringService.ingest` reads the
+log (when this service is the log's reader) into :attr:`MonitoringService.recorder`; the
+REST edge calls :meth:`MonitoringService.submit_feedback` and :meth:`MonitoringService.status`.
 
 Every ``eval_interval_s`` the service evaluates each AVAILABLE ``(model, version)``:
 
@@ -59,11 +60,11 @@ from modelloop.monitoring.histogram import FeatureHistogram, feature_histograms
 from modelloop.monitoring.history import LoggedTraffic, TrafficMeter, TrafficReport, history_point
 from modelloop.monitoring.ingest import LogIngest
 from modelloop.monitoring.metrics import MonitoringMetrics
-from modelloop.monitoring.observer import MonitoringObserver, VersionInfo
 from modelloop.monitoring.predlog import PredictionLog
 from modelloop.monitoring.predlog_store import SqlPredictionLog
 from modelloop.monitoring.quality import QualityChecker, QualityReport
 from modelloop.monitoring.quarantine import SourceVerdict, assess_sources, champion_of
+from modelloop.monitoring.recorder import LogRecorder, VersionInfo
 from modelloop.monitoring.report import EvaluationReport
 from modelloop.monitoring.settings import (
     MonitoringSettings,
@@ -186,12 +187,10 @@ class MonitoringService:
             )
         )
         self.windows = WindowSet(settings.window_size)
-        self.observer = MonitoringObserver(
+        self.recorder = LogRecorder(
             self.stores.predictions,
             self.windows,
-            self.metrics,
             self.version_info,
-            queue_size=settings.queue_size,
             sample_features=settings.sample_features,
         )
         # The prediction log the servers write (the SQL store's, or `open_log`'s over it):
@@ -201,7 +200,7 @@ class MonitoringService:
         self.log: PredictionLog[Any] = open_log(engine) if open_log is not None else SqlPredictionLog(engine)
         logged = LoggedTraffic() if traffic_from_log else None
         self.ingest: LogIngest | None = (
-            LogIngest(self.log, self.observer, self.metrics, prune=prune, traffic=logged)
+            LogIngest(self.log, self.recorder, self.metrics, prune=prune, traffic=logged)
             if reads_log
             else None
         )
@@ -617,9 +616,9 @@ class MonitoringService:
     ) -> FeedbackResult:
         """Joins labels to logged predictions and stores them durably under their source (blocking).
 
-        Predictions still in the observer's queue are written first, so a label posted
-        right after its prediction is found. Labels of a quarantined source are stored
-        and marked; the result says so.
+        The log is read up to the predictions answered before the call first
+        (:meth:`catch_up`), so a label posted right after its prediction is found. Labels
+        of a quarantined source are stored and marked; the result says so.
 
         Args:
             model: The model named in the route.
@@ -673,7 +672,7 @@ class MonitoringService:
             Whether it was, in time.
         """
         deadline = time.monotonic() + timeout
-        done = self.observer.flush(timeout=timeout)
+        done = True
         if self.before_flush is not None:
             done = self.before_flush(max(deadline - time.monotonic(), 0.0)) and done
         if self.ingest is not None:
@@ -697,8 +696,7 @@ class MonitoringService:
     # -- lifecycle -------------------------------------------------------------------
 
     async def start(self) -> None:
-        """Starts the observer's worker thread, the log reader and the evaluation loop."""
-        self.observer.start()
+        """Starts the log reader and the evaluation loop."""
         if self.ingest is not None:
             self.ingest.start()
         if self._task is None:
@@ -715,13 +713,12 @@ class MonitoringService:
             self._notify(reports)
 
     async def stop(self) -> None:
-        """Stops the loop, writes what the observer still holds, and closes the store."""
+        """Stops the loop, stores what the log holds, and closes the store."""
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
             self._task = None
-        await asyncio.to_thread(self.observer.stop)
         if self.ingest is not None:
             # What the servers logged before they stopped is stored before the store closes.
             await asyncio.to_thread(self.ingest.catch_up, 5.0)

@@ -2,7 +2,7 @@
 
 One thread reads the segments after the persisted cursor, in order, decodes each Arrow
 record batch back into answered requests, and hands them to
-:meth:`MonitoringObserver.write <modelloop.monitoring.observer.MonitoringObserver.write>`
+:meth:`LogRecorder.write <modelloop.monitoring.recorder.LogRecorder.write>`
 (the predictions table for the label join, then the drift windows). The cursor moves only
 after a segment's requests are stored, so a control plane killed at any moment re-reads at
 most the segments it had not confirmed; the predictions table keeps one row per
@@ -16,7 +16,7 @@ servers write meanwhile.
 Example:
 
 ```python
-ingest = LogIngest(SqlPredictionLog(store), observer, metrics)  # or ObjectPredictionLog(url, store=store)
+ingest = LogIngest(SqlPredictionLog(store), recorder, metrics)  # or ObjectPredictionLog(url, store=store)
 ingest.start()
 ingest.catch_up(timeout=2)  # everything logged so far is stored
 ingest.stop()
@@ -37,8 +37,8 @@ import pyarrow as pa
 from modelloop.logformat import decode_segment
 from modelloop.monitoring.history import LoggedTraffic
 from modelloop.monitoring.metrics import MonitoringMetrics
-from modelloop.monitoring.observer import MonitoringObserver
 from modelloop.monitoring.predlog import PredictionLog
+from modelloop.monitoring.recorder import LogRecorder
 from modelloop.monitoring.stores.engine import StoreUnavailable
 
 logger = logging.getLogger(__name__)
@@ -66,7 +66,7 @@ def _matrix(column: pa.ListArray, rows: int) -> np.ndarray:
 
 
 def decode_requests(batch: pa.RecordBatch) -> list[tuple[Any, ...]]:
-    """The answered requests of one record batch, as the observer's buffer items.
+    """The answered requests of one record batch, as the recorder takes them.
 
     Returns:
         ``(model, version, request_id, time, inputs, outputs, None, digest)`` per request,
@@ -110,7 +110,7 @@ class LogIngest:
     Args:
         log: The prediction log, through its port (:class:`PredictionLog`): the SQL
             store's, or objects under a prefix.
-        observer: Converts and stores the requests, and fills the drift windows.
+        recorder: Converts and stores the requests, and fills the drift windows.
         metrics: Where skipped segments and the backlog are exported.
         interval_s: How often the thread looks for new segments. Defaults to None: the
             log's ``poll_interval_s``.
@@ -124,7 +124,7 @@ class LogIngest:
     def __init__(
         self,
         log: PredictionLog[Any],
-        observer: MonitoringObserver,
+        recorder: LogRecorder,
         metrics: MonitoringMetrics,
         *,
         interval_s: float | None = None,
@@ -134,7 +134,7 @@ class LogIngest:
     ) -> None:
         self.traffic = traffic
         self.log = log
-        self.observer = observer
+        self.recorder = recorder
         self.metrics = metrics
         self.interval_s = log.poll_interval_s if interval_s is None else interval_s
         self.batch_segments = batch_segments
@@ -217,7 +217,7 @@ class LogIngest:
                     self.metrics.log_segments_skipped.inc()
                     logger.error("prediction log segment %s skipped: %s", seq, exc)
             if items:
-                self.stored += self.observer.write(items)
+                self.stored += self.recorder.write(items)
             last = segments[-1][0]
             self.log.advance(last)
             self._cursor = last

@@ -22,9 +22,9 @@ The spans of one request, when on:
   to every request span in it, and its parent is the first (sampled) of them (so that a lone
   request, the usual case at low load, reads as one tree).
 * ``modelloop.encode``: the response body or message, in the edge.
-* ``modelloop.monitoring.write``: the monitoring writer thread's batch (the prediction
-  log and the drift windows), linked to every request it records, its parent the first
-  of them (:mod:`modelloop.monitoring.observer`, through the request's ``trace``).
+* ``modelloop.monitoring.write``: the prediction logger's segment (one writer-thread
+  flush), linked to every request it logs, its parent the first of them
+  (:mod:`modelloop.serving.predlog`, through the request's ``trace``).
 
 Attributes: ``modelloop.model``, ``modelloop.version``, ``modelloop.protocol``,
 ``modelloop.batch.size`` (rows) and ``modelloop.batch.requests``, plus the request id and

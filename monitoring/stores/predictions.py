@@ -93,7 +93,7 @@ _SELECT_PREDICTED_SINCE = sa.text(
 
 
 class PredictionWriter(Protocol):
-    """Where the observer stores the requests it reads; may raise ``StoreUnavailable``."""
+    """Where the recorder stores the requests the log's reader reads; may raise ``StoreUnavailable``."""
 
     def record(self, records: Sequence[PredictionRecord]) -> None:
         """Logs predictions; a repeated ``(model, request_id)`` keeps the first."""

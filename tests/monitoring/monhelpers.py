@@ -8,6 +8,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -88,3 +89,16 @@ def wait_until(predicate: Callable[[], bool], timeout: float = 10.0, interval: f
             return True
         time.sleep(interval)
     return bool(predicate())
+
+
+def logged(request: Any, response: Any) -> tuple[Any, ...]:
+    """One answered request as the prediction log's reader hands it to the recorder."""
+    return (
+        response.model,
+        response.version,
+        response.id,
+        time.time(),
+        request.inputs,
+        response.outputs,
+        None,
+    )

@@ -21,7 +21,7 @@ from modelloop.serving.settings import ServingSettings
 from modelloop.serving.shared_memory import SystemSharedMemory
 from modelloop.serving.types import InferRequest, InferResponse, ModelState, Protocol, VersionStatus
 from modelloop.tokens import TokenMatcher
-from tests.monitoring.monhelpers import DigitsData, FakeCatalog, write_version
+from tests.monitoring.monhelpers import DigitsData, FakeCatalog, logged, write_version
 
 URL = "/v1/models/digits/feedback"
 
@@ -60,19 +60,23 @@ def service(tmp_path: Path, digits_data: DigitsData) -> Iterator[MonitoringServi
         catalog=catalog,
         registry=CollectorRegistry(),
     )
-    svc.observer.start()
     # Logged predictions: "one" has 1 row, "three" has 3, predicted class 0 each.
     for rid, rows in (("one", 1), ("three", 3), ("two", 2), ("spare", 1)):
         probs = np.zeros((rows, 10), np.float32)
         probs[:, 0] = 1
-        svc.observer.observe(
-            InferRequest("digits", {"pixels": np.zeros((rows, 64), np.float32)}, Protocol.V2_REST, id=rid),
-            InferResponse("digits", 1, {"probabilities": probs}, id=rid),
+        svc.recorder.write(
+            [
+                logged(
+                    InferRequest(
+                        "digits", {"pixels": np.zeros((rows, 64), np.float32)}, Protocol.V2_REST, id=rid
+                    ),
+                    InferResponse("digits", 1, {"probabilities": probs}, id=rid),
+                )
+            ]
         )
     try:
         yield svc
     finally:
-        svc.observer.stop()
         svc.stores.close()
 
 
@@ -261,9 +265,15 @@ async def test_a_quarantined_source_is_stored_marked_and_reported(
     for rid in ids:
         probs = np.zeros((1, 10), np.float32)
         probs[0, 0] = 1
-        service.observer.observe(
-            InferRequest("digits", {"pixels": np.zeros((1, 64), np.float32)}, Protocol.V2_REST, id=rid),
-            InferResponse("digits", 1, {"probabilities": probs}, id=rid),
+        service.recorder.write(
+            [
+                logged(
+                    InferRequest(
+                        "digits", {"pixels": np.zeros((1, 64), np.float32)}, Protocol.V2_REST, id=rid
+                    ),
+                    InferResponse("digits", 1, {"probabilities": probs}, id=rid),
+                )
+            ]
         )
     team_a = {"authorization": "Bearer token-a"}
     flips = {"feedback": [{"request_id": rid, "target": 1} for rid in ids[:60]]}

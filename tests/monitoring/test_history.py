@@ -22,7 +22,7 @@ from modelloop.serving.metrics import ServingMetrics
 from modelloop.serving.rest.errors import install_error_handlers
 from modelloop.serving.types import ModelState
 from modelloop.training.baseline import build_baseline
-from tests.monitoring.monhelpers import DigitsData, FakeCatalog, drifted_digits, write_version
+from tests.monitoring.monhelpers import DigitsData, FakeCatalog, drifted_digits, logged, write_version
 from tests.monitoring.test_service import pair
 
 
@@ -130,18 +130,15 @@ def service(tmp_path: Path, calibrated: dict, digits_data: DigitsData) -> Iterat
     catalog = FakeCatalog({"digits": {1: ModelState.AVAILABLE, 2: ModelState.AVAILABLE}})
     settings = MonitoringSettings(state_dir=tmp_path / "state", min_rows=100, eval_interval_s=0.05)
     svc = MonitoringService(settings, repo=repo, catalog=catalog, registry=CollectorRegistry())
-    svc.observer.start()
     try:
         yield svc
     finally:
-        svc.observer.stop()
         svc.stores.close()
 
 
 def _send(svc: MonitoringService, rows: np.ndarray, version: int, prefix: str) -> None:
     for i in range(0, len(rows), 10):
-        svc.observer.observe(*pair(rows[i : i + 10], f"{prefix}{i}", version=version))
-    assert svc.observer.flush(5)
+        svc.recorder.write([logged(*pair(rows[i : i + 10], f"{prefix}{i}", version=version))])
 
 
 def test_evaluation_exports_estimate_and_quality_and_records_history(

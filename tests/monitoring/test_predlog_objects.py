@@ -17,9 +17,9 @@ from prometheus_client import CollectorRegistry, Counter
 
 from modelloop.monitoring.ingest import LogIngest
 from modelloop.monitoring.metrics import MonitoringMetrics
-from modelloop.monitoring.observer import MonitoringObserver, VersionInfo
 from modelloop.monitoring.predlog_objects import SUFFIX, ObjectCursor, ObjectPredictionLog, key_time, time_key
 from modelloop.monitoring.predlog_store import export_parquet
+from modelloop.monitoring.recorder import LogRecorder, VersionInfo
 from modelloop.monitoring.stores import Stores, StoreUnavailable, open_stores
 from modelloop.monitoring.window import WindowSet
 from modelloop.serving.predlog import LogColumns, PredictionLogger, encode_batch, encode_segment
@@ -77,10 +77,8 @@ def _segment(prefix: str, n: int, *, t: float | None = None, model: str = "digit
 def _reader(log: ObjectPredictionLog, store: Stores) -> tuple[LogIngest, WindowSet]:
     metrics = MonitoringMetrics(CollectorRegistry())
     windows = WindowSet(100_000)
-    observer = MonitoringObserver(
-        store.predictions, windows, metrics, lambda m, v: VersionInfo("multiclass", 3)
-    )
-    return LogIngest(log, observer, metrics), windows
+    recorder = LogRecorder(store.predictions, windows, lambda m, v: VersionInfo("multiclass", 3))
+    return LogIngest(log, recorder, metrics), windows
 
 
 def _stored_ids(store: Stores) -> list[str]:

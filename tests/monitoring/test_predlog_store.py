@@ -14,8 +14,8 @@ from prometheus_client import CollectorRegistry
 
 from modelloop.monitoring.ingest import LogIngest
 from modelloop.monitoring.metrics import MonitoringMetrics
-from modelloop.monitoring.observer import MonitoringObserver, VersionInfo
 from modelloop.monitoring.predlog_store import SqlPredictionLog, export_parquet
+from modelloop.monitoring.recorder import LogRecorder, VersionInfo
 from modelloop.monitoring.stores import Stores, open_stores
 from modelloop.monitoring.stores.records import FeedbackItem
 from modelloop.monitoring.window import WindowSet
@@ -56,11 +56,9 @@ def _segment(prefix: str, n: int, *, model: str = "digits", t: float | None = No
 def _reader(store: Stores, registry: CollectorRegistry) -> tuple[LogIngest, WindowSet]:
     metrics = MonitoringMetrics(registry)
     windows = WindowSet(1000)
-    observer = MonitoringObserver(
-        store.predictions, windows, metrics, lambda m, v: VersionInfo("multiclass", 3)
-    )
+    recorder = LogRecorder(store.predictions, windows, lambda m, v: VersionInfo("multiclass", 3))
     log = SqlPredictionLog(store.engine, settle_s=0.0)
-    return LogIngest(log, observer, metrics), windows
+    return LogIngest(log, recorder, metrics), windows
 
 
 def test_segments_are_read_in_order_from_the_cursor(store: Stores) -> None:
@@ -148,11 +146,9 @@ def test_a_control_plane_counts_the_logged_traffic_for_its_history(store: Stores
 
     traffic = LoggedTraffic()
     metrics = MonitoringMetrics(CollectorRegistry())
-    observer = MonitoringObserver(
-        store.predictions, WindowSet(100), metrics, lambda m, v: VersionInfo("multiclass", 3)
-    )
+    recorder = LogRecorder(store.predictions, WindowSet(100), lambda m, v: VersionInfo("multiclass", 3))
     log = SqlPredictionLog(store.engine, settle_s=0.0)
-    ingest = LogIngest(log, observer, metrics, traffic=traffic)
+    ingest = LogIngest(log, recorder, metrics, traffic=traffic)
     meter = TrafficMeter(traffic.registry, errors=False)
     assert meter.measure(now=0.0) == {}
     log.append(_segment("t", 40), rows=40)

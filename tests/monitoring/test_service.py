@@ -1,4 +1,4 @@
-"""The observer (bounded, never blocks) and the service (evaluation, gauges, listeners)."""
+"""The recorder (the log's requests stored and windowed) and the service (evaluation, gauges, listeners)."""
 
 from __future__ import annotations
 
@@ -12,8 +12,7 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from modelloop.control.service import MonitoringService
-from modelloop.monitoring.metrics import MonitoringMetrics
-from modelloop.monitoring.observer import MonitoringObserver, VersionInfo, predicted_values
+from modelloop.monitoring.recorder import LogRecorder, VersionInfo, predicted_values
 from modelloop.monitoring.report import EvaluationReport
 from modelloop.monitoring.settings import MonitoringSettings, resolve_model_settings
 from modelloop.monitoring.stores import open_stores
@@ -22,7 +21,7 @@ from modelloop.monitoring.stores.records import FeedbackItem, PredictionRecord
 from modelloop.monitoring.window import WindowSet
 from modelloop.serving.settings import ModelConfig
 from modelloop.serving.types import InferRequest, InferResponse, ModelState, Protocol
-from tests.monitoring.monhelpers import DigitsData, FakeCatalog, drifted_digits, wait_until, write_version
+from tests.monitoring.monhelpers import DigitsData, FakeCatalog, drifted_digits, logged, write_version
 
 
 def pair(
@@ -53,102 +52,55 @@ class BlockingStore:
         self.records.extend(records)
 
 
-def test_a_full_queue_drops_and_counts_without_blocking():
-    registry = CollectorRegistry()
-    store = BlockingStore()
-    windows = WindowSet(1000)
-    observer = MonitoringObserver(
-        store, windows, MonitoringMetrics(registry), lambda m, v: VersionInfo(), queue_size=5, linger_s=0.0
-    )
-    observer.start()
-    try:
-        rows = np.ones((1, 64))
-        for i in range(200):
-            observer.observe(*pair(rows, f"r{i}"))
-        # 200 calls returned while the writer was stuck in record(): no call waited for it
-        # (a call that had waited would have outlasted the store's 10 s block and let it write).
-        assert store.records == [] and not store.release.is_set()
-        # The worker holds at most one batch (<= 5 taken off the queue), the queue 5 more.
-        assert observer.dropped >= 200 - 10
-        assert (
-            registry.get_sample_value("modelloop_monitoring_dropped_total", {"model": "digits"})
-            == observer.dropped
-        )
-        store.release.set()
-        assert observer.flush(5)
-        assert len(store.records) == 200 - observer.dropped
-    finally:
-        store.release.set()
-        observer.stop()
-
-
-def test_store_outage_is_counted_and_windows_still_fill():
-    registry = CollectorRegistry()
+def test_a_store_outage_adds_nothing_so_the_batch_is_read_again():
     store = BlockingStore()
     store.fail = True
     store.release.set()
     windows = WindowSet(1000)
-    observer = MonitoringObserver(store, windows, MonitoringMetrics(registry), lambda m, v: VersionInfo())
-    observer.start()
-    try:
-        observer.observe(*pair(np.ones((3, 64)), "a"))
-        assert observer.flush(5)
-        assert registry.get_sample_value("modelloop_monitoring_dropped_total", {"model": "digits"}) == 1
-        assert len(windows.get("digits", 1)) == 3
-    finally:
-        observer.stop()
+    recorder = LogRecorder(store, windows, lambda m, v: VersionInfo())
+    batch = [logged(*pair(np.ones((3, 64)), "a"))]
+    with pytest.raises(StoreUnavailable):
+        recorder.write(batch)
+    # The windows take rows only once the store has them: the reader's retry counts them once.
+    assert len(windows.get("digits", 1)) == 0
+    store.fail = False
+    assert recorder.write(batch) == 1
+    assert len(windows.get("digits", 1)) == 3 and [r.request_id for r in store.records] == ["a"]
 
 
 def test_a_batch_is_converted_per_version_and_logs_what_each_request_sent():
-    registry = CollectorRegistry()
     store = BlockingStore()
     store.release.set()
     windows = WindowSet(1000)
-    observer = MonitoringObserver(
-        store, windows, MonitoringMetrics(registry), lambda m, v: VersionInfo(classes=10), sample_features=64
-    )
+    recorder = LogRecorder(store, windows, lambda m, v: VersionInfo(classes=10), sample_features=64)
     rng = np.random.default_rng(0)
     wide = [rng.integers(0, 17, size=(n, 70)).astype(np.float32) for n in (1, 3, 2)]
     requests = [pair(rows, f"w{i}", classes=np.full(len(rows), i)) for i, rows in enumerate(wide)]
     requests.append(pair(np.ones((2, 64)), "v2", version=2, classes=np.array([7, 8])))
     narrow = pair(np.ones((1, 10)), "odd", version=2, classes=np.array([5]))  # another width, same version
-    observer.start()
-    try:
-        for request, response in [*requests, narrow]:
-            observer.observe(request, response)
-        assert observer.flush(5)
-    finally:
-        observer.stop()
-    logged = {r.request_id: r for r in store.records}
-    assert sorted(logged) == ["odd", "v2", "w0", "w1", "w2"]
+    assert recorder.write([logged(request, response) for request, response in [*requests, narrow]]) == 5
+    stored = {r.request_id: r for r in store.records}
+    assert sorted(stored) == ["odd", "v2", "w0", "w1", "w2"]
     for i, rows in enumerate(wide):
-        record = logged[f"w{i}"]
+        record = stored[f"w{i}"]
         # The first 64 of 70 columns of exactly this request's rows, and its predictions.
         np.testing.assert_array_equal(np.asarray(record.inputs), rows[:, :64].astype(np.float64))
         assert list(record.predicted) == [i] * len(rows)
         assert np.asarray(record.outputs).shape == (len(rows), 10)
-    assert list(logged["v2"].predicted) == [7, 8] and list(logged["odd"].predicted) == [5]
+    assert list(stored["v2"].predicted) == [7, 8] and list(stored["odd"].predicted) == [5]
     assert len(windows.get("digits", 1)) == 6 and len(windows.get("digits", 2)) == 3
 
 
 def test_wide_multi_row_requests_round_trip_through_the_store(tmp_path: Path):
     store = open_stores(f"sqlite:///{tmp_path / 'log.db'}")
-    observer = MonitoringObserver(
-        store.predictions,
-        WindowSet(100),
-        MonitoringMetrics(CollectorRegistry()),
-        lambda m, v: VersionInfo(classes=10),
-    )
+    recorder = LogRecorder(store.predictions, WindowSet(100), lambda m, v: VersionInfo(classes=10))
     rows = np.arange(3 * 70, dtype=np.float32).reshape(3, 70)
-    observer.start()
     try:
-        observer.observe(*pair(np.zeros((1, 70)), "first"))
-        observer.observe(*pair(rows, "wide", classes=np.array([1, 2, 3])))
-        assert observer.flush(5)
+        recorder.write([logged(*pair(np.zeros((1, 70)), "first"))])
+        recorder.write([logged(*pair(rows, "wide", classes=np.array([1, 2, 3])))])
         assert store.feedback.add_feedback("digits", [FeedbackItem("wide", [1, 2, 3])]).accepted == ["wide"]
         inputs, targets = store.feedback.feedback_dataset("digits")
     finally:
-        observer.stop()
         store.close()
     np.testing.assert_array_equal(inputs, rows[:, :64])
     assert targets.tolist() == [1, 2, 3]
@@ -174,11 +126,9 @@ def setup(
         state_dir=tmp_path / "state", min_rows=100, min_labels=10, eval_interval_s=0.05
     )
     service = MonitoringService(settings, repo=repo, catalog=catalog, registry=registry)
-    service.observer.start()
     try:
         yield service, catalog, registry
     finally:
-        service.observer.stop()
         service.stores.close()
 
 
@@ -188,9 +138,10 @@ def _send(
     ids = []
     for i in range(0, len(rows), 10):
         rid = f"{prefix}{i}"
-        service.observer.observe(*pair(rows[i : i + 10], rid, version=version, classes=classes[i : i + 10]))
+        service.recorder.write(
+            [logged(*pair(rows[i : i + 10], rid, version=version, classes=classes[i : i + 10]))]
+        )
         ids.append(rid)
-    assert service.observer.flush(5)
     return ids
 
 
@@ -304,7 +255,6 @@ def test_regressors_export_mae(tmp_path: Path, digits_data: DigitsData):
         registry=registry,
         stores=store,
     )
-    service.observer.start()
     try:
         request = InferRequest(
             model="diabetes", inputs={"pixels": np.ones((2, 64), np.float32)}, protocol=Protocol.V2_REST
@@ -312,7 +262,7 @@ def test_regressors_export_mae(tmp_path: Path, digits_data: DigitsData):
         response = InferResponse(
             "diabetes", 1, {"probabilities": np.array([[10.0], [20.0]], np.float32)}, id="r"
         )
-        service.observer.observe(request, response)
+        service.recorder.write([logged(request, response)])
         assert service.add_feedback("diabetes", [FeedbackItem("r", [12.0, 17.0])]).accepted == ["r"]
         report = service.evaluate_once()[0]
         assert report.accuracy is not None and report.accuracy.metric == "mae"
@@ -322,7 +272,6 @@ def test_regressors_export_mae(tmp_path: Path, digits_data: DigitsData):
         )
         assert registry.get_sample_value("modelloop_accuracy", {"model": "diabetes", "version": "1"}) is None
     finally:
-        service.observer.stop()
         store.close()
 
 
@@ -339,7 +288,7 @@ async def test_the_loop_runs_and_stops(tmp_path: Path, digits_data: DigitsData):
     service.add_listener(lambda m, v, r: seen.set())
     await service.start()
     try:
-        service.observer.observe(*pair(np.ones((1, 64)), "x"))
+        service.recorder.write([logged(*pair(np.ones((1, 64)), "x"))])
         for _ in range(200):
             if seen.is_set():
                 break
@@ -347,7 +296,6 @@ async def test_the_loop_runs_and_stops(tmp_path: Path, digits_data: DigitsData):
         assert seen.is_set()
     finally:
         await service.stop()
-    # stop() wrote the queue and closed the store.
+    # stop() closed the store.
     with pytest.raises(StoreUnavailable):
         service.stores.feedback.count_labels("digits", 1)
-    assert wait_until(lambda: service.observer.pending == 0, 1)

@@ -1,7 +1,7 @@
 """Monitoring of a model whose input is strings (BYTES): predictions logged, no feature drift.
 
 Such a version's baseline lists no features (the exporter writes it so for a model served
-by its ``model.py``); the observer logs each prediction with no input columns, so accuracy
+by its ``model.py``); the recorder stores each prediction with no input columns, so accuracy
 from labels, prediction drift and the label-free estimate work as for any classifier.
 """
 
@@ -18,7 +18,7 @@ from modelloop.monitoring.drift import DriftDetector
 from modelloop.monitoring.settings import MonitoringSettings
 from modelloop.monitoring.stores.records import FeedbackItem
 from modelloop.serving.types import InferRequest, InferResponse, ModelState, Protocol
-from tests.monitoring.monhelpers import FakeCatalog
+from tests.monitoring.monhelpers import FakeCatalog, logged
 
 LABELS = ["debugging", "formatting"]
 BASELINE = {
@@ -72,16 +72,15 @@ def test_string_requests_are_logged_and_give_prediction_drift_and_accuracy(tmp_p
         catalog=FakeCatalog({"topics": {1: ModelState.AVAILABLE}}),
         registry=registry,
     )
-    service.observer.start()
     try:
         # Every prediction is "debugging": the prediction distribution moved off 50/50.
         ids = []
         for i in range(10):
             rid = f"r{i}"
-            service.observer.observe(*answered([b"set a breakpoint", "ünï".encode(), b""], [0, 0, 0], rid))
+            service.recorder.write(
+                [logged(*answered([b"set a breakpoint", "ünï".encode(), b""], [0, 0, 0], rid))]
+            )
             ids.append(rid)
-        assert service.observer.flush(5)
-        assert service.observer.dropped == 0
         report = service.evaluate_once()[0]
         assert report.window_rows == 30
         assert report.drift_error == ""
@@ -97,7 +96,6 @@ def test_string_requests_are_logged_and_give_prediction_drift_and_accuracy(tmp_p
         service.evaluate_once()
         assert abs(registry.get_sample_value("modelloop_accuracy", labels) - 2 / 3) < 1e-9
     finally:
-        service.observer.stop()
         service.stores.close()
 
 
