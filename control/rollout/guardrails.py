@@ -201,6 +201,47 @@ def _mae_bounds(candidate: list[float], champion: list[float], confidence: float
     return m1 - m2 - z * se, m1 - m2 + z * se
 
 
+@dataclass(frozen=True, slots=True)
+class _SlowCalls:
+    """Both versions' calls slower than a limit drawn from one of the champion's quantiles."""
+
+    limit: float
+    calls: int
+    slower: int
+    champion_calls: int
+    champion_slower: int
+    share_low: float
+    champion_high: float
+
+    @classmethod
+    def over(
+        cls,
+        policy: RolloutPolicy,
+        champion: VersionEvidence,
+        candidate: VersionEvidence,
+        quantile: float,
+        z: float,
+    ) -> _SlowCalls:
+        """Calls slower than ``max_latency_ratio`` x ``quantile`` and ``min_latency_difference_ms`` more."""
+        limit = max(policy.max_latency_ratio * quantile, quantile + policy.min_latency_difference_ms / 1000.0)
+        calls = sum(candidate.latency.values())
+        slower = sum(n for b, n in candidate.latency.items() if latency_floor(b) >= limit)
+        champ_calls = sum(champion.latency.values())
+        champ_slower = sum(n for b, n in champion.latency.items() if latency_floor(b) >= limit)
+        share_low, _ = wilson_interval(slower, calls, z)
+        _, champ_high = wilson_interval(champ_slower, champ_calls, z)
+        return cls(limit, calls, slower, champ_calls, champ_slower, share_low, champ_high)
+
+    def describe(self, policy: RolloutPolicy, quantile: str) -> str:
+        """The counts, in words."""
+        return (
+            f"{self.slower} of {self.calls} calls slower than {self.limit * 1000:.3f} ms "
+            f"(max_latency_ratio {policy.max_latency_ratio:g} x its {quantile}, at least "
+            f"{policy.min_latency_difference_ms:g} ms more), against {self.champion_slower} of "
+            f"{self.champion_calls} of the champion's"
+        )
+
+
 def judge(
     policy: RolloutPolicy,
     mode: str,
@@ -252,24 +293,14 @@ def judge(
         # the champion's calls in the same window too: the candidate's share of slow calls
         # is judged against the champion's share over the same limit, and a call is slow
         # only when it is also min_latency_difference_ms slower than the champion's p99.
-        limit = max(
-            policy.max_latency_ratio * champ_p99, champ_p99 + policy.min_latency_difference_ms / 1000.0
-        )
-        calls = sum(candidate.latency.values())
-        slower = sum(n for b, n in candidate.latency.items() if latency_floor(b) >= limit)
-        champ_calls = sum(champion.latency.values())
-        champ_slower = sum(n for b, n in champion.latency.items() if latency_floor(b) >= limit)
-        share_low, _ = wilson_interval(slower, calls, z)
-        _, champ_high = wilson_interval(champ_slower, champ_calls, z)
-        values["latency_slower_share_lower"] = share_low
-        values["champion_slower_share_upper"] = champ_high
-        if share_low - champ_high > 0.01:
+        slow = _SlowCalls.over(policy, champion, candidate, champ_p99, z)
+        values["latency_slower_share_lower"] = slow.share_low
+        values["champion_slower_share_upper"] = slow.champion_high
+        if slow.share_low - slow.champion_high > 0.01:
             breaches.append(
                 f"p99 latency {cand_p99 * 1000:.3f} ms, {ratio:.2f}x the champion's "
-                f"{champ_p99 * 1000:.3f} ms: {slower} of {calls} calls slower than {limit * 1000:.3f} ms "
-                f"(max_latency_ratio {policy.max_latency_ratio:g} x its p99, at least "
-                f"{policy.min_latency_difference_ms:g} ms more), against {champ_slower} of {champ_calls} "
-                f"of the champion's (lower bound {share_low:.3f} - upper bound {champ_high:.3f} > 0.01)"
+                f"{champ_p99 * 1000:.3f} ms: {slow.describe(policy, 'p99')} (lower bound "
+                f"{slow.share_low:.3f} - upper bound {slow.champion_high:.3f} > 0.01)"
             )
     # The typical call. A busy host slows the tail of both versions (a p99 over a few
     # hundred calls is a handful of them), but not the median: a candidate whose calls are
@@ -279,22 +310,11 @@ def judge(
     cand_p50, champ_p50 = candidate.p50_s, champion.p50_s
     values["median_latency_ratio"] = cand_p50 / champ_p50 if cand_p50 is not None and champ_p50 else None
     if judged and cand_p50 is not None and champ_p50:
-        limit50 = max(
-            policy.max_latency_ratio * champ_p50, champ_p50 + policy.min_latency_difference_ms / 1000.0
-        )
-        calls = sum(candidate.latency.values())
-        slower = sum(n for b, n in candidate.latency.items() if latency_floor(b) >= limit50)
-        champ_calls = sum(champion.latency.values())
-        champ_slower = sum(n for b, n in champion.latency.items() if latency_floor(b) >= limit50)
-        share_low, _ = wilson_interval(slower, calls, z)
-        _, champ_high = wilson_interval(champ_slower, champ_calls, z)
-        if share_low > 0.5 and share_low - champ_high > 0.25:
+        slow = _SlowCalls.over(policy, champion, candidate, champ_p50, z)
+        if slow.share_low > 0.5 and slow.share_low - slow.champion_high > 0.25:
             breaches.append(
                 f"median latency {cand_p50 * 1000:.3f} ms, {cand_p50 / champ_p50:.2f}x the champion's "
-                f"{champ_p50 * 1000:.3f} ms: {slower} of {calls} calls slower than {limit50 * 1000:.3f} ms "
-                f"(max_latency_ratio {policy.max_latency_ratio:g} x its median, at least "
-                f"{policy.min_latency_difference_ms:g} ms more), against {champ_slower} of {champ_calls} "
-                f"of the champion's"
+                f"{champ_p50 * 1000:.3f} ms: {slow.describe(policy, 'median')}"
             )
     # Accuracy or MAE.
     accuracy_ok = not labels_expected
