@@ -47,7 +47,13 @@ def test_a_drift_alert_retrains_in_the_control_plane_and_the_server_rolls_the_ne
     # Retrain quickly: a 5-epoch candidate may lose a few points of one class's recall on the
     # drifted digits, which the per-class gate (tested in tests/test_retrain.py) would refuse.
     retrain = {"epochs": 5, "class_margin": 1.0}
-    (repo / "digits" / "config.json").write_text(json.dumps({"retrain": retrain, "rollout": rollout}))
+    # The label checks (tests/monitoring/test_quarantine.py) may read this one unauthenticated
+    # source's labels on drifted digits, which the champion confidently gets wrong, as a
+    # targeted flip; here the canary is judged on them.
+    feedback = {"enabled": False}
+    (repo / "digits" / "config.json").write_text(
+        json.dumps({"retrain": retrain, "rollout": rollout, "feedback": feedback})
+    )
     env = {
         "MODELLOOP_ADMIN_TOKEN": TOKEN,
         "MODELLOOP_MONITORING_EVAL_INTERVAL_S": "1",
@@ -92,6 +98,7 @@ def test_a_drift_alert_retrains_in_the_control_plane_and_the_server_rolls_the_ne
         assert state_now["state"] == "promoted" and state_now["champion"] == 2, (
             state_now.get("reason"),
             state_now,
+            plane.output()[-4000:],
         )
         # The control plane judged: it started the rollout and promoted the candidate; the
         # server only counted its calls and followed the decisions.

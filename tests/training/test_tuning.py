@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import keras
@@ -118,6 +119,8 @@ def test_bad_search_spaces_and_pixel_ranges_are_rejected(tmp_path: Path, space: 
     header = "from modelloop.training.spec import Choice, FloatRange, IntRange\n"
     path = tmp_path / "spec.py"
     path.write_text(source.replace('TASK = "multiclass"', f'{header}TASK = "multiclass"\n{space}'))
+    # The spec imports its data from the module beside it, whatever ran before this test.
+    shutil.copy(SPECS / "_blobs.py", tmp_path / "_blobs.py")
     with pytest.raises(SpecError, match=message):
         load_spec(str(path))
 
