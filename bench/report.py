@@ -166,7 +166,7 @@ COMPARISONS: tuple[Target, ...] = (
     ),
     Target("ours TF Serving REST / tutorial baseline (32 conn)", _REST32, "tutorial.c32"),
     Target(
-        "serve alone (logs, no control plane running) / logging to a running control plane, CPU per REST request",
+        "serve alone (logs, no control plane running) / logging to a running control plane, CPU per REST",
         _REST32,
         "split.tfserving_rest.c32",
         metric="cpu_us",
