@@ -41,6 +41,7 @@ from prometheus_client import CollectorRegistry
 
 from bench import loadgen, payloads, processes
 from bench.models import ensure_digits
+from bench.suite import start_control_plane
 from modelloop.logformat import LogColumns, encode_batch, encode_segment
 from modelloop.monitoring.history import LoggedTraffic
 from modelloop.monitoring.ingest import LogIngest
@@ -187,11 +188,12 @@ def measure_lag(directory: Path, rate: float, duration: float) -> np.ndarray:
     return np.concatenate(lags) if lags else np.zeros(0)
 
 
-def _metric_sum(text: str, name: str) -> float:
-    """The sum of one metric's samples in a Prometheus text page."""
+def _metric_sum(text: str, name: str, **labels: str) -> float:
+    """The sum of one metric's samples in a Prometheus text page, over those with ``labels``."""
+    wanted = [f'{k}="{v}"' for k, v in labels.items()]
     total = 0.0
     for line in text.splitlines():
-        if line.startswith(name) and line[len(name)] in "{ ":
+        if line.startswith(name) and line[len(name)] in "{ " and all(w in line for w in wanted):
             total += float(line.rsplit(" ", 1)[1])
     return total
 
@@ -209,8 +211,6 @@ def measure_no_drop(directory: Path, seconds: float) -> tuple[int, int, float, f
     env = {"MODELLOOP_MONITORING_STATE_DIR": str(state), "MODELLOOP_MONITORING_TRIGGER": "none"}
     argv = ["-m", "modelloop", "serve", "--repo", str(repo), "--rest-port", "0", "--grpc-port", "0"]
     body = payloads.write_bodies(directory, "digits", "pixels", payloads.sample_row(payloads.DIGITS_FEATURES))
-    from bench.suite import start_control_plane
-
     plane = start_control_plane(repo, env)
     argv += ["--control-plane", plane.rest_url]
     try:
@@ -224,15 +224,7 @@ def measure_no_drop(directory: Path, seconds: float) -> tuple[int, int, float, f
             proc.rest_url, path, body["tfserving_rest"], connections=32, duration_s=seconds
         )
         page = httpx.get(f"{proc.rest_url}/metrics", timeout=10).text
-        answered = int(
-            sum(
-                float(line.rsplit(" ", 1)[1])
-                for line in page.splitlines()
-                if line.startswith("modelloop_requests_total{")
-                and 'code="OK"' in line
-                and 'model="digits"' in line
-            )
-        )
+        answered = int(_metric_sum(page, "modelloop_requests_total", code="OK", model="digits"))
         dropped = _metric_sum(page, "modelloop_monitoring_dropped_total")
         # The control plane stores what the server's logger wrote; wait until it has all of it.
         db = next(state.rglob("*.db"))
