@@ -169,7 +169,7 @@ def test_bad_worker_counts_are_one_line_errors(tmp_path, command, workers):
 
 
 def test_worker_arguments_round_trip():
-    from modelloop.cli import build_parser, worker_argv
+    from modelloop.arguments import build_parser, worker_argv
 
     parser = build_parser()
     given = [
@@ -210,7 +210,7 @@ def test_a_busy_port_fails_before_any_worker_starts(tmp_path):
 
 
 def test_auto_workers_are_the_cpus_this_process_may_use():
-    from modelloop.cli import worker_count
+    from modelloop.arguments import worker_count
     from modelloop.serving.cpus import cpu_budget
 
     assert worker_count("auto") == worker_count(" AUTO ") == cpu_budget().count

@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from modelloop.cli import _serving_settings, _simulate_state_dir, _simulate_token, build_parser
+from modelloop.arguments import build_parser
+from modelloop.cli import _serving_settings, _simulate_state_dir, _simulate_token
 from modelloop.control.rollout.cli import summary
 from modelloop.monitoring.settings import FEEDBACK_TOKEN_FILE, ensure_feedback_token_file
 from modelloop.monitoring.stores import open_stores

@@ -119,7 +119,7 @@ def test_nothing_deserialises_pickles():
 
 
 def test_server_binds_loopback_by_default():
-    from modelloop.cli import build_parser
+    from modelloop.arguments import build_parser
     from modelloop.serving.settings import ServingSettings
 
     assert ServingSettings(repo=Path(".")).host == "127.0.0.1"
