@@ -50,8 +50,9 @@ from modelloop.serving.errors import (
 from modelloop.serving.ids import new_request_id
 from modelloop.serving.metrics import ServingMetrics
 from modelloop.serving.observer import InferenceObserver, NullObserver
-from modelloop.serving.registry import ModelRegistry, Servable
+from modelloop.serving.registry import ModelRegistry
 from modelloop.serving.rollout import RouteChoice
+from modelloop.serving.servable import Servable
 from modelloop.serving.shared_memory import SystemSharedMemory
 from modelloop.serving.statistics import VersionStatistics
 from modelloop.serving.types import (

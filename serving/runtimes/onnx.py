@@ -121,7 +121,7 @@ class OnnxRuntime(Runtime):
         intra_op_num_threads: Threads inside one operator; 0 = ONNX Runtime's own default
             (one per physical core of the host, pinned to cores of its choosing). Defaults
             to None: left to ONNX Runtime too, but the registry always passes a number sized
-            to the process (:func:`~modelloop.serving.registry.create_runtime`).
+            to the process (:func:`~modelloop.serving.servable.create_runtime`).
         inter_op_num_threads: Threads across operators (parallel execution mode only).
             Defaults to ONNX Runtime's choice.
         allow_spinning: Let idle pool threads spin instead of sleeping: a little lower

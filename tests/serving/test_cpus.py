@@ -64,7 +64,7 @@ from pathlib import Path
 os.sched_setaffinity(0, {0})
 import numpy as np
 import onnxruntime  # its import starts a thread of its own; count the session's from here
-from modelloop.serving.registry import create_runtime
+from modelloop.serving.servable import create_runtime
 from modelloop.serving.repository import ModelRepository
 from modelloop.serving.settings import ModelConfig, ServingSettings
 

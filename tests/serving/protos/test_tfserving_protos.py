@@ -179,7 +179,7 @@ def test_tensorflow_loads_only_with_a_savedmodel_runtime(digits_repo: Path) -> N
         "import sys\n"
         "from pathlib import Path\n"
         "import modelloop.server\n"
-        "from modelloop.serving.registry import create_runtime\n"
+        "from modelloop.serving.servable import create_runtime\n"
         "from modelloop.serving.repository import ModelRepository\n"
         "from modelloop.serving.settings import ModelConfig, ServingSettings\n"
         "repo = Path(sys.argv[1]); version = repo / 'digits' / '1'\n"
