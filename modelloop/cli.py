@@ -213,7 +213,8 @@ def _serve(
     count = worker_count(args.workers)
     settings, monitoring, from_env = _serving_settings(args)
     labelers = labelers if labelers is not None else from_env
-    from modelloop.server import WorkerRole, print_addresses, serve
+    from modelloop.process import WorkerRole, print_addresses
+    from modelloop.server import serve
 
     if args.worker_index is not None:
         metrics_dir = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
@@ -223,7 +224,7 @@ def _serve(
         return serve(settings, monitoring=monitoring, labelers=labelers, role=role)
     if count == 1:
         return serve(settings, on_ready=on_ready, monitoring=monitoring, labelers=labelers)
-    from modelloop.server import ServerError
+    from modelloop.process import ServerError
     from modelloop.workers import Supervisor, WorkerOptions
 
     if settings.repo_url is None and not settings.repo.is_dir():

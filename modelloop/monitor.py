@@ -56,10 +56,10 @@ from modelloop.control.rollout.controller import RolloutController
 from modelloop.control.rollout.http import create_rollout_router
 from modelloop.control.service import MonitoringService
 from modelloop.errors import ModelloopError, ServiceError
+from modelloop.logwiring import open_prediction_log, peer_wait_s, task_from_card
 from modelloop.monitoring.settings import LabelerSettings, MonitoringSettings
 from modelloop.monitoring.stores import StoreUnavailable
 from modelloop.monitoring.stores.binding import RepositoryMismatch, repository_identity
-from modelloop.server import open_prediction_log, peer_wait_s, task_from_card
 from modelloop.serving.errors import ModelNotFound
 from modelloop.serving.repository import ModelRepository
 from modelloop.serving.rest.errors import install_error_handlers

@@ -20,26 +20,18 @@ to worker 0. It drains and stops when the supervisor goes away.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import gc
 import html
-import json
 import logging
 import os
 import signal
-import socket
-import sys
-from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
+from collections.abc import Callable
 from functools import partial
-from pathlib import Path
-from typing import Any, TextIO
 
 import uvloop
 from fastapi import APIRouter
 from prometheus_client import CollectorRegistry, Counter
 
-from modelloop import layout
 from modelloop.control.http import (
     HealthSection,
     MonitoringColumns,
@@ -51,13 +43,12 @@ from modelloop.control.retraining.wiring import Retraining, build_retraining
 from modelloop.control.rollout.controller import RolloutController
 from modelloop.control.rollout.http import RolloutSection, create_rollout_router
 from modelloop.control.service import MonitoringService
-from modelloop.errors import ModelloopError, ServiceError
-from modelloop.monitoring.predlog import PredictionLog
-from modelloop.monitoring.predlog_objects import SEGMENT_S, ObjectPredictionLog
-from modelloop.monitoring.predlog_store import SqlPredictionLog
+from modelloop.errors import ServiceError
+from modelloop.logwiring import open_log_stores, open_prediction_log, peer_wait_s, segmenting, task_from_card
 from modelloop.monitoring.settings import LabelerSettings, MonitoringSettings
-from modelloop.monitoring.stores import StoreEngine, Stores, StoreUnavailable, open_stores
+from modelloop.monitoring.stores import Stores, StoreUnavailable
 from modelloop.monitoring.stores.binding import RepositoryMismatch, repository_identity
+from modelloop.process import BoundAddresses, ServerError, SupervisorLink, WorkerRole, print_addresses
 from modelloop.serving.dataplane import DataPlane
 from modelloop.serving.grpc.server import bind_grpc_server, create_grpc_server, server_credentials
 from modelloop.serving.metrics import ServingMetrics, multiprocess_registry
@@ -75,102 +66,6 @@ from modelloop.storage import StorageError, parse_repository
 from modelloop.telemetry import setup_tracing, shutdown_tracing
 
 logger = logging.getLogger(__name__)
-
-PEER_WAIT_S = 0.6
-"""How long a label for an unknown id waits for other servers' log buffers (written every 0.25 s)."""
-
-
-def peer_wait_s(monitoring: MonitoringSettings) -> float:
-    """:data:`PEER_WAIT_S`, plus the seconds a server gathers per object when the log is objects."""
-    return PEER_WAIT_S + (SEGMENT_S if monitoring.log_url else 0.0)
-
-
-@dataclass(frozen=True)
-class BoundAddresses:
-    """Where the server listens, after port 0 has been resolved."""
-
-    host: str
-    rest_port: int
-    grpc_port: int
-    tls: bool = False
-
-    @property
-    def rest_url(self) -> str:
-        """Base URL of the REST port."""
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"{'https' if self.tls else 'http'}://{host}:{self.rest_port}"
-
-    @property
-    def grpc_target(self) -> str:
-        """``host:port`` of the gRPC port."""
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"{host}:{self.grpc_port}"
-
-
-class ServerError(ModelloopError):
-    """The server cannot start: bad repository, address in use, bad settings."""
-
-
-@dataclass(frozen=True)
-class WorkerRole:
-    """A server's place among the workers of ``modelloop serve --workers N``.
-
-    Attributes:
-        index: This worker's number, from 0.
-        count: Workers in all.
-        link_fd: The file descriptor of the socket to the supervisor.
-        metrics_dir: prometheus_client's multiprocess directory (``PROMETHEUS_MULTIPROC_DIR``).
-    """
-
-    index: int
-    count: int
-    link_fd: int
-    metrics_dir: Path
-
-    @property
-    def leader(self) -> bool:
-        """Worker 0 runs what must run once: the in-process rules and the store's retention."""
-        return self.index == 0
-
-
-class SupervisorLink:
-    """This worker's end of the socket to the supervisor: one JSON object per line.
-
-    Args:
-        fd: The socket's file descriptor (inherited from the supervisor).
-    """
-
-    def __init__(self, fd: int) -> None:
-        self._sock = socket.socket(fileno=fd)
-        self._writer: asyncio.StreamWriter | None = None
-        self._reader: asyncio.StreamReader | None = None
-
-    async def open(self) -> None:
-        """Wraps the socket in asyncio streams (on the running loop)."""
-        self._reader, self._writer = await asyncio.open_connection(sock=self._sock)
-
-    def send(self, message: dict[str, Any]) -> None:
-        """Queues one message to the supervisor (never blocks)."""
-        if self._writer is not None and not self._writer.is_closing():
-            self._writer.write((json.dumps(message) + "\n").encode())
-
-    async def messages(self) -> AsyncIterator[dict[str, Any]]:
-        """Yields the supervisor's messages until it goes away (call :meth:`open` first)."""
-        reader = self._reader
-        if reader is None:
-            raise RuntimeError("the supervisor link is not open")
-        while line := await reader.readline():
-            with contextlib.suppress(ValueError):
-                message = json.loads(line)
-                if isinstance(message, dict):
-                    yield message
-
-    def close(self) -> None:
-        """Closes the socket."""
-        if self._writer is not None:
-            self._writer.close()
-        else:
-            self._sock.close()
 
 
 class ModelServer:
@@ -231,7 +126,7 @@ class ModelServer:
                     "judges rollouts (until it runs, the log waits for it)",
                     settings.control_plane_url,
                 )
-            self.log_stores = _open_log_stores(monitoring)
+            self.log_stores = open_log_stores(monitoring)
             dropped = Counter(
                 "modelloop_monitoring_dropped",
                 "Answered requests that were not logged: buffer full or the log unavailable.",
@@ -245,7 +140,7 @@ class ModelServer:
                 sample=lambda model: self.models.model_config(model).log_sample,
                 on_drop=lambda model, count: dropped.labels(model=model).inc(count),
                 queue_size=monitoring.queue_size,
-                **_segmenting(sink),
+                **segmenting(sink),
             )
             observer = observer if observer is not None else self.prediction_logger
             self.rollout_controller = RolloutController(
@@ -293,7 +188,7 @@ class ModelServer:
                 sample=lambda model: self.models.model_config(model).log_sample,
                 on_drop=lambda model, count: dropped.labels(model=model).inc(count),
                 queue_size=monitoring.queue_size,
-                **_segmenting(service.log),
+                **segmenting(service.log),
             )
             service.before_flush = self.prediction_logger.flush
             observer = observer if observer is not None else self.prediction_logger
@@ -534,52 +429,6 @@ class ControlPlaneSection:
         )
 
 
-def _open_log_stores(monitoring: MonitoringSettings) -> Stores:
-    """The stores this server appends its prediction log to and routes its rollouts from.
-
-    Raises:
-        ServerError: They cannot be opened.
-    """
-    try:
-        return open_stores(monitoring.resolved_store_url())
-    except StoreUnavailable as exc:
-        raise ServerError(f"cannot open the prediction log's store: {exc.message}") from exc
-
-
-def open_prediction_log(monitoring: MonitoringSettings, store: StoreEngine) -> PredictionLog[Any]:
-    """The prediction log: objects under ``log_url`` when set (the store keeps the reader's
-    position), else the store's own table.
-
-    Raises:
-        ServerError: ``log_url`` names an unsupported scheme.
-    """
-    if monitoring.log_url is None:
-        return SqlPredictionLog(store)
-    try:
-        return ObjectPredictionLog(monitoring.log_url, store=store)
-    except StorageError as exc:
-        raise ServerError(f"invalid prediction log URL: {exc}") from exc
-
-
-def _segmenting(log: object) -> dict[str, Any]:
-    """How long the logger gathers a segment: a few seconds per object in object storage."""
-    if isinstance(log, ObjectPredictionLog):
-        return {"segment_s": log.segment_s, "segment_bytes": log.segment_bytes}
-    return {}
-
-
-def task_from_card(repo: Path) -> Callable[[str, int], str]:
-    """A version's task from its ``model.json`` (``multiclass`` when it names none)."""
-
-    def task_of(model: str, version: int) -> str:
-        try:
-            return layout.read_model_card(repo / model / str(version)).task or "multiclass"
-        except layout.LayoutError:
-            return "multiclass"
-
-    return task_of
-
-
 def _open_repository(settings: ServingSettings) -> ModelRepository:
     """The repository to serve: the directory, or a local copy of a remote repository.
 
@@ -602,14 +451,6 @@ def _open_repository(settings: ServingSettings) -> ModelRepository:
         ) from exc
     logger.info("serving %s from the local copy %s", location.url, settings.repo)
     return MirroredRepository(location, settings.repo)
-
-
-def print_addresses(addresses: BoundAddresses, stream: TextIO | None = None) -> None:
-    """Prints the bound ports in the lines tests and users read."""
-    out = stream if stream is not None else sys.stdout
-    print(f"modelloop: REST listening on {addresses.rest_url}", file=out)
-    print(f"modelloop: gRPC listening on {addresses.grpc_target}", file=out)
-    out.flush()
 
 
 def serve(

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from modelloop.server import BoundAddresses
+    from modelloop.process import BoundAddresses
 
 from modelloop.errors import ModelloopError
 from modelloop.export.publish import list_versions
@@ -201,7 +201,7 @@ def print_welcome(
         feedback_token: The file holding the labeler token ``up`` configured, if it did.
         control_plane: The control plane's URL, if one runs.
     """
-    from modelloop.server import print_addresses
+    from modelloop.process import print_addresses
 
     print_addresses(addresses)
     row = json.dumps({"instances": [SAMPLE_DIGIT]}, separators=(",", ":"))

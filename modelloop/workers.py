@@ -43,7 +43,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from modelloop.server import BoundAddresses, ServerError
+from modelloop.process import BoundAddresses, ServerError
 from modelloop.serving.metrics import WORKER_POOL_FILE, write_worker_pool_state
 
 logger = logging.getLogger(__name__)

@@ -233,7 +233,8 @@ def test_the_leaves_import_nothing_of_ours_but_each_other() -> None:
 
 def test_only_the_roots_wire_serving_with_monitoring() -> None:
     # Two composition roots: the server (modelloop/server.py) and the control plane
-    # (modelloop/monitor.py).
+    # (modelloop/monitor.py), and the prediction log both open the same way
+    # (modelloop/logwiring.py).
     wiring = {
         i.package
         for i in ALL
@@ -241,7 +242,7 @@ def test_only_the_roots_wire_serving_with_monitoring() -> None:
         and (ours(i.target, "modelloop.monitoring") or ours(i.target, "modelloop.control"))
         and i.package not in ("modelloop.cli",)
     }
-    roots = {"modelloop.server", "modelloop.monitor"}
+    roots = {"modelloop.server", "modelloop.monitor", "modelloop.logwiring"}
     assert wiring <= roots, f"modules other than the roots import monitoring or control: {wiring}"
     job = ("control/retraining/job.py", "control/retraining/gate.py", "control/retraining/settings.py")
     retrain_serving = [i for i in ALL if i.source in job and ours(i.target, "modelloop.serving")]
