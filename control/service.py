@@ -51,6 +51,7 @@ import numpy as np
 from prometheus_client import CollectorRegistry
 
 from modelloop import layout
+from modelloop.control.labelchecks import LabelChecks
 from modelloop.control.retraining.policy import NewLabelsGate
 from modelloop.errors import ServiceError
 from modelloop.monitoring.accuracy import AccuracyReport, score_labelled
@@ -63,14 +64,12 @@ from modelloop.monitoring.metrics import MonitoringMetrics
 from modelloop.monitoring.predlog import PredictionLog
 from modelloop.monitoring.predlog_store import SqlPredictionLog
 from modelloop.monitoring.quality import QualityChecker, QualityReport
-from modelloop.monitoring.quarantine import SourceVerdict, assess_sources, champion_of
+from modelloop.monitoring.quarantine import SourceVerdict, champion_of
 from modelloop.monitoring.recorder import LogRecorder, VersionInfo
 from modelloop.monitoring.report import EvaluationReport
 from modelloop.monitoring.settings import (
     MonitoringSettings,
-    QuarantineSettings,
     resolve_model_settings,
-    resolve_quarantine,
 )
 from modelloop.monitoring.stores import StoreEngine, Stores, StoreUnavailable, open_stores
 from modelloop.monitoring.stores.records import CLASSIFIER_TASKS, FeedbackItem, FeedbackResult
@@ -211,9 +210,9 @@ class MonitoringService:
         self._reports: dict[tuple[str, int], EvaluationReport] = {}
         self._listeners: list[Listener] = []
         self._bad_overrides: dict[str, str] = {}
-        # Model -> source -> the latest label-check verdict (read by the feedback route).
-        self._verdicts: dict[str, dict[str, SourceVerdict]] = {}
-        self._champions: dict[str, int] = {}
+        self.label_checks = LabelChecks(
+            settings.quarantine, catalog=catalog, feedback=self.stores.feedback, metrics=self.metrics
+        )
         self._task: asyncio.Task[None] | None = None
         # The retraining half's label gate, when retraining is on (the health page shows its skips).
         self.retrain_gate: NewLabelsGate | None = None
@@ -295,27 +294,10 @@ class MonitoringService:
         self._bad_overrides.pop(model, None)
         return resolved
 
-    def _quarantine_for(self, model: str) -> QuarantineSettings:
-        try:
-            return resolve_quarantine(self.settings.quarantine, self.catalog.model_options(model, "feedback"))
-        except ValueError as exc:
-            if self._bad_overrides.get(f"{model}/feedback") != str(exc):
-                logger.error("model %s: config.json %s; using the server's label checks", model, exc)
-                self._bad_overrides[f"{model}/feedback"] = str(exc)
-            return self.settings.quarantine
-        except ServiceError:
-            return self.settings.quarantine
-
     def assess_sources(self, model: str, version: int) -> dict[str, SourceVerdict]:
         """Runs the label checks of a model's sources against one version (its champion).
 
-        Updates ``modelloop_feedback_source_quarantined`` and
-        ``modelloop_feedback_source_agreement`` and logs every change of a source's
-        quarantine. On a store error the previous verdicts stay in force.
-
-        Args:
-            model: Model name.
-            version: The champion: the latest available version.
+        See :meth:`~modelloop.control.labelchecks.LabelChecks.assess`.
 
         Returns:
             Source -> verdict; empty for regressors (they have no confidence to check).
@@ -323,32 +305,11 @@ class MonitoringService:
         state = self._state(model, version)
         if state.info.task not in CLASSIFIER_TASKS:
             return {}
-        settings = self._quarantine_for(model)
-        try:
-            stats = self.stores.feedback.source_stats(model)
-        except StoreUnavailable as exc:
-            logger.warning("label checks of %s skipped: %s", model, exc.message)
-            return self._verdicts.get(model, {})
-        verdicts = assess_sources(stats, champion_of(version, state.card, state.baseline), settings)
-        before = self._verdicts.get(model, {})
-        for source, verdict in verdicts.items():
-            self.metrics.source_quarantined.labels(model, source).set(1 if verdict.quarantined else 0)
-            if verdict.agreement is not None:
-                self.metrics.source_agreement.labels(model, source).set(verdict.agreement)
-            was = before.get(source)
-            if verdict.quarantined and (was is None or not was.quarantined):
-                logger.warning(
-                    "model %s: labeler source %r quarantined: %s", model, source, "; ".join(verdict.reasons)
-                )
-            elif not verdict.quarantined and was is not None and was.quarantined:
-                logger.warning("model %s: labeler source %r is no longer quarantined", model, source)
-        self._verdicts[model] = verdicts
-        self._champions[model] = version
-        return verdicts
+        return self.label_checks.assess(model, version, champion_of(version, state.card, state.baseline))
 
     def quarantined_sources(self, model: str) -> set[str]:
         """The sources of a model quarantined at the last label check."""
-        return {s for s, v in self._verdicts.get(model, {}).items() if v.quarantined}
+        return self.label_checks.quarantined(model)
 
     def source_report(self, model: str) -> dict[str, Any]:
         """Every labeler source of a model: its labels, agreement, confusion and quarantine.
@@ -356,23 +317,7 @@ class MonitoringService:
         Raises:
             StoreUnavailable: The store cannot be reached.
         """
-        counts = self.stores.feedback.label_sources(model)
-        verdicts = self._verdicts.get(model, {})
-        sources = []
-        for source in sorted(set(counts) | set(verdicts)):
-            verdict = verdicts.get(source, SourceVerdict(source))
-            entry = verdict.as_dict()
-            labelled = counts.get(source)
-            entry["stored_labels"] = labelled.labels if labelled else 0
-            entry["stored_requests"] = labelled.requests if labelled else 0
-            entry["labels_while_quarantined"] = labelled.quarantined_labels if labelled else 0
-            sources.append(entry)
-        return {
-            "model": model,
-            "champion_version": self._champions.get(model),
-            "checks": self._quarantine_for(model).model_dump(),
-            "sources": sources,
-        }
+        return self.label_checks.report(model)
 
     def _loaded(self) -> list[tuple[str, int]]:
         loaded: list[tuple[str, int]] = []
