@@ -128,7 +128,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--out", type=Path, default=RESULTS, help="where the JSON and PNG go")
     parser.add_argument(
-        "--markdown", type=Path, default=GENERATED, help="where the run's table goes (docs/generated/bench.md)"
+        "--markdown",
+        type=Path,
+        default=GENERATED,
+        help="where the run's table goes (docs/generated/bench.md)",
     )
     parser.add_argument("--cache", type=Path, default=None, help="model cache (default bench/.cache)")
     args = parser.parse_args(argv)

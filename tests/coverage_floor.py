@@ -152,12 +152,12 @@ def by_package(report: dict[str, Any]) -> list[tuple[str, int, float, float]]:
     sums: dict[str, list[int]] = {}
     for path, data in report.get("files", {}).items():
         file = Path(path)
-        if file.is_absolute():
+        if file.is_absolute() and not file.is_relative_to(ROOT):
             # A file outside the checkout (a served model.py, copied into a test's repository).
-            parts = file.relative_to(ROOT).parts if file.is_relative_to(ROOT) else ("(elsewhere)", "")
+            package = "(outside the checkout)"
         else:
-            parts = file.parts
-        package = parts[0] + ("/" if not parts[0].startswith("(") else "") if len(parts) > 1 else "(top level)"
+            parts = file.relative_to(ROOT).parts if file.is_absolute() else file.parts
+            package = parts[0] + "/" if len(parts) > 1 else "(top level)"
         row = sums.setdefault(package, [0, 0, 0, 0])
         summary = data["summary"]
         row[0] += summary["num_statements"]
@@ -172,7 +172,9 @@ def by_package(report: dict[str, Any]) -> list[tuple[str, int, float, float]]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m tests.coverage_floor")
-    parser.add_argument("--seed", default=os.environ.get("RANDOM_ORDER_SEED"), help="the run's random-order seed")
+    parser.add_argument(
+        "--seed", default=os.environ.get("RANDOM_ORDER_SEED"), help="the run's random-order seed"
+    )
     parser.add_argument("--junit", type=Path, default=JUNIT, help="the run's JUnit XML report")
     parser.add_argument("--out", type=Path, default=TEST_RUN, help="the Markdown page to write")
     args = parser.parse_args(argv)
