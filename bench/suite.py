@@ -40,9 +40,11 @@ from bench.loadgen import GRPC_PATHS, LoadResult
 from bench.models import HEAVY_BATCHING, Assets, ensure_assets
 from bench.otlp_sink import otlp_sink
 from bench.processes import Proc
-from bench.report import Report, Row, render_markdown, write_chart, write_json
+from bench.report import Report, Row, render_markdown, write_chart, write_json, write_markdown
 
 RESULTS = Path(__file__).resolve().parent / "results"
+GENERATED = Path(__file__).resolve().parents[1] / "docs" / "generated" / "bench.md"
+"""The page of the last run's table that the docs link to."""
 PROTOCOLS = ("tfserving_rest", "v2_rest", "tfserving_grpc", "v2_grpc")
 PROTOCOL_LABELS = {
     "tfserving_rest": "TF Serving REST :predict",
@@ -125,6 +127,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--flame", action="store_true", help="with --profile, also write a flame graph (SVG) per point"
     )
     parser.add_argument("--out", type=Path, default=RESULTS, help="where the JSON and PNG go")
+    parser.add_argument(
+        "--markdown",
+        type=Path,
+        default=GENERATED,
+        help="where the run's table goes (docs/generated/bench.md)",
+    )
     parser.add_argument("--cache", type=Path, default=None, help="model cache (default bench/.cache)")
     args = parser.parse_args(argv)
     # --quick sets the defaults; an explicit --duration or --warmup still wins.
@@ -754,6 +762,7 @@ def main(argv: list[str] | None = None) -> int:
     json_path, png_path = args.out / f"{stamp}.json", args.out / f"{stamp}.png"
     write_json(report, json_path)
     write_chart(report, png_path)
+    write_markdown(report, args.markdown)
     print(render_markdown(report))
-    log(f"wrote {json_path} and {png_path} in {time.monotonic() - started:.0f} s")
+    log(f"wrote {json_path}, {png_path} and {args.markdown} in {time.monotonic() - started:.0f} s")
     return 0

@@ -1,12 +1,13 @@
 """The composition root: the only module that wires serving, monitoring and retraining.
 
-It builds repository -> registry -> data plane -> REST app and gRPC servicers, and, when
-monitoring is on, the monitoring service (the data plane's observer, reading the
-registry as its catalog), its HTTP routes and status-page columns (mounted through the
-REST app's extension point) and the retraining half. Everything is passed in; nothing
-builds its own dependencies or reads the environment per request. On SIGTERM or SIGINT
-the server turns readiness off, stops taking connections, lets the requests in flight
-finish within the grace period, unloads the models and returns 0.
+It builds repository -> registry -> data plane -> REST app and gRPC servicers, the prediction
+logger (the data plane's observer) and, with an in-process control plane, the log's reader,
+the monitoring service, its routes and status-page sections and the retraining half; with a
+control plane elsewhere, the routes that forward to it. ARCHITECTURE.md ("Where monitoring
+plugs in") tells how the parts meet. Everything is passed in; nothing builds its own
+dependencies or reads the environment per request. On SIGTERM or SIGINT the server turns
+readiness off, stops taking connections, lets the requests in flight finish within the grace
+period, unloads the models and returns 0.
 
 As one worker of ``modelloop serve --workers N`` (:mod:`modelloop.workers` is the
 supervisor), a server also gets a :class:`WorkerRole`: it binds the shared ports with

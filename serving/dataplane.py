@@ -1,16 +1,15 @@
 """The data plane: every request's logic, shared by REST and gRPC in both dialects.
 
-Each edge wraps its wire request in a :class:`RequestDecoder` and calls
-:meth:`DataPlane.handle`, the one inference path, then encodes the response or maps the
-raised :class:`~modelloop.errors.ServiceError` to a status through its one table.
-Nothing here knows HTTP or gRPC.
+It is the one place where a request is resolved, validated, batched, run, counted and
+observed; the edges only translate wire formats to a :class:`RequestDecoder` and map a
+raised :class:`~modelloop.errors.ServiceError` to a status. The path a request takes through
+it, and through the edges around it, is told once, in ARCHITECTURE.md ("One request, REST"
+and "One request, gRPC").
 
-``handle`` resolves the model version once (pinned, labelled or latest), lets the
-decoder read the inputs against that version, chooses the request id, validates the
-inputs against the metadata (names, dtype with safe casts, rank, fixed dims, batch
-size), runs them through the version's batcher, keeps the requested outputs, records
-metrics for every call (refused ones included) and hands the answered pair to the
-observer.
+Invariants: nothing here imports HTTP or gRPC; a version is resolved once per request and
+held until the answer, with no await between resolving and holding it, so an unload waits
+for it; every call, answered or refused, is counted once in the request metrics; only
+answered calls reach the observer.
 
 Example:
 
@@ -398,14 +397,12 @@ class DataPlane:
     async def handle(self, decoder: RequestDecoder, *, client_id: str | None = None) -> InferResponse:
         """The one inference path: every transport's predict and infer calls come here.
 
-        In order: the decoder names the model, version and label and receives its body;
-        the version resolves once; the decoder reads the inputs against that version's
-        metadata; the request
-        id is chosen (``client_id``, else the id in the request, else a new one, each kept
-        only if :func:`~modelloop.serving.types.valid_request_id`); the inputs are
-        validated, batched and run; the requested outputs are kept. Every call, answered
-        or refused at any step, is timed and counted once in the request metrics, and
-        every answered call goes to the observer.
+        The steps are listed in ARCHITECTURE.md ("One request, REST"). What holds for every
+        call: the version is resolved once and held until the answer; the request id is
+        ``client_id``, else the id in the request, else a new one, each kept only if
+        :func:`~modelloop.serving.types.valid_request_id`; every call, answered or refused at
+        any step, is timed and counted once in the request metrics; every answered call goes
+        to the observer.
 
         Args:
             decoder: The edge's undecoded call.

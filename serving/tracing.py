@@ -7,28 +7,11 @@ nothing else when it is None: no span objects, no context attached, and this mod
 not even import OpenTelemetry until :func:`enable` runs, so a server without tracing
 neither loads nor pays for it.
 
-The spans of one request, when on:
-
-* the request span (kind SERVER), opened by the edge: ``POST /v1/models/{model}:predict``,
-  ``POST /v2/models/{model}/infer``, ``tensorflow.serving.PredictionService/Predict`` or
-  ``inference.GRPCInferenceService/ModelInfer``. Its parent is the W3C ``traceparent``
-  (and ``tracestate``) of the HTTP headers or the gRPC metadata, when the client sent one;
-  a malformed one is ignored (the request starts a trace of its own, as W3C prescribes).
-* ``modelloop.decode``: receiving the body, resolving the version, decoding and validating
-  the inputs (:meth:`~modelloop.serving.dataplane.DataPlane.handle`).
-* ``modelloop.queue``: from the batcher taking the request to its batch starting; it
-  links to the batch span.
-* ``modelloop.batch``: one per runtime call. A batch serves several requests, so it links
-  to every request span in it, and its parent is the first (sampled) of them (so that a lone
-  request, the usual case at low load, reads as one tree).
-* ``modelloop.encode``: the response body or message, in the edge.
-* ``modelloop.monitoring.write``: the prediction logger's segment (one writer-thread
-  flush), linked to every request it logs, its parent the first of them
-  (:mod:`modelloop.serving.predlog`, through the request's ``trace``).
-
-Attributes: ``modelloop.model``, ``modelloop.version``, ``modelloop.protocol``,
-``modelloop.batch.size`` (rows) and ``modelloop.batch.requests``, plus the request id and
-the outcome's code on the request span.
+Which span each step of a request opens, and how a batch links to the requests it served,
+is told once, in ARCHITECTURE.md ("Tracing"); the span names and attributes users see are
+in docs/operations.md. What holds here: a request span is the current span for the rest of
+its call, a batch span links to every request span in it, and no span is made while
+:data:`TRACER` is None.
 
 Example:
 
