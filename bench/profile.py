@@ -47,7 +47,7 @@ STAGES: tuple[tuple[str, re.Pattern[str]], ...] = tuple(
         (
             "validate",
             r"^(validate_inputs|cast_input|check_finite|choose_request_id|new_request_id|"
-            r"RequestIdSource\.|DataPlane\._wanted_outputs|valid_request_id)",
+            r"RequestIdSource\.|wanted_outputs|valid_request_id)",
         ),
         (
             "resolve",

@@ -35,14 +35,11 @@ from collections.abc import Callable, Sequence
 from typing import Any
 from typing import Protocol as TypingProtocol
 
-import numpy as np
-
 from modelloop import __version__
 from modelloop.errors import ServiceError
 from modelloop.serving import tracing
 from modelloop.serving.errors import (
     InferenceFailed,
-    InvalidInput,
     ModelNotFound,
     ModelNotReady,
 )
@@ -50,23 +47,21 @@ from modelloop.serving.ids import new_request_id
 from modelloop.serving.metrics import ServingMetrics
 from modelloop.serving.observer import InferenceObserver, NullObserver
 from modelloop.serving.registry import ModelRegistry
-from modelloop.serving.rollout import RouteChoice
-from modelloop.serving.servable import Servable
 from modelloop.serving.shared_memory import SystemSharedMemory
 from modelloop.serving.statistics import VersionStatistics
+from modelloop.serving.trial import RolloutTrial
 from modelloop.serving.types import (
     InferRequest,
     InferResponse,
     ModelMetadata,
     ModelState,
     Protocol,
-    RolloutRouter,
-    TensorSpec,
     VersionConfig,
     VersionStatus,
     parse_version,
     valid_request_id,
 )
+from modelloop.serving.validation import check_finite, validate_inputs, wanted_outputs
 
 logger = logging.getLogger(__name__)
 
@@ -74,177 +69,6 @@ SERVER_NAME = "modelloop"
 BASE_EXTENSIONS = ("binary_tensor_data", "model_configuration", "statistics")
 """The OIP / Triton extensions every server serves, in Triton's names: binary tensors,
 ``/v2/models/{m}/config`` (``ModelConfig``) and ``/v2/models/{m}/stats`` (``ModelStatistics``)."""
-# Shadow copies running at once; beyond this a copy is skipped rather than queued, so that
-# a slow candidate never builds up work behind the champion's answers.
-MAX_SHADOW_INFLIGHT = 64
-
-
-def _names(items: Sequence[str]) -> str:
-    return ", ".join(repr(i) for i in items)
-
-
-def _describe_shape(shape: Sequence[int]) -> str:
-    return "[" + ", ".join(str(d) for d in shape) + "]"
-
-
-def cast_input(value: np.ndarray, spec: TensorSpec, model: str) -> np.ndarray:
-    """Casts one input to the model's dtype where that loses nothing that matters.
-
-    Ints to floats, float64 to float32 (what JSON numbers decode to) and integers into a
-    narrower integer type whose range holds them are accepted. Strings, objects (nulls),
-    booleans into numbers, floats into integers and signedness changes with out-of-range
-    values are rejected.
-
-    Args:
-        value: The decoded input.
-        spec: The model's input spec.
-        model: Model name, for the message.
-
-    Returns:
-        ``value`` with ``spec.dtype``.
-
-    Raises:
-        InvalidInput: The cast would change the values' meaning.
-    """
-    src, dst = value.dtype, spec.dtype
-    if src == dst:
-        return value
-    problem = f"input {spec.name!r} of model {model!r} has dtype {src.name}; the model expects {dst.name}"
-    if dst.kind == "O" or dst.kind in "SU":
-        if src.kind in "OSU":
-            return value.astype(dst)
-        raise InvalidInput(problem)
-    if src.kind in "OSUV" or (src.kind == "b") != (dst.kind == "b"):
-        raise InvalidInput(problem + " (strings, nulls and booleans are not numbers)")
-    if dst.kind == "f":
-        if src.kind in "iuf":
-            return value.astype(dst)
-        raise InvalidInput(problem)
-    if dst.kind in "iu" and src.kind in "iu":
-        if value.size:
-            info = np.iinfo(dst)
-            low, high = value.min(), value.max()
-            if low < info.min or high > info.max:
-                raise InvalidInput(problem + f" and values {low}..{high} do not fit in {dst.name}")
-        return value.astype(dst)
-    raise InvalidInput(problem + " and the values cannot be cast without loss")
-
-
-def validate_inputs(
-    inputs: dict[str, np.ndarray], metadata: ModelMetadata, max_batch_size: int
-) -> dict[str, np.ndarray]:
-    """Checks a request's inputs against a model's metadata.
-
-    Args:
-        inputs: Decoded tensors by name.
-        metadata: The resolved version's metadata.
-        max_batch_size: The most rows one request may carry.
-
-    Returns:
-        The inputs in the model's input order, cast to its dtypes.
-
-    Raises:
-        InvalidInput: A missing or unknown name, a bad dtype, rank or dim, an empty batch,
-            a batch over ``max_batch_size``, or inputs whose batch sizes differ.
-    """
-    model = metadata.name
-    if len(inputs) != len(metadata.inputs) or any(spec.name not in inputs for spec in metadata.inputs):
-        expected = [spec.name for spec in metadata.inputs]
-        if not inputs:
-            raise InvalidInput(f"the request has no inputs; model {model!r} expects {_names(expected)}")
-        unknown = [name for name in inputs if name not in expected]
-        if unknown:
-            raise InvalidInput(
-                f"unknown input {_names(unknown)} for model {model!r}; its inputs are {_names(expected)}"
-            )
-        missing = [name for name in expected if name not in inputs]
-        raise InvalidInput(
-            f"missing input {_names(missing)} for model {model!r}; its inputs are {_names(expected)}"
-        )
-    validated: dict[str, np.ndarray] = {}
-    rows: int | None = None
-    for spec in metadata.inputs:
-        value = np.asarray(inputs[spec.name])
-        if value.ndim != len(spec.shape):
-            raise InvalidInput(
-                f"input {spec.name!r} has shape {_describe_shape(value.shape)} (rank {value.ndim}); "
-                f"model {model!r} expects rank {len(spec.shape)}, shape {_describe_shape(spec.shape)}"
-            )
-        for axis, (got, dim) in enumerate(zip(value.shape, spec.shape, strict=True)):
-            if dim != -1 and got != dim:
-                what = (
-                    "features" if axis == len(spec.shape) - 1 and axis > 0 else f"entries in dimension {axis}"
-                )
-                raise InvalidInput(
-                    f"input {spec.name!r} has {got} {what} (shape {_describe_shape(value.shape)}); "
-                    f"model {model!r} expects {dim} (shape {_describe_shape(spec.shape)})"
-                )
-        n = value.shape[0]
-        if n == 0:
-            raise InvalidInput(f"input {spec.name!r} is an empty batch (0 rows); send at least one row")
-        if n > max_batch_size:
-            raise InvalidInput(
-                f"input {spec.name!r} has a batch of {n} rows; model {model!r} takes at most "
-                f"{max_batch_size} rows per request (max_batch_size)"
-            )
-        if rows is not None and n != rows:
-            raise InvalidInput(
-                f"inputs of model {model!r} must share their batch size; got {rows} and {n} rows"
-            )
-        rows = n
-        validated[spec.name] = cast_input(value, spec, model)
-    return validated
-
-
-def check_finite(inputs: dict[str, np.ndarray], model: str) -> None:
-    """Refuses float inputs that hold NaN or ±Inf (for models whose config asks for it).
-
-    Args:
-        inputs: Validated inputs.
-        model: Model name, for the message.
-
-    Raises:
-        InvalidInput: An input holds a non-finite value; the message names the input, how
-            many values and where the first one is.
-    """
-    for name, value in inputs.items():
-        if value.dtype.kind != "f":
-            continue
-        bad = ~np.isfinite(value)
-        if bad.any():
-            first = tuple(int(i) for i in np.argwhere(bad)[0])
-            raise InvalidInput(
-                f"input {name!r} has {int(bad.sum())} NaN or infinite value(s), the first at index "
-                f"{list(first)}; model {model!r} refuses them (refuse_nan in its config.json)"
-            )
-
-
-def agreement(
-    reference: dict[str, np.ndarray], outputs: dict[str, np.ndarray], metadata: ModelMetadata
-) -> tuple[int, int]:
-    """How many rows of two answers to one request agree, on the model's first output.
-
-    Rows agree when their top class is the same (an output with several columns), or when
-    their values are within 5 % (one column: a regressor or a binary probability rounds to
-    the same side).
-
-    Returns:
-        ``(rows, agreed)``.
-    """
-    name = metadata.outputs[0].name
-    a = np.asarray(reference.get(name))
-    b = np.asarray(outputs.get(name))
-    rows = int(a.shape[0]) if a.ndim else 1
-    if a.shape != b.shape or a.dtype.kind not in "fiu" or b.dtype.kind not in "fiu":
-        return rows, 0
-    if a.ndim == 2 and a.shape[1] > 1:
-        return rows, int(np.sum(np.argmax(a, axis=1) == np.argmax(b, axis=1)))
-    flat_a, flat_b = a.reshape(rows, -1), b.reshape(rows, -1)
-    if metadata.task == "binary":
-        same = (flat_a >= 0.5) == (flat_b >= 0.5)
-    else:
-        same = np.isclose(flat_a, flat_b, rtol=0.05, atol=1e-6)
-    return rows, int(np.sum(np.all(same, axis=1)))
 
 
 def choose_request_id(client_id: str | None, request_id: str | None) -> str:
@@ -390,7 +214,7 @@ class DataPlane:
         self._stopped = False
         self._inflight = 0
         self._idle: asyncio.Event | None = None
-        self._shadows: set[asyncio.Task[None]] = set()
+        self._trial = RolloutTrial(registry, stopped=lambda: self._stopped)
 
     # -- inference -------------------------------------------------------------------
 
@@ -465,7 +289,7 @@ class DataPlane:
             request.inputs = validate_inputs(request.inputs, metadata, limit)
             if servable.refuse_nan:
                 check_finite(request.inputs, model)
-            wanted = self._wanted_outputs(request, metadata)
+            wanted = wanted_outputs(request, metadata)
             if decode is not None:
                 request.trace = tracing.decoded(decode, model, version, request.id)
                 decode = None
@@ -479,7 +303,7 @@ class DataPlane:
                 with servable.use():
                     outputs = await servable.batcher.predict(request.inputs)
             else:
-                outputs, version = await self._serve_rollout(servable, choice, request, rollouts.router)
+                outputs, version = await self._trial.serve(servable, choice, request, rollouts.router)
             response = InferResponse(
                 model=model,
                 version=version,
@@ -513,104 +337,6 @@ class DataPlane:
             logger.exception("inference observer failed")
         return response
 
-    def _sibling(self, servable: Servable, version: int) -> Servable | None:
-        """The other version of a rollout pair, if it is AVAILABLE and takes the same inputs."""
-        try:
-            other = self.registry.resolve(servable.name, version)
-        except ServiceError:
-            return None
-        same = other.metadata.inputs == servable.metadata.inputs and [
-            spec.name for spec in other.metadata.outputs
-        ] == [spec.name for spec in servable.metadata.outputs]
-        return other if same else None
-
-    async def _serve_rollout(
-        self, champion: Servable, choice: RouteChoice, request: InferRequest, router: RolloutRouter
-    ) -> tuple[dict[str, np.ndarray], int]:
-        """Serves one unpinned request of a model whose rollout is on trial.
-
-        The candidate answers the requests of its share; when it fails, the champion
-        answers instead (the failure counts against the candidate), so a bad candidate
-        fails no client request. In shadow mode the champion answers and the candidate
-        gets a copy after the answer has gone. Both versions are held before the first
-        await, as every request holds its version.
-
-        Returns:
-            The outputs and the version that produced them.
-        """
-        model = champion.name
-        answer = champion
-        if choice.answer != champion.version:
-            answer = self._sibling(champion, choice.answer) or champion
-        shadow = self._sibling(champion, choice.shadow) if choice.shadow is not None else None
-        with contextlib.ExitStack() as held:
-            held.enter_context(champion.use())
-            if answer is not champion:
-                held.enter_context(answer.use())
-            start = time.perf_counter()
-            try:
-                outputs = await answer.batcher.predict(request.inputs)
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
-                router.record(model, answer.version, ok=False, seconds=time.perf_counter() - start)
-                if answer is champion:
-                    raise
-                logger.warning(
-                    "model %s: candidate version %s failed (%s: %s); the champion answers",
-                    model,
-                    answer.version,
-                    type(exc).__name__,
-                    exc,
-                )
-                answer = champion
-                start = time.perf_counter()
-                outputs = await champion.batcher.predict(request.inputs)
-            router.record(model, answer.version, ok=True, seconds=time.perf_counter() - start)
-        if shadow is not None:
-            self._start_shadow(shadow, request.inputs, outputs, router)
-        return outputs, answer.version
-
-    def _start_shadow(
-        self,
-        shadow: Servable,
-        inputs: dict[str, np.ndarray],
-        reference: dict[str, np.ndarray],
-        router: RolloutRouter,
-    ) -> None:
-        """Sends a copy of a request to the shadow version, after the answer, off the request path."""
-        if len(self._shadows) >= MAX_SHADOW_INFLIGHT or self._stopped:
-            return
-        hold = shadow.use()
-        hold.__enter__()  # held now, before anything awaits, released by the task
-
-        async def run() -> None:
-            start = time.perf_counter()
-            try:
-                try:
-                    outputs = await shadow.batcher.predict(inputs)
-                except Exception:  # noqa: BLE001 - a shadow failure is counted, never raised
-                    router.record_shadow(
-                        shadow.name,
-                        shadow.version,
-                        ok=False,
-                        seconds=time.perf_counter() - start,
-                        rows=0,
-                        agreed=0,
-                    )
-                    return
-                seconds = time.perf_counter() - start
-                rows, agreed = agreement(reference, outputs, shadow.metadata)
-                router.record_shadow(
-                    shadow.name, shadow.version, ok=True, seconds=seconds, rows=rows, agreed=agreed
-                )
-            finally:
-                hold.__exit__(None, None, None)
-
-        task = asyncio.get_running_loop().create_task(run(), name=f"shadow-{shadow.name}-{shadow.version}")
-        self._shadows.add(task)
-        task.add_done_callback(self._shadows.discard)
-
     async def infer(self, request: InferRequest) -> InferResponse:
         """Runs a request that is already decoded (in-process callers); see :meth:`handle`.
 
@@ -621,19 +347,6 @@ class DataPlane:
             The response.
         """
         return await self.handle(DecodedRequest(request))
-
-    @staticmethod
-    def _wanted_outputs(request: InferRequest, metadata: ModelMetadata) -> list[str]:
-        names = [spec.name for spec in metadata.outputs]
-        if not request.outputs:
-            return names
-        unknown = [name for name in request.outputs if name not in names]
-        if unknown:
-            raise InvalidInput(
-                f"unknown output {_names(unknown)} for model {request.model!r}; "
-                f"its outputs are {_names(names)}"
-            )
-        return list(dict.fromkeys(request.outputs))
 
     def _model_label(self, model: str) -> str:
         # Clients choose model names; only known ones become label values, so a scan of

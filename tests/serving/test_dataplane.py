@@ -13,7 +13,7 @@ import pytest
 from prometheus_client import CollectorRegistry
 from pydantic import SecretStr
 
-from modelloop.serving.dataplane import DataPlane, DecodedRequest, cast_input
+from modelloop.serving.dataplane import DataPlane, DecodedRequest
 from modelloop.serving.errors import InferenceFailed, InvalidInput, ModelNotFound, ModelNotReady, QueueFull
 from modelloop.serving.metrics import ServingMetrics
 from modelloop.serving.registry import ModelRegistry
@@ -27,6 +27,7 @@ from modelloop.serving.types import (
     Protocol,
     TensorSpec,
 )
+from modelloop.serving.validation import cast_input
 
 from .fakes import ErrorRuntime, FakeRuntime, SlowRuntime, write_fake_version
 from .test_registry import Factory, write_config
