@@ -350,6 +350,10 @@ class MonitoringService:
         """The sources of a model quarantined at the last label check."""
         return {s for s, v in self._verdicts.get(model, {}).items() if v.quarantined}
 
+    def quarantine_reasons(self, model: str) -> dict[str, list[str]]:
+        """The sources of a model quarantined at the last label check, each with why."""
+        return {s: list(v.reasons) for s, v in self._verdicts.get(model, {}).items() if v.quarantined}
+
     def source_report(self, model: str) -> dict[str, Any]:
         """Every labeler source of a model: its labels, agreement, confusion and quarantine.
 
