@@ -36,10 +36,16 @@ _DASHES = ("", "7 4", "2 3", "10 3 2 3", "4 2 4 6")
 # A colour per version as well, for those who see it; never the only cue.
 _COLOURS = ("#1b4f9c", "#b4441b", "#2e7d32", "#6a1b9a", "#5d4037")
 RETRAIN_OUTCOMES = ("blessed", "rejected", "failed")
-# The worst feature's missing or out-of-range share from which the data-quality verdict warns.
+# The verdicts' levels are the alert rules' (monitoring/rules/modelloop.rules.yml), so the
+# page turns red where an alert would fire. Accuracy and the estimate: the model's
+# accuracy_floor, else the rules' fleet-wide floor.
+DEFAULT_ACCURACY_FLOOR = 0.8
+# The worst feature's missing or out-of-range share from which data quality warns.
 QUALITY_WARN_SHARE = 0.05
-# The server error rate from which the traffic verdict is bad (any error is a warning).
+# The server error rate from which traffic is bad (any error is a warning) and the p99 from
+# which it warns.
 ERROR_RATE_BAD = 0.05
+P99_WARN_SECONDS = 0.5
 
 
 @dataclass
@@ -403,6 +409,8 @@ def _traffic_chip(p: dict[str, Any]) -> str:
         f"p99 {'–' if p99 is None else f'{p99 * 1000:.1f} ms'}"
     )
     verdict = "ok" if not errors else ("bad" if errors >= ERROR_RATE_BAD else "warn")
+    if verdict == "ok" and p99 is not None and p99 > P99_WARN_SECONDS:
+        verdict = "warn"
     return _chip("traffic", verdict, text)
 
 
@@ -442,7 +450,8 @@ def render_verdicts(model: ModelView) -> str:
     The status page's script moves this block into the model's card; where there is no card
     (the control plane's own page) it stays above the model's curves.
     """
-    rows = "".join(_version_verdicts(v, model.accuracy_floor) for v in model.versions)
+    floor = model.accuracy_floor if model.accuracy_floor is not None else DEFAULT_ACCURACY_FLOOR
+    rows = "".join(_version_verdicts(v, floor) for v in model.versions)
     if not rows:
         rows = '<p class="detail">No evaluation yet: send traffic and wait for the next evaluation.</p>'
     if model.quarantined:
@@ -584,7 +593,7 @@ STYLE = (
     "#health .charts{display:grid;gap:.5rem;"
     "grid-template-columns:repeat(auto-fill,minmax(min(100%,360px),1fr))}"
     "#health svg{font:11px sans-serif;width:100%;height:auto;max-width:520px;border:1px solid #eef0f3;"
-    "border-radius:6px;background:#fff}"
+    "border-radius:6px;background:#fff}#health svg.hist{max-width:340px}"
     "#health .ct{font-weight:bold}#health .tick{fill:#333}#health .end{fill:#000;font-size:10px}"
     "#health .ev{fill:#000;font-size:10px}#health h3{font-size:.95rem;margin:.8rem 0 .3rem}"
     ".verdicts .vrow{border-top:1px solid #eef0f3;padding:.4rem 0}.verdicts .vname{font-weight:600}"

@@ -48,7 +48,7 @@ STYLE = (
     "background:#fff;border-bottom:1px solid var(--line)}"
     ".top h1{font-size:1.25rem;margin:0}.top nav{margin-left:auto;display:flex;gap:1rem}"
     "main{max-width:1400px;margin:0 auto;padding:1rem}"
-    "#models{display:grid;gap:1rem;grid-template-columns:repeat(auto-fill,minmax(min(100%,24rem),1fr));"
+    "#models{display:grid;gap:1rem;grid-template-columns:repeat(auto-fit,minmax(min(100%,24rem),1fr));"
     "margin-bottom:1.5rem}"
     ".card{background:#fff;border:1px solid var(--line);border-radius:10px;padding:.9rem 1rem;"
     "box-shadow:0 1px 2px rgba(0,0,0,.04);min-width:0}"
