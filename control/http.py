@@ -502,7 +502,13 @@ class HealthSection:
     for (const block of blocks) {{
       for (const card of cards) {{
         const slot = card.querySelector('[data-slot="verdicts"]');
-        if (slot && card.dataset.model === block.dataset.model) slot.replaceChildren(block);
+        if (!slot || card.dataset.model !== block.dataset.model) continue;
+        slot.replaceChildren(block);
+        // The card lists these versions with their states already.
+        for (const row of block.querySelectorAll(".vrow[data-version]")) {{
+          const listed = card.querySelector(`.versions li[data-version="${{row.dataset.version}}"]`);
+          row.classList.toggle("listed", listed !== null);
+        }}
       }}
     }}
   }}

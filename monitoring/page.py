@@ -597,7 +597,8 @@ STYLE = (
     "#health .ct{font-weight:bold}#health .tick{fill:#333}#health .end{fill:#000;font-size:10px}"
     "#health .ev{fill:#000;font-size:10px}#health h3{font-size:.95rem;margin:.8rem 0 .3rem}"
     ".verdicts .vrow{border-top:1px solid #eef0f3;padding:.4rem 0}.verdicts .vname{font-weight:600}"
-    ".model-card .vstate{display:none}"
+    # In a card, a version the card lists shows its state there only.
+    ".verdicts .vstate{font-weight:400}.model-card .vrow.listed .vstate{display:none}"
     ".verdicts .chips{display:flex;flex-wrap:wrap;gap:.3rem;margin:.25rem 0}"
     ".verdicts .model-chips{border-top:1px solid #eef0f3;padding-top:.45rem}"
     ".verdicts .detail,.verdicts .retrain-skipped{color:#5b6472;font-size:.82rem;margin:.15rem 0}"
