@@ -166,11 +166,12 @@ def _no_data(width: float, height: float) -> str:
 
 
 def _time_ticks(x: Any, t0: float, t1: float, y: float) -> str:
-    """Five time labels along the bottom, the first and last kept inside the panel."""
+    """Time labels along the bottom, about one per 100 px, the first and last kept inside the panel."""
     parts = []
-    for i in range(5):
-        t = t0 + (t1 - t0) * i / 4
-        anchor = "start" if i == 0 else "end" if i == 4 else "middle"
+    gaps = max(1, min(4, int((x(t1) - x(t0)) / 100)))
+    for i in range(gaps + 1):
+        t = t0 + (t1 - t0) * i / gaps
+        anchor = "start" if i == 0 else "end" if i == gaps else "middle"
         label = _clock(t, seconds=t1 - t0 < 600)
         parts.append(f'<text x="{x(t):.1f}" y="{y:.1f}" text-anchor="{anchor}">{label}</text>')
     return "".join(parts)
@@ -190,10 +191,13 @@ def _timeseries(panel: Panel, width: float, height: float, t0: float, t1: float)
     plot_w, plot_h = width - left - right, max(20.0, height - top - bottom)
     values = [v for s in series for _, v in s.points]
     low = min([0.0, *values])
-    high = max([*values, low + 1e-9])
-    if unit == "percentunit":
-        high = max(high, 1.0) if high > 0.5 else high
-    high = high + (high - low) * 0.08
+    high = max(values)
+    if high - low < 1e-6:
+        high = low + 1.0  # a flat line at zero: a readable axis, as Grafana draws it
+    elif unit == "percentunit" and 0.5 < high <= 1.0:
+        high = 1.0
+    else:
+        high = high + (high - low) * 0.08
 
     def x(t: float) -> float:
         return left + (t - t0) / (t1 - t0) * plot_w
