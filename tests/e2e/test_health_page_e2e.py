@@ -8,6 +8,7 @@ status page open throughout: the page loads without console errors, asks nothing
 host but 127.0.0.1, redraws itself without a reload, and ends up showing the accuracy
 drop, the drift rise and version 2: a card per model whose verdicts carry their verdict
 classes, the curves below. At a phone's width (390 px) nothing runs off the side. The
+control plane's own page (no cards) shows the verdicts above the curves. The
 screenshots are kept in ``tests/artifacts/`` (or ``$MODELLOOP_ARTIFACTS``); with
 ``MODELLOOP_DOCS_IMAGES=DIR`` (``make screenshots``) the desktop one is also written to
 ``DIR/health-page.png``, the docs' copy being ``docs/images/health-page.png``.
@@ -236,6 +237,22 @@ def test_make_up_simulate_drift_and_the_live_health_page(tmp_path: Path) -> None
         assert hosts == {"127.0.0.1"}, browser.requests
         foreign = [r for r in browser.requests if not r.startswith((url, "data:", "about:"))]
         assert foreign == [], foreign
+
+        # The control plane's own page (``make up`` runs one): no cards, so each model's
+        # verdicts stay above its curves.
+        plane = browser.evaluate("document.querySelector('#control-plane a')?.getAttribute('href')")
+        if plane is not None:
+            browser.requests.clear()
+            browser.call("Page.navigate", url=plane)
+            assert browser.wait_for("Number(document.body?.dataset.refreshes) >= 1", 30)
+            assert (
+                browser.evaluate("document.querySelectorAll('#health .verdicts[data-model=digits]').length")
+                == 1
+            )
+            assert browser.evaluate("document.querySelectorAll('#health svg.chart').length") >= 7
+            assert browser.console_errors == [], browser.console_errors
+            hosts = {urlsplit(r).hostname for r in browser.requests if not r.startswith(("data:", "about:"))}
+            assert hosts == {"127.0.0.1"}, browser.requests
     finally:
         if browser is not None:
             browser.close()
