@@ -304,7 +304,8 @@ class ModelView:
         name: Model name.
         versions: Its versions, oldest first.
         retrain_runs: Runs by outcome (blessed, rejected, failed) since the server started.
-        accuracy_floor: The model's accuracy floor, drawn on the accuracy chart, or None.
+        accuracy_floor: The model's accuracy floor, or None (the verdicts and the accuracy
+            chart then use the alert rules' ``DEFAULT_ACCURACY_FLOOR``).
         error: Why the history could not be read (store down), else "".
         retrain_note: Why the last drift alert started no retrain, else "".
         quarantined: The model's quarantined labeler sources, each with why.
@@ -349,11 +350,7 @@ def _prediction_drift_chip(p: dict[str, Any]) -> str:
     return _chip("prediction-drift", "ok", f"prediction drift {value:.3f}", "PSI")
 
 
-def _below(value: float, floor: float | None) -> bool:
-    return floor is not None and value < floor
-
-
-def _accuracy_chip(p: dict[str, Any], report: EvaluationReport | None, floor: float | None) -> str:
+def _accuracy_chip(p: dict[str, Any], report: EvaluationReport | None, floor: float) -> str:
     if report is not None:
         acc, labels = report.accuracy, "?" if report.labels is None else str(report.labels)
         if report.store_error:
@@ -364,27 +361,27 @@ def _accuracy_chip(p: dict[str, Any], report: EvaluationReport | None, floor: fl
         text += f", {acc.rows} in window, {labels} labels"
         if not acc.ready:
             return _chip("accuracy", "idle", text)
-        if acc.metric == "accuracy" and _below(acc.value, floor):
+        if acc.metric == "accuracy" and acc.value < floor:
             return _chip("accuracy", "bad", f"{text}, below the floor {floor:.2f}")
         return _chip("accuracy", "ok", text)
     value = p.get("accuracy")
     if value is None:
         return _chip("accuracy", "idle", "accuracy –")
-    if _below(value, floor):
+    if value < floor:
         return _chip("accuracy", "bad", f"accuracy {value:.3f}, below the floor {floor:.2f}")
     return _chip("accuracy", "ok", f"accuracy {value:.3f}")
 
 
-def _estimate_chip(p: dict[str, Any], note: str, floor: float | None) -> str:
+def _estimate_chip(p: dict[str, Any], note: str, floor: float) -> str:
     value = p.get("estimated_accuracy")
     if value is None:
         return _chip("estimate", "idle", f"estimate: {html.escape(note or '–')}")
     lower, upper = p.get("estimated_accuracy_lower"), p.get("estimated_accuracy_upper")
     text = f"estimated {value:.3f} ({_fmt(lower)}–{_fmt(upper)})"
     title = "accuracy estimated without labels, with its 95% band"
-    if upper is not None and _below(upper, floor):
+    if upper is not None and upper < floor:
         return _chip("estimate", "bad", f"{text}, below the floor", title)
-    if lower is not None and _below(lower, floor):
+    if lower is not None and lower < floor:
         return _chip("estimate", "warn", f"{text}, band reaches the floor", title)
     return _chip("estimate", "ok", text, title)
 
@@ -414,7 +411,7 @@ def _traffic_chip(p: dict[str, Any]) -> str:
     return _chip("traffic", verdict, text)
 
 
-def _version_verdicts(view: VersionView, floor: float | None) -> str:
+def _version_verdicts(view: VersionView, floor: float) -> str:
     p = view.latest or (view.points[-1] if view.points else {})
     state = html.escape(view.state or "not loaded")
     head = f'<div class="vname">v{view.version} <span class="vstate">{state}</span></div>'
@@ -443,6 +440,11 @@ def _version_verdicts(view: VersionView, floor: float | None) -> str:
     )
 
 
+def effective_floor(model: ModelView) -> float:
+    """The accuracy floor the page judges a model by: its own, else the alert rules'."""
+    return model.accuracy_floor if model.accuracy_floor is not None else DEFAULT_ACCURACY_FLOOR
+
+
 def render_verdicts(model: ModelView) -> str:
     """A model's verdicts: per version drift, accuracy, estimate, quality and traffic; its labelers
     and retrain runs.
@@ -450,8 +452,7 @@ def render_verdicts(model: ModelView) -> str:
     The status page's script moves this block into the model's card; where there is no card
     (the control plane's own page) it stays above the model's curves.
     """
-    floor = model.accuracy_floor if model.accuracy_floor is not None else DEFAULT_ACCURACY_FLOOR
-    rows = "".join(_version_verdicts(v, floor) for v in model.versions)
+    rows = "".join(_version_verdicts(v, effective_floor(model)) for v in model.versions)
     if not rows:
         rows = '<p class="detail">No evaluation yet: send traffic and wait for the next evaluation.</p>'
     if model.quarantined:
@@ -507,7 +508,7 @@ def render_model(model: ModelView, *, t0: float, t1: float) -> str:
             for p in v.points
             if p.get("estimated_accuracy_lower") is not None and p.get("estimated_accuracy_upper") is not None
         ]
-    floor = (model.accuracy_floor, "floor") if model.accuracy_floor is not None else None
+    floor = (effective_floor(model), "floor")
     charts = [
         line_chart(
             "Accuracy: labelled and estimated without labels",
