@@ -19,7 +19,7 @@ UP_ARGS ?=
 # settings are [tool.coverage.*] in pyproject.toml.
 COVERAGE_ARGS ?= --cov --cov-report=term:skip-covered
 
-.PHONY: install up test test-fast bench lint audit format clean system-up system-test system-bench
+.PHONY: install up test test-fast bench lint audit format clean screenshots system-up system-test system-bench
 
 install: $(STAMP) $(CLIENTS_STAMP)
 
@@ -57,6 +57,18 @@ bench: system-bench install
 	$(BIN)/python -m bench $(BENCH_ARGS)
 	$(BIN)/python -m bench.points
 	$(BIN)/python -m bench.control_plane --no-drop 180
+
+# The docs' pictures, from a real run: docs/images/health-page.png (make up, modelloop simulate
+# --drift, the status page in headless Chromium: tests/e2e/test_health_page_e2e.py) and
+# docs/images/grafana-dashboard.png (the Grafana dashboard's own queries against a real
+# Prometheus that scraped a real server, drawn by scripts/render_dashboard.py:
+# tests/monitoring/test_dashboard.py). Models, stores and browser profiles live in a
+# temporary directory, removed afterwards.
+screenshots: system-test install
+	@tmp=$$(mktemp -d) && trap 'rm -rf "$$tmp"' EXIT && \
+	MODELLOOP_DOCS_IMAGES=$(CURDIR)/docs/images MODELLOOP_ARTIFACTS=$$tmp/artifacts \
+	$(BIN)/python -m pytest -p no:randomly -p no:cacheprovider --basetemp=$$tmp/pytest -q -s \
+		tests/e2e/test_health_page_e2e.py tests/monitoring/test_dashboard.py
 
 lint: install
 	$(BIN)/ruff check .

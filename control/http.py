@@ -1,7 +1,7 @@
-"""Monitoring's HTTP surface: the feedback route, the alert webhook and the status-page columns.
+"""Monitoring's HTTP surface: the feedback route, the alert webhook and the status page's health section.
 
 The composition root mounts these on the REST app through its extension point
-(``create_app(routers=..., status_columns=...)``); serving never imports this module.
+(``create_app(routers=..., status_sections=...)``); serving never imports this module.
 Errors are raised as :class:`~modelloop.errors.ServiceError` and mapped by the app.
 
 Feedback: late labels joined to logged predictions by request id.
@@ -58,7 +58,6 @@ result, not a 404.
 from __future__ import annotations
 
 import asyncio
-import html
 import logging
 import time
 from typing import TYPE_CHECKING, Any
@@ -96,7 +95,6 @@ from modelloop.web import (
 if TYPE_CHECKING:
     from modelloop.control.retraining.webhook import AlertHandler
     from modelloop.control.service import MonitoringService
-    from modelloop.monitoring.report import EvaluationReport
 
 logger = logging.getLogger(__name__)
 
@@ -293,63 +291,6 @@ def create_alerts_router(
     return router
 
 
-def _fmt(value: float | None, digits: int = 3) -> str:
-    return "–" if value is None else f"{value:.{digits}f}"
-
-
-class MonitoringColumns:
-    """The status page's monitoring columns: window, drift, share, top features, prediction drift, accuracy.
-
-    Args:
-        monitoring: Where drift and accuracy come from; None when monitoring is off (every
-            cell says "off").
-    """
-
-    headers = (
-        "window",
-        "drift detected",
-        "share drifted",
-        "top drifted features (PSI)",
-        "prediction drift (PSI)",
-        "accuracy",
-    )
-
-    def __init__(self, monitoring: MonitoringService | None) -> None:
-        self._monitoring = monitoring
-
-    def cells(self, model: str, version: int) -> list[str]:
-        """The HTML cells of one version; every value from a model or a client is escaped."""
-        if self._monitoring is None:
-            return ["off"] * len(self.headers)
-        return _report_cells(self._monitoring.status(model).get(version))
-
-
-def _report_cells(report: EvaluationReport | None) -> list[str]:
-    if report is None:
-        return ["–"] * len(MonitoringColumns.headers)
-    window = f"{report.window_rows} rows"
-    drift = report.drift
-    if drift is None:
-        reason = report.drift_error or f"collecting ({report.window_rows}/{report.min_rows} rows)"
-        cells = [window, html.escape(reason), "–", "–", "–"]
-    else:
-        top = [f for f in drift.top(3) if f.drifted]
-        features = ", ".join(f"{html.escape(f.name)} ({f.psi:.2f})" for f in top) or "none"
-        verdict = "<strong>DRIFT</strong>" if drift.drifted else "no"
-        share = f"{drift.share:.0%} ({drift.n_drifted}/{len(drift.features)})"
-        cells = [window, verdict, share, features, _fmt(drift.prediction_psi)]
-    acc = report.accuracy
-    labels = "?" if report.labels is None else str(report.labels)
-    if report.store_error:
-        cells.append(f"store unavailable: {html.escape(report.store_error)}")
-    elif acc is None or acc.value is None:
-        cells.append(f"no labels ({labels})")
-    else:
-        shown = f"{acc.metric} {acc.value:.3f}" + ("" if acc.ready else " (too few labels)")
-        cells.append(f"{shown}, {acc.rows} in window, {labels} labels")
-    return cells
-
-
 # -- history and the live health page ----------------------------------------------------
 
 HISTORY_DEFAULT_LIMIT = 1000
@@ -495,6 +436,7 @@ def render_health_fragment(monitoring: MonitoringService, seconds: float, now: f
                         else None,
                         histograms=reports[v].histograms if v in reports else (),
                         estimate_note=reports[v].estimate_note if v in reports else "",
+                        report=reports.get(v),
                     )
                     for v in versions
                 ],
@@ -502,6 +444,7 @@ def render_health_fragment(monitoring: MonitoringService, seconds: float, now: f
                 accuracy_floor=floor,
                 error=error,
                 retrain_note=_retrain_note(monitoring, name),
+                quarantined=monitoring.quarantine_reasons(name),
             )
         )
     # The axis starts at the oldest point shown (a young server's curves fill the width),
@@ -520,11 +463,14 @@ def _retrain_note(monitoring: MonitoringService, model: str) -> str:
 
 
 class HealthSection:
-    """The live health section of the status page: charts that refresh without a reload.
+    """The live health section of the status page: verdicts and curves that refresh without a reload.
 
-    The page at ``/`` renders this placeholder; its script fetches
-    ``/monitoring/health`` at once and every 5 seconds, swaps the fragment in, and
-    refreshes the model table the same way. Everything comes from this server.
+    The page at ``/`` renders this placeholder; its script fetches ``/monitoring/health`` at
+    once and every 5 seconds and swaps the fragment in, refreshes the model cards (``#models``)
+    from the page itself, then moves each model's verdicts from the fragment into the slot of
+    its card, so the cards hold the verdicts and the section below them the curves. Where no
+    card has the model (the control plane's own page) the verdicts stay above its curves.
+    Everything comes from this server.
 
     Args:
         monitoring: The service; None when monitoring is off (the section says so).
@@ -540,30 +486,53 @@ class HealthSection:
     def html(self) -> str:
         """The section's HTML: styles, a placeholder and the refresh script."""
         if self._monitoring is None and not self._forwarded:
-            return '<section id="health"><p>Monitoring is off: no health charts.</p></section>'
+            return (
+                '<section id="health"><p>Monitoring is off: no verdicts and no health charts.</p></section>'
+            )
         return f"""<style>{STYLE}</style>
-<section id="health" aria-live="polite"><p>Loading the health charts…
-<noscript>This page needs JavaScript to refresh; the charts are at
+<section id="health" aria-live="polite"><p>Loading the verdicts and the health charts…
+<noscript>This page needs JavaScript to refresh; the verdicts and charts are at
 <a href="/monitoring/health">/monitoring/health</a>.</noscript></p></section>
 <script>
 (() => {{
   const minutes = new URLSearchParams(location.search).get("minutes") || "{HEALTH_DEFAULT_MINUTES}";
   let refreshes = 0;
+  function placeVerdicts(blocks) {{
+    const cards = document.querySelectorAll("#models .model-card");
+    for (const block of blocks) {{
+      for (const card of cards) {{
+        const slot = card.querySelector('[data-slot="verdicts"]');
+        if (!slot || card.dataset.model !== block.dataset.model) continue;
+        slot.replaceChildren(block);
+        // The card lists these versions with their states already.
+        for (const row of block.querySelectorAll(".vrow[data-version]")) {{
+          const listed = card.querySelector(`.versions li[data-version="${{row.dataset.version}}"]`);
+          row.classList.toggle("listed", listed !== null);
+        }}
+      }}
+    }}
+  }}
   async function refresh() {{
     try {{
       const url = "/monitoring/health?minutes=" + encodeURIComponent(minutes);
-      const part = await fetch(url, {{cache: "no-store"}});
-      if (part.ok) {{
-        document.getElementById("health").innerHTML = await part.text();
+      const [part, page] = await Promise.all([
+        fetch(url, {{cache: "no-store"}}),
+        fetch(location.pathname + location.search, {{cache: "no-store"}}),
+      ]);
+      const fragment = part.ok ? await part.text() : null;
+      const fresh = page.ok
+        ? new DOMParser().parseFromString(await page.text(), "text/html").getElementById("models")
+        : null;
+      const shown = document.getElementById("models");
+      // The verdicts shown now stay until the next fragment brings new ones.
+      const held = shown ? [...shown.querySelectorAll(".verdicts[data-model]")] : [];
+      if (fresh && shown) shown.replaceWith(fresh);
+      const health = document.getElementById("health");
+      if (fragment !== null) {{
+        health.innerHTML = fragment;
         document.body.dataset.refreshes = String(++refreshes);
       }}
-      const page = await fetch(location.pathname, {{cache: "no-store"}});
-      if (page.ok) {{
-        const doc = new DOMParser().parseFromString(await page.text(), "text/html");
-        const fresh = doc.getElementById("models");
-        const shown = document.getElementById("models");
-        if (fresh && shown) shown.replaceWith(fresh);
-      }}
+      placeVerdicts(fragment !== null ? [...health.querySelectorAll(".verdicts[data-model]")] : held);
     }} catch (err) {{
       // The server is restarting or unreachable: keep what is shown, try again at the next tick.
     }}

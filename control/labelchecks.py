@@ -102,6 +102,10 @@ class LabelChecks:
         """The sources of a model quarantined at the last check."""
         return {s for s, v in self._verdicts.get(model, {}).items() if v.quarantined}
 
+    def quarantine_reasons(self, model: str) -> dict[str, list[str]]:
+        """Each quarantined source of a model with the reasons of the last check."""
+        return {s: list(v.reasons) for s, v in self._verdicts.get(model, {}).items() if v.quarantined}
+
     def report(self, model: str) -> dict[str, Any]:
         """Every labeler source of a model: its labels, agreement, confusion and quarantine.
 

@@ -311,6 +311,10 @@ class MonitoringService:
         """The sources of a model quarantined at the last label check."""
         return self.label_checks.quarantined(model)
 
+    def quarantine_reasons(self, model: str) -> dict[str, list[str]]:
+        """The sources of a model quarantined at the last label check, each with why."""
+        return self.label_checks.quarantine_reasons(model)
+
     def source_report(self, model: str) -> dict[str, Any]:
         """Every labeler source of a model: its labels, agreement, confusion and quarantine.
 

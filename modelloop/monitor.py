@@ -65,6 +65,7 @@ from modelloop.serving.repository import ModelRepository
 from modelloop.serving.rest.errors import install_error_handlers
 from modelloop.serving.rest.origin import OriginGuard
 from modelloop.serving.rest.server import RestServer, bind_rest_socket
+from modelloop.serving.rest.status_page import STYLE as PAGE_STYLE
 from modelloop.serving.settings import ModelConfig
 from modelloop.serving.types import ModelState, RolloutPolicy, VersionStatus
 
@@ -150,12 +151,15 @@ class _OriginGuarded:
 
 
 def _page(section: HealthSection) -> str:
+    # The servers' page without their cards: each model's verdicts stay above its curves.
     return (
         '<!doctype html><html lang="en"><head><meta charset="utf-8">'
         '<meta name="viewport" content="width=device-width, initial-scale=1">'
-        "<title>modelloop control plane</title></head><body><h1>modelloop control plane</h1>"
+        '<title>modelloop control plane</title><link rel="icon" href="data:,">'
+        f"<style>{PAGE_STYLE}</style></head><body>"
+        '<header class="top"><h1>modelloop control plane</h1></header><main>'
         '<div id="models"></div>'
-        f"{section.html()}</body></html>"
+        f"{section.html()}</main></body></html>"
     )
 
 

@@ -35,14 +35,13 @@ from prometheus_client import CollectorRegistry, Counter
 
 from modelloop.control.http import (
     HealthSection,
-    MonitoringColumns,
     create_alerts_router,
     create_feedback_router,
     create_health_router,
 )
 from modelloop.control.retraining.wiring import Retraining, build_retraining
 from modelloop.control.rollout.controller import RolloutController
-from modelloop.control.rollout.http import RolloutSection, create_rollout_router
+from modelloop.control.rollout.http import RolloutPart, create_rollout_router
 from modelloop.control.service import MonitoringService
 from modelloop.errors import ServiceError
 from modelloop.logwiring import open_log_stores, open_prediction_log, peer_wait_s, segmenting, task_from_card
@@ -58,9 +57,10 @@ from modelloop.serving.observer import InferenceObserver
 from modelloop.serving.predlog import PredictionLogger, repository_columns
 from modelloop.serving.registry import ModelRegistry
 from modelloop.serving.repository import ModelRepository
-from modelloop.serving.rest.app import StatusColumns, StatusSection, create_app
+from modelloop.serving.rest.app import create_app
 from modelloop.serving.rest.forward import create_forward_router
 from modelloop.serving.rest.server import bind_rest_socket, create_rest_server
+from modelloop.serving.rest.status_page import StatusSection
 from modelloop.serving.rollout import RolloutCoordinator
 from modelloop.serving.settings import ServingSettings
 from modelloop.storage import StorageError, parse_repository
@@ -244,7 +244,7 @@ class ModelServer:
                     "MODELLOOP_FEEDBACK_TOKENS"
                 )
         routers: list[APIRouter]
-        sections: list[StatusSection] = [RolloutSection(self.rollout_controller)]
+        sections: list[StatusSection] = []
         if self.log_stores is not None and settings.control_plane_url is not None:
             logger_ = self.prediction_logger
             routers = [
@@ -256,8 +256,8 @@ class ModelServer:
                 create_rollout_router(self.rollout_controller, admin_token),
             ]
             # The charts come from the control plane, through this server's forwarded route.
-            sections.append(HealthSection(None, forwarded=True))
             sections.append(ControlPlaneSection(settings.control_plane_url))
+            sections.append(HealthSection(None, forwarded=True))
         else:
             routers = [
                 create_feedback_router(self.monitoring, settings.max_body_bytes, matcher, admin_token),
@@ -270,13 +270,12 @@ class ModelServer:
                 create_rollout_router(self.rollout_controller, admin_token),
             ]
             sections.append(HealthSection(self.monitoring))
-        columns: StatusColumns = MonitoringColumns(self.monitoring)
         self.app = create_app(
             self.dataplane,
             settings,
             exposition,
             routers=routers,
-            status_columns=columns,
+            card_parts=[RolloutPart(self.rollout_controller)],
             status_sections=sections,
         )
         self._stop = asyncio.Event()

@@ -1,12 +1,14 @@
-"""The live health page's charts: inline SVG drawn on the server, readable without colour.
+"""The live health section: each model's verdicts and its curves, inline SVG drawn on the server.
 
 :func:`render_health` turns each model's history and latest evaluations into an HTML
-fragment: per model, the version states and retrain runs, a table of the latest values,
-line charts over time (accuracy and the label-free estimate with its band, drift share,
-prediction drift, data quality, request rate, error rate, p99 latency), and the baseline
+fragment: per model, its verdicts (:func:`render_verdicts`: per version drift, prediction
+drift, labelled accuracy, the label-free estimate with its band, data quality and traffic,
+each a coloured chip with a word and a mark; the quarantined labelers and the retrain
+runs), then line charts over time (accuracy and the estimate with its band, drift share,
+prediction drift, data quality, request rate, error rate, p99 latency) and the baseline
 histogram beside the current one for the top drifted features. The status page at ``/``
-fetches the fragment every few seconds and swaps it in, so it updates without a reload;
-nothing comes from outside the server.
+fetches the fragment every few seconds, swaps it in, and moves each model's verdicts into
+its card, so it updates without a reload; nothing comes from outside the server.
 
 Every series is told apart by its dash pattern and a text label at its end, and every
 chart has a text legend, so colour is never the only cue. Every value from a model or a
@@ -24,6 +26,7 @@ from typing import Any
 
 from modelloop.monitoring.drift import PREDICTION_DRIFT_THRESHOLD
 from modelloop.monitoring.histogram import FeatureHistogram
+from modelloop.monitoring.report import EvaluationReport
 
 WIDTH = 470
 HEIGHT = 190
@@ -33,6 +36,16 @@ _DASHES = ("", "7 4", "2 3", "10 3 2 3", "4 2 4 6")
 # A colour per version as well, for those who see it; never the only cue.
 _COLOURS = ("#1b4f9c", "#b4441b", "#2e7d32", "#6a1b9a", "#5d4037")
 RETRAIN_OUTCOMES = ("blessed", "rejected", "failed")
+# The verdicts' levels are the alert rules' (monitoring/rules/modelloop.rules.yml), so the
+# page turns red where an alert would fire. Accuracy and the estimate: the model's
+# accuracy_floor, else the rules' fleet-wide floor.
+DEFAULT_ACCURACY_FLOOR = 0.8
+# The worst feature's missing or out-of-range share from which data quality warns.
+QUALITY_WARN_SHARE = 0.05
+# The server error rate from which traffic is bad (any error is a warning) and the p99 from
+# which it warns.
+ERROR_RATE_BAD = 0.05
+P99_WARN_SECONDS = 0.5
 
 
 @dataclass
@@ -270,6 +283,8 @@ class VersionView:
         latest: The latest in-memory evaluation as history values, or None.
         histograms: Baseline and current histograms of its top drifted features.
         estimate_note: Why there is no estimate, else "".
+        report: The latest evaluation, for what its history point leaves out (the window,
+            label counts, why drift is not judged yet), or None.
     """
 
     version: int
@@ -278,6 +293,7 @@ class VersionView:
     latest: dict[str, Any] | None = None
     histograms: tuple[FeatureHistogram, ...] = ()
     estimate_note: str = ""
+    report: EvaluationReport | None = None
 
 
 @dataclass(frozen=True)
@@ -288,9 +304,11 @@ class ModelView:
         name: Model name.
         versions: Its versions, oldest first.
         retrain_runs: Runs by outcome (blessed, rejected, failed) since the server started.
-        accuracy_floor: The model's accuracy floor, drawn on the accuracy chart, or None.
+        accuracy_floor: The model's accuracy floor, or None (the verdicts and the accuracy
+            chart then use the alert rules' ``DEFAULT_ACCURACY_FLOOR``).
         error: Why the history could not be read (store down), else "".
         retrain_note: Why the last drift alert started no retrain, else "".
+        quarantined: The model's quarantined labeler sources, each with why.
     """
 
     name: str
@@ -299,82 +317,174 @@ class ModelView:
     accuracy_floor: float | None = None
     error: str = ""
     retrain_note: str = ""
+    quarantined: dict[str, list[str]] = field(default_factory=dict)
 
 
-def _latest_table(model: ModelView) -> str:
-    head = (
-        "version",
-        "state",
-        "accuracy",
-        "estimated accuracy (95% band)",
-        "drift share",
-        "top drifted features",
-        "prediction drift",
-        "missing",
-        "out of range",
-        "became constant",
-        "req/s",
-        "server errors",
-        "p99",
+def _chip(kind: str, verdict: str, text: str, title: str = "") -> str:
+    """One verdict: a word or value in its verdict's colour, with a mark that does not need colour."""
+    hint = f' title="{html.escape(title, quote=True)}"' if title else ""
+    return f'<span class="chip {verdict}" data-verdict="{kind}"{hint}>{text}</span>'
+
+
+def _drift_chip(p: dict[str, Any], report: EvaluationReport | None) -> str:
+    if report is not None and report.drift is None:
+        reason = report.drift_error or f"collecting ({report.window_rows}/{report.min_rows} rows)"
+        return _chip("drift", "idle", f"drift: {html.escape(reason)}")
+    share = p.get("drift_share")
+    if share is None:
+        return _chip("drift", "idle", "drift –")
+    counted = ""
+    if report is not None and report.drift is not None:
+        counted = f" ({report.drift.n_drifted}/{len(report.drift.features)})"
+    if p.get("drift_detected"):
+        return _chip("drift", "bad", f"DRIFT {share:.0%}{counted}", "share of drifted features")
+    return _chip("drift", "ok", f"no drift {share:.0%}{counted}", "share of drifted features")
+
+
+def _prediction_drift_chip(p: dict[str, Any]) -> str:
+    value = p.get("prediction_drift")
+    if value is None:
+        return _chip("prediction-drift", "idle", "prediction drift –")
+    if value >= PREDICTION_DRIFT_THRESHOLD:
+        return _chip("prediction-drift", "warn", f"prediction drift {value:.3f} (alert level)", "PSI")
+    return _chip("prediction-drift", "ok", f"prediction drift {value:.3f}", "PSI")
+
+
+def _accuracy_chip(p: dict[str, Any], report: EvaluationReport | None, floor: float) -> str:
+    if report is not None:
+        acc, labels = report.accuracy, "?" if report.labels is None else str(report.labels)
+        if report.store_error:
+            return _chip("accuracy", "bad", f"store unavailable: {html.escape(report.store_error)}")
+        if acc is None or acc.value is None:
+            return _chip("accuracy", "idle", f"no labels ({labels})")
+        text = f"{acc.metric} {acc.value:.3f}" + ("" if acc.ready else " (too few labels)")
+        text += f", {acc.rows} in window, {labels} labels"
+        if not acc.ready:
+            return _chip("accuracy", "idle", text)
+        if acc.metric == "accuracy" and acc.value < floor:
+            return _chip("accuracy", "bad", f"{text}, below the floor {floor:.2f}")
+        return _chip("accuracy", "ok", text)
+    value = p.get("accuracy")
+    if value is None:
+        return _chip("accuracy", "idle", "accuracy –")
+    if value < floor:
+        return _chip("accuracy", "bad", f"accuracy {value:.3f}, below the floor {floor:.2f}")
+    return _chip("accuracy", "ok", f"accuracy {value:.3f}")
+
+
+def _estimate_chip(p: dict[str, Any], note: str, floor: float) -> str:
+    value = p.get("estimated_accuracy")
+    if value is None:
+        return _chip("estimate", "idle", f"estimate: {html.escape(note or '–')}")
+    lower, upper = p.get("estimated_accuracy_lower"), p.get("estimated_accuracy_upper")
+    text = f"estimated {value:.3f} ({_fmt(lower)}–{_fmt(upper)})"
+    title = "accuracy estimated without labels, with its 95% band"
+    if upper is not None and upper < floor:
+        return _chip("estimate", "bad", f"{text}, below the floor", title)
+    if lower is not None and lower < floor:
+        return _chip("estimate", "warn", f"{text}, band reaches the floor", title)
+    return _chip("estimate", "ok", text, title)
+
+
+def _quality_chip(p: dict[str, Any]) -> str:
+    missing, outside = p.get("missing_share"), p.get("out_of_range_share")
+    if missing is None or outside is None:
+        return _chip("quality", "idle", "data quality –")
+    constant = ", ".join(html.escape(str(f)) for f in p.get("constant_features") or []) or "none"
+    text = f"missing {missing:.1%} · out of range {outside:.1%} · became constant: {constant}"
+    worst = "worst feature" if constant == "none" else "worst feature; features that became constant"
+    bad = constant != "none" or max(missing, outside) >= QUALITY_WARN_SHARE
+    return _chip("quality", "warn" if bad else "ok", text, worst)
+
+
+def _traffic_chip(p: dict[str, Any]) -> str:
+    rate, errors, p99 = p.get("request_rate"), p.get("error_rate"), p.get("p99_seconds")
+    if rate is None and errors is None:
+        return _chip("traffic", "idle", "traffic –")
+    text = (
+        f"{_fmt(rate, 1)} req/s · {'–' if errors is None else f'{errors:.1%}'} server errors · "
+        f"p99 {'–' if p99 is None else f'{p99 * 1000:.1f} ms'}"
     )
-    rows = []
-    for view in model.versions:
-        p = view.latest or (view.points[-1] if view.points else {})
-        if not p:
-            continue
-        estimated = p.get("estimated_accuracy")
-        if estimated is None:
-            est = html.escape(view.estimate_note or "–")
-        else:
-            est = (
-                f"{estimated:.3f} ({_fmt(p.get('estimated_accuracy_lower'))}–"
-                f"{_fmt(p.get('estimated_accuracy_upper'))})"
-            )
-        top = ", ".join(
-            f"{html.escape(str(f['feature']))} ({f['psi']:.2f})" for f in p.get("top_drifted_features") or []
+    verdict = "ok" if not errors else ("bad" if errors >= ERROR_RATE_BAD else "warn")
+    if verdict == "ok" and p99 is not None and p99 > P99_WARN_SECONDS:
+        verdict = "warn"
+    return _chip("traffic", verdict, text)
+
+
+def _version_verdicts(view: VersionView, floor: float) -> str:
+    p = view.latest or (view.points[-1] if view.points else {})
+    state = html.escape(view.state or "not loaded")
+    head = f'<div class="vname">v{view.version} <span class="vstate">{state}</span></div>'
+    if not p:
+        return (
+            f'<div class="vrow" data-version="{view.version}">{head}'
+            '<p class="detail">No evaluation yet: send traffic and wait for the next evaluation.</p></div>'
         )
-        p99 = p.get("p99_seconds")
-        error_rate = p.get("error_rate")
-        cells = (
-            f"v{view.version}",
-            html.escape(view.state or "not loaded"),
-            _fmt(p.get("accuracy")),
-            est,
-            "–"
-            if p.get("drift_share") is None
-            else f"{p['drift_share']:.0%}" + (" DRIFT" if p.get("drift_detected") else ""),
-            top or "none",
-            _fmt(p.get("prediction_drift")),
-            "–" if p.get("missing_share") is None else f"{p['missing_share']:.1%}",
-            "–" if p.get("out_of_range_share") is None else f"{p['out_of_range_share']:.1%}",
-            ", ".join(html.escape(str(f)) for f in p.get("constant_features") or []) or "none",
-            _fmt(p.get("request_rate"), 1),
-            "–" if error_rate is None else f"{error_rate:.1%}",
-            "–" if p99 is None else f"{p99 * 1000:.1f} ms",
-        )
-        rows.append("<tr>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>")
+    chips = (
+        _drift_chip(p, view.report),
+        _prediction_drift_chip(p),
+        _accuracy_chip(p, view.report, floor),
+        _estimate_chip(p, view.estimate_note, floor),
+        _quality_chip(p),
+        _traffic_chip(p),
+    )
+    top = ", ".join(
+        f"{html.escape(str(f['feature']))} ({f['psi']:.2f})" for f in p.get("top_drifted_features") or []
+    )
+    window = p.get("window_rows")
+    details = [f"window {window} rows"] if window is not None else []
+    details.append(f"top drifted features (PSI): {top or 'none'}")
+    return (
+        f'<div class="vrow" data-version="{view.version}">{head}<div class="chips">{"".join(chips)}</div>'
+        f'<p class="detail">{" · ".join(details)}</p></div>'
+    )
+
+
+def effective_floor(model: ModelView) -> float:
+    """The accuracy floor the page judges a model by: its own, else the alert rules'."""
+    return model.accuracy_floor if model.accuracy_floor is not None else DEFAULT_ACCURACY_FLOOR
+
+
+def render_verdicts(model: ModelView) -> str:
+    """A model's verdicts: per version drift, accuracy, estimate, quality and traffic; its labelers
+    and retrain runs.
+
+    The status page's script moves this block into the model's card; where there is no card
+    (the control plane's own page) it stays above the model's curves.
+    """
+    rows = "".join(_version_verdicts(v, effective_floor(model)) for v in model.versions)
     if not rows:
-        return "<p>No evaluation yet: send traffic and wait for the next evaluation.</p>"
-    header = "".join(f"<th>{h}</th>" for h in head)
-    return f'<table class="latest" border="1" cellpadding="3"><tr>{header}</tr>{"".join(rows)}</table>'
-
-
-def render_model(model: ModelView, *, t0: float, t1: float) -> str:
-    """The section of one model: states, latest values, charts and histograms."""
-    name = html.escape(model.name)
-    states = (
-        " · ".join(f"v{v.version} {html.escape(v.state or 'not loaded')}" for v in model.versions) or "none"
-    )
+        rows = '<p class="detail">No evaluation yet: send traffic and wait for the next evaluation.</p>'
+    if model.quarantined:
+        why = "; ".join(f"{s}: {', '.join(r) or 'quarantined'}" for s, r in sorted(model.quarantined.items()))
+        names = ", ".join(html.escape(s) for s in sorted(model.quarantined))
+        labelers = _chip("labelers", "bad", f"quarantined labelers: {names}", why)
+    else:
+        labelers = _chip("labelers", "ok", "no labeler quarantined")
     runs = ", ".join(f"{model.retrain_runs.get(o, 0)} {o}" for o in RETRAIN_OUTCOMES)
+    failed = model.retrain_runs.get("failed", 0)
+    retrains = _chip("retrain", "warn" if failed else "idle", f"retrain runs since start: {runs}")
     parts = [
-        f'<section class="model" data-model="{name}"><h2>{name}</h2>',
-        f"<p>Versions: {states}. Retrain runs since start: {runs}.</p>",
+        f'<div class="verdicts" data-model="{html.escape(model.name)}">{rows}',
+        f'<div class="chips model-chips">{labelers}{retrains}</div>',
     ]
     if model.retrain_note:
         parts.append(f'<p class="retrain-skipped">{html.escape(model.retrain_note)}</p>')
     if model.error:
-        parts.append(f"<p><strong>History unavailable:</strong> {html.escape(model.error)}</p>")
-    parts.append(_latest_table(model))
+        parts.append(
+            f'<p class="detail"><strong>History unavailable:</strong> {html.escape(model.error)}</p>'
+        )
+    parts.append("</div>")
+    return "".join(parts)
+
+
+def render_model(model: ModelView, *, t0: float, t1: float) -> str:
+    """The section of one model: its verdicts (:func:`render_verdicts`), charts and histograms."""
+    name = html.escape(model.name)
+    parts = [
+        f'<section class="model" data-model="{name}"><h2>{name}</h2>',
+        render_verdicts(model),
+    ]
     events = [(v.points[0]["t"], f"v{v.version} first seen") for v in model.versions[1:] if v.points]
 
     def lines(key: str, title: str, scale: float = 1.0, dash_offset: int = 0) -> list[Line]:
@@ -398,7 +508,7 @@ def render_model(model: ModelView, *, t0: float, t1: float) -> str:
             for p in v.points
             if p.get("estimated_accuracy_lower") is not None and p.get("estimated_accuracy_upper") is not None
         ]
-    floor = (model.accuracy_floor, "floor") if model.accuracy_floor is not None else None
+    floor = (effective_floor(model), "floor")
     charts = [
         line_chart(
             "Accuracy: labelled and estimated without labels",
@@ -477,9 +587,28 @@ def render_health(models: Sequence[ModelView], *, t0: float, t1: float) -> str:
 
 
 STYLE = (
-    "#health svg{font:11px sans-serif;margin:4px;border:1px solid #eee}"
+    "#health .model,#health>.updated{max-width:100%}"
+    "#health .model{background:#fff;border:1px solid #d8dde4;border-radius:10px;padding:.8rem 1rem;"
+    "margin:0 0 1rem;min-width:0}#health .model h2{font-size:1.1rem;margin:0 0 .4rem}"
+    "#health .updated{color:#5b6472;font-size:.85rem;margin:.2rem 0 .6rem}"
+    "#health .charts{display:grid;gap:.5rem;"
+    "grid-template-columns:repeat(auto-fill,minmax(min(100%,360px),1fr))}"
+    "#health svg{font:11px sans-serif;width:100%;height:auto;max-width:520px;border:1px solid #eef0f3;"
+    "border-radius:6px;background:#fff}#health svg.hist{max-width:340px}"
     "#health .ct{font-weight:bold}#health .tick{fill:#333}#health .end{fill:#000;font-size:10px}"
-    "#health .ev{fill:#000;font-size:10px}#health .charts{display:flex;flex-wrap:wrap}"
-    "#health table.latest{font-size:12px;border-collapse:collapse}"
+    "#health .ev{fill:#000;font-size:10px}#health h3{font-size:.95rem;margin:.8rem 0 .3rem}"
+    ".verdicts .vrow{border-top:1px solid #eef0f3;padding:.4rem 0}.verdicts .vname{font-weight:600}"
+    # In a card, a version the card lists shows its state there only.
+    ".verdicts .vstate{font-weight:400}.model-card .vrow.listed .vstate{display:none}"
+    ".verdicts .chips{display:flex;flex-wrap:wrap;gap:.3rem;margin:.25rem 0}"
+    ".verdicts .model-chips{border-top:1px solid #eef0f3;padding-top:.45rem}"
+    ".verdicts .detail,.verdicts .retrain-skipped{color:#5b6472;font-size:.82rem;margin:.15rem 0}"
+    ".chip{display:inline-block;border-radius:6px;padding:.05rem .45rem;font-size:.82rem;"
+    "border:1px solid currentColor}"
+    ".chip.ok{color:#1e7b34;background:#e3f4e7}.chip.warn{color:#8a5a00;background:#fdf1d6}"
+    ".chip.bad{color:#b3261e;background:#fde4e1;font-weight:600}.chip.idle{color:#555;background:#eceff3}"
+    # A mark besides the colour: the verdict reads without it.
+    '.chip.ok::before{content:"\\2713  "}.chip.warn::before{content:"!  "}'
+    '.chip.bad::before{content:"\\2717  "}.chip.idle::before{content:"\\2026  "}'
 )
-"""The page's styles (inline: the page loads nothing from elsewhere)."""
+"""The health section's styles, verdicts included (inline: the page loads nothing from elsewhere)."""

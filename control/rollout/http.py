@@ -1,4 +1,4 @@
-"""The rollout routes and the rollout section of the status page.
+"""The rollout routes and the rollout part of the status page's model cards.
 
 - ``GET /monitoring/rollouts/{model}``: champion, candidate, mode, step, share, the
   per-version guardrail values, state, reason and history (404 with a reason for an unknown
@@ -94,56 +94,51 @@ def create_rollout_router(controller: RolloutController | None, admin_token: str
     return router
 
 
-class RolloutSection:
-    """The status page's rollout table: one row per model with a rollout on record.
+# A rollout's state as a verdict class of the status page: running is a warning to watch.
+_STATE_VERDICTS = {"canary": "warn", "shadow": "warn", "promoted": "ok", "rolled_back": "bad"}
+
+
+class RolloutPart:
+    """The rollout part of a model's card on the status page: the rollout on record, if any.
 
     Args:
-        controller: The rollout controller; None when monitoring is off.
+        controller: The rollout controller; None when monitoring is off (no part).
     """
 
     def __init__(self, controller: RolloutController | None) -> None:
         self._controller = controller
 
-    def html(self) -> str:
-        """The section's HTML, from the state last read from the store; every value escaped."""
+    def html(self, model: str) -> str:
+        """The part's HTML for one model, from the state last read from the store; every value escaped.
+
+        Returns:
+            "" without a controller or a rollout on record; else the state (as a word in
+            its verdict's colour), champion, candidate, candidate share, shadow agreement and
+            reason.
+        """
         if self._controller is None:
             return ""
-        rows = []
-        for model, doc in sorted(self._controller.documents().items()):
-            state = doc.state
-            if not state.get("id"):
-                continue
-            candidate = state.get("candidate")
-            values = state.get("guardrails", {}).get(str(candidate), {}) if candidate is not None else {}
-            agreement = values.get("agreement")
-            cells = [
-                model,
-                str(state.get("champion")),
-                "–" if candidate is None else str(candidate),
-                str(state.get("state")) + (" (paused)" if state.get("paused") else ""),
-                f"{current_share(state):g} %",
-                "–" if agreement is None else f"{agreement:.1%}",
-                str(state.get("reason", "")),
-            ]
-            rows.append("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in cells) + "</tr>")
-        if not rows:
-            return '<section id="rollouts"><h2>Rollouts</h2><p>No rollout on record.</p></section>'
-        head = "".join(
-            f"<th>{h}</th>"
-            for h in (
-                "model",
-                "champion",
-                "candidate",
-                "state",
-                "candidate share",
-                "shadow agreement",
-                "reason",
-            )
-        )
+        doc = self._controller.documents().get(model)
+        state = doc.state if doc is not None else {}
+        if not state.get("id"):
+            return ""
+        candidate = state.get("candidate")
+        values = state.get("guardrails", {}).get(str(candidate), {}) if candidate is not None else {}
+        agreement = values.get("agreement")
+        phase = str(state.get("state"))
+        shown = phase + (" (paused)" if state.get("paused") else "")
+        verdict = _STATE_VERDICTS.get(phase, "idle")
+        facts = [
+            f"champion v{state.get('champion')}",
+            f"candidate {'–' if candidate is None else f'v{candidate}'}",
+            f"candidate share {current_share(state):g} %",
+            f"shadow agreement {'–' if agreement is None else f'{agreement:.1%}'}",
+        ]
+        reason = str(state.get("reason", ""))
         return (
-            '<section id="rollouts"><h2>Rollouts</h2><table><thead><tr>'
-            + head
-            + "</tr></thead><tbody>"
-            + "".join(rows)
-            + "</tbody></table></section>"
+            '<div class="part rollout" data-part="rollout"><h3>Rollout</h3>'
+            f'<span class="pill {verdict}" data-verdict="rollout">{html.escape(shown)}</span> '
+            + " · ".join(html.escape(f) for f in facts)
+            + (f'<p class="why">{html.escape(reason)}</p>' if reason else "")
+            + "</div>"
         )

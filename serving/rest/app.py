@@ -2,24 +2,24 @@
 
 Built by the composition root; nothing here runs at import. Other packages extend the
 app without serving importing them: ``routers`` are mounted beside the protocol routes
-(monitoring's feedback route and alert webhook), ``status_columns`` adds columns to
-the status page at ``/`` and ``status_sections`` adds sections below its table
-(monitoring's live health charts).
+(monitoring's feedback route and alert webhook), ``card_parts`` add to each model's
+card on the status page at ``/`` (the rollout in progress) and ``status_sections`` add
+sections below the cards (monitoring's live health curves); the page is
+:mod:`.status_page`.
 
 Example:
 
 ```python
-app = create_app(dataplane, settings, registry, routers=[feedback_router], status_columns=columns)
+app = create_app(dataplane, settings, registry, routers=[feedback_router], card_parts=[rollout_part])
 ```
 """
 
 from __future__ import annotations
 
 import functools
-import html
 from collections.abc import Sequence
 from importlib import resources
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any
 
 from fastapi import APIRouter, FastAPI, Request, Response
 from fastapi.middleware.cors import CORSMiddleware
@@ -27,7 +27,6 @@ from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
 from fastapi.responses import HTMLResponse
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
-from modelloop.errors import ServiceError
 from modelloop.serving.codecs.v2_json import HEADER_LENGTH
 from modelloop.serving.rest.errors import error_response, install_error_handlers
 from modelloop.serving.rest.fastpath import PredictFastPath
@@ -35,6 +34,12 @@ from modelloop.serving.rest.origin import OriginGuard
 from modelloop.serving.rest.routes_shm import create_shared_memory_router
 from modelloop.serving.rest.routes_tfserving import create_tfserving_router
 from modelloop.serving.rest.routes_v2 import create_v2_router
+from modelloop.serving.rest.status_page import (
+    TITLE,
+    StatusCardPart,
+    StatusSection,
+    render_status_page,
+)
 from modelloop.web import ADMIN_SCHEME, MODEL_VERSION_HEADER, REQUEST_ID_HEADER, collect_openapi_schemas
 
 if TYPE_CHECKING:
@@ -43,7 +48,6 @@ if TYPE_CHECKING:
     from modelloop.serving.dataplane import DataPlane
     from modelloop.serving.settings import ServingSettings
 
-TITLE = "modelloop"
 DOCS_ASSETS_PATH = "/docs/assets"
 # Swagger UI and ReDoc as the pinned fastapi-offline package ships them (Swagger UI under the
 # Apache License 2.0, ReDoc under MIT): FastAPI's defaults load them from a public CDN, which
@@ -93,20 +97,6 @@ def _read_asset(name: str) -> bytes:
     return (resources.files("fastapi_offline") / "static" / name).read_bytes()
 
 
-class StatusColumns(Protocol):
-    """Extra columns of the status page, one row per model version (monitoring's drift and accuracy).
-
-    Attributes:
-        headers: The column titles, plain text.
-    """
-
-    headers: Sequence[str]
-
-    def cells(self, model: str, version: int) -> list[str]:
-        """One HTML cell per header for a version; the implementer escapes what it shows."""
-        ...
-
-
 class RestApp(ServingAPI):
     """The app: predict and infer calls enter through the fast path in front of FastAPI (:mod:`.fastpath`).
 
@@ -150,21 +140,13 @@ def cors_options(settings: ServingSettings) -> dict[str, Any] | None:
     }
 
 
-class StatusSection(Protocol):
-    """A section of the status page below the model table (monitoring's health charts)."""
-
-    def html(self) -> str:
-        """The section's HTML; the implementer escapes what it shows."""
-        ...
-
-
 def create_app(
     dataplane: DataPlane,
     settings: ServingSettings,
     registry: CollectorRegistry,
     *,
     routers: Sequence[APIRouter] = (),
-    status_columns: StatusColumns | None = None,
+    card_parts: Sequence[StatusCardPart] = (),
     status_sections: Sequence[StatusSection] = (),
 ) -> FastAPI:
     """Builds the REST application.
@@ -174,8 +156,8 @@ def create_app(
         settings: Server settings: ``max_body_bytes``, ``admin_token``, ``cors_origins``.
         registry: The Prometheus registry ``/metrics`` exposes.
         routers: More routes to mount (the extension point). Defaults to none.
-        status_columns: More columns for the status page. Defaults to None.
-        status_sections: Sections below the status page's table. Defaults to none.
+        card_parts: Parts of each model's card on the status page. Defaults to none.
+        status_sections: Sections below the status page's cards. Defaults to none.
 
     Returns:
         The FastAPI app, with ``/v1``, ``/v2``, ``/metrics``, ``/docs``, ``/`` and ``routers``;
@@ -223,7 +205,7 @@ def create_app(
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     async def status_page() -> HTMLResponse:
-        return HTMLResponse(render_status_page(dataplane, status_columns, status_sections))
+        return HTMLResponse(render_status_page(dataplane, card_parts, status_sections))
 
     _add_docs(app)
     return app
@@ -265,61 +247,3 @@ def _add_docs(app: FastAPI) -> None:
         body, media = assets[name]
         # Versioned with the package: a day of caching spares reloads of 1.5 MB.
         return Response(body, media_type=media, headers={"cache-control": "public, max-age=86400"})
-
-
-def render_status_page(
-    dataplane: DataPlane, columns: StatusColumns | None = None, sections: Sequence[StatusSection] = ()
-) -> str:
-    """A plain HTML page: readiness, then every model version's state and the extra columns.
-
-    Args:
-        dataplane: The data plane to describe.
-        columns: Extra columns (monitoring's). Defaults to None.
-        sections: Sections below the table (monitoring's). Defaults to none.
-
-    Returns:
-        The HTML document; every value from a model or a client is escaped.
-    """
-    extra_headers = list(columns.headers) if columns is not None else []
-    width = 3 + len(extra_headers)
-    rows: list[str] = []
-    for name in dataplane.model_names():
-        try:
-            statuses = dataplane.model_status(name)
-        except ServiceError as error:
-            rows.append(
-                f"<tr><td>{html.escape(name)}</td><td></td>"
-                f'<td colspan="{width - 2}">{html.escape(error.message)}</td></tr>'
-            )
-            continue
-        if not statuses:
-            rows.append(
-                f'<tr><td>{html.escape(name)}</td><td></td><td colspan="{width - 2}">no versions</td></tr>'
-            )
-        for status in statuses:
-            state = status.state.value + (f": {status.error_message}" if status.error_message else "")
-            link = f"/v1/models/{html.escape(name)}/versions/{status.version}"
-            extra = columns.cells(name, status.version) if columns is not None else []
-            cells = "".join(f"<td>{cell}</td>" for cell in extra)
-            rows.append(
-                f'<tr><td>{html.escape(name)}</td><td><a href="{link}">{status.version}</a></td>'
-                f"<td>{html.escape(state)}</td>{cells}</tr>"
-            )
-    ready = "ready" if dataplane.ready() else "not ready"
-    if dataplane.repository_error():
-        ready += f" (repository: {html.escape(dataplane.repository_error())})"
-    table = "\n".join(rows) or f'<tr><td colspan="{width}">no models</td></tr>'
-    header = "".join(f"<th>{html.escape(h)}</th>" for h in ("model", "version", "state", *extra_headers))
-    return f"""<!doctype html>
-<html><head><meta charset="utf-8"><title>{TITLE}</title>
-<link rel="icon" href="data:,"></head>
-<body>
-<h1>{TITLE}</h1>
-<p>Server: <strong>{ready}</strong> · <a href="/docs">API docs</a> · <a href="/metrics">metrics</a></p>
-<table id="models" border="1" cellpadding="4">
-<tr>{header}</tr>
-{table}
-</table>
-{"".join(section.html() for section in sections)}
-</body></html>
-"""

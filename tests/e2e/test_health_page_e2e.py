@@ -5,9 +5,13 @@ ports, 1 s evaluations), ``modelloop simulate --drift`` sends labelled normal an
 inverted digits, the in-process drift rule starts a retrain, and the blessed version 2
 is served. Headless Chromium, with every host but 127.0.0.1 unresolvable, keeps the
 status page open throughout: the page loads without console errors, asks nothing of any
-other origin, redraws itself without a reload, and ends up showing the accuracy drop,
-the drift rise and version 2. The screenshot is kept in ``tests/artifacts/`` (or
-``$MODELLOOP_ARTIFACTS``); the docs' copy is ``docs/images/health-page.png``.
+host but 127.0.0.1, redraws itself without a reload, and ends up showing the accuracy
+drop, the drift rise and version 2: a card per model whose verdicts carry their verdict
+classes, the curves below. At a phone's width (390 px) nothing runs off the side. The
+control plane's own page (no cards) shows the verdicts above the curves. The
+screenshots are kept in ``tests/artifacts/`` (or ``$MODELLOOP_ARTIFACTS``); with
+``MODELLOOP_DOCS_IMAGES=DIR`` (``make screenshots``) the desktop one is also written to
+``DIR/health-page.png``, the docs' copy being ``docs/images/health-page.png``.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -22,6 +27,7 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import httpx
 import pytest
@@ -32,6 +38,9 @@ from tests.tools import require_chromium
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 ARTIFACTS = Path(os.environ.get("MODELLOOP_ARTIFACTS", REPO_ROOT / "tests" / "artifacts"))
+DOCS_IMAGES = os.environ.get("MODELLOOP_DOCS_IMAGES")
+VERDICTS = ("ok", "warn", "bad", "idle")
+PHONE_WIDTH = 390
 
 pytestmark = pytest.mark.slow
 
@@ -106,7 +115,7 @@ def test_make_up_simulate_drift_and_the_live_health_page(tmp_path: Path) -> None
             json.dumps({"retrain": {"epochs": 5, "class_margin": 1.0}})
         )
 
-        browser = open_browser(width=1400, height=1200)
+        browser = open_browser(width=1280, height=900)
         browser.call("Page.navigate", url=f"{url}/?minutes=15")
         assert browser.wait_for(
             "document.readyState === 'complete' && document.querySelector('#models') !== null", 30
@@ -166,25 +175,84 @@ def test_make_up_simulate_drift_and_the_live_health_page(tmp_path: Path) -> None
         assert any(p["request_rate"] for p in v1) and any(p["p99_seconds"] for p in v1)
 
         # The page redrew itself with version 2, without a reload.
-        health = "document.querySelector('#health').innerText"
+        card = "#models .model-card[data-model=digits]"
         assert browser.wait_for(
-            f"{health}.includes('v2 AVAILABLE') && {health}.includes('1 blessed')"
-            f" && {health}.includes('v2 labelled')",
+            f"document.querySelector('{card} li[data-version=\"2\"] .pill')?.textContent === 'AVAILABLE'"
+            f" && document.querySelector('{card}').innerText.includes('1 blessed')"
+            " && document.querySelector('#health').textContent.includes('v2 labelled')",
             60,
-        ), browser.evaluate(health)
+        ), browser.evaluate("document.body.innerText")
         assert browser.evaluate("window.__sameDocument") == "yes"
         assert int(browser.evaluate("document.body.dataset.refreshes")) >= 2
         assert browser.evaluate("document.querySelectorAll('#health svg.chart').length") >= 7
         page_text = browser.evaluate("document.body.innerText")
         for label in ("v1 labelled", "v1 estimated", "v2 first seen", "DRIFT", "out of range"):
             assert label in page_text, label
+
+        # One card per model, its state a verdict, its verdicts moved in from the fragment
+        # (none left above the curves), each chip of a known verdict class.
+        cards = browser.evaluate(
+            "[...document.querySelectorAll('#models .model-card')].map(c => c.dataset.model)"
+        )
+        assert cards == ["digits"], cards
+        assert (
+            browser.evaluate(f"document.querySelector('{card} [data-verdict=state]').className") == "pill ok"
+        )
+        chips = browser.evaluate(
+            f"[...document.querySelectorAll('{card} .chip')].map(c => [c.dataset.verdict, c.classList[1]])"
+        )
+        kinds = {kind for kind, _ in chips}
+        assert kinds >= {"drift", "prediction-drift", "accuracy", "estimate", "quality", "labelers"}, chips
+        assert all(verdict in VERDICTS for _, verdict in chips), chips
+        assert ["drift", "bad"] in chips, chips  # v1's drift, red and in words
+        assert browser.evaluate("document.querySelectorAll('#health .verdicts').length") == 0
+        assert browser.evaluate("getComputedStyle(document.querySelector('.chip.bad')).color") != (
+            browser.evaluate("getComputedStyle(document.querySelector('.chip.ok')).color")
+        )
         shot = browser.screenshot(ARTIFACTS / "health-page.png")
         assert shot.stat().st_size > 20_000
         print(f"\nhealth page screenshot: {shot}")
 
+        # A phone: the same page at 390 px, nothing wider than the screen.
+        browser.call(
+            "Emulation.setDeviceMetricsOverride",
+            width=PHONE_WIDTH,
+            height=844,
+            deviceScaleFactor=1,
+            mobile=True,
+        )
+        before = int(browser.evaluate("document.body.dataset.refreshes"))
+        assert browser.wait_for(f"Number(document.body.dataset.refreshes) > {before}", 30)
+        assert browser.evaluate("innerWidth") == PHONE_WIDTH
+        widths = browser.evaluate("[document.documentElement.scrollWidth, innerWidth]")
+        assert widths[0] <= widths[1], widths
+        assert browser.evaluate("document.querySelector('meta[name=viewport]') !== null")
+        browser.screenshot(ARTIFACTS / "health-page-phone.png")
+        if DOCS_IMAGES:
+            Path(DOCS_IMAGES).mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(shot, Path(DOCS_IMAGES) / "health-page.png")
+
         assert browser.console_errors == [], browser.console_errors
+        hosts = {urlsplit(r).hostname for r in browser.requests if not r.startswith(("data:", "about:"))}
+        assert hosts == {"127.0.0.1"}, browser.requests
         foreign = [r for r in browser.requests if not r.startswith((url, "data:", "about:"))]
         assert foreign == [], foreign
+
+        # The control plane's own page (``make up`` runs one): no cards, so each model's
+        # verdicts stay above its curves.
+        plane = browser.evaluate("document.querySelector('#control-plane a')?.getAttribute('href')")
+        if plane is not None:
+            browser.requests.clear()
+            browser.call("Page.navigate", url=plane)
+            assert browser.wait_for("Number(document.body?.dataset.refreshes) >= 1", 30)
+            assert (
+                browser.evaluate("document.querySelectorAll('#health .verdicts[data-model=digits]').length")
+                == 1
+            )
+            assert browser.evaluate("document.querySelectorAll('#health svg.chart').length") >= 7
+            assert browser.console_errors == [], browser.console_errors
+            hosts = {urlsplit(r).hostname for r in browser.requests if not r.startswith(("data:", "about:"))}
+            assert hosts == {"127.0.0.1"}, browser.requests
     finally:
         if browser is not None:
             browser.close()

@@ -9,15 +9,22 @@ that starts a real retrain (refused by its gate), a new version that starts a ca
 Debian's Prometheus scrapes it every second. Each expression goes to ``/api/v1/query``
 with the dashboard variables substituted: a parse error is a 400, and an empty result
 means the expression's labels or aggregation do not fit what the server exports.
+
+Last, ``scripts/render_dashboard.py`` draws every panel from the same Prometheus over the
+scraped span and headless Chromium takes its picture (``tests/artifacts/`` or
+``$MODELLOOP_ARTIFACTS``); with ``MODELLOOP_DOCS_IMAGES=DIR`` (``make screenshots``) it
+waits for three minutes of scrapes and writes ``DIR/grafana-dashboard.png``.
 """
 
 from __future__ import annotations
 
 import io
 import json
+import os
 import re
 import shutil
 import threading
+import time
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -30,11 +37,17 @@ import httpx
 import pytest
 
 from modelloop.monitoring.simulate import simulate
+from scripts import render_dashboard
+from tests.e2e.browser import open_browser
 from tests.e2e.serverproc import start_server
-from tests.tools import Daemon, require_tool, wait_for
+from tests.tools import Daemon, require_chromium, require_tool, wait_for
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DASHBOARD = REPO_ROOT / "monitoring" / "dashboards" / "modelloop.json"
+ARTIFACTS = Path(os.environ.get("MODELLOOP_ARTIFACTS", REPO_ROOT / "tests" / "artifacts"))
+DOCS_IMAGES = os.environ.get("MODELLOOP_DOCS_IMAGES")
+# Seconds of scrapes the drawn dashboard spans: enough for curves in the docs' picture.
+DRAWN_SECONDS = 180 if DOCS_IMAGES else 20
 
 # DESIGN.md "Metric names (contract)", with the series a histogram expands to.
 _HISTOGRAMS = (
@@ -316,3 +329,52 @@ def test_dashboard_has_the_panels_people_look_at() -> None:
     ids = [p["id"] for p in _panels(_dashboard()) if "id" in p]
     assert len(ids) == len(set(ids)), "panel ids must be unique"
     assert "topk(" in next(e.expr for e in _expressions() if e.where.startswith("Top drifted features"))
+
+
+def test_the_dashboard_drawn_from_real_data(prometheus_url: str) -> None:
+    """Every panel drawn from the dashboard's own queries over the scraped span, and its picture."""
+    require_chromium()
+    scrapes = 'count_over_time(up{job="modelloop"}[1h])'
+
+    def scraped_for() -> float:
+        status, body = _query(prometheus_url, scrapes)
+        result = body["data"]["result"] if status == 200 else []
+        return float(result[0]["value"][1]) if result else 0.0
+
+    assert wait_for(lambda: scraped_for() >= DRAWN_SECONDS, timeout=DRAWN_SECONDS + 60)
+    end = time.time()
+    dashboard = _dashboard()
+    panels = render_dashboard.query_panels(dashboard, prometheus_url, start=end - scraped_for(), end=end)
+    drawn = [p for p in panels if p.spec["type"] != "row"]
+    assert len(drawn) == len([p for p in _panels(dashboard) if p["type"] != "row"])
+    for panel in drawn:
+        assert panel.errors == [], panel.errors
+        assert any(s.points for s in panel.series), f"{panel.spec['title']}: nothing to draw"
+    page = render_dashboard.render_page(
+        dashboard,
+        panels,
+        t0=end - scraped_for(),
+        t1=end,
+        models=", ".join(render_dashboard.model_values(prometheus_url)),
+    )
+    assert "No data" not in page and "<script" not in page
+    html_file = ARTIFACTS / "grafana-dashboard.html"
+    html_file.parent.mkdir(parents=True, exist_ok=True)
+    html_file.write_text(page)
+    browser = open_browser(width=render_dashboard.PAGE_WIDTH, height=900)
+    try:
+        browser.call("Page.navigate", url=html_file.resolve().as_uri())
+        assert browser.wait_for("document.readyState === 'complete'", 30)
+        assert browser.evaluate("document.querySelectorAll('.panel svg').length") == len(drawn)
+        assert browser.evaluate("[document.documentElement.scrollWidth, innerWidth]")[0] <= (
+            render_dashboard.PAGE_WIDTH
+        )
+        shot = browser.screenshot(ARTIFACTS / "grafana-dashboard.png")
+        assert browser.console_errors == [], browser.console_errors
+        assert all(r.startswith(("file:", "data:", "about:")) for r in browser.requests), browser.requests
+    finally:
+        browser.close()
+    assert shot.stat().st_size > 20_000
+    if DOCS_IMAGES:
+        Path(DOCS_IMAGES).mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(shot, Path(DOCS_IMAGES) / "grafana-dashboard.png")

@@ -1,4 +1,4 @@
-"""POST /v1/models/{m}/feedback and the status page, in-process over the real service."""
+"""POST /v1/models/{m}/feedback and the status page's verdicts, in-process over the real service."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from prometheus_client import CollectorRegistry
 
-from modelloop.control.http import MonitoringColumns, create_feedback_router
+from modelloop.control.http import HealthSection, create_feedback_router, create_health_router
 from modelloop.control.service import MonitoringService
 from modelloop.monitoring.settings import MonitoringSettings
 from modelloop.monitoring.stores.engine import StoreUnavailable
@@ -87,8 +87,8 @@ async def client(service: MonitoringService, tmp_path: Path) -> AsyncIterator[ht
         StubDataPlane(service.catalog),  # type: ignore[arg-type]
         settings,
         CollectorRegistry(),
-        routers=[create_feedback_router(service, settings.max_body_bytes)],
-        status_columns=MonitoringColumns(service),
+        routers=[create_feedback_router(service, settings.max_body_bytes), create_health_router(service)],
+        status_sections=[HealthSection(service)],
     )
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as c:
         yield c
@@ -219,13 +219,19 @@ async def test_status_page_shows_drift_and_accuracy(
     page = (await client.get("/")).text
     assert "digits" in page and "AVAILABLE" in page and 'href="/docs"' in page and 'href="/metrics"' in page
     assert "&lt;b&gt;evil&lt;/b&gt;" in page and "<b>evil</b>" not in page
+    # A card per model with the slot its verdicts go to, and the health section below.
+    assert '<article class="card model-card" data-model="digits">' in page
+    assert 'data-slot="verdicts"' in page and '<section id="health"' in page
     await client.post(URL, json={"feedback": [{"request_id": "three", "targets": [0, 0, 1]}]})
     service.evaluate_once()
-    page = (await client.get("/")).text
-    assert "accuracy 0.667" in page and "3 labels" in page
-    assert "collecting (7/10 rows)" in page
-    html_without = render_status_page(StubDataPlane(service.catalog), MonitoringColumns(None))  # type: ignore[arg-type]
-    assert "off" in html_without
+    # The verdicts come with the health fragment, which the page moves into the cards.
+    fragment = (await client.get("/monitoring/health")).text
+    assert '<div class="verdicts" data-model="digits">' in fragment
+    assert "accuracy 0.667" in fragment and "3 labels" in fragment
+    assert "collecting (7/10 rows)" in fragment
+    assert 'data-verdict="labelers">no labeler quarantined' in fragment
+    html_without = render_status_page(StubDataPlane(service.catalog), sections=[HealthSection(None)])  # type: ignore[arg-type]
+    assert "Monitoring is off" in html_without
 
 
 @pytest.fixture

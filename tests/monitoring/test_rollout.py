@@ -17,7 +17,7 @@ from modelloop.control.rollout.guardrails import (
     latency_quantile,
     wilson_interval,
 )
-from modelloop.control.rollout.http import RolloutSection
+from modelloop.control.rollout.http import RolloutPart
 from modelloop.errors import ErrorCode, ServiceError
 from modelloop.monitoring.stores import open_stores
 from modelloop.monitoring.stores.records import PredictionRecord
@@ -247,17 +247,20 @@ def test_invalid_config_is_refused_and_reported(tmp_path: Path) -> None:
         store.close()
 
 
-def test_the_status_page_lists_rollouts_escaped(tmp_path: Path) -> None:
+def test_the_status_page_cards_show_the_rollout_escaped(tmp_path: Path) -> None:
     store = open_stores(f"sqlite:///{tmp_path / 'state.db'}")
     catalog = Catalog()
     worker = controller(store, catalog)
     try:
-        assert "No rollout on record" in RolloutSection(worker).html()
+        assert RolloutPart(worker).html("digits") == ""  # no rollout on record: no part
         worker.tick(now=100.0)
         worker.act("digits", "pause")
-        html = RolloutSection(worker).html()
-        assert "<td>digits</td><td>1</td><td>2</td><td>canary (paused)</td><td>10 %</td>" in html
-        assert "<script" not in html and RolloutSection(None).html() == ""
+        html = RolloutPart(worker).html("digits")
+        assert '<span class="pill warn" data-verdict="rollout">canary (paused)</span>' in html
+        for fact in ("champion v1", "candidate v2", "candidate share 10 %", "shadow agreement –"):
+            assert fact in html, fact
+        assert "<script" not in html and RolloutPart(None).html("digits") == ""
+        assert RolloutPart(worker).html("<b>other</b>") == ""
     finally:
         store.close()
 
