@@ -18,6 +18,12 @@ UP_ARGS ?=
 # Line and branch coverage of the packages, subprocesses (servers, retrains) included; the
 # settings are [tool.coverage.*] in pyproject.toml.
 COVERAGE_ARGS ?= --cov --cov-report=term:skip-covered
+# `make test` runs the modules on two pytest-xdist workers, each module whole on one (its
+# servers are module fixtures), in the collected order: `--no-loadscope-reorder` keeps the
+# random module order of `--random-order-bucket=module`. The trained runs are shared between
+# the workers (tests/conftest.py). `make test WORKERS=0` runs in one process.
+WORKERS ?= 2
+XDIST_ARGS ?= $(if $(filter 0,$(WORKERS)),-p no:xdist,-n $(WORKERS) --dist loadfile --no-loadscope-reorder)
 
 .PHONY: install up test test-fast bench lint audit format clean screenshots system-up system-test system-bench
 
@@ -44,7 +50,7 @@ up: system-up install
 	$(BIN)/modelloop up $(UP_ARGS)
 
 test: system-test install
-	$(BIN)/python -m pytest $(COVERAGE_ARGS) $(PYTEST_ARGS)
+	$(BIN)/python -m pytest $(COVERAGE_ARGS) $(XDIST_ARGS) $(PYTEST_ARGS)
 
 # The development loop: the unit and edge tests, no model trained (a test that needs a trained
 # model carries the `trains` marker, set in tests/conftest.py), no real-server end-to-end

@@ -262,6 +262,9 @@ class MonitoringSettings(BaseSettings):
     """Accuracy below which in-process rules call for a retrain; None = no floor."""
     retrain_cooldown_s: float = Field(default=900.0, ge=0)
     """Least seconds between two retrains of one model."""
+    drift_for_s: float = Field(default=60.0, gt=0)
+    """Seconds input drift must last before the in-process drift rule fires (the Prometheus
+    rule's ``for: 1m``; a test or a demo shortens it)."""
     alertmanager_url: str | None = None
     """Alertmanager in charge of alerts; None = rules run in-process."""
     trigger: Literal["subprocess", "kubernetes", "none"] = "subprocess"

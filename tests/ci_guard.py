@@ -14,6 +14,10 @@ adds the other ways a test can pass without running:
 
 Outside CI all of it is only counted in the summary, so ``-k`` and ``-m`` stay usable while
 developing.
+
+Under pytest-xdist (``make test`` runs two workers) each worker collects and deselects the
+whole suite; a worker hands its counts to the controller (``workeroutput``), which judges the
+run, and the xfail check turns the worker's report into a failure before it is sent.
 """
 
 from __future__ import annotations
@@ -51,6 +55,11 @@ def pytest_configure(config: pytest.Config) -> None:
     config.stash[_PROBLEMS] = []
 
 
+def _worker(config: pytest.Config) -> bool:
+    """Whether this process is a pytest-xdist worker (the controller judges the run)."""
+    return hasattr(config, "workerinput")
+
+
 def pytest_deselected(items: list[pytest.Item]) -> None:
     if items:
         config = items[0].config
@@ -59,6 +68,16 @@ def pytest_deselected(items: list[pytest.Item]) -> None:
 
 def pytest_collection_finish(session: pytest.Session) -> None:
     session.config.stash[_COLLECTED] = len(session.items)
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_testnodedown(node: object, error: object) -> None:
+    """pytest-xdist's controller: a worker is done; its counts are those of the run (every
+    worker collects the same tests), the largest kept should one worker have stopped early."""
+    output = getattr(node, "workeroutput", {})
+    config: pytest.Config = node.config  # type: ignore[attr-defined]
+    for key, name in ((_DESELECTED, "ci_guard_deselected"), (_COLLECTED, "ci_guard_collected")):
+        config.stash[key] = max(config.stash.get(key, 0), int(output.get(name, 0)))
 
 
 @pytest.hookimpl(wrapper=True)
@@ -92,6 +111,11 @@ def _problems(session: pytest.Session) -> list[str]:
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    config = session.config
+    if _worker(config):
+        config.workeroutput["ci_guard_deselected"] = config.stash.get(_DESELECTED, 0)  # type: ignore[attr-defined]
+        config.workeroutput["ci_guard_collected"] = config.stash.get(_COLLECTED, 0)  # type: ignore[attr-defined]
+        return
     problems = _problems(session)
     session.config.stash[_PROBLEMS] = problems
     if on_ci() and problems and exitstatus == pytest.ExitCode.OK:

@@ -7,9 +7,13 @@ deselection, and a whole suite below its floor of collected tests.
 
 from __future__ import annotations
 
+import fcntl
+import hashlib
 import os
+import shutil
 from collections import Counter
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -81,21 +85,46 @@ def state_home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
             os.environ["XDG_STATE_HOME"] = before
 
 
+def _shared_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A directory every process of the run sees: the session's temporary directory, or under
+    pytest-xdist (``make test`` runs two workers) the one above the workers' own."""
+    base = tmp_path_factory.getbasetemp()
+    return base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+
+
+@contextmanager
+def _made_once(root: Path, name: str) -> Iterator[tuple[Path, bool]]:
+    """``root/name`` made once by whichever worker comes first: yields the path and whether
+    it is already made; the others wait on its lock until it is. A worker whose making fails
+    leaves no mark, and the next one to ask makes it again."""
+    root.mkdir(parents=True, exist_ok=True)
+    path, done = root / name, root / f"{name}.done"
+    with open(root / f"{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            if not done.exists():
+                shutil.rmtree(path, ignore_errors=True)
+            yield path, done.exists()
+            done.touch()
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
 @pytest.fixture(scope="session")
 def train_run(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., Path]:
-    """Trains a spec once per (spec, epochs, folds) and returns its run directory."""
+    """Trains a spec once per (spec, epochs, folds) for the whole run (the xdist workers share
+    it) and returns its run directory."""
     from modelloop.training.spec import load_spec
     from modelloop.training.train import train
 
-    cache: dict[tuple[str, int | None, int], Path] = {}
+    root = _shared_dir(tmp_path_factory) / "runs"
 
     def _train(spec: str, epochs: int | None = None, folds: int = 0) -> Path:
-        key = (spec, epochs, folds)
-        if key not in cache:
-            out = tmp_path_factory.mktemp("run") / "run"
-            train(load_spec(spec), out, epochs=epochs, seed=42, folds=folds, interactive=False)
-            cache[key] = out
-        return cache[key]
+        key = hashlib.sha256(repr((spec, epochs, folds)).encode()).hexdigest()[:16]
+        with _made_once(root, key) as (out, made):
+            if not made:
+                train(load_spec(spec), out, epochs=epochs, seed=42, folds=folds, interactive=False)
+        return out
 
     return _train
 
@@ -108,12 +137,14 @@ def digits_run(train_run: Callable[..., Path]) -> Path:
 
 @pytest.fixture(scope="session")
 def digits_repo(tmp_path_factory: pytest.TempPathFactory, digits_run: Path) -> Path:
-    """A model repository holding ``digits`` version 1, exported from ``digits_run``.
+    """A model repository holding ``digits`` version 1, exported from ``digits_run`` (once for
+    the whole run, like the training).
 
     Treat it as read-only; tests that publish or delete versions copy it first.
     """
     from modelloop.export.exporter import export_run
 
-    repo = tmp_path_factory.mktemp("repo")
-    export_run(digits_run, repo)
+    with _made_once(_shared_dir(tmp_path_factory), "digits-repo") as (repo, made):
+        if not made:
+            export_run(digits_run, repo)
     return repo

@@ -152,7 +152,13 @@ def build_retraining(
     )
     in_process: InProcessRules | None = None
     if settings.alertmanager_url is None and rules:
-        in_process = InProcessRules(policy, trigger, on_trigger_failed=count_failed_launch, gate=gate.check)
+        in_process = InProcessRules(
+            policy,
+            trigger,
+            on_trigger_failed=count_failed_launch,
+            gate=gate.check,
+            drift_for_s=settings.drift_for_s,
+        )
         service.add_listener(in_process)
     where = (
         f"Alertmanager at {settings.alertmanager_url}"

@@ -105,7 +105,7 @@ def test_the_control_plane_sees_every_replicas_traffic_once(fleet: Fleet) -> Non
 
     rows = _drifted_rows()
     outputs = []
-    clients = [httpx.Client(), httpx.Client()]
+    clients = [httpx.Client(timeout=60), httpx.Client(timeout=60)]
     try:
         for i, row in enumerate(rows):
             # Alternate replicas; each replica's kernel spreads connections over its workers.
@@ -137,7 +137,7 @@ def test_the_control_plane_sees_every_replicas_traffic_once(fleet: Fleet) -> Non
 
 def test_labels_sent_to_one_replica_join_predictions_the_other_answered(fleet: Fleet) -> None:
     digits = load_digits()
-    with httpx.Client() as client:
+    with httpx.Client(timeout=60) as client:
         for i in range(20):
             _predict(fleet.replicas[0].rest_url, client, f"join{i}", digits.data[i].astype(np.float32))
         items = [{"request_id": f"join{i}", "target": int(digits.target[i])} for i in range(20)]
@@ -153,7 +153,7 @@ def test_kill_9_of_the_control_plane_loses_and_doubles_nothing(fleet: Fleet) -> 
     stop = threading.Event()
 
     def traffic(replica: ServerProcess, prefix: str) -> None:
-        with httpx.Client() as client:
+        with httpx.Client(timeout=60) as client:
             i = 0
             while not stop.is_set():
                 rid = f"{prefix}{i}"
@@ -174,7 +174,7 @@ def test_kill_9_of_the_control_plane_loses_and_doubles_nothing(fleet: Fleet) -> 
                 i += 1
 
     # A label acknowledged before the kill.
-    with httpx.Client() as client:
+    with httpx.Client(timeout=60) as client:
         _predict(fleet.replicas[0].rest_url, client, "kept-label", digits.data[3].astype(np.float32))
         r = client.post(
             f"{fleet.replicas[0].rest_url}/v1/models/digits/feedback",

@@ -81,7 +81,7 @@ def test_two_servers_log_objects_that_one_control_plane_reads_once(
     fleet: ObjectFleet, tmp_path: Path
 ) -> None:
     digits = load_digits()
-    with httpx.Client() as client:
+    with httpx.Client(timeout=60) as client:
         for i in range(40):
             _predict(fleet.servers[i % 2].rest_url, client, f"obj{i}", digits.data[i].astype(np.float32))
         items = [{"request_id": f"obj{i}", "target": int(digits.target[i])} for i in range(40)]

@@ -152,3 +152,26 @@ def test_outside_an_event_loop_the_start_runs_inline():
     r = InProcessRules(RetrainPolicy(0, clock=clock), trigger, drift_for_s=0, clock=clock)
     r("digits", 1, report(drifted=True))
     assert trigger.calls == [("digits", "ModelDriftDetected", "")]
+
+
+def test_the_drift_rules_hold_comes_from_the_settings(tmp_path, monkeypatch):
+    from prometheus_client import CollectorRegistry
+
+    from modelloop.control.retraining.wiring import build_retraining
+    from modelloop.control.service import MonitoringService
+    from tests.monitoring.monhelpers import FakeCatalog
+
+    def built(settings: MonitoringSettings) -> InProcessRules:
+        service = MonitoringService(
+            settings, repo=tmp_path / "repo", catalog=FakeCatalog({}), registry=CollectorRegistry()
+        )
+        try:
+            retraining = build_retraining(settings, tmp_path / "repo", service)
+            assert retraining.rules is not None
+            return retraining.rules
+        finally:
+            service.stores.close()
+
+    assert built(MonitoringSettings(state_dir=tmp_path / "a", trigger="none")).drift_for_s == 60
+    monkeypatch.setenv("MODELLOOP_MONITORING_DRIFT_FOR_S", "5")
+    assert built(MonitoringSettings(state_dir=tmp_path / "b", trigger="none")).drift_for_s == 5
