@@ -28,8 +28,8 @@ import pytest
 
 from tests.tools import on_ci
 
-MIN_TESTS = 1950
-"""Tests a whole-suite run collects at least (it collected 1,952 when this was set)."""
+MIN_TESTS = 1985
+"""Tests a whole-suite run collects at least (it collected 1,991 when this was set)."""
 
 TESTS_DIR = Path(__file__).resolve().parent
 
