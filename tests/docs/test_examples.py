@@ -188,10 +188,18 @@ def served(tour: Tour) -> Iterator[dict[str, str]]:
 
 
 def test_the_tour_is_runnable() -> None:
-    """The README's tour keeps its runnable blocks: train, export, both REST dialects, gRPC, labels."""
+    """The README's tour keeps its runnable blocks: train, export, both REST dialects, gRPC, labels, drift."""
     readme = [block for block in BLOCKS if block.path == "README.md"]
     codes = "\n".join(block.code for block in readme)
-    needles = ("modelloop train", "modelloop export", ":predict", "/infer", "ServiceStub", "/feedback")
+    needles = (
+        "modelloop train",
+        "modelloop export",
+        ":predict",
+        "/infer",
+        "ServiceStub",
+        "/feedback",
+        "modelloop simulate",
+    )
     for needle in needles:
         assert needle in codes, f"no runnable README block does {needle!r}"
     assert all(block.expects for block in BLOCKS), "every runnable block checks its output"
