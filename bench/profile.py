@@ -51,10 +51,10 @@ STAGES: tuple[tuple[str, re.Pattern[str]], ...] = tuple(
         ),
         (
             "resolve",
-            r"^(ModelRegistry\.|_Model\.|[A-Za-z]*Decoder\.target|parse_version|split_method|match_route|"
+            r"^(ModelRegistry\.|BoundedMemory\.|ModelEntry\.|[A-Za-z]*Decoder\.target|parse_version|split_method|match_route|"
             r"request_id_of|DataPlane\._model_label|model_spec_target)",
         ),
-        ("batch hand-off", r"^(DynamicBatcher\.|Servable\.use|_rows)"),
+        ("batch hand-off", r"^(DynamicBatcher\.|Servable\.use|_rows|answer \(|settle \(|check_rows)"),
         (
             "read",
             r"^([A-Za-z]*Decoder\.read|read_body|check_content_type|Request\.(body|stream)|"

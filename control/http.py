@@ -78,9 +78,10 @@ from modelloop.control.schemas import (
 )
 from modelloop.errors import ErrorCode, ServiceError
 from modelloop.monitoring.history import history_point
-from modelloop.monitoring.page import STYLE, ModelView, VersionView, render_health
+from modelloop.monitoring.page import STYLE, render_health
 from modelloop.monitoring.stores.engine import StoreUnavailable
 from modelloop.monitoring.stores.records import FeedbackItem, FeedbackResult
+from modelloop.monitoring.verdicts import ModelView, VersionView
 from modelloop.serving.types import valid_request_id
 from modelloop.tokens import TokenMatcher
 from modelloop.web import (

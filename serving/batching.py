@@ -45,13 +45,12 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
-import copy
 import logging
 import math
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -59,11 +58,19 @@ import numpy as np
 from modelloop.serving import tracing
 from modelloop.serving.errors import InferenceFailed, ModelNotReady, QueueFull, ServingError
 from modelloop.serving.metrics import ServingMetrics
+from modelloop.serving.outcomes import (
+    Pending,
+    Tensors,
+    check_rows,
+    fail_all,
+    failure,
+    first_error,
+    settle,
+)
 from modelloop.serving.settings import BatchingSettings
 
 logger = logging.getLogger(__name__)
 
-Tensors = dict[str, np.ndarray]
 PredictFn = Callable[[Tensors], Tensors]
 
 
@@ -78,15 +85,6 @@ class _LoopState:
     collector: asyncio.Task[None] | None = None
 
 
-@dataclass(slots=True, eq=False)
-class _Pending:
-    inputs: Tensors
-    rows: int
-    future: asyncio.Future[Tensors]
-    enqueued: float = field(default_factory=time.monotonic)
-    trace: tracing.Mark | None = None  # the request's span and wait start, when tracing is on
-
-
 # Calls timed per decision whether a model runs inline: the median of each window of this
 # many calls decides, so a call stretched by preemption or a page fault does not.
 _TIMING_WINDOW = 16
@@ -94,10 +92,6 @@ INLINE_GATHER_MAX_S = 0.001
 """The longest an inline batch waits for company under load (``batch_timeout_micros`` if shorter)."""
 INLINE_GATHER_BACKOFF = 64
 """The most inline flushes that run at once after gather windows that caught nobody."""
-
-
-def _first_error(outcomes: list[Tensors | Exception]) -> Exception | None:
-    return next((outcome for outcome in outcomes if isinstance(outcome, Exception)), None)
 
 
 def _rows(inputs: Tensors) -> int:
@@ -139,7 +133,7 @@ class DynamicBatcher:
         self._executor = ThreadPoolExecutor(
             max_workers=settings.num_batch_threads, thread_name_prefix=f"batch-{model}-{version}"
         )
-        self._pending: collections.deque[_Pending] = collections.deque()
+        self._pending: collections.deque[Pending] = collections.deque()
         self._queued_rows = 0
         self._closed = False
         # asyncio objects are made on first use, on the loop that serves requests.
@@ -221,7 +215,7 @@ class DynamicBatcher:
             return await self._run_now(inputs, rows, state)
         if self._active:
             self._arrived_busy = True
-        item = _Pending(inputs, rows, loop.create_future())
+        item = Pending(inputs, rows, loop.create_future())
         if tracing.TRACER is not None:
             item.trace = tracing.mark()
         self._pending.append(item)
@@ -308,7 +302,7 @@ class DynamicBatcher:
                 raise self._logged_failure(rows, exc) from exc
             finally:
                 self._release(state)
-            self._check_rows(outputs, rows)
+            check_rows(outputs, rows, self.model, self.version)
             return outputs
         loop = asyncio.get_running_loop()
         try:
@@ -324,7 +318,7 @@ class DynamicBatcher:
             raise
         except Exception as exc:  # any runtime error becomes InferenceFailed
             raise self._logged_failure(rows, exc) from exc
-        self._check_rows(outputs, rows)
+        check_rows(outputs, rows, self.model, self.version)
         return outputs
 
     def _release(self, state: _LoopState | None) -> None:
@@ -405,7 +399,7 @@ class DynamicBatcher:
             self._running.add(task)
             task.add_done_callback(self._running.discard)
 
-    async def _next_batch(self, wakeup: asyncio.Event) -> list[_Pending]:
+    async def _next_batch(self, wakeup: asyncio.Event) -> list[Pending]:
         max_rows = self.settings.max_batch_size
         timeout_s = self.settings.batch_timeout_micros / 1e6
         threads = self.settings.num_batch_threads
@@ -449,7 +443,7 @@ class DynamicBatcher:
             count += 1
         return rows, count
 
-    async def _dispatch(self, batch: list[_Pending], state: _LoopState) -> None:
+    async def _dispatch(self, batch: list[Pending], state: _LoopState) -> None:
         released = False
         try:
             start = time.monotonic()
@@ -477,13 +471,13 @@ class DynamicBatcher:
                 self._fail(live, rows, exc)
                 return
             if span is not None:
-                tracing.end_batch(span, None if isinstance(outcome, dict) else _first_error(outcome))
-            self._settle(live, outcome)
+                tracing.end_batch(span, None if isinstance(outcome, dict) else first_error(outcome))
+            settle(live, outcome, self.model, self.version)
         finally:
             if not released:
                 self._release(state)
 
-    def _merge(self, batch: list[_Pending], start: float) -> tuple[list[_Pending], Tensors, int]:
+    def _merge(self, batch: list[Pending], start: float) -> tuple[list[Pending], Tensors, int]:
         """The live requests of a batch, their inputs concatenated, and their row count."""
         live = [item for item in batch if not item.future.done()]
         rows = sum(item.rows for item in live)
@@ -500,7 +494,7 @@ class DynamicBatcher:
         )
         return live, merged, rows
 
-    def _run_batch(self, batch: list[_Pending], start: float) -> None:
+    def _run_batch(self, batch: list[Pending], start: float) -> None:
         """Runs a batch on the event loop (a tiny model) and answers its requests."""
         live, merged, rows = self._merge(batch, start)
         if not live:
@@ -517,10 +511,10 @@ class DynamicBatcher:
         finally:
             self._active -= 1
         if span is not None:
-            tracing.end_batch(span, None if isinstance(outcome, dict) else _first_error(outcome))
-        self._settle(live, outcome)
+            tracing.end_batch(span, None if isinstance(outcome, dict) else first_error(outcome))
+        settle(live, outcome, self.model, self.version)
 
-    def _start_span(self, live: list[_Pending], rows: int, inline: bool) -> Any:
+    def _start_span(self, live: list[Pending], rows: int, inline: bool) -> Any:
         """The batch span of a queued batch, linked to its requests (tracing on)."""
         marks = [item.trace for item in live if item.trace is not None]
         return tracing.start_batch(marks, self.model, self.version, rows, inline)
@@ -535,7 +529,7 @@ class DynamicBatcher:
         """
         try:
             outputs = self._timed(merged)
-            self._check_rows(outputs, rows)
+            check_rows(outputs, rows, self.model, self.version)
             return outputs
         except Exception as exc:
             if len(parts) == 1:
@@ -545,7 +539,7 @@ class DynamicBatcher:
         for inputs in parts:
             try:
                 outputs = self._timed(inputs)
-                self._check_rows(outputs, _rows(inputs))
+                check_rows(outputs, _rows(inputs), self.model, self.version)
                 outcomes.append(outputs)
             except Exception as exc:  # noqa: BLE001 - this request's own outcome
                 outcomes.append(exc)
@@ -563,52 +557,6 @@ class DynamicBatcher:
         )
         return outcomes
 
-    def _settle(self, live: list[_Pending], outcome: Tensors | list[Tensors | Exception]) -> None:
-        """Answers a batch's requests from :meth:`_call_batch`'s outcome."""
-        if isinstance(outcome, dict):
-            self._answer(live, outcome)
-            return
-        for item, result in zip(live, outcome, strict=True):
-            if item.future.done():
-                continue
-            if isinstance(result, Exception):
-                item.future.set_exception(self._error_for(item.rows, result))
-            else:
-                item.future.set_result(result)
-
-    def _error_for(self, rows: int, exc: Exception) -> Exception:
-        # One exception object per waiter: raising it appends to its traceback.
-        return copy.copy(exc) if isinstance(exc, ServingError) else self._failure(rows, exc)
-
-    def _fail(self, live: list[_Pending], rows: int, exc: Exception) -> None:
-        logger.warning(
-            "model %s version %s failed on a batch of %d rows: %s", self.model, self.version, rows, exc
-        )
-        for item in live:
-            if not item.future.done():
-                item.future.set_exception(self._error_for(rows, exc))
-
-    @staticmethod
-    def _answer(live: list[_Pending], outputs: Tensors) -> None:
-        if len(live) == 1:
-            if not live[0].future.done():
-                live[0].future.set_result(outputs)
-            return
-        offset = 0
-        for item in live:
-            end = offset + item.rows
-            if not item.future.done():
-                item.future.set_result({name: value[offset:end] for name, value in outputs.items()})
-            offset = end
-
-    def _check_rows(self, outputs: Tensors, rows: int) -> None:
-        for name, value in outputs.items():
-            if np.ndim(value) == 0 or value.shape[0] != rows:
-                raise InferenceFailed(
-                    f"model {self.model!r} version {self.version} returned output {name!r} with shape "
-                    f"{tuple(np.shape(value))} for a batch of {rows} rows"
-                )
-
     def _logged_failure(self, rows: int, exc: BaseException) -> InferenceFailed:
         # A model's own error is the operator's to see, as a batch's is in _fail.
         logger.warning(
@@ -619,10 +567,10 @@ class DynamicBatcher:
             type(exc).__name__,
             exc,
         )
-        return self._failure(rows, exc)
+        return failure(self.model, self.version, rows, exc)
 
-    def _failure(self, rows: int, exc: BaseException) -> InferenceFailed:
-        return InferenceFailed(
-            f"model {self.model!r} version {self.version} failed on a batch of {rows} rows: "
-            f"{type(exc).__name__}: {exc}"
+    def _fail(self, live: list[Pending], rows: int, exc: Exception) -> None:
+        logger.warning(
+            "model %s version %s failed on a batch of %d rows: %s", self.model, self.version, rows, exc
         )
+        fail_all(live, self.model, self.version, rows, exc)

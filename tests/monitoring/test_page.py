@@ -5,7 +5,8 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from modelloop.monitoring.page import ModelView, VersionView, render_health, render_verdicts
+from modelloop.monitoring.page import render_health
+from modelloop.monitoring.verdicts import ModelView, VersionView, render_verdicts
 
 
 def _point(**values: Any) -> dict[str, Any]:
