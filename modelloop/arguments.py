@@ -7,6 +7,7 @@ and argument errors answer at once. The commands themselves live in :mod:`modell
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -31,24 +32,23 @@ def _port(value: str) -> int:
     return port
 
 
-def _positive(value: str) -> int:
-    try:
-        number = int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"invalid number {value!r}") from None
-    if number < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {number}")
+def _at_least(minimum: int) -> Callable[[str], int]:
+    """An argparse type: an integer of at least ``minimum``, else a one-line reason."""
+
+    def number(value: str) -> int:
+        try:
+            parsed = int(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"invalid number {value!r}") from None
+        if parsed < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {parsed}")
+        return parsed
+
     return number
 
 
-def _folds(value: str) -> int:
-    try:
-        number = int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"invalid number {value!r}") from None
-    if number < 2:
-        raise argparse.ArgumentTypeError(f"must be at least 2, got {number}")
-    return number
+_positive = _at_least(1)
+_folds = _at_least(2)
 
 
 def build_parser() -> argparse.ArgumentParser:
