@@ -10,15 +10,40 @@ project but the leaves :mod:`modelloop.errors` and :mod:`modelloop.tokens`. Ever
 from __future__ import annotations
 
 import zlib
-from collections.abc import Mapping, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from http import HTTPStatus
-from typing import Any
+from typing import Any, Protocol
 
 from fastapi import Request
 from pydantic import BaseModel
+from starlette.requests import ClientDisconnect
 
 from modelloop.errors import ErrorCode, ServiceError
 from modelloop.tokens import ANONYMOUS_SOURCE, TokenMatcher, authorize_admin, bearer_token
+
+
+class HttpRequest(Protocol):
+    """What the body helpers and the predict and infer handlers read of a request.
+
+    Starlette's ``Request`` is one; the REST fast path passes a leaner one that builds no
+    ``Headers`` object and reads the body straight from ASGI ``receive``
+    (``serving/rest/fastpath.py`` ``AsgiRequest``). Header names are lower case.
+    """
+
+    @property
+    def scope(self) -> Any:
+        """The ASGI scope."""
+        ...
+
+    @property
+    def headers(self) -> Mapping[str, str]:
+        """The request headers, looked up by lower-case name."""
+        ...
+
+    def stream(self) -> AsyncIterator[bytes]:
+        """The body's pieces as they arrive."""
+        ...
+
 
 REQUEST_ID_HEADER = "x-request-id"
 MODEL_VERSION_HEADER = "x-model-version"
@@ -35,7 +60,7 @@ BINARY_MEDIA_TYPE = "application/octet-stream"
 _DECODERS = {"gzip": 16 + zlib.MAX_WBITS, "x-gzip": 16 + zlib.MAX_WBITS, "deflate": zlib.MAX_WBITS}
 
 
-def check_content_type(request: Request, *, binary: bool = False, form: bool = False) -> bool:
+def check_content_type(request: HttpRequest, *, binary: bool = False, form: bool = False) -> bool:
     """Accepts JSON bodies (and, when ``binary``, the octet-stream of Triton's extension).
 
     A missing content type is accepted: tritonclient and many scripts send none.
@@ -74,7 +99,7 @@ def _too_large(limit: int, what: str = "request body") -> ServiceError:
     )
 
 
-async def read_body(request: Request, limit: int) -> bytes:
+async def read_body(request: HttpRequest, limit: int) -> bytes:
     """Reads the body, refusing it as soon as it is known to exceed ``limit``.
 
     ``Content-Length`` is checked before reading; a chunked body is counted while it
@@ -92,7 +117,7 @@ async def read_body(request: Request, limit: int) -> bytes:
     Raises:
         ServiceError: PAYLOAD_TOO_LARGE beyond the limit, INVALID_ARGUMENT for a bad
             Content-Length or a corrupt compressed body, UNSUPPORTED_MEDIA_TYPE for an
-            unknown Content-Encoding.
+            unknown Content-Encoding, CANCELLED when the client went away mid-body.
     """
     declared = request.headers.get("content-length")
     if declared is not None:
@@ -108,11 +133,17 @@ async def read_body(request: Request, limit: int) -> bytes:
         )
     chunks: list[bytes] = []
     total = 0
-    async for chunk in request.stream():
-        total += len(chunk)
-        if total > limit:
-            raise _too_large(limit)
-        chunks.append(chunk)
+    try:
+        async for chunk in request.stream():
+            total += len(chunk)
+            if total > limit:
+                raise _too_large(limit)
+            chunks.append(chunk)
+    except ClientDisconnect:
+        # Nobody is left to answer; counted as cancelled, not as a failure of the model.
+        raise ServiceError(
+            "the client closed the connection before the request body was complete", ErrorCode.CANCELLED
+        ) from None
     body = b"".join(chunks)
     if encoding in _DECODERS:
         body = _decompress(body, _DECODERS[encoding], limit)

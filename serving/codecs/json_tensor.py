@@ -211,6 +211,49 @@ def _check_exact_integers(array: np.ndarray, leaves: list[Any], dtype: np.dtype,
         )
 
 
+def has_no_booleans(text: bytes) -> bool:
+    """Whether a JSON text surely holds no ``true`` or ``false`` (a string that spells one counts).
+
+    :func:`exact_float_array` needs this: NumPy reads a JSON ``true`` among numbers as 1.
+    """
+    return b"true" not in text and b"false" not in text
+
+
+def exact_float_array(value: Any, dtype: np.dtype) -> np.ndarray | None:
+    """Nested lists of JSON numbers as a float array in one NumPy call, when that is exact.
+
+    The usual request, rows of plain numbers for a float32 input, needs none of
+    :func:`leaves_to_array`'s checks value by value: NumPy builds the array in C, and one
+    range check stands for them. Anything that check cannot vouch for gives None, and the
+    caller takes the checking path, which builds the same array or names what is wrong:
+    a value that is not a number (NumPy makes text or objects of it), ragged lists (NumPy
+    refuses them), an integer the float type would round or a value beyond its range
+    (beyond ±2**24 for float32, ±2**53 for float64, where the checks start), NaN, an empty
+    tensor, a dtype other than float32 or float64. The caller must know that the document
+    holds no JSON booleans (:func:`has_no_booleans`): NumPy would read ``true`` as 1.
+
+    Args:
+        value: The tensor as parsed from JSON.
+        dtype: The input's dtype.
+
+    Returns:
+        The array, or None to take :func:`flatten_nested` and :func:`leaves_to_array`.
+    """
+    limit = _EXACT_INTEGERS.get(dtype.itemsize) if dtype.kind == "f" else None
+    if limit is None or type(value) is not list:
+        return None
+    try:
+        array = np.array(value)
+    except (ValueError, TypeError, OverflowError):
+        return None
+    if array.dtype.kind not in "fi" or not array.size:
+        return None
+    # NaN fails the comparison too, so it takes the checking path.
+    if not np.abs(array).max() <= limit:
+        return None
+    return array.astype(dtype, copy=False)
+
+
 def leaves_to_array(
     leaves: list[Any],
     shape: tuple[int, ...],

@@ -23,7 +23,9 @@ from modelloop.serving.codecs.json_tensor import (
     array_to_json,
     describe_value,
     dumps_json,
+    exact_float_array,
     flatten_nested,
+    has_no_booleans,
     is_b64,
     leaves_to_array,
     loads_json,
@@ -105,9 +107,9 @@ def decode_predict_request(
             'request has both "instances" (row format) and "inputs" (columnar format); send one'
         )
     if has_instances:
-        inputs = _decode_rows(document["instances"], metadata.inputs)
+        inputs = _decode_rows(document["instances"], metadata.inputs, has_no_booleans(body))
     elif has_inputs:
-        inputs = _decode_columns(document["inputs"], metadata.inputs)
+        inputs = _decode_columns(document["inputs"], metadata.inputs, has_no_booleans(body))
     else:
         raise InvalidInput('request body must have "instances" (row format) or "inputs" (columnar format)')
     request = InferRequest(
@@ -130,7 +132,12 @@ def _unknown_input(name: str, specs: dict[str, TensorSpec]) -> InvalidInput:
     return InvalidInput(f'unknown input "{name}"; the model\'s inputs are {", ".join(specs)}')
 
 
-def _to_array(value: Any, spec: TensorSpec, where: str) -> np.ndarray:
+def _to_array(value: Any, spec: TensorSpec, where: str, numbers_only: bool = False) -> np.ndarray:
+    # numbers_only: the body holds no JSON booleans, so NumPy may build a float array at once.
+    if numbers_only:
+        array = exact_float_array(value, spec.dtype)
+        if array is not None:
+            return array
     shape, leaves = flatten_nested(value, where)
     return leaves_to_array(leaves, shape, spec.dtype, where, allow_b64=True)
 
@@ -139,7 +146,7 @@ def _is_named_row(value: Any) -> bool:
     return isinstance(value, dict) and not is_b64(value)
 
 
-def _decode_rows(instances: Any, specs: tuple[TensorSpec, ...]) -> dict[str, np.ndarray]:
+def _decode_rows(instances: Any, specs: tuple[TensorSpec, ...], numbers_only: bool) -> dict[str, np.ndarray]:
     if not isinstance(instances, list):
         raise InvalidInput(f'"instances" must be a list of rows, got {describe_value(instances)}')
     if not instances:
@@ -153,7 +160,7 @@ def _decode_rows(instances: Any, specs: tuple[TensorSpec, ...]) -> dict[str, np.
                 "object keyed by input name"
             )
         spec = specs[0]
-        return {spec.name: _to_array(instances, spec, f'input "{spec.name}" ("instances")')}
+        return {spec.name: _to_array(instances, spec, f'input "{spec.name}" ("instances")', numbers_only)}
     if not all(named):
         # As in TF Serving, the first instance sets the form the others must have.
         index = named.index(not named[0])
@@ -177,12 +184,14 @@ def _decode_rows(instances: Any, specs: tuple[TensorSpec, ...]) -> dict[str, np.
                 "(all named inputs share the 0-th dimension in the row format)"
             )
     return {
-        name: _to_array([row[name] for row in instances], by_name[name], f'input "{name}" ("instances")')
+        name: _to_array(
+            [row[name] for row in instances], by_name[name], f'input "{name}" ("instances")', numbers_only
+        )
         for name in names
     }
 
 
-def _decode_columns(inputs: Any, specs: tuple[TensorSpec, ...]) -> dict[str, np.ndarray]:
+def _decode_columns(inputs: Any, specs: tuple[TensorSpec, ...], numbers_only: bool) -> dict[str, np.ndarray]:
     by_name = _spec_map(specs)
     if _is_named_row(inputs):
         if not inputs:
@@ -191,7 +200,7 @@ def _decode_columns(inputs: Any, specs: tuple[TensorSpec, ...]) -> dict[str, np.
         for name, value in inputs.items():
             if name not in by_name:
                 raise _unknown_input(name, by_name)
-            arrays[name] = _to_array(value, by_name[name], f'input "{name}" ("inputs")')
+            arrays[name] = _to_array(value, by_name[name], f'input "{name}" ("inputs")', numbers_only)
             _check_batch(arrays[name], name)
         return arrays
     if len(specs) != 1:
@@ -200,7 +209,7 @@ def _decode_columns(inputs: Any, specs: tuple[TensorSpec, ...]) -> dict[str, np.
             "keyed by input name"
         )
     spec = specs[0]
-    array = _to_array(inputs, spec, f'input "{spec.name}" ("inputs")')
+    array = _to_array(inputs, spec, f'input "{spec.name}" ("inputs")', numbers_only)
     _check_batch(array, spec.name)
     return {spec.name: array}
 

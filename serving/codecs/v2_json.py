@@ -27,7 +27,9 @@ from modelloop.serving.codecs.json_tensor import (
     array_to_json,
     describe_value,
     dumps_json,
+    exact_float_array,
     flatten_nested,
+    has_no_booleans,
     leaves_to_array,
     loads_json,
 )
@@ -127,8 +129,9 @@ def decode_infer_request(
         raise InvalidInput('inference request must have "inputs": a non-empty list of input tensors')
     inputs: dict[str, np.ndarray] = {}
     offset = 0
+    numbers_only = has_no_booleans(header)
     for index, raw in enumerate(raw_inputs):
-        name, array, used = _decode_input(raw, index, binary, offset, shared_memory)
+        name, array, used = _decode_input(raw, index, binary, offset, shared_memory, numbers_only)
         if name in inputs:
             raise InvalidInput(f'input "{name}" appears twice in "inputs"')
         inputs[name] = array
@@ -167,7 +170,12 @@ def _parameters(value: Any, where: str) -> dict[str, Any]:
 
 
 def _decode_input(
-    raw: Any, index: int, binary: memoryview, offset: int, shared_memory: SystemSharedMemory | None
+    raw: Any,
+    index: int,
+    binary: memoryview,
+    offset: int,
+    shared_memory: SystemSharedMemory | None,
+    numbers_only: bool = False,
 ) -> tuple[str, np.ndarray, int]:
     if not isinstance(raw, dict):
         raise InvalidInput(f"inputs[{index}] must be an object, got {describe_value(raw)}")
@@ -207,6 +215,11 @@ def _decode_input(
         return name, decode_binary_tensor(binary[offset : offset + size], datatype, shape, name), size
     if "data" not in raw:
         raise InvalidInput(f'{where} has no "data" (and no "binary_data_size" parameter)')
+    if numbers_only:
+        # No JSON booleans in the header: a float tensor of plain numbers is built at once.
+        array = exact_float_array(raw["data"], dtype)
+        if array is not None and array.size == count:
+            return name, array.reshape(shape), 0
     data_shape, leaves = flatten_nested(raw["data"], where)
     if len(leaves) != count:
         raise InvalidInput(

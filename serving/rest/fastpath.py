@@ -24,11 +24,11 @@ await front(scope, receive, send)
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Mapping
 from typing import TYPE_CHECKING, Any
 
 from starlette.middleware.cors import CORSMiddleware
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect
 
 from modelloop.serving.rest.errors import error_response
 from modelloop.serving.rest.routes_tfserving import PredictDecoder, answer_predict
@@ -78,6 +78,49 @@ def match_route(path: str) -> tuple[int, str, str | None, str | None] | None:
     return None
 
 
+class AsgiRequest:
+    """The request as the predict and infer handlers read it, straight from ASGI.
+
+    Starlette's ``Request`` builds a ``Headers`` object whose every lookup walks the raw
+    header list and decodes it again, and reads the body through a state machine of its
+    own; the handlers read four headers and the body once. Here the headers become one
+    dict (the first of a repeated header wins, as Starlette's ``get`` has it) and the body
+    comes from ``receive`` as it arrives.
+
+    Args:
+        scope: The ASGI scope.
+        receive: The ASGI receive callable.
+    """
+
+    __slots__ = ("_receive", "headers", "scope")
+
+    def __init__(self, scope: Scope, receive: Receive) -> None:
+        self.scope = scope
+        self._receive = receive
+        headers: dict[str, str] = {}
+        for key, value in scope["headers"]:
+            name = key.decode("latin-1")
+            if name not in headers:
+                headers[name] = value.decode("latin-1")
+        self.headers = headers
+
+    async def stream(self) -> AsyncIterator[bytes]:
+        """Yields the body's pieces.
+
+        Raises:
+            ClientDisconnect: The client went away before the body was complete.
+        """
+        while True:
+            message = await self._receive()
+            if message["type"] == "http.disconnect":
+                raise ClientDisconnect()
+            body = message.get("body", b"")
+            if body:
+                yield body
+            if not message.get("more_body", False):
+                return
+
+
 class PredictFastPath:
     """An ASGI app that answers predict and infer calls and hands everything else to ``app``.
 
@@ -114,7 +157,7 @@ class PredictFastPath:
 
     async def _answer(self, scope: Scope, receive: Receive, send: Send) -> None:
         kind, a, b, c = scope[_ROUTE]
-        request = Request(scope, receive)
+        request = AsgiRequest(scope, receive)
         try:
             if kind == _PREDICT:
                 decoder = PredictDecoder(request, a, b, c, self.max_body_bytes)

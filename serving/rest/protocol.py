@@ -80,6 +80,10 @@ class CoalescingTransport:
             self._held = None
             self._transport.write(held)
 
+    def is_closing(self) -> bool:
+        """Whether the transport is closing (asked twice a request: not left to ``__getattr__``)."""
+        return self._transport.is_closing()
+
     def close(self) -> None:
         """Flushes, then closes the transport."""
         self.flush()

@@ -38,6 +38,7 @@ from modelloop.web import (
 if TYPE_CHECKING:
     from modelloop.serving.dataplane import DataPlane
     from modelloop.serving.settings import ServingSettings
+    from modelloop.web import HttpRequest
 
 JSON = "application/json"
 _METHODS = ("predict", "classify", "regress")
@@ -79,7 +80,7 @@ class PredictDecoder:
     __slots__ = ("_body", "_max_body_bytes", "_model", "_pinned", "_request", "_segment", "row_format")
 
     def __init__(
-        self, request: Request, segment: str, model: str | None, pinned: str | None, max_body_bytes: int
+        self, request: HttpRequest, segment: str, model: str | None, pinned: str | None, max_body_bytes: int
     ) -> None:
         self._request = request
         self._segment = segment
@@ -127,7 +128,7 @@ class PredictDecoder:
 
 
 async def answer_predict(
-    dataplane: DataPlane, request: Request, decoder: PredictDecoder, *, in_span: bool = False
+    dataplane: DataPlane, request: HttpRequest, decoder: PredictDecoder, *, in_span: bool = False
 ) -> Response:
     """Runs a ``:predict`` call through the data plane and builds its HTTP response.
 

@@ -56,6 +56,7 @@ if TYPE_CHECKING:
     from modelloop.serving.dataplane import DataPlane
     from modelloop.serving.settings import ServingSettings
     from modelloop.serving.shared_memory import SystemSharedMemory
+    from modelloop.web import HttpRequest
 
 JSON = "application/json"
 _INDEX_BODY = openapi_body(
@@ -66,8 +67,12 @@ _INDEX_BODY = openapi_body(
 )
 
 
-def _header_length(request: Request) -> int | None:
-    raw = request.headers.get(v2_json.HEADER_LENGTH)
+# Header lookups take lower-case names (the fast path's headers are a plain dict).
+_HEADER_LENGTH_KEY = v2_json.HEADER_LENGTH.lower()
+
+
+def _header_length(request: HttpRequest) -> int | None:
+    raw = request.headers.get(_HEADER_LENGTH_KEY)
     if raw is None:
         return None
     if not (raw.isascii() and raw.strip().isdigit()):
@@ -101,7 +106,7 @@ class InferDecoder:
 
     def __init__(
         self,
-        request: Request,
+        request: HttpRequest,
         model: str,
         version: str | None,
         max_body_bytes: int,
@@ -158,7 +163,7 @@ def _json(payload: bytes, status: int = 200) -> Response:
 
 
 async def answer_infer(
-    dataplane: DataPlane, request: Request, decoder: InferDecoder, *, in_span: bool = False
+    dataplane: DataPlane, request: HttpRequest, decoder: InferDecoder, *, in_span: bool = False
 ) -> Response:
     """Runs an ``/infer`` call through the data plane and builds its HTTP response.
 

@@ -10,14 +10,13 @@ import contextlib
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
-from starlette.requests import Request
-
 from modelloop.serving import tracing
 
 if TYPE_CHECKING:
     from opentelemetry.trace import Span
 
     from modelloop.serving.types import Protocol
+    from modelloop.web import HttpRequest
 
 PREDICT_SPAN = "POST /v1/models/{model}:predict"
 INFER_SPAN = "POST /v2/models/{model}/infer"
@@ -25,7 +24,7 @@ HTTP_STATUS = "http.response.status_code"
 
 
 @contextlib.contextmanager
-def traced_http(name: str, protocol: Protocol, request: Request) -> Iterator[Span]:
+def traced_http(name: str, protocol: Protocol, request: HttpRequest) -> Iterator[Span]:
     """The request span of a predict or infer call, its parent the request's ``traceparent``.
 
     Args:

@@ -37,6 +37,11 @@ CASES: list[tuple[str, dict[str, Any], dict[str, str]]] = [
     ("/v1/models/digits", {"instances": [ROW]}, {}),
     ("/v1/models/nope:predict", {"instances": [ROW]}, {}),
     ("/v1/models/digits:predict", {"instances": [[1.0]]}, {}),
+    (
+        "/v1/models/digits:predict",
+        {"instances": [ROW]},
+        {"X-Request-ID": "Mine-2", "Content-Type": "Application/JSON"},
+    ),
     ("/v1/models/digits:predict", {"instances": [ROW]}, {"content-type": "text/plain"}),
     ("/v1/models/digits/metadata", {}, {}),
     ("/v1/models/digits/feedback", {"feedback": []}, {}),
@@ -99,6 +104,71 @@ async def test_the_fast_path_answers_like_the_declared_routes(
         via_fast = await fast.post(path, content=content, headers=headers)
         via_routes = await routed.post(path, content=content, headers=headers)
     assert _normalised(via_fast) == _normalised(via_routes)
+
+
+async def _raw_call(app: Any, path: str, pieces: list[dict[str, Any]]) -> tuple[int, bytes, list[Any]]:
+    """Sends ``pieces`` as the ASGI receive messages of one POST; returns status, body and headers."""
+    body = b"".join(p.get("body", b"") for p in pieces)
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "POST",
+        "scheme": "http",
+        "path": path,
+        "raw_path": path.encode(),
+        "query_string": b"",
+        "root_path": "",
+        "headers": [
+            (b"host", b"test"),
+            (b"x-request-id", b"first"),
+            (b"x-request-id", b"second"),
+            (b"content-length", str(len(body)).encode()),
+        ],
+        "client": ("127.0.0.1", 1),
+        "server": ("127.0.0.1", 2),
+    }
+    queue = list(pieces)
+    sent: list[dict[str, Any]] = []
+
+    async def receive() -> dict[str, Any]:
+        return queue.pop(0) if queue else {"type": "http.disconnect"}
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    await app(scope, receive, send)
+    start, *rest = sent
+    return start["status"], b"".join(m.get("body", b"") for m in rest), sorted(start["headers"])
+
+
+@pytest.mark.parametrize("split", [1, 3, 7])
+async def test_a_body_in_pieces_and_a_repeated_header_read_alike(stack: EdgeStack, split: int) -> None:
+    app = create_app(stack.dataplane, stack.settings, stack.prometheus)
+    routes_only = functools.partial(FastAPI.__call__, app)
+    body = json.dumps({"instances": [ROW]}).encode()
+    step = -(-len(body) // split)
+    pieces = [
+        {"type": "http.request", "body": body[i : i + step], "more_body": i + step < len(body)}
+        for i in range(0, len(body), step)
+    ]
+    fast = await _raw_call(app, "/v1/models/digits:predict", [dict(p) for p in pieces])
+    routed = await _raw_call(routes_only, "/v1/models/digits:predict", [dict(p) for p in pieces])
+    assert fast == routed
+    assert fast[0] == 200 and (b"x-request-id", b"first") in fast[2]
+
+
+async def test_a_client_gone_mid_body_is_answered_alike(stack: EdgeStack) -> None:
+    before = stack.count("digits", "", "tfserving_rest", "CANCELLED")
+    app = create_app(stack.dataplane, stack.settings, stack.prometheus)
+    routes_only = functools.partial(FastAPI.__call__, app)
+    half = [{"type": "http.request", "body": b'{"instances": [', "more_body": True}]
+    fast = await _raw_call(app, "/v1/models/digits:predict", [dict(p) for p in half])
+    routed = await _raw_call(routes_only, "/v1/models/digits:predict", [dict(p) for p in half])
+    assert fast[:2] == routed[:2]
+    # Counted as cancelled (499), not as the model failing.
+    assert fast[0] == 499 and b"before the request body was complete" in fast[1]
+    assert stack.count("digits", "", "tfserving_rest", "CANCELLED") == before + 2
 
 
 class _Recorder:
