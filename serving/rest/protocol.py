@@ -16,7 +16,10 @@ copied, so an upgrade cannot leave a stale copy behind; tests/reliability/
 test_http_head_guard.py fails if a wrapped method disappears or changes its parameters.
 No override raises from a parser callback, since uvicorn turns any callback exception
 into a 400: an over-limit head only sets a flag, and the 431 is sent once the parser has
-returned.
+returned. The overrides on the per-request path call uvicorn's method by its class
+(``HttpToolsProtocol.on_header(self, ...)``) rather than through ``super()``, and one timer per
+connection watches the head's deadline: each request costs the guard a few attribute
+writes, not a timer.
 """
 
 from __future__ import annotations
@@ -123,7 +126,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
     Attributes:
         max_header_bytes: Largest request head accepted, in bytes.
         header_timeout_s: Seconds a head may take, from its first byte or from the
-            connection opening, whichever is earlier (see ``_head_timed_out``).
+            connection opening, whichever is earlier (see ``_check_head``).
     """
 
     max_header_bytes: int = DEFAULT_MAX_HEADER_BYTES
@@ -145,6 +148,10 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         self._head_size = 0  # bytes of URL and headers parsed so far
         self._over_limit = False  # the current head outgrew max_header_bytes
         self._reply: bytes | None = None  # the 408/431 decided on, sent or waiting to be
+        # When the current head must be complete (loop time), None while no head is timed.
+        # One timer per connection checks it (see _check_head): arming and cancelling a
+        # timer for every request would cost more than the rest of the guard.
+        self._head_deadline: float | None = None
         self._head_timer: asyncio.TimerHandle | None = None
 
     # Connection events
@@ -158,7 +165,8 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         super().connection_made(transport)
         # Everything uvicorn writes, its response cycles included, goes through the wrapper.
         self.transport = CoalescingTransport(transport)  # type: ignore[assignment]
-        self._arm_head_timer()
+        self._head_deadline = self.loop.time() + self.header_timeout_s
+        self._arm_head_timer(self._head_deadline)
 
     def connection_lost(self, exc: Exception | None) -> None:
         """Cancels the head timer before uvicorn tears the connection down.
@@ -183,7 +191,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
             # is complete. If this read completes the head, on_headers_complete clears the
             # count, so a body that shares the read with its head is not mistaken for head.
             self._head_bytes += len(data)
-        super().data_received(data)
+        HttpToolsProtocol.data_received(self, data)
         if self.transport.is_closing():
             return  # uvicorn refused the request itself (400) or the client went away
         if self._over_limit or (self._in_head and self._head_bytes > self.max_header_bytes):
@@ -206,7 +214,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
     def on_response_complete(self) -> None:
         """Sends a held head, and a 408/431 held back until the earlier pipelined responses were written."""
         self.transport.flush()  # type: ignore[attr-defined]
-        super().on_response_complete()
+        HttpToolsProtocol.on_response_complete(self)
         if self._reply is not None and not self._answering():
             self._send_reply()
 
@@ -214,15 +222,15 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
     # uvicorn: the rest of the read is parsed, but nothing is buffered or dispatched.
 
     def on_message_begin(self) -> None:
-        """Starts the count for a new head and, if none is running, its timer."""
+        """Starts the count for a new head and, unless one runs (the connection's first), its time."""
         if self._over_limit:
             return
-        super().on_message_begin()
+        HttpToolsProtocol.on_message_begin(self)
         self._in_head = True
         self._head_begun = True
         self._head_size = 0
-        if self._head_timer is None:
-            self._arm_head_timer()
+        if self._head_deadline is None:
+            self._head_deadline = self.loop.time() + self.header_timeout_s
 
     def on_url(self, url: bytes) -> None:
         """Counts a piece of the URL (httptools may report it in several pieces).
@@ -236,7 +244,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         if self._head_size > self.max_header_bytes:
             self._flag_over_limit()
             return
-        super().on_url(url)
+        HttpToolsProtocol.on_url(self, url)
 
     def on_header(self, name: bytes, value: bytes) -> None:
         """Counts one complete header line.
@@ -251,17 +259,17 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         if self._head_size > self.max_header_bytes:
             self._flag_over_limit()
             return
-        super().on_header(name, value)
+        HttpToolsProtocol.on_header(self, name, value)
 
     def on_headers_complete(self) -> None:
-        """Ends the head: stops its timer and count before uvicorn dispatches the request."""
+        """Ends the head: stops its time and count before uvicorn dispatches the request."""
         if self._over_limit:
             return
         self._in_head = False
         self._head_begun = False
         self._head_bytes = 0
-        self._cancel_head_timer()
-        super().on_headers_complete()
+        self._head_deadline = None
+        HttpToolsProtocol.on_headers_complete(self)
 
     def on_body(self, body: bytes) -> None:
         """Passes a body piece to uvicorn unless the request's head was refused.
@@ -271,13 +279,13 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         """
         if self._over_limit:
             return
-        super().on_body(body)
+        HttpToolsProtocol.on_body(self, body)
 
     def on_message_complete(self) -> None:
         """Marks the bytes that follow as the next head, so they are counted from the start."""
         if self._over_limit:
             return
-        super().on_message_complete()
+        HttpToolsProtocol.on_message_complete(self)
         self._in_head = True
         self._head_bytes = 0
 
@@ -291,10 +299,10 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         self.headers.clear()
         self.url = b""
 
-    def _arm_head_timer(self) -> None:
-        """(Re)starts the head timer."""
+    def _arm_head_timer(self, when: float) -> None:
+        """(Re)starts the head timer to check the head at loop time ``when``."""
         self._cancel_head_timer()
-        self._head_timer = self.loop.call_later(self.header_timeout_s, self._head_timed_out)
+        self._head_timer = self.loop.call_at(when, self._check_head)
 
     def _cancel_head_timer(self) -> None:
         """Stops the head timer, if it runs."""
@@ -302,25 +310,35 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
             self._head_timer.cancel()
             self._head_timer = None
 
-    def _head_timed_out(self) -> None:
-        """Answers 408 to a head still incomplete, or closes a connection that sent nothing.
+    def _check_head(self) -> None:
+        """Answers 408 to a head still incomplete at its deadline, or checks again later.
 
-        The limit counts only time spent waiting on the client: while an earlier request on
-        the connection is still being answered, the timer starts over.
+        A silent connection (no request ever began) is closed without an answer. Between
+        heads, and while a request is read or answered, the timer only looks again one
+        timeout later. The limit counts only time spent waiting on the client: while an
+        earlier request on the connection is still being answered, the head's time starts
+        over.
         """
         self._head_timer = None
-        if self.transport.is_closing() or not self._in_head:
+        if self.transport.is_closing():
             return
-        if self._answering():
+        now = self.loop.time()
+        deadline = self._head_deadline
+        if deadline is None or not self._in_head:
+            self._arm_head_timer(now + self.header_timeout_s)
+        elif now < deadline:
+            self._arm_head_timer(deadline)
+        elif self._answering():
             # The head is pipelined behind a request still being answered, so the wait may
             # be the server's: uvicorn stops reading while a queued request waits its turn,
             # and a client may hold the rest until it has its answer. Time it from scratch.
-            self._arm_head_timer()
+            self._head_deadline = now + self.header_timeout_s
+            self._arm_head_timer(self._head_deadline)
         elif self._head_begun:
             self._reject(b"408 Request Timeout", b"request headers not received in time")
         else:
-            # The timer runs without a begun head only from connection_made, so no request
-            # was ever made here: there is no one to answer, just close.
+            # No head begun by the deadline set when the connection opened: no request was
+            # ever made here, so there is no one to answer; just close.
             self.transport.close()
 
     def _reject_too_large(self) -> None:

@@ -256,3 +256,17 @@ def test_guarded_protocol_sets_the_limits_on_a_new_class():
     cls = guarded_protocol(LIMIT, 3.5)
     assert issubclass(cls, GuardedHttpToolsProtocol) and cls is not GuardedHttpToolsProtocol
     assert (cls.max_header_bytes, cls.header_timeout_s) == (LIMIT, 3.5)
+
+
+async def test_a_head_after_an_idle_spell_gets_its_whole_time():
+    protocol, transport, calls = _protocol(timeout_s=0.1)
+    protocol.data_received(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+    await asyncio.sleep(0.35)  # idle between requests: several of the connection's checks pass
+    assert calls == ["/"] and not transport.closed
+    started = asyncio.get_running_loop().time()
+    protocol.data_received(b"GET /next HTTP/1.1\r\nHo")
+    await _until(lambda: transport.closed)
+    waited = asyncio.get_running_loop().time() - started
+    assert b"HTTP/1.1 408 " in bytes(transport.written)
+    assert waited >= 0.099, f"the head was refused {waited:.3f} s after its first byte, before its 0.1 s"
+    protocol.connection_lost(None)
