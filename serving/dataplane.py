@@ -27,7 +27,6 @@ await dataplane.stop()
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 import logging
 import time
@@ -47,6 +46,7 @@ from modelloop.serving.ids import new_request_id
 from modelloop.serving.metrics import ServingMetrics
 from modelloop.serving.observer import InferenceObserver, NullObserver
 from modelloop.serving.registry import ModelRegistry
+from modelloop.serving.servable import Servable
 from modelloop.serving.shared_memory import SystemSharedMemory
 from modelloop.serving.statistics import VersionStatistics
 from modelloop.serving.trial import RolloutTrial
@@ -248,7 +248,7 @@ class DataPlane:
         request: InferRequest | None = None
         code = "OK"
         decode: Any = None  # the decode span while it is open (tracing on)
-        held = contextlib.ExitStack()  # the version, while a large body decodes on a thread
+        held: Servable | None = None  # the version, held while a large body decodes on a thread
         self._enter()
         try:
             # Draining only turns readiness off: requests the transports still accept
@@ -272,7 +272,7 @@ class DataPlane:
             if precheck is not None and precheck(metadata, servable.batcher.settings.max_batch_size):
                 # A large body (checked against the row limit first) is decoded on a thread,
                 # so the event loop, and the probes, keep going; the version is held meanwhile.
-                held.enter_context(servable.use())
+                held = servable.use().__enter__()
                 decoded: InferRequest = await asyncio.to_thread(decoder.decode, metadata)
             else:
                 decoded = decoder.decode(metadata)
@@ -324,7 +324,8 @@ class DataPlane:
             error.request_id = request.id if request is not None else choose_request_id(client_id, None)
             raise error from exc
         finally:
-            held.close()
+            if held is not None:
+                held.__exit__(None, None, None)
             self._leave()
             if tracing.TRACER is not None:
                 tracing.finished(decode, code)

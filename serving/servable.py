@@ -8,8 +8,7 @@ of a version. The registry (:mod:`~modelloop.serving.registry`) decides when eit
 from __future__ import annotations
 
 import asyncio
-import contextlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 from modelloop.layout import ONNX_FILE, SAVED_MODEL_DIR
@@ -111,17 +110,23 @@ class Servable:
         self._idle = asyncio.Event()
         self._idle.set()
 
-    @contextlib.contextmanager
-    def use(self) -> Iterator[Servable]:
-        """Holds the version for one request, so an unload waits until the request is done."""
+    def use(self) -> Servable:
+        """Holds the version for one request (``with servable.use():``), so an unload waits for it.
+
+        The hold is a count, so the servable is its own context manager: no generator or
+        object is made per request.
+        """
+        return self
+
+    def __enter__(self) -> Servable:
         self._inflight += 1
         self._idle.clear()
-        try:
-            yield self
-        finally:
-            self._inflight -= 1
-            if self._inflight == 0:
-                self._idle.set()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._inflight -= 1
+        if self._inflight == 0:
+            self._idle.set()
 
     @property
     def idle(self) -> bool:
