@@ -237,7 +237,7 @@ def start_tree_server(tree: Path, repo: Path, site: Path) -> Proc:
     if pkg.exists():
         shutil.rmtree(pkg)
     shutil.copytree(tree / "modelloop", pkg)
-    for sub in ("serving", "training", "export", "monitoring"):
+    for sub in ("serving", "training", "export", "monitoring", "control"):
         if (tree / sub).is_dir():
             (pkg / sub).symlink_to(tree / sub)
     # cwd=site: with the repository as cwd, sys.path[0] would find its own modelloop first.
