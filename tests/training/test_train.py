@@ -18,6 +18,10 @@ SPECS = Path(__file__).resolve().parents[1] / "testdata" / "specs"
 # The k-fold run's folds: three give every row an out-of-fold answer as five would, with two
 # trainings fewer (the run trains once per fold, then once on its split).
 FOLDS = 3
+# The k-fold run's most epochs: the spec's 150 run to about 148 on the final fit (the folds
+# stop early on their own), 60 take half the time and score the same on the test split
+# (seed 42: 0.982, as the logistic regression does).
+BREAST_CANCER_EPOCHS = 60
 
 
 def _metrics(run: Path) -> dict:
@@ -46,8 +50,8 @@ def test_digits_cnn_floor(train_run):
 
 @pytest.mark.slow
 def test_breast_cancer_keeps_up_with_logistic_regression(train_run):
-    # The default epochs, with the k-fold mean beside the single split's figure.
-    metrics = _metrics(train_run("breast-cancer", folds=FOLDS))
+    # The single split's figure, with the k-fold mean beside it.
+    metrics = _metrics(train_run("breast-cancer", epochs=BREAST_CANCER_EPOCHS, folds=FOLDS))
     logistic = metrics["baselines"]["logistic_regression"]["accuracy"]
     assert metrics["test"]["accuracy"] >= logistic - 0.01
     assert metrics["kfold"]["folds"] == FOLDS and metrics["kfold"]["mean"] >= 0.9  # reported beside it
@@ -57,7 +61,7 @@ def test_breast_cancer_keeps_up_with_logistic_regression(train_run):
 def test_with_folds_the_calibrator_is_fitted_on_out_of_fold_rows(train_run):
     # Every train and validation row, answered by the fold model that did not see it,
     # whose early stopping watched a part of its own training rows.
-    run = train_run("breast-cancer", folds=FOLDS)
+    run = train_run("breast-cancer", epochs=BREAST_CANCER_EPOCHS, folds=FOLDS)
     rows = _metrics(run)["rows"]
     calibration = json.loads((run / "baseline.json").read_text())["calibration"]
     assert calibration["fitted_on"] == f"out-of-fold ({FOLDS} folds)"
@@ -172,7 +176,7 @@ def test_run_json_names_the_served_tensors(digits_run):
 
 @pytest.mark.slow
 def test_kfold_reports_mean_and_std(train_run):
-    metrics = _metrics(train_run("breast-cancer", folds=FOLDS))
+    metrics = _metrics(train_run("breast-cancer", epochs=BREAST_CANCER_EPOCHS, folds=FOLDS))
     kfold = metrics["kfold"]
     assert kfold["folds"] == FOLDS and len(kfold["scores"]) == FOLDS
     assert kfold["mean"] == pytest.approx(np.mean(kfold["scores"]))
