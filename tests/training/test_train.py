@@ -35,9 +35,14 @@ def test_digits_mlp_floors_clean_and_under_noise(digits_run):
     assert clean > metrics["baselines"]["majority_class"]["accuracy"]
 
 
+# The CNN's most epochs: the spec's 60 stop at about 46 (best 34); 25 take half the time and
+# reach the same test accuracy (seed 42: 0.986), noise 0.97 against 0.98.
+CNN_EPOCHS = 25
+
+
 @pytest.mark.slow
 def test_digits_cnn_floor(train_run):
-    metrics = _metrics(train_run("digits-cnn"))
+    metrics = _metrics(train_run("digits-cnn", epochs=CNN_EPOCHS))
     assert metrics["test"]["accuracy"] >= 0.98
     assert metrics["robustness"]["model"]["noise_0.125"]["accuracy"] >= 0.93
 
