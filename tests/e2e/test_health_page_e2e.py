@@ -2,16 +2,17 @@
 
 The whole loop as a person runs it: ``make up`` trains and serves digits (5 epochs, free
 ports, 1 s evaluations), ``modelloop simulate --drift`` sends labelled normal and then
-inverted digits, the in-process drift rule starts a retrain, and the blessed version 2
-is served. Headless Chromium, with every host but 127.0.0.1 unresolvable, keeps the
-status page open throughout: the page loads without console errors, asks nothing of any
-host but 127.0.0.1, redraws itself without a reload, and ends up showing the accuracy
-drop, the drift rise and version 2: a card per model whose verdicts carry their verdict
-classes, the curves below. At a phone's width (390 px) nothing runs off the side. The
-control plane's own page (no cards) shows the verdicts above the curves. The
-screenshots are kept in ``tests/artifacts/`` (or ``$MODELLOOP_ARTIFACTS``); with
-``MODELLOOP_DOCS_IMAGES=DIR`` (``make screenshots``) the desktop one is also written to
-``DIR/health-page.png``, the docs' copy being ``docs/images/health-page.png``.
+inverted digits, the in-process drift rule (its hold shortened to 10 s) starts a retrain,
+and the blessed version 2 is served. Headless Chromium, with every host but 127.0.0.1
+unresolvable, keeps the status page open throughout: the page loads without console
+errors, asks nothing of any host but 127.0.0.1, redraws itself without a reload, and ends
+up showing the accuracy drop, the drift rise and version 2: a card per model whose
+verdicts carry their verdict classes, the curves below. At a phone's width (390 px)
+nothing runs off the side. The control plane's own page (no cards) shows the verdicts
+above the curves. The screenshots are kept in ``tests/artifacts/`` (or
+``$MODELLOOP_ARTIFACTS``); with ``MODELLOOP_DOCS_IMAGES=DIR`` (``make screenshots``) the
+desktop one is also written to ``DIR/health-page.png``, the docs' copy being
+``docs/images/health-page.png``.
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ ARTIFACTS = Path(os.environ.get("MODELLOOP_ARTIFACTS", REPO_ROOT / "tests" / "ar
 DOCS_IMAGES = os.environ.get("MODELLOOP_DOCS_IMAGES")
 VERDICTS = ("ok", "warn", "bad", "idle")
 PHONE_WIDTH = 390
+DRIFT_FOR_S = 10
 
 pytestmark = pytest.mark.slow
 
@@ -76,6 +78,10 @@ def test_make_up_simulate_drift_and_the_live_health_page(tmp_path: Path) -> None
         "PYTHONUNBUFFERED": "1",
         "MODELLOOP_MONITORING_EVAL_INTERVAL_S": "1",
         "MODELLOOP_MONITORING_MIN_ROWS": "100",
+        # The drift rule's hold: 10 s instead of the minute of the default (and of the
+        # Prometheus rule's `for: 1m`), still well past the 5 s of drifted traffic below, so
+        # the retrain starts after every labelled drifted digit has been logged.
+        "MODELLOOP_MONITORING_DRIFT_FOR_S": str(DRIFT_FOR_S),
     }
     # Rollout off: the retrain's version 2 takes every request at once (the canary walk has
     # its own test, tests/e2e/test_rollout_e2e.py).
@@ -134,7 +140,7 @@ def test_make_up_simulate_drift_and_the_live_health_page(tmp_path: Path) -> None
         # While v1 drifts, the page draws its top drifted features beside their baselines.
         assert browser.wait_for("document.querySelectorAll('#health svg.hist').length >= 1", 60)
 
-        # The drift rule holds for a minute, then the retrain trains, gates and publishes v2.
+        # The drift rule holds for DRIFT_FOR_S, then the retrain trains, gates and publishes v2.
         _wait(lambda: _v2_available(url), 420, "version 2 to be AVAILABLE after the retrain", interval=2)
         # More labelled inverted digits, now answered by version 2.
         again = subprocess.run(

@@ -1,4 +1,5 @@
-"""Training jobs: accuracy floors, run directory contents, k-fold and the three Keras APIs."""
+"""Training jobs: accuracy floors, run directory contents and the three Keras APIs (k-fold and
+the breast-cancer run: ``test_train_kfold.py``)."""
 
 from __future__ import annotations
 
@@ -15,9 +16,6 @@ from modelloop.training.spec import Dataset, load_spec
 from modelloop.training.train import train
 
 SPECS = Path(__file__).resolve().parents[1] / "testdata" / "specs"
-# The k-fold run's folds: three give every row an out-of-fold answer as five would, with two
-# trainings fewer (the run trains once per fold, then once on its split).
-FOLDS = 3
 
 
 def _metrics(run: Path) -> dict:
@@ -37,31 +35,16 @@ def test_digits_mlp_floors_clean_and_under_noise(digits_run):
     assert clean > metrics["baselines"]["majority_class"]["accuracy"]
 
 
+# The CNN's most epochs: the spec's 60 stop at about 46 (best 34); 25 take half the time and
+# reach the same test accuracy (seed 42: 0.986), noise 0.97 against 0.98.
+CNN_EPOCHS = 25
+
+
 @pytest.mark.slow
 def test_digits_cnn_floor(train_run):
-    metrics = _metrics(train_run("digits-cnn"))
+    metrics = _metrics(train_run("digits-cnn", epochs=CNN_EPOCHS))
     assert metrics["test"]["accuracy"] >= 0.98
     assert metrics["robustness"]["model"]["noise_0.125"]["accuracy"] >= 0.93
-
-
-@pytest.mark.slow
-def test_breast_cancer_keeps_up_with_logistic_regression(train_run):
-    # The default epochs, with the k-fold mean beside the single split's figure.
-    metrics = _metrics(train_run("breast-cancer", folds=FOLDS))
-    logistic = metrics["baselines"]["logistic_regression"]["accuracy"]
-    assert metrics["test"]["accuracy"] >= logistic - 0.01
-    assert metrics["kfold"]["folds"] == FOLDS and metrics["kfold"]["mean"] >= 0.9  # reported beside it
-
-
-@pytest.mark.slow
-def test_with_folds_the_calibrator_is_fitted_on_out_of_fold_rows(train_run):
-    # Every train and validation row, answered by the fold model that did not see it,
-    # whose early stopping watched a part of its own training rows.
-    run = train_run("breast-cancer", folds=FOLDS)
-    rows = _metrics(run)["rows"]
-    calibration = json.loads((run / "baseline.json").read_text())["calibration"]
-    assert calibration["fitted_on"] == f"out-of-fold ({FOLDS} folds)"
-    assert calibration["rows"] == rows["train"] + rows["validation"]
 
 
 @pytest.mark.slow
@@ -168,16 +151,6 @@ def test_run_json_names_the_served_tensors(digits_run):
     assert run["output"] == {"name": "probabilities", "dtype": "float32", "shape": [-1, 10]}
     assert run["class_labels"] == [str(i) for i in range(10)]
     assert run["spec"] == {"name": "digits", "source": "digits", "task": "multiclass"}
-
-
-@pytest.mark.slow
-def test_kfold_reports_mean_and_std(train_run):
-    metrics = _metrics(train_run("breast-cancer", folds=FOLDS))
-    kfold = metrics["kfold"]
-    assert kfold["folds"] == FOLDS and len(kfold["scores"]) == FOLDS
-    assert kfold["mean"] == pytest.approx(np.mean(kfold["scores"]))
-    assert kfold["std"] == pytest.approx(np.std(kfold["scores"]))
-    assert 0.8 < kfold["mean"] <= 1.0
 
 
 @pytest.mark.trains
