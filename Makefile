@@ -20,7 +20,8 @@ UP_ARGS ?=
 COVERAGE_ARGS ?= --cov --cov-report=term:skip-covered
 # `make test` runs the modules on two pytest-xdist workers, each module whole on one (its
 # servers are module fixtures), in the collected order: `--no-loadscope-reorder` keeps the
-# random module order of `--random-order-bucket=module`. The trained runs are shared between
+# random module order of `--random-order-bucket=module`, with the modules that hold a `slow`
+# test moved ahead of the rest (tests/scheduling.py). The trained runs are shared between
 # the workers (tests/conftest.py). `make test WORKERS=0` runs in one process.
 WORKERS ?= 2
 XDIST_ARGS ?= $(if $(filter 0,$(WORKERS)),-p no:xdist,-n $(WORKERS) --dist loadfile --no-loadscope-reorder)
@@ -54,10 +55,11 @@ test: system-test install
 
 # The development loop: the unit and edge tests, no model trained (a test that needs a trained
 # model carries the `trains` marker, set in tests/conftest.py), no real-server end-to-end
-# modules, no coverage. A few minutes at most; `make test` before pushing.
+# modules, no coverage, on the same two workers as `make test`. About a minute and a half
+# here; `make test` before pushing.
 FAST_ARGS ?= tests --ignore=tests/e2e --ignore=tests/bench --ignore=tests/deploy -m "not slow and not trains"
 test-fast: install
-	$(BIN)/python -m pytest $(FAST_ARGS) $(PYTEST_ARGS)
+	$(BIN)/python -m pytest $(XDIST_ARGS) $(FAST_ARGS) $(PYTEST_ARGS)
 
 bench: system-bench install
 	$(BIN)/python -m bench $(BENCH_ARGS)

@@ -30,6 +30,9 @@ import pytest
 from tests.conftest import REPO_ROOT
 from tests.e2e.serverproc import ServerProcess, start_server
 
+# Minutes, not seconds: scheduled ahead of the short modules (tests/scheduling.py).
+pytestmark = pytest.mark.slow
+
 DOCUMENTS = ("README.md", "docs/*.md")
 """Where runnable blocks are looked for (``docs/generated/`` is written by tools, not people)."""
 

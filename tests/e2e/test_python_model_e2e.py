@@ -33,6 +33,9 @@ from modelloop.training.specs.text_topics import DIMENSIONS, TOPICS
 from modelloop.training.specs.text_topics_model import featurize
 from tests.e2e.serverproc import ServerProcess, start_server, wait_for
 
+# Minutes, not seconds: scheduled ahead of the short modules (tests/scheduling.py).
+pytestmark = pytest.mark.slow
+
 MODEL = "text-topics"
 ADMIN = "admin-token-for-the-python-model-test"
 LABELER = "labeler-token-for-the-python-model-test"

@@ -42,6 +42,9 @@ from tests.e2e.browser import open_browser
 from tests.e2e.serverproc import start_server
 from tests.tools import Daemon, require_chromium, require_tool, wait_for
 
+# Minutes, not seconds: scheduled ahead of the short modules (tests/scheduling.py).
+pytestmark = pytest.mark.slow
+
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DASHBOARD = REPO_ROOT / "monitoring" / "dashboards" / "modelloop.json"
 ARTIFACTS = Path(os.environ.get("MODELLOOP_ARTIFACTS", REPO_ROOT / "tests" / "artifacts"))

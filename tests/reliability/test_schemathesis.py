@@ -34,6 +34,9 @@ from schemathesis.specs.openapi.checks import (
 
 from tests.e2e.serverproc import ServerProcess, start_server
 
+# Minutes, not seconds: scheduled ahead of the short modules (tests/scheduling.py).
+pytestmark = pytest.mark.slow
+
 TOKEN = "schema-token-0123456789"
 GENERATED_PER_OPERATION = 25
 CHECKS = [not_a_server_error, status_code_conformance, content_type_conformance, response_schema_conformance]
