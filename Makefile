@@ -20,8 +20,7 @@ UP_ARGS ?=
 COVERAGE_ARGS ?= --cov --cov-report=term:skip-covered
 # `make test` runs the modules on two pytest-xdist workers, each module whole on one (its
 # servers are module fixtures), in the collected order: `--no-loadscope-reorder` keeps the
-# random module order of `--random-order-bucket=module`, with the modules that hold a `slow`
-# test moved ahead of the rest (tests/scheduling.py). The trained runs are shared between
+# random module order of `--random-order-bucket=module`. The trained runs are shared between
 # the workers (tests/conftest.py). `make test WORKERS=0` runs in one process.
 WORKERS ?= 2
 XDIST_ARGS ?= $(if $(filter 0,$(WORKERS)),-p no:xdist,-n $(WORKERS) --dist loadfile --no-loadscope-reorder)

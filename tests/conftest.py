@@ -23,7 +23,7 @@ from tests.tools import MISSING, on_ci
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
 
-pytest_plugins = ["tests.ci_guard", "tests.scheduling"]
+pytest_plugins = ["tests.ci_guard"]
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 TESTDATA = Path(__file__).resolve().parent / "testdata"

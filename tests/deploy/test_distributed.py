@@ -27,7 +27,7 @@ from modelloop.training.distributed import (
     worker_role,
 )
 
-# Minutes, not seconds: scheduled ahead of the short modules (tests/scheduling.py).
+# Tens of seconds or more: `make test-fast` leaves it out.
 pytestmark = pytest.mark.slow
 
 _DIGEST = re.compile(r"worker (\d)/2: trained digits, .*; weights sha256 ([0-9a-f]{64})")

@@ -30,7 +30,7 @@ import pytest
 from tests.conftest import REPO_ROOT
 from tests.e2e.serverproc import ServerProcess, start_server
 
-# Minutes, not seconds: scheduled ahead of the short modules (tests/scheduling.py).
+# Tens of seconds or more: `make test-fast` leaves it out.
 pytestmark = pytest.mark.slow
 
 DOCUMENTS = ("README.md", "docs/*.md")

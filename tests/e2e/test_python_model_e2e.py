@@ -33,7 +33,7 @@ from modelloop.training.specs.text_topics import DIMENSIONS, TOPICS
 from modelloop.training.specs.text_topics_model import featurize
 from tests.e2e.serverproc import ServerProcess, start_server, wait_for
 
-# Minutes, not seconds: scheduled ahead of the short modules (tests/scheduling.py).
+# Tens of seconds or more: `make test-fast` leaves it out.
 pytestmark = pytest.mark.slow
 
 MODEL = "text-topics"

@@ -42,7 +42,7 @@ from tests.e2e.browser import open_browser
 from tests.e2e.serverproc import start_server
 from tests.tools import Daemon, require_chromium, require_tool, wait_for
 
-# Minutes, not seconds: scheduled ahead of the short modules (tests/scheduling.py).
+# Tens of seconds or more: `make test-fast` leaves it out.
 pytestmark = pytest.mark.slow
 
 REPO_ROOT = Path(__file__).resolve().parents[2]

@@ -34,7 +34,7 @@ from schemathesis.specs.openapi.checks import (
 
 from tests.e2e.serverproc import ServerProcess, start_server
 
-# Minutes, not seconds: scheduled ahead of the short modules (tests/scheduling.py).
+# Tens of seconds or more: `make test-fast` leaves it out.
 pytestmark = pytest.mark.slow
 
 TOKEN = "schema-token-0123456789"
